@@ -1,0 +1,56 @@
+"""Exceptions with messages meant for users.
+
+Everything a user can cause or meet in normal operation (bad input, unreachable storage,
+a damaged repository) is an `ImgrepoError`: the CLI prints its message on one line and exits
+non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ImgrepoError(Exception):
+    """An expected failure, with a message that tells the user what happened."""
+
+    exit_code = 1
+
+
+class ConfigError(ImgrepoError):
+    """Settings that cannot work (bad URL, bad size, unreadable config file)."""
+
+    exit_code = 2
+
+
+class StorageError(ImgrepoError):
+    """The storage failed in a way retrying did not fix."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage cannot be reached (network down, endpoint wrong, server stopped)."""
+
+
+class StorageAccessDenied(StorageError):
+    """The storage refused our credentials (missing, wrong, expired or revoked)."""
+
+
+class NoSuchBucket(StorageError):
+    """The bucket named in the storage URL does not exist."""
+
+
+class ObjectNotFound(StorageError):
+    """A key does not exist (also: an If-Match write to a key that does not exist)."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: If-None-Match met an existing key or If-Match a new etag."""
+
+
+class RepositoryFormatError(ImgrepoError):
+    """The storage holds something that is not a usable imgrepo repository."""
+
+
+class ManifestError(RepositoryFormatError):
+    """A directory manifest in the repository is malformed or hostile."""
+
+
+class IntegrityError(ImgrepoError):
+    """Downloaded bytes do not match the SHA-256 they are named by."""

@@ -1,0 +1,102 @@
+"""The storage interface: a flat key space with conditional writes.
+
+Both backends (`file://` and `s3://`) implement exactly this, with the same semantics, so
+that everything above them (repository format, namespace, uploader) is written once and
+tested against both. Keys are '/'-separated strings relative to the repository prefix.
+
+Semantics every backend guarantees:
+- `put(..., if_none_match=True)` creates the key only if it does not exist, atomically;
+  otherwise raises `PreconditionFailed`.
+- `put(..., if_match=etag)` replaces the key only if its current etag equals `etag`;
+  raises `PreconditionFailed` if it changed, `ObjectNotFound` if it does not exist.
+- etags are opaque strings that change whenever the content changes.
+- `get(key, if_none_match=etag)` returns `NOT_MODIFIED` when the etag still matches.
+- Errors are the exceptions of `fsrepo.errors`; transient faults are retried inside the
+  backend before anything is raised.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """An object's bytes and the etag they had when read."""
+
+    data: bytes
+    etag: str
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listing row."""
+
+    key: str
+    size: int
+    mtime: float  # seconds since the epoch, when the object was last written
+
+
+class _NotModified:
+    def __repr__(self) -> str:
+        return "NOT_MODIFIED"
+
+
+NOT_MODIFIED = _NotModified()
+
+
+class Store(abc.ABC):
+    """Async access to one repository's key space (bucket + prefix, or a folder)."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | _NotModified:
+        """Read a whole (small) object. Raises ObjectNotFound."""
+
+    @abc.abstractmethod
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Read bytes [start, end) of an object. Raises ObjectNotFound."""
+
+    @abc.abstractmethod
+    async def download(
+        self, key: str, dest: Path, start: int = 0, on_chunk: Callable[[int], None] | None = None
+    ) -> None:
+        """Stream an object from byte `start` into the file `dest` (written at offset
+        `start`, created if missing), calling `on_chunk(bytes_so_far_in_file)` as data lands,
+        from a worker thread. Raises ObjectNotFound."""
+
+    @abc.abstractmethod
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Write a small object (manifests, descriptor); returns its new etag."""
+
+    @abc.abstractmethod
+    async def put_file(self, key: str, path: Path, sha256_hex: str) -> bool:
+        """Upload a file as an immutable object, if-none-match, with its SHA-256 checksum
+        sent to the server (multipart above a threshold). Returns True if this call created
+        the object, False if it already existed."""
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> int | None:
+        """The object's size, or None if it does not exist."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """All keys under `prefix`, in lexicographic order, paginated internally."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove a key; no error if it does not exist."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and threads."""

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything imgrepo and its tests need on a Debian/Ubuntu machine (run as root):
+# the FUSE 3 library and tools, a Python virtual environment in .venv with the project,
+# and the node packages of the test OpenID Connect provider.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+
+need_apt=()
+for pkg in fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ "${#need_apt[@]}" -gt 0 ]; then
+    echo "setup: installing ${need_apt[*]}"
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e ".[test]"
+
+if [ "${1:-}" = "--tests" ] && [ -f tests/oidc/package.json ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+        apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    (cd tests/oidc && npm install --silent --no-audit --no-fund >/dev/null)
+fi
+echo "setup: ready (.venv/bin/imgrepo-mount)"
