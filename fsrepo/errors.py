@@ -54,3 +54,31 @@ class ManifestError(RepositoryFormatError):
 
 class IntegrityError(ImgrepoError):
     """Downloaded bytes do not match the SHA-256 they are named by."""
+
+
+class LoginError(ImgrepoError):
+    """Logging in (OIDC device flow) or keeping the login fresh failed."""
+
+
+class IssuerUnreachable(LoginError):
+    """The identity provider (issuer URL) cannot be reached."""
+
+
+class DiscoveryError(LoginError):
+    """The issuer's OpenID Connect discovery document is missing or unusable."""
+
+
+class InvalidClient(LoginError):
+    """The identity provider does not accept our client id."""
+
+
+class AccessDenied(LoginError):
+    """The user (or the provider) denied the login request."""
+
+
+class DeviceCodeExpired(LoginError):
+    """The device code expired before the user finished logging in."""
+
+
+class LoginRequired(LoginError):
+    """The stored login expired or was revoked: `imgrepo-mount --login` again."""
