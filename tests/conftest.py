@@ -1,0 +1,117 @@
+"""Shared fixtures: moto's S3 server, fresh buckets, and stores on both backends.
+
+Tests are plain (sync) pytest functions that call `trio.run(...)` themselves: no async
+test plugin is needed, and a test decides where its event loop starts and ends.
+
+- `moto_server`      session-wide moto S3 server (started on first use, never restarted:
+                     tests that stop it or switch auth on use `private_moto_server`)
+- `private_moto_server`  a moto server of the test's own (about 0.5 s to start)
+- `s3_bucket`        a fresh, empty bucket on `moto_server` -> S3Target(url, endpoint_url, ...)
+- `storage`          parametrised over file:// and s3:// -> StorageTarget(url, endpoint_url)
+- `store`            the same, opened: a `Store` (closed after the test)
+- `s3_proxy`         an `S3Proxy` in front of `moto_server` (counts requests, injects faults)
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsrepo.store import Store
+
+try:  # works whether or not tests/ becomes a package
+    from .s3proxy import S3Proxy
+    from .servers import TEST_AWS_ENV, MotoServer, S3Target, StorageTarget
+except ImportError:
+    from s3proxy import S3Proxy  # type: ignore[no-redef]
+    from servers import (  # type: ignore[no-redef]
+        TEST_AWS_ENV,
+        MotoServer,
+        S3Target,
+        StorageTarget,
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aws_test_env() -> Iterator[None]:
+    """Fake credentials and no ambient AWS config, so no test can ever reach real AWS."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in TEST_AWS_ENV.items():
+            mp.setenv(name, value)
+        for name in (
+            "AWS_PROFILE",
+            "AWS_SESSION_TOKEN",
+            "AWS_ROLE_ARN",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_S3",
+        ):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        yield
+
+
+@pytest.fixture(scope="session")
+def moto_server(
+    aws_test_env: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MotoServer]:
+    server = MotoServer(log_path=tmp_path_factory.mktemp("moto") / "moto.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_moto_server(aws_test_env: None, tmp_path: Path) -> Iterator[MotoServer]:
+    with MotoServer(log_path=tmp_path / "moto.log") as server:
+        yield server
+
+
+def _new_bucket(server: MotoServer, prefix: str = "repo") -> S3Target:
+    name = "imgrepo-test-" + secrets.token_hex(6)
+    server.create_bucket(name)
+    return S3Target(
+        url=f"s3://{name}/{prefix}" if prefix else f"s3://{name}",
+        endpoint_url=server.url,
+        bucket=name,
+        prefix=prefix,
+    )
+
+
+@pytest.fixture
+def s3_bucket(moto_server: MotoServer) -> Iterator[S3Target]:
+    """A fresh bucket; its storage URL has the prefix 'repo'. Emptied and deleted after."""
+    target = _new_bucket(moto_server)
+    yield target
+    if moto_server.running:
+        try:
+            moto_server.delete_bucket(target.bucket)
+        except Exception:  # noqa: BLE001 - cleanup must not mask the test's outcome
+            pass
+
+
+@pytest.fixture(params=["file", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> StorageTarget:
+    """A repository location on each backend (moto starts only when an s3 case runs)."""
+    if request.param == "file":
+        return StorageTarget(url=f"file://{tmp_path}/repository")
+    return request.getfixturevalue("s3_bucket")
+
+
+@pytest.fixture
+def store(storage: StorageTarget) -> Iterator[Store]:
+    opened = storage.open()
+    yield opened
+    trio.run(opened.aclose)
+
+
+@pytest.fixture
+def s3_proxy(moto_server: MotoServer) -> Iterator[S3Proxy]:
+    with S3Proxy(moto_server.url) as proxy:
+        yield proxy
