@@ -103,6 +103,23 @@ def _code(exc: bx.ClientError) -> tuple[str, int]:
     return str(err.get("Code") or ""), int(meta.get("HTTPStatusCode") or 0)
 
 
+class _BodyBroken(Exception):
+    """A response body failed mid-read: the one failure botocore does not retry itself."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _read_body(body: Any) -> bytes:
+    try:
+        return bytes(body.read())
+    except STREAM_ERRORS as exc:
+        raise _BodyBroken(exc) from exc
+    finally:
+        body.close()
+
+
 def _b64(sha256_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
 
@@ -308,13 +325,14 @@ class S3Store(Store):
         raise AssertionError("unreachable")
 
     def _stream_retrying(self, fn: Callable[[], T]) -> T:
-        """In a worker thread: retry a request whose response body broke while being read."""
+        """In a worker thread: retry a request whose response body broke while being read
+        (only then: failures of the request itself were retried by botocore already)."""
         for attempt in range(self._stream_retries + 1):
             try:
                 return fn()
-            except STREAM_ERRORS:
+            except _BodyBroken as broken:
                 if attempt == self._stream_retries:
-                    raise
+                    raise broken.cause from None
                 time.sleep(min(2.0, 0.05 * 2**attempt) * (1 + random.random()))
         raise AssertionError("unreachable")
 
@@ -346,9 +364,7 @@ class S3Store(Store):
                 if _code(exc)[1] == 304:
                     return NOT_MODIFIED
                 raise
-            with closing(resp["Body"]) as body:
-                data = body.read()
-            return StoredObject(data=data, etag=resp["ETag"])
+            return StoredObject(data=_read_body(resp["Body"]), etag=resp["ETag"])
 
         return await self._call("read", key, lambda: self._stream_retrying(once))
 
@@ -364,8 +380,7 @@ class S3Store(Store):
                 if _code(exc)[1] == 416:  # start at or past the end, as a file read gives b""
                     return b""
                 raise
-            with closing(resp["Body"]) as body:
-                return body.read()
+            return _read_body(resp["Body"])
 
         return await self._call("read", key, lambda: self._stream_retrying(once))
 
