@@ -134,39 +134,12 @@ def run_login(
     own_http = http is None
     http = http or new_http_client()
     try:
-        provider = discover(http, issuer)
-        auth = start_device_authorization(http, provider, settings.client_id, scope)
-        _print(out, f"To log in to {issuer}, open this page in a browser:")
-        _print(out, f"    {auth.verification_uri}")
-        _print(out, f"and enter the code:  {auth.user_code}")
-        if auth.verification_uri_complete:
-            _print(out, f"(or open {auth.verification_uri_complete} , which fills in the code)")
-        if not no_browser and (open_browser is not None or browser_available()):
-            target = auth.verification_uri_complete or auth.verification_uri
-            opened = (open_browser or _open_browser)(target)
-            if opened:
-                _print(out, "Opened the page in your browser; check that it shows the same code.")
-            else:
-                _print(out, "(Could not open a browser; open the page yourself.)")
-        _print(out, f"Waiting for the login (the code is valid for {_duration(int(auth.expires_in))}; "
-               "Ctrl-C cancels)...")
-        try:
-            response = poll_for_tokens(
-                http,
-                provider,
-                settings.client_id,
-                auth,
-                timing=timing or PollTiming(),
-                sleep=sleep,
-                notice=lambda text: _print(out, text),
-            )
-        except KeyboardInterrupt:
-            _print(out, "")
-            _print(out, "Login cancelled; nothing was changed.")
-            return 130
-        login = login_from_token_response(
-            provider, settings.client_id, scope, settings.role_arn, response, time.time()
-        )
+        login = _device_login(settings, issuer, scope, no_browser, out, http, timing, sleep,
+                              open_browser)
+    except KeyboardInterrupt:
+        _print(out, "")
+        _print(out, "Login cancelled; nothing was changed.")
+        return 130
     finally:
         if own_http:
             http.close()
@@ -188,13 +161,54 @@ def run_login(
                f"or allow refresh tokens for the client): the login ends at "
                f"{_when(login.id_token_expires_at)}.")
     if check_role:
-        note = _try_role(login)
+        note = _try_role(login, settings.region)
         if note:
             _print(out, note)
     return 0
 
 
-def _try_role(login: StoredLogin) -> str:
+def _device_login(
+    settings: Settings,
+    issuer: str,
+    scope: str,
+    no_browser: bool,
+    out: TextIO,
+    http: httpx.Client,
+    timing: PollTiming | None,
+    sleep: Callable[[float], None],
+    open_browser: Callable[[str], bool] | None,
+) -> StoredLogin:
+    assert settings.client_id is not None
+    provider = discover(http, issuer)
+    auth = start_device_authorization(http, provider, settings.client_id, scope)
+    _print(out, f"To log in to {issuer}, open this page in a browser:")
+    _print(out, f"    {auth.verification_uri}")
+    _print(out, f"and enter the code:  {auth.user_code}")
+    if auth.verification_uri_complete:
+        _print(out, f"(or open {auth.verification_uri_complete} , which fills in the code)")
+    if not no_browser and (open_browser is not None or browser_available()):
+        target = auth.verification_uri_complete or auth.verification_uri
+        if (open_browser or _open_browser)(target):
+            _print(out, "Opened the page in your browser; check that it shows the same code.")
+        else:
+            _print(out, "(Could not open a browser; open the page yourself.)")
+    _print(out, f"Waiting for the login (the code is valid for {_duration(int(auth.expires_in))}; "
+           "Ctrl-C cancels)...")
+    response = poll_for_tokens(
+        http,
+        provider,
+        settings.client_id,
+        auth,
+        timing=timing or PollTiming(),
+        sleep=sleep,
+        notice=lambda text: _print(out, text),
+    )
+    return login_from_token_response(
+        provider, settings.client_id, scope, settings.role_arn, response, time.time()
+    )
+
+
+def _try_role(login: StoredLogin, region: str | None) -> str:
     """One AssumeRoleWithWebIdentity, so that a role that refuses this login is reported now.
     Returns a line to print ("" when nothing worth saying); raises LoginError if refused."""
     import boto3
@@ -203,8 +217,10 @@ def _try_role(login: StoredLogin) -> str:
     from botocore.config import Config
 
     try:
-        sts = boto3.session.Session().client(
+        session = boto3.session.Session()
+        sts = session.client(
             "sts",
+            region_name=region or session.region_name or "us-east-1",
             config=Config(
                 signature_version=UNSIGNED,
                 connect_timeout=5,
@@ -235,7 +251,7 @@ def session_name(login: StoredLogin) -> str:
     """RoleSessionName for STS: 2-64 characters of [\\w+=,.@-], naming the user (it shows
     in CloudTrail)."""
     who = login.identity.get("preferred_username") or login.identity.get("email") or login.subject
-    name = "imgrepo-" + re.sub(r"[^\w+=,.@-]", "_", who)
+    name = "imgrepo-" + re.sub(r"[^\w+=,.@-]", "_", who, flags=re.ASCII)
     return name[:64]
 
 

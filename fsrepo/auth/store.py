@@ -98,12 +98,11 @@ class StoredLogin:
     login_required: dict[str, Any] | None = None  # {"since": t, "reason": "..."} once dead
 
     def display_name(self) -> str:
-        name = self.identity.get("name")
         email = self.identity.get("email")
-        user = self.identity.get("preferred_username") or email or name or self.subject
-        if email and user != email:
+        user = self.identity.get("preferred_username") or self.identity.get("name")
+        if user and email and user != email:
             return f"{user} <{email}>"
-        return user
+        return user or email or self.subject
 
     def seconds_left(self, now: float | None = None) -> float:
         return self.id_token_expires_at - (time.time() if now is None else now)

@@ -19,6 +19,7 @@ import base64
 import contextlib
 import hashlib
 import html
+import io
 import json
 import os
 import re
@@ -445,3 +446,58 @@ def refresher_running(refresher) -> Iterator[None]:
         thread.join(30)
         if "error" in box:
             raise box["error"]
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+ROLE_ARN = "arn:aws:iam::123456789012:role/imgrepo-users"
+
+
+def fast_timing():
+    from fsrepo.auth import PollTiming
+
+    return PollTiming(interval=0.05, slow_down_step=0.05)
+
+
+def login(settings, store, oidc, *, approve=True, timing="fast", **kwargs):
+    """run_login with the user's side played by a thread; returns (exit code, output)."""
+    from fsrepo.auth import run_login
+
+    out = UserAtBrowser(oidc, approve=approve)
+    kwargs.setdefault("check_role", False)
+    try:
+        code = run_login(settings, no_browser=True, out=out, store=store,
+                         timing=fast_timing() if timing == "fast" else timing, **kwargs)
+    finally:
+        out.join()
+    return code, out
+
+
+def wait_until(predicate, timeout, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+class SecretGuard:
+    """Remembers every token the code under test stored or received, and every log line
+    (raw, without any redaction, for imgrepo's own loggers and httpx; redacted as the mount
+    would for everything else), so that a test can assert none of the former appears in
+    the latter."""
+
+    def __init__(self) -> None:
+        self.secrets: set[str] = set()
+        self.raw_log = io.StringIO()
+        self.texts: list[str] = []
+
+    def add(self, *values) -> None:
+        self.secrets.update(v for v in values if v and len(v) >= 8)
+
+    def scan(self, *extra: str) -> None:
+        haystacks = [self.raw_log.getvalue(), *self.texts, *extra]
+        for secret in self.secrets:
+            for text in haystacks:
+                assert secret not in text, "a token leaked into output or logs"

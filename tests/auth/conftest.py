@@ -4,7 +4,6 @@ output or its logs."""
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from auth_harness import MotoServer, OidcProvider  # noqa: E402
+from auth_harness import ROLE_ARN, MotoServer, OidcProvider, SecretGuard  # noqa: E402
 
 from fsrepo.auth import TokenRedactingFilter, TokenStore  # noqa: E402
 from fsrepo.auth import commands as auth_commands  # noqa: E402
@@ -27,9 +26,6 @@ _AWS_VARS = (
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "IMGREPO_ISSUER", "IMGREPO_CLIENT_ID",
     "IMGREPO_ROLE_ARN", "IMGREPO_CONFIG", "BROWSER",
 )
-
-ROLE_ARN = "arn:aws:iam::123456789012:role/imgrepo-users"
-
 
 @pytest.fixture(autouse=True)
 def auth_home(tmp_path, monkeypatch):
@@ -89,26 +85,6 @@ def settings(oidc, auth_home):
         role_arn=ROLE_ARN,
         config_file=auth_home / ".config" / "imgrepo" / "config.toml",
     )
-
-
-class SecretGuard:
-    """Remembers every token the code under test stored or received, and every log line
-    (raw, without any redaction, for imgrepo's own loggers; redacted as the mount would for
-    everything else), so that a test can assert none of the former appears in the latter."""
-
-    def __init__(self) -> None:
-        self.secrets: set[str] = set()
-        self.raw_log = io.StringIO()
-        self.texts: list[str] = []
-
-    def add(self, *values: str | None) -> None:
-        self.secrets.update(v for v in values if v and len(v) >= 8)
-
-    def scan(self, *extra: str) -> None:
-        haystacks = [self.raw_log.getvalue(), *self.texts, *extra]
-        for secret in self.secrets:
-            for text in haystacks:
-                assert secret not in text, "a token leaked into output or logs"
 
 
 @pytest.fixture
