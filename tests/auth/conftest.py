@@ -1,6 +1,6 @@
-"""Fixtures for the login tests: a real OIDC provider (node, oidc-provider), moto's server,
-an isolated home directory, and a guard that fails a test if any token text reaches its
-output or its logs."""
+"""Fixtures for the login tests: a real OIDC provider (node, oidc-provider), a moto server of
+their own (`auth_moto`, apart from the suite-wide one), an isolated home directory, and a
+guard that fails a test if any token text reaches its output or its logs."""
 
 from __future__ import annotations
 
@@ -60,20 +60,21 @@ def oidc(oidc_server):
 
 
 @pytest.fixture(scope="session")
-def moto_server():
+def auth_moto_server():
     server = MotoServer()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def moto(moto_server):
-    moto_server.reset()
-    return moto_server
+def auth_moto(auth_moto_server):
+    auth_moto_server.reset()
+    return auth_moto_server
 
 
 @pytest.fixture
 def store(auth_home):
+    """The token store in the private home (overrides the suite-wide `store` in tests/auth)."""
     return TokenStore(auth_home / ".config" / "imgrepo")
 
 

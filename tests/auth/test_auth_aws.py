@@ -23,8 +23,8 @@ BUCKET = "imgrepo-auth-test"
 
 
 @pytest.fixture
-def edge(moto, oidc):
-    edge = AwsEdge(moto.url, oidc.issuer, oidc.client_id, usable=1.5, grace=1.0)
+def edge(auth_moto, oidc):
+    edge = AwsEdge(auth_moto.url, oidc.issuer, oidc.client_id, usable=1.5, grace=1.0)
     yield edge
     edge.stop()
 
@@ -43,10 +43,10 @@ def roundtrip(s3, i):
 
 
 def test_credentials_refresh_across_expiries_and_resume_after_new_login(
-    settings, store, oidc, moto, edge, monkeypatch, secret_guard
+    settings, store, oidc, auth_moto, edge, monkeypatch, secret_guard
 ):
     boto3.client(
-        "s3", endpoint_url=moto.url, aws_access_key_id="admin", aws_secret_access_key="admin"
+        "s3", endpoint_url=auth_moto.url, aws_access_key_id="admin", aws_secret_access_key="admin"
     ).create_bucket(Bucket=BUCKET)
     oidc.configure(ttl={"IdToken": 4, "AccessToken": 4})
     monkeypatch.setenv("AWS_ENDPOINT_URL_STS", edge.url)
