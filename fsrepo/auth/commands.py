@@ -297,7 +297,8 @@ def run_status(settings: Settings, *, store: TokenStore | None = None) -> dict[s
     """Who is logged in and until when, and what the mount's AWS credentials come from.
     No secrets. Keys: logged_in, and when logged in: user, subject, email, issuer, client_id,
     role_arn, id_token_expires_at (epoch), id_token_expires_in (s), can_refresh,
-    login_required (bool), login_required_reason, login_required_since, last_refresh_at,
+    refresh_token_expires_at (epoch or None: the provider did not say), login_required (bool),
+    login_required_reason, login_required_since, last_refresh_at,
     token_file, token_file_mode, web_identity_token_file, aws_credentials (a sentence)."""
     store = store or TokenStore()
     login = store.load()
@@ -324,6 +325,7 @@ def run_status(settings: Settings, *, store: TokenStore | None = None) -> dict[s
         id_token_expires_at=login.id_token_expires_at,
         id_token_expires_in=round(login.seconds_left(now), 1),
         can_refresh=bool(login.refresh_token) and not dead,
+        refresh_token_expires_at=login.refresh_token_expires_at,
         login_required=bool(dead) or (expired and not login.refresh_token),
         login_required_reason=(dead or {}).get("reason"),
         login_required_since=(dead or {}).get("since"),
@@ -367,8 +369,13 @@ def format_status(status: dict[str, Any]) -> str:
     else:
         left = float(status["id_token_expires_in"])
         lines.append(f"ID token valid until {_when(status['id_token_expires_at'])} ({_in(left)}).")
-        lines.append("It is renewed automatically while mounted." if status["can_refresh"]
-                     else "It cannot be renewed (no refresh token): log in again before it ends.")
+        if not status["can_refresh"]:
+            lines.append("It cannot be renewed (no refresh token): log in again before it ends.")
+        elif status.get("refresh_token_expires_at"):
+            lines.append("It is renewed automatically while mounted, until "
+                         f"{_when(status['refresh_token_expires_at'])} (then log in again).")
+        else:
+            lines.append("It is renewed automatically while mounted.")
     if status.get("last_refresh_at"):
         lines.append(f"Last renewed {_when(status['last_refresh_at'])}.")
     lines.append(f"AWS credentials: {status['aws_credentials']}.")

@@ -88,6 +88,7 @@ class StoredLogin:
     id_token_lifetime: float  # seconds, as issued
     access_token: str = field(default="", repr=False)
     refresh_token: str | None = field(default=None, repr=False)
+    refresh_token_expires_at: float | None = None  # when the provider says (Keycloak, Entra ID)
     revocation_endpoint: str | None = None
     role_arn: str | None = None
     identity: dict[str, str] = field(default_factory=dict)  # name, email, preferred_username

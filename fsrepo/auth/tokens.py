@@ -25,6 +25,18 @@ log = logging.getLogger(__name__)
 _IDENTITY_CLAIMS = ("name", "email", "preferred_username")
 
 
+def _refresh_expiry(response: dict[str, Any], received_at: float) -> float | None:
+    """The refresh token's end, for providers that announce it (non-standard names)."""
+    for key in ("refresh_expires_in", "refresh_token_expires_in"):
+        try:
+            seconds = float(response[key])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if seconds > 0:  # Keycloak says 0 for offline tokens without a limit
+            return received_at + seconds
+    return None
+
+
 def _id_token_times(claims: dict[str, Any], received_at: float) -> tuple[float, float]:
     """(local expiry, lifetime). Measured from when we received the token, with the
     provider's own exp - iat, so that a skewed clock on either side does not matter."""
@@ -66,6 +78,7 @@ def login_from_token_response(
         id_token_lifetime=lifetime,
         access_token=str(response.get("access_token") or ""),
         refresh_token=str(response["refresh_token"]) if response.get("refresh_token") else None,
+        refresh_token_expires_at=_refresh_expiry(response, received_at),
         logged_in_at=received_at,
     )
 
@@ -79,6 +92,8 @@ def apply_refresh(login: StoredLogin, response: dict[str, Any], received_at: flo
         "refreshed_at": received_at,
         "refreshes": login.refreshes + 1,
     }
+    if response.get("refresh_token"):
+        changes["refresh_token_expires_at"] = _refresh_expiry(response, received_at)
     id_token = response.get("id_token")
     if id_token:
         claims = jwt_claims(str(id_token))

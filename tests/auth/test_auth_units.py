@@ -241,7 +241,8 @@ def test_login_with_default_timing_and_a_browser(auth_home, store):
     token = id_token(email="bob@example.test", name="Bob")
     http = scripted_provider(
         token_answers=[PENDING, SLOW, (200, {"access_token": "at-secret-value", "id_token": token,
-                                             "refresh_token": "rt-secret-value"})],
+                                             "refresh_token": "rt-secret-value",
+                                             "refresh_expires_in": 86400})],
         device_extra={"verification_uri_complete": ISSUER + "/activate?code=WXYZ-1234"},
     )
     clock, opened = FakeClock(), []
@@ -258,6 +259,9 @@ def test_login_with_default_timing_and_a_browser(auth_home, store):
     guard.add("dev-code-secret", "at-secret-value", "rt-secret-value", token)
     guard.scan(out.text)
     assert store.load().refresh_token == "rt-secret-value"
+    status = run_status(scripted_settings(auth_home), store=store)
+    assert 86000 < status["refresh_token_expires_at"] - time.time() <= 86400
+    assert "until" in format_status(status) and "(then log in again)" in format_status(status)
 
 
 def test_login_without_refresh_token_warns(auth_home, store):
