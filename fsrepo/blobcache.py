@@ -1,0 +1,284 @@
+"""The local blob cache: verified blob files, downloads in progress, LRU eviction.
+
+A blob file is named by its SHA-256 and is immutable once in place, so an open file
+descriptor on it stays valid whatever happens to the name. Eviction removes the least
+recently used blobs beyond the size limit, but never one that is pending upload (it may be
+the only copy) or open.
+
+Downloads stream into `partial/<sha>`; readers wait only until their byte range has
+arrived. The finished file is verified against its name before it joins the cache; a
+mismatch fails the download (readers get EIO) and the bytes are discarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import trio
+
+from .errors import ImgrepoError, IntegrityError
+from .repository import blob_key
+from .state import StateDB
+from .store.base import Store
+
+log = logging.getLogger(__name__)
+
+HASH_CHUNK = 1 << 20
+
+
+def hash_file(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Download:
+    """One blob on its way into the cache; readers wait on byte ranges."""
+
+    def __init__(self, sha: str, size: int, path: Path) -> None:
+        self.sha = sha
+        self.size = size
+        self.path = path
+        self.available = 0
+        self.done = False
+        self.error: BaseException | None = None
+        self._waiters: list[tuple[int, trio.Event]] = []
+        self.finished = trio.Event()
+
+    def progress(self, available: int) -> None:
+        self.available = max(self.available, available)
+        still = []
+        for end, event in self._waiters:
+            if end <= self.available:
+                event.set()
+            else:
+                still.append((end, event))
+        self._waiters = still
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        for _, event in self._waiters:
+            event.set()
+        self._waiters = []
+        self.finished.set()
+
+    def complete(self) -> None:
+        self.done = True
+        self.progress(self.size)
+        self.finished.set()
+
+    async def wait_for(self, end: int) -> None:
+        end = min(end, self.size)
+        while self.available < end and self.error is None:
+            event = trio.Event()
+            self._waiters.append((end, event))
+            await event.wait()
+        if self.error is not None and self.available < end:
+            raise self.error
+
+
+class BlobCache:
+    def __init__(self, root: Path, db: StateDB, store: Store, limit: int) -> None:
+        self.root = root
+        self.db = db
+        self.store = store
+        self.limit = limit
+        self.partial_dir = root / "partial"
+        self.partial_dir.mkdir(parents=True, exist_ok=True)
+        self._lru: OrderedDict[str, int] = OrderedDict()  # sha -> size, oldest first
+        self.pending: set[str] = set()  # not yet in the bucket: never evicted
+        self._open: dict[str, int] = {}
+        self.downloads: dict[str, Download] = {}
+        self.used = 0
+        self._touched: dict[str, float] = {}
+        self.nursery: trio.Nursery | None = None
+
+    # -- startup ------------------------------------------------------------------------
+    def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
+        """Index what the database says is cached; returns pending blobs whose file is gone
+        (which means data was lost behind our back: the caller logs it)."""
+        missing = []
+        for sha, size, pending, _atime in rows:
+            if not self.path(sha).exists():
+                if pending:
+                    missing.append(sha)
+                continue
+            self._lru[sha] = size
+            self.used += size
+            if pending:
+                self.pending.add(sha)
+        for leftover in self.partial_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+        return missing
+
+    # -- queries --------------------------------------------------------------------------
+    def path(self, sha: str) -> Path:
+        return self.root / sha[:2] / sha
+
+    def has(self, sha: str) -> bool:
+        return sha in self._lru
+
+    def touch(self, sha: str) -> None:
+        if sha in self._lru:
+            self._lru.move_to_end(sha)
+            self._touched[sha] = time.time()
+
+    def pinned(self, sha: str) -> bool:
+        return sha in self.pending or self._open.get(sha, 0) > 0
+
+    def acquire(self, sha: str) -> None:
+        self._open[sha] = self._open.get(sha, 0) + 1
+
+    def release(self, sha: str) -> None:
+        n = self._open.get(sha, 0) - 1
+        if n > 0:
+            self._open[sha] = n
+        else:
+            self._open.pop(sha, None)
+
+    # -- adding ---------------------------------------------------------------------------
+    def adopt_sync(self, staging: Path, sha: str) -> bool:
+        """Move a finished staging file into the cache (worker thread). Returns False if
+        the blob was already cached (the staging file is then deleted)."""
+        target = self.path(sha)
+        if target.exists():
+            staging.unlink(missing_ok=True)
+            return False
+        target.parent.mkdir(exist_ok=True)
+        os.replace(staging, target)
+        return True
+
+    def register(self, sha: str, size: int, pending: bool) -> None:
+        if sha not in self._lru:
+            self._lru[sha] = size
+            self.used += size
+        else:
+            self._lru.move_to_end(sha)
+        if pending:
+            self.pending.add(sha)
+
+    def uploaded(self, sha: str) -> None:
+        self.pending.discard(sha)
+
+    # -- eviction -------------------------------------------------------------------------
+    def evictable(self) -> list[tuple[str, int]]:
+        """Blobs to remove to get back under the limit, oldest first."""
+        over = self.used - self.limit
+        victims = []
+        if over <= 0:
+            return victims
+        for sha, size in self._lru.items():
+            if over <= 0:
+                break
+            if self.pinned(sha):
+                continue
+            victims.append((sha, size))
+            over -= size
+        return victims
+
+    async def evict(self) -> int:
+        victims = self.evictable()
+        if not victims:
+            return 0
+        for sha, size in victims:
+            self._lru.pop(sha, None)
+            self.used -= size
+
+        def remove() -> None:
+            for sha, _ in victims:
+                try:
+                    os.unlink(self.path(sha))
+                except FileNotFoundError:
+                    pass
+        await trio.to_thread.run_sync(remove)
+        await self.db.run(self.db.state.remove_blobs, [s for s, _ in victims])
+        return sum(size for _, size in victims)
+
+    async def flush_atimes(self) -> None:
+        if self._touched:
+            items, self._touched = list(self._touched.items()), {}
+            await self.db.run(self.db.state.touch_blobs, items)
+
+    # -- downloads ------------------------------------------------------------------------
+    def start_download(self, sha: str, size: int) -> Download:
+        """Join or start the download of a blob not in the cache."""
+        dl = self.downloads.get(sha)
+        if dl is not None and dl.error is None:
+            return dl
+        dl = Download(sha, size, self.partial_dir / sha)
+        dl.path.touch()  # readers open it at once
+        self.downloads[sha] = dl
+        assert self.nursery is not None
+        self.nursery.start_soon(self._download, dl)
+        return dl
+
+    async def _download(self, dl: Download) -> None:
+        try:
+            await self._fetch(dl)
+            actual = await trio.to_thread.run_sync(hash_file, dl.path)
+            if actual != dl.sha:
+                raise IntegrityError(f"blob {dl.sha} from the bucket is corrupt (its content "
+                                     f"hashes to {actual}); not used")
+            target = self.path(dl.sha)
+            target.parent.mkdir(exist_ok=True)
+            await trio.to_thread.run_sync(os.replace, dl.path, target)
+            self.register(dl.sha, dl.size, pending=False)
+            await self.db.run(self.db.state.add_cached_blob, dl.sha, dl.size)
+            dl.complete()
+            await self.evict()
+        except (ImgrepoError, OSError) as exc:
+            log.error("download of blob %s failed: %s", dl.sha, exc)
+            try:
+                dl.path.unlink()
+            except OSError:
+                pass
+            dl.fail(exc)
+        finally:
+            if self.downloads.get(dl.sha) is dl:
+                del self.downloads[dl.sha]
+
+    async def _fetch(self, dl: Download) -> None:
+        """Stream the blob into its partial file, resuming after transient failures."""
+        attempts = 0
+        while True:
+            try:
+                if dl.size > 0:
+                    await self.store.download(blob_key(dl.sha), dl.path, dl.available,
+                                              lambda n: trio.from_thread.run_sync(dl.progress, n))
+                size = (await trio.to_thread.run_sync(os.path.getsize, dl.path))
+                if size != dl.size:
+                    raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
+                                         f"the manifest says {dl.size}")
+                return
+            except IntegrityError:
+                raise
+            except (ImgrepoError, OSError):
+                attempts += 1
+                if attempts >= 3:
+                    raise
+                await trio.sleep(0.5 * attempts)
+
+    def open_fd(self, dl: Download) -> int:
+        """A read-only descriptor on a download's file, wherever it is by now."""
+        try:
+            return os.open(dl.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return os.open(self.path(dl.sha), os.O_RDONLY)  # finished meanwhile
+
+    async def ensure(self, sha: str, size: int) -> Path:
+        """The path of a fully cached, verified blob, downloading it if needed."""
+        if self.has(sha):
+            self.touch(sha)
+            return self.path(sha)
+        dl = self.start_download(sha, size)
+        await dl.finished.wait()
+        if dl.error is not None:
+            raise dl.error
+        return self.path(sha)

@@ -1,0 +1,112 @@
+"""The control channel between a running mount and the imgrepo-mount commands.
+
+A mount listens on a Unix socket in the user's runtime dir (0700), named after its
+mountpoint. Requests and replies are JSON lines: a request is one object with "cmd";
+the mount answers with zero or more progress objects and a final object with "done": true
+(and "error" when it failed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import runtime_dir
+from .errors import ImgrepoError
+
+Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]],
+                   Awaitable[dict[str, Any]]]
+
+
+def socket_path(mountpoint: str | Path) -> Path:
+    real = os.path.realpath(mountpoint)
+    return runtime_dir() / (hashlib.sha256(real.encode()).hexdigest()[:20] + ".sock")
+
+
+async def serve(path: Path, handler: Handler, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Accept connections forever; each request is handled in its own task."""
+    path.unlink(missing_ok=True)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(_serve_one, stream, handler)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
+    async with stream:
+        buf = b""
+        while b"\n" not in buf:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            buf += chunk
+        try:
+            request = json.loads(buf.split(b"\n", 1)[0])
+        except ValueError:
+            return
+
+        async def send(obj: dict[str, Any]) -> None:
+            await stream.send_all(json.dumps(obj).encode() + b"\n")
+
+        try:
+            final = await handler(request, send)
+            await send({**final, "done": True})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except ImgrepoError as exc:
+            try:
+                await send({"done": True, "error": str(exc)})
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+def request(mountpoint: str | Path, cmd: dict[str, Any], timeout: float | None = None
+            ) -> Iterator[dict[str, Any]]:
+    """Client side (blocking): yields each reply object; the last has "done"."""
+    path = socket_path(mountpoint)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise ImgrepoError(f"{mountpoint} is not a running imgrepo mount") from None
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(json.dumps(cmd).encode() + b"\n")
+        with sock.makefile("rb") as fh:
+            for line in fh:
+                reply = json.loads(line)
+                yield reply
+                if reply.get("done"):
+                    return
+        raise ImgrepoError(f"the mount at {mountpoint} stopped answering")
+    finally:
+        sock.close()
+
+
+def is_running(mountpoint: str | Path) -> bool:
+    try:
+        for _ in request(mountpoint, {"cmd": "ping"}, timeout=5):
+            pass
+        return True
+    except (ImgrepoError, OSError, ValueError):
+        return False
+
+

@@ -1,0 +1,302 @@
+"""The FUSE binding: translates kernel requests into calls on the filesystem core.
+
+Nothing here decides anything about the repository; it converts between pyfuse3's types
+and ours, and maps our errors onto errno values.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from .files import FileManager
+from .manifest import DirEntry, Entry, FileEntry, SymlinkEntry
+from .namespace import FsError, Invalidator, Namespace, Node
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+ATTR_TIMEOUT = 300.0  # remote changes are invalidated explicitly; local ones go through us
+BLKSIZE = 1 << 20
+
+
+def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Our FsError -> FUSEError; anything unexpected is logged and answered EIO."""
+
+    @wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.error("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class KernelInvalidator(Invalidator):
+    """Tells the kernel about remote changes. invalidate_inode may block, so it runs in a
+    thread; invalidate_entry_async queues the notification (FACTS.md)."""
+
+    def __init__(self) -> None:
+        self.nursery: trio.Nursery | None = None
+
+    def entry(self, parent_ino: int, name: bytes) -> None:
+        try:
+            pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+        except Exception as exc:  # the kernel may already have forgotten it
+            log.debug("invalidate_entry failed: %s", exc)
+
+    def inode(self, ino: int) -> None:
+        if self.nursery is not None:
+            self.nursery.start_soon(self._inode, ino)
+
+    async def _inode(self, ino: int) -> None:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+        except OSError:
+            pass
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, ns: Namespace, files: FileManager, statfs_path: str) -> None:
+        super().__init__()
+        self.ns = ns
+        self.files = files
+        self.statfs_path = statfs_path
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._dir_handles: dict[int, list[tuple[bytes, Entry]]] = {}
+        self._dir_owner: dict[int, int] = {}
+        self._next_dh = 1
+
+    # -- attributes -----------------------------------------------------------------------
+    def _attrs(self, node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
+        entry = self.files.overlay(node, entry)
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = ATTR_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_blksize = BLKSIZE
+        if isinstance(entry, FileEntry):
+            a.st_mode = stat.S_IFREG | entry.mode
+            a.st_size = entry.size
+            a.st_nlink = 1
+        elif isinstance(entry, DirEntry):
+            a.st_mode = stat.S_IFDIR | entry.mode
+            a.st_size = 0
+            a.st_nlink = 1
+        else:
+            a.st_mode = stat.S_IFLNK | 0o777
+            a.st_size = len(entry.target)
+            a.st_nlink = 1
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = entry.mtime_ns
+        return a
+
+    def _current(self, ino: int) -> tuple[Node, Entry]:
+        node = self.ns.node(ino)
+        entry = self.ns.entry_of(node)
+        if entry is None:
+            # Removed, but still open or referenced by the kernel: show what it was.
+            handle = next((h for h in self.files.handles.values() if h.node is node), None)
+            if handle is not None and handle.sha is not None:
+                return node, FileEntry(handle.sha, handle.size, 0)
+            raise FsError(errno.ENOENT)
+        return node, entry
+
+    # -- lookups --------------------------------------------------------------------------
+    @_translate
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        node, entry = await self.ns.lookup(parent_inode, name)
+        return self._attrs(node, entry)
+
+    def forget(self, inode_list: Any) -> None:
+        for ino, count in inode_list:
+            self.ns.forget(ino, count)
+
+    @_translate
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        node, entry = self._current(inode)
+        return self._attrs(node, entry)
+
+    @_translate
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
+        node, entry = self._current(inode)
+        mode = attr.st_mode & 0o7777 if fields.update_mode else None
+        mtime = attr.st_mtime_ns if fields.update_mtime else None
+        if fields.update_uid and attr.st_uid not in (self.uid, -1, 0xFFFFFFFF):
+            raise FsError(errno.EPERM)
+        if fields.update_gid and attr.st_gid not in (self.gid, -1, 0xFFFFFFFF):
+            raise FsError(errno.EPERM)
+        if fields.update_size:
+            if not isinstance(entry, FileEntry):
+                raise FsError(errno.EISDIR if isinstance(entry, DirEntry) else errno.EINVAL)
+            handle = self.files.handles.get(fh) if fh is not None else None
+            await self.files.truncate(node, attr.st_size, handle)
+        if mode is not None or mtime is not None:
+            if isinstance(entry, FileEntry):
+                if not self.files.set_attrs(node, mode, mtime):
+                    entry = FileEntry(entry.sha256, entry.size,
+                                      entry.mtime_ns if mtime is None else mtime,
+                                      entry.mode if mode is None else mode)
+                    await self.ns.replace(node, entry)
+            elif isinstance(entry, DirEntry) and node.ino != pyfuse3.ROOT_INODE:
+                entry = DirEntry(entry.id, entry.mtime_ns if mtime is None else mtime,
+                                 entry.mode if mode is None else mode)
+                await self.ns.replace(node, entry)
+            elif isinstance(entry, SymlinkEntry) and mtime is not None:
+                await self.ns.replace(node, SymlinkEntry(entry.target, mtime))
+        return await self.getattr(inode, ctx)
+
+    @_translate
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        _, entry = self._current(inode)
+        if not isinstance(entry, SymlinkEntry):
+            raise FsError(errno.EINVAL)
+        return entry.target
+
+    # -- directories ----------------------------------------------------------------------
+    @_translate
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        listing = await self.ns.listing(inode)
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dir_handles[dh] = listing
+        self._dir_owner[dh] = inode
+        return dh
+
+    @_translate
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        listing = self._dir_handles.get(fh, [])
+        parent = None
+        for index in range(start_id, len(listing)):
+            name, _ = listing[index]
+            if parent is None:
+                parent = self._parent_of_listing(fh)
+            try:
+                node, entry = await self.ns.lookup(parent, name, count=False)
+            except FsError:
+                continue  # gone meanwhile, or refused (cycle)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(node, entry), index + 1):
+                break
+            node.lookups += 1  # readdirplus: each entry sent counts as a lookup
+
+    def _parent_of_listing(self, fh: int) -> int:
+        return self._dir_owner[fh]
+
+    @_translate
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+        self._dir_owner.pop(fh, None)
+
+    @_translate
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        node, entry = await self.ns.mkdir(parent_inode, name, mode)
+        return self._attrs(node, entry)
+
+    @_translate
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.ns.remove(parent_inode, name, is_dir=True)
+
+    @_translate
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.ns.remove(parent_inode, name, is_dir=False)
+
+    @_translate
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        node, entry = await self.ns.symlink(parent_inode, name, target)
+        return self._attrs(node, entry)
+
+    @_translate
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise FsError(errno.EINVAL)
+        await self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                             noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+
+    @_translate
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        raise FsError(errno.EPERM)  # hard links are not supported (SEMANTICS.md)
+
+    @_translate
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        if not stat.S_ISREG(mode):
+            raise FsError(errno.EPERM)  # only files, directories and symlinks
+        handle, node = await self.files.create(parent_inode, name, mode)
+        await self.files.release(handle.fh)
+        return await self.getattr(node.ino)
+
+    # -- files ----------------------------------------------------------------------------
+    @_translate
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        node = self.ns.node(inode)
+        handle = await self.files.open(node, flags)
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True)
+
+    @_translate
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> Any:
+        handle, node = await self.files.create(parent_inode, name, mode)
+        return (pyfuse3.FileInfo(fh=handle.fh, keep_cache=True),
+                await self.getattr(node.ino))
+
+    @_translate
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.files.read(fh, off, size)
+
+    @_translate
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.files.write(fh, off, buf)
+
+    @_translate
+    async def flush(self, fh: int) -> None:
+        await self.files.flush(fh)
+
+    @_translate
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.files.flush(fh)
+
+    @_translate
+    async def release(self, fh: int) -> None:
+        await self.files.release(fh)
+
+    @_translate
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None  # every namespace change is journaled durably before it is answered
+
+    @_translate
+    async def statfs(self, ctx: Any) -> Any:
+        st = os.statvfs(self.statfs_path)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = st.f_bsize
+        out.f_frsize = st.f_frsize
+        out.f_blocks = st.f_blocks
+        out.f_bfree = st.f_bfree
+        out.f_bavail = st.f_bavail
+        out.f_files = 1 << 32
+        out.f_ffree = 1 << 31
+        out.f_favail = 1 << 31
+        out.f_namemax = 255
+        return out

@@ -1,0 +1,51 @@
+"""Logging to the mount's log file (and stderr in the foreground); secrets never logged."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import re
+from pathlib import Path
+
+_SECRET_RE = re.compile(
+    r"(?i)(aws_secret_access_key|aws_session_token|x-amz-security-token|authorization|"
+    r"refresh_token|access_token|id_token|client_secret|password)(['\"]?\s*[:=]\s*['\"]?)"
+    r"([^\s'\",}]+)")
+
+
+class RedactingFilter(logging.Filter):
+    """Belt and braces: whatever reaches a log line, known secret fields are masked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _SECRET_RE.search(message):
+            record.msg = _SECRET_RE.sub(lambda m: m.group(1) + m.group(2) + "***", message)
+            record.args = ()
+        return True
+
+
+def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact = RedactingFilter()
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=10 << 20,
+                                                       backupCount=3)
+        handler.setFormatter(fmt)
+        handler.addFilter(redact)
+        root.addHandler(handler)
+        try:
+            log_file.chmod(0o600)
+        except OSError:
+            pass
+    if stderr:
+        handler = logging.StreamHandler()
+        handler.setFormatter(fmt)
+        handler.addFilter(redact)
+        root.addHandler(handler)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pyfuse3").setLevel(logging.WARNING if not verbose else logging.INFO)

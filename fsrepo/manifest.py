@@ -1,0 +1,182 @@
+"""Directory manifests: parsing (strict, hostile-input safe) and serialising.
+
+A manifest lists one directory's children. Names are bytes (FUSE hands us bytes and
+non-UTF-8 names must round-trip): UTF-8 names are JSON keys of "entries", other names are
+base64 keys of "raw_entries". Anything that could escape the tree or confuse the kernel
+('/', NUL, '.', '..', empty or over-long names) is refused entry by entry, so a damaged
+manifest loses only its bad entries.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+
+from .errors import ManifestError
+
+FORMAT = 1
+ROOT_ID = "root"
+MAX_NAME = 255
+MAX_SYMLINK = 4095
+MAX_SIZE = 1 << 50  # 1 PiB: anything larger is a hostile or broken manifest
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+    mtime_ns: int
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    id: str
+    mtime_ns: int
+    mode: int = 0o755
+
+
+@dataclass(frozen=True)
+class SymlinkEntry:
+    target: bytes
+    mtime_ns: int
+
+
+Entry = FileEntry | DirEntry | SymlinkEntry
+
+
+@dataclass
+class Manifest:
+    dir_id: str
+    entries: dict[bytes, Entry] = field(default_factory=dict)
+
+
+def check_name(name: bytes) -> None:
+    """Raise ValueError for a name that cannot be a directory entry."""
+    if not name or name in (b".", b".."):
+        raise ValueError("empty, '.' or '..'")
+    if b"/" in name or b"\0" in name:
+        raise ValueError("contains '/' or NUL")
+    if len(name) > MAX_NAME:
+        raise ValueError(f"longer than {MAX_NAME} bytes")
+
+
+def is_valid_dir_id(value: object) -> bool:
+    return isinstance(value, str) and bool(_ID_RE.match(value))
+
+
+def _int(raw: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
+    value = raw.get(key, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError(f"bad {key}")
+    return value
+
+
+def entry_from_json(raw: object) -> Entry:
+    """One entry; ValueError if anything about it is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError("entry is not an object")
+    kind = raw.get("type")
+    mtime = _int(raw, "mtime_ns", -(1 << 62), 1 << 62, 0)
+    if kind == "file":
+        sha = raw.get("sha256")
+        if not isinstance(sha, str) or not _SHA_RE.match(sha):
+            raise ValueError("bad sha256")
+        return FileEntry(sha, _int(raw, "size", 0, MAX_SIZE), mtime,
+                         _int(raw, "mode", 0, 0o7777, 0o644))
+    if kind == "dir":
+        if not is_valid_dir_id(raw.get("id")) or raw.get("id") == ROOT_ID:
+            raise ValueError("bad directory id")
+        return DirEntry(raw["id"], mtime, _int(raw, "mode", 0, 0o7777, 0o755))
+    if kind == "symlink":
+        if isinstance(raw.get("target"), str):
+            target = raw["target"].encode("utf-8", "surrogateescape")
+        elif isinstance(raw.get("target_b64"), str):
+            try:
+                target = base64.b64decode(raw["target_b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("bad target_b64") from None
+        else:
+            raise ValueError("symlink without target")
+        if not target or len(target) > MAX_SYMLINK or b"\0" in target:
+            raise ValueError("bad symlink target")
+        return SymlinkEntry(target, mtime)
+    raise ValueError(f"unknown type {kind!r}")
+
+
+def entry_to_json(entry: Entry) -> dict:
+    if isinstance(entry, FileEntry):
+        return {"type": "file", "sha256": entry.sha256, "size": entry.size,
+                "mtime_ns": entry.mtime_ns, "mode": entry.mode}
+    if isinstance(entry, DirEntry):
+        return {"type": "dir", "id": entry.id, "mtime_ns": entry.mtime_ns, "mode": entry.mode}
+    try:
+        return {"type": "symlink", "target": entry.target.decode("utf-8"),
+                "mtime_ns": entry.mtime_ns}
+    except UnicodeDecodeError:
+        return {"type": "symlink", "target_b64": base64.b64encode(entry.target).decode(),
+                "mtime_ns": entry.mtime_ns}
+
+
+def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
+    """Parse a manifest; returns it with a list of problems (refused entries).
+
+    Raises ManifestError when the object as a whole is unusable."""
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"manifest of directory {dir_id} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"manifest of directory {dir_id} is not a JSON object")
+    version = raw.get("imgrepo_manifest")
+    if version != FORMAT:
+        raise ManifestError(f"manifest of directory {dir_id} has unsupported format {version!r}")
+    if raw.get("dir_id") != dir_id:
+        raise ManifestError(f"manifest of directory {dir_id} claims to be {raw.get('dir_id')!r}")
+    problems: list[str] = []
+    manifest = Manifest(dir_id)
+    plain, encoded = raw.get("entries", {}), raw.get("raw_entries", {})
+    if not isinstance(plain, dict) or not isinstance(encoded, dict):
+        raise ManifestError(f"manifest of directory {dir_id}: entries are not objects")
+    items: list[tuple[bytes | None, str, object]] = []
+    for key, value in plain.items():
+        try:
+            items.append((key.encode("utf-8"), key, value))
+        except UnicodeEncodeError:
+            items.append((None, key, value))
+    for key, value in encoded.items():
+        try:
+            items.append((base64.b64decode(key, validate=True), key, value))
+        except (binascii.Error, ValueError):
+            items.append((None, key, value))
+    for name, shown, value in items:
+        try:
+            if name is None:
+                raise ValueError("undecodable name")
+            check_name(name)
+            if name in manifest.entries:
+                raise ValueError("duplicate name")
+            manifest.entries[name] = entry_from_json(value)
+        except ValueError as exc:
+            problems.append(f"directory {dir_id}: refused entry {shown[:80]!r}: {exc}")
+    return manifest, problems
+
+
+def serialise_manifest(manifest: Manifest) -> bytes:
+    plain: dict[str, dict] = {}
+    encoded: dict[str, dict] = {}
+    for name in sorted(manifest.entries):
+        value = entry_to_json(manifest.entries[name])
+        try:
+            plain[name.decode("utf-8")] = value
+        except UnicodeDecodeError:
+            encoded[base64.b64encode(name).decode()] = value
+    doc: dict = {"imgrepo_manifest": FORMAT, "dir_id": manifest.dir_id, "entries": plain}
+    if encoded:
+        doc["raw_entries"] = encoded
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,94 @@
+"""Applying namespace operations to a directory's entries: the three-way merge.
+
+Every local change is recorded as an `Op`: "name should become `entry` (None: be removed);
+when I decided that, it was `base`". Applying an op to a manifest that someone else changed
+meanwhile is then a three-way merge per name:
+
+- the name still holds `base` (or already holds `entry`): the op applies as is;
+- a removal meets a changed entry: the other writer's version wins (an edit beats a delete);
+- a write meets a removed entry: the write wins (it recreates the name);
+- a write meets a different version: both are kept, ours under a conflict name
+  ``<stem> (conflict <host> <YYYY-MM-DD HHMMSS>)<suffix>``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .manifest import MAX_NAME, DirEntry, Entry, FileEntry
+
+
+@dataclass(frozen=True)
+class Op:
+    name: bytes
+    entry: Entry | None
+    base: Entry | None
+
+
+def conflict_name(name: bytes, host: str, when: float, taken: set[bytes] | dict) -> bytes:
+    """A visible, unique sibling name for the losing side of a conflict."""
+    dot = name.rfind(b".")
+    stem, suffix = (name[:dot], name[dot:]) if dot > 0 and len(name) - dot <= 16 else (name, b"")
+    stamp = time.strftime("%Y-%m-%d %H%M%S", time.gmtime(when))
+    host_b = host.encode("utf-8", "replace")[:40] or b"unknown"
+    for n in range(1, 1000):
+        tag = b" (conflict " + host_b + b" " + stamp.encode() + (b"" if n == 1 else b" %d" % n) + b")"
+        room = MAX_NAME - len(tag) - len(suffix)
+        candidate = stem[:room] + tag + suffix
+        if candidate not in taken:
+            return candidate
+    raise RuntimeError("no free conflict name")  # 999 conflicts in one second on one name
+
+
+def same_content(a: Entry | None, b: Entry | None) -> bool:
+    if isinstance(a, FileEntry) and isinstance(b, FileEntry):
+        return a.sha256 == b.sha256
+    if isinstance(a, DirEntry) and isinstance(b, DirEntry):
+        return a.id == b.id
+    return a == b
+
+
+def coalesce(ops: list[Op]) -> list[Op]:
+    """Fold successive ops on one name into one (first base, last entry), keeping order."""
+    out: dict[bytes, Op] = {}
+    for op in ops:
+        prev = out.pop(op.name, None)
+        out[op.name] = Op(op.name, op.entry, prev.base if prev else op.base)
+    return list(out.values())
+
+
+def apply_op(entries: dict[bytes, Entry], op: Op, host: str, now: float) -> bytes | None:
+    """Apply one op in place; returns the conflict name if ours was diverted to one."""
+    current = entries.get(op.name)
+    if current == op.entry:
+        return None
+    if current == op.base or same_content(current, op.base) or same_content(current, op.entry):
+        if op.entry is None:
+            entries.pop(op.name, None)
+        else:
+            entries[op.name] = op.entry
+        return None
+    # Someone else changed this name since we saw it.
+    if op.entry is None:
+        return None  # their edit (or their delete) beats our delete
+    if current is None:
+        entries[op.name] = op.entry  # our write recreates what they deleted
+        return None
+    diverted = conflict_name(op.name, host, now, entries)
+    entries[diverted] = op.entry
+    return diverted
+
+
+def apply_ops(entries: dict[bytes, Entry], ops: list[Op], host: str,
+              now: float | None = None) -> dict[bytes, bytes]:
+    """Apply ops in order; returns {name: conflict name} for diverted writes."""
+    now = time.time() if now is None else now
+    diverted: dict[bytes, bytes] = {}
+    for op in coalesce(ops):
+        if op.name in diverted and op.entry is not None:
+            op = Op(diverted[op.name], op.entry, None)
+        where = apply_op(entries, op, host, now)
+        if where is not None:
+            diverted[op.name] = where
+    return diverted

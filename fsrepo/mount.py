@@ -1,0 +1,274 @@
+"""One running mount: assembles store, local state, cache, namespace, uploader and the FUSE
+binding, and runs them in one trio loop until unmounted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import control
+from .blobcache import BlobCache
+from .config import Settings
+from .errors import ImgrepoError, StorageError
+from .files import FileManager
+from .fs import KernelInvalidator, Operations
+from .journal import Journal
+from .namespace import EMPTY_SHA, Namespace
+from .repository import open_repository
+from .state import LocalState, StateDB
+from .store import open_store
+from .store.base import Store
+from .sync import Syncer
+from .uploader import Uploader
+
+log = logging.getLogger(__name__)
+
+
+class StateLock:
+    """One process per local state dir: two processes racing on one cache would corrupt it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            raise ImgrepoError(f"the local cache {state_dir} is in use by another imgrepo "
+                               f"process (pid {other or '?'}); unmount it first") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise ImgrepoError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
+    if not mountpoint.is_dir():
+        raise ImgrepoError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise ImgrepoError(f"{mountpoint} is already a mount point")
+    if any(mountpoint.iterdir()):
+        raise ImgrepoError(f"mountpoint {mountpoint} is not empty")
+    if not os.path.exists("/dev/fuse"):
+        raise ImgrepoError("FUSE is not available on this machine (/dev/fuse is missing; "
+                           "install fuse3 and load the fuse module)")
+
+
+class Mount:
+    def __init__(self, settings: Settings, mountpoint: Path, store: Store) -> None:
+        self.settings = settings
+        self.mountpoint = mountpoint
+        self.store = store
+        self.state_dir = settings.state_dir()
+        self.host = socket.gethostname() or "unknown"
+        self.db = StateDB(LocalState(self.state_dir / "state.db"))
+        self.journal = Journal(self.db)
+        self.cache = BlobCache(self.state_dir / "blobs", self.db, store, settings.cache_size)
+        self.invalidator = KernelInvalidator()
+        self.ns = Namespace(store, self.db, self.journal, host=self.host,
+                            refresh=settings.refresh, invalidator=self.invalidator)
+        self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
+                                 host=self.host, parallel=settings.uploads)
+        self.ns.on_remote_blobs = self.uploader.known_remote
+        self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
+                                 lambda sha: sha in self.uploader.remote)
+        self.ops = Operations(self.ns, self.files, str(self.state_dir))
+        self.syncer = Syncer(self.ns, self.cache)
+        self.started = time.time()
+        self.online = True
+
+    def load_state(self) -> None:
+        """Bring back what the last run left: journal, cache index, remote index."""
+        state = self.db.state
+        self.journal.load(state.pending_ops())
+        missing = self.cache.load(state.cached_blobs())
+        for sha in missing:
+            log.error("blob %s was pending upload but its cache file is gone; files "
+                      "referencing it cannot be uploaded", sha)
+        self.uploader.remote |= state.remote_blobs()
+        self.files.clear_leftovers()
+        empty = self.cache.path(EMPTY_SHA)
+        if not empty.exists():
+            empty.parent.mkdir(parents=True, exist_ok=True)
+            empty.touch()
+        self.cache.register(EMPTY_SHA, 0, pending=EMPTY_SHA not in self.uploader.remote)
+        if self.journal.by_seq:
+            log.info("resuming %d journaled operations from the last run", len(self.journal))
+
+    async def check_repository(self) -> None:
+        """Read (or create) the descriptor; start offline from local state if we must."""
+        state = self.db.state
+        known = await self.db.run(state.get_meta, "repo_id")
+        try:
+            desc = await open_repository(self.store, create=True)
+        except StorageError as exc:
+            if known is None:
+                raise
+            log.warning("storage unreachable, starting offline from local state: %s", exc)
+            self.online = False
+            return
+        if known is not None and known != desc.repo_id:
+            raise ImgrepoError(
+                f"{self.settings.storage} now holds a different repository than the one "
+                f"cached in {self.state_dir}; move that directory away to start afresh")
+        if known is None:
+            await self.db.run(state.set_meta, "repo_id", desc.repo_id)
+
+    # -- control requests -----------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        up = self.uploader.status
+        pending = self.uploader.pending_summary()
+        counters = await self.db.run(self.db.state.counters)
+        return {
+            "mountpoint": str(self.mountpoint),
+            "storage": self.settings.storage,
+            "pid": os.getpid(),
+            "pending_ops": pending["ops"],
+            "pending_files": pending["blobs"],
+            "pending_bytes": pending["bytes"],
+            "uploads_in_flight": len(up.uploads_in_flight),
+            "uploaded_files": up.uploaded_blobs,
+            "uploaded_bytes": up.uploaded_bytes,
+            "conflicts": up.conflicts,
+            "last_error": up.last_error,
+            "last_error_at": up.last_error_at,
+            "last_success_at": up.last_success_at,
+            "login_required": up.login_required,
+            "cache_used": self.cache.used,
+            "cache_limit": self.cache.limit,
+            "dedup_saved_bytes": counters.get("dedup_bytes", 0),
+            "started": self.started,
+        }
+
+    async def handle(self, req: dict[str, Any], send: Any) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "ping":
+            return {"pid": os.getpid()}
+        if cmd == "status":
+            status = await self.status()
+            if req.get("repository"):
+                status.update(await self.syncer.repository_totals())
+            return status
+        if cmd == "wait":
+            while True:
+                pending = self.uploader.pending_summary()
+                busy = pending["ops"] or self.uploader.status.uploads_in_flight
+                if not busy:
+                    return await self.status()
+                await send({"progress": pending,
+                            "last_error": self.uploader.status.last_error})
+                self.uploader.kick()
+                with trio.move_on_after(0.5):
+                    while self.uploader.pending_summary() == pending:
+                        await trio.sleep(0.02)
+        if cmd == "sync":
+            return await self.syncer.run(req.get("paths") or [], send,
+                                         parallel=int(req.get("parallel", 8)))
+        raise ImgrepoError(f"unknown request {cmd!r}")
+
+    # -- running --------------------------------------------------------------------------
+    async def run(self, ready: Any = None) -> None:
+        await self.check_repository()
+        await self.db.run(self.load_state)
+        # Anything that touches the mountpoint must happen before init: afterwards our own
+        # FUSE requests would wait for the loop this very call is blocking.
+        sock_path = control.socket_path(self.mountpoint)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=imgrepo", "subtype=imgrepo", "noatime"}
+        try:
+            pyfuse3.init(self.ops, str(self.mountpoint), options)
+        except RuntimeError as exc:
+            raise ImgrepoError(f"cannot mount {self.mountpoint}: {exc}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                self.invalidator.nursery = nursery
+                self.cache.nursery = nursery
+                await nursery.start(control.serve, sock_path, self.handle)
+                nursery.start_soon(self.uploader.run)
+                nursery.start_soon(self._refresher)
+                nursery.start_soon(self._housekeeping)
+                nursery.start_soon(self._signals)
+                nursery.start_soon(trio.to_thread.run_sync, self._tune_readahead)
+                if ready is not None:
+                    ready()
+                log.info("mounted %s at %s", self.settings.storage, self.mountpoint)
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception as exc:  # already unmounted from outside
+                log.debug("close: %s", exc)
+            await self.cache.flush_atimes()
+            pending = len(self.journal)
+            if pending:
+                log.info("unmounted with %d operations still to upload; they continue at "
+                         "the next mount", pending)
+            else:
+                log.info("unmounted %s", self.mountpoint)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for _ in sigs:
+                log.info("signal received: unmounting")
+                pyfuse3.terminate()
+                return
+
+    async def _refresher(self) -> None:
+        """Revalidate the directories the kernel knows about, so other machines' changes
+        show up within the refresh interval."""
+        while True:
+            await trio.sleep(max(0.2, self.settings.refresh / 4))
+            now = time.time()
+            for dir_id in list(self.ns.views):
+                view = self.ns.views.get(dir_id)
+                if view is None or now - view.checked < self.settings.refresh:
+                    continue
+                try:
+                    await self.ns.revalidate(dir_id)
+                except StorageError as exc:
+                    log.debug("revalidation of %s failed: %s", dir_id, exc)
+                    break
+                except ImgrepoError as exc:
+                    log.warning("revalidation of %s failed: %s", dir_id, exc)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await trio.sleep(5)
+            await self.cache.flush_atimes()
+
+    def _tune_readahead(self) -> None:
+        """Cached reads arrive as 128 KiB requests unless the mount's read-ahead is raised
+        (FACTS.md); 1 MiB requests cost far less per byte."""
+        try:
+            dev = os.stat(self.mountpoint).st_dev
+            path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+            with open(path, "w") as fh:
+                fh.write("1024")
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT):
+                log.debug("read-ahead not raised: %s", exc)
+
+
+async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None) -> None:
+    store = open_store(settings.storage, settings.endpoint_url, settings.region)
+    try:
+        await Mount(settings, mountpoint, store).run(ready)
+    finally:
+        await store.aclose()

@@ -1,0 +1,94 @@
+"""The repository format in the store (format version 1): where things live, the descriptor.
+
+    imgrepo.json                    descriptor: format, version, hash, created, repo_id
+    blobs/sha256/<h[0:2]>/<h>       file contents, immutable, named by their SHA-256
+    dirs/<dir-id>.json              one manifest per directory; the root's id is "root"
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from .errors import ObjectNotFound, PreconditionFailed, RepositoryFormatError
+from .store.base import Store, StoredObject
+
+log = logging.getLogger(__name__)
+
+DESCRIPTOR_KEY = "imgrepo.json"
+FORMAT_NAME = "imgrepo"
+FORMAT_VERSION = 1
+
+
+def blob_key(sha256: str) -> str:
+    return f"blobs/sha256/{sha256[:2]}/{sha256}"
+
+
+def manifest_key(dir_id: str) -> str:
+    return f"dirs/{dir_id}.json"
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    repo_id: str
+    version: int
+    created: str
+
+
+def parse_descriptor(data: bytes, where: str) -> Descriptor:
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise RepositoryFormatError(f"{where}: {DESCRIPTOR_KEY} is not valid JSON; "
+                                    "this is not an imgrepo repository") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise RepositoryFormatError(f"{where}: {DESCRIPTOR_KEY} does not describe an imgrepo "
+                                    "repository")
+    version = raw.get("version")
+    if type(version) is not int or version < 1:
+        raise RepositoryFormatError(f"{where}: bad repository format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise RepositoryFormatError(
+            f"{where}: repository format {version} was written by a newer imgrepo "
+            f"(this one reads format {FORMAT_VERSION}); upgrade imgrepo")
+    if raw.get("hash") != "sha256" or not isinstance(raw.get("repo_id"), str):
+        raise RepositoryFormatError(f"{where}: {DESCRIPTOR_KEY} is incomplete")
+    return Descriptor(raw["repo_id"], version, str(raw.get("created", "")))
+
+
+async def open_repository(store: Store, create: bool = True) -> Descriptor:
+    """Read the descriptor; create the repository if the location is empty.
+
+    A location that holds other data, or a newer format, is refused and left untouched."""
+    where = store.url
+    try:
+        obj = await store.get(DESCRIPTOR_KEY)
+        assert isinstance(obj, StoredObject)
+        return parse_descriptor(obj.data, where)
+    except ObjectNotFound:
+        pass
+    if not create:
+        raise RepositoryFormatError(f"{where}: no imgrepo repository here")
+    async for info in store.list(""):
+        raise RepositoryFormatError(
+            f"{where} already holds data that is not an imgrepo repository "
+            f"(found {info.key!r}); use an empty bucket or another prefix")
+    descriptor = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "hash": "sha256",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "repo_id": uuid.uuid4().hex,
+    }
+    try:
+        await store.put(DESCRIPTOR_KEY, json.dumps(descriptor, indent=1).encode(),
+                        if_none_match=True)
+        log.info("created a new repository at %s", where)
+    except PreconditionFailed:
+        pass  # another machine created it at the same moment: use theirs
+    obj = await store.get(DESCRIPTOR_KEY)
+    assert isinstance(obj, StoredObject)
+    return parse_descriptor(obj.data, where)
