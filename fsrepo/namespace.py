@@ -57,6 +57,7 @@ class Node:
     name: bytes
     dir_id: str | None  # set for directories
     lookups: int = 0
+    is_link: bool = False
     opens: int = 0
 
 
@@ -236,11 +237,14 @@ class Namespace:
                 return node
         else:
             ino = self._by_key.get((parent, name))
-            if ino is not None and self.nodes[ino].dir_id is None:
-                return self.nodes[ino]
+            if ino is not None:
+                if _same_object(_probe(self.nodes[ino]), entry):
+                    return self.nodes[ino]
+                self._detach(parent, name)
         ino = self._next_ino
         self._next_ino += 1
-        node = Node(ino, parent, name, entry.id if isinstance(entry, DirEntry) else None)
+        node = Node(ino, parent, name, entry.id if isinstance(entry, DirEntry) else None,
+                    is_link=isinstance(entry, SymlinkEntry))
         self.nodes[ino] = node
         if node.dir_id is not None:
             self._dir_ino[node.dir_id] = ino
@@ -471,6 +475,8 @@ def _same_object(a: Entry | None, b: Entry | None) -> bool:
 def _probe(node: Node) -> Entry:
     if node.dir_id is not None:
         return DirEntry(node.dir_id, 0)
+    if node.is_link:
+        return SymlinkEntry(b"?", 0)
     return FileEntry(EMPTY_SHA, 0, 0)
 
 

@@ -115,3 +115,27 @@ def store(storage: StorageTarget) -> Iterator[Store]:
 def s3_proxy(moto_server: MotoServer) -> Iterator[S3Proxy]:
     with S3Proxy(moto_server.url) as proxy:
         yield proxy
+
+
+# -- real FUSE mounts ---------------------------------------------------------------------
+try:
+    from .mountutil import Mounter, make_env
+except ImportError:
+    from mountutil import Mounter, make_env  # type: ignore[no-redef]
+
+
+@pytest.fixture
+def mount_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for imgrepo-mount subprocesses: HOME and XDG dirs inside tmp_path."""
+    return make_env(tmp_path / "home")
+
+
+@pytest.fixture
+def mounter(tmp_path: Path, mount_env: dict[str, str]) -> Iterator[Mounter]:
+    """mounter(storage_url, *extra_args, endpoint_url=..., cache_dir=...) -> MountProcess.
+    Every mount is unmounted and its process stopped at teardown, even on failure."""
+    m = Mounter(tmp_path, mount_env)
+    try:
+        yield m
+    finally:
+        m.cleanup()

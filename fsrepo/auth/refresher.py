@@ -75,7 +75,7 @@ class TokenRefresher:
         self._watch_interval = watch_interval
         self._retry_min = retry_min
         self._retry_max = retry_max
-        self._state = RefresherState(NOT_LOGGED_IN, "not logged in")
+        self._state = RefresherState(NOT_LOGGED_IN, "not logged in: run imgrepo-mount --login")
         self._refreshes = 0
         self._last_refresh: float | None = None
         self._warned_login_id: str | None = None
@@ -122,12 +122,19 @@ class TokenRefresher:
                     log.warning("%s", self._state.message)
             elif outcome.kind == "no_refresh_token":
                 assert login is not None
-                self._set(
-                    NO_REFRESH_TOKEN,
-                    login,
-                    "the login has no refresh token (scope without offline_access?): "
-                    "it cannot be renewed and ends when the ID token expires",
-                )
+                if login.seconds_left() > 0:
+                    self._set(
+                        NO_REFRESH_TOKEN,
+                        login,
+                        "the login has no refresh token (scope without offline_access?): "
+                        "it cannot be renewed and ends when the ID token expires",
+                    )
+                    wake_at = login.id_token_expires_at
+                else:
+                    self._set(LOGIN_REQUIRED, login, self._login_required_message(login))
+                    if self._warned_login_id != login.login_id:
+                        self._warned_login_id = login.login_id
+                        log.warning("%s", self._state.message)
             elif outcome.kind == "transient":
                 assert login is not None
                 self._set(RETRYING, login, f"refreshing the login failed, retrying: {outcome.message}")
