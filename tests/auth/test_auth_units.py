@@ -429,3 +429,68 @@ def test_ctrl_c_before_polling_is_clean_too(auth_home, store):
     http = httpx.Client(transport=httpx.MockTransport(interrupted))
     assert run_login(scripted_settings(auth_home), no_browser=True, out=out, store=store, http=http) == 130
     assert "Login cancelled" in out.text and store.load() is None
+
+
+# -- refresher, with a scripted provider -----------------------------------------------------
+
+
+def run_refresher_until(refresher, *conditions, timeout=5.0):
+    """Runs the refresher until each condition on its state has been seen, in order."""
+    import trio
+
+    seen = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(refresher.run)
+            with trio.fail_after(timeout):
+                for condition in conditions:
+                    while not condition(refresher.state()):
+                        await trio.sleep(0.01)
+                    seen.append(refresher.state())
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return seen
+
+
+def test_refresher_retries_after_provider_trouble(store, caplog):
+    from fsrepo.auth import TokenRefresher
+
+    with store.locked():
+        store.save(sample_login(id_token_expires_at=time.time() + 0.5, id_token_lifetime=3))
+    new_id = id_token(lifetime=3600)
+    http, seen = scripted([
+        (503, {"error": "temporarily_unavailable"}),
+        (200, {"access_token": "access-2", "id_token": new_id, "refresh_token": "refresh-2"}),
+    ])
+    refresher = TokenRefresher(store=store, http=http, watch_interval=0.02, retry_min=0.1)
+    states = run_refresher_until(refresher, lambda s: s.status == "retrying", lambda s: s.status == "ok"
+                                 and s.refreshes == 1)
+    assert "temporarily_unavailable" in states[0].message
+    assert [form["refresh_token"] for form in seen] == ["refresh-secret", "refresh-secret"]
+    saved = store.load()
+    assert (saved.refresh_token, saved.id_token, saved.refreshes) == ("refresh-2", new_id, 1)
+    assert store.web_identity_path.read_text() == new_id
+    assert 3500 < saved.seconds_left() <= 3600
+    assert any("retrying" in r.getMessage() for r in caplog.records)
+
+
+def test_refresher_without_refresh_token_says_login_required_at_expiry(store, caplog):
+    from fsrepo.auth import TokenRefresher
+
+    with store.locked():
+        store.save(sample_login(refresh_token=None, id_token_expires_at=time.time() + 0.3))
+    refresher = TokenRefresher(store=store, http=scripted([])[0], watch_interval=0.02)
+    states = run_refresher_until(refresher, lambda s: s.status == "no_refresh_token",
+                                 lambda s: s.login_required)
+    assert "imgrepo-mount --login" in states[1].message
+    assert any(r.levelname == "WARNING" and "login required" in r.getMessage() for r in caplog.records)
+
+
+def test_refresher_with_nobody_logged_in_waits_quietly(store):
+    from fsrepo.auth import TokenRefresher
+
+    refresher = TokenRefresher(store=store, http=scripted([])[0], watch_interval=0.02)
+    states = run_refresher_until(refresher, lambda s: s.status == "not_logged_in")
+    assert "--login" in states[0].message
