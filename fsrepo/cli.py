@@ -425,8 +425,9 @@ def format_status(s: dict[str, Any]) -> str:
                          f"{human(s['repository_bytes'])} ({human(s['repository_unique_bytes'])}"
                          " stored)")
     login = s.get("login")
-    if login:
-        lines.append("identity:     " + str(login.get("summary", login)))
+    if login and (login.get("logged_in") or not lines or s.get("storage", "").startswith("s3://")):
+        from .auth import commands
+        lines.append(commands.format_status(login))
     if not lines:
         lines.append("nothing to report: give a mountpoint, or log in with --login")
     return "\n".join(lines)

@@ -29,6 +29,8 @@ def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
     root.handlers.clear()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .auth import TokenRedactingFilter
+    token_filter = TokenRedactingFilter()
     redact = RedactingFilter()
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +38,7 @@ def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
                                                        backupCount=3)
         handler.setFormatter(fmt)
         handler.addFilter(redact)
+        handler.addFilter(token_filter)
         root.addHandler(handler)
         try:
             log_file.chmod(0o600)
@@ -45,6 +48,7 @@ def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(fmt)
         handler.addFilter(redact)
+        handler.addFilter(token_filter)
         root.addHandler(handler)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -92,6 +92,10 @@ class Mount:
         self.syncer = Syncer(self.ns, self.cache)
         self.started = time.time()
         self.online = True
+        self.refresher: Any = None
+        if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+            from .auth import TokenRefresher
+            self.refresher = TokenRefresher(settings)
 
     def load_state(self) -> None:
         """Bring back what the last run left: journal, cache index, remote index."""
@@ -154,7 +158,18 @@ class Mount:
             "cache_limit": self.cache.limit,
             "dedup_saved_bytes": counters.get("dedup_bytes", 0),
             "started": self.started,
+            "log_file": str(self.state_dir / "imgrepo.log"),
+            "credentials": self._credentials(),
         }
+
+    def _credentials(self) -> dict[str, Any] | None:
+        """The device-flow login as the running mount sees it (no secrets)."""
+        if self.refresher is None:
+            return None
+        st = self.refresher.state()
+        return {"status": st.status, "message": st.message, "identity": st.identity,
+                "id_token_expires_at": st.id_token_expires_at,
+                "last_refresh_at": st.last_refresh_at, "login_required": st.login_required}
 
     async def handle(self, req: dict[str, Any], send: Any) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -204,6 +219,8 @@ class Mount:
                 nursery.start_soon(self._refresher)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._signals)
+                if self.refresher is not None:
+                    nursery.start_soon(self.refresher.run)
                 nursery.start_soon(trio.to_thread.run_sync, self._tune_readahead)
                 if ready is not None:
                     ready()
