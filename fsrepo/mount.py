@@ -5,11 +5,9 @@ binding, and runs them in one trio loop until unmounted.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -18,42 +16,14 @@ import pyfuse3
 import trio
 
 from . import control
-from .blobcache import BlobCache
 from .config import Settings
+from .engine import Engine, StateLock  # noqa: F401 - StateLock: cli.py imports it from here
 from .errors import ImgrepoError, StorageError
-from .files import FileManager
 from .fs import KernelInvalidator, Operations
-from .journal import Journal
-from .namespace import EMPTY_SHA, Namespace
-from .repository import open_repository
-from .state import LocalState, StateDB
 from .store import open_store
 from .store.base import Store
-from .sync import Syncer
-from .uploader import Uploader
 
 log = logging.getLogger(__name__)
-
-
-class StateLock:
-    """One process per local state dir: two processes racing on one cache would corrupt it."""
-
-    def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.path = state_dir / "lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
-            os.close(self.fd)
-            raise ImgrepoError(f"the local cache {state_dir} is in use by another imgrepo "
-                               f"process (pid {other or '?'}); unmount it first") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-
-    def release(self) -> None:
-        os.close(self.fd)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -70,69 +40,18 @@ def check_mountpoint(mountpoint: Path) -> None:
                            "install fuse3 and load the fuse module)")
 
 
-class Mount:
+class Mount(Engine):
+    """The engine (store, state, journal, cache, namespace, uploader: see engine.py) plus the
+    kernel binding, control socket and background tasks."""
+
     def __init__(self, settings: Settings, mountpoint: Path, store: Store) -> None:
-        self.settings = settings
+        super().__init__(settings, store, invalidator=KernelInvalidator())
         self.mountpoint = mountpoint
-        self.store = store
-        self.state_dir = settings.state_dir()
-        self.host = socket.gethostname() or "unknown"
-        self.db = StateDB(LocalState(self.state_dir / "state.db"))
-        self.journal = Journal(self.db)
-        self.cache = BlobCache(self.state_dir / "blobs", self.db, store, settings.cache_size)
-        self.invalidator = KernelInvalidator()
-        self.ns = Namespace(store, self.db, self.journal, host=self.host,
-                            refresh=settings.refresh, invalidator=self.invalidator)
-        self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
-                                 host=self.host, parallel=settings.uploads)
-        self.ns.on_remote_blobs = self.uploader.known_remote
-        self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 lambda sha: sha in self.uploader.remote)
         self.ops = Operations(self.ns, self.files, str(self.state_dir))
-        self.syncer = Syncer(self.ns, self.cache)
-        self.started = time.time()
-        self.online = True
         self.refresher: Any = None
         if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
             from .auth import TokenRefresher
             self.refresher = TokenRefresher(settings)
-
-    def load_state(self) -> None:
-        """Bring back what the last run left: journal, cache index, remote index."""
-        state = self.db.state
-        self.journal.load(state.pending_ops())
-        missing = self.cache.load(state.cached_blobs())
-        for sha in missing:
-            log.error("blob %s was pending upload but its cache file is gone; files "
-                      "referencing it cannot be uploaded", sha)
-        self.uploader.remote |= state.remote_blobs()
-        self.files.clear_leftovers()
-        empty = self.cache.path(EMPTY_SHA)
-        if not empty.exists():
-            empty.parent.mkdir(parents=True, exist_ok=True)
-            empty.touch()
-        self.cache.register(EMPTY_SHA, 0, pending=EMPTY_SHA not in self.uploader.remote)
-        if self.journal.by_seq:
-            log.info("resuming %d journaled operations from the last run", len(self.journal))
-
-    async def check_repository(self) -> None:
-        """Read (or create) the descriptor; start offline from local state if we must."""
-        state = self.db.state
-        known = await self.db.run(state.get_meta, "repo_id")
-        try:
-            desc = await open_repository(self.store, create=True)
-        except StorageError as exc:
-            if known is None:
-                raise
-            log.warning("storage unreachable, starting offline from local state: %s", exc)
-            self.online = False
-            return
-        if known is not None and known != desc.repo_id:
-            raise ImgrepoError(
-                f"{self.settings.storage} now holds a different repository than the one "
-                f"cached in {self.state_dir}; move that directory away to start afresh")
-        if known is None:
-            await self.db.run(state.set_meta, "repo_id", desc.repo_id)
 
     # -- control requests -----------------------------------------------------------------
     async def status(self) -> dict[str, Any]:

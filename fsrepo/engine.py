@@ -1,0 +1,121 @@
+"""The filesystem core without FUSE: store, local state, journal, cache, namespace, files,
+uploader and syncer, assembled and brought back from the last run.
+
+`mount.Mount` builds on it and adds the kernel side (pyfuse3, control socket, signals);
+tests and tools use it directly, so they exercise exactly the code a mount runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from .blobcache import BlobCache
+from .config import Settings
+from .errors import ImgrepoError, StorageError
+from .files import FileManager
+from .journal import Journal
+from .namespace import EMPTY_SHA, Invalidator, Namespace
+from .repository import open_repository
+from .state import LocalState, StateDB
+from .store.base import Store
+from .sync import Syncer
+from .uploader import Uploader
+
+log = logging.getLogger(__name__)
+
+
+class StateLock:
+    """One process per local state dir: two processes racing on one cache would corrupt it."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / "lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
+            os.close(self.fd)
+            raise ImgrepoError(f"the local cache {state_dir} is in use by another imgrepo "
+                               f"process (pid {other or '?'}); unmount it first") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+class Engine:
+    """Everything a mount runs except the kernel binding."""
+
+    def __init__(self, settings: Settings, store: Store,
+                 invalidator: Invalidator | None = None, host: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.state_dir = settings.state_dir()
+        self.host = host or socket.gethostname() or "unknown"
+        self.db = StateDB(LocalState(self.state_dir / "state.db"))
+        self.journal = Journal(self.db)
+        self.cache = BlobCache(self.state_dir / "blobs", self.db, store, settings.cache_size)
+        self.invalidator = invalidator or Invalidator()
+        self.ns = Namespace(store, self.db, self.journal, host=self.host,
+                            refresh=settings.refresh, invalidator=self.invalidator)
+        self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
+                                 host=self.host, parallel=settings.uploads)
+        self.ns.on_remote_blobs = self.uploader.known_remote
+        self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
+                                 lambda sha: sha in self.uploader.remote)
+        self.syncer = Syncer(self.ns, self.cache)
+        self.started = time.time()
+        self.online = True
+
+    def load_state(self) -> None:
+        """Bring back what the last run left: journal, cache index, remote index."""
+        state = self.db.state
+        self.journal.load(state.pending_ops())
+        missing = self.cache.load(state.cached_blobs())
+        for sha in missing:
+            log.error("blob %s was pending upload but its cache file is gone; files "
+                      "referencing it cannot be uploaded", sha)
+        self.uploader.remote |= state.remote_blobs()
+        self.files.clear_leftovers()
+        empty = self.cache.path(EMPTY_SHA)
+        if not empty.exists():
+            empty.parent.mkdir(parents=True, exist_ok=True)
+            empty.touch()
+        self.cache.register(EMPTY_SHA, 0, pending=EMPTY_SHA not in self.uploader.remote)
+        if self.journal.by_seq:
+            log.info("resuming %d journaled operations from the last run", len(self.journal))
+
+    async def check_repository(self) -> None:
+        """Read (or create) the descriptor; start offline from local state if we must."""
+        state = self.db.state
+        known = await self.db.run(state.get_meta, "repo_id")
+        try:
+            desc = await open_repository(self.store, create=True)
+        except StorageError as exc:
+            if known is None:
+                raise
+            log.warning("storage unreachable, starting offline from local state: %s", exc)
+            self.online = False
+            return
+        if known is not None and known != desc.repo_id:
+            raise ImgrepoError(
+                f"{self.settings.storage} now holds a different repository than the one "
+                f"cached in {self.state_dir}; move that directory away to start afresh")
+        if known is None:
+            await self.db.run(state.set_meta, "repo_id", desc.repo_id)
+
+    async def open(self) -> None:
+        """check_repository + load_state: what a mount does before it serves anything."""
+        await self.check_repository()
+        await self.db.run(self.load_state)
+
+    def close(self) -> None:
+        """Close the local database (after the trio loop using it has finished)."""
+        self.db.state.close()
