@@ -19,11 +19,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from .blobcache import BlobCache, Download, hash_file
-from .errors import ImgrepoError
+from .errors import ImgrepoError, StorageOffline
 from .manifest import DirEntry, Entry, FileEntry
 from .namespace import EMPTY_SHA, FsError, Namespace, Node
 
@@ -127,6 +128,10 @@ class FileManager:
         if isinstance(entry, DirEntry):
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if isinstance(entry, FileEntry) and entry.size and not self.cache.has(entry.sha256) \
+                and node.ino not in self.staged and not (writable and flags & os.O_TRUNC) \
+                and getattr(self.cache.store, "online", True) is False:
+            raise FsError(errno.ENETDOWN)  # its content is not cached, the storage unreachable
         handle = self._new_handle(node, writable)
         try:
             if isinstance(entry, FileEntry):
@@ -207,7 +212,8 @@ class FileManager:
                 await dl.wait_for(offset + size)
             except (ImgrepoError, OSError) as exc:
                 log.error("read failed: %s", exc)
-                raise FsError(errno.EIO) from None
+                raise FsError(errno.ENETDOWN if isinstance(exc, StorageOffline)
+                              else errno.EIO) from None
             if dl.done:
                 handle.download = None
         assert handle.fd is not None
@@ -264,7 +270,12 @@ class FileManager:
 
     # -- commit ---------------------------------------------------------------------------
     async def commit(self, node: Node) -> None:
-        """Make the node's staged content durable and journaled (flush, fsync, close)."""
+        """Make the node's staged content durable and journaled (flush, fsync, close).
+
+        The staging file's fsync and the journal's fsync run at the same time: close()
+        returns only when both are done. After a crash in between, the journal may name a
+        blob whose file is incomplete; recovery checks pending blobs and drops such ops,
+        which is right because their close() never returned."""
         while node.ino in self._committing:
             await self._committing[node.ino].wait()
         st = self.staged.get(node.ino)
@@ -272,46 +283,65 @@ class FileManager:
             return
         st.dirty = False
         size, mode, mtime_ns = st.size, st.mode, st.mtime_ns
-        if st.hasher is not None and st.hashed == size:
-            sha = st.hasher.hexdigest()
-            precomputed = True
-        else:
-            precomputed = False
-            sha = ""
-        cache = self.cache
-
-        def persist() -> tuple[str, bool]:
-            digest = sha if precomputed else _hash_fd(st.fd)
-            os.fsync(st.fd)
-            os.close(st.fd)
-            return digest, cache.adopt_sync(st.path, digest)
-
         # The staging file becomes the blob; a later write starts a new copy from it.
         del self.staged[node.ino]
         done = self._committing[node.ino] = trio.Event()
         try:
-            digest, added = await trio.to_thread.run_sync(persist)
-        except OSError as exc:
-            log.error("cannot store a closed file locally: %s", exc)
-            raise FsError(exc.errno or errno.EIO) from None
+            if st.hasher is not None and st.hashed == size:
+                digest = st.hasher.hexdigest()
+            else:
+                digest = await trio.to_thread.run_sync(_hash_fd, st.fd)
+            await self.ns.load_parent(node)
+            entry = await self._store_and_record(node, st, digest, FileEntry(
+                digest, size, mtime_ns, mode))
         finally:
             del self._committing[node.ino]
             done.set()
+        if entry is not None:
+            for h in self.handles.values():
+                if h.node is node:
+                    self._attach_blob(h, entry)
+
+    async def _store_and_record(self, node: Node, st: Staging, digest: str,
+                                entry: FileEntry) -> FileEntry | None:
         remote = self.is_remote(digest)
-        cached_before = not added
-        entry = FileEntry(digest, size, mtime_ns, mode)
+        cached = self.cache.has(digest)
         need_upload = not remote
-        self.cache.register(digest, size, pending=need_upload)
-        new_blobs = [(digest, size)] if need_upload else []
-        dedup = size if (remote or cached_before) else 0
-        ok = await self.ns.replace(node, entry, new_blobs, dedup)
-        if not ok:
-            # Deleted while open: POSIX says the data goes with the last close.
-            self.cache.uploaded(digest)
-            await self.ns.db.run(self.ns.db.state.add_cached_blob, digest, size)
-        for h in self.handles.values():
-            if h.node is node:
-                self._attach_blob(h, entry)
+        rec = self.ns.record_replace(node, entry, [(digest, entry.size)] if need_upload else [],
+                                     entry.size if (remote or cached) else 0)
+        cache = self.cache
+
+        def persist() -> None:
+            if cached or rec is None:  # nothing new to keep
+                os.close(st.fd)
+                st.path.unlink(missing_ok=True)
+                return
+            os.fsync(st.fd)
+            os.close(st.fd)
+            cache.adopt_sync(st.path, digest)
+
+        errors: list[BaseException] = []
+
+        async def guarded(fn: Any, *args: Any) -> None:
+            try:
+                await fn(*args)
+            except (OSError, FsError) as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guarded, trio.to_thread.run_sync, persist)
+            if rec is not None:
+                nursery.start_soon(guarded, self.ns.settle, rec)
+        if rec is None:
+            return None  # deleted while open: POSIX says the data goes with the last close
+        if errors:
+            await self.ns.undo(rec)
+            exc = errors[0]
+            code = exc.errno if isinstance(exc, OSError | FsError) and exc.errno else errno.EIO
+            log.error("cannot store a closed file locally: %s", exc)
+            raise FsError(code)
+        self.cache.register(digest, entry.size, pending=need_upload)
+        return entry
 
     async def flush(self, fh: int) -> None:
         await self.commit(self._handle(fh).node)

@@ -1,18 +1,22 @@
 """The upload journal, in memory and on disk.
 
-Every namespace change is appended here (durably, before the user is answered) and stays
-until the manifest write that carries it has succeeded. The effective view of a directory
-is always "its last known manifest + its pending ops", computed by `merge.apply_ops`, so the
-same function decides what the user sees now and what the bucket will hold.
+Every namespace change is recorded here and stays until the manifest write that carries
+it has succeeded. The effective view of a directory is always "its last known manifest +
+its pending ops", computed by `merge.apply_ops`, so the same function decides what the user
+sees now and what the bucket will hold.
+
+Recording is synchronous (the op takes its place in order at once, so callers need no lock
+between checking a name and changing it); making it durable is a separate await, and
+concurrent callers share one SQLite transaction and one fsync (group commit).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
-from .manifest import Entry
+from .manifest import Entry, FileEntry
 from .merge import Op
 from .state import JournalOp, StateDB
 
@@ -23,6 +27,20 @@ class PendingOp:
     dir_id: str
     op: Op
     requires: int | None
+    written: bool = True  # in the database (the uploader carries only those)
+
+
+@dataclass
+class Record:
+    """One caller's ops on their way into the database."""
+
+    pending: list[PendingOp]
+    new_blobs: list[tuple[str, int]]
+    dedup_bytes: int
+    durable: bool
+    done: bool = False
+    error: BaseException | None = None
+    dirs: set[str] = field(default_factory=set)
 
 
 class Journal:
@@ -30,35 +48,92 @@ class Journal:
         self.db = db
         self.by_dir: dict[str, list[PendingOp]] = {}
         self.by_seq: dict[int, PendingOp] = {}
-        self.changed = trio.Event()  # set whenever something is appended
+        self.changed = trio.Event()  # set whenever something is recorded
+        self._next_seq = 1
+        self._queue: list[Record] = []
+        self._writer = trio.Lock()
 
     def load(self, rows: list[JournalOp]) -> None:
         for row in rows:
             self._add(PendingOp(row.seq, row.dir_id, Op(row.name, row.entry, row.base),
                                 row.requires))
+            self._next_seq = max(self._next_seq, row.seq + 1)
 
     def _add(self, pending: PendingOp) -> None:
         self.by_dir.setdefault(pending.dir_id, []).append(pending)
         self.by_seq[pending.seq] = pending
 
-    async def append(self, ops: list[tuple[str, Op, int | None]],
-                     new_blobs: list[tuple[str, int]] = (),  # type: ignore[assignment]
-                     dedup_bytes: int = 0, durable: bool = True) -> list[PendingOp]:
-        """Record ops (dir_id, op, requires: negative = index into this call), fsync'd
-        unless `durable` is False."""
-        rows = [(d, op.name, op.entry, op.base, req) for d, op, req in ops]
-        seqs = await self.db.run(self.db.state.append, rows, list(new_blobs), dedup_bytes,
-                                 durable)
-        added = []
-        for seq, (dir_id, op, req) in zip(seqs, ops, strict=True):
+    def record(self, ops: list[tuple[str, Op, int | None]],
+               new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
+               durable: bool = True) -> Record:
+        """Take ops (dir_id, op, requires: negative = index into this call) into the
+        journal's order now; `make_durable` then writes them."""
+        pending: list[PendingOp] = []
+        for dir_id, op, req in ops:
+            seq = self._next_seq
+            self._next_seq += 1
             if req is not None and req < 0:
-                req = seqs[-req - 1]
-            pending = PendingOp(seq, dir_id, op, req)
-            self._add(pending)
-            added.append(pending)
-        self.changed.set()
-        self.changed = trio.Event()
-        return added
+                req = pending[-req - 1].seq
+            p = PendingOp(seq, dir_id, op, req, written=False)
+            self._add(p)
+            pending.append(p)
+        rec = Record(pending, list(new_blobs), dedup_bytes, durable,
+                     dirs={d for d, _, _ in ops})
+        self._queue.append(rec)
+        return rec
+
+    async def make_durable(self, rec: Record) -> None:
+        """Write the record (and whatever else is queued) in one transaction; fsync'd if
+        any of them asked for it. On failure the record's ops leave the journal again."""
+        async with self._writer:
+            if not rec.done:
+                batch, self._queue = self._queue, []
+                rows = [([(p.dir_id, p.op.name, p.op.entry, p.op.base, p.requires, p.seq)
+                          for p in b.pending], b.new_blobs, b.dedup_bytes) for b in batch]
+                try:
+                    await self.db.run(self.db.state.append_many, rows,
+                                      any(b.durable for b in batch))
+                except BaseException as exc:
+                    for b in batch:
+                        b.done, b.error = True, exc
+                        self.forget(b.pending)
+                    raise
+                for b in batch:
+                    b.done = True
+                    for p in b.pending:
+                        p.written = True
+                self.changed.set()
+                self.changed = trio.Event()
+        if rec.error is not None:
+            raise rec.error
+
+    async def write_behind(self, interval: float = 0.1) -> None:
+        """Write records nobody waits for (new files' names) soon, even if no durable
+        change comes along to carry them."""
+        while True:
+            await trio.sleep(interval)
+            if self._queue:
+                try:
+                    await self.make_durable(self._queue[-1])
+                except (OSError, Exception) as exc:  # noqa: BLE001 - logged, retried
+                    import logging
+                    logging.getLogger(__name__).error("cannot write the journal: %s", exc)
+
+    async def append(self, ops: list[tuple[str, Op, int | None]],
+                     new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
+                     durable: bool = True) -> list[PendingOp]:
+        rec = self.record(ops, new_blobs, dedup_bytes, durable)
+        await self.make_durable(rec)
+        return rec.pending
+
+    def forget(self, pending: list[PendingOp]) -> None:
+        for p in pending:
+            self.by_seq.pop(p.seq, None)
+            ops = self.by_dir.get(p.dir_id)
+            if ops is not None:
+                ops[:] = [q for q in ops if q.seq != p.seq]
+                if not ops:
+                    del self.by_dir[p.dir_id]
 
     def ops_for(self, dir_id: str) -> list[Op]:
         return [p.op for p in self.by_dir.get(dir_id, ())]
@@ -79,7 +154,6 @@ class Journal:
                 p.op = Op(name, p.op.entry, None)
 
     def referenced_blobs(self) -> set[str]:
-        from .manifest import FileEntry
         return {p.op.entry.sha256 for p in self.by_seq.values()
                 if isinstance(p.op.entry, FileEntry)}
 
@@ -88,5 +162,4 @@ class Journal:
 
 
 def entry_blob(entry: Entry | None) -> str | None:
-    from .manifest import FileEntry
     return entry.sha256 if isinstance(entry, FileEntry) else None

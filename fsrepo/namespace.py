@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .errors import ImgrepoError, ManifestError, ObjectNotFound, StorageError
-from .journal import Journal
+from .journal import Journal, Record
 from .manifest import (
     ROOT_ID,
     DirEntry,
@@ -327,17 +328,56 @@ class Namespace:
         return sorted(view.entries.items())
 
     # -- changes --------------------------------------------------------------------------
-    async def _change(self, ops: list[tuple[str, Op, int | None]],
-                      new_blobs: list[tuple[str, int]] = (),  # type: ignore[assignment]
-                      dedup_bytes: int = 0, durable: bool = True) -> None:
-        """Journal ops (durably unless told otherwise), then apply them to the views."""
-        await self.journal.append(ops, new_blobs, dedup_bytes, durable)
+    # Each change loads what it needs first (awaits), then checks and records synchronously
+    # (no await in between, so no lock is needed), then waits until the journal is durable.
+    def _record(self, ops: list[tuple[str, Op, int | None]],
+                new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
+                durable: bool = True) -> Record:
+        """Put ops into the journal's order and apply them to the views, now."""
+        rec = self.journal.record(ops, new_blobs, dedup_bytes, durable)
         for dir_id, op, _ in ops:
             view = self.views.get(dir_id)
-            if view is None:
-                continue
-            # The kernel made this change itself: nothing of its cache is stale.
-            apply_ops(view.entries, [op], self.host)
+            if view is not None:
+                # The kernel made this change itself: nothing of its cache is stale.
+                apply_ops(view.entries, [op], self.host)
+        return rec
+
+    async def settle(self, rec: Record) -> None:
+        """Wait until recorded ops are durable; if that fails they are undone (EIO)."""
+        try:
+            await self.journal.make_durable(rec)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("cannot write the local journal: %s", exc)
+            for dir_id in rec.dirs:
+                view = self.views.get(dir_id)
+                if view is not None:
+                    old = view.entries
+                    self._compute(view)
+                    self._announce(dir_id, old, view.entries)
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            raise FsError(code) from None
+
+    async def undo(self, rec: Record) -> None:
+        """Take back recorded ops whose other half (the file's data) could not be kept."""
+        self.journal.forget(rec.pending)
+        await self.db.run(self.db.state.drop_ops, [p.seq for p in rec.pending])
+        for dir_id in rec.dirs:
+            view = self.views.get(dir_id)
+            if view is not None:
+                old = view.entries
+                self._compute(view)
+                self._announce(dir_id, old, view.entries)
+
+    async def load_parent(self, node: Node) -> None:
+        """Load the view of the node's directory (record_replace needs it in memory)."""
+        pnode = self.nodes.get(node.parent)
+        if pnode is not None and pnode.dir_id is not None and node.parent != 0:
+            await self.view(pnode.dir_id)
+
+    async def _change(self, ops: list[tuple[str, Op, int | None]],
+                      new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
+                      durable: bool = True) -> None:
+        await self.settle(self._record(ops, new_blobs, dedup_bytes, durable))
 
     async def _parent_view(self, parent: int, name: bytes) -> tuple[Node, DirView]:
         try:
@@ -351,14 +391,16 @@ class Namespace:
 
     async def create(self, parent: int, name: bytes, entry: Entry, durable: bool = True) -> Node:
         """Create a name that must not exist (create, mkdir, symlink)."""
-        async with self.lock:
-            pnode, view = await self._parent_view(parent, name)
-            if name in view.entries:
-                raise FsError(errno.EEXIST)
-            await self._change([(view.dir_id, Op(name, entry, None), None)], durable=durable)
-            node = self._node_for(parent, name, entry)
-            node.lookups += 1
-            return node
+        pnode, view = await self._parent_view(parent, name)
+        if name in view.entries:
+            raise FsError(errno.EEXIST)
+        rec = self._record([(view.dir_id, Op(name, entry, None), None)], durable=durable)
+        node = self._node_for(parent, name, entry)
+        node.lookups += 1
+        if durable:
+            await self.settle(rec)
+        # else: written by the next durable change (the file's close) or by write_behind
+        return node
 
     async def mkdir(self, parent: int, name: bytes, mode: int) -> tuple[Node, Entry]:
         entry = DirEntry(uuid.uuid4().hex, time.time_ns(), mode & 0o7777)
@@ -370,88 +412,109 @@ class Namespace:
         entry = SymlinkEntry(target, time.time_ns())
         return await self.create(parent, name, entry), entry
 
-    async def replace(self, node: Node, entry: Entry, new_blobs: list[tuple[str, int]] = (),  # type: ignore[assignment]
+    def record_replace(self, node: Node, entry: Entry,
+                       new_blobs: list[tuple[str, int]] | tuple = (),
+                       dedup_bytes: int = 0) -> Record | None:
+        """Record a file's new entry (content or attributes); None if the node is orphaned
+        or its directory is not loaded. `settle` the result."""
+        pnode = self.nodes.get(node.parent)
+        if pnode is None or pnode.dir_id is None or node.parent == 0:
+            return None
+        view = self.views.get(pnode.dir_id)
+        if view is None:
+            return None
+        base = view.entries.get(node.name)
+        if base is not None and not _same_object(base, entry):
+            return None
+        return self._record([(view.dir_id, Op(node.name, entry, base), None)], new_blobs,
+                            dedup_bytes)
+
+    async def replace(self, node: Node, entry: Entry,
+                      new_blobs: list[tuple[str, int]] | tuple = (),
                       dedup_bytes: int = 0) -> bool:
-        """Set a file's entry (new content or attributes). False if the node is orphaned."""
-        async with self.lock:
-            pnode = self.nodes.get(node.parent)
-            if pnode is None or pnode.dir_id is None or node.parent == 0:
-                return False
-            view = await self.view(pnode.dir_id)
-            base = view.entries.get(node.name)
-            if base is not None and not _same_object(base, entry):
-                return False
-            await self._change([(view.dir_id, Op(node.name, entry, base), None)], new_blobs,
-                               dedup_bytes)
-            return True
+        """Set a file's entry durably. False if the node is orphaned."""
+        await self.load_parent(node)
+        rec = self.record_replace(node, entry, new_blobs, dedup_bytes)
+        if rec is None:
+            return False
+        await self.settle(rec)
+        return True
 
     async def remove(self, parent: int, name: bytes, is_dir: bool) -> Node | None:
-        async with self.lock:
-            pnode, view = await self._parent_view(parent, name)
-            entry = view.entries.get(name)
-            if entry is None:
-                raise FsError(errno.ENOENT)
-            if is_dir:
-                if not isinstance(entry, DirEntry):
-                    raise FsError(errno.ENOTDIR)
-                child = await self.view(entry.id)
-                if child.entries:
-                    raise FsError(errno.ENOTEMPTY)
-            elif isinstance(entry, DirEntry):
-                raise FsError(errno.EISDIR)
-            await self._change([(view.dir_id, Op(name, None, entry), None)])
-            ino = self._dir_ino.get(entry.id) if isinstance(entry, DirEntry) else \
-                self._by_key.get((parent, name))
-            node = self.nodes.get(ino) if ino else None
-            if node is not None:
-                if node.dir_id is None:
-                    self._by_key.pop((parent, name), None)
-                node.parent = 0
-                self._maybe_drop(node)
-            return node
+        pnode, view = await self._parent_view(parent, name)
+        entry = view.entries.get(name)
+        if isinstance(entry, DirEntry) and is_dir:
+            await self.view(entry.id)
+            entry = view.entries.get(name)  # it may have changed meanwhile
+        if entry is None:
+            raise FsError(errno.ENOENT)
+        if is_dir:
+            if not isinstance(entry, DirEntry):
+                raise FsError(errno.ENOTDIR)
+            child = self.views.get(entry.id)
+            if child is None or child.entries:
+                raise FsError(errno.ENOTEMPTY)
+        elif isinstance(entry, DirEntry):
+            raise FsError(errno.EISDIR)
+        rec = self._record([(view.dir_id, Op(name, None, entry), None)])
+        ino = self._dir_ino.get(entry.id) if isinstance(entry, DirEntry) else \
+            self._by_key.get((parent, name))
+        node = self.nodes.get(ino) if ino else None
+        if node is not None:
+            if node.dir_id is None:
+                self._by_key.pop((parent, name), None)
+            node.parent = 0
+            self._maybe_drop(node)
+        await self.settle(rec)
+        return node
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                      noreplace: bool = False) -> None:
-        async with self.lock:
-            _, src = await self._parent_view(old_parent, old_name)
-            _, dst = await self._parent_view(new_parent, new_name)
-            entry = src.entries.get(old_name)
-            if entry is None:
-                raise FsError(errno.ENOENT)
-            target = dst.entries.get(new_name)
-            if src is dst and old_name == new_name:
-                return
-            if target is not None:
-                if noreplace:
-                    raise FsError(errno.EEXIST)
-                if isinstance(target, DirEntry):
-                    if not isinstance(entry, DirEntry):
-                        raise FsError(errno.EISDIR)
-                    if (await self.view(target.id)).entries:
-                        raise FsError(errno.ENOTEMPTY)
-                elif isinstance(entry, DirEntry):
-                    raise FsError(errno.ENOTDIR)
-            if isinstance(entry, DirEntry) and entry.id in self._ancestors(new_parent):
-                raise FsError(errno.EINVAL)
-            put = Op(new_name, entry, target)
-            delete = Op(old_name, None, entry)
-            if src is dst:
-                ops = [(dst.dir_id, put, None), (src.dir_id, delete, None)]
-            else:  # the add must reach the bucket before the removal
-                ops = [(dst.dir_id, put, None), (src.dir_id, delete, -1)]
-            await self._change(ops)
-            # move the inode
-            if target is not None:
-                self._detach(new_parent, new_name)
-            if isinstance(entry, DirEntry):
-                ino = self._dir_ino.get(entry.id)
-                if ino is not None:
-                    self.nodes[ino].parent, self.nodes[ino].name = new_parent, new_name
-            else:
-                ino = self._by_key.pop((old_parent, old_name), None)
-                if ino is not None:
-                    self.nodes[ino].parent, self.nodes[ino].name = new_parent, new_name
-                    self._by_key[(new_parent, new_name)] = ino
+        _, src = await self._parent_view(old_parent, old_name)
+        _, dst = await self._parent_view(new_parent, new_name)
+        target = dst.entries.get(new_name)
+        if isinstance(target, DirEntry):
+            await self.view(target.id)
+        # Everything needed is loaded: from here on, no awaits until the ops are recorded.
+        entry = src.entries.get(old_name)
+        target = dst.entries.get(new_name)
+        if entry is None:
+            raise FsError(errno.ENOENT)
+        if src is dst and old_name == new_name:
+            return
+        if target is not None:
+            if noreplace:
+                raise FsError(errno.EEXIST)
+            if isinstance(target, DirEntry):
+                if not isinstance(entry, DirEntry):
+                    raise FsError(errno.EISDIR)
+                tview = self.views.get(target.id)
+                if tview is None or tview.entries:
+                    raise FsError(errno.ENOTEMPTY)
+            elif isinstance(entry, DirEntry):
+                raise FsError(errno.ENOTDIR)
+        if isinstance(entry, DirEntry) and entry.id in self._ancestors(new_parent):
+            raise FsError(errno.EINVAL)
+        put = Op(new_name, entry, target)
+        delete = Op(old_name, None, entry)
+        if src is dst:
+            ops = [(dst.dir_id, put, None), (src.dir_id, delete, None)]
+        else:  # the add must reach the bucket before the removal
+            ops = [(dst.dir_id, put, None), (src.dir_id, delete, -1)]
+        rec = self._record(ops)
+        # move the inode
+        if target is not None:
+            self._detach(new_parent, new_name)
+        if isinstance(entry, DirEntry):
+            ino = self._dir_ino.get(entry.id)
+            if ino is not None:
+                self.nodes[ino].parent, self.nodes[ino].name = new_parent, new_name
+        else:
+            ino = self._by_key.pop((old_parent, old_name), None)
+            if ino is not None:
+                self.nodes[ino].parent, self.nodes[ino].name = new_parent, new_name
+                self._by_key[(new_parent, new_name)] = ino
+        await self.settle(rec)
 
     def stats(self) -> dict[str, int]:
         files = size = 0

@@ -105,43 +105,33 @@ class LocalState:
         self.db.execute("UPDATE manifests SET checked=? WHERE dir_id=?", (checked, dir_id))
 
     # -- the journal ------------------------------------------------------------------
-    def append(self, ops: Iterable[tuple[str, bytes, Entry | None, Entry | None, int | None]],
-               new_blobs: Iterable[tuple[str, int]] = (),
-               dedup_bytes: int = 0, durable: bool = True) -> list[int]:
-        """Record ops (dir_id, name, entry, base, requires-index-or-seq) and newly cached
-        blobs that still need uploading, in one fsync'd transaction. A `requires` value
-        below zero refers to an op of this same call (-1 = the first); returns the seqs.
-
-        `durable=False` skips the fsync: the next durable commit covers it (the WAL is
-        written in order), which is enough for changes no user was promised yet."""
+    def append_many(self, batch: list[tuple[Iterable, Iterable[tuple[str, int]], int]],
+                    durable: bool = True) -> None:
+        """Several callers' ops (dir_id, name, entry, base, requires, seq) and newly cached
+        blobs that still need uploading, in one transaction: one fsync for all (group
+        commit). `durable=False` skips the fsync: the next durable commit covers it (the WAL
+        is written in order), enough for changes no user was promised yet."""
         now = time.time()
-        seqs: list[int] = []
         if not durable:
             self.db.execute("PRAGMA synchronous=OFF")
         try:
-            self._append(ops, new_blobs, dedup_bytes, now, seqs)
+            with self.db:
+                self.db.execute("BEGIN IMMEDIATE")
+                for ops, new_blobs, dedup_bytes in batch:
+                    for sha, size in new_blobs:
+                        self.db.execute(
+                            "INSERT INTO blobs VALUES (?, ?, 1, ?) ON CONFLICT(sha256) DO "
+                            "UPDATE SET atime=excluded.atime, pending=1", (sha, size, now))
+                    self.db.executemany(
+                        "INSERT INTO ops (seq, dir_id, name, entry, base, requires, created) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [(seq, dir_id, name, _dump(entry), _dump(base), requires, now)
+                         for dir_id, name, entry, base, requires, seq in ops])
+                    if dedup_bytes:
+                        self.add_counter("dedup_bytes", dedup_bytes)
         finally:
             if not durable:
                 self.db.execute("PRAGMA synchronous=FULL")
-        return seqs
-
-    def _append(self, ops, new_blobs, dedup_bytes, now, seqs) -> None:  # noqa: ANN001
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            for sha, size in new_blobs:
-                self.db.execute(
-                    "INSERT INTO blobs VALUES (?, ?, 1, ?) ON CONFLICT(sha256) DO UPDATE "
-                    "SET atime=excluded.atime", (sha, size, now))
-            for dir_id, name, entry, base, requires in ops:
-                if requires is not None and requires < 0:
-                    requires = seqs[-requires - 1]
-                cur = self.db.execute(
-                    "INSERT INTO ops (dir_id, name, entry, base, requires, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (dir_id, name, _dump(entry), _dump(base), requires, now))
-                seqs.append(int(cur.lastrowid))
-            if dedup_bytes:
-                self.add_counter("dedup_bytes", dedup_bytes)
 
     def pending_ops(self) -> list[JournalOp]:
         rows = self.db.execute(
