@@ -135,6 +135,7 @@ class Mount(Engine):
                 self.cache.nursery = nursery
                 await nursery.start(control.serve, sock_path, self.handle)
                 nursery.start_soon(self.uploader.run)
+                nursery.start_soon(self.journal.write_behind)
                 nursery.start_soon(self._refresher)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._signals)

@@ -155,6 +155,8 @@ class Uploader:
         """The longest prefix of the directory's ops that can go now."""
         out = []
         for p in self.journal.by_dir.get(dir_id, ()):
+            if not p.written:  # not yet in the local database: not ours to send
+                break
             e = p.op.entry
             if isinstance(e, FileEntry) and e.sha256 not in self.remote:
                 break
