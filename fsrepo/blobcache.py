@@ -21,7 +21,7 @@ from pathlib import Path
 
 import trio
 
-from .errors import ImgrepoError, IntegrityError
+from .errors import ImgrepoError, IntegrityError, StorageOffline
 from .repository import blob_key
 from .state import StateDB
 from .store.base import Store
@@ -257,8 +257,8 @@ class BlobCache:
                     raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
                                          f"the manifest says {dl.size}")
                 return
-            except IntegrityError:
-                raise
+            except (IntegrityError, StorageOffline):
+                raise  # retrying cannot help (StorageOffline: the storage is unreachable)
             except (ImgrepoError, OSError):
                 attempts += 1
                 if attempts >= 3:

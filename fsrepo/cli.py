@@ -300,7 +300,9 @@ def progress_text(label: str, reply: dict[str, Any]) -> str:
     if "progress" in reply:
         p = reply["progress"]
         text = f"{label}: {p['blobs']} files ({human(p['bytes'])}) and {p['ops']} changes pending"
-        if reply.get("last_error"):
+        if reply.get("online") is False:
+            text += " - the storage is unreachable; waiting for it"
+        elif reply.get("last_error"):
             text += f" - last error: {reply['last_error']}"
         return text
     if reply.get("phase") == "start":
@@ -333,8 +335,17 @@ def cmd_sync(mountpoint: Path, paths: list[str]) -> int:
     print(f"syncing {mountpoint}{' (' + ', '.join(rel) + ')' if rel else ''}",
           file=sys.stderr)
     start_seen: dict[str, Any] = {}
-    for reply in _sync_replies(mountpoint, rel, start_seen):
-        final = reply
+    final: dict[str, Any] = {}
+    try:
+        for reply in _sync_replies(mountpoint, rel, start_seen):
+            final = reply
+    except KeyboardInterrupt:
+        # Closing the connection stops the sync in the mount; what it fetched stays cached.
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K")
+        print("sync interrupted; what was fetched stays in the cache: run the same command "
+              "again to continue", file=sys.stderr)
+        return 130
     if start_seen and not start_seen.get("fits"):
         print(f"note: {human(start_seen['bytes'])} to fetch but only "
               f"{human(start_seen['cache_room'])} free in the cache limit; stopping at the "
@@ -345,8 +356,12 @@ def cmd_sync(mountpoint: Path, paths: list[str]) -> int:
         msg += f"; {final['failed']} failed (see the log)"
     if final.get("stopped_at_limit"):
         msg += "; stopped at the cache limit"
+    if final.get("offline"):
+        msg += (f"; stopped because the storage is unreachable ({final.get('remaining', 0)} "
+                "files left): run it again when it is back")
     print(msg)
-    return 1 if final.get("failed") or final.get("stopped_at_limit") else 0
+    return 1 if final.get("failed") or final.get("stopped_at_limit") or final.get("offline") \
+        else 0
 
 
 def _sync_replies(mountpoint: Path, rel: list[str], start_seen: dict[str, Any]):  # noqa: ANN202
@@ -407,10 +422,17 @@ def format_status(s: dict[str, Any]) -> str:
     lines = []
     if "mountpoint" in s:
         lines.append(f"mount:        {s['mountpoint']} (pid {s['pid']})")
-        lines.append(f"storage:      {s['storage']}")
+        if s.get("online") is False:
+            since = time.strftime("%H:%M:%S", time.localtime(s.get("offline_since") or 0))
+            lines.append(f"storage:      {s['storage']} - UNREACHABLE since {since}, working "
+                         "offline (changes are queued)")
+        else:
+            lines.append(f"storage:      {s['storage']} (reachable)")
         lines.append(f"pending:      {s['pending_files']} files ({human(s['pending_bytes'])}) "
                      f"to upload, {s['pending_ops']} changes to commit")
-        lines.append(f"in flight:    {s['uploads_in_flight']} uploads")
+        lines.append(f"in flight:    {s['uploads_in_flight']} uploads, "
+                     f"{s.get('downloads_in_flight', 0)} downloads"
+                     + (", a --sync is running" if s.get("syncs_running") else ""))
         lines.append(f"uploaded:     {s['uploaded_files']} files ({human(s['uploaded_bytes'])})"
                      " since mounted")
         if s.get("last_error"):

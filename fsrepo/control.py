@@ -3,13 +3,15 @@
 A mount listens on a Unix socket in the user's runtime dir (0700), named after its
 mountpoint. Requests and replies are JSON lines: a request is one object with "cmd";
 the mount answers with zero or more progress objects and a final object with "done": true
-(and "error" when it failed).
+(and "error" when it failed). A client keeps the connection open until the final object:
+closing it early cancels the request (that is how Ctrl-C stops a --sync or a --wait).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,6 +22,8 @@ import trio
 
 from .config import runtime_dir
 from .errors import ImgrepoError
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]],
                    Awaitable[dict[str, Any]]]
@@ -64,16 +68,36 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
         async def send(obj: dict[str, Any]) -> None:
             await stream.send_all(json.dumps(obj).encode() + b"\n")
 
+        async def watch_hangup(scope: trio.CancelScope) -> None:
+            # The client sends nothing after its request: end of stream means it went away
+            # (Ctrl-C, killed), and whatever it asked for (a sync, a wait) stops with it.
+            try:
+                while await stream.receive_some(4096):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            scope.cancel()
+
+        final: dict[str, Any] | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_hangup, nursery.cancel_scope)
+            try:
+                final = await handler(request, send)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except ImgrepoError as exc:
+                final = {"error": str(exc)}
+            except Exception as exc:  # a bug in one request must not take the mount down
+                log.exception("control request %r failed",
+                              request.get("cmd") if isinstance(request, dict) else request)
+                final = {"error": f"internal error ({type(exc).__name__}); see the mount's log"}
+            nursery.cancel_scope.cancel()
+        if final is None:
+            return
         try:
-            final = await handler(request, send)
             await send({**final, "done": True})
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        except ImgrepoError as exc:
-            try:
-                await send({"done": True, "error": str(exc)})
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
 
 
 def request(mountpoint: str | Path, cmd: dict[str, Any], timeout: float | None = None

@@ -28,6 +28,10 @@ class StorageUnavailable(StorageError):
     """The storage cannot be reached (network down, endpoint wrong, server stopped)."""
 
 
+class StorageOffline(StorageUnavailable):
+    """The storage is known to be unreachable right now: the call was not even tried."""
+
+
 class StorageAccessDenied(StorageError):
     """The storage refused our credentials (missing, wrong, expired or revoked)."""
 

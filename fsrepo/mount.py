@@ -17,6 +17,7 @@ import trio
 
 from . import control
 from .config import Settings
+from .connectivity import GuardedStore
 from .engine import Engine, StateLock  # noqa: F401 - StateLock: cli.py imports it from here
 from .errors import ImgrepoError, StorageError
 from .fs import KernelInvalidator, Operations
@@ -45,7 +46,12 @@ class Mount(Engine):
     kernel binding, control socket and background tasks."""
 
     def __init__(self, settings: Settings, mountpoint: Path, store: Store) -> None:
-        super().__init__(settings, store, invalidator=KernelInvalidator())
+        # Everything talks to the storage through the guard: offline, calls fail fast
+        # instead of waiting out the retries, and the queue drains when it is back.
+        guard = store if isinstance(store, GuardedStore) else GuardedStore(store)
+        guard.on_online.append(self._back_online)
+        super().__init__(settings, guard, invalidator=KernelInvalidator())
+        self.guard = guard
         self.mountpoint = mountpoint
         self.ops = Operations(self.ns, self.files, str(self.state_dir))
         self.refresher: Any = None
@@ -77,6 +83,9 @@ class Mount(Engine):
             "cache_limit": self.cache.limit,
             "dedup_saved_bytes": counters.get("dedup_bytes", 0),
             "started": self.started,
+            **self.guard.status(),
+            "downloads_in_flight": len(self.cache.downloads),
+            "syncs_running": self.syncer.running,
             "log_file": str(self.state_dir / "imgrepo.log"),
             "credentials": self._credentials(),
         }
@@ -89,6 +98,14 @@ class Mount(Engine):
         return {"status": st.status, "message": st.message, "identity": st.identity,
                 "id_token_expires_at": st.id_token_expires_at,
                 "last_refresh_at": st.last_refresh_at, "login_required": st.login_required}
+
+    def _back_online(self) -> None:
+        """The storage answers again: drain the queue now, not after the retry backoff."""
+        failures = getattr(self.uploader, "_failures", None)
+        if isinstance(failures, dict):
+            failures.clear()  # forget the backoff of what failed while offline
+        self.uploader.kick()
+        self.ns.offline_until = 0.0
 
     async def handle(self, req: dict[str, Any], send: Any) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -105,7 +122,7 @@ class Mount(Engine):
                 busy = pending["ops"] or self.uploader.status.uploads_in_flight
                 if not busy:
                     return await self.status()
-                await send({"progress": pending,
+                await send({"progress": pending, "online": self.guard.online,
                             "last_error": self.uploader.status.last_error})
                 self.uploader.kick()
                 with trio.move_on_after(0.5):

@@ -404,7 +404,19 @@ class Namespace:
 
     async def mkdir(self, parent: int, name: bytes, mode: int) -> tuple[Node, Entry]:
         entry = DirEntry(uuid.uuid4().hex, time.time_ns(), mode & 0o7777)
-        return await self.create(parent, name, entry), entry
+        # A new directory has no manifest anywhere yet: it is known to be empty without
+        # asking the bucket (so it can be filled offline, and costs no GET online).
+        now = time.time()
+        await self.db.run(self.db.state.save_manifest, entry.id, None, None, now)
+        view = DirView(entry.id, {}, None, now)
+        self._compute(view)
+        self.views.setdefault(entry.id, view)
+        try:
+            return await self.create(parent, name, entry), entry
+        except BaseException:
+            if self.views.get(entry.id) is view:
+                del self.views[entry.id]
+            raise
 
     async def symlink(self, parent: int, name: bytes, target: bytes) -> tuple[Node, Entry]:
         if not target or b"\0" in target or len(target) > 4095:

@@ -1,9 +1,12 @@
 """Prefetch: bring every file (or those under some paths) into the local cache.
 
 Runs inside the mount process (the one owner of the cache), driven over the control
-channel. Already cached blobs are skipped, so an interrupted sync simply continues when run
-again. When the files do not fit the cache limit, it says so first and stops at the limit
-instead of evicting what it just fetched.
+channel; when the client goes away (Ctrl-C), the sync stops starting downloads (those in
+flight finish and are kept). Already cached blobs are skipped, and a blob being downloaded
+for a reader is joined, not fetched again, so an interrupted sync simply continues when run
+again and nothing is downloaded twice. When the files do not fit the cache limit, it says so
+first and stops at the limit instead of evicting what it just fetched. When the storage
+becomes unreachable, it stops at once and says so.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 import trio
 
 from .blobcache import BlobCache
-from .errors import ImgrepoError
+from .errors import ImgrepoError, StorageError, StorageOffline
 from .manifest import ROOT_ID, DirEntry, FileEntry
 from .namespace import FsError, Namespace
 
@@ -29,9 +32,16 @@ class Syncer:
     def __init__(self, ns: Namespace, cache: BlobCache) -> None:
         self.ns = ns
         self.cache = cache
+        self.running = 0  # syncs in progress (status)
 
-    async def walk(self, dir_id: str, seen: set[str] | None = None) -> list[FileEntry]:
-        """Every file entry under a directory (each directory read once)."""
+    def _online(self) -> bool:
+        return getattr(self.cache.store, "online", True) is not False
+
+    async def walk(self, dir_id: str, seen: set[str] | None = None,
+                   fresh: bool = False) -> list[FileEntry]:
+        """Every file entry under a directory (each directory read once). With `fresh`,
+        directories not checked within the refresh interval are revalidated first (a
+        conditional GET each), so a sync sees what the bucket holds now."""
         seen = set() if seen is None else seen
         out: list[FileEntry] = []
         stack = [dir_id]
@@ -42,6 +52,12 @@ class Syncer:
             seen.add(current)
             try:
                 view = await self.ns.view(current)
+                if fresh and time.time() - view.checked > self.ns.refresh:
+                    try:
+                        await self.ns.revalidate(current)
+                    except StorageError as exc:
+                        log.warning("sync: using the cached listing of %s: %s", current, exc)
+                    view = self.ns.views.get(current, view)
             except FsError as exc:
                 log.warning("sync: skipping unreadable directory %s: %s", current, exc)
                 continue
@@ -56,7 +72,10 @@ class Syncer:
         """Directory id of a path relative to the mountpoint."""
         dir_id = ROOT_ID
         for part in [p for p in relpath.split("/") if p and p != "."]:
-            view = await self.ns.view(dir_id)
+            try:
+                view = await self.ns.view(dir_id)
+            except FsError as exc:
+                raise ImgrepoError(f"cannot read {relpath}: {exc}") from None
             entry = view.entries.get(part.encode("utf-8", "surrogateescape"))
             if not isinstance(entry, DirEntry):
                 raise ImgrepoError(f"{relpath} is not a directory in the repository")
@@ -71,54 +90,97 @@ class Syncer:
                 "repository_unique_bytes": sum(blobs.values())}
 
     async def run(self, paths: list[str], send: Send, parallel: int = 8) -> dict[str, Any]:
+        if not self._online():
+            raise ImgrepoError(f"{self.cache.store.offline_error()}; --sync needs it: run it "
+                               "again when the storage is back")
+        self.running += 1
+        try:
+            return await self._run(paths, send, max(1, parallel))
+        finally:
+            self.running -= 1
+
+    async def _run(self, paths: list[str], send: Send, parallel: int) -> dict[str, Any]:
         roots = [await self.resolve(p) for p in paths] or [ROOT_ID]
         seen: set[str] = set()
         files: list[FileEntry] = []
         for root in roots:
-            files.extend(await self.walk(root, seen))
+            files.extend(await self.walk(root, seen, fresh=True))
         wanted: dict[str, int] = {}
         for f in files:
             if not self.cache.has(f.sha256):
                 wanted[f.sha256] = f.size
         total_bytes = sum(wanted.values())
-        room = self.cache.limit - self.cache.used
+        room = max(0, self.cache.limit - self.cache.used)
         fits = total_bytes <= room
         await send({"phase": "start", "files": len(files), "to_fetch": len(wanted),
                     "bytes": total_bytes, "cache_room": room, "fits": fits})
-        done_files = done_bytes = failed = 0
-        stopped_at_limit = False
+        done_files = done_bytes = failed = reserved = 0
+        in_flight = 0
+        stopped_at_limit = offline = False
         started = time.monotonic()
-        last_report = 0.0
         limiter = trio.Semaphore(parallel)
-        queue = sorted(wanted.items())
+
+        def progress() -> dict[str, Any]:
+            return {"phase": "progress", "done_files": done_files, "done_bytes": done_bytes,
+                    "to_fetch": len(wanted), "bytes": total_bytes, "in_flight": in_flight,
+                    "failed": failed, "elapsed": time.monotonic() - started}
+
+        async def report() -> None:
+            while True:
+                await trio.sleep(0.5)
+                try:
+                    await send(progress())
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the client went away; the control channel cancels us
 
         async def fetch(sha: str, size: int) -> None:
-            nonlocal done_files, done_bytes, failed
+            nonlocal done_files, done_bytes, failed, reserved, in_flight, offline
             try:
-                await self.cache.ensure(sha, size)
+                await self.cache.ensure(sha, size)  # joins a download already running
                 done_files += 1
                 done_bytes += size
+            except StorageOffline:
+                offline = True
             except (ImgrepoError, OSError) as exc:
-                failed += 1
-                log.error("sync: %s", exc)
+                if not self._online():
+                    offline = True
+                else:
+                    failed += 1
+                    log.error("sync: %s", exc)
             finally:
+                reserved -= size
+                in_flight -= 1
                 limiter.release()
 
-        async with trio.open_nursery() as nursery:
-            for sha, size in queue:
-                await limiter.acquire()
-                if self.cache.used + size > self.cache.limit:
-                    limiter.release()
-                    stopped_at_limit = True
-                    break
-                nursery.start_soon(fetch, sha, size)
-                now = time.monotonic()
-                if now - last_report > 0.5:
-                    last_report = now
-                    await send({"phase": "progress", "done_files": done_files,
-                                "done_bytes": done_bytes, "to_fetch": len(wanted),
-                                "bytes": total_bytes, "elapsed": now - started})
+        async with trio.open_nursery() as outer:
+            outer.start_soon(report)
+            async with trio.open_nursery() as nursery:
+                for sha, size in wanted.items():
+                    await limiter.acquire()
+                    if offline or not self._online():
+                        offline = True
+                        limiter.release()
+                        break
+                    if self.cache.has(sha):  # fetched meanwhile (a reader opened it)
+                        limiter.release()
+                        done_files += 1
+                        done_bytes += size
+                        continue
+                    # Downloads in flight count against the limit too: the sync never
+                    # pushes the cache over it (which would evict what it just fetched).
+                    if self.cache.used + reserved + size > self.cache.limit:
+                        limiter.release()
+                        stopped_at_limit = True
+                        break
+                    reserved += size
+                    in_flight += 1
+                    nursery.start_soon(fetch, sha, size)
+            outer.cancel_scope.cancel()
+        if offline:
+            log.warning("sync stopped: the storage is unreachable (%d of %d files fetched)",
+                        done_files, len(wanted))
         return {"phase": "end", "done_files": done_files, "done_bytes": done_bytes,
                 "to_fetch": len(wanted), "bytes": total_bytes, "failed": failed,
-                "stopped_at_limit": stopped_at_limit,
+                "stopped_at_limit": stopped_at_limit, "offline": offline,
+                "remaining": len(wanted) - done_files,
                 "elapsed": time.monotonic() - started}
