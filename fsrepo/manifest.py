@@ -129,8 +129,10 @@ def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
     Raises ManifestError when the object as a whole is unusable."""
     try:
         raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"manifest of directory {dir_id} is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: absurdly deep nesting, which only a hostile writer produces
+        raise ManifestError(f"manifest of directory {dir_id} is not valid JSON: "
+                            f"{str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise ManifestError(f"manifest of directory {dir_id} is not a JSON object")
     version = raw.get("imgrepo_manifest")
@@ -151,7 +153,8 @@ def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
             items.append((None, key, value))
     for key, value in encoded.items():
         try:
-            items.append((base64.b64decode(key, validate=True), key, value))
+            raw_name = base64.b64decode(key, validate=True)
+            items.append((raw_name, raw_name.decode("utf-8", "backslashreplace"), value))
         except (binascii.Error, ValueError):
             items.append((None, key, value))
     for name, shown, value in items:

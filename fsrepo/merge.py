@@ -24,6 +24,10 @@ class Op:
     name: bytes
     entry: Entry | None
     base: Entry | None
+    # States this machine's own earlier ops on the name passed through (set by `coalesce`):
+    # finding one of them in the bucket means those ops already landed there (a crash
+    # between a manifest write and retiring its ops), so it counts as the base.
+    passed: tuple[Entry | None, ...] = ()
 
 
 def conflict_name(name: bytes, host: str, when: float, taken: set[bytes] | dict) -> bytes:
@@ -54,7 +58,11 @@ def coalesce(ops: list[Op]) -> list[Op]:
     out: dict[bytes, Op] = {}
     for op in ops:
         prev = out.pop(op.name, None)
-        out[op.name] = Op(op.name, op.entry, prev.base if prev else op.base)
+        if prev is None:
+            out[op.name] = op
+        else:
+            out[op.name] = Op(op.name, op.entry, prev.base,
+                              prev.passed + (prev.entry, op.base, *op.passed))
     return list(out.values())
 
 
@@ -63,7 +71,8 @@ def apply_op(entries: dict[bytes, Entry], op: Op, host: str, now: float) -> byte
     current = entries.get(op.name)
     if current == op.entry:
         return None
-    if current == op.base or same_content(current, op.base) or same_content(current, op.entry):
+    if current == op.base or same_content(current, op.base) or same_content(current, op.entry) \
+            or current in op.passed:
         if op.entry is None:
             entries.pop(op.name, None)
         else:

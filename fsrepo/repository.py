@@ -41,7 +41,7 @@ class Descriptor:
 def parse_descriptor(data: bytes, where: str) -> Descriptor:
     try:
         raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RepositoryFormatError(f"{where}: {DESCRIPTOR_KEY} is not valid JSON; "
                                     "this is not an imgrepo repository") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:

@@ -281,6 +281,11 @@ class Uploader:
                     except ManifestError:
                         child = {}
                     if child:
+                        # What this machine itself still has to take out of it (files
+                        # deleted or moved away, not yet committed) does not count.
+                        child = dict(child)
+                        apply_ops(child, self.journal.ops_for(base.id), self.host)
+                    if child:
                         log.warning("directory %r was removed here but another machine added "
                                     "files to it; keeping it", op.name)
                         continue

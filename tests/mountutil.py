@@ -30,8 +30,20 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 120,
     return proc
 
 
+def is_mounted(path: Path) -> bool:
+    """Whether anything is mounted at `path`, even a killed FUSE daemon's mount (where
+    os.path.ismount answers False: its lstat fails with ENOTCONN)."""
+    target = os.path.abspath(path).encode()
+    with open("/proc/self/mountinfo", "rb") as fh:
+        for line in fh:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].replace(b"\\040", b" ") == target:
+                return True
+    return False
+
+
 def force_unmount(path: Path) -> None:
-    if os.path.ismount(path):
+    if is_mounted(path):
         subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
 
 
