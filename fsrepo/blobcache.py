@@ -53,6 +53,10 @@ class Download:
         self.finished = trio.Event()
 
     def progress(self, available: int) -> None:
+        if not self.done:
+            # The last byte is held back until the whole blob is verified: a reader can
+            # never reach the end of a corrupt blob and take it for the real content.
+            available = min(available, self.size - 1)
         self.available = max(self.available, available)
         still = []
         for end, event in self._waiters:
@@ -80,8 +84,9 @@ class Download:
             event = trio.Event()
             self._waiters.append((end, event))
             await event.wait()
-        if self.error is not None and self.available < end:
-            raise self.error
+        if self.error is not None and (self.available < end
+                                       or isinstance(self.error, IntegrityError)):
+            raise self.error  # a corrupt blob serves nothing more, not even what arrived
 
 
 class BlobCache:

@@ -58,7 +58,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECAS
 
 def parse_size(text: str | int) -> int:
     """'10G', '512MiB', '1000000' -> bytes (binary units)."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ConfigError(f"not a size: {text!r} (use e.g. 500M, 10G)")
         return text
     m = _SIZE_RE.match(str(text))
     if not m:
@@ -98,14 +100,14 @@ def normalise_storage_url(url: str) -> str:
         path = url[len("file://"):]
         if not path.startswith("/"):
             raise ConfigError(f"file:// URLs need an absolute path: {url!r}")
-        return "file://" + os.path.normpath(path)
+        return "file://" + os.path.normpath("/" + path.lstrip("/"))  # not POSIX's '//'
     if url.startswith("s3://"):
         rest = url[len("s3://"):].strip("/")
         if not rest:
             raise ConfigError(f"s3:// URL without a bucket: {url!r}")
         return "s3://" + rest
     if url.startswith("/"):
-        return "file://" + os.path.normpath(url)
+        return "file://" + os.path.normpath("/" + url.lstrip("/"))
     raise ConfigError(f"unknown storage URL {url!r}: use s3://bucket/prefix or file:///path")
 
 
@@ -118,9 +120,11 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         return {}
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     section = raw.get("imgrepo", raw)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [imgrepo] must be a table of settings")
     out: dict[str, Any] = {}
     for key, value in section.items():
         key = key.replace("-", "_")
@@ -189,6 +193,8 @@ def load_settings(flags: dict[str, Any] | None = None, config_file: Path | None 
                 raise ConfigError("--refresh must be a positive number of seconds")
         if "uploads" in merged:
             merged["uploads"] = int(merged["uploads"])
+            if merged["uploads"] < 1:
+                raise ConfigError("--uploads must be at least 1")
     except ValueError as exc:
         raise ConfigError(f"bad setting: {exc}") from None
     return replace(settings, **merged)

@@ -80,8 +80,9 @@ class Engine:
         self.journal.load(state.pending_ops())
         missing = self.cache.load(state.cached_blobs())
         for sha in missing:
-            log.error("blob %s was pending upload but its cache file is gone; files "
-                      "referencing it cannot be uploaded", sha)
+            log.warning("blob %s was pending upload but its cache file is gone; unless the "
+                        "bucket has it, the changes that need it will be dropped", sha)
+        self.uploader.lost |= set(missing)
         self.uploader.remote |= state.remote_blobs()
         self.files.clear_leftovers()
         empty = self.cache.path(EMPTY_SHA)

@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from .blobcache import BlobCache, Download, hash_file
-from .errors import ImgrepoError, StorageOffline
+from .errors import ImgrepoError, IntegrityError, StorageOffline
 from .manifest import DirEntry, Entry, FileEntry
 from .namespace import EMPTY_SHA, FsError, Namespace, Node
 
@@ -212,6 +212,8 @@ class FileManager:
                 await dl.wait_for(offset + size)
             except (ImgrepoError, OSError) as exc:
                 log.error("read failed: %s", exc)
+                if isinstance(exc, IntegrityError):  # drop pages the kernel kept of it
+                    self.ns.invalidator.inode(handle.node.ino)
                 raise FsError(errno.ENETDOWN if isinstance(exc, StorageOffline)
                               else errno.EIO) from None
             if dl.done:

@@ -39,10 +39,20 @@ def conflict_name(name: bytes, host: str, when: float, taken: set[bytes] | dict)
     for n in range(1, 1000):
         tag = b" (conflict " + host_b + b" " + stamp.encode() + (b"" if n == 1 else b" %d" % n) + b")"
         room = MAX_NAME - len(tag) - len(suffix)
-        candidate = stem[:room] + tag + suffix
+        candidate = _cut(stem, room) + tag + suffix
         if candidate not in taken:
             return candidate
     raise RuntimeError("no free conflict name")  # 999 conflicts in one second on one name
+
+
+def _cut(name: bytes, room: int) -> bytes:
+    """The first `room` bytes of a name, not splitting a UTF-8 character in two."""
+    cut = name[:room]
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return cut  # not UTF-8 anyway
+    return cut.decode("utf-8", "ignore").encode("utf-8")
 
 
 def same_content(a: Entry | None, b: Entry | None) -> bool:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from .errors import (
 from .journal import Journal, PendingOp
 from .manifest import DirEntry, Entry, FileEntry, Manifest, parse_manifest, serialise_manifest
 from .merge import apply_ops, coalesce
-from .namespace import Namespace
+from .namespace import EMPTY_SHA, Namespace
 from .repository import blob_key, manifest_key
 from .state import StateDB
 from .store.base import Store, StoredObject
@@ -58,7 +59,8 @@ class UploadStatus:
 class Uploader:
     def __init__(self, store: Store, db: StateDB, journal: Journal, cache: BlobCache,
                  namespace: Namespace, *, host: str, parallel: int = 8,
-                 batch_delay: float = 0.2) -> None:
+                 batch_delay: float = 0.2, commit_delay: float = 2.0,
+                 quiet: float = 0.5) -> None:
         self.store = store
         self.db = db
         self.journal = journal
@@ -67,7 +69,15 @@ class Uploader:
         self.host = host
         self.parallel = parallel
         self.batch_delay = batch_delay
+        # Batching: a directory's ops are committed once its writer has paused for `quiet`
+        # seconds, or the oldest has waited `commit_delay`, or someone waits (kick()).
+        self.commit_delay = commit_delay
+        self.quiet = quiet
+        self._seen: dict[int, float] = {}  # seq -> when this uploader first saw the op
+        self._flush = False
+        self._next_due = math.inf
         self.remote: set[str] = set()  # blobs known to be in the bucket
+        self.lost: set[str] = set()  # pending blobs whose cache file was gone at startup
         self.status = UploadStatus()
         self._slots = trio.Semaphore(parallel)
         self._committing: set[str] = set()
@@ -82,15 +92,20 @@ class Uploader:
             self.remote |= new
 
     def kick(self) -> None:
+        """Someone waits for the journal to drain: commit without batching delays."""
+        self._flush = True
         self._kick.set()
 
     def pending_blobs(self) -> dict[str, int]:
         """Blobs the journal needs that are not yet in the bucket: sha -> size."""
         out: dict[str, int] = {}
-        for p in self.journal.by_seq.values():
-            e = p.op.entry
-            if isinstance(e, FileEntry) and e.sha256 not in self.remote:
-                out[e.sha256] = e.size
+        for ops in self.journal.by_dir.values():
+            last = {p.op.name: p for p in ops}
+            for p in ops:
+                e = p.op.entry
+                if isinstance(e, FileEntry) and e.sha256 not in self.remote \
+                        and last[p.op.name] is p:  # a superseded entry is never written
+                    out[e.sha256] = e.size
         return out
 
     def _error(self, what: str, exc: BaseException) -> None:
@@ -109,6 +124,8 @@ class Uploader:
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
+        for seq in self.journal.by_seq:
+            self._seen.setdefault(seq, -math.inf)  # left by an earlier run: due at once
         async with trio.open_nursery() as nursery:
             while True:
                 self._kick = trio.Event()
@@ -116,9 +133,12 @@ class Uploader:
                 if not self.journal.by_seq and not self.status.uploads_in_flight \
                         and not self._committing:
                     self.idle.set()
+                    self._flush = False
                 else:
                     self.idle = trio.Event() if self.idle.is_set() else self.idle
-                with trio.move_on_after(0.5 if not started else 5):
+                timeout = min(0.5 if not started else 5,
+                              max(0.0, self._next_due - time.monotonic()))
+                with trio.move_on_after(timeout):
                     changed = self.journal.changed
                     async with trio.open_nursery() as waiter:
                         async def on(event: trio.Event) -> None:
@@ -131,9 +151,14 @@ class Uploader:
 
     def _schedule(self, nursery: trio.Nursery) -> bool:
         started = False
+        now = time.monotonic()
+        for seq in self.journal.by_seq:
+            self._seen.setdefault(seq, now)
         pending = self.pending_blobs()
         for sha, size in pending.items():
             if sha in self.status.uploads_in_flight or not self._ready("blob:" + sha):
+                continue
+            if sha == EMPTY_SHA and not self._empty_wanted(now):
                 continue
             if self._slots.value == 0:
                 break
@@ -141,29 +166,70 @@ class Uploader:
             self.status.bytes_in_flight += size
             nursery.start_soon(self._upload, sha, size)
             started = True
+        self._next_due = math.inf
+        if len(self._seen) > 2 * len(self.journal.by_seq) + 1000:
+            self._seen = {s: t for s, t in self._seen.items() if s in self.journal.by_seq}
         for dir_id in list(self.journal.by_dir):
             if dir_id in self._committing or not self._ready("dir:" + dir_id):
                 continue
             batch = self._committable(dir_id)
-            if batch:
+            if batch and self._due(dir_id, len(batch)):
                 self._committing.add(dir_id)
                 nursery.start_soon(self._commit, dir_id, batch)
                 started = True
         return started
 
+    def _due(self, dir_id: str, count: int) -> bool:
+        """Whether the first `count` ops of a directory should be committed now."""
+        if self._flush:
+            return True
+        now = time.monotonic()
+        seen = [self._seen[p.seq] for p in self.journal.by_dir[dir_id]]
+        due = min(max(seen) + self.quiet, min(seen[:count]) + self.commit_delay)
+        if due <= now:
+            return True
+        self._next_due = min(self._next_due, due)
+        return False
+
+    def _empty_wanted(self, now: float) -> bool:
+        """A new file is journaled empty at create and replaced at close: upload the empty
+        blob only for a file that stayed empty (its op is due), not for every create."""
+        if self._flush:
+            return True
+        for ops in self.journal.by_dir.values():
+            for p in {p.op.name: p for p in ops}.values():
+                e = p.op.entry
+                if isinstance(e, FileEntry) and e.sha256 == EMPTY_SHA \
+                        and self._seen[p.seq] + self.quiet <= now:
+                    return True
+        return False
+
     def _committable(self, dir_id: str) -> list[PendingOp]:
-        """The longest prefix of the directory's ops that can go now."""
+        """The longest prefix of the directory's ops that can go now. An op whose blob is
+        not in the bucket yet can go only with a later op on its name that replaces it (a
+        file created empty, then written: its empty version is never uploaded)."""
+        ops = self.journal.by_dir.get(dir_id, [])
+        last = {p.op.name: p for p in ops}
         out = []
-        for p in self.journal.by_dir.get(dir_id, ()):
+        for p in ops:
             if not p.written:  # not yet in the local database: not ours to send
                 break
-            e = p.op.entry
-            if isinstance(e, FileEntry) and e.sha256 not in self.remote:
+            if self._needs_blob(p) and last[p.op.name] is p:
                 break
             if p.requires is not None and p.requires in self.journal.by_seq:
                 break
             out.append(p)
-        return out
+        while True:  # what the batch writes for each name is its last op there
+            final = {p.op.name: p for p in out}
+            cut = next((i for i, p in enumerate(out)
+                        if final[p.op.name] is p and self._needs_blob(p)), None)
+            if cut is None:
+                return out
+            out = out[:cut]
+
+    def _needs_blob(self, p: PendingOp) -> bool:
+        e = p.op.entry
+        return isinstance(e, FileEntry) and e.sha256 not in self.remote
 
     # -- blobs ----------------------------------------------------------------------------
     async def _upload(self, sha: str, size: int) -> None:
@@ -186,6 +252,9 @@ class Uploader:
         if await self.store.head(key) is None:
             path = self.cache.path(sha)
             if not self.cache.has(sha):
+                if sha in self.lost:
+                    await self._abandon(sha)
+                    return
                 raise ImgrepoError(f"blob {sha} is pending upload but missing from the cache")
             created = await self.store.put_file(key, path, sha)
             if created:
@@ -198,6 +267,26 @@ class Uploader:
         await self.db.run(self.db.state.mark_uploaded, [sha])
         self.remote.add(sha)
         self.cache.uploaded(sha)
+
+    async def _abandon(self, sha: str) -> None:
+        """A blob the journal names was missing from the cache at startup and is not in the
+        bucket: its file was never closed (a crash between journaling and storing it), or
+        the cache was damaged.
+        The ops naming it can never be carried out, and waiting for them would hold up every
+        later op of their directories: drop them, loudly."""
+        doomed = [p for p in self.journal.by_seq.values()
+                  if isinstance(p.op.entry, FileEntry) and p.op.entry.sha256 == sha]
+        names = ", ".join(repr(p.op.name) for p in doomed[:5])
+        log.error("the content of %s (blob %s) is neither in the local cache nor in the "
+                  "bucket; dropping %d pending change(s) that need it", names or "nothing",
+                  sha[:12], len(doomed))
+        await self.db.run(self.db.state.drop_ops, [p.seq for p in doomed])
+        self.journal.forget(doomed)
+        self.cache.uploaded(sha)
+        for dir_id in {p.dir_id for p in doomed}:
+            view = self.ns.views.get(dir_id)
+            if view is not None:
+                self.ns.set_remote(dir_id, view.remote, view.etag)
 
     # -- manifests ------------------------------------------------------------------------
     async def _commit(self, dir_id: str, batch: list[PendingOp]) -> None:
@@ -299,5 +388,5 @@ class Uploader:
 
     async def wait_idle(self) -> None:
         while self.journal.by_seq or self.status.uploads_in_flight or self._committing:
-            self._kick.set()
+            self.kick()
             await trio.sleep(0.05)
