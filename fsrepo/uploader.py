@@ -4,6 +4,9 @@
   a HEAD) says the bucket has them already: identical content costs one upload, ever.
 - A directory's pending ops are committed together, in one read-modify-write of its
   manifest (If-Match). On 412 the manifest is re-read and the ops re-applied: a merge.
+  A commit waits until the directory has been quiet for `quiet` (0.5 s) or its oldest op
+  has waited `commit_delay` (2 s), unless someone waits for the upload (`kick`): a `cp -r`
+  of 1,000 files costs a handful of manifest writes, not one every few files.
 - An op is committed only when the blob it references is in the bucket, and a rename's
   removal only after its addition, so the bucket never references a missing blob and never
   loses a name in between.
