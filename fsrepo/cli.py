@@ -350,8 +350,10 @@ def cmd_sync(mountpoint: Path, paths: list[str]) -> int:
         print(f"note: {human(start_seen['bytes'])} to fetch but only "
               f"{human(start_seen['cache_room'])} free in the cache limit; stopping at the "
               "limit (raise it with --cache-size)", file=sys.stderr)
-    msg = (f"synced {final['done_files']} files ({human(final['done_bytes'])}) in "
+    msg = (f"fetched {final['done_files']} files ({human(final['done_bytes'])}) in "
            f"{final['elapsed']:.1f}s")
+    if not final.get("remaining") and "files" in final:
+        msg += f"; all {final['files']} files are in the local cache"
     if final.get("failed"):
         msg += f"; {final['failed']} failed (see the log)"
     if final.get("stopped_at_limit"):
@@ -426,6 +428,9 @@ def format_status(s: dict[str, Any]) -> str:
             since = time.strftime("%H:%M:%S", time.localtime(s.get("offline_since") or 0))
             lines.append(f"storage:      {s['storage']} - UNREACHABLE since {since}, working "
                          "offline (changes are queued)")
+        elif s.get("online_again_at"):
+            back = time.strftime("%H:%M:%S", time.localtime(s["online_again_at"]))
+            lines.append(f"storage:      {s['storage']} (reachable again since {back})")
         else:
             lines.append(f"storage:      {s['storage']} (reachable)")
         lines.append(f"pending:      {s['pending_files']} files ({human(s['pending_bytes'])}) "

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import trio
 
@@ -288,6 +289,13 @@ def _tcp_target(store: Store) -> tuple[str, int] | Path | None:
     if isinstance(endpoint, str) and endpoint:
         split = urlsplit(endpoint)
         if split.hostname:
+            # Through an HTTP(S) proxy (botocore honours the usual variables), the proxy is
+            # what must be reachable: the endpoint itself may not be, directly.
+            proxy = getproxies().get(split.scheme)
+            if proxy and not proxy_bypass(split.hostname):
+                via = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+                if via.hostname:
+                    return via.hostname, via.port or (443 if via.scheme == "https" else 80)
             port = split.port or (443 if split.scheme == "https" else 80)
             return split.hostname, port
     root = getattr(store, "root", None)

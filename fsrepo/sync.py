@@ -179,7 +179,8 @@ class Syncer:
         if offline:
             log.warning("sync stopped: the storage is unreachable (%d of %d files fetched)",
                         done_files, len(wanted))
-        return {"phase": "end", "done_files": done_files, "done_bytes": done_bytes,
+        return {"phase": "end", "files": len(files), "done_files": done_files,
+                "done_bytes": done_bytes,
                 "to_fetch": len(wanted), "bytes": total_bytes, "failed": failed,
                 "stopped_at_limit": stopped_at_limit, "offline": offline,
                 "remaining": len(wanted) - done_files,

@@ -19,6 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
+
+from fsrepo.connectivity import GuardedStore
+from fsrepo.errors import StorageOffline, StorageUnavailable
+from fsrepo.store.base import Store, StoredObject
 
 try:
     from .mountutil import CLI, REPO_ROOT, run_cli
@@ -89,7 +94,8 @@ def test_sync_then_everything_reads_with_the_storage_gone(s3_bucket, s3_proxy, m
     s3_proxy.reset_counts()
     res = run_cli(["--sync", str(m.path)], m.env)
     nonempty = {sha: size for sha, size in blobs.items() if size}
-    assert f"synced {len(blobs)} files" in res.stdout, res.stdout + res.stderr
+    assert f"fetched {len(blobs)} files" in res.stdout, res.stdout + res.stderr
+    assert f"all {len(tree)} files are in the local cache" in res.stdout
     assert "to fetch" in res.stderr  # plain lines when stderr is not a terminal
     # Every blob exactly once (the empty blob needs no request), every one a success.
     gets = blob_gets(s3_proxy)
@@ -108,7 +114,7 @@ def test_sync_then_everything_reads_with_the_storage_gone(s3_bucket, s3_proxy, m
 
     # A second sync has nothing to do and downloads nothing.
     res = run_cli(["--sync", str(m.path)], m.env)
-    assert "synced 0 files" in res.stdout
+    assert "fetched 0 files" in res.stdout
     assert len(blob_gets(s3_proxy)) == len(nonempty)
 
     # The storage goes away. The mount notices (its refresher revalidates every second)...
@@ -154,7 +160,7 @@ def test_interrupted_sync_resumes_and_downloads_nothing_twice(s3_bucket, s3_prox
     m = mounter(s3_bucket.url, endpoint_url=s3_proxy.url)
     s3_proxy.reset_counts()
     # Slow downloads, so that Ctrl-C lands half way.
-    s3_proxy.inject(method="GET", path=r"/blobs/", delay=0.25, times=None)
+    s3_proxy.inject(method="GET", path=r"/blobs/", delay=0.5, times=None)
 
     # Ctrl-C from a terminal: the client shows a progress bar there.
     master, slave = pty.openpty()
@@ -192,7 +198,7 @@ def test_interrupted_sync_resumes_and_downloads_nothing_twice(s3_bucket, s3_prox
 
     s3_proxy.clear_faults()
     res = run_cli(["--sync", str(m.path)], m.env)
-    assert f"synced {len(blobs) - first} files" in res.stdout, res.stdout + res.stderr
+    assert f"fetched {len(blobs) - first} files" in res.stdout, res.stdout + res.stderr
     gets = blob_gets(s3_proxy)
     assert sorted(r.path.rsplit("/", 1)[1] for r in gets) == sorted(blobs)  # each once
     assert all(r.status in (200, 206) for r in gets)
@@ -211,7 +217,7 @@ def test_sync_cut_off_by_a_network_loss_continues_when_run_again(s3_bucket, s3_p
     blobs = unique(tree)
     seed_repository(mounter, s3_bucket.url, s3_bucket.endpoint_url, tree)
     m = mounter(s3_bucket.url, endpoint_url=s3_proxy.url)
-    s3_proxy.inject(method="GET", path=r"/blobs/", delay=0.25, times=None)
+    s3_proxy.inject(method="GET", path=r"/blobs/", delay=0.5, times=None)
     s3_proxy.reset_counts()
 
     proc = subprocess.Popen([*CLI, "--sync", str(m.path)], env=m.env, cwd=REPO_ROOT,
@@ -238,7 +244,7 @@ def test_sync_cut_off_by_a_network_loss_continues_when_run_again(s3_bucket, s3_p
     s3_proxy.clear_faults()
     s3_proxy.reset_counts()
     res = run_cli(["--sync", str(m.path)], m.env)
-    assert f"synced {len(blobs) - len(had)} files" in res.stdout, res.stdout + res.stderr
+    assert f"fetched {len(blobs) - len(had)} files" in res.stdout, res.stdout + res.stderr
     fetched = {r.path.rsplit("/", 1)[1] for r in blob_gets(s3_proxy)}
     assert fetched == set(blobs) - had  # what was cached before was not fetched again
     assert m.status()["cache_used"] == sum(blobs.values())
@@ -283,6 +289,7 @@ def test_offline_writes_are_queued_and_drain_when_the_storage_returns(
     (m.path / "offline").mkdir()
     (m.path / "offline" / "notes.txt").write_bytes(b"written offline\n" * 100)
     (m.path / "edit.txt").write_bytes(b"version 2, longer\n")
+    (m.path / "docs" / "a.txt").rename(m.path / "offline" / "a.txt")  # moves no data
     new_blobs = {hashlib.sha256(d).hexdigest(): len(d) for d in
                  (photo, b"written offline\n" * 100, b"version 2, longer\n")}
 
@@ -316,6 +323,8 @@ def test_offline_writes_are_queued_and_drain_when_the_storage_returns(
     assert (other.path / "new2.bin").read_bytes() == photo
     assert (other.path / "offline" / "notes.txt").read_bytes() == b"written offline\n" * 100
     assert (other.path / "edit.txt").read_bytes() == b"version 2, longer\n"
+    assert (other.path / "offline" / "a.txt").read_bytes() == b"seen before\n"
+    assert os.listdir(other.path / "docs") == []
     assert (other.path / "remote_only.bin").read_bytes() == remote_only
 
 
@@ -355,7 +364,7 @@ def test_sync_larger_than_the_cache_stops_at_the_limit(tmp_path, mounter):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "sync will stop at the limit" in res.stderr  # said before starting
     assert "stopped at the cache limit" in res.stdout
-    assert "synced 4 files" in res.stdout
+    assert "fetched 4 files" in res.stdout
     st = m.status()
     assert st["cache_used"] == 4 * size <= st["cache_limit"]
     kept = sorted(p.name for p in (tmp_path / "cache-small").rglob("*")
@@ -364,7 +373,105 @@ def test_sync_larger_than_the_cache_stops_at_the_limit(tmp_path, mounter):
     # Running it again fetches nothing more and evicts nothing it fetched.
     res = run_cli(["--sync", str(m.path)], m.env, check=False)
     assert "6 of 10 files to fetch" in res.stderr
-    assert "synced 0 files" in res.stdout
+    assert "fetched 0 files" in res.stdout
     assert sorted(p.name for p in (tmp_path / "cache-small").rglob("*")
                   if p.is_file() and len(p.name) == 64 and p.stat().st_size == size) == kept
     assert len(kept) == 4
+
+
+# -- the connectivity guard on its own (no FUSE, no network) ---------------------------------
+class _FakeStore(Store):
+    """A store whose reads can hang (an unanswered request) or fail on demand."""
+
+    url = "fake://"
+
+    def __init__(self) -> None:
+        self.hang = False
+        self.fail: Exception | None = None
+        self.calls = 0
+
+    async def _answer(self) -> bytes:
+        self.calls += 1
+        if self.hang:
+            await trio.sleep_forever()
+        if self.fail is not None:
+            raise self.fail
+        return b"data"
+
+    async def get(self, key, if_none_match=None):  # noqa: ANN001, ANN201
+        return StoredObject(await self._answer(), "etag")
+
+    async def get_range(self, key, start, end):  # noqa: ANN001, ANN201
+        return await self._answer()
+
+    async def download(self, key, dest, start=0, on_chunk=None):  # noqa: ANN001, ANN201
+        await self._answer()
+
+    async def head(self, key):  # noqa: ANN001, ANN201
+        return len(await self._answer())
+
+    async def list(self, prefix):  # noqa: ANN001, ANN201
+        await self._answer()
+        return
+        yield
+
+    async def put(self, key, data, *, if_match=None, if_none_match=False):  # noqa: ANN001, ANN201
+        await self._answer()
+        return "etag"
+
+    async def put_file(self, key, path, sha256_hex):  # noqa: ANN001, ANN201
+        await self._answer()
+        return True
+
+    async def delete(self, key):  # noqa: ANN001, ANN201
+        await self._answer()
+
+
+def test_guard_goes_offline_fails_fast_and_comes_back(tmp_path):
+    endpoint, gone = tmp_path / "endpoint", tmp_path / "gone"
+    endpoint.mkdir()
+
+    async def main() -> None:
+        inner = _FakeStore()
+        guard = GuardedStore(inner, patience=0.2, check_every=0.2, probe_every=0.1)
+        guard._target = endpoint  # reachable while this folder exists
+        back: list[float] = []
+        guard.on_online.append(lambda: back.append(time.time()))
+        assert (await guard.get("k")).data == b"data"
+
+        # An unanswered request while the endpoint is unreachable: offline, and the caller
+        # is answered long before the request itself would give up (it never does here).
+        inner.hang = True
+        endpoint.rename(gone)
+        with trio.fail_after(10):
+            with pytest.raises(StorageOffline):
+                await guard.get("k")
+        assert guard.online is False and guard.status()["offline_since"]
+        calls = inner.calls
+        for call in (guard.head("k"), guard.put("k", b"x"), guard.get_range("k", 0, 1)):
+            with pytest.raises(StorageOffline):
+                await call  # at once, without touching the storage
+        assert inner.calls == calls
+
+        # It comes back by itself, and says so.
+        inner.hang = False
+        gone.rename(endpoint)
+        with trio.fail_after(10):
+            while not guard.online:
+                await trio.sleep(0.02)
+        assert len(back) == 1 and guard.status()["online_again_at"]
+        assert await guard.head("k") == 4
+
+        # A failing but reachable storage (a 503 storm) is not "offline": the error passes.
+        inner.fail = StorageUnavailable("503 SlowDown, again and again")
+        with pytest.raises(StorageUnavailable) as exc:
+            await guard.get("k")
+        assert not isinstance(exc.value, StorageOffline) and guard.online
+        # A slow but reachable storage is waited for.
+        inner.fail = None
+        inner.hang = True
+        with trio.move_on_after(0.8):
+            await guard.get("k")
+        assert guard.online
+
+    trio.run(main)
