@@ -44,6 +44,7 @@ class Staging:
     hashed: int = 0
     dirty: bool = False
     writers: int = 0
+    base: FileEntry | None = None  # the version this copy started from (for the merge)
 
 
 @dataclass
@@ -69,6 +70,8 @@ class FileManager:
         self._committing: dict[int, trio.Event] = {}  # ino -> set when its commit is done
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        ns.editing = lambda ino: ino in self.staged or ino in self._committing or any(
+            h.writable and h.node.ino == ino for h in self.handles.values())
 
     def clear_leftovers(self) -> None:
         """Staging files of a crashed run: their content was never closed, so never
@@ -158,7 +161,7 @@ class FileManager:
     def _stage_empty(self, node: Node, entry: FileEntry) -> Staging:
         path = self.staging_dir / f"{node.ino}-{uuid.uuid4().hex}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, hashlib.sha256())
+        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, hashlib.sha256(), base=entry)
         self.staged[node.ino] = st
         return st
 
@@ -310,7 +313,7 @@ class FileManager:
         cached = self.cache.has(digest)
         need_upload = not remote
         rec = self.ns.record_replace(node, entry, [(digest, entry.size)] if need_upload else [],
-                                     entry.size if (remote or cached) else 0)
+                                     entry.size if (remote or cached) else 0, base=st.base)
         cache = self.cache
 
         def persist() -> None:

@@ -32,7 +32,7 @@ from .manifest import (
     parse_manifest,
     serialise_manifest,
 )
-from .merge import Op, apply_ops
+from .merge import Op, apply_ops, same_content
 from .repository import manifest_key
 from .state import StateDB
 from .store.base import NOT_MODIFIED, Store, StoredObject
@@ -99,6 +99,9 @@ class Namespace:
         self.lock = trio.Lock()
         self.on_remote_blobs: Callable[[set[str]], None] = lambda shas: None
         self.offline_until = 0.0
+        # Whether a file inode is open for writing or has unsaved changes (set by the
+        # FileManager): a remote change does not take it away from its name; saving merges.
+        self.editing: Callable[[int], bool] = lambda ino: False
 
     # -- directory views ------------------------------------------------------------------
     def _compute(self, view: DirView) -> None:
@@ -142,6 +145,8 @@ class Namespace:
             if cached is not None:
                 etag, body, checked = cached
                 view = DirView(dir_id, self._parse(dir_id, body), etag, checked)
+                if time.time() - checked > self.refresh and time.time() > self.offline_until:
+                    view = await self._fresher(view)
             else:
                 try:
                     changed, obj = await self._fetch(dir_id, None)
@@ -161,6 +166,28 @@ class Namespace:
         finally:
             del self._loading[dir_id]
             done.set()
+
+    async def _fresher(self, view: DirView) -> DirView:
+        """A manifest cached by an earlier run, revalidated before first use (a
+        conditional GET): other machines may have changed it since."""
+        try:
+            changed, obj = await self._fetch(view.dir_id, view.etag)
+            if not changed:
+                view.checked = time.time()
+                return view
+            body = obj.data if obj else None
+            fresh = DirView(view.dir_id, self._parse(view.dir_id, body),
+                            obj.etag if obj else None, time.time())
+        except StorageError as exc:
+            log.warning("cannot revalidate a directory, showing what is cached: %s", exc)
+            self.offline_until = time.time() + self.refresh
+            return view
+        except ManifestError as exc:
+            log.error("%s; keeping the last good version", exc)
+            return view
+        await self.db.run(self.db.state.save_manifest, view.dir_id, fresh.etag, body,
+                          fresh.checked)
+        return fresh
 
     async def revalidate(self, dir_id: str) -> bool:
         """Conditional GET; on change, recompute the view and invalidate the kernel's
@@ -205,11 +232,19 @@ class Namespace:
                 continue
             self.invalidator.entry(parent, name)
             ino = self._by_key.get((parent, name))
-            if ino is not None and not _same_object(before, after):
-                # The name now means something else: the old inode is detached.
+            if ino is not None and not self.editing(ino) and (
+                    not _same_object(before, after) or (
+                        self.nodes[ino].opens > 0 and not same_content(before, after))):
+                # The name now means something else, or other content while open handles
+                # read the old: the old inode is detached and keeps what it had.
                 self._detach(parent, name)
-            elif ino is not None:
+            elif ino is not None:  # (a file being edited stays: saving merges)
                 self.invalidator.inode(ino)
+            if isinstance(after, DirEntry) and not same_content(before, after):
+                d = self._dir_ino.get(after.id)
+                if d is not None and after.id not in self._ancestors(parent):
+                    # A directory renamed or moved here elsewhere: its inode follows.
+                    self.nodes[d].parent, self.nodes[d].name = parent, name
             if isinstance(before, DirEntry) and not isinstance(after, DirEntry):
                 d = self._dir_ino.get(before.id)
                 if d is not None and self.nodes[d].parent == parent and \
@@ -338,9 +373,25 @@ class Namespace:
         for dir_id, op, _ in ops:
             view = self.views.get(dir_id)
             if view is not None:
-                # The kernel made this change itself: nothing of its cache is stale.
-                apply_ops(view.entries, [op], self.host)
+                # The kernel made this change itself: nothing of its cache is stale, unless
+                # the name changed elsewhere meanwhile and ours went to a conflict copy.
+                diverted = apply_ops(view.entries, [op], self.host)
+                if diverted:
+                    self._diverted(dir_id, diverted)
         return rec
+
+    def _diverted(self, dir_id: str, diverted: dict[bytes, bytes]) -> None:
+        """Our version of a name went to a conflict copy: what the kernel caches for the
+        name (our own content) is stale."""
+        parent = self._dir_ino.get(dir_id)
+        if parent is None:
+            return
+        for name, copy in diverted.items():
+            self.invalidator.entry(parent, name)
+            self.invalidator.entry(parent, copy)
+            ino = self._by_key.get((parent, name))
+            if ino is not None:
+                self.invalidator.inode(ino)
 
     async def settle(self, rec: Record) -> None:
         """Wait until recorded ops are durable; if that fails they are undone (EIO)."""
@@ -426,20 +477,21 @@ class Namespace:
 
     def record_replace(self, node: Node, entry: Entry,
                        new_blobs: list[tuple[str, int]] | tuple = (),
-                       dedup_bytes: int = 0) -> Record | None:
+                       dedup_bytes: int = 0, base: Entry | None = None) -> Record | None:
         """Record a file's new entry (content or attributes); None if the node is orphaned
-        or its directory is not loaded. `settle` the result."""
+        or its directory is not loaded. `base`: the entry the new content was made from
+        (if the name holds something else now, the merge keeps both). `settle` the result."""
         pnode = self.nodes.get(node.parent)
         if pnode is None or pnode.dir_id is None or node.parent == 0:
             return None
         view = self.views.get(pnode.dir_id)
         if view is None:
             return None
-        base = view.entries.get(node.name)
-        if base is not None and not _same_object(base, entry):
+        current = view.entries.get(node.name)
+        if base is None and current is not None and not _same_object(current, entry):
             return None
-        return self._record([(view.dir_id, Op(node.name, entry, base), None)], new_blobs,
-                            dedup_bytes)
+        return self._record([(view.dir_id, Op(node.name, entry, base or current), None)],
+                            new_blobs, dedup_bytes)
 
     async def replace(self, node: Node, entry: Entry,
                       new_blobs: list[tuple[str, int]] | tuple = (),
