@@ -68,17 +68,20 @@ class Syncer:
                     stack.append(entry.id)
         return out
 
-    async def resolve(self, relpath: str) -> str:
-        """Directory id of a path relative to the mountpoint."""
+    async def resolve(self, relpath: str) -> str | FileEntry:
+        """A path relative to the mountpoint: its directory id, or its file entry."""
         dir_id = ROOT_ID
-        for part in [p for p in relpath.split("/") if p and p != "."]:
+        parts = [p for p in relpath.split("/") if p and p != "."]
+        for i, part in enumerate(parts):
             try:
                 view = await self.ns.view(dir_id)
             except FsError as exc:
                 raise ImgrepoError(f"cannot read {relpath}: {exc}") from None
             entry = view.entries.get(part.encode("utf-8", "surrogateescape"))
+            if isinstance(entry, FileEntry) and i == len(parts) - 1:
+                return entry
             if not isinstance(entry, DirEntry):
-                raise ImgrepoError(f"{relpath} is not a directory in the repository")
+                raise ImgrepoError(f"{relpath} is not a file or directory in the repository")
             dir_id = entry.id
         return dir_id
 
@@ -104,7 +107,10 @@ class Syncer:
         seen: set[str] = set()
         files: list[FileEntry] = []
         for root in roots:
-            files.extend(await self.walk(root, seen, fresh=True))
+            if isinstance(root, FileEntry):
+                files.append(root)
+            else:
+                files.extend(await self.walk(root, seen, fresh=True))
         wanted: dict[str, int] = {}
         for f in files:
             if not self.cache.has(f.sha256):

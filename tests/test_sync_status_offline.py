@@ -379,6 +379,26 @@ def test_sync_larger_than_the_cache_stops_at_the_limit(tmp_path, mounter):
     assert len(kept) == 4
 
 
+def test_sync_of_some_paths_fetches_only_those(tmp_path, mounter):
+    url = f"file://{tmp_path}/repository"
+    tree = {"2023/a.jpg": b"a" * 5000, "2023/deep/b.jpg": b"b" * 6000,
+            "2024/c.jpg": b"c" * 7000, "top.txt": b"t" * 100}
+    seed_repository(mounter, url, None, tree)
+    m = mounter(url, name="reader")
+    res = run_cli(["--sync", str(m.path), str(m.path / "2023")], m.env)
+    assert "fetched 2 files (10.7 KiB)" in res.stdout, res.stdout + res.stderr
+    assert m.status()["cache_used"] == 11000
+    res = run_cli(["--sync", str(m.path), "2024", "2023/deep"], m.env)  # relative works too
+    assert "fetched 1 files" in res.stdout
+    assert m.status()["cache_used"] == 18000
+    res = run_cli(["--sync", str(m.path), str(m.path / "top.txt")], m.env)  # one file
+    assert "fetched 1 files" in res.stdout and "all 1 files" in res.stdout
+    assert m.status()["cache_used"] == 18100
+    res = run_cli(["--sync", str(m.path), "nowhere/x.jpg"], m.env, check=False)
+    assert res.returncode == 1 and "not a file or directory" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 # -- the connectivity guard on its own (no FUSE, no network) ---------------------------------
 class _FakeStore(Store):
     """A store whose reads can hang (an unanswered request) or fail on demand."""
