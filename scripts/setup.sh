@@ -29,8 +29,4 @@ if [ "${1:-}" = "--tests" ] && [ -f tests/oidc/package.json ]; then
     fi
     (cd tests/oidc && npm install --silent --no-audit --no-fund >/dev/null)
 fi
-# Put the command on PATH for everyone on this machine (root only; harmless to repeat).
-if [ "$(id -u)" = 0 ] && [ -d /usr/local/bin ] && [ -w /usr/local/bin ]; then
-    ln -sf "$PWD/.venv/bin/imgrepo-mount" /usr/local/bin/imgrepo-mount
-fi
-echo "setup: ready ($(command -v imgrepo-mount || echo "$PWD/.venv/bin/imgrepo-mount"))"
+echo "setup: ready ($PWD/.venv/bin/imgrepo-mount)"

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Put the command on PATH (root only; harmless to repeat).
+if [ "$(id -u)" = 0 ] && [ -d /usr/local/bin ] && [ -w /usr/local/bin ]; then
+    ln -sf "$PWD/.venv/bin/imgrepo-mount" /usr/local/bin/imgrepo-mount
+fi
 mountpoint=${1:-$HOME/imgrepo}
 mkdir -p "$mountpoint"
 if mountpoint -q "$mountpoint"; then
