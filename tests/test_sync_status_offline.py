@@ -42,7 +42,7 @@ def poll(condition, timeout: float = 30.0, what: str = "condition"):  # noqa: AN
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
 def make_tree(seed: int, files: int, dirs: int, min_size: int, max_size: int,
