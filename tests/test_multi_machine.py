@@ -305,10 +305,10 @@ def test_files_added_into_a_directory_renamed_elsewhere_end_up_in_the_renamed_on
         problems: list[BaseException] = []
 
         def add_files() -> None:
-            i = 0
+            i, after_stop = 0, 0
             try:
-                while not stop.is_set() or i < 5:
-                    name = f"beta-{i:03d}.jpg"
+                while after_stop < 5:  # and 5 more once beta has seen the rename
+                    name = f"beta-{i:04d}.jpg"
                     data = content("beta", i, 3000 + i)
                     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=dfd)
                     try:
@@ -317,7 +317,9 @@ def test_files_added_into_a_directory_renamed_elsewhere_end_up_in_the_renamed_on
                         os.close(fd)
                     written[name] = data
                     i += 1
-                    if i > 400:
+                    after_stop += stop.is_set()
+                    stop.wait(0.02)  # a steady trickle, as a camera import would be
+                    if i > 3000:
                         raise AssertionError("beta never saw the rename")
             except BaseException as exc:  # noqa: BLE001 - reported by the test
                 problems.append(exc)
