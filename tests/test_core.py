@@ -457,6 +457,42 @@ def test_killed_after_acknowledging_a_new_process_finishes_the_upload(backend, t
     trio.run(main)
 
 
+def test_a_blob_lost_from_the_cache_drops_only_the_changes_that_need_it(backend, tmp_path,
+                                                                        caplog):
+    """A crash between journaling a close and storing its blob (or a damaged cache) leaves
+    ops naming a blob that is nowhere: they are dropped with an error, everything else in
+    the directory still goes; a blob the bucket has meanwhile is not lost at all."""
+    lost, elsewhere = b"never stored", b"uploaded by another machine"
+
+    async def main():
+        async with engine(backend, tmp_path / "a", upload=False) as eng:
+            for name, data in (("keep1", b"1"), ("lost", lost), ("keep2", b"2"),
+                               ("there", elsewhere)):
+                await write_file(eng, f"d/{name}", data)
+            paths = [eng.cache.path(sha(lost)), eng.cache.path(sha(elsewhere))]
+        for path in paths:
+            path.unlink()
+        async with engine(backend, tmp_path / "b") as other:
+            await write_file(other, "x/copy", elsewhere)
+            await other.uploader.wait_idle()
+        async with engine(backend, tmp_path / "a") as eng:
+            with trio.fail_after(60):
+                await eng.uploader.wait_idle()
+        async with engine(backend, tmp_path / "fresh") as fresh:
+            entries = await list_dir(fresh, "d")
+            assert {b"keep1", b"keep2", b"there"} <= set(entries) <= \
+                {b"keep1", b"keep2", b"there", b"lost"}
+            assert await read_file(fresh, "d/there") == elsewhere
+            assert await read_file(fresh, "d/keep2") == b"2"
+            if b"lost" in entries:  # its name was journaled before its content: empty
+                assert await read_file(fresh, "d/lost") == b""
+    with caplog.at_level(logging.WARNING, logger="fsrepo"):
+        trio.run(main)
+    dropped = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+    assert len(dropped) == 1 and "lost" in dropped[0], dropped
+    assert blob_key(sha(lost)) not in blob_keys(backend)
+
+
 @pytest.mark.parametrize("backend", ["s3"], indirect=True)
 def test_killed_after_its_manifest_write_landed_the_replay_makes_no_conflicts(
         backend, tmp_path, workers):
