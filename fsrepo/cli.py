@@ -195,7 +195,12 @@ def run_foreground(settings: Settings, mountpoint: Path, args: argparse.Namespac
         finally:
             lock.release()
     except ImgrepoError as exc:
-        logging.getLogger("fsrepo").error("%s", exc)
+        # Into the log file only: main() prints it on stderr, as the one line users see.
+        record = logging.getLogger("fsrepo").makeRecord(
+            "fsrepo", logging.ERROR, __file__, 0, "%s", (exc,), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
         say("error: " + str(exc))
         raise
     except BaseException as exc:

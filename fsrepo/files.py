@@ -172,7 +172,7 @@ class FileManager:
         st = self.staged.get(node.ino)
         if st is not None:
             return st
-        entry = self.ns.entry_of(node)
+        entry = self._content_of(node)
         if not isinstance(entry, FileEntry):
             raise FsError(errno.ENOENT)
         st = self._stage_empty(node, entry)
@@ -194,6 +194,16 @@ class FileManager:
             st.size = entry.size
             st.hasher = None
         return st
+
+    def _content_of(self, node: Node) -> Entry | None:
+        """The node's entry; for a file unlinked (or renamed over) while open, what its
+        handles still read, so that writing and truncating through them keep working."""
+        entry = self.ns.entry_of(node)
+        if entry is None:
+            h = next((h for h in self.handles.values() if h.node is node and h.sha), None)
+            if h is not None:
+                return FileEntry(h.sha, h.size, time.time_ns())  # type: ignore[arg-type]
+        return entry
 
     def _drop_staging(self, ino: int) -> None:
         st = self.staged.pop(ino, None)
@@ -242,7 +252,7 @@ class FileManager:
     async def truncate(self, node: Node, size: int, handle: Handle | None = None) -> None:
         st = self.staged.get(node.ino)
         if st is None and size == 0:
-            entry = self.ns.entry_of(node)
+            entry = self._content_of(node)
             if not isinstance(entry, FileEntry):
                 raise FsError(errno.ENOENT)
             if entry.size == 0:

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from .store import open_store
 from .store.base import Store
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 5.0  # seconds in-flight storage calls get after unmounting
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -163,12 +166,11 @@ class Mount(Engine):
                     ready()
                 log.info("mounted %s at %s", self.settings.storage, self.mountpoint)
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
+                self._close_fuse()
+                _exit_if_stuck(SHUTDOWN_GRACE)
                 nursery.cancel_scope.cancel()
         finally:
-            try:
-                pyfuse3.close(unmount=True)
-            except Exception as exc:  # already unmounted from outside
-                log.debug("close: %s", exc)
+            self._close_fuse()
             await self.cache.flush_atimes()
             pending = len(self.journal)
             if pending:
@@ -176,6 +178,15 @@ class Mount(Engine):
                          "the next mount", pending)
             else:
                 log.info("unmounted %s", self.mountpoint)
+
+    def _close_fuse(self) -> None:
+        if getattr(self, "_fuse_closed", False):
+            return
+        self._fuse_closed = True
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception as exc:  # already unmounted from outside
+            log.debug("close: %s", exc)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -218,6 +229,21 @@ class Mount(Engine):
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.ENOENT):
                 log.debug("read-ahead not raised: %s", exc)
+
+
+def _exit_if_stuck(grace: float) -> None:
+    """Once unmounted, storage calls still running in worker threads (botocore may retry
+    one for a minute or more) must not keep the process alive: what they carried stays in
+    the journal and goes at the next mount, exactly as after a crash."""
+    def leave() -> None:
+        log.warning("storage requests still running %.0f s after unmounting: exiting without "
+                    "them; the journal keeps their work for the next mount", grace)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(grace, leave)
+    timer.daemon = True
+    timer.start()
 
 
 async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None) -> None:

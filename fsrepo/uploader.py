@@ -104,10 +104,18 @@ class Uploader:
         out: dict[str, int] = {}
         for ops in self.journal.by_dir.values():
             last = {p.op.name: p for p in ops}
+            # A superseded entry is never written, unless what supersedes it must wait for
+            # another directory's commit (a rename's removal): then the ops before that
+            # wait are committed first, and they write their own last entry of the name.
+            ready: dict[bytes, PendingOp] = {}
+            for p in ops:
+                if not p.written or (p.requires is not None and p.requires in self.journal.by_seq):
+                    break
+                ready[p.op.name] = p
             for p in ops:
                 e = p.op.entry
                 if isinstance(e, FileEntry) and e.sha256 not in self.remote \
-                        and last[p.op.name] is p:  # a superseded entry is never written
+                        and (last[p.op.name] is p or ready.get(p.op.name) is p):
                     out[e.sha256] = e.size
         return out
 
@@ -161,6 +169,8 @@ class Uploader:
         for sha, size in pending.items():
             if sha in self.status.uploads_in_flight or not self._ready("blob:" + sha):
                 continue
+            if not self.cache.has(sha) and sha not in self.lost:
+                continue  # its close() is still storing it (a lost one: see _abandon)
             if sha == EMPTY_SHA and not self._empty_wanted(now):
                 continue
             if self._slots.value == 0:
@@ -331,9 +341,11 @@ class Uploader:
                     cached = None
         remote, etag = cached if cached is not None else await self._read_manifest(dir_id)
         ops = [p.op for p in batch]
+        # A removal that `requires` an earlier op is the source side of a rename.
+        moved = {p.op.name for p in batch if p.op.entry is None and p.requires is not None}
         for attempt in range(1, 100):
             entries = dict(remote)
-            ops_now = await self._drop_unsafe_dir_removals(remote, ops)
+            ops_now = await self._drop_unsafe_dir_removals(remote, ops, moved)
             diverted = apply_ops(entries, ops_now, self.host)
             body = serialise_manifest(Manifest(dir_id, entries))
             try:
@@ -360,13 +372,18 @@ class Uploader:
         self.known_remote({e.sha256 for e in entries.values() if isinstance(e, FileEntry)})
         self.ns.set_remote(dir_id, entries, new_etag)
 
-    async def _drop_unsafe_dir_removals(self, remote: dict[bytes, Entry], ops: list):
+    async def _drop_unsafe_dir_removals(self, remote: dict[bytes, Entry], ops: list,
+                                        moved: set[bytes] = frozenset()):  # type: ignore[assignment]
         """A directory removed here may have gained files on another machine meanwhile:
-        then the removal is dropped, so their files stay reachable."""
+        then the removal is dropped, so their files stay reachable. The old name of a
+        directory renamed away (to another parent: `moved`, or within this one) always
+        goes: the directory lives on under its new name, content and all."""
         out = []
+        moved_ids = {o.entry.id for o in ops if isinstance(o.entry, DirEntry)}
         for op in coalesce(ops):
             base = op.base
-            if op.entry is None and isinstance(base, DirEntry) and remote.get(op.name) == base:
+            if op.entry is None and isinstance(base, DirEntry) and remote.get(op.name) == base \
+                    and op.name not in moved and base.id not in moved_ids:
                 if op.name not in {o.name for o in ops if o.entry is not None}:
                     try:
                         child, _ = await self._read_manifest(base.id)
