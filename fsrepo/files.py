@@ -137,10 +137,10 @@ class FileManager:
             raise FsError(errno.ENETDOWN)  # its content is not cached, the storage unreachable
         handle = self._new_handle(node, writable)
         try:
-            if isinstance(entry, FileEntry):
-                self._attach_blob(handle, entry)
             if flags & os.O_TRUNC and writable:
-                await self.truncate(node, 0, handle)
+                await self.truncate(node, 0, handle)  # first: no download of what goes
+            if isinstance(entry, FileEntry) and node.ino not in self.staged:
+                self._attach_blob(handle, entry)  # (with a staging copy, reads go there)
         except BaseException:
             await self.release(handle.fh)
             raise
@@ -296,6 +296,8 @@ class FileManager:
         st = self.staged.get(node.ino)
         if st is None or not st.dirty:
             return
+        if node.parent == 0 and any(h.node is node for h in self.handles.values()):
+            return  # unlinked: its data lives in the staging copy while descriptors remain
         st.dirty = False
         size, mode, mtime_ns = st.size, st.mode, st.mtime_ns
         # The staging file becomes the blob; a later write starts a new copy from it.
@@ -377,6 +379,11 @@ class FileManager:
             self._detach_blob(handle)
             node.opens -= 1
             self.ns._maybe_drop(node)
+            if self.cache.used > self.cache.limit:  # what was open may go now
+                try:
+                    await self.cache.evict()
+                except OSError as exc:
+                    log.warning("cache eviction failed: %s", exc)
 
     def _handle(self, fh: int) -> Handle:
         handle = self.handles.get(fh)

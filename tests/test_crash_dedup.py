@@ -167,3 +167,14 @@ def test_cache_stays_within_its_limit(storage, mounter, tmp_path: Path):
         assert first + held.read() == files[held_name]
     _poll(lambda: _cached_blob_bytes(m.cache_dir) <= limit, 30, "eviction after downloads")
     assert m.status()["cache_used"] <= limit
+
+    # More open at once than the limit holds: all of it stays while open, and the cache
+    # shrinks back once they are closed.
+    opened = [open(m.path / name, "rb") for name in list(files)[:4]]  # noqa: SIM115
+    try:
+        for fh, data in zip(opened, files.values(), strict=False):
+            assert fh.read() == data
+    finally:
+        for fh in opened:
+            fh.close()
+    _poll(lambda: _cached_blob_bytes(m.cache_dir) <= limit, 30, "eviction after closing")

@@ -191,6 +191,19 @@ def test_open_unlinked_file_stays_readable(storage, mounter, tmp_path: Path):
     assert os.fstat(fd).st_size == 8
     os.close(fd)
     assert sorted(os.listdir(m.path)) == ["b.bin"]
+    # Two descriptors on an unlinked file: what one writes (and closes), the other reads.
+    (m.path / "two.txt").write_bytes(b"old content")
+    fd1 = os.open(m.path / "two.txt", os.O_RDWR)
+    fd2 = os.open(m.path / "two.txt", os.O_RDWR)
+    os.unlink(m.path / "two.txt")
+    os.pwrite(fd1, b"NEW", 0)
+    os.close(fd1)
+    assert os.pread(fd2, 100, 0) == b"NEW content"
+    os.ftruncate(fd2, 5)
+    os.pwrite(fd2, b"!", 5)
+    assert os.pread(fd2, 100, 0) == b"NEW c!"
+    os.close(fd2)
+    assert sorted(os.listdir(m.path)) == ["b.bin"]
 
     # On a fresh cache the blob must stream from the bucket while its name is gone.
     m2 = remount_fresh(m, mounter, storage, tmp_path, "unlinked")
@@ -370,6 +383,57 @@ def test_namespace_operations_survive_remount(storage, mounter, tmp_path: Path):
     os.unlink(m2.path / "a" / "c" / "deep.txt")
     os.rmdir(m2.path / "a" / "c")
     assert os.listdir(m2.path / "a") == []
+
+
+# -- what operations cost -----------------------------------------------------------------
+def test_ls_l_of_10000_files_costs_a_handful_of_requests(s3_bucket, s3_proxy, mounter,
+                                                         tmp_path: Path):
+    """A folder of 10,000 photos (its manifest written straight into the bucket): listing
+    it with attributes costs a handful of requests, opening one file reads only its blob,
+    and overwriting a file (O_TRUNC) downloads nothing."""
+    m = mounter(s3_bucket.url, endpoint_url=s3_bucket.endpoint_url)
+    (m.path / "photos").mkdir()
+    content = {i: os.urandom(1000 + i) for i in range(3)}
+    for i, data in content.items():
+        (m.path / "photos" / f"IMG_{i:05d}.jpg").write_bytes(data)
+    m.unmount()
+
+    from fsrepo.manifest import FileEntry, Manifest, parse_manifest, serialise_manifest
+    client = s3_client(s3_bucket)
+    key = f"{s3_bucket.prefix}/dirs/root.json"
+    root = parse_manifest(client.get_object(Bucket=s3_bucket.bucket, Key=key)["Body"].read(),
+                          "root")[0]
+    photos_id = root.entries[b"photos"].id
+    key = f"{s3_bucket.prefix}/dirs/{photos_id}.json"
+    photos = parse_manifest(client.get_object(Bucket=s3_bucket.bucket, Key=key)["Body"].read(),
+                            photos_id)[0]
+    real = [photos.entries[f"IMG_{i:05d}.jpg".encode()] for i in range(3)]
+    entries = {f"IMG_{i:05d}.jpg".encode(): real[i % 3] for i in range(10_000)}
+    assert all(isinstance(e, FileEntry) for e in entries.values())
+    client.put_object(Bucket=s3_bucket.bucket, Key=key,
+                      Body=serialise_manifest(Manifest(photos_id, entries)))
+
+    m2 = mounter(s3_bucket.url, endpoint_url=s3_proxy.url, cache_dir=tmp_path / "fresh")
+    s3_proxy.reset_counts()
+    listing = subprocess.run(["ls", "-l", str(m2.path / "photos")], capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    assert len(listing) == 10_001  # "total" and one line per file
+    sizes = {e.name: e.stat(follow_symlinks=False).st_size
+             for e in os.scandir(m2.path / "photos")}
+    assert len(sizes) == 10_000 and sizes["IMG_09998.jpg"] == len(content[2])
+    seen = [(r.method, r.path) for r in s3_proxy.requests]
+    assert len(seen) <= 4, seen
+
+    s3_proxy.reset_counts()
+    assert (m2.path / "photos" / "IMG_00004.jpg").read_bytes() == content[1]
+    blob_gets = [r.path for r in s3_proxy.requests if r.method == "GET"]
+    assert len(blob_gets) == 1 and real[1].sha256 in blob_gets[0], blob_gets
+
+    s3_proxy.reset_counts()
+    (m2.path / "photos" / "IMG_00005.jpg").write_bytes(b"overwritten")
+    assert (m2.path / "photos" / "IMG_00005.jpg").read_bytes() == b"overwritten"
+    m2.wait_idle()
+    assert not [r.path for r in s3_proxy.requests if r.method == "GET" and "/blobs/" in r.path]
 
 
 # -- command line, signals, unmounting ----------------------------------------------------
