@@ -203,13 +203,20 @@ class BlobCache:
                 except FileNotFoundError:
                     pass
         await trio.to_thread.run_sync(remove)
-        await self.db.run(self.db.state.remove_blobs, [s for s, _ in victims])
+        try:
+            await self.db.run(self.db.state.remove_blobs, [s for s, _ in victims])
+        except OSError as exc:  # stale rows of files that are gone are skipped at startup
+            log.warning("evicted blobs not yet forgotten locally: %s", exc)
         return sum(size for _, size in victims)
 
     async def flush_atimes(self) -> None:
         if self._touched:
             items, self._touched = list(self._touched.items()), {}
-            await self.db.run(self.db.state.touch_blobs, items)
+            try:
+                await self.db.run(self.db.state.touch_blobs, items)
+            except OSError as exc:  # only LRU order is at stake: try again later
+                self._touched = dict(items) | self._touched
+                log.warning("cannot record cache use: %s", exc)
 
     # -- downloads ------------------------------------------------------------------------
     def start_download(self, sha: str, size: int) -> Download:

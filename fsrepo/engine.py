@@ -34,6 +34,8 @@ class StateLock:
 
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
+        # Private: it holds cached copies of the files and their names, like the mount.
+        os.chmod(state_dir, 0o700)
         self.path = state_dir / "lock"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:

@@ -155,6 +155,9 @@ class FileManager:
         self.cache.acquire(EMPTY_SHA)
         self._stage_empty(node, entry)
         self.staged[node.ino].writers += 1
+        # Dirty from the start: closing a new file commits it durably even if nothing was
+        # written (its name alone was only written behind; a kill -9 could lose it).
+        self.staged[node.ino].dirty = True
         return handle, node
 
     # -- staging --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ trio loop; one connection, used by one thread at a time.
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -200,10 +201,28 @@ class StateDB:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         def call() -> T:
             with self._lock:
-                return fn(*args)
+                return _disk_errors(fn, *args)
         return await trio.to_thread.run_sync(call, limiter=self._limiter)
 
     def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """For startup and shutdown, outside the trio loop."""
         with self._lock:
-            return fn(*args)
+            return _disk_errors(fn, *args)
+
+
+_SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 5: errno.EBUSY, 6: errno.EBUSY}
+
+
+def _disk_errors(fn: Callable[..., T], *args: Any) -> T:
+    """SQLite's failures of the disk under it (full, read-only, I/O error, damaged file) as
+    OSErrors with an errno, which every caller already handles as it handles a failing local
+    disk (the user sees ENOSPC, the uploader retries later) instead of dying on them."""
+    try:
+        return fn(*args)
+    except sqlite3.OperationalError as exc:
+        code = _SQLITE_ERRNO.get(getattr(exc, "sqlite_errorcode", 0) & 0xFF, errno.EIO)
+        raise OSError(code, f"the local state database failed: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        if type(exc) is not sqlite3.DatabaseError:
+            raise  # IntegrityError, ProgrammingError...: bugs, not the disk
+        raise OSError(errno.EIO, f"the local state database is damaged: {exc}") from exc

@@ -133,7 +133,10 @@ class Mount:
 # -- the workload -------------------------------------------------------------------------
 def read_tree(root: Path) -> Tree:
     tree: Tree = {}
-    for dirpath, dirs, files in os.walk(root):
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    for dirpath, dirs, files in os.walk(root, onerror=fail):
         rel = os.path.relpath(dirpath, root)
         for d in dirs:
             tree[os.path.normpath(os.path.join(rel, d))] = None
@@ -299,7 +302,7 @@ def run_round(mount: Mount, workload: Workload, rng: random.Random, min_s: float
 
 
 def describe(expected: Tree, actual: Tree) -> str:
-    lines = []
+    lines = [f"    ({len(expected)} paths expected, {len(actual)} found)"]
     for p in sorted(expected.keys() | actual.keys()):
         e, a = expected.get(p, "absent"), actual.get(p, "absent")
         if e != a:
@@ -341,7 +344,16 @@ def soak(storage: str, workdir: Path, *, rounds: int = 10, seed: int | None = No
             op, done = run_round(mount, workload, rng, min_s, max_s, log)
             total_ops += done
             mount.start()  # replays the journal of the killed run
-            actual = read_tree(mount.path)
+            # Let the replay settle first: a file whose close() never returned may show
+            # for a moment (until the uploader finds its content gone and drops it).
+            res = mount.cli("--status", str(mount.path), "--json", "--wait", timeout=600)
+            if res.returncode != 0:
+                raise SoakFailure(f"round {n}: waiting for the replay failed: {res.stderr}")
+            try:
+                actual = read_tree(mount.path)
+            except OSError as exc:
+                raise SoakFailure(f"round {n} (seed {seed}): reading the tree after remount "
+                                  f"failed: {exc}") from exc
             candidates = [workload.ref] if op is None else [workload.ref, op.after, *op.maybe]
             if actual not in candidates:
                 raise SoakFailure(f"round {n} (seed {seed}): the tree after remount is not "

@@ -1,0 +1,244 @@
+"""Security: the mount is private to its user, secrets never leak, TLS is verified.
+
+(Login tokens are the auth tests' business; here it is the AWS credentials from the
+environment that must never show up anywhere the tests can see: logs, status output, error
+messages, the process title, the local state.)
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import secrets
+import shutil
+import ssl
+import stat
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsrepo.errors import ConfigError, StorageError
+from fsrepo.store import open_store
+from fsrepo.store.s3 import S3Store
+
+try:
+    from .mountutil import MountProcess, run_cli
+except ImportError:
+    from mountutil import MountProcess, run_cli  # type: ignore[no-redef]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOBODY = 65534
+
+
+def _mountinfo(path: Path) -> tuple[set[str], set[str]]:
+    """(per-mount options, superblock options) of the mount at `path`."""
+    target = str(path)
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if fields[4] == target:
+                return set(fields[5].split(",")), set(right.split()[2].split(","))
+    raise AssertionError(f"{path} is not mounted")
+
+
+def _ls_as_nobody(path: Path) -> subprocess.CompletedProcess:
+    def demote() -> None:
+        os.setgroups([])
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+    return subprocess.run(["/bin/ls", str(path)], capture_output=True, text=True,
+                          preexec_fn=demote, timeout=30, env={"PATH": "/usr/bin:/bin",
+                                                              "LC_ALL": "C"})
+
+
+@pytest.fixture
+def public_dir():
+    """A folder other users may traverse (pytest's tmp dirs are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="imgrepo-sec-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_mount_is_private_nosuid_and_runs_as_its_user(public_dir: Path, mounter, mount_env,
+                                                      tmp_path: Path):
+    m = MountProcess(public_dir / "mnt", f"file://{tmp_path}/repo", tmp_path / "cache",
+                     mount_env)
+    mounter.mounts.append(m)  # cleaned up at teardown
+    m.start()
+    (m.path / "photo.jpg").write_bytes(b"private")
+    (public_dir / "plain").mkdir()
+    (public_dir / "plain" / "x").write_bytes(b"x")
+
+    per_mount, super_opts = _mountinfo(m.path)
+    assert {"nosuid", "nodev"} <= per_mount, per_mount
+    assert "allow_other" not in super_opts and "allow_root" not in super_opts, super_opts
+    assert f"user_id={os.getuid()}" in super_opts
+    # The daemon runs as the user who started it, nothing more.
+    with open(f"/proc/{m.proc.pid}/status") as fh:
+        uids = next(line for line in fh if line.startswith("Uid:")).split()[1:]
+    assert set(uids) == {str(os.getuid())}
+    # Another user is turned away by the kernel (no allow_other), while the same user can
+    # read an ordinary folder beside it: the refusal is the mount's privacy.
+    res = _ls_as_nobody(public_dir / "plain")
+    assert res.returncode == 0 and res.stdout.split() == ["x"], res.stderr
+    res = _ls_as_nobody(m.path)
+    assert res.returncode != 0 and "Permission denied" in res.stderr, (res.stdout, res.stderr)
+    # The local cache (copies of the files, their names) is private too.
+    status = m.status()
+    state_dir = Path(status["log_file"]).parent if status.get("log_file") else None
+    if state_dir is None:
+        state_dir = next((tmp_path / "cache" / "repos").iterdir())
+    assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
+    log_file = state_dir / "imgrepo.log"
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+
+
+def _all_text(root: Path) -> bytes:
+    out = []
+    for p in root.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink():
+                out.append(p.read_bytes())
+        except OSError:
+            pass
+    return b"\n".join(out)
+
+
+def test_aws_secrets_never_leak(s3_bucket, s3_proxy, mounter, mount_env, tmp_path: Path):
+    secret = "SeCrEt" + secrets.token_hex(16)
+    token = "ToKeN" + secrets.token_hex(24)
+    mount_env["AWS_SECRET_ACCESS_KEY"] = secret
+    mount_env["AWS_SESSION_TOKEN"] = token
+    m = mounter(s3_bucket.url, "--verbose", endpoint_url=s3_proxy.url)
+    cmdline = Path(f"/proc/{m.proc.pid}/cmdline").read_bytes()
+    outputs: list[str] = []
+    # Errors of every kind, so that error paths write their messages too.
+    s3_proxy.inject(method="PUT", path="/blobs/", status=403, times=3)  # AccessDenied
+    s3_proxy.inject(method="PUT", path="/dirs/", status=500, times=2)
+    s3_proxy.inject(method="GET", status=400, code="InvalidToken", times=1)
+    for i in range(5):
+        (m.path / f"f{i}").write_bytes(os.urandom(1000 + i))
+    status = m.wait_idle()
+    outputs.append(json.dumps(status))
+    outputs.append(run_cli(["--status", str(m.path)], mount_env).stdout)
+    extra = ["--storage", s3_bucket.url, "--endpoint-url", s3_proxy.url]
+    for args in (["--verify", "--data"], ["--verify", "--json"], ["--gc", "--dry-run"]):
+        res = run_cli([*args, *extra], mount_env, check=False)
+        outputs += [res.stdout, res.stderr]
+    s3_proxy.inject(status=403, times=None)  # credentials refused from now on
+    res = run_cli(["--verify", *extra], mount_env, check=False)
+    assert res.returncode != 0 and "refused access" in res.stderr, res.stderr
+    outputs += [res.stdout, res.stderr]
+    s3_proxy.clear_faults()
+    m.unmount()
+    everything = _all_text(tmp_path) + "\n".join(outputs).encode() + cmdline
+    assert b"refused access" in everything  # the access-denied path was exercised
+    for value in (secret, token):
+        assert value.encode() not in everything, f"{value[:6]}... leaked"
+    assert secret.encode() not in cmdline and token.encode() not in cmdline
+
+
+# -- TLS ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate (for 127.0.0.1); it
+    answers every request 404 NoSuchBucket."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            body = (b"<?xml version='1.0'?><Error><Code>NoSuchBucket</Code>"
+                    b"<Message>no</Message></Error>")
+            self.send_response(404)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = do_POST = _answer
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", cert
+    server.shutdown()
+    server.server_close()
+
+
+def _head(store) -> BaseException | None:
+    async def main():
+        try:
+            await store.check()
+        except StorageError as exc:
+            return exc
+        finally:
+            await store.aclose()
+        return None
+    return trio.run(main)
+
+
+def test_tls_certificates_are_verified(tls_server, monkeypatch, mount_env):
+    url, cert = tls_server
+    exc = _head(S3Store("bucket", endpoint_url=url, max_attempts=1))
+    assert exc is not None and "certificate verify failed" in str(exc).lower(), exc
+    # Control: trusting that certificate explicitly gets past TLS (to the server's 404),
+    # so the refusal above was the certificate check and nothing else.
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+    exc = _head(S3Store("bucket", endpoint_url=url, max_attempts=1))
+    assert exc is not None and "does not exist" in str(exc), exc
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    # The command line says so in one line.
+    res = run_cli(["--verify", "--storage", "s3://bucket", "--endpoint-url", url], mount_env,
+                  check=False, timeout=180)
+    assert res.returncode != 0
+    assert res.stderr.startswith("imgrepo-mount: error:") and "Traceback" not in res.stderr
+    assert "certificate" in res.stderr.lower() and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_plain_http_only_to_this_machine(monkeypatch):
+    for ok in ("http://127.0.0.1:9000", "http://localhost:9000", "http://[::1]:9000",
+               "https://s3.example.com", "https://10.1.2.3:9000"):
+        trio.run(open_store("s3://bucket/p", endpoint_url=ok).aclose)
+    for bad in ("http://s3.example.com", "http://10.1.2.3:9000", "http://192.168.1.5",
+                "ftp://127.0.0.1"):
+        with pytest.raises(ConfigError) as err:
+            open_store("s3://bucket/p", endpoint_url=bad)
+        assert "https://" in str(err.value)
+    monkeypatch.setenv("IMGREPO_ALLOW_HTTP", "1")
+    trio.run(open_store("s3://bucket/p", endpoint_url="http://10.1.2.3:9000").aclose)
+
+
+def test_no_code_turns_certificate_checks_off():
+    offenders = []
+    for path in (REPO_ROOT / "fsrepo").rglob("*.py"):
+        text = path.read_text()
+        for needle in ("verify=False", "CERT_NONE", "check_hostname = False",
+                       "check_hostname=False", "_create_unverified_context"):
+            if needle in text:
+                offenders.append(f"{path.relative_to(REPO_ROOT)}: {needle}")
+    assert offenders == []
