@@ -102,6 +102,10 @@ def test_error_storm_loses_nothing_and_reads_retry(s3_bucket, s3_proxy, mounter,
     writer.wait_idle()
     reader = mounter(s3_bucket.url, endpoint_url=s3_proxy.url, name="reader")
 
+    # A few of each for sure (matched first), then the random storm.
+    s3_proxy.inject(status=500, times=2)
+    s3_proxy.inject(status=503, times=2)
+    s3_proxy.inject(method="GET", path="/blobs/", drop="midway", times=2)
     faults = storm(s3_proxy, seed)
     for i in range(30):
         folder = f"d{i % 4}"
@@ -133,6 +137,9 @@ def test_error_storm_loses_nothing_and_reads_retry(s3_bucket, s3_proxy, mounter,
     _verify_bucket(s3_bucket)
     log = writer.logtext() + reader.logtext()
     assert "Traceback" not in log, log[log.find("Traceback"):][:3000]
+    # What the storm did is in the log, though every fault was ridden out.
+    assert "failed (attempt" in log and "503 SlowDown" in log and "500 InternalError" in log
+    assert "409 ConditionalRequestConflict" in log and "broke off" in log
 
 
 def test_conditional_write_conflicts_409_are_retried(s3_bucket, s3_proxy, mounter):
@@ -144,6 +151,7 @@ def test_conditional_write_conflicts_409_are_retried(s3_bucket, s3_proxy, mounte
         (m.path / name).write_bytes(data)
     m.wait_idle(timeout=180)
     assert manifest_409.hits == 8 and blob_409.hits == 8
+    assert m.logtext().count("409 ConditionalRequestConflict") >= 16
     m.unmount()
     _verify_bucket(s3_bucket)
     fresh = mounter(s3_bucket.url, endpoint_url=s3_proxy.url, name="fresh")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 import random
 import threading
@@ -91,6 +92,27 @@ STREAM_ERRORS = (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def _log_retry(response: Any = None, operation: Any = None, attempts: int = 0,
+               caught_exception: Exception | None = None, request_dict: Any = None,
+               **_: Any) -> None:
+    """botocore's needs-retry hook: say in the log what went wrong before botocore retries it
+    (silently otherwise), so that an error storm that was ridden out still leaves a trace.
+    Returns None: the retry decision stays botocore's."""
+    what = ""
+    if caught_exception is not None:
+        what = f"{type(caught_exception).__name__}: {caught_exception}"
+    elif response is not None:
+        status = getattr(response[0], "status_code", 0)
+        code = str(((response[1] or {}).get("Error") or {}).get("Code") or "")
+        if status >= 500 or status == 429 or code in THROTTLE_CODES:
+            what = f"{status} {code}".strip()
+    if what:
+        url = str((request_dict or {}).get("url", "")).split("?", 1)[0]
+        log.info("S3 %s %s failed (attempt %d): %s", getattr(operation, "name", "?"), url,
+                 attempts, what[:300])
 
 
 class _Conflict(PreconditionFailed):
@@ -239,6 +261,7 @@ class S3Store(Store):
         except (ValueError, bx.BotoCoreError) as exc:
             raise ConfigError(f"cannot set up S3 access for {self.url}: {exc}") from exc
         self.endpoint: str = self._client.meta.endpoint_url
+        self._client.meta.events.register("needs-retry.s3", _log_retry)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint!r})"
@@ -315,6 +338,8 @@ class S3Store(Store):
             try:
                 return await self._call(what, key, fn)
             except _Conflict:
+                log.info("S3 %s: 409 ConditionalRequestConflict (attempt %d), retrying",
+                         self._where(key), attempt + 1)
                 if attempt == self._conflict_retries:
                     raise PreconditionFailed(
                         f"{self._where(key)}: conditional write kept conflicting with another "
@@ -331,6 +356,8 @@ class S3Store(Store):
             try:
                 return fn()
             except _BodyBroken as broken:
+                log.info("S3 response body broke off (attempt %d): %s", attempt + 1,
+                         broken.cause)
                 if attempt == self._stream_retries:
                     raise broken.cause from None
                 time.sleep(min(2.0, 0.05 * 2**attempt) * (1 + random.random()))
@@ -426,7 +453,9 @@ class S3Store(Store):
                                 if on_chunk is not None:
                                     on_chunk(pos)
                         return
-                    except STREAM_ERRORS:
+                    except STREAM_ERRORS as exc:
+                        log.info("S3 download of %s broke off at byte %d, resuming: %s",
+                                 self._where(key), pos, exc)
                         failures = 0 if pos > before else failures + 1
                         if failures > self._stream_retries:
                             raise
