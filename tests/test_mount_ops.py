@@ -10,6 +10,7 @@ checked on the backend where they are cheapest.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import re
@@ -577,6 +578,26 @@ def test_plain_fusermount_keeps_pending_uploads_for_next_mount(s3_bucket, s3_pro
                  cache_dir=tmp_path / "fresh")
     for name, data in files.items():
         assert (m3.path / name).read_bytes() == data
+
+
+def test_unmount_waits_until_everything_is_in_the_bucket(s3_bucket, s3_proxy, mounter):
+    """`--unmount` with slow uploads: when it returns, the bucket holds every blob and
+    every name (read straight from the bucket, not through imgrepo)."""
+    m = mounter(s3_bucket.url, endpoint_url=s3_proxy.url)
+    s3_proxy.inject(method="PUT", path=r"/blobs/", delay=0.5, times=None)
+    files = {f"slow{i}.jpg": os.urandom(30_000 + i) for i in range(6)}
+    for name, data in files.items():
+        (m.path / name).write_bytes(data)
+    m.unmount()
+    client = s3_client(s3_bucket)
+    for data in files.values():
+        digest = hashlib.sha256(data).hexdigest()
+        key = f"{s3_bucket.prefix}/blobs/sha256/{digest[:2]}/{digest}"
+        assert client.get_object(Bucket=s3_bucket.bucket, Key=key)["Body"].read() == data
+    root = client.get_object(Bucket=s3_bucket.bucket,
+                             Key=f"{s3_bucket.prefix}/dirs/root.json")["Body"].read()
+    for name in files:
+        assert name.encode() in root
 
 
 def s3_client(target):  # noqa: ANN001, ANN201
