@@ -68,6 +68,7 @@ class FileManager:
         self.is_remote = is_remote
         self.staged: dict[int, Staging] = {}
         self._committing: dict[int, trio.Event] = {}  # ino -> set when its commit is done
+        self._sealed: dict[int, Staging] = {}  # ino -> the staging copy being committed
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         ns.editing = lambda ino: ino in self.staged or ino in self._committing or any(
@@ -82,7 +83,7 @@ class FileManager:
     # -- attributes -----------------------------------------------------------------------
     def overlay(self, node: Node, entry: Entry) -> Entry:
         """The entry as the user sees it now, with unflushed writes."""
-        st = self.staged.get(node.ino)
+        st = self.staged.get(node.ino) or self._sealed.get(node.ino)
         if st is None or not isinstance(entry, FileEntry):
             return entry
         return FileEntry(entry.sha256, st.size, st.mtime_ns, st.mode)
@@ -217,6 +218,8 @@ class FileManager:
     # -- data -----------------------------------------------------------------------------
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handle(fh)
+        while handle.node.ino in self._committing:  # its handles then read the new blob
+            await self._committing[handle.node.ino].wait()
         st = self.staged.get(handle.node.ino)
         if st is not None:
             return os.pread(st.fd, size, offset)
@@ -305,6 +308,7 @@ class FileManager:
         size, mode, mtime_ns = st.size, st.mode, st.mtime_ns
         # The staging file becomes the blob; a later write starts a new copy from it.
         del self.staged[node.ino]
+        self._sealed[node.ino] = st
         done = self._committing[node.ino] = trio.Event()
         try:
             if st.hasher is not None and st.hashed == size:
@@ -316,6 +320,7 @@ class FileManager:
                 digest, size, mtime_ns, mode))
         finally:
             del self._committing[node.ino]
+            del self._sealed[node.ino]
             done.set()
         if entry is not None:
             for h in self.handles.values():

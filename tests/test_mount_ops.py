@@ -17,6 +17,7 @@ import re
 import signal
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,35 @@ def test_data_operations_survive_remount_with_empty_cache(storage, mounter, tmp_
     assert_same_tree(before, snapshot(m2.path, mtimes=True), "after remount, empty cache")
     assert (m2.path / "random.bin").read_bytes() == bytes(model)
     assert (m2.path / "trunc.bin").read_bytes() == trunc_expected
+
+
+def test_reads_while_another_descriptor_closes(tmp_path: Path, mounter):
+    """While close() stores a big file, reads through another descriptor (the kernel's page
+    cache dropped, so they reach the mount) see its content, never an empty file."""
+    m = mounter(f"file://{tmp_path}/repo")
+    data = os.urandom(64 * MiB)
+    writer = os.open(m.path / "big.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(writer, data)
+    reader = os.open(m.path / "big.bin", os.O_RDONLY)
+    closed = threading.Event()
+
+    def close_writer() -> None:
+        os.close(writer)
+        closed.set()
+
+    thread = threading.Thread(target=close_writer)
+    thread.start()
+    wrong = []
+    try:
+        while not closed.is_set():
+            os.posix_fadvise(reader, 0, 0, os.POSIX_FADV_DONTNEED)
+            got = os.pread(reader, 4096, 32 * MiB)
+            if got != data[32 * MiB:32 * MiB + 4096]:
+                wrong.append(len(got))
+    finally:
+        thread.join()
+        os.close(reader)
+    assert not wrong, f"{len(wrong)} reads saw other bytes (lengths {wrong[:5]})"
 
 
 def test_open_unlinked_file_stays_readable(storage, mounter, tmp_path: Path):
