@@ -71,7 +71,7 @@ class Engine:
                                  host=self.host, parallel=settings.uploads)
         self.ns.on_remote_blobs = self.uploader.known_remote
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 lambda sha: sha in self.uploader.remote)
+                                 self.uploader.reuse)
         self.syncer = Syncer(self.ns, self.cache)
         self.started = time.time()
         self.online = True

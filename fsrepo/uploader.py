@@ -43,6 +43,8 @@ from .store.base import Store, StoredObject
 
 log = logging.getLogger(__name__)
 
+TRUST_REMOTE = 600.0  # seconds; far below any sensible gc grace period (hours)
+
 
 @dataclass
 class UploadStatus:
@@ -80,6 +82,11 @@ class Uploader:
         self._flush = False
         self._next_due = math.inf
         self.remote: set[str] = set()  # blobs known to be in the bucket
+        # When this process last saw each blob in the bucket (uploaded or HEAD), and the
+        # known blobs that new content re-uses and that must be seen there again first: a
+        # gc may have deleted a blob the index still lists (see `reuse`).
+        self.confirmed: dict[str, float] = {}
+        self.unconfirmed: set[str] = set()
         self.lost: set[str] = set()  # pending blobs whose cache file was gone at startup
         self.status = UploadStatus()
         self._slots = trio.Semaphore(parallel)
@@ -93,6 +100,21 @@ class Uploader:
         new = shas - self.remote
         if new:
             self.remote |= new
+
+    def reuse(self, sha: str) -> bool:
+        """Whether a closed file whose content is blob `sha` may skip its upload (dedup).
+        Only if this process saw the blob in the bucket within TRUST_REMOTE seconds: the
+        index of known blobs outlives a `--gc` that deleted some of them (after they had
+        been unreferenced for its grace period), and a file re-using one would then name a
+        blob that is gone. Otherwise the blob is checked (one HEAD, no upload if it is
+        there) before any manifest references it, and uploaded again if it is not."""
+        if sha not in self.remote:
+            return False
+        if sha == EMPTY_SHA or time.monotonic() - self.confirmed.get(sha, -math.inf) \
+                < TRUST_REMOTE:
+            return True
+        self.unconfirmed.add(sha)
+        return False
 
     def kick(self) -> None:
         """Someone waits for the journal to drain: commit without batching delays."""
@@ -114,7 +136,8 @@ class Uploader:
                 ready[p.op.name] = p
             for p in ops:
                 e = p.op.entry
-                if isinstance(e, FileEntry) and e.sha256 not in self.remote \
+                if isinstance(e, FileEntry) and (e.sha256 not in self.remote
+                                                 or e.sha256 in self.unconfirmed) \
                         and (last[p.op.name] is p or ready.get(p.op.name) is p):
                     out[e.sha256] = e.size
         return out
@@ -242,7 +265,8 @@ class Uploader:
 
     def _needs_blob(self, p: PendingOp) -> bool:
         e = p.op.entry
-        return isinstance(e, FileEntry) and e.sha256 not in self.remote
+        return isinstance(e, FileEntry) and (e.sha256 not in self.remote
+                                             or e.sha256 in self.unconfirmed)
 
     # -- blobs ----------------------------------------------------------------------------
     async def _upload(self, sha: str, size: int) -> None:
@@ -279,6 +303,8 @@ class Uploader:
             self.status.skipped_blobs += 1
         await self.db.run(self.db.state.mark_uploaded, [sha])
         self.remote.add(sha)
+        self.confirmed[sha] = time.monotonic()
+        self.unconfirmed.discard(sha)
         self.cache.uploaded(sha)
 
     async def _abandon(self, sha: str) -> None:

@@ -297,3 +297,32 @@ def test_gc_while_a_mount_writes(s3_bucket, mounter, tmp_path: Path):
     m2 = mounter(s3_bucket.url, endpoint_url=s3_bucket.endpoint_url,
                  cache_dir=tmp_path / "fresh")
     assert _tree(m2.path) == written
+
+
+def test_content_reimported_after_gc_deleted_it_is_uploaded_again(storage, mounter,
+                                                                   tmp_path: Path):
+    """The mount remembers which blobs the bucket has (dedup). After a gc deleted one that
+    nothing referenced any more, the same content written again must be uploaded again,
+    not re-used from that memory (which would name a blob that is gone)."""
+    photo = os.urandom(120_000)
+    m = mounter(storage.url, endpoint_url=storage.endpoint_url, name="m")
+    (m.path / "photo.jpg").write_bytes(photo)
+    m.wait_idle()
+    (m.path / "photo.jpg").unlink()
+    m.unmount()
+    store = storage.open()
+    try:
+        assert trio.run(collect, store, 0, False).deleted_shas == [craft.sha(photo)]
+        m = mounter(storage.url, endpoint_url=storage.endpoint_url, name="m",
+                    cache_dir=m.cache_dir)  # same local state: it still "knows" the blob
+        (m.path / "again.jpg").write_bytes(photo)  # re-imported from the camera
+        (m.path / "copy.jpg").write_bytes(photo)
+        m.wait_idle()
+        m.unmount()
+        report = trio.run(verify, store, True)
+        assert report.problems == [], report.problems
+    finally:
+        trio.run(store.aclose)
+    fresh = mounter(storage.url, endpoint_url=storage.endpoint_url, name="fresh",
+                    cache_dir=tmp_path / "cache-fresh")
+    assert _tree(fresh.path) == {"again.jpg": photo, "copy.jpg": photo}
