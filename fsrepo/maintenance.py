@@ -35,11 +35,14 @@ gc
     - just before deleting, every manifest is read again (conditional GETs: unchanged ones
       cost almost nothing) and anything referenced by then is kept.
 
-    The remaining hazard is a machine that stays offline for longer than the grace period
-    with pending changes that re-use an old blob which meanwhile became unreferenced
-    everywhere: keep the grace period longer than machines stay offline with unsent work.
-    `--grace 0` drops the protection of the grace period: use it only when no mount is
-    writing to the repository.
+    - a mount re-uses a blob it knows (dedup) without a HEAD only if it saw that blob in the
+      bucket within the last 10 minutes (`uploader.TRUST_REMOTE`); anything it knows from
+      longer ago, or from its persistent index, is checked again right before a manifest
+      names it, and uploaded again if a gc deleted it. So a machine that comes back after
+      days offline, or a photo deleted, collected and then imported again, is safe.
+
+    A grace period shorter than those 10 minutes drops part of this protection, and
+    `--grace 0` all of it: use them only when no mount is writing to the repository.
 """
 
 from __future__ import annotations
@@ -501,6 +504,9 @@ def run_gc(settings: Settings, dry_run: bool, grace_hours: float) -> int:
     """`imgrepo-mount --gc [--dry-run] [--grace HOURS]`."""
     if grace_hours < 0:
         raise ImgrepoError("--grace must be zero or more hours")
+    if grace_hours < 1 / 6 and not dry_run:
+        print(f"gc: note: a grace period of {grace_hours:g} h (under 10 minutes) is safe only "
+              "while no mount is writing to this repository", file=sys.stderr)
 
     async def main() -> Collection:
         store = await _open(settings)
