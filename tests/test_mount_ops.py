@@ -14,6 +14,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -23,11 +24,11 @@ from pathlib import Path
 import pytest
 
 try:
-    from .mountutil import force_unmount, run_cli
+    from .mountutil import CLI, force_unmount, run_cli
     from .servers import closed_port
     from .treeutil import RENAME_NOREPLACE, assert_same_tree, renameat2, snapshot
 except ImportError:
-    from mountutil import force_unmount, run_cli  # type: ignore[no-redef]
+    from mountutil import CLI, force_unmount, run_cli  # type: ignore[no-redef]
     from servers import closed_port  # type: ignore[no-redef]
     from treeutil import (  # type: ignore[no-redef]
         RENAME_NOREPLACE,
@@ -516,6 +517,14 @@ def test_cli_errors_before_mounting_are_one_line(tmp_path: Path, mounter, mount_
     err = _one_line_error(res)
     assert "unreachable" in err or "cannot reach" in err, err
     assert not os.path.ismount(target)
+    # No FUSE on this machine: /dev replaced by an empty folder in a private mount
+    # namespace of the command's own.
+    if shutil.which("unshare"):
+        script = 'mount -t tmpfs none /dev && exec "$@"'
+        res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                              "sh", *CLI, str(target), "--storage", url, *cache],
+                             env=mount_env, capture_output=True, text=True, timeout=60)
+        _one_line_error(res, "FUSE is not available")
     # Unmounting something that is not mounted.
     res = run_cli(["--unmount", str(target)], mount_env, check=False)
     _one_line_error(res, "not mounted")
