@@ -227,8 +227,14 @@ def cmd_unmount(mountpoint: Path) -> int:
     from . import control
     pid = None
     if control.is_running(mountpoint):
-        final = follow(mountpoint, {"cmd": "wait"}, "uploading")
+        final = follow(mountpoint, {"cmd": "wait"}, "uploading", give_up_offline=10.0)
         pid = final.get("pid")
+        if final.get("gave_up"):
+            p = final["progress"]
+            print(f"the storage is unreachable: {p['blobs']} files ({human(p['bytes'])}) and "
+                  f"{p['ops']} changes stay queued locally and upload at the next mount",
+                  file=sys.stderr)
+            pid = _status_pid(mountpoint)
     elif not os.path.ismount(mountpoint):
         raise ImgrepoError(f"{mountpoint} is not mounted")
     unmount_kernel(mountpoint)
@@ -272,17 +278,40 @@ def human(n: float) -> str:
     return str(n)
 
 
-def follow(mountpoint: Path, cmd: dict[str, Any], label: str) -> dict[str, Any]:
-    """Send a request; render its progress (a bar on a terminal, lines otherwise)."""
+def _status_pid(mountpoint: Path) -> int | None:
+    from . import control
+    try:
+        for reply in control.request(mountpoint, {"cmd": "ping"}, timeout=10):
+            if reply.get("done"):
+                return reply.get("pid")
+    except (ImgrepoError, OSError, ValueError):
+        pass
+    return None
+
+
+def follow(mountpoint: Path, cmd: dict[str, Any], label: str,
+           give_up_offline: float | None = None) -> dict[str, Any]:
+    """Send a request; render its progress (a bar on a terminal, lines otherwise).
+    With `give_up_offline`, stop once the storage has been unreachable that long and
+    return the last progress with "gave_up"."""
     from . import control
     tty = sys.stderr.isatty()
     last_line = 0.0
     shown = False
     final: dict[str, Any] = {}
+    offline_since: float | None = None
     for reply in control.request(mountpoint, cmd):
         if reply.get("done"):
             final = reply
             break
+        if give_up_offline is not None and "progress" in reply:
+            if reply.get("online") is False:
+                offline_since = offline_since or time.monotonic()
+                if time.monotonic() - offline_since >= give_up_offline:
+                    final = {**reply, "gave_up": True}
+                    break
+            else:
+                offline_since = None
         text = progress_text(label, reply)
         if not text:
             continue

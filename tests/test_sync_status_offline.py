@@ -495,3 +495,22 @@ def test_guard_goes_offline_fails_fast_and_comes_back(tmp_path):
         assert guard.online
 
     trio.run(main)
+
+
+def test_unmount_while_offline_leaves_the_queue_for_the_next_mount(s3_bucket, s3_proxy,
+                                                                  mounter):
+    """--unmount does not wait forever for an unreachable storage: it says what stays
+    queued, unmounts, and the next mount uploads it."""
+    m = mounter(s3_bucket.url, endpoint_url=s3_proxy.url)
+    s3_proxy.pause()
+    data = os.urandom(50 * KiB)
+    (m.path / "kept.bin").write_bytes(data)
+    res = run_cli(["--unmount", str(m.path)], m.env, timeout=120)
+    assert "stay queued" in res.stderr and "Traceback" not in res.stderr
+    m.proc.wait(timeout=30)
+    assert not os.path.ismount(m.path)
+    s3_proxy.resume()
+    m.start()
+    m.wait_idle()
+    fresh = mounter(s3_bucket.url, endpoint_url=s3_bucket.endpoint_url, name="fresh")
+    assert (fresh.path / "kept.bin").read_bytes() == data
