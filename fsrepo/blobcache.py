@@ -169,6 +169,17 @@ class BlobCache:
         if pending:
             self.pending.add(sha)
 
+    def discard(self, sha: str) -> None:
+        """Forget a damaged blob and remove its file (worker thread or loop)."""
+        size = self._lru.pop(sha, None)
+        if size is not None:
+            self.used -= size
+        self.pending.discard(sha)
+        try:
+            os.unlink(self.path(sha))
+        except FileNotFoundError:
+            pass
+
     def uploaded(self, sha: str) -> None:
         self.pending.discard(sha)
 

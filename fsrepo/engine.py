@@ -85,6 +85,7 @@ class Engine:
             log.warning("blob %s was pending upload but its cache file is gone; unless the "
                         "bucket has it, the changes that need it will be dropped", sha)
         self.uploader.lost |= set(missing)
+        self.uploader.unverified |= self.cache.pending - {EMPTY_SHA}
         self.uploader.remote |= state.remote_blobs()
         self.files.clear_leftovers()
         empty = self.cache.path(EMPTY_SHA)

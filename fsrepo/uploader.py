@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .blobcache import BlobCache
+from .blobcache import BlobCache, hash_file
 from .errors import (
     ImgrepoError,
     ManifestError,
@@ -88,6 +88,9 @@ class Uploader:
         self.confirmed: dict[str, float] = {}
         self.unconfirmed: set[str] = set()
         self.lost: set[str] = set()  # pending blobs whose cache file was gone at startup
+        # Pending blobs left by an earlier run: a power loss may have torn their file, so
+        # each is hashed once before it is sent (servers that skip the checksum exist).
+        self.unverified: set[str] = set()
         self.status = UploadStatus()
         self._slots = trio.Semaphore(parallel)
         self._committing: set[str] = set()
@@ -293,6 +296,17 @@ class Uploader:
                     await self._abandon(sha)
                     return
                 raise ImgrepoError(f"blob {sha} is pending upload but missing from the cache")
+            if sha in self.unverified:
+                actual = await trio.to_thread.run_sync(hash_file, path)
+                if actual != sha:
+                    log.error("blob %s in the local cache is damaged (it hashes to %s), "
+                              "probably by a power loss before its close() returned",
+                              sha[:12], actual[:12])
+                    self.cache.discard(sha)
+                    self.lost.add(sha)
+                    await self._abandon(sha)
+                    return
+                self.unverified.discard(sha)
             created = await self.store.put_file(key, path, sha)
             if created:
                 self.status.uploaded_blobs += 1
