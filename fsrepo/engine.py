@@ -73,6 +73,7 @@ class Engine:
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
                                  self.uploader.reuse)
         self.syncer = Syncer(self.ns, self.cache)
+        self.uploader.writing = lambda: time.monotonic() - self.files.last_activity < 0.3
         self.started = time.time()
         self.online = True
 

@@ -67,6 +67,7 @@ class FileManager:
         staging_dir.mkdir(parents=True, exist_ok=True)
         self.is_remote = is_remote
         self.staged: dict[int, Staging] = {}
+        self.last_activity = 0.0  # monotonic time of the last write: uploads yield to writes
         self._committing: dict[int, trio.Event] = {}  # ino -> set when its commit is done
         self._sealed: dict[int, Staging] = {}  # ino -> the staging copy being committed
         self.handles: dict[int, Handle] = {}
@@ -241,6 +242,7 @@ class FileManager:
         return os.pread(handle.fd, size, offset)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
+        self.last_activity = time.monotonic()
         handle = self._handle(fh)
         st = await self._stage(handle.node, handle)
         written = os.pwrite(st.fd, data, offset)

@@ -1,7 +1,7 @@
 """Local state in SQLite (WAL): cached manifests, the upload journal, the blob index.
 
 This is the durable half of the write path: an operation is acknowledged to the user only
-after the transaction recording it has committed (WAL + synchronous=FULL: fsync'd). After a
+after the transaction recording it has committed (WAL, fsync'd: see `append_many`). After a
 crash, whatever is in `ops` and in `blobs` with pending=1 is still owed to the bucket.
 
 All methods are synchronous and must run in a worker thread (see `StateDB`), never on the
@@ -69,7 +69,10 @@ class LocalState:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        # Bookkeeping (uploaded marks, cache atimes, manifests) need not be fsync'd: if a
+        # crash loses it, the next run re-checks with the bucket. Only journal appends that
+        # a user was promised are, by switching to FULL for their transaction.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(SCHEMA)
 
@@ -113,8 +116,8 @@ class LocalState:
         commit). `durable=False` skips the fsync: the next durable commit covers it (the WAL
         is written in order), enough for changes no user was promised yet."""
         now = time.time()
-        if not durable:
-            self.db.execute("PRAGMA synchronous=OFF")
+        if durable:
+            self.db.execute("PRAGMA synchronous=FULL")
         try:
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
@@ -131,8 +134,8 @@ class LocalState:
                     if dedup_bytes:
                         self.add_counter("dedup_bytes", dedup_bytes)
         finally:
-            if not durable:
-                self.db.execute("PRAGMA synchronous=FULL")
+            if durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
 
     def pending_ops(self) -> list[JournalOp]:
         rows = self.db.execute(

@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -42,6 +43,10 @@ from .state import StateDB
 from .store.base import Store, StoredObject
 
 log = logging.getLogger(__name__)
+
+# Uploads in flight while files are being written: the uploads' CPU (boto3, hashing for
+# signatures) would otherwise slow the writers down, and the queue catches up right after.
+WHILE_WRITING = 4
 
 TRUST_REMOTE = 600.0  # seconds; far below any sensible gc grace period (hours)
 
@@ -93,6 +98,7 @@ class Uploader:
         self.unverified: set[str] = set()
         self.status = UploadStatus()
         self._slots = trio.Semaphore(parallel)
+        self.writing: Callable[[], bool] = lambda: False
         self._committing: set[str] = set()
         self._failures: dict[str, tuple[int, float]] = {}  # key -> (count, retry at)
         self.idle = trio.Event()
@@ -199,7 +205,8 @@ class Uploader:
                 continue  # its close() is still storing it (a lost one: see _abandon)
             if sha == EMPTY_SHA and not self._empty_wanted(now):
                 continue
-            if self._slots.value == 0:
+            if self._slots.value == 0 or (len(self.status.uploads_in_flight) >= WHILE_WRITING
+                                          and self.writing()):
                 break
             self.status.uploads_in_flight.add(sha)
             self.status.bytes_in_flight += size
@@ -220,9 +227,22 @@ class Uploader:
 
     def _due(self, dir_id: str, count: int) -> bool:
         """Whether the first `count` ops of a directory should be committed now."""
-        if self._flush:
-            return True
         now = time.monotonic()
+        if self._flush:
+            # Someone waits: go as soon as the whole directory is ready, or nothing it
+            # still needs is on its way, or the batch has waited long enough.
+            ops = self.journal.by_dir[dir_id]
+            if count == len(ops):
+                return True
+            waiting_for = {p.op.entry.sha256 for p in ops[count:]
+                           if isinstance(p.op.entry, FileEntry)}
+            if not waiting_for & self.status.uploads_in_flight:
+                return True
+            first = self._seen.get(ops[0].seq, now)
+            if now - first >= self.commit_delay:
+                return True
+            self._next_due = min(self._next_due, first + self.commit_delay)
+            return False
         seen = [self._seen[p.seq] for p in self.journal.by_dir[dir_id]]
         due = min(max(seen) + self.quiet, min(seen[:count]) + self.commit_delay)
         if due <= now:
@@ -289,6 +309,8 @@ class Uploader:
 
     async def _upload_one(self, sha: str, size: int) -> None:
         key = blob_key(sha)
+        # HEAD first: content another machine already stored costs no upload bandwidth
+        # (an If-None-Match PUT would send the whole body only to hear 412).
         if await self.store.head(key) is None:
             path = self.cache.path(sha)
             if not self.cache.has(sha):
