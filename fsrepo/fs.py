@@ -189,16 +189,18 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         listing = self._dir_handles.get(fh, [])
-        parent = None
+        if start_id >= len(listing):
+            return
+        parent = self._parent_of_listing(fh)
+        view, ancestors = await self.ns.loaded_view(parent)
+        lookup, attrs, reply = self.ns.lookup_loaded, self._attrs, pyfuse3.readdir_reply
         for index in range(start_id, len(listing)):
-            name, _ = listing[index]
-            if parent is None:
-                parent = self._parent_of_listing(fh)
+            name = listing[index][0]
             try:
-                node, entry = await self.ns.lookup(parent, name, count=False)
+                node, entry = lookup(parent, view, name, ancestors)
             except FsError:
                 continue  # gone meanwhile, or refused (cycle)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(node, entry), index + 1):
+            if not reply(token, name, attrs(node, entry), index + 1):
                 break
             node.lookups += 1  # readdirplus: each entry sent counts as a lookup
 

@@ -324,17 +324,27 @@ class Namespace:
     async def lookup(self, parent: int, name: bytes, count: bool = True) -> tuple[Node, Entry]:
         pnode = self.dir_node(parent)
         view = await self.view(pnode.dir_id)  # type: ignore[arg-type]
-        entry = view.entries.get(name)
-        if entry is None:
-            raise FsError(errno.ENOENT)
-        if isinstance(entry, DirEntry) and entry.id in self._ancestors(parent):
-            log.error("directory %s lists its own ancestor %s as %r: refused (a cycle)",
-                      pnode.dir_id, entry.id, name)
-            raise FsError(errno.EIO)
-        node = self._node_for(parent, name, entry)
+        node, entry = self.lookup_loaded(parent, view, name, self._ancestors(parent))
         if count:
             node.lookups += 1
         return node, entry
+
+    def lookup_loaded(self, parent: int, view: DirView, name: bytes,
+                      ancestors: set[str]) -> tuple[Node, Entry]:
+        """lookup in a view already in memory (readdirplus: no await per entry)."""
+        entry = view.entries.get(name)
+        if entry is None:
+            raise FsError(errno.ENOENT)
+        if isinstance(entry, DirEntry) and entry.id in ancestors:
+            log.error("directory %s lists its own ancestor %s as %r: refused (a cycle)",
+                      view.dir_id, entry.id, name)
+            raise FsError(errno.EIO)
+        return self._node_for(parent, name, entry), entry
+
+    async def loaded_view(self, ino: int) -> tuple[DirView, set[str]]:
+        """A directory's view and its ancestors' ids, for lookup_loaded."""
+        node = self.dir_node(ino)
+        return await self.view(node.dir_id), self._ancestors(ino)  # type: ignore[arg-type]
 
     def entry_of(self, node: Node) -> Entry | None:
         """The node's current entry, or None if its name is gone (orphan)."""
