@@ -24,6 +24,19 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class OneLineFilter(logging.Filter):
+    """botocore logs a failed credential refresh (an expired or revoked login) with its
+    traceback: keep the log to one clear line, the exception's message appended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()}: {record.exc_info[1]}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
     root = logging.getLogger()
     root.handlers.clear()
@@ -52,4 +65,7 @@ def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
         root.addHandler(handler)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    credentials = logging.getLogger("botocore.credentials")
+    if not any(isinstance(f, OneLineFilter) for f in credentials.filters):
+        credentials.addFilter(OneLineFilter())
     logging.getLogger("pyfuse3").setLevel(logging.WARNING if not verbose else logging.INFO)

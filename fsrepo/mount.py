@@ -110,6 +110,17 @@ class Mount(Engine):
         self.uploader.kick()
         self.ns.offline_until = 0.0
 
+    async def _resume_after_login(self) -> None:
+        """A new login while uploads wait for credentials: drain the queue now, not after
+        the retry backoff that grew while the login was dead."""
+        was_required = False
+        while True:
+            await trio.sleep(0.5)
+            required = self.refresher.state().login_required
+            if was_required and not required:
+                self._back_online()
+            was_required = required
+
     async def handle(self, req: dict[str, Any], send: Any) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "ping":
@@ -161,6 +172,7 @@ class Mount(Engine):
                 nursery.start_soon(self._signals)
                 if self.refresher is not None:
                     nursery.start_soon(self.refresher.run)
+                    nursery.start_soon(self._resume_after_login)
                 nursery.start_soon(trio.to_thread.run_sync, self._tune_readahead)
                 if ready is not None:
                     ready()

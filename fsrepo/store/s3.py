@@ -299,6 +299,15 @@ class S3Store(Store):
                     f"S3 at {self.endpoint} refused access to {where} ({label}): the AWS "
                     "credentials are missing, wrong or expired, or lack permission on this bucket"
                 )
+            if status == 400 and code in ("400", "BadRequest", "") and \
+                    getattr(exc, "operation_name", "") in ("HeadObject", "HeadBucket"):
+                # A HEAD error has no body, so S3's ExpiredToken arrives as a bare 400:
+                # expired (or otherwise unusable) credentials are by far its likeliest cause.
+                return StorageAccessDenied(
+                    f"S3 at {self.endpoint} refused access to {where} (400 on HEAD): the AWS "
+                    "credentials are most likely expired (run `imgrepo-mount --login` if you "
+                    "logged in with it) or invalid"
+                )
             if code in INTEGRITY_CODES:
                 return IntegrityError(f"S3 rejected {where} ({label}): content and checksum differ")
             if status >= 500 or code in THROTTLE_CODES:
