@@ -253,6 +253,13 @@ def test_gc_while_a_mount_writes(s3_bucket, mounter, tmp_path: Path):
     nothing that is referenced (or about to be) is ever deleted."""
     m = mounter(s3_bucket.url, endpoint_url=s3_bucket.endpoint_url)
     written: dict[str, bytes] = {}
+    # Files already in the bucket, deleted while gc runs: their blobs must be collected.
+    # (Files deleted before their upload never cost an upload, so nothing to collect.)
+    old = [f"old{k}" for k in range(20)]
+    for name in old:
+        written[name] = os.urandom(3000)
+        (m.path / name).write_bytes(written[name])
+    m.wait_idle()
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -260,6 +267,10 @@ def test_gc_while_a_mount_writes(s3_bucket, mounter, tmp_path: Path):
         try:
             i = 0
             while not stop.is_set() and i < 400:
+                if i % 10 == 0 and old:
+                    name = old.pop()
+                    (m.path / name).unlink()
+                    del written[name]
                 data = os.urandom(2000 + i)
                 (m.path / f"f{i}").write_bytes(data)
                 written[f"f{i}"] = data
