@@ -166,3 +166,27 @@ def make_env(home: Path) -> dict[str, str]:
     (home / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     env["PYTHONPATH"] = str(REPO_ROOT)
     return env
+
+
+def poll(condition: Any, timeout: float = 60.0, what: str = "condition",
+         interval: float = 0.05) -> Any:
+    """Wait until condition() is truthy and return its value (tests poll, never sleep
+    blindly)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def file_tree(root: Path) -> dict[str, bytes]:
+    """Every file under root -> its bytes (relative paths)."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out

@@ -19,18 +19,14 @@ import threading
 import time
 from pathlib import Path
 
+try:
+    from .mountutil import poll as _poll
+except ImportError:
+    from mountutil import poll as _poll  # type: ignore[no-redef]
+
 MiB = 1 << 20
 
 
-def _poll(condition, timeout: float = 60, what: str = "condition"):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_kill_9_mid_copy_keeps_every_closed_file(storage, mounter, tmp_path: Path):

@@ -30,6 +30,11 @@ try:
 except ImportError:
     from s3proxy import Fault, S3Proxy  # type: ignore[no-redef]
 
+try:
+    from .mountutil import file_tree as tree
+except ImportError:
+    from mountutil import file_tree as tree  # type: ignore[no-redef]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,13 +71,6 @@ def storm(proxy: S3Proxy, seed: int) -> list[Fault]:
     return faults
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            out[str(p.relative_to(root))] = p.read_bytes()
-    return out
 
 
 def _payload(rng: random.Random, i: int) -> bytes:

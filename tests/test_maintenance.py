@@ -23,9 +23,11 @@ from fsrepo.store import open_store
 
 try:
     from . import craft
+    from .mountutil import file_tree as _tree
     from .mountutil import run_cli
 except ImportError:
     import craft  # type: ignore[no-redef]
+    from mountutil import file_tree as _tree  # type: ignore[no-redef]
     from mountutil import run_cli  # type: ignore[no-redef]
 
 
@@ -34,13 +36,6 @@ def _cli(storage, env, *args, check=False):
     return run_cli([*args, "--storage", storage.url, *extra], env, check=check)
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            out[str(p.relative_to(root))] = p.read_bytes()
-    return out
 
 
 def _blob_keys(store) -> set[str]:

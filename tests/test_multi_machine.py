@@ -26,6 +26,11 @@ from fsrepo import control
 from fsrepo.manifest import DirEntry, parse_manifest
 from fsrepo.repository import manifest_key
 
+try:
+    from .mountutil import file_tree as tree
+except ImportError:
+    from mountutil import file_tree as tree  # type: ignore[no-redef]
+
 REFRESH = 1.0  # --refresh for every mount here
 MARGIN = 2.0  # freshness: visible within REFRESH + MARGIN of reaching the bucket
 CONFLICT_RE = r" \(conflict [^)]+ \d{4}-\d\d-\d\d \d{6}(?: \d+)?\)"
@@ -110,14 +115,6 @@ def conflict_copies(names: list[str], stem: str, suffix: str) -> list[str]:
     return [n for n in names if pattern.match(n)]
 
 
-def tree(root: Path) -> dict[str, bytes]:
-    """Every file under root -> its bytes (relative paths)."""
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            p = Path(dirpath) / f
-            out[str(p.relative_to(root))] = p.read_bytes()
-    return out
 
 
 # -- concurrent adds ------------------------------------------------------------------------

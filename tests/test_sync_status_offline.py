@@ -26,23 +26,13 @@ from fsrepo.errors import StorageOffline, StorageUnavailable
 from fsrepo.store.base import Store, StoredObject
 
 try:
-    from .mountutil import CLI, REPO_ROOT, run_cli
+    from .mountutil import CLI, REPO_ROOT, poll, run_cli
 except ImportError:
-    from mountutil import CLI, REPO_ROOT, run_cli  # type: ignore[no-redef]
+    from mountutil import CLI, REPO_ROOT, poll, run_cli  # type: ignore[no-redef]
 
 KiB = 1024
 
 
-def poll(condition, timeout: float = 30.0, what: str = "condition"):  # noqa: ANN001, ANN201
-    """Wait until condition() is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def make_tree(seed: int, files: int, dirs: int, min_size: int, max_size: int,
