@@ -12,13 +12,15 @@ concurrent callers share one SQLite transaction and one fsync (group commit).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import trio
 
-from .manifest import Entry, FileEntry
 from .merge import Op
 from .state import JournalOp, StateDB
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,9 +117,8 @@ class Journal:
             if self._queue:
                 try:
                     await self.make_durable(self._queue[-1])
-                except (OSError, Exception) as exc:  # noqa: BLE001 - logged, retried
-                    import logging
-                    logging.getLogger(__name__).error("cannot write the journal: %s", exc)
+                except Exception as exc:  # noqa: BLE001 - logged; the next round retries
+                    log.error("cannot write the journal: %s", exc)
 
     async def append(self, ops: list[tuple[str, Op, int | None]],
                      new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
@@ -148,18 +149,5 @@ class Journal:
         else:
             self.by_dir.pop(dir_id, None)
 
-    def redirect(self, dir_id: str, seq: int, name: bytes) -> None:
-        for p in self.by_dir.get(dir_id, ()):
-            if p.seq == seq:
-                p.op = Op(name, p.op.entry, None)
-
-    def referenced_blobs(self) -> set[str]:
-        return {p.op.entry.sha256 for p in self.by_seq.values()
-                if isinstance(p.op.entry, FileEntry)}
-
     def __len__(self) -> int:
         return len(self.by_seq)
-
-
-def entry_blob(entry: Entry | None) -> str | None:
-    return entry.sha256 if isinstance(entry, FileEntry) else None

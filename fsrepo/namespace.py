@@ -26,11 +26,9 @@ from .manifest import (
     DirEntry,
     Entry,
     FileEntry,
-    Manifest,
     SymlinkEntry,
     check_name,
     parse_manifest,
-    serialise_manifest,
 )
 from .merge import Op, apply_ops, same_content
 from .repository import manifest_key
@@ -96,7 +94,6 @@ class Namespace:
         self._next_ino = ROOT_INO + 1
         self.views: dict[str, DirView] = {}
         self._loading: dict[str, trio.Event] = {}
-        self.lock = trio.Lock()
         self.on_remote_blobs: Callable[[set[str]], None] = lambda shas: None
         self.offline_until = 0.0
         # Whether a file inode is open for writing or has unsaved changes (set by the
@@ -590,15 +587,6 @@ class Namespace:
                 self._by_key[(new_parent, new_name)] = ino
         await self.settle(rec)
 
-    def stats(self) -> dict[str, int]:
-        files = size = 0
-        for view in self.views.values():
-            for e in view.entries.values():
-                if isinstance(e, FileEntry):
-                    files += 1
-                    size += e.size
-        return {"files_loaded": files, "bytes_loaded": size}
-
 
 def _same_object(a: Entry | None, b: Entry | None) -> bool:
     """Whether two entries denote the same inode: same directory id, or both non-dirs."""
@@ -615,10 +603,6 @@ def _probe(node: Node) -> Entry:
     if node.is_link:
         return SymlinkEntry(b"?", 0)
     return FileEntry(EMPTY_SHA, 0, 0)
-
-
-def new_manifest_body(dir_id: str, entries: dict[bytes, Entry]) -> bytes:
-    return serialise_manifest(Manifest(dir_id, entries))
 
 
 __all__ = ["FsError", "Namespace", "Node", "DirView", "Invalidator", "ImgrepoError"]

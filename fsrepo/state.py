@@ -105,9 +105,6 @@ class LocalState:
         self.db.execute("INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)",
                         (dir_id, etag, body, checked))
 
-    def touch_manifest(self, dir_id: str, checked: float) -> None:
-        self.db.execute("UPDATE manifests SET checked=? WHERE dir_id=?", (checked, dir_id))
-
     # -- the journal ------------------------------------------------------------------
     def append_many(self, batch: list[tuple[Iterable, Iterable[tuple[str, int]], int]],
                     durable: bool = True) -> None:
@@ -187,11 +184,6 @@ class LocalState:
     def remote_blobs(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT sha256 FROM remote_blobs")}
 
-    def add_remote_blobs(self, shas: Iterable[str]) -> None:
-        with self.db:
-            self.db.executemany("INSERT OR IGNORE INTO remote_blobs VALUES (?)",
-                                [(s,) for s in shas])
-
 
 class StateDB:
     """Runs `LocalState` calls in a worker thread, one at a time, off the trio loop."""
@@ -206,11 +198,6 @@ class StateDB:
             with self._lock:
                 return _disk_errors(fn, *args)
         return await trio.to_thread.run_sync(call, limiter=self._limiter)
-
-    def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        """For startup and shutdown, outside the trio loop."""
-        with self._lock:
-            return _disk_errors(fn, *args)
 
 
 _SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 5: errno.EBUSY, 6: errno.EBUSY}
