@@ -11,6 +11,7 @@ only for the byte range asked for.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
@@ -45,6 +46,7 @@ class Staging:
     dirty: bool = False
     writers: int = 0
     base: FileEntry | None = None  # the version this copy started from (for the merge)
+    written_back: int = 0  # bytes whose writeback to disk has been started
 
 
 @dataclass
@@ -255,6 +257,11 @@ class FileManager:
         st.size = max(st.size, offset + written)
         st.mtime_ns = time.time_ns()
         st.dirty = True
+        if st.size - st.written_back >= WRITEBACK_CHUNK:
+            # Start writing a big file to disk while it arrives, so the fsync at close()
+            # has little left to do.
+            start, st.written_back = st.written_back, st.size
+            start_writeback(st.fd, start, st.size - start)
         return written
 
     async def truncate(self, node: Node, size: int, handle: Handle | None = None) -> None:
@@ -403,6 +410,25 @@ class FileManager:
 
     def pinned_blobs(self) -> set[str]:
         return {h.sha for h in self.handles.values() if h.sha}
+
+
+WRITEBACK_CHUNK = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk, without waiting (a worker thread
+    makes the call, which can block briefly on a busy disk)."""
+    if _sync_file_range is None:
+        return
+
+    def call() -> None:
+        _sync_file_range(ctypes.c_int(fd), ctypes.c_longlong(offset),
+                         ctypes.c_longlong(length), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+
+    trio.lowlevel.start_thread_soon(call, lambda outcome: None)
 
 
 def _hash_fd(fd: int) -> str:
