@@ -27,6 +27,7 @@ for the local folder `sync`.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import json
@@ -472,7 +473,7 @@ def make_data(work: Path, sizes: Sizes) -> Data:
 
 
 # -- tools ---------------------------------------------------------------------------------
-class Tool:
+class Tool(abc.ABC):
     """One way to mount a bucket prefix (or a local folder) and wait for durability."""
 
     name = "?"
@@ -486,19 +487,21 @@ class Tool:
         self.bucket = ""
         self.prefix = ""
 
+    @abc.abstractmethod
     def mount(self, bucket: str, prefix: str, mnt: Path, cache: Path) -> None:
-        raise NotImplementedError
+        """Mount the bucket prefix on mnt, with cache as the tool's cache folder."""
 
+    @abc.abstractmethod
     def unmount(self) -> None:
-        raise NotImplementedError
+        """Unmount and stop the tool's process."""
 
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @abc.abstractmethod
     def wait_durable(self, expected: dict[str, int], t0: float) -> float:
         """Return seconds from t0 until every expected path (relative to the mount, with
         its size) is stored in the bucket."""
-        raise NotImplementedError
 
     def check_stored(self, expected: dict[str, int]) -> bool:
         assert self.server is not None
