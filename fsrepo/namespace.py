@@ -522,9 +522,7 @@ class Namespace:
         if is_dir:
             if not isinstance(entry, DirEntry):
                 raise FsError(errno.ENOTDIR)
-            child = self.views.get(entry.id)
-            if child is None or child.entries:
-                raise FsError(errno.ENOTEMPTY)
+            self._require_empty(entry)
         elif isinstance(entry, DirEntry):
             raise FsError(errno.EISDIR)
         rec = self._record([(view.dir_id, Op(name, None, entry), None)])
@@ -538,6 +536,12 @@ class Namespace:
             self._maybe_drop(node)
         await self.settle(rec)
         return node
+
+    def _require_empty(self, entry: DirEntry) -> None:
+        """rmdir and rename-over-a-directory: the directory (loaded) must be empty."""
+        view = self.views.get(entry.id)
+        if view is None or view.entries:
+            raise FsError(errno.ENOTEMPTY)
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                      noreplace: bool = False) -> None:
@@ -559,9 +563,7 @@ class Namespace:
             if isinstance(target, DirEntry):
                 if not isinstance(entry, DirEntry):
                     raise FsError(errno.EISDIR)
-                tview = self.views.get(target.id)
-                if tview is None or tview.entries:
-                    raise FsError(errno.ENOTEMPTY)
+                self._require_empty(target)
             elif isinstance(entry, DirEntry):
                 raise FsError(errno.ENOTDIR)
         if isinstance(entry, DirEntry) and entry.id in self._ancestors(new_parent):
