@@ -104,6 +104,7 @@ def test_error_storm_loses_nothing_and_reads_retry(s3_bucket, s3_proxy, mounter,
     s3_proxy.inject(status=500, times=2)
     s3_proxy.inject(status=503, times=2)
     s3_proxy.inject(method="GET", path="/blobs/", drop="midway", times=2)
+    s3_proxy.inject(method="PUT", path="/dirs/", status=409, times=1)
     faults = storm(s3_proxy, seed)
     for i in range(30):
         folder = f"d{i % 4}"
