@@ -155,6 +155,13 @@ class BlobCache:
         target = self.path(sha)
         if target.exists():
             staging.unlink(missing_ok=True)
+            # Stored by a close() of the same content that may still be on its way to
+            # disk: ours returns only once that copy is durable too.
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             return False
         target.parent.mkdir(exist_ok=True)
         os.replace(staging, target)

@@ -350,9 +350,15 @@ class FileManager:
                 os.close(st.fd)
                 st.path.unlink(missing_ok=True)
                 return
-            os.fsync(st.fd)
-            os.close(st.fd)
-            cache.adopt_sync(st.path, digest)
+            # Named first, then fsync'd: the fsync of a file commits its data together with
+            # the rename (and shard mkdir) that named it on journaling filesystems, so the
+            # blob is durable under the name the journal's recovery looks for. A power loss
+            # before the fsync leaves a torn blob, hashed before any upload (unverified).
+            try:
+                cache.adopt_sync(st.path, digest)
+                os.fsync(st.fd)
+            finally:
+                os.close(st.fd)
 
         errors: list[BaseException] = []
 
