@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import threading
@@ -131,17 +132,23 @@ class Mount(Engine):
                 status.update(await self.syncer.repository_totals())
             return status
         if cmd == "wait":
+            sent, sent_at, summed_at = None, -math.inf, -math.inf
             while True:
-                pending = self.uploader.pending_summary()
-                busy = pending["ops"] or self.uploader.status.uploads_in_flight
-                if not busy:
+                if not (len(self.journal) or self.uploader.status.uploads_in_flight):
                     return await self.status()
-                await send({"progress": pending, "online": self.guard.online,
-                            "last_error": self.uploader.status.last_error})
+                now = time.monotonic()
+                # The summary walks the whole journal: a few times a second, not at every
+                # upload (that slowed the uploads down). At least every 0.5 s a message
+                # goes out, even without progress: the client times outages by them.
+                if now - summed_at >= 0.25:
+                    pending, summed_at = self.uploader.pending_summary(), now
+                    if pending != sent or now - sent_at >= 0.5:
+                        await send({"progress": pending, "online": self.guard.online,
+                                    "last_error": self.uploader.status.last_error})
+                        sent, sent_at = pending, now
                 self.uploader.kick()
-                with trio.move_on_after(0.5):
-                    while self.uploader.pending_summary() == pending:
-                        await trio.sleep(0.02)
+                with trio.move_on_after(0.25):
+                    await self.uploader.progressed.wait()
         if cmd == "sync":
             return await self.syncer.run(req.get("paths") or [], send,
                                          parallel=int(req.get("parallel", 8)))

@@ -102,6 +102,7 @@ class Uploader:
         self._committing: set[str] = set()
         self._failures: dict[str, tuple[int, float]] = {}  # key -> (count, retry at)
         self.idle = trio.Event()
+        self.progressed = trio.Event()  # set (and replaced) when an upload or commit ends
         self._kick = trio.Event()
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -124,6 +125,11 @@ class Uploader:
             return True
         self.unconfirmed.add(sha)
         return False
+
+    def _progress(self) -> None:
+        self._kick.set()
+        self.progressed.set()
+        self.progressed = trio.Event()
 
     def kick(self) -> None:
         """Someone waits for the journal to drain: commit without batching delays."""
@@ -305,7 +311,7 @@ class Uploader:
             finally:
                 self.status.uploads_in_flight.discard(sha)
                 self.status.bytes_in_flight -= size
-                self._kick.set()
+                self._progress()
 
     async def _upload_one(self, sha: str, size: int) -> None:
         key = blob_key(sha)
@@ -376,7 +382,7 @@ class Uploader:
             self._backoff("dir:" + dir_id)
         finally:
             self._committing.discard(dir_id)
-            self._kick.set()
+            self._progress()
             await self.cache.evict()
 
     async def _read_manifest(self, dir_id: str) -> tuple[dict[bytes, Entry], str | None]:
