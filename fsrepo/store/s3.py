@@ -142,6 +142,10 @@ def _read_body(body: Any) -> bytes:
         body.close()
 
 
+def _plain_http(endpoint_url: str | None) -> bool:
+    return bool(endpoint_url) and endpoint_url.lower().startswith("http://")  # type: ignore[union-attr]
+
+
 def _b64(sha256_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode("ascii")
 
@@ -249,7 +253,11 @@ class S3Store(Store):
             # and several S3-compatible servers reject botocore's default CRC32 checksums and
             # aws-chunked trailers: there, send only the checksums we add ourselves (SHA-256
             # of blobs and parts), which every server that supports checksums accepts.
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            s3={"addressing_style": "path" if endpoint_url else "auto",
+                # Over https botocore already sends bodies that carry our SHA-256 checksum
+                # unsigned (S3 verifies the checksum); over plain http (loopback only) it
+                # would hash every body once more just for the signature.
+                "payload_signing_enabled": False if _plain_http(endpoint_url) else None},
             request_checksum_calculation="when_required" if endpoint_url else "when_supported",
             response_checksum_validation="when_required" if endpoint_url else "when_supported",
         )
