@@ -531,7 +531,10 @@ class S3Store(Store):
     ) -> str:
         if if_match is not None and if_none_match:
             raise ValueError("put: if_match and if_none_match are exclusive")
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": bytes(data)}
+        body = bytes(data)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": body,
+                                "ChecksumAlgorithm": "SHA256",
+                                "ChecksumSHA256": _b64(hashlib.sha256(body).hexdigest())}
         if if_match is not None:
             args["IfMatch"] = if_match
         if if_none_match:
