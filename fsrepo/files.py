@@ -74,6 +74,8 @@ class FileManager:
         self._sealed: dict[int, Staging] = {}  # ino -> the staging copy being committed
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self._run_id = uuid.uuid4().hex[:12]  # staging names: unique without a syscall each
+        self._staged_count = 0
         ns.editing = lambda ino: ino in self.staged or ino in self._committing or any(
             h.writable and h.node.ino == ino for h in self.handles.values())
 
@@ -166,7 +168,8 @@ class FileManager:
 
     # -- staging --------------------------------------------------------------------------
     def _stage_empty(self, node: Node, entry: FileEntry) -> Staging:
-        path = self.staging_dir / f"{node.ino}-{uuid.uuid4().hex}"
+        self._staged_count += 1
+        path = self.staging_dir / f"{self._run_id}-{self._staged_count}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, hashlib.sha256(), base=entry)
         self.staged[node.ino] = st
