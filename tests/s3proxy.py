@@ -95,6 +95,7 @@ class Seen:
     status: int | None  # what the client got; None if the connection was dropped
     fault: bool = False  # whether an injected fault decided the outcome
     at: float = field(default_factory=time.monotonic)
+    headers: dict[str, str] = field(default_factory=dict, compare=False)  # lower-cased
 
 
 class _Server(ThreadingHTTPServer):
@@ -113,6 +114,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
         pass
+
+    def _seen_headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.headers.items()}
 
     def setup(self) -> None:
         super().setup()
@@ -159,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(fault.delay)
         if fault is not None and (fault.drop == "before" or fault.status is not None):
             if fault.drop == "before":
-                proxy._record(Seen(method, path, query, None, True))
+                proxy._record(Seen(method, path, query, None, True, headers=self._seen_headers()))
                 self._drop()
                 return
             assert fault.status is not None
@@ -169,7 +173,7 @@ class _Handler(BaseHTTPRequestHandler):
                 f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message>"
                 "<RequestId>s3proxy</RequestId></Error>"
             ).encode()
-            proxy._record(Seen(method, path, query, fault.status, True))
+            proxy._record(Seen(method, path, query, fault.status, True, headers=self._seen_headers()))
             self.send_response_only(fault.status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", "0" if method == "HEAD" else str(len(payload)))
@@ -180,17 +184,17 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             resp = self._forward(method, body)
         except OSError:
-            proxy._record(Seen(method, path, query, None, False))
+            proxy._record(Seen(method, path, query, None, False, headers=self._seen_headers()))
             self._drop()
             return
         drop = fault.drop if fault is not None else None
         if drop == "after":
             resp.read()
-            proxy._record(Seen(method, path, query, None, True))
+            proxy._record(Seen(method, path, query, None, True, headers=self._seen_headers()))
             self._drop()
             return
         # Recorded before relaying: the client may act on the answer before the relay ends.
-        proxy._record(Seen(method, path, query, None if drop else resp.status, fault is not None))
+        proxy._record(Seen(method, path, query, None if drop else resp.status, fault is not None, headers=self._seen_headers()))
         self._relay(resp, method, cut=drop == "midway")
 
     def _forward(self, method: str, body: bytes) -> http.client.HTTPResponse:

@@ -48,6 +48,7 @@ from ..errors import (
 )
 from .base import NOT_MODIFIED, ObjectInfo, Store, StoredObject, _NotModified
 from .local import first_error, run_stoppable
+from .s3direct import DirectBlobIO, Fallback
 
 MiB = 1 << 20
 CHUNK = MiB
@@ -270,6 +271,8 @@ class S3Store(Store):
             raise ConfigError(f"cannot set up S3 access for {self.url}: {exc}") from exc
         self.endpoint: str = self._client.meta.endpoint_url
         self._client.meta.events.register("needs-retry.s3", _log_retry)
+        self._direct = DirectBlobIO(self._client, session, bucket,
+                                    connect_timeout=connect_timeout, read_timeout=read_timeout)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint!r})"
@@ -489,6 +492,10 @@ class S3Store(Store):
     async def head(self, key: str) -> int | None:
         def work() -> int | None:
             try:
+                return self._direct.head(self._key(key))
+            except Fallback:
+                pass
+            try:
                 resp = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
             except bx.ClientError as exc:
                 if _code(exc)[1] == 404:
@@ -548,11 +555,15 @@ class S3Store(Store):
         checksum = _b64(sha256_hex)
         size = await trio.to_thread.run_sync(lambda: os.stat(path).st_size)
         if size <= self._threshold:
-            return await self._put_single(key, path, checksum)
+            return await self._put_single(key, path, checksum, sha256_hex.lower())
         return await self._put_multipart(key, path, size, sha256_hex.lower())
 
-    async def _put_single(self, key: str, path: Path, checksum: str) -> bool:
+    async def _put_single(self, key: str, path: Path, checksum: str, sha256_hex: str) -> bool:
         def work() -> bool:
+            try:
+                return self._direct.put_new(self._key(key), path, sha256_hex, checksum)
+            except Fallback:
+                pass
             with open(path, "rb") as body:
                 try:
                     self._client.put_object(
@@ -692,4 +703,5 @@ class S3Store(Store):
         await self._call("delete", key, work)
 
     async def aclose(self) -> None:
+        self._direct.close()
         self._client.close()

@@ -1,0 +1,121 @@
+"""The direct HEAD/PUT path for blobs (fsrepo/store/s3direct.py), against moto's server and
+the fault-injecting proxy on 127.0.0.1: same answers as boto3, requests really made, its
+fallbacks taken, and its failures translated like boto3's."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsrepo.errors import IntegrityError, StorageAccessDenied, StorageError
+from fsrepo.store.s3 import S3Store
+from fsrepo.store.s3direct import DirectBlobIO, Fallback
+
+try:
+    from .test_security import tls_server  # noqa: F401 - a fixture
+except ImportError:
+    from test_security import tls_server  # type: ignore[no-redef]  # noqa: F401
+
+
+def blob(tmp_path: Path, data: bytes) -> tuple[Path, str]:
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    return path, hashlib.sha256(data).hexdigest()
+
+
+def b64(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def test_put_head_and_412_through_the_direct_path(s3_proxy, s3_bucket, tmp_path):
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+    data = os.urandom(300 * 1024)
+    path, sha = blob(tmp_path, data)
+
+    async def main():
+        assert await store.head("blobs/x") is None
+        assert await store.put_file("blobs/x", path, sha) is True
+        assert await store.put_file("blobs/x", path, sha) is False  # exists: 412
+        assert await store.head("blobs/x") == len(data)
+        got = await store.get("blobs/x")
+        await store.aclose()
+        return got
+
+    got = trio.run(main)
+    assert got.data == data
+    puts = [r for r in s3_proxy.requests if r.method == "PUT"]
+    assert [r.status for r in puts] == [200, 412]
+    # The direct path signs the payload with the blob's own SHA-256 (no re-hash) and sends
+    # its checksum: both are what the server can verify the body against.
+    assert all(r.headers.get("x-amz-content-sha256") == sha for r in puts)
+    assert all(r.headers.get("x-amz-checksum-sha256") == b64(sha) for r in puts)
+    assert all("boto3" not in r.headers.get("user-agent", "") for r in puts)
+
+
+def test_keys_that_need_escaping_go_through_boto3(s3_proxy, s3_bucket, tmp_path):
+    store = S3Store(s3_bucket.bucket, "my photos+raw", endpoint_url=s3_proxy.url)
+    path, sha = blob(tmp_path, b"x" * 1000)
+
+    async def main():
+        assert await store.put_file("blobs/y", path, sha) is True
+        assert await store.head("blobs/y") == 1000
+        await store.aclose()
+
+    trio.run(main)
+    assert all("Boto3" in r.headers.get("user-agent", "") for r in s3_proxy.requests
+               if r.method in ("PUT", "HEAD")), [r.headers.get("user-agent")
+                                                 for r in s3_proxy.requests]
+    with pytest.raises(Fallback):
+        store._direct.head("my photos+raw/blobs/y")
+
+
+def test_a_proxy_setting_turns_the_direct_path_off(s3_bucket, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_bucket.endpoint_url)
+    assert isinstance(store._direct, DirectBlobIO) and store._direct.enabled is False
+    with pytest.raises(Fallback):
+        store._direct.head("repo/blobs/z")
+
+
+def test_retries_then_translates_failures_like_boto3(s3_proxy, s3_bucket, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fsrepo")
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+    path, sha = blob(tmp_path, os.urandom(4096))
+    s3_proxy.inject(method="PUT", status=503, times=2)
+    s3_proxy.inject(method="PUT", drop="before", times=1)
+
+    async def ok():
+        return await store.put_file("blobs/r", path, sha)
+
+    assert trio.run(ok) is True  # two 503s and a dropped connection ridden out
+    assert "PutObject" in caplog.text and "failed (attempt 3)" in caplog.text
+
+    s3_proxy.inject(method="PUT", status=403, times=1)
+    with pytest.raises(StorageAccessDenied):
+        trio.run(lambda: store.put_file("blobs/s", path, sha))
+    s3_proxy.inject(method="PUT", status=400, code="BadDigest", times=1)
+    with pytest.raises(IntegrityError):
+        trio.run(lambda: store.put_file("blobs/t", path, sha))
+    s3_proxy.inject(method="HEAD", status=500, times=None)
+    with pytest.raises(StorageError, match="kept failing"):
+        trio.run(lambda: store.head("blobs/r"))
+    trio.run(store.aclose)
+
+
+def test_the_direct_path_verifies_tls_certificates(tls_server, monkeypatch):
+    url, cert = tls_server
+    store = S3Store("bucket", endpoint_url=url, max_attempts=1)
+    with pytest.raises(StorageError, match="(?i)certificate verify failed"):
+        trio.run(store.head, "blobs/a")
+    # Control: trusting that certificate gets past TLS, to the server's 404 (a HEAD has no
+    # body, so it reads as "no such object", as with boto3).
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+    trusted = S3Store("bucket", endpoint_url=url, max_attempts=1)
+    assert trio.run(trusted.head, "blobs/a") is None
+    assert trusted._direct._ssl is not None  # it was the direct path that answered
