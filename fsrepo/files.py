@@ -348,10 +348,13 @@ class FileManager:
                                      entry.size if (remote or cached) else 0, base=st.base)
         cache = self.cache
 
+        def discard() -> None:
+            os.close(st.fd)
+            st.path.unlink(missing_ok=True)
+
         def persist() -> None:
             if cached or rec is None:  # nothing new to keep
-                os.close(st.fd)
-                st.path.unlink(missing_ok=True)
+                discard()
                 return
             # Named first, then fsync'd: the fsync of a file commits its data together with
             # the rename (and shard mkdir) that named it on journaling filesystems, so the
@@ -371,10 +374,20 @@ class FileManager:
             except (OSError, FsError) as exc:
                 errors.append(exc)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(guarded, trio.to_thread.run_sync, persist)
+        if (cached or rec is None) and st.size <= INLINE_DISCARD:
+            # A duplicate (or deleted) small file: dropping its copy is quicker than the
+            # hand-off to a worker thread; only the journal has to reach the disk.
+            try:
+                discard()
+            except OSError as exc:
+                log.warning("cannot remove a staging copy: %s", exc)
             if rec is not None:
-                nursery.start_soon(guarded, self.ns.settle, rec)
+                await guarded(self.ns.settle, rec)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(guarded, trio.to_thread.run_sync, persist)
+                if rec is not None:
+                    nursery.start_soon(guarded, self.ns.settle, rec)
         if rec is None:
             return None  # deleted while open: POSIX says the data goes with the last close
         if errors:
@@ -422,6 +435,7 @@ class FileManager:
 
 
 WRITEBACK_CHUNK = 32 << 20
+INLINE_DISCARD = 4 << 20  # staging copies up to this size are dropped on the trio thread
 _SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _sync_file_range = getattr(_libc, "sync_file_range", None)
