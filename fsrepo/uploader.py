@@ -196,7 +196,10 @@ class Uploader:
                         waiter.start_soon(on, changed)
                         waiter.start_soon(on, self._kick)
                 if self.batch_delay:
-                    await trio.sleep(self.batch_delay)
+                    # Let a burst of changes gather; but someone waiting for the queue to
+                    # drain (kick) should not wait for the batching, only yield briefly.
+                    await trio.sleep(min(self.batch_delay, 0.02) if self._flush
+                                     else self.batch_delay)
 
     def _schedule(self, nursery: trio.Nursery) -> bool:
         started = False
