@@ -223,7 +223,7 @@ class S3Store(Store):
         max_concurrency: int = 16,
         *,
         multipart_threshold: int = 64 * MiB,
-        part_size: int = 32 * MiB,
+        part_size: int = 16 * MiB,
         part_concurrency: int = 4,
         list_page_size: int = 1000,
         max_attempts: int = 8,
