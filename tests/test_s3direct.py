@@ -119,3 +119,29 @@ def test_the_direct_path_verifies_tls_certificates(tls_server, monkeypatch):
     trusted = S3Store("bucket", endpoint_url=url, max_attempts=1)
     assert trio.run(trusted.head, "blobs/a") is None
     assert trusted._direct._ssl is not None  # it was the direct path that answered
+
+
+def test_downloads_stream_directly_and_resume_where_they_broke(s3_proxy, s3_bucket, tmp_path):
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path, sha = blob(tmp_path, data)
+    dest = tmp_path / "got"
+    seen: list[int] = []
+
+    async def main():
+        await store.put_file("blobs/d", path, sha)
+        s3_proxy.reset_counts()
+        s3_proxy.inject(method="GET", drop="midway", times=1)
+        await store.download("blobs/d", dest, on_chunk=seen.append)
+        await store.aclose()
+
+    trio.run(main)
+    assert dest.read_bytes() == data
+    gets = [r for r in s3_proxy.requests if r.method == "GET"]
+    assert len(gets) == 2 and gets[0].status is None  # the first one was cut off
+    first_range, second = gets[0].headers["range"], gets[1].headers
+    assert first_range == "bytes=0-"
+    resumed_at = int(second["range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at < len(data) and second.get("if-match")  # pinned to the same object
+    assert all("boto3" not in r.headers.get("user-agent", "").lower() for r in gets)
+    assert seen[-1] == len(data)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import logging
 import os
 import random
@@ -443,8 +444,47 @@ class S3Store(Store):
             etag: str | None = None
             failures = 0
             fd = -1
+            direct = True
             try:
                 while not stop.is_set():
+                    if direct:
+                        try:
+                            got = self._direct.get_from(full, pos, etag)
+                        except Fallback:
+                            direct = False
+                            continue
+                        if fd < 0:
+                            fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o666)
+                        if got is None:
+                            return
+                        etag, body = got
+                        before = pos
+                        try:
+                            while not stop.is_set():
+                                try:
+                                    chunk = body.read(CHUNK)
+                                except (OSError, http.client.HTTPException) as exc:
+                                    log.info("S3 download of %s broke off at byte %d, "
+                                             "resuming: %s", self._where(key), pos, exc)
+                                    failures = 0 if pos > before else failures + 1
+                                    if failures > self._stream_retries:
+                                        raise bx.ConnectionClosedError(
+                                            endpoint_url=self.endpoint) from exc
+                                    time.sleep(min(2.0, 0.05 * 2**failures)
+                                               * (1 + random.random()))
+                                    break
+                                if not chunk:
+                                    return
+                                view = memoryview(chunk)
+                                while view:
+                                    written = os.pwrite(fd, view, pos)
+                                    pos += written
+                                    view = view[written:]
+                                if on_chunk is not None:
+                                    on_chunk(pos)
+                        finally:
+                            body.close()
+                        continue
                     args = {"Bucket": self.bucket, "Key": full, "Range": f"bytes={pos}-"}
                     if etag is not None:
                         args["IfMatch"] = etag

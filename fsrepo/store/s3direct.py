@@ -1,11 +1,12 @@
-"""HEAD and PUT of blobs without boto3's request pipeline.
+"""HEAD, PUT and GET of blobs without boto3's request pipeline.
 
 A boto3 call costs ~0.8 ms (HEAD) to ~1.3 ms (PUT) of CPU before a byte moves: parameter
 handling, endpoint rules, event hooks, response parsing. For a 200 KiB photo that is more
 than everything else its upload costs, and the mount's uploads share the CPU (and the GIL)
-with the file system. So the two requests every new blob needs - HEAD (does the bucket have
-it?) and PUT - go over plain keep-alive `http.client` connections here (as S3QL does), while
-boto3 keeps doing everything else. What stays botocore's: the credentials (the client's own
+with the file system. So the requests every blob needs - HEAD (does the bucket have it?),
+PUT, and the streaming GET of a download - go over plain keep-alive `http.client`
+connections here (as S3QL does), while boto3 keeps doing everything else (manifests,
+lists, multipart uploads, deletes). What stays botocore's: the credentials (the client's own
 provider, refreshed as usual), the region, the bucket's URL (resolved once, by presigning)
 and the SigV4 signature. The payload is signed with the blob's SHA-256, which is its name, so
 the signature covers the body at no extra hashing cost.
@@ -142,7 +143,10 @@ class DirectBlobIO:
     # -- one request ----------------------------------------------------------------------
     def _request(self, method: str, key: str, payload_sha256: str,
                  headers: dict[str, str], body: Callable[[], Any] | None = None,
-                 operation: str = "") -> tuple[int, http.client.HTTPMessage, bytes]:
+                 operation: str = "", stream_ok: frozenset[int] = frozenset(),
+                 ) -> tuple[int, http.client.HTTPMessage, bytes | BodyStream]:
+        """One signed request, retried on 5xx and connection failures. A response whose
+        status is in `stream_ok` comes back unread, as a BodyStream."""
         if not self.enabled or not SAFE_KEY.fullmatch(key):
             raise Fallback("not for the direct path")
         scheme, _host, netloc, path = self._resolve()
@@ -171,6 +175,8 @@ class DirectBlobIO:
                 if conn.sock is not None:
                     conn.sock.settimeout(self._read_timeout)
                 resp = conn.getresponse()
+                if resp.status in stream_ok:
+                    return resp.status, resp.headers, BodyStream(self, conn, resp)
                 data = resp.read()
                 reusable = not resp.will_close
             except ssl.SSLError as exc:  # a certificate refused: retrying cannot help
@@ -212,6 +218,26 @@ class DirectBlobIO:
             raise Fallback("HEAD without a Content-Length")
         return int(length)
 
+    def get_from(self, key: str, start: int, if_match: str | None
+                 ) -> tuple[str, BodyStream] | None:
+        """GET the object from byte `start` on (pinned to etag `if_match`): its etag and
+        the body to read, or None if nothing is at or after `start` (416)."""
+        headers = {"Range": f"bytes={start}-"}
+        if if_match is not None:
+            headers["If-Match"] = if_match
+        status, resp_headers, body = self._request("GET", key, EMPTY_SHA256, headers,
+                                                   operation="GetObject",
+                                                   stream_ok=frozenset({200, 206}))
+        if isinstance(body, BodyStream):
+            etag = resp_headers.get("ETag")
+            if status == 200 and start > 0 or not etag:  # a server that ignored the Range
+                body.close()
+                raise Fallback("GET answered without the range or an etag")
+            return etag, body
+        if status == 416:
+            return None
+        raise _client_error(status, body, "GetObject")
+
     def put_new(self, key: str, path: Path, sha256_hex: str, checksum_b64: str) -> bool:
         """PUT the file at `path` (whose SHA-256 is `sha256_hex`) unless the key exists:
         True if this request created it, False if it was there already (412)."""
@@ -228,6 +254,33 @@ class DirectBlobIO:
         if status == 412:
             return False
         raise _client_error(status, data, "PutObject")
+
+
+class BodyStream:
+    """A response body being read; its connection goes back to the pool only if the body
+    was read to its end."""
+
+    def __init__(self, owner: DirectBlobIO, conn: http.client.HTTPConnection,
+                 resp: http.client.HTTPResponse) -> None:
+        self._owner = owner
+        self._conn: http.client.HTTPConnection | None = conn
+        self._resp = resp
+        self._complete = False
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes; b"" at the end. A body cut short raises IncompleteRead
+        (http.client itself would just return b"" early)."""
+        data = self._resp.read(size)
+        if not data:
+            if self._resp.length:  # bytes announced but never sent
+                raise http.client.IncompleteRead(b"", self._resp.length)
+            self._complete = True
+        return data
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._owner._release(conn, self._complete and not self._resp.will_close)
 
 
 def _error_fields(data: bytes) -> tuple[str, str]:
