@@ -135,6 +135,7 @@ class Mount(Engine):
             sent, sent_at, summed_at = None, -math.inf, -math.inf
             while True:
                 if not (len(self.journal) or self.uploader.status.uploads_in_flight):
+                    self.uploader.drained()
                     return await self.status()
                 now = time.monotonic()
                 # The summary walks the whole journal: a few times a second, not at every

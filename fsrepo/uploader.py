@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # signatures) would otherwise slow the writers down, and the queue catches up right after.
 WHILE_WRITING = 4
 
+FLUSH_HOLD = 1.0  # seconds a kick() keeps the uploader in flush mode
 TRUST_REMOTE = 600.0  # seconds; far below any sensible gc grace period (hours)
 
 
@@ -84,7 +85,7 @@ class Uploader:
         self.commit_delay = commit_delay
         self.quiet = quiet
         self._seen: dict[int, float] = {}  # seq -> when this uploader first saw the op
-        self._flush = False
+        self._flush_until = 0.0  # flush mode (no batching) lasts while waiters keep kicking
         self._next_due = math.inf
         self.remote: set[str] = set()  # blobs known to be in the bucket
         # When this process last saw each blob in the bucket (uploaded or HEAD), and the
@@ -132,9 +133,19 @@ class Uploader:
         self.progressed = trio.Event()
 
     def kick(self) -> None:
-        """Someone waits for the journal to drain: commit without batching delays."""
-        self._flush = True
+        """Someone waits for the journal to drain: commit without batching delays. Waiters
+        kick at least every FLUSH_HOLD seconds; once they stop (or the queue drained),
+        batching resumes, so writes that start right after a wait are batched again."""
+        self._flush_until = time.monotonic() + FLUSH_HOLD
         self._kick.set()
+
+    def drained(self) -> None:
+        """A waiter saw the queue empty and leaves: writes that follow are batched again."""
+        self._flush_until = 0.0
+
+    @property
+    def _flush(self) -> bool:
+        return time.monotonic() < self._flush_until
 
     def pending_blobs(self) -> dict[str, int]:
         """Blobs the journal needs that are not yet in the bucket: sha -> size."""
@@ -182,7 +193,7 @@ class Uploader:
                 if not self.journal.by_seq and not self.status.uploads_in_flight \
                         and not self._committing:
                     self.idle.set()
-                    self._flush = False
+                    self._flush_until = 0.0
                 else:
                     self.idle = trio.Event() if self.idle.is_set() else self.idle
                 timeout = min(0.5 if not started else 5,
@@ -481,3 +492,4 @@ class Uploader:
         while self.journal.by_seq or self.status.uploads_in_flight or self._committing:
             self.kick()
             await trio.sleep(0.05)
+        self.drained()
