@@ -60,17 +60,23 @@ def test_put_head_and_412_through_the_direct_path(s3_proxy, s3_bucket, tmp_path)
 
 def test_keys_that_need_escaping_go_through_boto3(s3_proxy, s3_bucket, tmp_path):
     store = S3Store(s3_bucket.bucket, "my photos+raw", endpoint_url=s3_proxy.url)
-    path, sha = blob(tmp_path, b"x" * 1000)
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    path, sha = blob(tmp_path, data)
+    dest = tmp_path / "got"
 
     async def main():
         assert await store.put_file("blobs/y", path, sha) is True
-        assert await store.head("blobs/y") == 1000
+        assert await store.head("blobs/y") == len(data)
+        s3_proxy.inject(method="GET", drop="midway", times=1)  # boto3's resume, too
+        await store.download("blobs/y", dest)
         await store.aclose()
 
     trio.run(main)
+    assert dest.read_bytes() == data
     assert all("Boto3" in r.headers.get("user-agent", "") for r in s3_proxy.requests
-               if r.method in ("PUT", "HEAD")), [r.headers.get("user-agent")
-                                                 for r in s3_proxy.requests]
+               if r.method in ("PUT", "HEAD", "GET")), [r.headers.get("user-agent")
+                                                        for r in s3_proxy.requests]
+    assert s3_proxy.count("GET") == 2
     with pytest.raises(Fallback):
         store._direct.head("my photos+raw/blobs/y")
 

@@ -27,7 +27,6 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,6 +91,9 @@ STREAM_ERRORS = (
     bx.ConnectionClosedError,
     bx.FlexibleChecksumError,
 )
+
+# ... and the same from the direct path's http.client connections.
+BROKEN_BODY = STREAM_ERRORS + (OSError, http.client.HTTPException)
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -439,6 +441,18 @@ class S3Store(Store):
         written (pinned to the first response's etag with If-Match)."""
         full = self._key(key)
 
+        def boto3_get(pos: int, etag: str | None) -> tuple[str, Any] | None:
+            args = {"Bucket": self.bucket, "Key": full, "Range": f"bytes={pos}-"}
+            if etag is not None:
+                args["IfMatch"] = etag
+            try:
+                resp = self._client.get_object(**args)
+            except bx.ClientError as exc:
+                if _code(exc)[1] != 416:
+                    raise
+                return None  # nothing at or after `pos` (e.g. an empty object)
+            return resp["ETag"], resp["Body"]
+
         def work(stop: threading.Event) -> None:
             pos = start
             etag: str | None = None
@@ -453,73 +467,40 @@ class S3Store(Store):
                         except Fallback:
                             direct = False
                             continue
-                        if fd < 0:
-                            fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o666)
-                        if got is None:
-                            return
-                        etag, body = got
-                        before = pos
-                        try:
-                            while not stop.is_set():
-                                try:
-                                    chunk = body.read(CHUNK)
-                                except (OSError, http.client.HTTPException) as exc:
-                                    log.info("S3 download of %s broke off at byte %d, "
-                                             "resuming: %s", self._where(key), pos, exc)
-                                    failures = 0 if pos > before else failures + 1
-                                    if failures > self._stream_retries:
-                                        raise bx.ConnectionClosedError(
-                                            endpoint_url=self.endpoint) from exc
-                                    time.sleep(min(2.0, 0.05 * 2**failures)
-                                               * (1 + random.random()))
-                                    break
-                                if not chunk:
-                                    return
-                                view = memoryview(chunk)
-                                while view:
-                                    written = os.pwrite(fd, view, pos)
-                                    pos += written
-                                    view = view[written:]
-                                if on_chunk is not None:
-                                    on_chunk(pos)
-                        finally:
-                            body.close()
-                        continue
-                    args = {"Bucket": self.bucket, "Key": full, "Range": f"bytes={pos}-"}
-                    if etag is not None:
-                        args["IfMatch"] = etag
-                    try:
-                        resp = self._client.get_object(**args)
-                    except bx.ClientError as exc:
-                        if _code(exc)[1] != 416:
-                            raise
-                        resp = None  # nothing at or after `pos` (e.g. an empty object)
+                    else:
+                        got = boto3_get(pos, etag)
                     if fd < 0:
                         fd = os.open(dest, os.O_WRONLY | os.O_CREAT, 0o666)
-                    if resp is None:
+                    if got is None:
                         return
-                    etag = resp["ETag"]
+                    etag, body = got
                     before = pos
                     try:
-                        with closing(resp["Body"]) as body:
-                            for chunk in body.iter_chunks(CHUNK):
-                                if stop.is_set():
-                                    return
-                                view = memoryview(chunk)
-                                while view:
-                                    written = os.pwrite(fd, view, pos)
-                                    pos += written
-                                    view = view[written:]
-                                if on_chunk is not None:
-                                    on_chunk(pos)
-                        return
-                    except STREAM_ERRORS as exc:
-                        log.info("S3 download of %s broke off at byte %d, resuming: %s",
-                                 self._where(key), pos, exc)
-                        failures = 0 if pos > before else failures + 1
-                        if failures > self._stream_retries:
-                            raise
-                        time.sleep(min(2.0, 0.05 * 2**failures) * (1 + random.random()))
+                        while not stop.is_set():
+                            try:
+                                chunk = body.read(CHUNK)
+                            except BROKEN_BODY as exc:
+                                log.info("S3 download of %s broke off at byte %d, resuming: %s",
+                                         self._where(key), pos, exc)
+                                failures = 0 if pos > before else failures + 1
+                                if failures > self._stream_retries:
+                                    if isinstance(exc, STREAM_ERRORS):
+                                        raise
+                                    raise bx.ConnectionClosedError(
+                                        endpoint_url=self.endpoint) from exc
+                                time.sleep(min(2.0, 0.05 * 2**failures) * (1 + random.random()))
+                                break  # resume from `pos`, pinned to `etag`
+                            if not chunk:
+                                return
+                            view = memoryview(chunk)
+                            while view:
+                                written = os.pwrite(fd, view, pos)
+                                pos += written
+                                view = view[written:]
+                            if on_chunk is not None:
+                                on_chunk(pos)
+                    finally:
+                        body.close()
             finally:
                 if fd >= 0:
                     os.close(fd)
