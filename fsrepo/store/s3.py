@@ -48,7 +48,7 @@ from ..errors import (
 )
 from .base import NOT_MODIFIED, ObjectInfo, Store, StoredObject, _NotModified
 from .local import first_error, run_stoppable
-from .s3direct import DirectBlobIO, Fallback
+from .s3direct import DirectBlobIO, Fallback, note_retry
 
 MiB = 1 << 20
 CHUNK = MiB
@@ -114,9 +114,8 @@ def _log_retry(response: Any = None, operation: Any = None, attempts: int = 0,
         if status >= 500 or status == 429 or code in THROTTLE_CODES:
             what = f"{status} {code}".strip()
     if what:
-        url = str((request_dict or {}).get("url", "")).split("?", 1)[0]
-        log.info("S3 %s %s failed (attempt %d): %s", getattr(operation, "name", "?"), url,
-                 attempts, what[:300])
+        note_retry(getattr(operation, "name", "?"), str((request_dict or {}).get("url", "")),
+                   attempts, what)
 
 
 class _Conflict(PreconditionFailed):
@@ -576,13 +575,14 @@ class S3Store(Store):
         checksum = _b64(sha256_hex)
         size = await trio.to_thread.run_sync(lambda: os.stat(path).st_size)
         if size <= self._threshold:
-            return await self._put_single(key, path, checksum, sha256_hex.lower())
+            return await self._put_single(key, path, size, checksum, sha256_hex.lower())
         return await self._put_multipart(key, path, size, sha256_hex.lower())
 
-    async def _put_single(self, key: str, path: Path, checksum: str, sha256_hex: str) -> bool:
+    async def _put_single(self, key: str, path: Path, size: int, checksum: str,
+                          sha256_hex: str) -> bool:
         def work() -> bool:
             try:
-                return self._direct.put_new(self._key(key), path, sha256_hex, checksum)
+                return self._direct.put_new(self._key(key), path, size, sha256_hex, checksum)
             except Fallback:
                 pass
             with open(path, "rb") as body:

@@ -28,6 +28,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +47,16 @@ PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PRO
               "all_proxy")
 SEND_BLOCK = 256 * 1024
 _XML_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    scheme: str
+    hostname: str
+    port: int | None
+    host: str  # the Host header, as signed
+    origin: str  # scheme://host[:port]
+    path: str  # the bucket's path prefix ("" with virtual-host addressing)
 
 
 class Fallback(Exception):
@@ -73,7 +84,7 @@ class DirectBlobIO:
         self._read_timeout = read_timeout
         self._lock = threading.Lock()
         self._idle: list[http.client.HTTPConnection] = []
-        self._base: tuple[str, str, str, str] | None = None  # scheme, host, port-ful, path
+        self._endpoint: _Endpoint | None = None
         self._ssl: ssl.SSLContext | None = None
         self.enabled = self._usable()
 
@@ -84,10 +95,10 @@ class DirectBlobIO:
         return not (getattr(config, "proxies", None) or getattr(config, "client_cert", None))
 
     # -- where requests go ----------------------------------------------------------------
-    def _resolve(self) -> tuple[str, str, str, str]:
+    def _resolve(self) -> _Endpoint:
         """The bucket's URL as botocore resolves it (virtual host or path style, custom
         endpoint, region), taken once from a presigned URL."""
-        if self._base is None:
+        if self._endpoint is None:
             try:
                 url = self._client.generate_presigned_url(
                     "head_object", Params={"Bucket": self._bucket, "Key": "k"}, ExpiresIn=60)
@@ -99,8 +110,13 @@ class DirectBlobIO:
                 raise Fallback(f"unexpected URL shape {parts.scheme}://{parts.netloc}")
             if parts.scheme == "https":
                 self._ssl = ssl.create_default_context(cafile=self._ca_bundle())
-            self._base = (parts.scheme, parts.hostname or "", parts.netloc, parts.path[:-2])
-        return self._base
+            default_port = parts.port in (None, 80 if parts.scheme == "http" else 443)
+            self._endpoint = _Endpoint(
+                scheme=parts.scheme, hostname=parts.hostname or "", port=parts.port,
+                # the Host header as signed: no port when it is the scheme's default
+                host=(parts.hostname or "") if default_port else parts.netloc,
+                origin=f"{parts.scheme}://{parts.netloc}", path=parts.path[:-2])
+        return self._endpoint
 
     def _ca_bundle(self) -> str | None:
         bundle = os.environ.get("AWS_CA_BUNDLE")
@@ -118,12 +134,12 @@ class DirectBlobIO:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        scheme, host, netloc, _ = self._resolve()
-        port = urlsplit(f"{scheme}://{netloc}").port
-        if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=self._connect_timeout,
+        ep = self._resolve()
+        if ep.scheme == "https":
+            return http.client.HTTPSConnection(ep.hostname, ep.port,
+                                               timeout=self._connect_timeout,
                                                context=self._ssl, blocksize=SEND_BLOCK)
-        return http.client.HTTPConnection(host, port, timeout=self._connect_timeout,
+        return http.client.HTTPConnection(ep.hostname, ep.port, timeout=self._connect_timeout,
                                           blocksize=SEND_BLOCK)
 
     def _release(self, conn: http.client.HTTPConnection, reusable: bool) -> None:
@@ -149,11 +165,9 @@ class DirectBlobIO:
         status is in `stream_ok` comes back unread, as a BodyStream."""
         if not self.enabled or not SAFE_KEY.fullmatch(key):
             raise Fallback("not for the direct path")
-        scheme, _host, netloc, path = self._resolve()
-        url = f"{scheme}://{netloc}{path}/{key}"
-        host = netloc
-        if (scheme, urlsplit(url).port) in (("http", 80), ("https", 443)):
-            host = netloc.rsplit(":", 1)[0]
+        ep = self._resolve()
+        target = f"{ep.path}/{key}"
+        url = ep.origin + target
         region = self._client.meta.region_name
         if not region:
             raise Fallback("no region to sign for")
@@ -161,18 +175,15 @@ class DirectBlobIO:
             credentials = self._session.get_credentials()
             if credentials is None:
                 raise bx.NoCredentialsError()
-            request = AWSRequest(method=method, url=url, headers={**headers, "Host": host})
+            request = AWSRequest(method=method, url=url, headers={**headers, "Host": ep.host})
             _KnownPayload(credentials.get_frozen_credentials(), region,
                           payload_sha256).add_auth(request)
             stream = body() if body is not None else None  # (a missing file: not a retry)
             conn = self._connection()
             reusable = False
             try:
-                if conn.sock is not None:  # reused: connected already
-                    conn.sock.settimeout(self._read_timeout)
-                conn.request(method, f"{path}/{key}", body=stream,
-                             headers=dict(request.headers.items()))
-                if conn.sock is not None:
+                conn.request(method, target, body=stream, headers=dict(request.headers.items()))
+                if conn.sock is not None:  # connected (within the connect timeout): now reads
                     conn.sock.settimeout(self._read_timeout)
                 resp = conn.getresponse()
                 if resp.status in stream_ok:
@@ -181,13 +192,13 @@ class DirectBlobIO:
                 reusable = not resp.will_close
             except ssl.SSLError as exc:  # a certificate refused: retrying cannot help
                 conn.close()
-                raise bx.SSLError(endpoint_url=f"{scheme}://{netloc}", error=exc) from None
+                raise bx.SSLError(endpoint_url=ep.origin, error=exc) from None
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 if attempt == ATTEMPTS:
-                    raise bx.EndpointConnectionError(endpoint_url=f"{scheme}://{netloc}",
+                    raise bx.EndpointConnectionError(endpoint_url=ep.origin,
                                                      error=exc) from None
-                _note_retry(operation, url, attempt, f"{type(exc).__name__}: {exc}")
+                note_retry(operation, url, attempt, f"{type(exc).__name__}: {exc}")
                 _pause(attempt)
                 continue
             finally:
@@ -196,7 +207,7 @@ class DirectBlobIO:
             self._release(conn, reusable)
             status = resp.status
             if status in RETRY_STATUS and attempt < ATTEMPTS:
-                _note_retry(operation, url, attempt, f"{status} {_error_fields(data)[0]}")
+                note_retry(operation, url, attempt, f"{status} {_error_fields(data)[0]}")
                 _pause(attempt)
                 continue
             if 300 <= status < 400 or (status == 400 and b"Region" in data):
@@ -238,10 +249,10 @@ class DirectBlobIO:
             return None
         raise _client_error(status, body, "GetObject")
 
-    def put_new(self, key: str, path: Path, sha256_hex: str, checksum_b64: str) -> bool:
-        """PUT the file at `path` (whose SHA-256 is `sha256_hex`) unless the key exists:
-        True if this request created it, False if it was there already (412)."""
-        size = os.stat(path).st_size
+    def put_new(self, key: str, path: Path, size: int, sha256_hex: str,
+                checksum_b64: str) -> bool:
+        """PUT the file at `path` (`size` bytes, SHA-256 `sha256_hex`) unless the key
+        exists: True if this request created it, False if it was there already (412)."""
         headers = {"Content-Length": str(size), "If-None-Match": "*",
                    "x-amz-checksum-sha256": checksum_b64,
                    "x-amz-sdk-checksum-algorithm": "SHA256",
@@ -297,7 +308,8 @@ def _client_error(status: int, data: bytes, operation: str) -> bx.ClientError:
                            "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
 
 
-def _note_retry(operation: str, url: str, attempt: int, what: str) -> None:
+def note_retry(operation: str, url: str, attempt: int, what: str) -> None:
+    """The one log line of a failed S3 attempt about to be retried (ours and botocore's)."""
     log.info("S3 %s %s failed (attempt %d): %s", operation, url.split("?", 1)[0], attempt,
              what[:300])
 
