@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from auth_harness import ROLE_ARN, MotoServer, OidcProvider, SecretGuard  # noqa: E402
+from auth_harness import ROLE_ARN, AwsEdge, MotoServer, OidcProvider, SecretGuard  # noqa: E402
 
 from fsrepo.auth import TokenRedactingFilter, TokenStore  # noqa: E402
 from fsrepo.auth import commands as auth_commands  # noqa: E402
@@ -70,6 +70,14 @@ def auth_moto_server():
 def auth_moto(auth_moto_server):
     auth_moto_server.reset()
     return auth_moto_server
+
+
+@pytest.fixture
+def edge(auth_moto, oidc):
+    """The AWS edge (STS + S3 behind a token check) whose credentials last 1.5 s."""
+    edge = AwsEdge(auth_moto.url, oidc.issuer, oidc.client_id, usable=1.5, grace=1.0)
+    yield edge
+    edge.stop()
 
 
 @pytest.fixture

@@ -13,20 +13,12 @@ import time
 
 import boto3
 import botocore.exceptions
-import pytest
-from auth_harness import AwsEdge, UserAtBrowser, fast_timing, refresher_running, wait_until
+from auth_harness import UserAtBrowser, fast_timing, refresher_running, wait_until
 from botocore.config import Config
 
 from fsrepo.auth import TokenRefresher, aws_environment, run_login, run_status
 
 BUCKET = "imgrepo-auth-test"
-
-
-@pytest.fixture
-def edge(auth_moto, oidc):
-    edge = AwsEdge(auth_moto.url, oidc.issuer, oidc.client_id, usable=1.5, grace=1.0)
-    yield edge
-    edge.stop()
 
 
 def s3_client(endpoint):

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import boto3
-import pytest
-from auth_harness import AwsEdge, login, wait_until
+from auth_harness import login, wait_until
 
 from fsrepo.manifest import FileEntry, parse_manifest
 from fsrepo.repository import blob_key, manifest_key
@@ -31,13 +30,6 @@ from mountutil import run_cli  # noqa: E402
 BUCKET = "imgrepo-auth-mount"
 PREFIX = "repo"
 _STATIC_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
-
-
-@pytest.fixture
-def edge(auth_moto, oidc):
-    edge = AwsEdge(auth_moto.url, oidc.issuer, oidc.client_id, usable=1.5, grace=1.0)
-    yield edge
-    edge.stop()
 
 
 def admin_s3(auth_moto):
