@@ -320,8 +320,9 @@ def server_main(port: int) -> None:
 class Server:
     """The S3 server (s3lite or moto), pinned to its core, behind the byte-counting relay."""
 
-    def __init__(self, work: Path, core: int, kind: str = "s3lite") -> None:
+    def __init__(self, work: Path, core: int, kind: str = "s3lite", warm_mib: int = 0) -> None:
         self.kind = kind
+        self.warm_mib = warm_mib  # s3lite: heap touched before the first client (fairness)
         self.work = work
         self.core = core
         self.port = free_port()
@@ -352,7 +353,7 @@ class Server:
                    str(self.port)]
         else:
             cmd = [sys.executable, str(Path(__file__).resolve().parent / "s3lite.py"),
-                   "--port", str(self.port)]
+                   "--port", str(self.port), "--warm-mib", str(self.warm_mib)]
         self.proc = subprocess.Popen(cmd,
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                      env=env, preexec_fn=self._pin)
@@ -1251,7 +1252,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{sizes.big_mib} MiB file, {sizes.ls_entries} entries, {sizes.rounds} round(s); "
             f"work folder {work}")
         if any(t != "local" for t in tools):
-            bench.server = Server(work, server_core, args.server)
+            # What one client's round keeps in the server at most: the big file and two
+            # copies of the small ones; touched once so every client finds it ready.
+            warm = sizes.big_mib + 2 * sizes.files * sizes.file_kib // 1024 + 64
+            bench.server = Server(work, server_core, args.server, warm_mib=warm)
             bench.server.start()
         bench.data = make_data(work, sizes)
         bench.make_ls_fixtures()
