@@ -1,0 +1,109 @@
+"""Downloads into the blob cache are checked against the blob's hash before anyone reads
+their end; these cover the bytes that do not arrive in one piece: a download that breaks and
+is started again from where readers were told it stands must still be checked whole."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsrepo.blobcache import BlobCache
+from fsrepo.errors import IntegrityError, StorageError
+from fsrepo.repository import blob_key
+from fsrepo.state import LocalState, StateDB
+from fsrepo.store.local import LocalStore
+
+MiB = 1 << 20
+
+
+class BreaksOnce(LocalStore):
+    """Its first download fails after `after` bytes, as one does when a connection keeps
+    dropping beyond the backend's own retries; `on_break` may then change the object."""
+
+    def __init__(self, root: Path, after: int, on_break: bytes | None = None) -> None:
+        super().__init__(root)
+        self.after = after
+        self.on_break = on_break
+        self.starts: list[int] = []
+
+    async def download(self, key: str, dest: Path, start: int = 0,
+                       on_chunk: Callable[[int], None] | None = None) -> None:
+        self.starts.append(start)
+        if len(self.starts) > 1:
+            return await super().download(key, dest, start, on_chunk)
+
+        def until_break(end: int) -> None:
+            if on_chunk is not None:
+                on_chunk(end)
+            if end >= self.after:
+                raise StorageError("the connection dropped")
+
+        await super().download(key, dest, start, until_break)
+        raise AssertionError("the download should have broken")
+
+    async def break_now(self, key: str) -> None:
+        if self.on_break is not None:
+            await self.put(key, self.on_break)
+
+
+async def _fetch(tmp_path: Path, store: BreaksOnce, data: bytes) -> tuple[BlobCache, Path]:
+    digest = hashlib.sha256(data).hexdigest()
+    await store.put(blob_key(digest), data)
+    cache = BlobCache(tmp_path / "blobs", StateDB(LocalState(tmp_path / "state.db")), store,
+                      1 << 30)
+    original = store.download
+
+    async def download(key: str, dest: Path, start: int = 0,
+                       on_chunk: Callable[[int], None] | None = None) -> None:
+        try:
+            await original(key, dest, start, on_chunk)
+        except StorageError:
+            await store.break_now(key)
+            raise
+
+    store.download = download  # type: ignore[method-assign]
+    failure: IntegrityError | None = None
+    async with trio.open_nursery() as nursery:
+        cache.nursery = nursery
+        try:
+            path = await cache.ensure(digest, len(data))
+        except IntegrityError as exc:
+            failure = exc
+    if failure is not None:
+        assert not cache.has(digest) and not cache.path(digest).exists()
+        raise failure
+    return cache, path
+
+
+@pytest.mark.parametrize("after", [2 * MiB, 5 * MiB + 3], ids=["midway", "at-the-end"])
+def test_a_download_resumed_after_a_break_is_verified_whole(tmp_path: Path, after: int) -> None:
+    # At the end, readers were told one byte less than arrived (the last byte waits for the
+    # check), so the resume starts one byte before the end.
+    data = os.urandom(5 * MiB + 3)
+    store = BreaksOnce(tmp_path / "repo", after=after)
+
+    async def main() -> None:
+        cache, path = await _fetch(tmp_path, store, data)
+        assert path.read_bytes() == data
+        assert cache.has(hashlib.sha256(data).hexdigest())
+
+    trio.run(main)
+    assert store.starts[0] == 0 and min(after, len(data) - 1) == store.starts[1]
+
+
+def test_bytes_changed_behind_a_break_are_caught(tmp_path: Path) -> None:
+    data = os.urandom(5 * MiB + 3)
+    changed = data[:4 * MiB] + bytes(b ^ 0xFF for b in data[4 * MiB:])  # same size
+    store = BreaksOnce(tmp_path / "repo", after=2 * MiB, on_break=changed)
+
+    async def main() -> None:
+        with pytest.raises(IntegrityError):
+            await _fetch(tmp_path, store, data)
+
+    trio.run(main)
+    assert len(store.starts) == 2 and store.starts[1] > 0  # the resume was taken
