@@ -277,11 +277,14 @@ class BlobCache:
     async def _fetch(self, dl: Download) -> None:
         """Stream the blob into its partial file, resuming after transient failures."""
         attempts = 0
+        # Progress is queued to the loop, not waited for: the download thread goes on
+        # receiving while the loop is busy answering the reads it unblocks.
+        token = trio.lowlevel.current_trio_token()
         while True:
             try:
                 if dl.size > 0:
                     await self.store.download(blob_key(dl.sha), dl.path, dl.available,
-                                              lambda n: trio.from_thread.run_sync(dl.progress, n))
+                                              lambda n: token.run_sync_soon(dl.progress, n))
                 size = (await trio.to_thread.run_sync(os.path.getsize, dl.path))
                 if size != dl.size:
                     raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
