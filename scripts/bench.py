@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """imgrepo's own benchmark: imgrepo side by side with rclone mount, s3fs and a local folder.
 
-One run starts one S3 server (moto's server mode) on 127.0.0.1, puts a byte-counting TCP
-relay in front of it, and mounts every selected tool against it in turn, round after round
-(tools interleaved, so machine noise hits them alike). Workloads, for every tool:
+One run starts one S3 server (scripts/s3lite.py, or moto's server mode) on 127.0.0.1, puts a
+byte-counting TCP relay in front of it, and mounts every selected tool against it in turn,
+round after round (tools interleaved, so machine noise hits them alike). Two references need
+no server: the local folder (the disk's limit) and `fusepass` (scripts/fusepass.py, a
+pyfuse3 passthrough to a local folder that does nothing else: the limit of any pyfuse3
+filesystem on the machine). Workloads, for every tool:
 
   W1  cp -r of N small random files: files/s until cp returns, and until durable
   W2  one big file written with dd bs=1M: MB/s until close, and until durable
@@ -22,7 +25,7 @@ runs this with the project's venv; see README.md, section "Benchmark".
 "Durable" means in the bucket: for imgrepo the mount's own wait request (what
 `imgrepo-mount --status --wait` sends); for rclone its `vfs/stats` upload queue (then the
 objects are checked in the bucket); for s3fs close() already uploads (checked the same way);
-for the local folder `sync`.
+for the local folder and fusepass `sync`.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PROG = "bench"
-TOOLS = ["imgrepo", "rclone-writes", "rclone-full", "s3fs", "local"]
+TOOLS = ["imgrepo", "rclone-writes", "rclone-full", "s3fs", "fusepass", "local"]
 PEERS = ["rclone-writes", "rclone-full", "s3fs"]
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -707,6 +710,38 @@ class S3fsTool(Tool):
         self._stop_fuse()
 
 
+class FusePassTool(Tool):
+    """scripts/fusepass.py: a pyfuse3 passthrough to a local folder with no hashing, journal,
+    fsync or server - the ceiling of any pyfuse3 filesystem here, measured in the same run.
+    Its 'durable' is an os.sync() of the folder, as for the local folder."""
+
+    name = "fusepass"
+    uses_s3 = False
+
+    def __init__(self, bench: Bench) -> None:
+        super().__init__(bench)
+        self.backing: Path | None = None  # set before mount(); kept across mounts
+
+    def mount(self, bucket: str, prefix: str, mnt: Path, cache: Path) -> None:
+        assert self.backing is not None
+        self.backing.mkdir(parents=True, exist_ok=True)
+        mnt.mkdir(parents=True, exist_ok=True)
+        log = cache.parent / f"fusepass-{cache.name}.log"
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(REPO / "scripts" / "fusepass.py"), str(self.backing),
+                 str(mnt)], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        self._wait_mounted(mnt, self.proc, log)
+        self.mnt = mnt
+
+    def wait_durable(self, expected: dict[str, int], t0: float) -> float:
+        os.sync()
+        return time.perf_counter() - t0
+
+    def unmount(self) -> None:
+        self._stop_fuse()
+
+
 class LocalTool(Tool):
     """A plain local folder on the same disk: the physical limit."""
 
@@ -778,6 +813,8 @@ class Bench:
             tool = RcloneTool(self, name.split("-", 1)[1])
         elif name == "s3fs":
             tool = S3fsTool(self)
+        elif name == "fusepass":
+            tool = FusePassTool(self)
         else:
             tool = LocalTool(self)
         self.live.append(tool)
@@ -794,13 +831,13 @@ class Bench:
     def make_ls_fixtures(self) -> None:
         n = self.sizes.ls_entries
         names = [f"IMG_{i:05d}.jpg" for i in range(n)]
-        if "local" in self.tools:
+        if "local" in self.tools or "fusepass" in self.tools:
             d = self.work / "ls-local" / "big"
             d.mkdir(parents=True)
             for name in names:
                 (d / name).touch()
-            self.ls_made["local"] = ("", "", d.parent)
-        if not any(t != "local" for t in self.tools):
+            self.ls_made["local"] = self.ls_made["fusepass"] = ("", "", d.parent)
+        if not any(t not in ("local", "fusepass") for t in self.tools):
             return
         assert self.server is not None
         bucket = "bench-ls"
@@ -868,7 +905,9 @@ class Bench:
             self.server.create_bucket(bucket)
             if name == "s3fs":
                 self.server.client.put_object(Bucket=bucket, Key=f"{prefix}/", Body=b"")
-        mnt = base / "mnt" if tool.uses_s3 else base / "local"
+        mnt = base / "mnt" if tool.uses_s3 or name == "fusepass" else base / "local"
+        if isinstance(tool, FusePassTool):
+            tool.backing = base / "backing"
         try:
             data.warm()
             tool.mount(bucket, prefix, mnt, base / "cache-write")
@@ -876,6 +915,8 @@ class Bench:
             self.release(tool)
             # ---- cold and warm reads on a fresh mount with an empty cache ----
             tool = self.new_tool(name)
+            if isinstance(tool, FusePassTool):
+                tool.backing = base / "backing"
             drop_caches()
             tool.mount(bucket, prefix, mnt, base / "cache-read")
             drop_caches()
@@ -963,7 +1004,11 @@ class Bench:
         bucket, prefix, local_dir = self.ls_made[name]
         tool = self.new_tool(name)
         drop_caches()
-        if local_dir is not None:
+        if isinstance(tool, FusePassTool):
+            tool.backing = local_dir
+            mnt = base / "mnt-ls"
+            tool.mount("", "", mnt, base / "cache-ls")
+        elif local_dir is not None:
             mnt = local_dir
             tool.mount("", "", mnt, base / "cache-ls")
         else:
@@ -1251,7 +1296,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"tools {','.join(tools)}; {sizes.files} files of ~{sizes.file_kib} KiB, "
             f"{sizes.big_mib} MiB file, {sizes.ls_entries} entries, {sizes.rounds} round(s); "
             f"work folder {work}")
-        if any(t != "local" for t in tools):
+        if any(t not in ("local", "fusepass") for t in tools):
             # What one client's round keeps in the server at most: the big file and two
             # copies of the small ones; touched once so every client finds it ready.
             warm = sizes.big_mib + 2 * sizes.files * sizes.file_kib // 1024 + 64

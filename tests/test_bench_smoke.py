@@ -1,4 +1,4 @@
-"""The benchmark keeps working: a tiny run of scripts/bench.py (imgrepo and a local folder,
+"""The benchmark keeps working: a tiny run of scripts/bench.py (imgrepo, fusepass and a local folder,
 through real FUSE mounts and the real S3 server) must produce every workload's figures.
 
 No timing is asserted here; this only proves that every measurement is taken and written.
@@ -24,7 +24,7 @@ def test_quick_bench_measures_every_workload(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
-         "--tools", "imgrepo,local", "--json", str(out), "--workdir", str(tmp_path / "work")],
+         "--tools", "imgrepo,fusepass,local", "--json", str(out), "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=220, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Medians of 1 round(s)" in proc.stdout and "Ratios imgrepo / peer" in proc.stdout
@@ -45,6 +45,12 @@ def test_quick_bench_measures_every_workload(tmp_path: Path) -> None:
     assert medians["local"]["w1_cp_files_s"] > 0
     assert medians["local"]["w6_sent_mib"] is None
     assert medians["local"]["w7_peak_rss_mib"] is None
+    # the pyfuse3 passthrough: every workload through its mount, no server involved
+    for key in ("w1_cp_files_s", "w2_close_mb_s", "w3_cold_big_mb_s", "w4_warm_small_files_s",
+                "w5_ls_cold_s", "w6_durable_s"):
+        assert medians["fusepass"][key] > 0, key
+    assert medians["fusepass"]["w6_sent_mib"] is None
+    assert medians["fusepass"]["w7_peak_rss_mib"] > 0  # its process is measured
     # one round each: rounds hold exactly one figure per metric
     assert all(len(v) == 1 for v in result["rounds"]["imgrepo"].values())
     ratios = result["ratios_imgrepo_over"]["local"]
