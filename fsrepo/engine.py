@@ -123,4 +123,4 @@ class Engine:
 
     def close(self) -> None:
         """Close the local database (after the trio loop using it has finished)."""
-        self.db.state.close()
+        self.db.close()

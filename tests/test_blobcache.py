@@ -54,8 +54,8 @@ class BreaksOnce(LocalStore):
 async def _fetch(tmp_path: Path, store: BreaksOnce, data: bytes) -> tuple[BlobCache, Path]:
     digest = hashlib.sha256(data).hexdigest()
     await store.put(blob_key(digest), data)
-    cache = BlobCache(tmp_path / "blobs", StateDB(LocalState(tmp_path / "state.db")), store,
-                      1 << 30)
+    db = StateDB(LocalState(tmp_path / "state.db"))
+    cache = BlobCache(tmp_path / "blobs", db, store, 1 << 30)
     original = store.download
 
     async def download(key: str, dest: Path, start: int = 0,
@@ -68,12 +68,15 @@ async def _fetch(tmp_path: Path, store: BreaksOnce, data: bytes) -> tuple[BlobCa
 
     store.download = download  # type: ignore[method-assign]
     failure: IntegrityError | None = None
-    async with trio.open_nursery() as nursery:
-        cache.nursery = nursery
-        try:
-            path = await cache.ensure(digest, len(data))
-        except IntegrityError as exc:
-            failure = exc
+    try:
+        async with trio.open_nursery() as nursery:
+            cache.nursery = nursery
+            try:
+                path = await cache.ensure(digest, len(data))
+            except IntegrityError as exc:
+                failure = exc
+    finally:
+        db.close()
     if failure is not None:
         assert not cache.has(digest) and not cache.path(digest).exists()
         raise failure
