@@ -444,8 +444,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         if out.get("error"):
             raise ImgrepoError(out["error"])
     try:
-        from .auth import commands
-        login = commands.run_status(settings)
+        from .auth.status import run_status
+        login = run_status(settings)
     except ImportError:
         login = None
     if login:
@@ -490,8 +490,8 @@ def format_status(s: dict[str, Any]) -> str:
                          " stored)")
     login = s.get("login")
     if login and (login.get("logged_in") or not lines or s.get("storage", "").startswith("s3://")):
-        from .auth import commands
-        lines.append(commands.format_status(login))
+        from .auth.status import format_status as login_lines
+        lines.append(login_lines(login))
     if not lines:
         lines.append("nothing to report: give a mountpoint, or log in with --login")
     return "\n".join(lines)

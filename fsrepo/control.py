@@ -16,12 +16,13 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-import trio
+from typing import TYPE_CHECKING, Any
 
 from .config import runtime_dir
 from .errors import ImgrepoError
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,12 @@ def socket_path(mountpoint: str | Path) -> Path:
     return runtime_dir() / (hashlib.sha256(real.encode()).hexdigest()[:20] + ".sock")
 
 
-async def serve(path: Path, handler: Handler, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Accept connections forever; each request is handled in its own task."""
+async def serve(path: Path, handler: Handler, task_status: Any) -> None:
+    """Accept connections forever; each request is handled in its own task (start it with
+    nursery.start). trio is imported here, not above: the client side below is what every
+    command uses, and it needs none of it."""
+    import trio
+
     path.unlink(missing_ok=True)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(str(path))
@@ -53,6 +58,8 @@ async def serve(path: Path, handler: Handler, task_status: Any = trio.TASK_STATU
 
 
 async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
+    import trio
+
     async with stream:
         buf = b""
         while b"\n" not in buf:

@@ -9,13 +9,46 @@ Entry points for the CLI and the mount:
     aws_environment(settings) -> dict[str, str]
     TokenRefresher(settings)              await .run() in the mount's nursery; .state()
     TokenRedactingFilter                  a logging.Filter for the mount's log handlers
+
+Names are imported on first use (PEP 562): `imgrepo-mount --status` reads the token store
+through `.status` and should not pay for loading an HTTP client and trio to do it.
 """
 
-from .commands import aws_environment, format_status, run_login, run_logout, run_status
-from .oidc import PollTiming
-from .redact import TokenRedactingFilter
-from .refresher import RefresherState, TokenRefresher
-from .store import TokenStore
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "PollTiming": ".oidc",
+    "RefresherState": ".refresher",
+    "TokenRedactingFilter": ".redact",
+    "TokenRefresher": ".refresher",
+    "TokenStore": ".store",
+    "aws_environment": ".commands",
+    "format_status": ".status",
+    "run_login": ".commands",
+    "run_logout": ".commands",
+    "run_status": ".status",
+}
+
+if TYPE_CHECKING:
+    from .commands import aws_environment, run_login, run_logout
+    from .oidc import PollTiming
+    from .redact import TokenRedactingFilter
+    from .refresher import RefresherState, TokenRefresher
+    from .status import format_status, run_status
+    from .store import TokenStore
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PollTiming",
