@@ -12,19 +12,15 @@ from __future__ import annotations
 
 import errno
 import json
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
-
-import outcome
-import trio
+from typing import Any, TypeVar
 
 from .manifest import Entry, entry_from_json, entry_to_json
+from .workers import Workers
 
 T = TypeVar("T")
 
@@ -188,50 +184,20 @@ class LocalState:
 
 
 class StateDB:
-    """Runs `LocalState` calls one at a time in a thread of its own, off the trio loop.
-
-    Every close() of a file waits for one of these calls (its journal entry), so the
-    hand-off is kept short: a queue to a thread that is always there, and the result
-    queued back to the loop. trio.to_thread costs about twice as much per call (measured
-    85 vs 48 us on one core), for a thread pool and a limiter this strictly serial
-    database does not need. Like to_thread's default, a call cannot be cancelled once
-    queued: its transaction runs to its end, and the caller learns how it went."""
+    """Runs `LocalState` calls one at a time in a thread of its own, off the trio loop (see
+    `workers`: every close() waits for one of these calls, its journal entry)."""
 
     def __init__(self, state: LocalState) -> None:
         self.state = state
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._thread = Workers("imgrepo-state")
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="imgrepo-state",
-                                            daemon=True)
-            self._thread.start()
-        task = trio.lowlevel.current_task()
-        self._jobs.put((fn, args, trio.lowlevel.current_trio_token(), task))
-        result = await trio.lowlevel.wait_task_rescheduled(
-            lambda _: trio.lowlevel.Abort.FAILED)
-        return cast(T, result)
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, args, token, task = job
-            result = outcome.capture(_disk_errors, fn, *args)
-            try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            except trio.RunFinishedError:
-                pass  # the loop that asked is gone; nobody waits for this any more
+        return await self._thread.run(_disk_errors, fn, *args)
 
     def close(self) -> None:
         """Stop the thread (after the last call returned) and close the database."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
+        self._thread.close()
         self.state.close()
-
-
-_Job = tuple[Callable[..., Any], tuple[Any, ...], trio.lowlevel.TrioToken, trio.lowlevel.Task]
 
 
 _SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 5: errno.EBUSY, 6: errno.EBUSY}
