@@ -110,6 +110,11 @@ class PassOps(pyfuse3.Operations):
         old, new = self._child(parent_inode_old, name_old), self._child(parent_inode_new,
                                                                         name_new)
         self._call(os.rename, old, new)
+        # A directory's children are remembered by path: move them along with it.
+        prefix = old + os.sep
+        for ino, path in list(self.paths.items()):
+            if path == old or path.startswith(prefix):
+                self.paths[ino] = new + path[len(old):]
         self._entry(new)
 
     # -- files ------------------------------------------------------------------------------
