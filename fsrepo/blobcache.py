@@ -251,28 +251,43 @@ class BlobCache:
 
     async def _download(self, dl: Download) -> None:
         try:
-            await self._fetch(dl)
-            actual = await trio.to_thread.run_sync(hash_file, dl.path)
-            if actual != dl.sha:
-                raise IntegrityError(f"blob {dl.sha} from the bucket is corrupt (its content "
-                                     f"hashes to {actual}); not used")
-            target = self.path(dl.sha)
-            target.parent.mkdir(exist_ok=True)
-            await trio.to_thread.run_sync(os.replace, dl.path, target)
-            self.register(dl.sha, dl.size, pending=False)
-            await self.db.run(self.db.state.add_cached_blob, dl.sha, dl.size)
-            dl.complete()
-            await self.evict()
-        except (ImgrepoError, OSError) as exc:
-            log.error("download of blob %s failed: %s", dl.sha, exc)
             try:
-                dl.path.unlink()
-            except OSError:
-                pass
-            dl.fail(exc)
+                await self._fetch(dl)
+                # One worker call checks size and hash and moves the blob into place (the
+                # last byte stays held back from readers until then).
+                await trio.to_thread.run_sync(self._seal, dl)
+            except (ImgrepoError, OSError) as exc:
+                log.error("download of blob %s failed: %s", dl.sha, exc)
+                try:
+                    dl.path.unlink()
+                except OSError:
+                    pass
+                dl.fail(exc)
+                return
+            self.register(dl.sha, dl.size, pending=False)
+            dl.complete()  # readers go on; the cache's bookkeeping need not hold them
+            try:
+                await self.db.run(self.db.state.add_cached_blob, dl.sha, dl.size)
+                await self.evict()
+            except OSError as exc:
+                log.warning("cannot record blob %s in the cache index: %s", dl.sha, exc)
         finally:
             if self.downloads.get(dl.sha) is dl:
                 del self.downloads[dl.sha]
+
+    def _seal(self, dl: Download) -> None:
+        """The finished download becomes a cached blob, if it is the blob (worker thread)."""
+        size = os.path.getsize(dl.path)
+        if size != dl.size:
+            raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
+                                 f"the manifest says {dl.size}")
+        actual = hash_file(dl.path)
+        if actual != dl.sha:
+            raise IntegrityError(f"blob {dl.sha} from the bucket is corrupt (its content "
+                                 f"hashes to {actual}); not used")
+        target = self.path(dl.sha)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(dl.path, target)
 
     async def _fetch(self, dl: Download) -> None:
         """Stream the blob into its partial file, resuming after transient failures."""
@@ -285,10 +300,6 @@ class BlobCache:
                 if dl.size > 0:
                     await self.store.download(blob_key(dl.sha), dl.path, dl.available,
                                               lambda n: token.run_sync_soon(dl.progress, n))
-                size = (await trio.to_thread.run_sync(os.path.getsize, dl.path))
-                if size != dl.size:
-                    raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
-                                         f"the manifest says {dl.size}")
                 return
             except (IntegrityError, StorageOffline):
                 raise  # retrying cannot help (StorageOffline: the storage is unreachable)

@@ -5,6 +5,7 @@ is started again from where readers were told it stands must still be checked wh
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -110,3 +111,32 @@ def test_bytes_changed_behind_a_break_are_caught(tmp_path: Path) -> None:
 
     trio.run(main)
     assert len(store.starts) == 2 and store.starts[1] > 0  # the resume was taken
+
+
+def test_a_verified_download_is_served_even_if_the_cache_index_cannot_record_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The index row is bookkeeping (cache accounting across restarts): a full disk under
+    # the database must not turn good, verified bytes into a read error.
+    data = os.urandom(MiB + 1)
+    digest = hashlib.sha256(data).hexdigest()
+    store = LocalStore(tmp_path / "repo")
+
+    class FullDisk(LocalState):
+        def add_cached_blob(self, sha: str, size: int) -> None:
+            raise OSError(28, "No space left on device")
+
+    async def main() -> None:
+        await store.put(blob_key(digest), data)
+        db = StateDB(FullDisk(tmp_path / "state.db"))
+        cache = BlobCache(tmp_path / "blobs", db, store, 1 << 30)
+        try:
+            async with trio.open_nursery() as nursery:
+                cache.nursery = nursery
+                path = await cache.ensure(digest, len(data))
+        finally:
+            db.close()
+        assert path.read_bytes() == data and cache.has(digest)
+
+    with caplog.at_level(logging.WARNING, logger="fsrepo"):
+        trio.run(main)
+    assert any("cache index" in r.getMessage() for r in caplog.records)
