@@ -30,9 +30,6 @@ from .tokens import login_from_token_response
 _ROLE_ARN_RE = re.compile(r"^arn:[\w-]+:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 _CONSOLE_BROWSERS = {"www-browser", "links", "links2", "elinks", "lynx", "w3m"}
 
-# Variables that make botocore use other credentials before the web identity (its chain
-# looks at the environment first): shown by --status so a login that is not used is no surprise.
-
 
 def _print(out: TextIO, text: str = "") -> None:
     out.write(text + "\n")

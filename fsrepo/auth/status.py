@@ -12,6 +12,8 @@ from typing import Any
 from ..config import Settings
 from .store import TokenStore
 
+# Variables that make botocore use other credentials before the web identity (its chain
+# looks at the environment first): shown by --status so a login that is not used is no surprise.
 _ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE")
 
 
