@@ -59,6 +59,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROG = "bench"
 TOOLS = ["imgrepo", "rclone-writes", "rclone-full", "s3fs", "fusepass", "local"]
 PEERS = ["rclone-writes", "rclone-full", "s3fs"]
+SERVERLESS = ("local", "fusepass")  # references that need no S3 server
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -720,16 +721,18 @@ class FusePassTool(Tool):
 
     def __init__(self, bench: Bench) -> None:
         super().__init__(bench)
-        self.backing: Path | None = None  # set before mount(); kept across mounts
+        # The folder behind the mount; by default the round's own (the cache folder's
+        # parent), which the write phase and the read phase's fresh mount share.
+        self.backing: Path | None = None
 
     def mount(self, bucket: str, prefix: str, mnt: Path, cache: Path) -> None:
-        assert self.backing is not None
-        self.backing.mkdir(parents=True, exist_ok=True)
+        backing = self.backing or cache.parent / "backing"
+        backing.mkdir(parents=True, exist_ok=True)
         mnt.mkdir(parents=True, exist_ok=True)
         log = cache.parent / f"fusepass-{cache.name}.log"
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, str(REPO / "scripts" / "fusepass.py"), str(self.backing),
+                [sys.executable, str(REPO / "scripts" / "fusepass.py"), str(backing),
                  str(mnt)], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         self._wait_mounted(mnt, self.proc, log)
         self.mnt = mnt
@@ -837,7 +840,7 @@ class Bench:
             for name in names:
                 (d / name).touch()
             self.ls_made["local"] = self.ls_made["fusepass"] = ("", "", d.parent)
-        if not any(t not in ("local", "fusepass") for t in self.tools):
+        if all(t in SERVERLESS for t in self.tools):
             return
         assert self.server is not None
         bucket = "bench-ls"
@@ -905,9 +908,7 @@ class Bench:
             self.server.create_bucket(bucket)
             if name == "s3fs":
                 self.server.client.put_object(Bucket=bucket, Key=f"{prefix}/", Body=b"")
-        mnt = base / "mnt" if tool.uses_s3 or name == "fusepass" else base / "local"
-        if isinstance(tool, FusePassTool):
-            tool.backing = base / "backing"
+        mnt = base / "local" if isinstance(tool, LocalTool) else base / "mnt"
         try:
             data.warm()
             tool.mount(bucket, prefix, mnt, base / "cache-write")
@@ -915,8 +916,6 @@ class Bench:
             self.release(tool)
             # ---- cold and warm reads on a fresh mount with an empty cache ----
             tool = self.new_tool(name)
-            if isinstance(tool, FusePassTool):
-                tool.backing = base / "backing"
             drop_caches()
             tool.mount(bucket, prefix, mnt, base / "cache-read")
             drop_caches()
@@ -1296,7 +1295,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"tools {','.join(tools)}; {sizes.files} files of ~{sizes.file_kib} KiB, "
             f"{sizes.big_mib} MiB file, {sizes.ls_entries} entries, {sizes.rounds} round(s); "
             f"work folder {work}")
-        if any(t not in ("local", "fusepass") for t in tools):
+        if not all(t in SERVERLESS for t in tools):
             # What one client's round keeps in the server at most: the big file and two
             # copies of the small ones; touched once so every client finds it ready.
             warm = sizes.big_mib + 2 * sizes.files * sizes.file_kib // 1024 + 64
