@@ -19,6 +19,7 @@ from typing import Any
 from . import __version__
 from .config import Settings, load_settings
 from .errors import ImgrepoError
+from .units import human
 
 PROG = "imgrepo-mount"
 
@@ -273,14 +274,6 @@ def _alive(pid: int) -> bool:
 
 
 # -- progress ------------------------------------------------------------------------------
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _status_pid(mountpoint: Path) -> int | None:
     from . import control
     try:

@@ -58,7 +58,7 @@ class GuardedStore(Store):
         self.check_every = check_every
         self.probe_every = probe_every
         self.connect_timeout = connect_timeout
-        self.online = True
+        self._online = True
         self.offline_since: float | None = None
         self.offline_reason: str | None = None
         self.last_online_at: float | None = None  # when it last came back
@@ -68,6 +68,10 @@ class GuardedStore(Store):
 
     def __repr__(self) -> str:
         return f"GuardedStore({self.inner!r}, online={self.online})"
+
+    @property
+    def online(self) -> bool:
+        return self._online
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":  # not set yet: do not recurse
@@ -86,7 +90,7 @@ class GuardedStore(Store):
 
     def went_offline(self, reason: str) -> None:
         if self.online:
-            self.online = False
+            self._online = False
             self.offline_since = time.time()
             self.offline_reason = reason
             log.warning("storage %s unreachable, working offline: %s", self.url, reason)
@@ -97,7 +101,7 @@ class GuardedStore(Store):
     def went_online(self) -> None:
         if self.online:
             return
-        self.online = True
+        self._online = True
         self.last_online_at = time.time()
         log.info("storage %s reachable again (offline since %s)", self.url,
                  _clock(self.offline_since))

@@ -69,9 +69,9 @@ class Engine:
                             refresh=settings.refresh, invalidator=self.invalidator)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
                                  host=self.host, parallel=settings.uploads)
-        self.ns.on_remote_blobs = self.uploader.known_remote
+        self.ns.on_remote_blobs = self.uploader.note_known
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 self.uploader.reuse)
+                                 self.uploader.reuse_or_recheck)
         self.syncer = Syncer(self.ns, self.cache)
         self.uploader.writing = lambda: time.monotonic() - self.files.last_activity < 0.3
         self.started = time.time()

@@ -139,7 +139,7 @@ class FileManager:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if isinstance(entry, FileEntry) and entry.size and not self.cache.has(entry.sha256) \
                 and node.ino not in self.staged and not (writable and flags & os.O_TRUNC) \
-                and getattr(self.cache.store, "online", True) is False:
+                and not self.cache.store.online:
             raise FsError(errno.ENETDOWN)  # its content is not cached, the storage unreachable
         handle = self._new_handle(node, writable)
         try:

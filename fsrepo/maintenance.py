@@ -73,6 +73,7 @@ from .namespace import EMPTY_SHA
 from .repository import blob_key, manifest_key, open_repository
 from .store import open_store
 from .store.base import NOT_MODIFIED, Store, StoredObject
+from .units import human
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,6 @@ _DIR_KEY = re.compile(r"^dirs/([0-9A-Za-z_-]{1,64})\.json$")
 
 
 # -- shared plumbing ------------------------------------------------------------------------
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _show(name: bytes) -> str:
     return name.decode("utf-8", "backslashreplace")
 
@@ -286,7 +279,7 @@ async def verify(store: Store, data: bool = False, progress: Any = None) -> Veri
         size = sum(blobs[s][0] for s in unreferenced)
         v.notes.append({"kind": "unreferenced-blobs", "count": len(unreferenced),
                         "bytes": size,
-                        "message": f"{len(unreferenced)} blobs ({_human(size)}) are not "
+                        "message": f"{len(unreferenced)} blobs ({human(size)}) are not "
                                    "referenced by any directory (--gc frees them)"})
     unreachable = [d for d in await _list_manifests(store, v.notes) if d not in parents]
     if unreachable:
@@ -340,7 +333,7 @@ def run_verify(settings: Settings, data: bool, as_json: bool) -> int:
         now = time.monotonic()
         if not as_json and (now - last[0] >= 2 or n == total):
             last[0] = now
-            print(f"verify: hashed {n}/{total} blobs ({_human(done)} of {_human(total_bytes)})",
+            print(f"verify: hashed {n}/{total} blobs ({human(done)} of {human(total_bytes)})",
                   file=sys.stderr, flush=True)
 
     async def main() -> Verification:
@@ -359,8 +352,8 @@ def run_verify(settings: Settings, data: bool, as_json: bool) -> int:
         for n in v.notes:
             print(f"note: {n['message']}")
         what = "checked" + (" and hashed" if data else "")
-        print(f"{what} {v.directories} directories, {v.files} files ({_human(v.file_bytes)}), "
-              f"{v.symlinks} symlinks, {v.blobs} blobs ({_human(v.blob_bytes)}) in "
+        print(f"{what} {v.directories} directories, {v.files} files ({human(v.file_bytes)}), "
+              f"{v.symlinks} symlinks, {v.blobs} blobs ({human(v.blob_bytes)}) in "
               f"{settings.storage}: " +
               ("no problems found" if not v.problems else f"{len(v.problems)} problems found"))
     return 1 if v.problems else 0
@@ -521,14 +514,14 @@ def run_gc(settings: Settings, dry_run: bool, grace_hours: float) -> int:
         raise ImgrepoError(f"gc stopped, nothing more deleted: {exc}") from None
     verb = "would delete" if dry_run else "deleted"
     lines = [
-        f"{c.blobs} blobs ({_human(c.blob_bytes)}) in {settings.storage}: {c.referenced} "
-        f"referenced, {c.unreferenced} unreferenced ({_human(c.unreferenced_bytes)})",
+        f"{c.blobs} blobs ({human(c.blob_bytes)}) in {settings.storage}: {c.referenced} "
+        f"referenced, {c.unreferenced} unreferenced ({human(c.unreferenced_bytes)})",
         f"{verb} {c.deleted} blobs, {'would free' if dry_run else 'freed'} "
-        f"{_human(c.freed_bytes)}",
+        f"{human(c.freed_bytes)}",
     ]
     if c.kept_young:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.next_eligible or 0))
-        lines.append(f"kept {c.kept_young} unreferenced blobs ({_human(c.kept_young_bytes)}) "
+        lines.append(f"kept {c.kept_young} unreferenced blobs ({human(c.kept_young_bytes)}) "
                      f"within the grace period of {grace_hours:g} h; a gc run after {when} "
                      "deletes them if they are still unreferenced")
     if c.rescued:

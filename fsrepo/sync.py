@@ -35,7 +35,7 @@ class Syncer:
         self.running = 0  # syncs in progress (status)
 
     def _online(self) -> bool:
-        return getattr(self.cache.store, "online", True) is not False
+        return self.cache.store.online
 
     async def walk(self, dir_id: str, seen: set[str] | None = None,
                    fresh: bool = False) -> list[FileEntry]:

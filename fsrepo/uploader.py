@@ -107,12 +107,13 @@ class Uploader:
         self._kick = trio.Event()
 
     # -- bookkeeping ----------------------------------------------------------------------
-    def known_remote(self, shas: set[str]) -> None:
+    def note_known(self, shas: set[str]) -> None:
+        """Blobs seen referenced by a manifest in the bucket: known to exist there."""
         new = shas - self.remote
         if new:
             self.remote |= new
 
-    def reuse(self, sha: str) -> bool:
+    def reuse_or_recheck(self, sha: str) -> bool:
         """Whether a closed file whose content is blob `sha` may skip its upload (dedup).
         Only if this process saw the blob in the bucket within TRUST_REMOTE seconds: the
         index of known blobs outlives a `--gc` that deleted some of them (after they had
@@ -451,7 +452,7 @@ class Uploader:
         seqs = [p.seq for p in batch]
         await self.db.run(self.db.state.commit_dir, dir_id, new_etag, body, seqs)
         self.journal.retire(dir_id, seqs)
-        self.known_remote({e.sha256 for e in entries.values() if isinstance(e, FileEntry)})
+        self.note_known({e.sha256 for e in entries.values() if isinstance(e, FileEntry)})
         self.ns.set_remote(dir_id, entries, new_etag)
 
     async def _drop_unsafe_dir_removals(self, remote: dict[bytes, Entry], ops: list,

@@ -98,5 +98,11 @@ class Store(abc.ABC):
     async def delete(self, key: str) -> None:
         """Remove a key; no error if it does not exist."""
 
+    @property
+    def online(self) -> bool:
+        """Whether the storage is believed reachable. A plain backend always says yes (each
+        call finds out for itself); the connectivity guard answers from what it saw."""
+        return True
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""
