@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the benchmark needs (the project's .venv with moto and boto3, FUSE, rclone,
-# s3fs), then runs scripts/bench.py with the given arguments (as root). Examples:
+# s3fs), then runs the benchmark (scripts/bench/, `python -m scripts.bench`) with the given
+# arguments (as root). Examples:
 #   bash scripts/bench.sh                              # default sizes, every tool (< 15 min)
 #   bash scripts/bench.sh --quick                      # tiny smoke run
 #   bash scripts/bench.sh --tools imgrepo,s3fs --rounds 5
@@ -23,4 +24,4 @@ fi
 # lack them.
 .venv/bin/python -c "import moto, boto3" 2>/dev/null || .venv/bin/pip install -q -e ".[test]"
 
-exec .venv/bin/python scripts/bench.py "$@"
+exec .venv/bin/python -m scripts.bench "$@"

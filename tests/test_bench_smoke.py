@@ -1,4 +1,4 @@
-"""The benchmark keeps working: a tiny run of scripts/bench.py (imgrepo, fusepass and a local folder,
+"""The benchmark keeps working: a tiny run of scripts/bench (imgrepo, fusepass and a local folder,
 through real FUSE mounts and the real S3 server) must produce every workload's figures.
 
 No timing is asserted here; this only proves that every measurement is taken and written.
@@ -23,7 +23,7 @@ WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
 def test_quick_bench_measures_every_workload(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick",
+        [sys.executable, "-m", "scripts.bench", "--quick",
          "--tools", "imgrepo,fusepass,local", "--json", str(out), "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=220, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

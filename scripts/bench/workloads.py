@@ -1,0 +1,218 @@
+"""The benchmark's rounds: for one tool, the write phase (W1, W6, W2 with W7), a fresh
+mount's cold and warm reads (W3, W4) and the big directory's listing (W5), each figure
+recorded per round; and the clean-up of whatever is still mounted."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data import Data, LsFixture, Sizes
+from .host import (
+    REPO,
+    BenchError,
+    MiB,
+    PageCache,
+    peak_rss_mib,
+    proc_cpu_seconds,
+    reset_peak_rss,
+    run,
+    say,
+    stop_process,
+    unmount_path,
+)
+from .profiling import profiled
+from .server import Server
+from .tools import FusePassTool, LocalTool, Tool, ToolSetup, new_tool
+
+
+@dataclass
+class Bench:
+    """One run: its sizes, tools and work folder, the live mounts, and every round's
+    figures (`results[tool][metric]`, one value per round) and errors."""
+
+    sizes: Sizes
+    tools: list[str]
+    work: Path
+    keep: bool = False
+    profile_dir: Path | None = None
+    rclone_args: list[str] = field(default_factory=list)
+    s3fs_args: list[str] = field(default_factory=list)
+    server: Server | None = None
+    data: Data | None = None
+    imgrepo_cmd: Path = REPO / ".venv" / "bin" / "imgrepo-mount"
+    results: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+    live: list[Tool] = field(default_factory=list)
+    ls_made: dict[str, LsFixture] = field(default_factory=dict)
+    page_cache: PageCache = field(default_factory=PageCache)
+
+    def profiled(self, tool: Tool, label: str) -> AbstractContextManager[None]:
+        return profiled(self.profile_dir, tool, label)
+
+    def record(self, tool: str, key: str, value: float | None) -> None:
+        self.results.setdefault(tool, {}).setdefault(key, []).append(value)
+
+    def new_tool(self, name: str) -> Tool:
+        setup = ToolSetup(self.server, self.work, self.imgrepo_cmd, self.rclone_args,
+                          self.s3fs_args)
+        tool = new_tool(name, setup)
+        self.live.append(tool)
+        return tool
+
+    def release(self, tool: Tool) -> None:
+        try:
+            tool.unmount()
+        finally:
+            if tool in self.live:
+                self.live.remove(tool)
+
+    # ---- one round of one tool ----
+    def run_round(self, name: str, rnd: int) -> None:
+        assert self.data is not None
+        data = self.data
+        tag = f"{name}-r{rnd}"
+        bucket = f"bench-{name}-r{rnd}".replace("_", "-")
+        prefix = "data"
+        base = self.work / "rounds" / tag
+        base.mkdir(parents=True)
+        tool = self.new_tool(name)
+        if tool.uses_s3:
+            assert self.server is not None
+            self.server.create_bucket(bucket)
+            if name == "s3fs":
+                self.server.client.put_object(Bucket=bucket, Key=f"{prefix}/", Body=b"")
+        mnt = base / "local" if isinstance(tool, LocalTool) else base / "mnt"
+        try:
+            data.warm()
+            tool.mount(bucket, prefix, mnt, base / "cache-write")
+            self._write_phase(tool, mnt)
+            self.release(tool)
+            # ---- cold and warm reads on a fresh mount with an empty cache ----
+            tool = self.new_tool(name)
+            self.page_cache.drop()
+            tool.mount(bucket, prefix, mnt, base / "cache-read")
+            self.page_cache.drop()
+            self._read_phase(tool, mnt)
+            self.release(tool)
+            self._ls_phase(name, base)
+        finally:
+            for t in list(self.live):
+                try:
+                    self.release(t)
+                except Exception as exc:  # noqa: BLE001 - cleanup: report, go on
+                    say(f"{t.name}: unmount: {exc}")
+            if tool.uses_s3 and self.server is not None:
+                self.server.delete_bucket(bucket)
+            if not self.keep:
+                shutil.rmtree(base, ignore_errors=True)
+
+    def _write_phase(self, tool: Tool, mnt: Path) -> None:
+        data = self.data
+        assert data is not None
+        name = tool.name
+        nfiles = len(data.names)
+        pid = tool.pid()
+        sent = self.server.sent if self.server is not None else (lambda: 0)
+
+        # W1: cp -r of the small files
+        cpu0 = proc_cpu_seconds(pid) if pid else None
+        bytes0 = sent()
+        t0 = time.perf_counter()
+        with self.profiled(tool, "w1-cp"):
+            t_cp = run(["cp", "-r", str(data.src), str(mnt / "w1")])
+        expected = {f"w1/{n}": s for n, s in data.names.items()}
+        with self.profiled(tool, "w1-durable"):
+            t_dur = tool.wait_durable(expected, t0)
+        self.record(name, "w1_cp_files_s", nfiles / t_cp)
+        self.record(name, "w1_durable_files_s", nfiles / t_dur)
+        self.record(name, "w1_sent_mib", (sent() - bytes0) / MiB if tool.uses_s3 else None)
+        self.record(name, "w1_cpu_s", proc_cpu_seconds(pid) - cpu0 if pid else None)
+        say(f"  {name}: W1 cp {t_cp:.2f} s, durable {t_dur:.2f} s")
+
+        # W6: the same files again under another name
+        bytes0 = sent()
+        t0 = time.perf_counter()
+        with self.profiled(tool, "w6"):
+            run(["cp", "-r", str(data.src), str(mnt / "w6")])
+            t6 = tool.wait_durable({f"w6/{n}": s for n, s in data.names.items()}, t0)
+        self.record(name, "w6_durable_s", t6)
+        self.record(name, "w6_sent_mib", (sent() - bytes0) / MiB if tool.uses_s3 else None)
+        say(f"  {name}: W6 durable {t6:.2f} s, sent {(sent() - bytes0) / MiB:.1f} MiB")
+
+        # W2 (+W7): one big file with dd bs=1M
+        if pid:
+            reset_peak_rss(pid)
+            cpu0 = proc_cpu_seconds(pid)
+        t0 = time.perf_counter()
+        with self.profiled(tool, "w2-close"):
+            t_close = run(["dd", f"if={data.big}", f"of={mnt / 'big.bin'}", "bs=1M",
+                           "status=none"])
+        with self.profiled(tool, "w2-durable"):
+            t_dur = tool.wait_durable({"big.bin": data.big_size}, t0)
+        mb = data.big_size / 1e6
+        self.record(name, "w2_close_mb_s", mb / t_close)
+        self.record(name, "w2_durable_mb_s", mb / t_dur)
+        self.record(name, "w7_peak_rss_mib", peak_rss_mib(pid) if pid else None)
+        self.record(name, "w7_cpu_s", proc_cpu_seconds(pid) - cpu0 if pid else None)
+        say(f"  {name}: W2 close {t_close:.2f} s, durable {t_dur:.2f} s")
+
+    def _read_phase(self, tool: Tool, mnt: Path) -> None:
+        assert self.data is not None
+        name = tool.name
+        nfiles = len(self.data.names)
+        mb = self.data.big_size / 1e6
+        read_big = ["dd", f"if={mnt / 'big.bin'}", "of=/dev/null", "bs=1M", "status=none"]
+        read_small = ["sh", "-c", 'cat -- "$1"/* > /dev/null', "sh", str(mnt / "w1")]
+        for label in ("w3_cold", "w4_warm"):
+            with self.profiled(tool, f"{label[:2]}-big"):
+                t_big = run(read_big)
+            with self.profiled(tool, f"{label[:2]}-small"):
+                t_small = run(read_small)
+            self.record(name, f"{label}_big_mb_s", mb / t_big)
+            self.record(name, f"{label}_small_files_s", nfiles / t_small)
+            say(f"  {name}: {label[:2].upper()} big {t_big:.2f} s, small {t_small:.2f} s")
+
+    def _ls_phase(self, name: str, base: Path) -> None:
+        bucket, prefix, local_dir = self.ls_made[name]
+        tool = self.new_tool(name)
+        self.page_cache.drop()
+        if isinstance(tool, FusePassTool):
+            tool.backing = local_dir
+            mnt = base / "mnt-ls"
+            tool.mount("", "", mnt, base / "cache-ls")
+        elif local_dir is not None:
+            mnt = local_dir
+            tool.mount("", "", mnt, base / "cache-ls")
+        else:
+            mnt = base / "mnt-ls"
+            tool.mount(bucket, prefix, mnt, base / "cache-ls")
+        self.page_cache.drop()
+        cmd = ["ls", "-l", str(mnt / "big")]
+        with self.profiled(tool, "w5-cold"):
+            cold = run(cmd, shell_stdout_null=True)
+        with self.profiled(tool, "w5-warm"):
+            warm = run(cmd, shell_stdout_null=True)
+        listed = subprocess.run(["ls", str(mnt / "big")], capture_output=True).stdout.count(b"\n")
+        if listed != self.sizes.ls_entries:
+            raise BenchError(f"{name}: ls shows {listed} entries, not {self.sizes.ls_entries}")
+        self.record(name, "w5_ls_cold_s", cold)
+        self.record(name, "w5_ls_warm_s", warm)
+        say(f"  {name}: W5 ls -l cold {cold:.2f} s, warm {warm:.2f} s")
+        self.release(tool)
+
+    def cleanup(self) -> None:
+        for tool in list(self.live):
+            try:
+                self.release(tool)
+            except Exception:  # noqa: BLE001 - last-ditch cleanup
+                if tool.mnt is not None:
+                    unmount_path(tool.mnt)
+                stop_process(tool.proc)
+        if self.server is not None:
+            self.server.stop()
+
