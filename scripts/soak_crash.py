@@ -411,8 +411,8 @@ def main() -> int:
         endpoint = None
         storage = f"file://{workdir}/repository"
         if args.s3:
-            sys.path.insert(0, str(REPO_ROOT / "tests"))
-            from servers import MotoServer  # the test suite's helper
+            sys.path.insert(0, str(REPO_ROOT))
+            from testservers.moto import MotoServer
 
             moto = MotoServer(log_path=workdir / "moto.log")
             moto.start()

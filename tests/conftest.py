@@ -22,18 +22,13 @@ import pytest
 import trio
 
 from fsrepo.store import Store
+from testservers.moto import TEST_AWS_ENV, MotoServer
+from testservers.s3proxy import S3Proxy
 
 try:  # works whether or not tests/ becomes a package
-    from .s3proxy import S3Proxy
-    from .servers import TEST_AWS_ENV, MotoServer, S3Target, StorageTarget
+    from .targets import S3Target, StorageTarget
 except ImportError:
-    from s3proxy import S3Proxy  # type: ignore[no-redef]
-    from servers import (  # type: ignore[no-redef]
-        TEST_AWS_ENV,
-        MotoServer,
-        S3Target,
-        StorageTarget,
-    )
+    from targets import S3Target, StorageTarget  # type: ignore[no-redef]
 
 
 @pytest.fixture(scope="session", autouse=True)

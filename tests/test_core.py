@@ -28,6 +28,8 @@ import trio
 from fsrepo.manifest import DirEntry, FileEntry, Manifest, serialise_manifest
 from fsrepo.namespace import ROOT_INO, FsError
 from fsrepo.repository import DESCRIPTOR_KEY, blob_key, manifest_key
+from testservers.moto import MotoServer
+from testservers.s3proxy import S3Proxy
 
 try:
     from .core_worker import content
@@ -43,8 +45,6 @@ try:
         write_file,
     )
     from .mountutil import force_unmount, run_cli
-    from .s3proxy import S3Proxy
-    from .servers import MotoServer
 except ImportError:
     from core_worker import content  # type: ignore[no-redef]
     from coreutil import (  # type: ignore[no-redef]
@@ -59,8 +59,6 @@ except ImportError:
         write_file,
     )
     from mountutil import force_unmount, run_cli  # type: ignore[no-redef]
-    from s3proxy import S3Proxy  # type: ignore[no-redef]
-    from servers import MotoServer  # type: ignore[no-redef]
 
 WORKER = Path(__file__).resolve().parent / "core_worker.py"
 

@@ -24,11 +24,7 @@ import pytest
 import trio
 
 from fsrepo.maintenance import verify
-
-try:
-    from .s3proxy import Fault, S3Proxy
-except ImportError:
-    from s3proxy import Fault, S3Proxy  # type: ignore[no-redef]
+from testservers.s3proxy import Fault, S3Proxy
 
 try:
     from .mountutil import file_tree as tree

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from testservers.net import closed_port, pid_alive
+
 try:
     from .mountutil import CLI, force_unmount, run_cli
-    from .servers import closed_port
     from .treeutil import RENAME_NOREPLACE, assert_same_tree, renameat2, snapshot
 except ImportError:
     from mountutil import CLI, force_unmount, run_cli  # type: ignore[no-redef]
-    from servers import closed_port  # type: ignore[no-redef]
     from treeutil import (  # type: ignore[no-redef]
         RENAME_NOREPLACE,
         assert_same_tree,
@@ -546,14 +546,14 @@ def test_background_mount_returns_when_ready(tmp_path: Path, mount_env):
         pid = run_json_status(mnt, mount_env)["pid"]
         run_cli(["--unmount", str(mnt)], mount_env)
         assert not os.path.ismount(mnt)
-        assert not _alive(pid)
+        assert not pid_alive(pid)
         res = run_cli(args, mount_env, timeout=60)
         pid = run_json_status(mnt, mount_env)["pid"]
         assert (mnt / "hello.txt").read_bytes() == b"hello"
         run_cli(["--unmount", str(mnt)], mount_env)
-        assert not _alive(pid)
+        assert not pid_alive(pid)
     finally:
-        if pid is not None and _alive(pid):
+        if pid is not None and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         force_unmount(mnt)
 
@@ -561,14 +561,6 @@ def test_background_mount_returns_when_ready(tmp_path: Path, mount_env):
 def run_json_status(mnt: Path, env: dict[str, str]) -> dict:
     import json
     return json.loads(run_cli(["--status", str(mnt), "--json"], env).stdout)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

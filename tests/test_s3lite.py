@@ -5,10 +5,8 @@ the object's bytes in order."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,37 +15,20 @@ import boto3
 import pytest
 from botocore.config import Config
 
-try:
-    from .servers import free_port
-except ImportError:
-    from servers import free_port  # type: ignore[no-redef]
+from testservers.net import free_port, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"s3lite exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError("s3lite did not start listening")
 
 
 @pytest.fixture(scope="module")
 def s3() -> Iterator[Any]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "s3lite.py"), "--port", str(port),
-         "--warm-mib", "32"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [sys.executable, "-m", "testservers.s3lite", "--port", str(port), "--warm-mib", "32"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
     try:
-        _wait_for_port(port, proc)
+        wait_listening(port, proc, what="s3lite", timeout=30)
         client = boto3.client(
             "s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
             aws_access_key_id="testing", aws_secret_access_key="testing",

@@ -30,13 +30,14 @@ from fsrepo.errors import (
 from fsrepo.store import NOT_MODIFIED, Store, StoredObject, open_store
 from fsrepo.store.local import LOCK_DIR, TMP_PREFIX, LocalStore
 from fsrepo.store.s3 import S3Store
+from testservers.moto import MotoServer
+from testservers.net import closed_port
+from testservers.s3proxy import S3Proxy
 
 try:
-    from .s3proxy import S3Proxy
-    from .servers import MotoServer, S3Target, closed_port
+    from .targets import S3Target
 except ImportError:
-    from s3proxy import S3Proxy  # type: ignore[no-redef]
-    from servers import MotoServer, S3Target, closed_port  # type: ignore[no-redef]
+    from targets import S3Target  # type: ignore[no-redef]
 
 MiB = 1 << 20
 

@@ -4,7 +4,6 @@ cache, and the benchmark's one-line messages and expected failures."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,36 +26,6 @@ class BenchError(Exception):
 def say(text: str) -> None:
     print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited at start (code {proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError(f"{what} did not start listening on 127.0.0.1:{port}")
-
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 15) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
 
 
 def run(cmd: list[str], *, timeout: float = 900, check: bool = True,
@@ -141,14 +110,3 @@ def tail(path: Path, lines: int = 1) -> str:
     except OSError:
         return "(no log)"
     return " | ".join(text[-lines:]) if text else "(empty log)"
-
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, OSError):
-        return False
-

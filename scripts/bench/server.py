@@ -1,8 +1,5 @@
-"""The S3 server (scripts/s3lite.py, or moto's server mode with two fixes) pinned to its
-core, behind the byte-counting relay; and the bucket helpers the benchmark uses directly.
-
-    python -m scripts.bench.server PORT      # the fixed moto server (what --server moto runs)
-"""
+"""The S3 server (testservers/s3lite.py, or moto's server mode with fixes) pinned to its
+core, behind the byte-counting relay; and the bucket helpers the benchmark uses directly."""
 
 from __future__ import annotations
 
@@ -14,58 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .host import AWS_ENV, REPO, free_port, say, stop_process, wait_port
+from testservers.net import free_port, stop_process, wait_listening
+
+from .host import AWS_ENV, REPO, BenchError, say
 
 
-def server_main(port: int) -> None:
-    """moto's S3 server (as `moto_server` runs it), with two fixes that make it behave like
-    S3 where the tools here notice:
-
-    - moto answers CompleteMultipartUpload on an unversioned bucket with
-      `x-amz-version-id: null` and then refuses `HEAD ...?versionId=null` with 400 (S3
-      accepts the "null" version). rclone asks exactly that after every multipart upload
-      and retries the upload for ever. The query parameter is dropped here.
-    - every GET copied the whole object before slicing out the requested range, so a 1 GiB
-      file read in ranges cost a 1 GiB copy per request. Objects are kept in memory, and
-      their bytes are now handed out without a copy.
-    """
-    import io
-    import logging
-
-    # keep every object in memory: moto otherwise spools objects over ~5 MiB to temporary
-    # files, which costs it ~40% of its time on big uploads
-    os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 34)
-    import moto.s3.models as s3models
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
-    )
-    from werkzeug.serving import run_simple
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    original = s3models.FakeKey.value
-
-    def value(self: Any) -> bytes:
-        inner = getattr(self._value_buffer, "_file", None)
-        if isinstance(inner, io.BytesIO):
-            with self.lock:
-                return inner.getvalue()  # shares the buffer's bytes, no copy
-        return original.fget(self)
-
-    s3models.FakeKey.value = property(value, original.fset)
-    app = DomainDispatcherApplication(create_backend_app)
-
-    def fixed(environ: dict, start_response: Any) -> Any:
-        query = environ.get("QUERY_STRING", "")
-        if "versionId=null" in query:
-            environ["QUERY_STRING"] = "&".join(
-                part for part in query.split("&") if part != "versionId=null")
-        return app(environ, start_response)
-
-    os.environ.setdefault("MOTO_PORT", str(port))
-    run_simple("127.0.0.1", port, fixed, threaded=True, request_handler=MotoRequestHandler)
-
+def _wait_listening(port: int, proc: subprocess.Popen, what: str) -> None:
+    try:
+        wait_listening(port, proc, what=what)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
 
 
 class Server:
@@ -100,20 +55,20 @@ class Server:
         env = {**os.environ, **AWS_ENV}
         log = open(self.work / "server.log", "wb")
         if self.kind == "moto":
-            cmd = [sys.executable, "-m", "scripts.bench.server", str(self.port)]
+            cmd = [sys.executable, "-m", "testservers.moto", str(self.port)]
         else:
-            cmd = [sys.executable, str(REPO / "scripts" / "s3lite.py"),
+            cmd = [sys.executable, "-m", "testservers.s3lite",
                    "--port", str(self.port), "--warm-mib", str(self.warm_mib)]
         self.proc = subprocess.Popen(cmd,
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                      env=env, preexec_fn=self._pin, cwd=REPO)
-        wait_port(self.port, self.proc, f"the {self.kind} server")
+        _wait_listening(self.port, self.proc, f"the {self.kind} server")
         self.counter_path.write_bytes(b"\0" * 16)
         self.relay = subprocess.Popen(
             [sys.executable, "-m", "scripts.bench.relay",
              str(self.relay_port), str(self.port), str(self.counter_path), str(self.core)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO)
-        wait_port(self.relay_port, self.relay, "the counting relay")
+        _wait_listening(self.relay_port, self.relay, "the counting relay")
         fd = os.open(self.counter_path, os.O_RDONLY)
         self._mm = mmap.mmap(fd, 16, prot=mmap.PROT_READ)
         os.close(fd)
@@ -170,8 +125,3 @@ class Server:
 
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(put, keys))
-
-
-
-if __name__ == "__main__":
-    server_main(int(sys.argv[1]))

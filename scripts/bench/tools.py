@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .host import REPO, BenchError, alive, free_port, stop_process, tail, unmount_path
+from testservers.net import free_port, pid_alive, stop_process
+
+from .host import REPO, BenchError, tail, unmount_path
 from .server import Server
 
 
@@ -151,7 +153,7 @@ class ImgrepoTool(Tool):
             unmount_path(self.mnt)
             raise BenchError(f"imgrepo: unmount failed: {res.stderr.strip()[-300:]}")
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and alive(self._pid):
+        while time.monotonic() < deadline and pid_alive(self._pid):
             time.sleep(0.05)
         self.mnt = None
 

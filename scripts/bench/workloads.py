@@ -11,6 +11,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testservers.net import stop_process
+
 from .data import Data, LsFixture, Sizes
 from .host import (
     REPO,
@@ -22,7 +24,6 @@ from .host import (
     reset_peak_rss,
     run,
     say,
-    stop_process,
     unmount_path,
 )
 from .profiling import profiled

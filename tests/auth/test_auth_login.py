@@ -157,7 +157,7 @@ def test_unknown_client(settings, store, oidc):
 def test_issuer_unreachable(settings, store):
     from dataclasses import replace
 
-    from auth_harness import free_port
+    from testservers.net import free_port
 
     issuer = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(IssuerUnreachable, match=f"cannot reach the identity provider at {issuer}"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """s3lite: a small, fast, in-memory S3-compatible server for the benchmark (127.0.0.1 only).
 
-    python scripts/s3lite.py --port 9000
+    python -m testservers.s3lite --port 9000
 
 moto's server mode spends ~3 ms of CPU per request and tops out near 40-60 MB/s of
 uploads on one core; with it as the server, a benchmark of S3 clients measures moto. This

@@ -1,4 +1,7 @@
-"""Test servers on 127.0.0.1: moto's S3 in server mode, run as a subprocess.
+"""moto's S3 server on 127.0.0.1, two ways: `MotoServer` runs plain `python -m moto.server`
+as a child process for the tests; `serve_like_s3` (`python -m testservers.moto PORT`) is the
+benchmark's --server moto, with fixes that make it answer like S3 where the mounted tools
+notice.
 
     with MotoServer() as moto:            # free port, waits until it answers
         client = moto.client()            # a boto3 S3 client pointed at it
@@ -8,13 +11,12 @@
 
 moto keeps all state in memory, so `stop()`/`start()`/`restart()` simulate an outage only
 for tests that do not need the data afterwards. To cut the network while keeping the data,
-put `tests/s3proxy.py`'s `S3Proxy` in front and `pause()`/`resume()` it instead.
+put `testservers.s3proxy.S3Proxy` in front and `pause()`/`resume()` it instead.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,33 +24,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-
-@dataclass(frozen=True)
-class StorageTarget:
-    """A repository location: what `open_store` (or the mount's flags) needs."""
-
-    url: str
-    endpoint_url: str | None = None
-
-    def open(self) -> Any:
-        """The opened `Store` (close it with `await store.aclose()`)."""
-        from fsrepo.store import open_store
-
-        return open_store(self.url, endpoint_url=self.endpoint_url)
-
-
-@dataclass(frozen=True)
-class S3Target(StorageTarget):
-    """A bucket on a test server; `url` is s3://bucket/prefix."""
-
-    bucket: str = ""
-    prefix: str = ""
-
+from .net import free_port
 
 # What boto3 needs to talk to moto; tests must never reach real AWS.
 TEST_AWS_ENV: dict[str, str] = {
@@ -56,18 +36,6 @@ TEST_AWS_ENV: dict[str, str] = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 where nothing listens (connections are refused at once)."""
-    return free_port()
 
 
 def _answers(url: str) -> bool:
@@ -237,3 +205,57 @@ class MotoServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def serve_like_s3(port: int) -> None:
+    """moto's S3 server (as `moto_server` runs it), with two fixes that make it behave like
+    S3 where the tools here notice:
+
+    - moto answers CompleteMultipartUpload on an unversioned bucket with
+      `x-amz-version-id: null` and then refuses `HEAD ...?versionId=null` with 400 (S3
+      accepts the "null" version). rclone asks exactly that after every multipart upload
+      and retries the upload for ever. The query parameter is dropped here.
+    - every GET copied the whole object before slicing out the requested range, so a 1 GiB
+      file read in ranges cost a 1 GiB copy per request. Objects are kept in memory, and
+      their bytes are now handed out without a copy.
+    """
+    import io
+    import logging
+
+    # keep every object in memory: moto otherwise spools objects over ~5 MiB to temporary
+    # files, which costs it ~40% of its time on big uploads
+    os.environ["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 34)
+    import moto.s3.models as s3models
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import run_simple
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    original = s3models.FakeKey.value
+
+    def value(self: Any) -> bytes:
+        inner = getattr(self._value_buffer, "_file", None)
+        if isinstance(inner, io.BytesIO):
+            with self.lock:
+                return inner.getvalue()  # shares the buffer's bytes, no copy
+        return original.fget(self)
+
+    s3models.FakeKey.value = property(value, original.fset)
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def fixed(environ: dict, start_response: Any) -> Any:
+        query = environ.get("QUERY_STRING", "")
+        if "versionId=null" in query:
+            environ["QUERY_STRING"] = "&".join(
+                part for part in query.split("&") if part != "versionId=null")
+        return app(environ, start_response)
+
+    os.environ.setdefault("MOTO_PORT", str(port))
+    run_simple("127.0.0.1", port, fixed, threaded=True, request_handler=MotoRequestHandler)
+
+
+if __name__ == "__main__":
+    serve_like_s3(int(sys.argv[1]))
