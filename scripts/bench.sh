@@ -5,6 +5,7 @@
 #   bash scripts/bench.sh                              # default sizes, every tool (< 15 min)
 #   bash scripts/bench.sh --quick                      # tiny smoke run
 #   bash scripts/bench.sh --tools imgrepo,s3fs --rounds 5
+#   bash scripts/bench.sh --rtt-ms 20                  # 20 ms round trip to the server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive

@@ -51,6 +51,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--server", choices=["s3lite", "moto"], default="s3lite",
                    help="the S3 server: scripts/s3lite.py (default; ~10x less CPU per "
                         "request) or moto's server mode")
+    p.add_argument("--rtt-ms", type=float, default=0.0, metavar="MS",
+                   help="round-trip time the relay adds between every tool and the S3 "
+                        "server, half each way (default 0: loopback)")
     p.add_argument("--rclone-arg", dest="rclone_args", action="append", default=[],
                    help="extra argument for rclone mount (repeatable)")
     p.add_argument("--s3fs-arg", dest="s3fs_args", action="append", default=[],
@@ -81,6 +84,9 @@ def check_environment(tools: list[str], imgrepo_cmd: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.rtt_ms < 0:
+        say("error: --rtt-ms must be 0 or more")
+        return 2
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = [t for t in tools if t not in TOOLS]
     if unknown or not tools:
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "server": ("scripts/s3lite.py (in memory)" if args.server == "s3lite" else
                        f"moto {moto.__version__} server mode (objects kept in memory, "
                        "range reads without copies, versionId=null accepted)"),
+            "rtt_ms": args.rtt_ms,
             "pinning": (f"server and relay on core {server_core}, mounts and workloads on "
                         f"cores {','.join(map(str, cores[1:]))}") if pin else "none",
             "machine": f"{platform.machine()}, {len(cores)} cores, {platform.release()}",
@@ -146,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             # What one client's round keeps in the server at most: the big file and two
             # copies of the small ones; touched once so every client finds it ready.
             warm = sizes.big_mib + 2 * sizes.files * sizes.file_kib // 1024 + 64
-            bench.server = Server(work, server_core, args.server, warm_mib=warm)
+            bench.server = Server(work, server_core, args.server, warm_mib=warm,
+                                  rtt_ms=args.rtt_ms)
             bench.server.start()
         bench.data = make_data(work, sizes)
         bench.ls_made = make_ls_fixtures(bench.server, work, tools, sizes.ls_entries)

@@ -103,6 +103,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def relay_line(bench: Bench) -> str:
+    """The report's header line on the way to the server: the round trip the relay adds and
+    the CPU the relay itself spent (it shares the server's core)."""
+    if bench.server is None:
+        return "Server: none (no tool used one)"
+    rtt = bench.server.rtt_ms
+    added = f"{rtt:g} ms added by the relay" if rtt > 0 else "loopback, nothing added"
+    cpu = ", ".join(f"{t} {fmt(median(v))} s" for t, v in bench.relay_cpu.items())
+    return f"Round trip to the server: {added}; the relay's CPU per round: {cpu or '-'}"
+
+
 def report(bench: Bench, config: dict[str, Any], elapsed: float) -> dict[str, Any]:
     tools = [t for t in bench.tools if t in bench.results]
     med: dict[str, dict[str, float | None]] = {
@@ -111,7 +122,8 @@ def report(bench: Bench, config: dict[str, Any], elapsed: float) -> dict[str, An
     for key, _w, label, unit, higher in METRICS:
         rows.append([f"{label} ({unit}, {'higher' if higher else 'lower'} is better)"] +
                     [fmt(med[t][key]) for t in tools])
-    out_text = ["", f"Medians of {bench.sizes.rounds} round(s):", table(["metric", *tools], rows)]
+    out_text = ["", relay_line(bench), f"Medians of {bench.sizes.rounds} round(s):",
+                table(["metric", *tools], rows)]
     ratios: dict[str, dict[str, float | None]] = {}
     peers = [t for t in tools if t != "imgrepo"]
     if "imgrepo" in med and peers:
@@ -136,6 +148,8 @@ def report(bench: Bench, config: dict[str, Any], elapsed: float) -> dict[str, An
     print("\n".join(out_text), flush=True)
     return {
         "config": config,
+        "relay": {"rtt_ms": bench.server.rtt_ms if bench.server else None,
+                  "cpu_s": bench.relay_cpu},
         "workloads": {w: [k for k, wl, *_ in METRICS if wl == w] for w in WORKLOADS},
         "metrics": {k: {"workload": w, "label": label, "unit": unit,
                         "higher_is_better": higher} for k, w, label, unit, higher in METRICS},

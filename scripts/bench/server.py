@@ -13,7 +13,7 @@ from typing import Any
 
 from testservers.net import free_port, stop_process, wait_listening
 
-from .host import AWS_ENV, REPO, BenchError, say
+from .host import AWS_ENV, REPO, BenchError, proc_cpu_seconds, say
 
 
 def _wait_listening(port: int, proc: subprocess.Popen, what: str) -> None:
@@ -26,8 +26,10 @@ def _wait_listening(port: int, proc: subprocess.Popen, what: str) -> None:
 class Server:
     """The S3 server (s3lite or moto), pinned to its core, behind the byte-counting relay."""
 
-    def __init__(self, work: Path, core: int, kind: str = "s3lite", warm_mib: int = 0) -> None:
+    def __init__(self, work: Path, core: int, kind: str = "s3lite", warm_mib: int = 0,
+                 rtt_ms: float = 0.0) -> None:
         self.kind = kind
+        self.rtt_ms = rtt_ms  # round-trip time the relay adds between the tools and it
         self.warm_mib = warm_mib  # s3lite: heap touched before the first client (fairness)
         self.work = work
         self.core = core
@@ -66,7 +68,8 @@ class Server:
         self.counter_path.write_bytes(b"\0" * 16)
         self.relay = subprocess.Popen(
             [sys.executable, "-m", "scripts.bench.relay",
-             str(self.relay_port), str(self.port), str(self.counter_path), str(self.core)],
+             str(self.relay_port), str(self.port), str(self.counter_path), str(self.core),
+             str(self.rtt_ms)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO)
         _wait_listening(self.relay_port, self.relay, "the counting relay")
         fd = os.open(self.counter_path, os.O_RDONLY)
@@ -84,6 +87,11 @@ class Server:
         """Bytes the tools have sent to the server so far (client -> server)."""
         assert self._mm is not None
         return struct.unpack_from("<Q", self._mm, 0)[0]
+
+    def relay_cpu_seconds(self) -> float:
+        """CPU the relay has used so far (it shares the server's core)."""
+        assert self.relay is not None
+        return proc_cpu_seconds(self.relay.pid)
 
     def stop(self) -> None:
         stop_process(self.relay)

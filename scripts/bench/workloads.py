@@ -50,6 +50,8 @@ class Bench:
     errors: dict[str, list[str]] = field(default_factory=dict)
     live: list[Tool] = field(default_factory=list)
     ls_made: dict[str, LsFixture] = field(default_factory=dict)
+    # the relay's CPU seconds during each round of a tool that talks to the server
+    relay_cpu: dict[str, list[float]] = field(default_factory=dict)
     page_cache: PageCache = field(default_factory=PageCache)
 
     def profiled(self, tool: Tool, label: str) -> AbstractContextManager[None]:
@@ -88,6 +90,7 @@ class Bench:
             if name == "s3fs":
                 self.server.client.put_object(Bucket=bucket, Key=f"{prefix}/", Body=b"")
         mnt = base / "local" if isinstance(tool, LocalTool) else base / "mnt"
+        relay_cpu0 = self.server.relay_cpu_seconds() if tool.uses_s3 and self.server else None
         try:
             data.warm()
             tool.mount(bucket, prefix, mnt, base / "cache-write")
@@ -101,6 +104,9 @@ class Bench:
             self._read_phase(tool, mnt)
             self.release(tool)
             self._ls_phase(name, base)
+            if relay_cpu0 is not None and self.server is not None:
+                self.relay_cpu.setdefault(name, []).append(
+                    self.server.relay_cpu_seconds() - relay_cpu0)
         finally:
             for t in list(self.live):
                 try:
