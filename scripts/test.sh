@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --tests
-.venv/bin/ruff check fsrepo tests scripts
+.venv/bin/ruff check fsrepo tests scripts testservers
 exec .venv/bin/python -m pytest "$@"
