@@ -92,7 +92,7 @@ def _show(name: bytes) -> str:
 
 async def _open(settings: Settings) -> Store:
     if settings.storage.startswith("s3://"):
-        from .cli import apply_login_environment
+        from .cli.daemon import apply_login_environment
         apply_login_environment(settings)
     store = open_store(settings.storage, settings.endpoint_url, settings.region)
     try:
