@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fsrepo.maintenance import verify
+from fsrepo.maintenance.verify import verify
 
 try:
     from .s3proxy import Fault, S3Proxy

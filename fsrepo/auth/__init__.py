@@ -7,6 +7,7 @@ Entry points for the CLI and the mount:
     run_logout(settings, *, out=sys.stdout) -> int
     run_status(settings) -> dict          format_status(dict) -> str
     aws_environment(settings) -> dict[str, str]
+    apply_login_environment(settings)     the same, put into os.environ (S3 storage only)
     TokenRefresher(settings)              await .run() in the mount's nursery; .state()
     TokenRedactingFilter                  a logging.Filter for the mount's log handlers
 
@@ -25,6 +26,7 @@ _HOMES = {
     "TokenRedactingFilter": ".redact",
     "TokenRefresher": ".refresher",
     "TokenStore": ".store",
+    "apply_login_environment": ".commands",
     "aws_environment": ".commands",
     "format_status": ".status",
     "run_login": ".commands",
@@ -33,7 +35,7 @@ _HOMES = {
 }
 
 if TYPE_CHECKING:
-    from .commands import aws_environment, run_login, run_logout
+    from .commands import apply_login_environment, aws_environment, run_login, run_logout
     from .oidc import PollTiming
     from .redact import TokenRedactingFilter
     from .refresher import RefresherState, TokenRefresher
@@ -56,6 +58,7 @@ __all__ = [
     "TokenRedactingFilter",
     "TokenRefresher",
     "TokenStore",
+    "apply_login_environment",
     "aws_environment",
     "format_status",
     "run_login",

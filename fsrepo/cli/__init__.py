@@ -44,10 +44,10 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from .status import cmd_status
         return cmd_status(settings, args)
     if args.verify or args.gc:
-        from .. import maintenance
+        from ..maintenance.report import run_gc, run_verify
         if args.verify:
-            return maintenance.run_verify(settings, data=args.data, as_json=args.json)
-        return maintenance.run_gc(settings, dry_run=args.dry_run, grace_hours=args.grace)
+            return run_verify(settings, data=args.data, as_json=args.json)
+        return run_gc(settings, dry_run=args.dry_run, grace_hours=args.grace)
     if not args.mountpoint:
         raise ImgrepoError("a mountpoint is needed (see --help)")
     mountpoint = Path(args.mountpoint).expanduser().absolute()

@@ -69,6 +69,7 @@ class ReadyPipe:
 def run_foreground(settings: Settings, mountpoint: Path, args: argparse.Namespace) -> int:
     import trio
 
+    from ..auth.commands import apply_login_environment
     from ..engine import StateLock
     from ..logsetup import setup_logging
     from ..mount import run_mount
@@ -104,13 +105,3 @@ def run_foreground(settings: Settings, mountpoint: Path, args: argparse.Namespac
         raise
     return 0
 
-
-def apply_login_environment(settings: Settings) -> None:
-    """With a device-flow login, let botocore assume the role with our ID token file."""
-    if not settings.storage.startswith("s3://"):
-        return
-    try:
-        from ..auth import commands
-    except ImportError:
-        return
-    os.environ.update(commands.aws_environment(settings))
