@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import control
+from ..auth.status import run_status
 from ..config import Settings
 from ..errors import ImgrepoError
 from .progress import follow
@@ -27,13 +28,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         out.pop("done", None)
         if out.get("error"):
             raise ImgrepoError(out["error"])
-    try:
-        from ..auth.status import run_status
-        login = run_status(settings)
-    except ImportError:
-        login = None
-    if login:
-        out["login"] = login
+    out["login"] = run_status(settings)
     if args.json:
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
