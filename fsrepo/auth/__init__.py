@@ -8,7 +8,7 @@ Entry points for the CLI and the mount:
     run_status(settings) -> dict          format_status(dict) -> str
     aws_environment(settings) -> dict[str, str]
     apply_login_environment(settings)     the same, put into os.environ (S3 storage only)
-    TokenRefresher(settings)              await .run() in the mount's nursery; .state()
+    TokenRefresher()                      await .run() in the mount's nursery; .state()
     TokenRedactingFilter                  a logging.Filter for the mount's log handlers
 
 Names are imported on first use (PEP 562): `imgrepo-mount --status` reads the token store

@@ -62,7 +62,6 @@ class TokenRefresher:
 
     def __init__(
         self,
-        settings: object | None = None,
         *,
         store: TokenStore | None = None,
         http: httpx.Client | None = None,
