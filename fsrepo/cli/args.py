@@ -11,6 +11,7 @@ PROG = "imgrepo-mount"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One action flag at most (mount when none), plus the settings and options."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Mount a deduplicated file repository kept in S3 (or a local folder) "
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The flags given override the environment and the config file (see config.py)."""
     return load_settings({
         "storage": args.storage,
         "endpoint_url": args.endpoint_url,
