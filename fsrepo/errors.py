@@ -82,7 +82,3 @@ class AccessDenied(LoginError):
 
 class DeviceCodeExpired(LoginError):
     """The device code expired before the user finished logging in."""
-
-
-class LoginRequired(LoginError):
-    """The stored login expired or was revoked: `imgrepo-mount --login` again."""

@@ -61,7 +61,7 @@ class Mount(Engine):
         self.refresher: Any = None
         if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
             from .auth import TokenRefresher
-            self.refresher = TokenRefresher(settings)
+            self.refresher = TokenRefresher()
 
     # -- control requests -----------------------------------------------------------------
     async def status(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fsrepo.maintenance import verify
+from fsrepo.maintenance.verify import verify
 from testservers.s3proxy import Fault, S3Proxy
 
 try:

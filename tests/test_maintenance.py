@@ -16,7 +16,8 @@ from pathlib import Path
 
 import trio
 
-from fsrepo.maintenance import GC_STATE_KEY, collect, verify
+from fsrepo.maintenance.gc import GC_STATE_KEY, collect
+from fsrepo.maintenance.verify import verify
 from fsrepo.namespace import EMPTY_SHA
 from fsrepo.repository import blob_key
 from fsrepo.store import open_store

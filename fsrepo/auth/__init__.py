@@ -7,7 +7,8 @@ Entry points for the CLI and the mount:
     run_logout(settings, *, out=sys.stdout) -> int
     run_status(settings) -> dict          format_status(dict) -> str
     aws_environment(settings) -> dict[str, str]
-    TokenRefresher(settings)              await .run() in the mount's nursery; .state()
+    apply_login_environment(settings)     the same, put into os.environ (S3 storage only)
+    TokenRefresher()                      await .run() in the mount's nursery; .state()
     TokenRedactingFilter                  a logging.Filter for the mount's log handlers
 
 Names are imported on first use (PEP 562): `imgrepo-mount --status` reads the token store
@@ -25,6 +26,7 @@ _HOMES = {
     "TokenRedactingFilter": ".redact",
     "TokenRefresher": ".refresher",
     "TokenStore": ".store",
+    "apply_login_environment": ".commands",
     "aws_environment": ".commands",
     "format_status": ".status",
     "run_login": ".commands",
@@ -33,7 +35,7 @@ _HOMES = {
 }
 
 if TYPE_CHECKING:
-    from .commands import aws_environment, run_login, run_logout
+    from .commands import apply_login_environment, aws_environment, run_login, run_logout
     from .oidc import PollTiming
     from .redact import TokenRedactingFilter
     from .refresher import RefresherState, TokenRefresher
@@ -56,6 +58,7 @@ __all__ = [
     "TokenRedactingFilter",
     "TokenRefresher",
     "TokenStore",
+    "apply_login_environment",
     "aws_environment",
     "format_status",
     "run_login",

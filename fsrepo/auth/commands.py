@@ -291,7 +291,15 @@ def aws_environment(settings: Settings, *, store: TokenStore | None = None) -> d
     }
 
 
+def apply_login_environment(settings: Settings) -> None:
+    """With a device-flow login and S3 storage, let botocore assume the role with our ID
+    token file: `aws_environment` put into this process's environment."""
+    if settings.storage.startswith("s3://"):
+        os.environ.update(aws_environment(settings))
+
+
 __all__ = [
+    "apply_login_environment",
     "aws_environment",
     "browser_available",
     "format_status",

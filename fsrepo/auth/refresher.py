@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import httpx
 import trio
 
+from ..retry import QUEUE, Backoff
 from .oidc import new_http_client
 from .store import StoredLogin, TokenStore
 from .tokens import RefreshOutcome, refresh_under_lock
@@ -57,24 +58,22 @@ class TokenRefresher:
     """`await refresher.run()` in the mount's nursery; `refresher.state()` any time.
 
     `watch_interval` is how often the token store is checked for a new login (a stat(2),
-    cheap); `retry_min`/`retry_max` bound the back-off after provider failures.
+    cheap); `retry` is the back-off after provider failures (background work: the QUEUE
+    layer's policy, tried again for as long as the mount runs).
     """
 
     def __init__(
         self,
-        settings: object | None = None,
         *,
         store: TokenStore | None = None,
         http: httpx.Client | None = None,
         watch_interval: float = 2.0,
-        retry_min: float = 2.0,
-        retry_max: float = 60.0,
+        retry: Backoff = QUEUE,
     ):
         self._store = store or TokenStore()
         self._http = http
         self._watch_interval = watch_interval
-        self._retry_min = retry_min
-        self._retry_max = retry_max
+        self._retry = retry
         self._state = RefresherState(NOT_LOGGED_IN, "not logged in: run imgrepo-mount --login")
         self._refreshes = 0
         self._last_refresh: float | None = None
@@ -103,7 +102,7 @@ class TokenRefresher:
                 http.close()
 
     async def _loop(self, http: httpx.Client) -> None:
-        backoff = self._retry_min
+        failures = 0  # provider failures in a row
         known: str | None = None  # the refresh token we last saw (None: not yet loaded)
         while True:
             # Not abandonable on cancel: a refresh in flight must get to save the rotated
@@ -138,9 +137,10 @@ class TokenRefresher:
             elif outcome.kind == "transient":
                 assert login is not None
                 self._set(RETRYING, login, f"refreshing the login failed, retrying: {outcome.message}")
-                log.warning("login refresh failed (retrying in %.0f s): %s", backoff, outcome.message)
-                wake_at = time.time() + backoff
-                backoff = min(backoff * 2, self._retry_max)
+                failures += 1
+                delay = self._retry.delay(failures)
+                log.warning("login refresh failed (retrying in %.0f s): %s", delay, outcome.message)
+                wake_at = time.time() + delay
             else:  # refreshed or fresh
                 assert login is not None
                 if outcome.kind == "refreshed":
@@ -153,7 +153,7 @@ class TokenRefresher:
                     )
                 elif self._state.status in (LOGIN_REQUIRED, NOT_LOGGED_IN):
                     log.info("found a new login for %s; AWS credentials resume", login.display_name())
-                backoff = self._retry_min
+                failures = 0
                 self._set(OK, login)
                 wake_at = login.refresh_due_at()
             known = login.refresh_token if login is not None else None

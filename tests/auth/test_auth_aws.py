@@ -59,7 +59,7 @@ def test_credentials_refresh_across_expiries_and_resume_after_new_login(
     s3 = s3_client(edge.url)
     assert s3._request_signer._credentials.method == "assume-role-with-web-identity"
 
-    refresher = TokenRefresher(settings, store=store, watch_interval=0.1)
+    refresher = TokenRefresher(store=store, watch_interval=0.1)
     with refresher_running(refresher):
         # 1. Several expiries: credentials live 1.5 s (+1 s grace), ID tokens 4 s.
         sts_before = len(edge.record.sts)

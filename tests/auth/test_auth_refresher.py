@@ -20,7 +20,7 @@ from fsrepo.auth.oidc import jwt_claims
 def test_refresher_keeps_the_web_identity_token_valid(settings, store, oidc, secret_guard):
     oidc.configure(ttl={"IdToken": 3, "AccessToken": 3})
     assert login(settings, store, oidc)[0] == 0
-    refresher = TokenRefresher(settings, store=store, watch_interval=0.1)
+    refresher = TokenRefresher(store=store, watch_interval=0.1)
     seen, left = set(), []
     with refresher_running(refresher):
         end = time.time() + 7
@@ -90,7 +90,7 @@ def test_processes_sharing_a_login_never_reuse_a_refresh_token(settings, store, 
 def test_revoked_login_asks_for_login_and_resumes_after_it(settings, store, oidc, secret_guard, caplog):
     oidc.configure(ttl={"IdToken": 2, "AccessToken": 2})
     assert login(settings, store, oidc)[0] == 0
-    refresher = TokenRefresher(settings, store=store, watch_interval=0.1)
+    refresher = TokenRefresher(store=store, watch_interval=0.1)
     with refresher_running(refresher):
         assert wait_until(lambda: refresher.state().refreshes >= 1, 5)
         # The grant is revoked at the provider (by an administrator, or the token expired).

@@ -456,6 +456,7 @@ def run_refresher_until(refresher, *conditions, timeout=5.0):
 
 def test_refresher_retries_after_provider_trouble(store, caplog):
     from fsrepo.auth import TokenRefresher
+    from fsrepo.retry import Backoff
 
     with store.locked():
         store.save(sample_login(id_token_expires_at=time.time() + 0.5, id_token_lifetime=3))
@@ -464,7 +465,8 @@ def test_refresher_retries_after_provider_trouble(store, caplog):
         (503, {"error": "temporarily_unavailable"}),
         (200, {"access_token": "access-2", "id_token": new_id, "refresh_token": "refresh-2"}),
     ])
-    refresher = TokenRefresher(store=store, http=http, watch_interval=0.02, retry_min=0.1)
+    refresher = TokenRefresher(store=store, http=http, watch_interval=0.02,
+                               retry=Backoff(first=0.1, cap=60.0))
     states = run_refresher_until(refresher, lambda s: s.status == "retrying", lambda s: s.status == "ok"
                                  and s.refreshes == 1)
     assert "temporarily_unavailable" in states[0].message

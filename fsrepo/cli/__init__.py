@@ -1,0 +1,63 @@
+"""imgrepo-mount: mount, unmount, sync, status, login and maintenance commands.
+
+This module reads the command line and hands it to the module that does the action.
+Expected failures print one line (`imgrepo-mount: error: ...`) and exit non-zero; only a
+bug prints a traceback. Actions import what they need when they run, so that `--status`
+loads neither trio nor an HTTP client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ..errors import ImgrepoError
+from .args import PROG, build_parser, settings_from
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args, argv)
+    except ImgrepoError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `imgrepo-mount --status MNT | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    settings = settings_from(args)
+    if args.login or args.logout:
+        from ..auth import commands
+        if args.login:
+            return commands.run_login(settings, no_browser=args.no_browser)
+        return commands.run_logout(settings)
+    if args.status:
+        from .status import cmd_status
+        return cmd_status(settings, args)
+    if args.verify or args.gc:
+        from ..maintenance.report import run_gc, run_verify
+        if args.verify:
+            return run_verify(settings, data=args.data, as_json=args.json)
+        return run_gc(settings, dry_run=args.dry_run, grace_hours=args.grace)
+    if not args.mountpoint:
+        raise ImgrepoError("a mountpoint is needed (see --help)")
+    mountpoint = Path(args.mountpoint).expanduser().absolute()
+    if args.unmount:
+        from .unmount import cmd_unmount
+        return cmd_unmount(mountpoint)
+    if args.sync:
+        from .sync import cmd_sync
+        return cmd_sync(mountpoint, args.paths)
+    if args.paths:
+        raise ImgrepoError(f"unexpected arguments: {' '.join(args.paths)}")
+    from .daemon import cmd_mount
+    return cmd_mount(settings, mountpoint, args, argv)

@@ -1,0 +1,107 @@
+"""Running the mount: in the foreground, or as a detached process the command waits for.
+
+The parent starts `python -m fsrepo.cli ... --ready-fd N` in a new session and reads one
+line from that pipe: "ok" once the mount is serving, or "error: ..." when it could not
+start; the child writes the line exactly once, then goes on (or exits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..config import Settings
+from ..errors import ImgrepoError
+
+
+def cmd_mount(settings: Settings, mountpoint: Path, args: argparse.Namespace,
+              argv: list[str]) -> int:
+    from ..mount import check_mountpoint
+    check_mountpoint(mountpoint)
+    if args.foreground or args.ready_fd is not None:
+        return run_foreground(settings, mountpoint, args)
+    return start_detached(settings, mountpoint, argv)
+
+
+def start_detached(settings: Settings, mountpoint: Path, argv: list[str]) -> int:
+    """Start the mount as a detached process and wait until it says it is ready."""
+    read_fd, write_fd = os.pipe()
+    child_argv = [sys.executable, "-m", "fsrepo.cli", *argv, "--ready-fd", str(write_fd)]
+    log_path = settings.state_dir() / "imgrepo.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as errlog:
+        proc = subprocess.Popen(child_argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=errlog,
+                                start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as ready:
+        line = ready.readline().decode(errors="replace").strip()
+    if line == "ok":
+        print(f"mounted {settings.storage} at {mountpoint} (log: {log_path})")
+        return 0
+    proc.wait(timeout=30)
+    if line.startswith("error: "):
+        raise ImgrepoError(line[len("error: "):])
+    raise ImgrepoError(f"the mount process exited (code {proc.returncode}); see {log_path}")
+
+
+class ReadyPipe:
+    """The child's end of the ready pipe (none in the foreground): one line, then closed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+
+    def say(self, text: str) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, (text + "\n").encode())
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._fd = None
+
+
+def run_foreground(settings: Settings, mountpoint: Path, args: argparse.Namespace) -> int:
+    import trio
+
+    from ..auth.commands import apply_login_environment
+    from ..engine import StateLock
+    from ..logsetup import setup_logging
+    from ..mount import run_mount
+
+    log_path = settings.state_dir() / "imgrepo.log"
+    setup_logging(log_path, args.verbose, stderr=args.ready_fd is None)
+    if args.log_file:
+        extra = logging.FileHandler(args.log_file)
+        extra.setFormatter(logging.getLogger().handlers[0].formatter)
+        extra.addFilter(logging.getLogger().handlers[0].filters[0])
+        logging.getLogger().addHandler(extra)
+    ready = ReadyPipe(args.ready_fd)
+    try:
+        lock = StateLock(settings.state_dir())
+        try:
+            apply_login_environment(settings)
+            trio.run(run_mount, settings, mountpoint, lambda: ready.say("ok"))
+        finally:
+            lock.release()
+    except ImgrepoError as exc:
+        # Into the log file only: main() prints it on stderr, as the one line users see.
+        record = logging.getLogger("fsrepo").makeRecord(
+            "fsrepo", logging.ERROR, __file__, 0, "%s", (exc,), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        ready.say("error: " + str(exc))
+        raise
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt | SystemExit):
+            logging.getLogger("fsrepo").exception("the mount failed")
+        ready.say(f"error: the mount failed unexpectedly ({type(exc).__name__}); see {log_path}")
+        raise
+    return 0
+

@@ -1,0 +1,206 @@
+"""Checking a repository: `imgrepo-mount --verify [--data]`.
+
+Walks the tree from the root manifest by directory id (one GET per directory, several
+at once), lists `blobs/` once, and reports every problem precisely: a manifest that is
+not valid, entries it refuses (bad names, wrong types, impossible sizes), directories
+listed in two places or forming a cycle, files whose blob is missing or has the wrong
+size. With `--data` every blob is downloaded and hashed (streamed through a temporary
+file, a few at once). Unreachable manifests and unreferenced blobs are harmless
+leftovers and only noted. Exit status 1 when anything is wrong.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..blobcache import hash_file
+from ..errors import ManifestError, ObjectNotFound
+from ..manifest import ROOT_ID, DirEntry, FileEntry, SymlinkEntry, parse_manifest
+from ..namespace import EMPTY_SHA
+from ..repository import blob_key, manifest_key
+from ..store.base import Store, StoredObject
+from ..units import human
+from .walk import PARALLEL, gather, list_blobs, list_manifests
+
+DATA_PARALLEL = 4
+
+
+def _show(name: bytes) -> str:
+    return name.decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class Verification:
+    directories: int = 0
+    files: int = 0
+    symlinks: int = 0
+    file_bytes: int = 0
+    blobs: int = 0
+    blob_bytes: int = 0
+    blobs_hashed: int = 0
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[dict[str, Any]] = field(default_factory=list)
+
+    def problem(self, kind: str, message: str, **extra: Any) -> None:
+        self.problems.append({"kind": kind, "message": message, **extra})
+
+    def as_json(self) -> dict[str, Any]:
+        return {"ok": not self.problems, "directories": self.directories, "files": self.files,
+                "symlinks": self.symlinks, "file_bytes": self.file_bytes,
+                "blobs": self.blobs, "blob_bytes": self.blob_bytes,
+                "blobs_hashed": self.blobs_hashed, "problems": self.problems,
+                "notes": self.notes}
+
+
+async def verify(store: Store, data: bool = False, progress: Any = None) -> Verification:
+    """Check the whole repository in `store` (see the module docstring)."""
+    v = Verification()
+    parents: dict[str, tuple[str, bytes] | None] = {ROOT_ID: None}
+    refs: dict[str, list[tuple[str, bytes, int]]] = {}  # sha -> [(dir_id, name, size)]
+
+    def path_of(dir_id: str, name: bytes | None = None) -> str:
+        parts: list[str] = [] if name is None else [_show(name)]
+        seen: set[str] = set()
+        current: str | None = dir_id
+        while current is not None and current != ROOT_ID and current not in seen:
+            seen.add(current)
+            link = parents.get(current)
+            if link is None:
+                break
+            parts.append(_show(link[1]))
+            current = link[0]
+        return "/" + "/".join(reversed(parts))
+
+    def is_ancestor(candidate: str, dir_id: str) -> bool:
+        current: str | None = dir_id
+        seen: set[str] = set()
+        while current is not None and current not in seen:
+            if current == candidate:
+                return True
+            seen.add(current)
+            link = parents.get(current)
+            current = link[0] if link else None
+        return False
+
+    level = [ROOT_ID]
+    while level:
+        bodies: dict[str, bytes | None] = {}
+
+        async def fetch(dir_id: str, bodies: dict[str, bytes | None] = bodies) -> None:
+            try:
+                got = await store.get(manifest_key(dir_id))
+            except ObjectNotFound:
+                bodies[dir_id] = None  # an empty directory has no manifest yet
+                return
+            assert isinstance(got, StoredObject)
+            bodies[dir_id] = got.data
+
+        await gather(level, fetch, PARALLEL)
+        next_level: list[str] = []
+        for dir_id in level:
+            v.directories += 1
+            body = bodies[dir_id]
+            if body is None:
+                continue
+            try:
+                manifest, refused = parse_manifest(body, dir_id)
+            except ManifestError as exc:
+                v.problem("bad-manifest", f"{path_of(dir_id)} ({manifest_key(dir_id)}): {exc}",
+                          key=manifest_key(dir_id), path=path_of(dir_id))
+                continue
+            for text in refused:
+                v.problem("refused-entry", f"{path_of(dir_id)} ({manifest_key(dir_id)}): "
+                          f"{text}", key=manifest_key(dir_id), path=path_of(dir_id))
+            for name, entry in sorted(manifest.entries.items()):
+                if isinstance(entry, DirEntry):
+                    if entry.id in parents:
+                        where = path_of(dir_id, name)
+                        if is_ancestor(entry.id, dir_id):
+                            v.problem("cycle", f"{where}: directory {entry.id} is its own "
+                                      f"ancestor (a cycle); the mount refuses to enter it",
+                                      path=where, dir_id=entry.id)
+                        else:
+                            v.problem("shared-directory",
+                                      f"{where}: directory {entry.id} is also listed as "
+                                      f"{path_of(entry.id)} (damage, or a move in progress "
+                                      "on another machine: run --verify again later)",
+                                      path=where, dir_id=entry.id)
+                        continue
+                    parents[entry.id] = (dir_id, name)
+                    next_level.append(entry.id)
+                elif isinstance(entry, FileEntry):
+                    v.files += 1
+                    v.file_bytes += entry.size
+                    refs.setdefault(entry.sha256, []).append((dir_id, name, entry.size))
+                elif isinstance(entry, SymlinkEntry):
+                    v.symlinks += 1
+        level = next_level
+
+    blobs = await list_blobs(store, v.notes)
+    v.blobs = len(blobs)
+    v.blob_bytes = sum(size for size, _ in blobs.values())
+    for sha, users in sorted(refs.items()):
+        have = blobs.get(sha)
+        for dir_id, name, size in users:
+            where = path_of(dir_id, name)
+            if have is None:
+                v.problem("missing-blob", f"{where}: its content (blob {sha}) is missing from "
+                          "the bucket", path=where, sha256=sha)
+            elif have[0] != size:
+                v.problem("size-mismatch", f"{where}: the manifest says {size} bytes but blob "
+                          f"{sha} has {have[0]}", path=where, sha256=sha)
+
+    unreferenced = [sha for sha in blobs if sha not in refs and sha != EMPTY_SHA]
+    if unreferenced:
+        size = sum(blobs[s][0] for s in unreferenced)
+        v.notes.append({"kind": "unreferenced-blobs", "count": len(unreferenced),
+                        "bytes": size,
+                        "message": f"{len(unreferenced)} blobs ({human(size)}) are not "
+                                   "referenced by any directory (--gc frees them)"})
+    unreachable = [d for d in await list_manifests(store, v.notes) if d not in parents]
+    if unreachable:
+        v.notes.append({"kind": "unreachable-manifests", "count": len(unreachable),
+                        "dir_ids": sorted(unreachable)[:100],
+                        "message": f"{len(unreachable)} directory manifests are not reachable "
+                                   "from the root (left over from removed directories)"})
+
+    if data and blobs:
+        await _verify_data(store, blobs, refs, v, path_of, progress)
+    return v
+
+
+async def _verify_data(store: Store, blobs: dict[str, tuple[int, float]],
+                       refs: dict[str, list[tuple[str, bytes, int]]], v: Verification,
+                       path_of: Any, progress: Any) -> None:
+    todo = sorted(blobs)
+    total = sum(blobs[s][0] for s in todo)
+    done_bytes = 0
+    with tempfile.TemporaryDirectory(prefix="imgrepo-verify-") as tmp:
+
+        async def check(sha: str) -> None:
+            nonlocal done_bytes
+            dest = Path(tmp) / sha
+            try:
+                await store.download(blob_key(sha), dest)
+                actual = await trio.to_thread.run_sync(hash_file, dest)
+            except ObjectNotFound:
+                return  # deleted meanwhile (a gc elsewhere): nothing to check
+            finally:
+                dest.unlink(missing_ok=True)
+            v.blobs_hashed += 1
+            done_bytes += blobs[sha][0]
+            if actual != sha:
+                users = refs.get(sha, [])
+                paths = [path_of(d, n) for d, n, _ in users[:5]]
+                shown = f" (used by {', '.join(paths)})" if paths else " (unreferenced)"
+                v.problem("corrupt-blob", f"blob {sha}{shown}: its content hashes to {actual}",
+                          sha256=sha, actual=actual, paths=paths)
+            if progress is not None:
+                progress(v.blobs_hashed, len(todo), done_bytes, total)
+
+        await gather(todo, check, DATA_PARALLEL)

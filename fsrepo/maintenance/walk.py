@@ -1,0 +1,85 @@
+"""What verify and gc share: opening the repository in the bucket, listing its blobs and
+its directory manifests, and running requests a bounded number at a time."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+from ..config import Settings
+from ..repository import open_repository
+from ..store import open_store
+from ..store.base import Store
+
+PARALLEL = 16
+_BLOB_KEY = re.compile(r"^blobs/sha256/([0-9a-f]{2})/([0-9a-f]{64})$")
+_DIR_KEY = re.compile(r"^dirs/([0-9A-Za-z_-]{1,64})\.json$")
+
+T = TypeVar("T")
+
+
+async def open_checked(settings: Settings) -> Store:
+    """The store, checked to hold a repository (nothing is created)."""
+    if settings.storage.startswith("s3://"):
+        from ..auth.commands import apply_login_environment
+        apply_login_environment(settings)
+    store = open_store(settings.storage, settings.endpoint_url, settings.region)
+    try:
+        check = getattr(store, "check", None)
+        if check is not None:
+            await check()
+        await open_repository(store, create=False)
+    except BaseException:
+        await store.aclose()
+        raise
+    return store
+
+
+async def gather(items: list[T], fn: Callable[[T], Awaitable[None]], parallel: int) -> None:
+    """Run `await fn(item)` for every item, `parallel` at a time; the first error wins."""
+    limit = trio.Semaphore(parallel)
+
+    async def one(item: T) -> None:
+        async with limit:
+            await fn(item)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for item in items:
+                nursery.start_soon(one, item)
+    except BaseExceptionGroup as group:
+        from ..store.local import first_error
+        first = first_error(group)
+        if first is group:
+            raise
+        raise first from None
+
+
+async def list_blobs(store: Store, notes: list[dict[str, Any]]) -> dict[str, tuple[int, float]]:
+    """sha -> (size, mtime) of every blob in the bucket; odd keys are noted."""
+    blobs: dict[str, tuple[int, float]] = {}
+    async for info in store.list("blobs/"):
+        m = _BLOB_KEY.match(info.key)
+        if m is None or m.group(1) != m.group(2)[:2]:
+            notes.append({"kind": "unexpected-object", "key": info.key,
+                          "message": f"{info.key}: not a blob key (ignored)"})
+            continue
+        blobs[m.group(2)] = (info.size, info.mtime)
+    return blobs
+
+
+async def list_manifests(store: Store, notes: list[dict[str, Any]] | None) -> list[str]:
+    """The directory ids of every manifest in the bucket; odd keys are noted (if `notes`)."""
+    out = []
+    async for info in store.list("dirs/"):
+        m = _DIR_KEY.match(info.key)
+        if m is None:
+            if notes is not None:
+                notes.append({"kind": "unexpected-object", "key": info.key,
+                              "message": f"{info.key}: not a manifest key (ignored)"})
+            continue
+        out.append(m.group(1))
+    return out
