@@ -119,7 +119,7 @@ async def _gather(items: list[Any], fn: Any, parallel: int) -> None:
             for item in items:
                 nursery.start_soon(one, item)
     except BaseExceptionGroup as group:
-        from .store.local import first_error
+        from .store.threads import first_error
         first = first_error(group)
         if first is group:
             raise

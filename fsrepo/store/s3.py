@@ -34,8 +34,7 @@ import trio
 
 from ..errors import ImgrepoError, IntegrityError, ObjectNotFound, PreconditionFailed
 from ..retry import REQUEST, Backoff
-from .base import NOT_MODIFIED, ObjectInfo, Store, StoredObject, _NotModified
-from .local import first_error, run_stoppable
+from .base import NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject
 from .s3blobs import BlobTransport, blob_transport
 from .s3client import new_client
 from .s3errors import (
@@ -47,6 +46,7 @@ from .s3errors import (
     note_retry,
 )
 from .s3parts import CHUNK, FileSlice, hash_range
+from .threads import first_error, run_stoppable
 
 MiB = 1 << 20
 MAX_PARTS = 10_000
@@ -165,12 +165,12 @@ class S3Store(Store):
         except ObjectNotFound:
             raise self._errors.no_such_bucket() from None
 
-    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | _NotModified:
+    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | NotModified:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
         if if_none_match is not None:
             args["IfNoneMatch"] = if_none_match
 
-        def once() -> StoredObject | _NotModified:
+        def once() -> StoredObject | NotModified:
             try:
                 resp = self._client.get_object(**args)
             except bx.ClientError as exc:
