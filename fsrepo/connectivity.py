@@ -34,7 +34,7 @@ from urllib.request import getproxies, proxy_bypass
 import trio
 
 from .errors import StorageError, StorageOffline, StorageUnavailable
-from .store.base import ObjectInfo, Store, StoredObject, _NotModified
+from .store.base import NotModified, ObjectInfo, Store, StoredObject
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class GuardedStore(Store):
         return str(self._target)
 
     # -- the Store interface ------------------------------------------------------------------
-    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | _NotModified:
+    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | NotModified:
         return await self._read(self.inner.get, key, if_none_match)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:

@@ -20,25 +20,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .manifest import Entry, entry_from_json, entry_to_json
+from .stateschema import migrate
 from .workers import Workers
 
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS manifests (
-    dir_id TEXT PRIMARY KEY, etag TEXT, body BLOB, checked REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS ops (
-    seq INTEGER PRIMARY KEY,
-    dir_id TEXT NOT NULL, name BLOB NOT NULL, entry TEXT, base TEXT,
-    requires INTEGER, created REAL NOT NULL);
-DROP INDEX IF EXISTS ops_by_dir;
-CREATE TABLE IF NOT EXISTS blobs (
-    sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, pending INTEGER NOT NULL,
-    atime REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS remote_blobs (sha256 TEXT PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-"""
 
 
 @dataclass(frozen=True)
@@ -66,13 +51,17 @@ class LocalState:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA busy_timeout=10000")
+        try:
+            migrate(self.db, path)  # first: a database we refuse is left exactly as it was
+        except BaseException:
+            self.db.close()
+            raise
         self.db.execute("PRAGMA journal_mode=WAL")
         # Bookkeeping (uploaded marks, cache atimes, manifests) need not be fsync'd: if a
         # crash loses it, the next run re-checks with the bucket. Only journal appends that
         # a user was promised are, by switching to FULL for their transaction.
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=10000")
-        self.db.executescript(SCHEMA)
 
     def close(self) -> None:
         self.db.close()
@@ -138,16 +127,13 @@ class LocalState:
         return [JournalOp(r[0], r[1], bytes(r[2]), _load(r[3]), _load(r[4]), r[5], r[6])
                 for r in rows]
 
-    def commit_dir(self, dir_id: str, etag: str, body: bytes, seqs: list[int],
-                   redirects: dict[int, bytes] | None = None) -> None:
+    def commit_dir(self, dir_id: str, etag: str, body: bytes, seqs: list[int]) -> None:
         """The manifest write succeeded: cache it and retire the ops it carried."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)",
                             (dir_id, etag, body, time.time()))
             self.db.executemany("DELETE FROM ops WHERE seq=?", [(s,) for s in seqs])
-            for seq, name in (redirects or {}).items():
-                self.db.execute("UPDATE ops SET name=?, base=NULL WHERE seq=?", (name, seq))
 
     def drop_ops(self, seqs: list[int]) -> None:
         with self.db:

@@ -8,19 +8,25 @@ import base64
 import hashlib
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 
 from fsrepo.errors import IntegrityError, StorageAccessDenied, StorageError
+from fsrepo.retry import REQUEST
 from fsrepo.store.s3 import S3Store
-from fsrepo.store.s3direct import DirectBlobIO, Fallback
+from fsrepo.store.s3blobs import Boto3Blobs, LatchedBlobs
+from fsrepo.store.s3direct import DirectBlobs
 
 try:
     from .test_security import tls_server  # noqa: F401 - a fixture
 except ImportError:
     from test_security import tls_server  # type: ignore[no-redef]  # noqa: F401
+
+
+ONE_TRY = replace(REQUEST, attempts=1)
 
 
 def blob(tmp_path: Path, data: bytes) -> tuple[Path, str]:
@@ -77,16 +83,13 @@ def test_keys_that_need_escaping_go_through_boto3(s3_proxy, s3_bucket, tmp_path)
                if r.method in ("PUT", "HEAD", "GET")), [r.headers.get("user-agent")
                                                         for r in s3_proxy.requests]
     assert s3_proxy.count("GET") == 2
-    with pytest.raises(Fallback):
-        store._direct.head("my photos+raw/blobs/y")
+    assert isinstance(store.blobs, Boto3Blobs)  # chosen at construction, for this prefix
 
 
 def test_a_proxy_setting_turns_the_direct_path_off(s3_bucket, monkeypatch):
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_bucket.endpoint_url)
-    assert isinstance(store._direct, DirectBlobIO) and store._direct.enabled is False
-    with pytest.raises(Fallback):
-        store._direct.head("repo/blobs/z")
+    assert isinstance(store.blobs, Boto3Blobs)
 
 
 def test_retries_then_translates_failures_like_boto3(s3_proxy, s3_bucket, tmp_path, caplog):
@@ -116,15 +119,17 @@ def test_retries_then_translates_failures_like_boto3(s3_proxy, s3_bucket, tmp_pa
 
 def test_the_direct_path_verifies_tls_certificates(tls_server, monkeypatch):
     url, cert = tls_server
-    store = S3Store("bucket", endpoint_url=url, max_attempts=1)
+    store = S3Store("bucket", endpoint_url=url, retries=ONE_TRY)
     with pytest.raises(StorageError, match="(?i)certificate verify failed"):
         trio.run(store.head, "blobs/a")
     # Control: trusting that certificate gets past TLS, to the server's 404 (a HEAD has no
     # body, so it reads as "no such object", as with boto3).
     monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
-    trusted = S3Store("bucket", endpoint_url=url, max_attempts=1)
+    trusted = S3Store("bucket", endpoint_url=url, retries=ONE_TRY)
     assert trio.run(trusted.head, "blobs/a") is None
-    assert trusted._direct._ssl is not None  # it was the direct path that answered
+    # it was the direct path that answered
+    assert isinstance(trusted.blobs, LatchedBlobs)
+    assert isinstance(trusted.blobs.serving, DirectBlobs) and trusted.blobs.serving.tls is not None
 
 
 def test_downloads_stream_directly_and_resume_where_they_broke(s3_proxy, s3_bucket, tmp_path):
@@ -154,3 +159,24 @@ def test_downloads_stream_directly_and_resume_where_they_broke(s3_proxy, s3_buck
     assert second.get("if-match")
     assert all("boto3" not in r.headers.get("user-agent", "").lower() for r in gets)
     assert seen[-1] == len(data)
+
+
+def test_a_redirect_hands_the_store_to_boto3_for_good(s3_proxy, s3_bucket, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fsrepo")
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+    path, sha = blob(tmp_path, os.urandom(4096))
+    s3_proxy.inject(method="PUT", status=301, code="PermanentRedirect", times=1)
+
+    async def main():
+        assert await store.put_file("blobs/m", path, sha) is True  # boto3 made it after all
+        assert await store.head("blobs/m") == 4096
+        assert await store.head("blobs/n") is None
+        await store.aclose()
+
+    trio.run(main)
+    assert isinstance(store.blobs, LatchedBlobs) and isinstance(store.blobs.serving, Boto3Blobs)
+    seen = [(r.method, r.status, "Boto3" in r.headers.get("user-agent", ""))
+            for r in s3_proxy.requests if r.method in ("PUT", "HEAD")]
+    assert seen == [("PUT", 301, False), ("PUT", 200, True), ("HEAD", 200, True),
+                    ("HEAD", 404, True)]
+    assert caplog.text.count("go through boto3 from now on") == 1

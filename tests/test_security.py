@@ -17,12 +17,14 @@ import stat
 import subprocess
 import tempfile
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trio
 
 from fsrepo.errors import ConfigError, StorageError
+from fsrepo.retry import REQUEST
 from fsrepo.store import open_store
 from fsrepo.store.s3 import S3Store
 
@@ -204,12 +206,12 @@ def _head(store) -> BaseException | None:
 
 def test_tls_certificates_are_verified(tls_server, monkeypatch, mount_env):
     url, cert = tls_server
-    exc = _head(S3Store("bucket", endpoint_url=url, max_attempts=1))
+    exc = _head(S3Store("bucket", endpoint_url=url, retries=replace(REQUEST, attempts=1)))
     assert exc is not None and "certificate verify failed" in str(exc).lower(), exc
     # Control: trusting that certificate explicitly gets past TLS (to the server's 404),
     # so the refusal above was the certificate check and nothing else.
     monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
-    exc = _head(S3Store("bucket", endpoint_url=url, max_attempts=1))
+    exc = _head(S3Store("bucket", endpoint_url=url, retries=replace(REQUEST, attempts=1)))
     assert exc is not None and "does not exist" in str(exc), exc
     monkeypatch.delenv("AWS_CA_BUNDLE")
     # The command line says so in one line.

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import boto3
@@ -27,6 +28,7 @@ from fsrepo.errors import (
     StorageAccessDenied,
     StorageUnavailable,
 )
+from fsrepo.retry import REQUEST
 from fsrepo.store import NOT_MODIFIED, Store, StoredObject, open_store
 from fsrepo.store.local import LOCK_DIR, TMP_PREFIX, LocalStore
 from fsrepo.store.s3 import S3Store
@@ -461,7 +463,7 @@ def test_s3_missing_bucket(moto_server: MotoServer) -> None:
 
 def test_s3_unreachable_endpoint_fails_fast() -> None:
     endpoint = f"http://127.0.0.1:{closed_port()}"
-    store = S3Store("bucket", endpoint_url=endpoint, max_attempts=2, connect_timeout=1)
+    store = S3Store("bucket", endpoint_url=endpoint, retries=replace(REQUEST, attempts=2), connect_timeout=1)
     started = time.monotonic()
     with pytest.raises(StorageUnavailable, match=endpoint):
         trio.run(store.get, "dirs/root.json")
@@ -490,7 +492,7 @@ def test_s3_no_credentials(moto_server: MotoServer, monkeypatch: pytest.MonkeyPa
 
 
 def test_s3_conditional_conflict_is_retried(s3_bucket: S3Target, s3_proxy: S3Proxy) -> None:
-    store = s3_store(s3_bucket, s3_proxy.url, conflict_retries=3)
+    store = s3_store(s3_bucket, s3_proxy.url, retries=replace(REQUEST, attempts=4))
 
     async def main() -> None:
         fault = s3_proxy.inject(method="PUT", status=409, times=2)
@@ -529,7 +531,7 @@ def test_s3_transient_faults_are_retried(
 
 
 def test_s3_outage_then_recovery(s3_bucket: S3Target, s3_proxy: S3Proxy) -> None:
-    store = s3_store(s3_bucket, s3_proxy.url, max_attempts=2, connect_timeout=1)
+    store = s3_store(s3_bucket, s3_proxy.url, retries=replace(REQUEST, attempts=2), connect_timeout=1)
 
     async def main() -> None:
         await store.put("k", b"kept")

@@ -40,12 +40,15 @@ class ObjectInfo:
     mtime: float  # seconds since the epoch, when the object was last written
 
 
-class _NotModified:
+class NotModified:
+    """What `get(key, if_none_match=etag)` returns while the etag still matches (only the
+    one instance, NOT_MODIFIED)."""
+
     def __repr__(self) -> str:
         return "NOT_MODIFIED"
 
 
-NOT_MODIFIED = _NotModified()
+NOT_MODIFIED = NotModified()
 
 
 class Store(abc.ABC):
@@ -54,7 +57,7 @@ class Store(abc.ABC):
     url: str
 
     @abc.abstractmethod
-    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | _NotModified:
+    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | NotModified:
         """Read a whole (small) object. Raises ObjectNotFound."""
 
     @abc.abstractmethod

@@ -11,18 +11,17 @@ provider, refreshed as usual), the region, the bucket's URL (resolved once, by p
 and the SigV4 signature. The payload is signed with the blob's SHA-256, which is its name, so
 the signature covers the body at no extra hashing cost.
 
-Anything unusual - a proxy, a client certificate, a key that needs escaping, a redirect or
-a region error - raises `Fallback`, and the caller makes the same request with boto3.
-Failures are raised as botocore's own exceptions, so `S3Store._error` translates them
-exactly as it translates boto3's.
+`s3blobs.blob_transport` uses this path only where it can work (no proxy, no client
+certificate, a prefix that needs no escaping). What it still cannot handle - a redirect, a
+region error, a key that needs escaping - raises `DirectUnsupported`, and `LatchedBlobs`
+hands the store to boto3 for good. Failures are raised as `fsrepo.errors` exceptions, worded
+by the same `S3Errors` as boto3's.
 """
 
 from __future__ import annotations
 
 import http.client
-import logging
 import os
-import random
 import re
 import ssl
 import threading
@@ -37,14 +36,12 @@ import botocore.exceptions as bx
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
-log = logging.getLogger(__name__)
+from ..retry import Backoff
+from .s3errors import BrokenBody, S3Errors, note_retry
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 SAFE_KEY = re.compile(r"[A-Za-z0-9/._-]+")  # no escaping needed, so no signing ambiguity
 RETRY_STATUS = frozenset({500, 502, 503, 504})
-ATTEMPTS = 4
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY",
-              "all_proxy")
 SEND_BLOCK = 256 * 1024
 _XML_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 
@@ -59,8 +56,8 @@ class _Endpoint:
     path: str  # the bucket's path prefix ("" with virtual-host addressing)
 
 
-class Fallback(Exception):
-    """This request is not for the direct path: make it with boto3."""
+class DirectUnsupported(Exception):
+    """Something only botocore handles: the store's blob requests go to boto3 from now on."""
 
 
 class _KnownPayload(S3SigV4Auth):
@@ -74,42 +71,42 @@ class _KnownPayload(S3SigV4Auth):
         return self._payload_sha256
 
 
-class DirectBlobIO:
-    def __init__(self, client: Any, session: Any, bucket: str, *, connect_timeout: float,
-                 read_timeout: float) -> None:
+class DirectBlobs:
+    """The blob requests (a `BlobTransport`) over a pool of keep-alive connections."""
+
+    def __init__(self, client: Any, session: Any, bucket: str, errors: S3Errors, *,
+                 policy: Backoff, connect_timeout: float, read_timeout: float) -> None:
         self._client = client
         self._session = session
         self._bucket = bucket
+        self._errors = errors
+        self._policy = policy
+        self._region: str = client.meta.region_name
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._lock = threading.Lock()
         self._idle: list[http.client.HTTPConnection] = []
         self._endpoint: _Endpoint | None = None
-        self._ssl: ssl.SSLContext | None = None
-        self.enabled = self._usable()
-
-    def _usable(self) -> bool:
-        if any(os.environ.get(v) for v in PROXY_VARS):
-            return False
-        config = self._client.meta.config
-        return not (getattr(config, "proxies", None) or getattr(config, "client_cert", None))
+        self.tls: ssl.SSLContext | None = None
 
     # -- where requests go ----------------------------------------------------------------
     def _resolve(self) -> _Endpoint:
         """The bucket's URL as botocore resolves it (virtual host or path style, custom
-        endpoint, region), taken once from a presigned URL."""
+        endpoint, region), taken once from a presigned URL (which needs credentials, so it
+        is made at the first request, not at construction)."""
         if self._endpoint is None:
             try:
                 url = self._client.generate_presigned_url(
                     "head_object", Params={"Bucket": self._bucket, "Key": "k"}, ExpiresIn=60)
+            except bx.NoCredentialsError:
+                raise self._errors.no_credentials() from None
             except (bx.BotoCoreError, bx.ClientError) as exc:
-                raise Fallback(str(exc)) from None
+                raise DirectUnsupported(f"cannot presign a URL: {exc}") from None
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.path.endswith("/k"):
-                self.enabled = False
-                raise Fallback(f"unexpected URL shape {parts.scheme}://{parts.netloc}")
+                raise DirectUnsupported(f"unexpected URL shape {parts.scheme}://{parts.netloc}")
             if parts.scheme == "https":
-                self._ssl = ssl.create_default_context(cafile=self._ca_bundle())
+                self.tls = ssl.create_default_context(cafile=self._ca_bundle())
             default_port = parts.port in (None, 80 if parts.scheme == "http" else 443)
             self._endpoint = _Endpoint(
                 scheme=parts.scheme, hostname=parts.hostname or "", port=parts.port,
@@ -130,15 +127,14 @@ class DirectBlobIO:
             bundle = get_cert_path(True)
         return bundle if isinstance(bundle, str) else None
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, ep: _Endpoint) -> http.client.HTTPConnection:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        ep = self._resolve()
         if ep.scheme == "https":
             return http.client.HTTPSConnection(ep.hostname, ep.port,
                                                timeout=self._connect_timeout,
-                                               context=self._ssl, blocksize=SEND_BLOCK)
+                                               context=self.tls, blocksize=SEND_BLOCK)
         return http.client.HTTPConnection(ep.hostname, ep.port, timeout=self._connect_timeout,
                                           blocksize=SEND_BLOCK)
 
@@ -160,26 +156,25 @@ class DirectBlobIO:
     def _request(self, method: str, key: str, payload_sha256: str,
                  headers: dict[str, str], body: Callable[[], Any] | None = None,
                  operation: str = "", stream_ok: frozenset[int] = frozenset(),
-                 ) -> tuple[int, http.client.HTTPMessage, bytes | BodyStream]:
-        """One signed request, retried on 5xx and connection failures. A response whose
-        status is in `stream_ok` comes back unread, as a BodyStream."""
-        if not self.enabled or not SAFE_KEY.fullmatch(key):
-            raise Fallback("not for the direct path")
+                 ) -> tuple[int, http.client.HTTPMessage, bytes | DirectBody]:
+        """One signed request, retried (REQUEST policy) on 5xx and connection failures. A
+        response whose status is in `stream_ok` comes back unread, as a DirectBody."""
+        if not SAFE_KEY.fullmatch(key):
+            raise DirectUnsupported(f"the key {key!r} needs escaping")
         ep = self._resolve()
         target = f"{ep.path}/{key}"
         url = ep.origin + target
-        region = self._client.meta.region_name
-        if not region:
-            raise Fallback("no region to sign for")
-        for attempt in range(1, ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             credentials = self._session.get_credentials()
             if credentials is None:
-                raise bx.NoCredentialsError()
+                raise self._errors.no_credentials()
             request = AWSRequest(method=method, url=url, headers={**headers, "Host": ep.host})
-            _KnownPayload(credentials.get_frozen_credentials(), region,
+            _KnownPayload(credentials.get_frozen_credentials(), self._region,
                           payload_sha256).add_auth(request)
             stream = body() if body is not None else None  # (a missing file: not a retry)
-            conn = self._connection()
+            conn = self._connection(ep)
             reusable = False
             try:
                 conn.request(method, target, body=stream, headers=dict(request.headers.items()))
@@ -187,35 +182,44 @@ class DirectBlobIO:
                     conn.sock.settimeout(self._read_timeout)
                 resp = conn.getresponse()
                 if resp.status in stream_ok:
-                    return resp.status, resp.headers, BodyStream(self, conn, resp)
+                    return resp.status, resp.headers, DirectBody(self, conn, resp)
                 data = resp.read()
                 reusable = not resp.will_close
             except ssl.SSLError as exc:  # a certificate refused: retrying cannot help
                 conn.close()
-                raise bx.SSLError(endpoint_url=ep.origin, error=exc) from None
+                raise self._errors.unreachable(
+                    key, f"SSL validation failed for {ep.origin} {exc}") from None
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                if attempt == ATTEMPTS:
-                    raise bx.EndpointConnectionError(endpoint_url=ep.origin,
-                                                     error=exc) from None
-                note_retry(operation, url, attempt, f"{type(exc).__name__}: {exc}")
-                _pause(attempt)
+                what = f"{type(exc).__name__}: {exc}"
+                note_retry(operation, url, attempt, what)
+                if self._policy.gives_up(attempt):
+                    raise self._errors.unreachable(key, what) from None
+                time.sleep(self._policy.delay(attempt))
                 continue
             finally:
                 if stream is not None:
                     stream.close()
             self._release(conn, reusable)
             status = resp.status
-            if status in RETRY_STATUS and attempt < ATTEMPTS:
+            if status in RETRY_STATUS:
                 note_retry(operation, url, attempt, f"{status} {_error_fields(data)[0]}")
-                _pause(attempt)
-                continue
+                if not self._policy.gives_up(attempt):
+                    time.sleep(self._policy.delay(attempt))
+                    continue
             if 300 <= status < 400 or (status == 400 and b"Region" in data):
-                raise Fallback(f"{status} from the direct path")  # redirects: boto3's job
+                raise DirectUnsupported(f"{status} from the direct path")
             return status, resp.headers, data
-        raise AssertionError("unreachable")
 
-    # -- the two operations -----------------------------------------------------------------
+    def _failed(self, status: int, data: bytes, operation: str, what: str,
+                key: str) -> Exception:
+        """An error answer in fsrepo.errors' words (a body-less error's code is its status,
+        as botocore makes it)."""
+        code, message = _error_fields(data)
+        return self._errors.response(status, code or str(status), message, operation, what,
+                                     key)
+
+    # -- the three requests -----------------------------------------------------------------
     def head(self, key: str) -> int | None:
         """The object's size, or None if it does not exist."""
         status, headers, data = self._request("HEAD", key, EMPTY_SHA256, {},
@@ -223,14 +227,14 @@ class DirectBlobIO:
         if status == 404:
             return None
         if status != 200:
-            raise _client_error(status, data, "HeadObject")
+            raise self._failed(status, data, "HeadObject", "stat", key)  # type: ignore[arg-type]
         length = headers.get("Content-Length")
         if length is None or not length.isdigit():
-            raise Fallback("HEAD without a Content-Length")
+            raise DirectUnsupported("HEAD without a Content-Length")
         return int(length)
 
-    def get_from(self, key: str, start: int, if_match: str | None
-                 ) -> tuple[str, BodyStream] | None:
+    def open_from(self, key: str, start: int, if_match: str | None
+                  ) -> tuple[str, DirectBody] | None:
         """GET the object from byte `start` on (pinned to etag `if_match`): its etag and
         the body to read, or None if nothing is at or after `start` (416)."""
         headers = {"Range": f"bytes={start}-"}
@@ -239,15 +243,15 @@ class DirectBlobIO:
         status, resp_headers, body = self._request("GET", key, EMPTY_SHA256, headers,
                                                    operation="GetObject",
                                                    stream_ok=frozenset({200, 206}))
-        if isinstance(body, BodyStream):
+        if isinstance(body, DirectBody):
             etag = resp_headers.get("ETag")
             if status == 200 and start > 0 or not etag:  # a server that ignored the Range
                 body.close()
-                raise Fallback("GET answered without the range or an etag")
+                raise DirectUnsupported("GET answered without the range or an etag")
             return etag, body
         if status == 416:
             return None
-        raise _client_error(status, body, "GetObject")
+        raise self._failed(status, body, "GetObject", "download", key)
 
     def put_new(self, key: str, path: Path, size: int, sha256_hex: str,
                 checksum_b64: str) -> bool:
@@ -264,14 +268,14 @@ class DirectBlobIO:
             return True
         if status == 412:
             return False
-        raise _client_error(status, data, "PutObject")
+        raise self._failed(status, data, "PutObject", "upload", key)  # type: ignore[arg-type]
 
 
-class BodyStream:
+class DirectBody:
     """A response body being read; its connection goes back to the pool only if the body
     was read to its end."""
 
-    def __init__(self, owner: DirectBlobIO, conn: http.client.HTTPConnection,
+    def __init__(self, owner: DirectBlobs, conn: http.client.HTTPConnection,
                  resp: http.client.HTTPResponse) -> None:
         self._owner = owner
         self._conn: http.client.HTTPConnection | None = conn
@@ -279,12 +283,15 @@ class BodyStream:
         self._complete = False
 
     def read(self, size: int) -> bytes:
-        """Up to `size` bytes; b"" at the end. A body cut short raises IncompleteRead
+        """Up to `size` bytes; b"" at the end. A body cut short raises BrokenBody
         (http.client itself would just return b"" early)."""
-        data = self._resp.read(size)
+        try:
+            data = self._resp.read(size)
+        except (OSError, http.client.HTTPException) as exc:
+            raise BrokenBody(f"the response body broke off: {type(exc).__name__}: {exc}") from exc
         if not data:
             if self._resp.length:  # bytes announced but never sent
-                raise http.client.IncompleteRead(b"", self._resp.length)
+                raise BrokenBody(f"the response body broke off {self._resp.length} bytes early")
             self._complete = True
         return data
 
@@ -298,21 +305,3 @@ def _error_fields(data: bytes) -> tuple[str, str]:
     fields = {m.group(1): m.group(2) for m in _XML_FIELD.finditer(data[:4096])}
     return (fields.get(b"Code", b"").decode("utf-8", "replace"),
             fields.get(b"Message", b"").decode("utf-8", "replace"))
-
-
-def _client_error(status: int, data: bytes, operation: str) -> bx.ClientError:
-    """The failure as boto3 would have raised it (a body-less HEAD error's code is its
-    status, as botocore makes it)."""
-    code, message = _error_fields(data)
-    return bx.ClientError({"Error": {"Code": code or str(status), "Message": message},
-                           "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
-
-
-def note_retry(operation: str, url: str, attempt: int, what: str) -> None:
-    """The one log line of a failed S3 attempt about to be retried (ours and botocore's)."""
-    log.info("S3 %s %s failed (attempt %d): %s", operation, url.split("?", 1)[0], attempt,
-             what[:300])
-
-
-def _pause(attempt: int) -> None:
-    time.sleep(min(1.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
