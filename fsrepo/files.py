@@ -25,9 +25,9 @@ from typing import Any
 import trio
 
 from .blobcache import BlobCache, Download, hash_file
-from .errors import ImgrepoError, IntegrityError, StorageOffline
+from .errors import FsError, ImgrepoError, IntegrityError, errno_for
 from .manifest import DirEntry, Entry, FileEntry
-from .namespace import EMPTY_SHA, FsError, Namespace, Node
+from .namespace import EMPTY_SHA, Namespace, Node
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +239,7 @@ class FileManager:
                 log.error("read failed: %s", exc)
                 if isinstance(exc, IntegrityError):  # drop pages the kernel kept of it
                     self.ns.invalidator.inode(handle.node.ino)
-                raise FsError(errno.ENETDOWN if isinstance(exc, StorageOffline)
-                              else errno.EIO) from None
+                raise FsError(errno_for(exc)) from None
             if dl.done:
                 handle.download = None
         assert handle.fd is not None
@@ -393,9 +392,9 @@ class FileManager:
         if errors:
             await self.ns.undo(rec)
             exc = errors[0]
-            code = exc.errno if isinstance(exc, OSError | FsError) and exc.errno else errno.EIO
-            log.error("cannot store a closed file locally: %s", exc)
-            raise FsError(code)
+            if not isinstance(exc, FsError):  # (the journal's failure is logged already)
+                log.error("cannot store a closed file locally: %s", exc)
+            raise FsError(errno_for(exc))
         self.cache.register(digest, entry.size, pending=need_upload)
         return entry
 

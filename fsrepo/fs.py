@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from .errors import FsError, errno_for
 from .files import FileManager
 from .manifest import DirEntry, Entry, FileEntry, SymlinkEntry
-from .namespace import FsError, Invalidator, Namespace, Node
+from .namespace import Invalidator, Namespace, Node
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,8 @@ BLKSIZE = 1 << 20
 
 
 def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Our FsError -> FUSEError; anything unexpected is logged and answered EIO."""
+    """Our FsError -> FUSEError (the core logged any failure behind it); any other failure
+    is logged here, once, and answered with `errno_for`'s errno."""
 
     @wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -41,10 +43,10 @@ def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             log.error("%s failed: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
+        except Exception as exc:
             log.exception("unexpected error in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
 
     return wrapper
 

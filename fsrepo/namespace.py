@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import ImgrepoError, ManifestError, ObjectNotFound, StorageError
+from .errors import FsError, ManifestError, ObjectNotFound, StorageError, errno_for
 from .journal import Journal, Record
 from .manifest import (
     ROOT_ID,
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 
 ROOT_INO = 1
 EMPTY_SHA = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-
-
-class FsError(Exception):
-    """An errno answer for the kernel."""
-
-    def __init__(self, code: int, message: str = "") -> None:
-        super().__init__(message or errno.errorcode.get(code, str(code)))
-        self.errno = code
 
 
 @dataclass
@@ -148,7 +140,8 @@ class Namespace:
                 try:
                     changed, obj = await self._fetch(dir_id, None)
                 except StorageError as exc:
-                    raise FsError(errno.EIO, f"cannot read directory {dir_id}: {exc}") from None
+                    log.error("cannot read directory %s: %s", dir_id, exc)
+                    raise FsError(errno_for(exc), f"cannot read directory {dir_id}") from None
                 body = obj.data if obj else None
                 view = DirView(dir_id, self._parse(dir_id, body), obj.etag if obj else None,
                                time.time())
@@ -412,8 +405,7 @@ class Namespace:
                     old = view.entries
                     self._compute(view)
                     self._announce(dir_id, old, view.entries)
-            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-            raise FsError(code) from None
+            raise FsError(errno_for(exc)) from None
 
     async def undo(self, rec: Record) -> None:
         """Take back recorded ops whose other half (the file's data) could not be kept."""
@@ -606,5 +598,3 @@ def _probe(node: Node) -> Entry:
         return SymlinkEntry(b"?", 0)
     return FileEntry(EMPTY_SHA, 0, 0)
 
-
-__all__ = ["FsError", "Namespace", "Node", "DirView", "Invalidator", "ImgrepoError"]

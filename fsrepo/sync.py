@@ -19,9 +19,9 @@ from typing import Any
 import trio
 
 from .blobcache import BlobCache
-from .errors import ImgrepoError, StorageError, StorageOffline
+from .errors import FsError, ImgrepoError, StorageError, StorageOffline
 from .manifest import ROOT_ID, DirEntry, FileEntry
-from .namespace import FsError, Namespace
+from .namespace import Namespace
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from fsrepo.errors import FsError
 from fsrepo.manifest import DirEntry, FileEntry, Manifest, serialise_manifest
-from fsrepo.namespace import ROOT_INO, FsError
+from fsrepo.namespace import ROOT_INO
 from fsrepo.repository import DESCRIPTOR_KEY, blob_key, manifest_key
 
 try:
