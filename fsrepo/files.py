@@ -26,8 +26,9 @@ import trio
 
 from .blobcache import BlobCache, Download, hash_file
 from .errors import FsError, ImgrepoError, IntegrityError, errno_for
+from .inodes import Node
 from .manifest import DirEntry, Entry, FileEntry
-from .namespace import EMPTY_SHA, Namespace, Node
+from .namespace import EMPTY_SHA, Namespace
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,11 @@ class FileManager:
         self._next_fh = 1
         self._run_id = uuid.uuid4().hex[:12]  # staging names: unique without a syscall each
         self._staged_count = 0
-        ns.editing = lambda ino: ino in self.staged or ino in self._committing or any(
+        ns.track_edits(self)
+
+    def is_editing(self, ino: int) -> bool:
+        """Open for writing, or with unsaved changes (the namespace's `EditTracker`)."""
+        return ino in self.staged or ino in self._committing or any(
             h.writable and h.node.ino == ino for h in self.handles.values())
 
     def clear_leftovers(self) -> None:
@@ -416,7 +421,7 @@ class FileManager:
         finally:
             self._detach_blob(handle)
             node.opens -= 1
-            self.ns._maybe_drop(node)
+            self.ns.inodes.drop_if_unused(node)
             if self.cache.used > self.cache.limit:  # what was open may go now
                 try:
                     await self.cache.evict()

@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from .announce import Invalidator
 from .errors import FsError, errno_for
 from .files import FileManager
+from .inodes import Node
 from .manifest import DirEntry, Entry, FileEntry, SymlinkEntry
-from .namespace import Invalidator, Namespace, Node
+from .namespace import Namespace
 
 log = logging.getLogger(__name__)
 
