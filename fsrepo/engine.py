@@ -72,7 +72,7 @@ class Engine:
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
                                  host=self.host, parallel=settings.uploads)
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 self.uploader.reuse_or_recheck)
+                                 self.uploader)
         self.syncer = Syncer(self.ns, self.cache)
         self.uploader.writing = lambda: time.monotonic() - self.files.last_activity < 0.3
         self.started = time.time()

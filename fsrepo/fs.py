@@ -123,7 +123,7 @@ class Operations(pyfuse3.Operations):
         entry = self.ns.entry_of(node)
         if entry is None:
             # Removed, but still open or referenced by the kernel: show what it was.
-            handle = next((h for h in self.files.handles.values() if h.node is node), None)
+            handle = next(self.files.handles.of(node), None)
             if handle is not None and handle.sha is not None:
                 return node, FileEntry(handle.sha, handle.size, 0)
             raise FsError(errno.ENOENT)
@@ -156,7 +156,7 @@ class Operations(pyfuse3.Operations):
         if fields.update_size:
             if not isinstance(entry, FileEntry):
                 raise FsError(errno.EISDIR if isinstance(entry, DirEntry) else errno.EINVAL)
-            handle = self.files.handles.get(fh) if fh is not None else None
+            handle = self.files.handles.find(fh)
             await self.files.truncate(node, attr.st_size, handle)
         if mode is not None or mtime is not None:
             if isinstance(entry, FileEntry):
