@@ -11,20 +11,33 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .blobcache import BlobCache
 from .commit import Committer, RemoteBlobs
 from .errors import FsError, ImgrepoError
 from .handles import Handle, HandleTable
-from .inodes import Node
-from .manifest import DirEntry, Entry, FileEntry
+from .inodes import ROOT_INO, Node
+from .manifest import DirEntry, Entry, FileEntry, SymlinkEntry
 from .namespace import EMPTY_SHA, Namespace
 from .reads import BlobReads
 from .staging import Staging, StagingArea
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AttrChange:
+    """What a setattr request asks to change (None: leave as is)."""
+
+    mode: int | None = None
+    mtime_ns: int | None = None
+    size: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
 
 class FileManager:
@@ -37,6 +50,7 @@ class FileManager:
         self.reads = BlobReads(cache, ns.invalidator)
         self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote)
         self.last_activity = 0.0  # monotonic time of the last write: uploads yield to writes
+        self.uid, self.gid = os.getuid(), os.getgid()  # who owns everything in the mount
         ns.track_edits(self)
 
     def is_editing(self, ino: int) -> bool:
@@ -48,6 +62,54 @@ class FileManager:
         self.staging.clear_leftovers()
 
     # -- attributes -----------------------------------------------------------------------
+    def current(self, ino: int) -> tuple[Node, Entry]:
+        """An inode and its entry; for a file removed while still open, what its handles
+        read (ENOENT if nothing is left of it)."""
+        node = self.ns.node(ino)
+        entry = self.ns.entry_of(node)
+        if entry is None:
+            handle = next(self.handles.of(node), None)
+            if handle is not None and handle.sha is not None:
+                return node, FileEntry(handle.sha, handle.size, 0)
+            raise FsError(errno.ENOENT)
+        return node, entry
+
+    async def setattr(self, ino: int, change: AttrChange, fh: int | None) -> tuple[Node, Entry]:
+        """Change attributes: ownership cannot change (EPERM: everything belongs to the
+        mount's owner), the root's mode and time are not kept, a file being written keeps
+        them with its staging copy. Returns the inode and its entry afterwards."""
+        node, entry = self.current(ino)
+        if change.uid is not None and change.uid not in (self.uid, -1, 0xFFFFFFFF):
+            raise FsError(errno.EPERM)
+        if change.gid is not None and change.gid not in (self.gid, -1, 0xFFFFFFFF):
+            raise FsError(errno.EPERM)
+        mode, mtime = change.mode, change.mtime_ns
+        if mode is not None:
+            mode &= 0o7777
+        if change.size is not None:
+            if not isinstance(entry, FileEntry):
+                raise FsError(errno.EISDIR if isinstance(entry, DirEntry) else errno.EINVAL)
+            await self.truncate(node, change.size, self.handles.find(fh))
+        if mode is not None or mtime is not None:
+            if isinstance(entry, FileEntry):
+                if not self.set_attrs(node, mode, mtime):
+                    await self.ns.replace(node, FileEntry(
+                        entry.sha256, entry.size, entry.mtime_ns if mtime is None else mtime,
+                        entry.mode if mode is None else mode))
+            elif isinstance(entry, DirEntry) and node.ino != ROOT_INO:
+                await self.ns.replace(node, DirEntry(
+                    entry.id, entry.mtime_ns if mtime is None else mtime,
+                    entry.mode if mode is None else mode))
+            elif isinstance(entry, SymlinkEntry) and mtime is not None:
+                await self.ns.replace(node, SymlinkEntry(entry.target, mtime))
+        return self.current(ino)
+
+    def readlink(self, ino: int) -> bytes:
+        _, entry = self.current(ino)
+        if not isinstance(entry, SymlinkEntry):
+            raise FsError(errno.EINVAL)
+        return entry.target
+
     def overlay(self, node: Node, entry: Entry) -> Entry:
         """The entry as the user sees it now, with unflushed writes."""
         st = self.staging.staged.get(node.ino) or self.commits.sealed.get(node.ino)
@@ -99,6 +161,15 @@ class FileManager:
         # written (its name alone was only written behind; a kill -9 could lose it).
         st.dirty = True
         return handle, node
+
+    async def mknod(self, parent: int, name: bytes, mode: int) -> tuple[Node, Entry]:
+        """A new empty file, closed at once (only regular files: EPERM for devices,
+        fifos and sockets)."""
+        if not stat.S_ISREG(mode):
+            raise FsError(errno.EPERM)
+        handle, node = await self.create(parent, name, mode)
+        await self.release(handle.fh)
+        return self.current(node.ino)
 
     # -- staging --------------------------------------------------------------------------
     async def _stage(self, node: Node) -> Staging:

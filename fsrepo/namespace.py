@@ -54,12 +54,18 @@ class Namespace:
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
 
+    @staticmethod
+    def looked_up(node: Node) -> None:
+        """The kernel was handed the node (a lookup, or a readdirplus entry it accepted):
+        it holds one more reference, given back by `forget`."""
+        node.lookups += 1
+
     async def lookup(self, parent: int, name: bytes, count: bool = True) -> tuple[Node, Entry]:
         pnode = self.inodes.dir_node(parent)
         view = await self.views.load(pnode.dir_id)  # type: ignore[arg-type]
         node, entry = self.lookup_loaded(parent, view, name, self.inodes.ancestors(parent))
         if count:
-            node.lookups += 1
+            self.looked_up(node)
         return node, entry
 
     def lookup_loaded(self, parent: int, view: DirView, name: bytes,
