@@ -4,8 +4,10 @@ pending journal ops applied on top.
 Views come from the local state database first (revalidated with a conditional GET when
 older than the refresh interval), else from the bucket. The interface is small on purpose:
 `get`/`load`/`revalidate` to read, `set_remote`/`recompute`/`apply` when the manifest or
-the journal changes, `add_empty`/`discard` for new directories. What a change means for
-inodes and the kernel is the `ViewChanges` listener's business.
+the journal changes, `add_empty`/`discard` for new directories. Nothing outside reaches
+the views but through it, so when a view is revalidated (`stale`, `load_fresh`) or how
+many stay in memory can change here alone. What a change means for inodes and the kernel
+is the `ViewChanges` listener's business.
 """
 
 from __future__ import annotations
