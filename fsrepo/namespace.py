@@ -121,7 +121,8 @@ class Namespace:
         return rec
 
     async def settle(self, rec: Record) -> None:
-        """Wait until recorded ops are durable; if that fails they are undone (EIO)."""
+        """Wait until recorded ops are durable; if that fails they are undone (FsError with
+        the disk's errno)."""
         try:
             await self.journal.make_durable(rec)
         except (OSError, sqlite3.Error) as exc:
@@ -158,7 +159,7 @@ class Namespace:
             raise FsError(errno.EEXIST)
         rec = self._record([(view.dir_id, Op(name, entry, None), None)], durable=durable)
         node = self.inodes.node_for(parent, name, entry)
-        node.lookups += 1
+        self.looked_up(node)
         if durable:
             await self.settle(rec)
         # else: written by the next durable change (the file's close) or by write_behind
