@@ -14,12 +14,13 @@ import socket
 import time
 from pathlib import Path
 
+from .announce import Invalidator
 from .blobcache import BlobCache
 from .config import Settings
 from .errors import ImgrepoError, StorageError
 from .files import FileManager
 from .journal import Journal
-from .namespace import EMPTY_SHA, Invalidator, Namespace
+from .namespace import EMPTY_SHA, Namespace
 from .repository import open_repository
 from .state import LocalState, StateDB
 from .store.base import Store
@@ -66,16 +67,21 @@ class Engine:
         self.cache = BlobCache(self.state_dir / "blobs", self.db, store, settings.cache_size)
         self.invalidator = invalidator or Invalidator()
         self.ns = Namespace(store, self.db, self.journal, host=self.host,
-                            refresh=settings.refresh, invalidator=self.invalidator)
+                            refresh=settings.refresh, known_blobs=self,
+                            invalidator=self.invalidator)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
                                  host=self.host, parallel=settings.uploads)
-        self.ns.on_remote_blobs = self.uploader.note_known
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 self.uploader.reuse_or_recheck)
+                                 self.uploader)
         self.syncer = Syncer(self.ns, self.cache)
         self.uploader.writing = lambda: time.monotonic() - self.files.last_activity < 0.3
         self.started = time.time()
         self.online = True
+
+    def note_known(self, shas: set[str]) -> None:
+        """Blobs a manifest read from the bucket names (the namespace's `KnownBlobs`): the
+        uploader's index of what the bucket holds learns them."""
+        self.uploader.note_known(shas)
 
     def load_state(self) -> None:
         """Bring back what the last run left: journal, cache index, remote index."""

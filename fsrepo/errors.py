@@ -2,10 +2,14 @@
 
 Everything a user can cause or meet in normal operation (bad input, unreachable storage,
 a damaged repository) is an `ImgrepoError`: the CLI prints its message on one line and exits
-non-zero, without a traceback.
+non-zero, without a traceback. `FsError` is the other kind: an errno answer to one
+filesystem request, and `errno_for` the one mapping from any failure to that errno.
 """
 
 from __future__ import annotations
+
+import errno
+import sqlite3
 
 
 class ImgrepoError(Exception):
@@ -82,3 +86,29 @@ class AccessDenied(LoginError):
 
 class DeviceCodeExpired(LoginError):
     """The device code expired before the user finished logging in."""
+
+
+class FsError(Exception):
+    """An errno answer for the kernel. A failure behind it (EIO, ENOSPC...) was logged by
+    whoever raised it; ENOENT, EEXIST and the like are answers, not failures."""
+
+    def __init__(self, code: int, message: str = "") -> None:
+        super().__init__(message or errno.errorcode.get(code, str(code)))
+        self.errno = code
+
+
+# SQLite's primary result codes for a failing disk under the database.
+_SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 5: errno.EBUSY, 6: errno.EBUSY}
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a request that failed with `exc` answers: its own for an FsError or an
+    OSError, the disk's for SQLite, ENETDOWN when the storage is known unreachable, EIO
+    for everything else."""
+    if isinstance(exc, FsError | OSError):
+        return exc.errno or errno.EIO
+    if isinstance(exc, sqlite3.OperationalError):
+        return _SQLITE_ERRNO.get(getattr(exc, "sqlite_errorcode", 0) & 0xFF, errno.EIO)
+    if isinstance(exc, StorageOffline):
+        return errno.ENETDOWN
+    return errno.EIO

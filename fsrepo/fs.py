@@ -17,9 +17,12 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from .files import FileManager
-from .manifest import DirEntry, Entry, FileEntry, SymlinkEntry
-from .namespace import FsError, Invalidator, Namespace, Node
+from .announce import Invalidator
+from .errors import FsError, errno_for
+from .files import AttrChange, FileManager
+from .inodes import Node
+from .manifest import DirEntry, Entry, FileEntry
+from .namespace import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,8 @@ BLKSIZE = 1 << 20
 
 
 def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Our FsError -> FUSEError; anything unexpected is logged and answered EIO."""
+    """Our FsError -> FUSEError (the core logged any failure behind it); any other failure
+    is logged here, once, and answered with `errno_for`'s errno."""
 
     @wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -41,10 +45,10 @@ def _translate(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             log.error("%s failed: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
+        except Exception as exc:
             log.exception("unexpected error in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise pyfuse3.FUSEError(errno_for(exc)) from None
 
     return wrapper
 
@@ -82,8 +86,6 @@ class Operations(pyfuse3.Operations):
         self.ns = ns
         self.files = files
         self.statfs_path = statfs_path
-        self.uid = os.getuid()
-        self.gid = os.getgid()
         self._dir_handles: dict[int, list[tuple[bytes, Entry]]] = {}
         self._dir_owner: dict[int, int] = {}
         self._next_dh = 1
@@ -96,7 +98,7 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = ATTR_TIMEOUT
         a.attr_timeout = ATTR_TIMEOUT
-        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_uid, a.st_gid = self.files.uid, self.files.gid
         a.st_blksize = BLKSIZE
         if isinstance(entry, FileEntry):
             a.st_mode = stat.S_IFREG | entry.mode
@@ -114,17 +116,6 @@ class Operations(pyfuse3.Operations):
         a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = entry.mtime_ns
         return a
 
-    def _current(self, ino: int) -> tuple[Node, Entry]:
-        node = self.ns.node(ino)
-        entry = self.ns.entry_of(node)
-        if entry is None:
-            # Removed, but still open or referenced by the kernel: show what it was.
-            handle = next((h for h in self.files.handles.values() if h.node is node), None)
-            if handle is not None and handle.sha is not None:
-                return node, FileEntry(handle.sha, handle.size, 0)
-            raise FsError(errno.ENOENT)
-        return node, entry
-
     # -- lookups --------------------------------------------------------------------------
     @_translate
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
@@ -137,44 +128,23 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        node, entry = self._current(inode)
+        node, entry = self.files.current(inode)
         return self._attrs(node, entry)
 
     @_translate
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
-        node, entry = self._current(inode)
-        mode = attr.st_mode & 0o7777 if fields.update_mode else None
-        mtime = attr.st_mtime_ns if fields.update_mtime else None
-        if fields.update_uid and attr.st_uid not in (self.uid, -1, 0xFFFFFFFF):
-            raise FsError(errno.EPERM)
-        if fields.update_gid and attr.st_gid not in (self.gid, -1, 0xFFFFFFFF):
-            raise FsError(errno.EPERM)
-        if fields.update_size:
-            if not isinstance(entry, FileEntry):
-                raise FsError(errno.EISDIR if isinstance(entry, DirEntry) else errno.EINVAL)
-            handle = self.files.handles.get(fh) if fh is not None else None
-            await self.files.truncate(node, attr.st_size, handle)
-        if mode is not None or mtime is not None:
-            if isinstance(entry, FileEntry):
-                if not self.files.set_attrs(node, mode, mtime):
-                    entry = FileEntry(entry.sha256, entry.size,
-                                      entry.mtime_ns if mtime is None else mtime,
-                                      entry.mode if mode is None else mode)
-                    await self.ns.replace(node, entry)
-            elif isinstance(entry, DirEntry) and node.ino != pyfuse3.ROOT_INODE:
-                entry = DirEntry(entry.id, entry.mtime_ns if mtime is None else mtime,
-                                 entry.mode if mode is None else mode)
-                await self.ns.replace(node, entry)
-            elif isinstance(entry, SymlinkEntry) and mtime is not None:
-                await self.ns.replace(node, SymlinkEntry(entry.target, mtime))
-        return await self.getattr(inode, ctx)
+        change = AttrChange(
+            mode=attr.st_mode if fields.update_mode else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            size=attr.st_size if fields.update_size else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None)
+        node, entry = await self.files.setattr(inode, change, fh)
+        return self._attrs(node, entry)
 
     @_translate
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        _, entry = self._current(inode)
-        if not isinstance(entry, SymlinkEntry):
-            raise FsError(errno.EINVAL)
-        return entry.target
+        return self.files.readlink(inode)
 
     # -- directories ----------------------------------------------------------------------
     @_translate
@@ -194,6 +164,7 @@ class Operations(pyfuse3.Operations):
         parent = self._parent_of_listing(fh)
         view, ancestors = await self.ns.loaded_view(parent)
         lookup, attrs, reply = self.ns.lookup_loaded, self._attrs, pyfuse3.readdir_reply
+        looked_up = self.ns.looked_up
         for index in range(start_id, len(listing)):
             name = listing[index][0]
             try:
@@ -202,7 +173,7 @@ class Operations(pyfuse3.Operations):
                 continue  # gone meanwhile, or refused (cycle)
             if not reply(token, name, attrs(node, entry), index + 1):
                 break
-            node.lookups += 1  # readdirplus: each entry sent counts as a lookup
+            looked_up(node)  # readdirplus: each entry the kernel took counts as a lookup
 
     def _parent_of_listing(self, fh: int) -> int:
         return self._dir_owner[fh]
@@ -244,11 +215,8 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        if not stat.S_ISREG(mode):
-            raise FsError(errno.EPERM)  # only files, directories and symlinks
-        handle, node = await self.files.create(parent_inode, name, mode)
-        await self.files.release(handle.fh)
-        return await self.getattr(node.ino)
+        node, entry = await self.files.mknod(parent_inode, name, mode)
+        return self._attrs(node, entry)
 
     # -- files ----------------------------------------------------------------------------
     @_translate
@@ -262,7 +230,7 @@ class Operations(pyfuse3.Operations):
                      ctx: Any) -> Any:
         handle, node = await self.files.create(parent_inode, name, mode)
         return (pyfuse3.FileInfo(fh=handle.fh, keep_cache=True),
-                await self.getattr(node.ino))
+                self._attrs(*self.files.current(node.ino)))
 
     @_translate
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -120,13 +120,6 @@ class Journal:
                 except Exception as exc:  # noqa: BLE001 - logged; the next round retries
                     log.error("cannot write the journal: %s", exc)
 
-    async def append(self, ops: list[tuple[str, Op, int | None]],
-                     new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
-                     durable: bool = True) -> list[PendingOp]:
-        rec = self.record(ops, new_blobs, dedup_bytes, durable)
-        await self.make_durable(rec)
-        return rec.pending
-
     def forget(self, pending: list[PendingOp]) -> None:
         for p in pending:
             self.by_seq.pop(p.seq, None)

@@ -63,6 +63,16 @@ def same_content(a: Entry | None, b: Entry | None) -> bool:
     return a == b
 
 
+def same_object(a: Entry | None, b: Entry | None) -> bool:
+    """Whether two entries denote the same inode: same directory id, or both non-dirs of
+    one kind."""
+    if a is None or b is None:
+        return False
+    if isinstance(a, DirEntry) or isinstance(b, DirEntry):
+        return isinstance(a, DirEntry) and isinstance(b, DirEntry) and a.id == b.id
+    return type(a) is type(b)
+
+
 def coalesce(ops: list[Op]) -> list[Op]:
     """Fold successive ops on one name into one (first base, last entry), keeping order."""
     out: dict[bytes, Op] = {}

@@ -109,7 +109,7 @@ class Mount(Engine):
         if isinstance(failures, dict):
             failures.clear()  # forget the backoff of what failed while offline
         self.uploader.kick()
-        self.ns.offline_until = 0.0
+        self.ns.views.storage_back()
 
     async def _resume_after_login(self) -> None:
         """A new login while uploads wait for credentials: drain the queue now, not after
@@ -221,12 +221,12 @@ class Mount(Engine):
         while True:
             await trio.sleep(max(0.2, self.settings.refresh / 4))
             now = time.time()
-            for dir_id in list(self.ns.views):
+            for dir_id in self.ns.views:
                 view = self.ns.views.get(dir_id)
                 if view is None or now - view.checked < self.settings.refresh:
                     continue
                 try:
-                    await self.ns.revalidate(dir_id)
+                    await self.ns.views.revalidate(dir_id)
                 except StorageError as exc:
                     log.debug("revalidation of %s failed: %s", dir_id, exc)
                     break

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import errno_for
 from .manifest import Entry, entry_from_json, entry_to_json
 from .stateschema import migrate
 from .workers import Workers
@@ -186,9 +187,6 @@ class StateDB:
         self.state.close()
 
 
-_SQLITE_ERRNO = {13: errno.ENOSPC, 8: errno.EROFS, 5: errno.EBUSY, 6: errno.EBUSY}
-
-
 def _disk_errors(fn: Callable[..., T], *args: Any) -> T:
     """SQLite's failures of the disk under it (full, read-only, I/O error, damaged file) as
     OSErrors with an errno, which every caller already handles as it handles a failing local
@@ -196,8 +194,7 @@ def _disk_errors(fn: Callable[..., T], *args: Any) -> T:
     try:
         return fn(*args)
     except sqlite3.OperationalError as exc:
-        code = _SQLITE_ERRNO.get(getattr(exc, "sqlite_errorcode", 0) & 0xFF, errno.EIO)
-        raise OSError(code, f"the local state database failed: {exc}") from exc
+        raise OSError(errno_for(exc), f"the local state database failed: {exc}") from exc
     except sqlite3.DatabaseError as exc:
         if type(exc) is not sqlite3.DatabaseError:
             raise  # IntegrityError, ProgrammingError...: bugs, not the disk

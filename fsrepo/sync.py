@@ -19,9 +19,9 @@ from typing import Any
 import trio
 
 from .blobcache import BlobCache
-from .errors import ImgrepoError, StorageError, StorageOffline
+from .errors import FsError, ImgrepoError, StorageError, StorageOffline
 from .manifest import ROOT_ID, DirEntry, FileEntry
-from .namespace import FsError, Namespace
+from .namespace import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,10 @@ class Syncer:
                 continue
             seen.add(current)
             try:
-                view = await self.ns.view(current)
-                if fresh and time.time() - view.checked > self.ns.refresh:
+                view = await self.ns.views.load(current)
+                if fresh and time.time() - view.checked > self.ns.views.refresh:
                     try:
-                        await self.ns.revalidate(current)
+                        await self.ns.views.revalidate(current)
                     except StorageError as exc:
                         log.warning("sync: using the cached listing of %s: %s", current, exc)
                     view = self.ns.views.get(current, view)
@@ -74,7 +74,7 @@ class Syncer:
         parts = [p for p in relpath.split("/") if p and p != "."]
         for i, part in enumerate(parts):
             try:
-                view = await self.ns.view(dir_id)
+                view = await self.ns.views.load(dir_id)
             except FsError as exc:
                 raise ImgrepoError(f"cannot read {relpath}: {exc}") from None
             entry = view.entries.get(part.encode("utf-8", "surrogateescape"))

@@ -382,7 +382,7 @@ class Uploader:
         for dir_id in {p.dir_id for p in doomed}:
             view = self.ns.views.get(dir_id)
             if view is not None:
-                self.ns.set_remote(dir_id, view.remote, view.etag)
+                self.ns.views.set_remote(dir_id, view.remote, view.etag)
 
     # -- manifests ------------------------------------------------------------------------
     async def _commit(self, dir_id: str, batch: list[PendingOp]) -> None:
@@ -453,7 +453,7 @@ class Uploader:
         await self.db.run(self.db.state.commit_dir, dir_id, new_etag, body, seqs)
         self.journal.retire(dir_id, seqs)
         self.note_known({e.sha256 for e in entries.values() if isinstance(e, FileEntry)})
-        self.ns.set_remote(dir_id, entries, new_etag)
+        self.ns.views.set_remote(dir_id, entries, new_etag)
 
     async def _drop_unsafe_dir_removals(self, remote: dict[bytes, Entry], ops: list,
                                         moved: set[bytes] = frozenset()):  # type: ignore[assignment]

@@ -20,8 +20,9 @@ import trio
 
 from fsrepo.config import Settings
 from fsrepo.engine import Engine, StateLock
+from fsrepo.errors import FsError
+from fsrepo.inodes import ROOT_INO, Node
 from fsrepo.manifest import DirEntry, Entry
-from fsrepo.namespace import ROOT_INO, FsError, Node
 from fsrepo.store import open_store
 
 CHUNK = 128 * 1024  # the kernel's usual write size for cached writes

@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from fsrepo.errors import FsError
+from fsrepo.inodes import ROOT_INO
 from fsrepo.manifest import DirEntry, FileEntry, Manifest, serialise_manifest
-from fsrepo.namespace import ROOT_INO, FsError
 from fsrepo.repository import DESCRIPTOR_KEY, blob_key, manifest_key
 from testservers.moto import MotoServer
 from testservers.s3proxy import S3Proxy
@@ -393,7 +394,7 @@ def test_412_merges_both_engines_changes(backend, tmp_path):
             await b.uploader.wait_idle()
             assert b.uploader.status.conflicts == 2
             # b's view is the merged manifest; a sees it after revalidating
-            await a.ns.revalidate("root")
+            await a.ns.views.revalidate("root")
             assert set(await list_dir(a)) == set(await list_dir(b))
         async with engine(backend, tmp_path / "fresh") as fresh:
             entries = await list_dir(fresh)

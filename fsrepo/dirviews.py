@@ -1,0 +1,256 @@
+"""The directory-view cache: each directory's last known manifest with this machine's
+pending journal ops applied on top.
+
+Views come from the local state database first (revalidated with a conditional GET when
+older than the refresh interval), else from the bucket. The interface is small on purpose:
+`get`/`load`/`revalidate` to read, `set_remote`/`recompute`/`apply` when the manifest or
+the journal changes, `add_empty`/`discard` for new directories. Nothing outside reaches
+the views but through it, so when a view is revalidated (`stale`, `load_fresh`) or how
+many stay in memory can change here alone. What a change means for inodes and the kernel
+is the `ViewChanges` listener's business.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from .errors import FsError, ManifestError, ObjectNotFound, StorageError, errno_for
+from .journal import Journal
+from .manifest import Entry, FileEntry, parse_manifest
+from .merge import Op, apply_ops
+from .repository import manifest_key
+from .state import StateDB
+from .store.base import NOT_MODIFIED, Store, StoredObject
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DirView:
+    dir_id: str
+    remote: dict[bytes, Entry]
+    etag: str | None  # None: no manifest in the bucket yet (empty directory)
+    checked: float
+    entries: dict[bytes, Entry] = field(default_factory=dict)
+
+
+class KnownBlobs(Protocol):
+    """Told about the blobs a manifest read from the bucket names (they are in the bucket:
+    a file with the same content need not be uploaded)."""
+
+    def note_known(self, shas: set[str]) -> None: ...
+
+
+class ViewChanges(Protocol):
+    """Told when a loaded view's entries changed other than by the kernel's own request."""
+
+    def view_changed(self, dir_id: str, old: dict[bytes, Entry],
+                     new: dict[bytes, Entry]) -> None: ...
+
+    def diverted(self, dir_id: str, diverted: dict[bytes, bytes]) -> None:
+        """Our version of names went to conflict copies (name -> copy's name)."""
+
+
+class DirViews:
+    def __init__(self, store: Store, db: StateDB, journal: Journal, *, host: str,
+                 refresh: float, known_blobs: KnownBlobs, changes: ViewChanges) -> None:
+        self.store = store
+        self.db = db
+        self.journal = journal
+        self.host = host
+        self.refresh = refresh
+        self.known_blobs = known_blobs
+        self.changes = changes
+        self.offline_until = 0.0  # no revalidation before this (the storage was down)
+        self._views: dict[str, DirView] = {}
+        self._loading: dict[str, trio.Event] = {}
+
+    # -- reading --------------------------------------------------------------------------
+    def get(self, dir_id: str) -> DirView | None:
+        """The view if it is in memory (no I/O)."""
+        return self._views.get(dir_id)
+
+    def __iter__(self) -> Iterator[str]:
+        """The ids of the views in memory (a snapshot: the cache may change meanwhile)."""
+        return iter(list(self._views))
+
+    def stale(self, view: DirView) -> bool:
+        """Whether a view is due for revalidation."""
+        now = time.time()
+        return now - view.checked > self.refresh and now > self.offline_until
+
+    def storage_back(self) -> None:
+        """The storage answers again: revalidate when due, not after the offline pause."""
+        self.offline_until = 0.0
+
+    async def load(self, dir_id: str) -> DirView:
+        """The directory's view, loading it (local cache first, then the bucket)."""
+        view = self._views.get(dir_id)
+        if view is not None:
+            return view
+        while dir_id in self._loading:
+            await self._loading[dir_id].wait()
+            if dir_id in self._views:
+                return self._views[dir_id]
+        done = self._loading[dir_id] = trio.Event()
+        try:
+            cached = await self.db.run(self.db.state.load_manifest, dir_id)
+            if cached is not None:
+                etag, body, checked = cached
+                view = DirView(dir_id, self._parse(dir_id, body), etag, checked)
+                if self.stale(view):
+                    view = await self._fresher(view)
+            else:
+                try:
+                    changed, obj = await self._fetch(dir_id, None)
+                except StorageError as exc:
+                    log.error("cannot read directory %s: %s", dir_id, exc)
+                    raise FsError(errno_for(exc), f"cannot read directory {dir_id}") from None
+                body = obj.data if obj else None
+                view = DirView(dir_id, self._parse(dir_id, body), obj.etag if obj else None,
+                               time.time())
+                await self.db.run(self.db.state.save_manifest, dir_id, view.etag, body,
+                                  view.checked)
+            self._compute(view)
+            self._views[dir_id] = view
+            return view
+        except ManifestError as exc:
+            log.error("%s", exc)
+            raise FsError(errno.EIO, str(exc)) from None
+        finally:
+            del self._loading[dir_id]
+            done.set()
+
+    async def load_fresh(self, dir_id: str) -> DirView:
+        """The view, revalidated first if it is due (a listing shows what the bucket holds
+        within the refresh interval); what is cached if the storage cannot be reached."""
+        view = await self.load(dir_id)
+        if self.stale(view):
+            try:
+                await self.revalidate(dir_id)
+            except StorageError as exc:
+                log.warning("cannot revalidate a directory, showing what is cached: %s", exc)
+                self.offline_until = time.time() + self.refresh
+        return view
+
+    async def revalidate(self, dir_id: str) -> bool:
+        """Conditional GET; on change, recompute the view and tell the listener. Returns
+        True if something changed."""
+        view = self._views.get(dir_id)
+        if view is None:
+            return False
+        changed, obj = await self._fetch(dir_id, view.etag)
+        now = time.time()
+        if not changed:
+            view.checked = now
+            return False
+        body = obj.data if obj else None
+        try:
+            remote = self._parse(dir_id, body)
+        except ManifestError as exc:
+            log.error("%s; keeping the last good version", exc)
+            return False
+        await self.db.run(self.db.state.save_manifest, dir_id, obj.etag if obj else None,
+                          body, now)
+        self.set_remote(dir_id, remote, obj.etag if obj else None)
+        return True
+
+    # -- changing -------------------------------------------------------------------------
+    def set_remote(self, dir_id: str, remote: dict[bytes, Entry], etag: str | None) -> None:
+        """A newer manifest is known (fetched, or written by us): recompute, and tell the
+        listener about it."""
+        view = self._views.get(dir_id)
+        if view is None:
+            return
+        old = view.entries
+        view.remote, view.etag, view.checked = remote, etag, time.time()
+        self._compute(view)
+        self.changes.view_changed(dir_id, old, view.entries)
+
+    def recompute(self, dirs: set[str]) -> None:
+        """The journal's ops for these directories changed (taken back): recompute their
+        views and tell the listener."""
+        for dir_id in dirs:
+            view = self._views.get(dir_id)
+            if view is not None:
+                old = view.entries
+                self._compute(view)
+                self.changes.view_changed(dir_id, old, view.entries)
+
+    def apply(self, dir_id: str, op: Op) -> None:
+        """A just-recorded op, applied to the loaded view. The kernel made this change
+        itself: nothing of its cache is stale, unless the name changed elsewhere meanwhile
+        and ours went to a conflict copy."""
+        view = self._views.get(dir_id)
+        if view is not None:
+            diverted = apply_ops(view.entries, [op], self.host)
+            if diverted:
+                self.changes.diverted(dir_id, diverted)
+
+    def add_empty(self, dir_id: str, checked: float) -> DirView:
+        """The view of a directory just made here: empty, without asking the bucket."""
+        view = DirView(dir_id, {}, None, checked)
+        self._compute(view)
+        self._views.setdefault(dir_id, view)
+        return view
+
+    def discard(self, view: DirView) -> None:
+        """Drop a view added by `add_empty` whose directory was not created after all."""
+        if self._views.get(view.dir_id) is view:
+            del self._views[view.dir_id]
+
+    # -- internals ------------------------------------------------------------------------
+    def _compute(self, view: DirView) -> None:
+        entries = dict(view.remote)
+        apply_ops(entries, self.journal.ops_for(view.dir_id), self.host)
+        view.entries = entries
+
+    async def _fetch(self, dir_id: str, etag: str | None) -> tuple[bool, StoredObject | None]:
+        """Conditional GET of a manifest: (changed, object or None when absent)."""
+        try:
+            got = await self.store.get(manifest_key(dir_id), if_none_match=etag)
+        except ObjectNotFound:
+            return (etag is not None), None
+        if got is NOT_MODIFIED:
+            return False, None
+        assert isinstance(got, StoredObject)
+        return True, got
+
+    def _parse(self, dir_id: str, body: bytes | None) -> dict[bytes, Entry]:
+        if body is None:
+            return {}
+        manifest, problems = parse_manifest(body, dir_id)
+        for problem in problems:
+            log.warning("%s", problem)
+        self.known_blobs.note_known({e.sha256 for e in manifest.entries.values()
+                                     if isinstance(e, FileEntry)})
+        return manifest.entries
+
+    async def _fresher(self, view: DirView) -> DirView:
+        """A manifest cached by an earlier run, revalidated before first use (a
+        conditional GET): other machines may have changed it since."""
+        try:
+            changed, obj = await self._fetch(view.dir_id, view.etag)
+            if not changed:
+                view.checked = time.time()
+                return view
+            body = obj.data if obj else None
+            fresh = DirView(view.dir_id, self._parse(view.dir_id, body),
+                            obj.etag if obj else None, time.time())
+        except StorageError as exc:
+            log.warning("cannot revalidate a directory, showing what is cached: %s", exc)
+            self.offline_until = time.time() + self.refresh
+            return view
+        except ManifestError as exc:
+            log.error("%s; keeping the last good version", exc)
+            return view
+        await self.db.run(self.db.state.save_manifest, view.dir_id, fresh.etag, body,
+                          fresh.checked)
+        return fresh

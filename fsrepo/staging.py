@@ -1,0 +1,152 @@
+"""Staging copies: the working copy of each file being written, hashed as it is written.
+
+One staging file per inode, shared by all its write handles. Sequential writes (the common
+case: cp, rsync, cameras) are hashed as they arrive, so closing the file costs no re-read;
+a big file's pages are handed to the disk while it arrives, so the fsync at close has
+little left to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .manifest import FileEntry
+
+WRITEBACK_CHUNK = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+
+
+@dataclass
+class Staging:
+    """The working copy of a file being written."""
+
+    path: Path
+    fd: int
+    size: int
+    mode: int
+    mtime_ns: int
+    hasher: hashlib._Hash | None  # valid while writes were sequential from offset 0
+    hashed: int = 0
+    dirty: bool = False
+    writers: int = 0
+    base: FileEntry | None = None  # the version this copy started from (for the merge)
+    written_back: int = 0  # bytes whose writeback to disk has been started
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write through to the staging file, hashing what extends the sequential run."""
+        written = os.pwrite(self.fd, data, offset)
+        if self.hasher is not None:
+            if offset == self.hashed:
+                self.hasher.update(data[:written])
+                self.hashed += written
+            else:
+                self.hasher = None
+        self.size = max(self.size, offset + written)
+        self.mtime_ns = time.time_ns()
+        self.dirty = True
+        if self.size - self.written_back >= WRITEBACK_CHUNK:
+            start, self.written_back = self.written_back, self.size
+            start_writeback(self.fd, start, self.size - start)
+        return written
+
+    async def truncate(self, size: int) -> None:
+        await trio.to_thread.run_sync(os.ftruncate, self.fd, size)
+        if size < self.hashed or size > self.size:
+            self.hasher = None if size != 0 else hashlib.sha256()
+            self.hashed = 0
+        self.size = size
+        self.mtime_ns = time.time_ns()
+        self.dirty = True
+
+    def set_attrs(self, mode: int | None, mtime_ns: int | None) -> None:
+        if mode is not None:
+            self.mode = mode & 0o7777
+        if mtime_ns is not None:
+            self.mtime_ns = mtime_ns
+        self.dirty = True
+
+    async def digest(self) -> str:
+        """The content's SHA-256: from the running hash, or by reading the copy again."""
+        if self.hasher is not None and self.hashed == self.size:
+            return self.hasher.hexdigest()
+        return await trio.to_thread.run_sync(_hash_fd, self.fd)
+
+
+class StagingArea:
+    """The staging directory and the copies in it, by inode."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.staged: dict[int, Staging] = {}
+        self._run_id = uuid.uuid4().hex[:12]  # staging names: unique without a syscall each
+        self._count = 0
+
+    def clear_leftovers(self) -> None:
+        """Staging files of a crashed run: their content was never closed, so never
+        promised; remove them."""
+        for path in self.directory.iterdir():
+            path.unlink(missing_ok=True)
+
+    def new(self, ino: int, entry: FileEntry) -> Staging:
+        """An empty staging copy for the inode, with `entry`'s attributes as its base."""
+        self._count += 1
+        path = self.directory / f"{self._run_id}-{self._count}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, hashlib.sha256(), base=entry)
+        self.staged[ino] = st
+        return st
+
+    async def fill(self, st: Staging, source: Path, size: int) -> None:
+        """Copy a file's current content into its new staging copy."""
+        def copy() -> None:
+            with open(source, "rb") as src:
+                os.lseek(st.fd, 0, os.SEEK_SET)
+                while chunk := src.read(1 << 20):
+                    os.write(st.fd, chunk)
+        await trio.to_thread.run_sync(copy)
+        st.size = size
+        st.hasher = None
+
+    def seal(self, ino: int) -> Staging:
+        """Take the copy out of the area: it is becoming a blob (a later write starts a
+        new copy from it)."""
+        return self.staged.pop(ino)
+
+    def drop(self, ino: int) -> None:
+        st = self.staged.pop(ino, None)
+        if st is not None:
+            os.close(st.fd)
+            st.path.unlink(missing_ok=True)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk, without waiting (a worker thread
+    makes the call, which can block briefly on a busy disk)."""
+    if _sync_file_range is None:
+        return
+
+    def call() -> None:
+        _sync_file_range(ctypes.c_int(fd), ctypes.c_longlong(offset),
+                         ctypes.c_longlong(length), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+
+    trio.lowlevel.start_thread_soon(call, lambda outcome: None)
+
+
+def _hash_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
