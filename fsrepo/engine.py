@@ -20,6 +20,7 @@ from .errors import ImgrepoError, StorageError
 from .files import FileManager
 from .journal import Journal
 from .namespace import EMPTY_SHA, Invalidator, Namespace
+from .remote_index import RemoteIndex
 from .repository import open_repository
 from .state import LocalState, StateDB
 from .store.base import Store
@@ -67,11 +68,12 @@ class Engine:
         self.invalidator = invalidator or Invalidator()
         self.ns = Namespace(store, self.db, self.journal, host=self.host,
                             refresh=settings.refresh, invalidator=self.invalidator)
+        self.remote_index = RemoteIndex()
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
-                                 host=self.host, parallel=settings.uploads)
-        self.ns.on_remote_blobs = self.uploader.note_known
+                                 self.remote_index, host=self.host, parallel=settings.uploads)
+        self.ns.on_remote_blobs = self.remote_index.note_known
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 self.uploader.reuse_or_recheck)
+                                 self.remote_index.reuse_or_recheck)
         self.syncer = Syncer(self.ns, self.cache)
         self.uploader.writing = lambda: time.monotonic() - self.files.last_activity < 0.3
         self.started = time.time()
@@ -85,15 +87,15 @@ class Engine:
         for sha in missing:
             log.warning("blob %s was pending upload but its cache file is gone; unless the "
                         "bucket has it, the changes that need it will be dropped", sha)
-        self.uploader.lost |= set(missing)
-        self.uploader.unverified |= self.cache.pending - {EMPTY_SHA}
-        self.uploader.remote |= state.remote_blobs()
+        self.remote_index.lost |= set(missing)
+        self.remote_index.unverified |= self.cache.pending - {EMPTY_SHA}
+        self.remote_index.remote |= state.remote_blobs()
         self.files.clear_leftovers()
         empty = self.cache.path(EMPTY_SHA)
         if not empty.exists():
             empty.parent.mkdir(parents=True, exist_ok=True)
             empty.touch()
-        self.cache.register(EMPTY_SHA, 0, pending=EMPTY_SHA not in self.uploader.remote)
+        self.cache.register(EMPTY_SHA, 0, pending=EMPTY_SHA not in self.remote_index.remote)
         if self.journal.by_seq:
             log.info("resuming %d journaled operations from the last run", len(self.journal))
 
