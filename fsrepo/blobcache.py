@@ -8,6 +8,11 @@ the only copy) or open.
 Downloads stream into `partial/<sha>`; readers wait only until their byte range has
 arrived. The finished file is verified against its name before it joins the cache; a
 mismatch fails the download (readers get EIO) and the bytes are discarded.
+
+A download has no retry loop of its own (the store retries each request: retry.py). One
+that breaks beyond those retries fails its readers, but keeps what arrived: the next read
+of the blob starts a download that resumes from there, and the whole file is still
+verified at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from .errors import ImgrepoError, IntegrityError, StorageOffline
+from .errors import ImgrepoError, IntegrityError
 from .repository import blob_key
 from .state import StateDB
 from .store.base import Store
@@ -42,11 +47,11 @@ def hash_file(path: Path | str) -> str:
 class Download:
     """One blob on its way into the cache; readers wait on byte ranges."""
 
-    def __init__(self, sha: str, size: int, path: Path) -> None:
+    def __init__(self, sha: str, size: int, path: Path, available: int = 0) -> None:
         self.sha = sha
         self.size = size
         self.path = path
-        self.available = 0
+        self.available = available  # bytes readers may read (resumed: what arrived before)
         self.done = False
         self.error: BaseException | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
@@ -101,6 +106,9 @@ class BlobCache:
         self.pending: set[str] = set()  # not yet in the bucket: never evicted
         self._open: dict[str, int] = {}
         self.downloads: dict[str, Download] = {}
+        # Downloads that broke, not by corruption: bytes their partial file holds, for the
+        # next download of the blob to resume from.
+        self.broken: dict[str, int] = {}
         self.used = 0
         self._touched: dict[str, float] = {}
         self.nursery: trio.Nursery | None = None
@@ -242,8 +250,8 @@ class BlobCache:
         dl = self.downloads.get(sha)
         if dl is not None and dl.error is None:
             return dl
-        dl = Download(sha, size, self.partial_dir / sha)
-        dl.path.touch()  # readers open it at once
+        dl = Download(sha, size, self.partial_dir / sha, self.broken.pop(sha, 0))
+        dl.path.touch()  # readers open it at once (a resumed one keeps its bytes)
         self.downloads[sha] = dl
         assert self.nursery is not None
         self.nursery.start_soon(self._download, dl)
@@ -258,10 +266,13 @@ class BlobCache:
                 await trio.to_thread.run_sync(self._seal, dl)
             except (ImgrepoError, OSError) as exc:
                 log.error("download of blob %s failed: %s", dl.sha, exc)
-                try:
-                    dl.path.unlink()
-                except OSError:
-                    pass
+                if isinstance(exc, IntegrityError) or dl.available == 0:
+                    try:
+                        dl.path.unlink()
+                    except OSError:
+                        pass
+                else:
+                    self.broken[dl.sha] = dl.available  # the next read resumes from here
                 dl.fail(exc)
                 return
             self.register(dl.sha, dl.size, pending=False)
@@ -290,24 +301,14 @@ class BlobCache:
         os.replace(dl.path, target)
 
     async def _fetch(self, dl: Download) -> None:
-        """Stream the blob into its partial file, resuming after transient failures."""
-        attempts = 0
+        """Stream the blob into its partial file, from the bytes readers already have."""
+        if dl.size == 0:
+            return
         # Progress is queued to the loop, not waited for: the download thread goes on
         # receiving while the loop is busy answering the reads it unblocks.
         token = trio.lowlevel.current_trio_token()
-        while True:
-            try:
-                if dl.size > 0:
-                    await self.store.download(blob_key(dl.sha), dl.path, dl.available,
-                                              lambda n: token.run_sync_soon(dl.progress, n))
-                return
-            except (IntegrityError, StorageOffline):
-                raise  # retrying cannot help (StorageOffline: the storage is unreachable)
-            except (ImgrepoError, OSError):
-                attempts += 1
-                if attempts >= 3:
-                    raise
-                await trio.sleep(0.5 * attempts)
+        await self.store.download(blob_key(dl.sha), dl.path, dl.available,
+                                  lambda n: token.run_sync_soon(dl.progress, n))
 
     def open_fd(self, dl: Download) -> int:
         """A read-only descriptor on a download's file, wherever it is by now."""

@@ -8,7 +8,6 @@ the ops re-applied onto it, a merge, not a failure.
 from __future__ import annotations
 
 import logging
-import random
 
 import trio
 
@@ -19,10 +18,16 @@ from .merge import apply_ops, coalesce
 from .namespace import Namespace
 from .remote_index import RemoteIndex
 from .repository import manifest_key
+from .retry import Backoff
 from .state import StateDB
 from .store.base import Store, StoredObject
 
 log = logging.getLogger(__name__)
+
+# Between re-reads after a 412: not a failure (another writer won the race, and the merge
+# onto its version goes at once), only a short random pause, so that writers racing on one
+# directory do not collide again in step. After 99 lost races something is wrong.
+MERGE_PAUSE = Backoff(first=0.01, cap=0.5, jitter=1.0, attempts=99)
 
 
 class ManifestCommitter:
@@ -65,7 +70,8 @@ class ManifestCommitter:
         ops = [p.op for p in batch]
         # A removal that `requires` an earlier op is the source side of a rename.
         moved = {p.op.name for p in batch if p.op.entry is None and p.requires is not None}
-        for attempt in range(1, 100):
+        races = 0
+        while True:
             entries = dict(remote)
             ops_now = await self._drop_unsafe_dir_removals(remote, ops, moved)
             diverted = apply_ops(entries, ops_now, self.host)
@@ -79,10 +85,12 @@ class ManifestCommitter:
                 break
             except (PreconditionFailed, ObjectNotFound):
                 # Someone else wrote it: merge onto their version.
+                races += 1
+                if MERGE_PAUSE.gives_up(races):
+                    raise StorageError(f"directory {dir_id}: too many concurrent "
+                                       "writers") from None
                 remote, etag = await self.read_manifest(dir_id)
-                await trio.sleep(min(1.0, 0.01 * attempt * random.random()))
-        else:
-            raise StorageError(f"directory {dir_id}: too many concurrent writers")
+                await trio.sleep(MERGE_PAUSE.delay(races))
         for name, where in diverted.items():
             log.warning("conflict in directory %s: %r was changed elsewhere; this "
                         "machine's version is kept as %r", dir_id, name, where)

@@ -105,10 +105,7 @@ class Mount(Engine):
 
     def _back_online(self) -> None:
         """The storage answers again: drain the queue now, not after the retry backoff."""
-        failures = getattr(self.uploader, "_failures", None)
-        if isinstance(failures, dict):
-            failures.clear()  # forget the backoff of what failed while offline
-        self.uploader.kick()
+        self.uploader.retry_now()
         self.ns.offline_until = 0.0
 
     async def _resume_after_login(self) -> None:

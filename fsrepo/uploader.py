@@ -10,7 +10,6 @@ journal is ever dropped because the network was down.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from .journal import Journal, PendingOp
 from .manifest_commit import ManifestCommitter
 from .namespace import EMPTY_SHA, Namespace
 from .remote_index import RemoteIndex
+from .retry import QUEUE, RetryTracker
 from .state import StateDB
 from .store.base import Store
 from .upload_schedule import UploadSchedule
@@ -67,7 +67,7 @@ class Uploader:
         self._slots = trio.Semaphore(parallel)
         self.writing: Callable[[], bool] = lambda: False
         self._committing: set[str] = set()
-        self._failures: dict[str, tuple[int, float]] = {}  # key -> (count, retry at)
+        self.retries = RetryTracker(QUEUE)  # keys: "blob:<sha>", "dir:<id>"
         self.progressed = trio.Event()  # set (and replaced) when an upload or commit ends
         self._kick = trio.Event()
 
@@ -96,13 +96,11 @@ class Uploader:
         self.status.last_success_at = time.time()
         self.status.login_required = False
 
-    def _backoff(self, key: str) -> None:
-        count = self._failures.get(key, (0, 0.0))[0] + 1
-        delay = min(60.0, 0.5 * 2 ** min(count, 7)) * (0.5 + random.random())
-        self._failures[key] = (count, time.time() + delay)
-
-    def _ready(self, key: str) -> bool:
-        return self._failures.get(key, (0, 0.0))[1] <= time.time()
+    def retry_now(self) -> None:
+        """The storage answers again (or a new login works): what failed meanwhile is tried
+        at once, not after the backoff it accumulated."""
+        self.retries.forget_all()
+        self.kick()
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -136,9 +134,10 @@ class Uploader:
         now = time.monotonic()
         schedule = self.schedule
         in_flight = self.status.uploads_in_flight
+        ready = self.retries.ready
         schedule.observe(now)
         for sha, size in schedule.pending_blobs().items():
-            if sha in in_flight or not self._ready("blob:" + sha):
+            if sha in in_flight or not ready("blob:" + sha):
                 continue
             if not self.blobs.can_start(sha):
                 continue  # its close() is still storing it
@@ -151,7 +150,7 @@ class Uploader:
             nursery.start_soon(self._upload, sha, size)
             started = True
         for dir_id in list(self.journal.by_dir):
-            if dir_id in self._committing or not self._ready("dir:" + dir_id):
+            if dir_id in self._committing or not ready("dir:" + dir_id):
                 continue
             batch = schedule.committable(dir_id)
             if batch and schedule.due(dir_id, len(batch), in_flight):
@@ -169,11 +168,11 @@ class Uploader:
                     self.status.uploaded_bytes += size
                 elif outcome is Outcome.ALREADY_THERE:
                     self.status.skipped_blobs += 1
-                self._failures.pop("blob:" + sha, None)
+                self.retries.succeeded("blob:" + sha)
                 self._succeeded()
             except (ImgrepoError, OSError) as exc:
                 self._error(f"upload of blob {sha[:12]}", exc)
-                self._backoff("blob:" + sha)
+                self.retries.failed("blob:" + sha)
             finally:
                 self.status.uploads_in_flight.discard(sha)
                 self.status.bytes_in_flight -= size
@@ -182,12 +181,12 @@ class Uploader:
     async def _commit(self, dir_id: str, batch: list[PendingOp]) -> None:
         try:
             self.status.conflicts += await self.manifests.commit(dir_id, batch)
-            self._failures.pop("dir:" + dir_id, None)
+            self.retries.succeeded("dir:" + dir_id)
             self.status.commits += 1
             self._succeeded()
         except (ImgrepoError, OSError) as exc:
             self._error(f"update of directory {dir_id}", exc)
-            self._backoff("dir:" + dir_id)
+            self.retries.failed("dir:" + dir_id)
         finally:
             self._committing.discard(dir_id)
             self._progress()
