@@ -12,8 +12,9 @@ import logging
 
 import trio
 
-from .blobcache import BlobCache, hash_file
+from .cache_index import CacheIndex
 from .errors import ImgrepoError
+from .hashing import hash_file
 from .journal import Journal
 from .manifest import FileEntry
 from .namespace import Namespace
@@ -34,7 +35,7 @@ class Outcome(enum.Enum):
 class BlobUploader:
     """Sends blobs from the cache to the bucket and records them as there."""
 
-    def __init__(self, store: Store, db: StateDB, journal: Journal, cache: BlobCache,
+    def __init__(self, store: Store, db: StateDB, journal: Journal, cache: CacheIndex,
                  namespace: Namespace, remote: RemoteIndex) -> None:
         self.store = store
         self.db = db

@@ -24,7 +24,7 @@ from typing import Any
 
 import trio
 
-from .blobcache import BlobCache, Download, hash_file
+from .blobcache import BlobCache, Download
 from .errors import ImgrepoError, IntegrityError, StorageOffline
 from .manifest import DirEntry, Entry, FileEntry
 from .namespace import EMPTY_SHA, FsError, Namespace, Node
@@ -463,4 +463,4 @@ def _hash_fd(fd: int) -> str:
     return h.hexdigest()
 
 
-__all__ = ["FileManager", "Handle", "Staging", "hash_file"]
+__all__ = ["FileManager", "Handle", "Staging"]

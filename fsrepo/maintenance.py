@@ -59,7 +59,6 @@ from typing import Any
 
 import trio
 
-from .blobcache import hash_file
 from .config import Settings
 from .errors import (
     ImgrepoError,
@@ -68,6 +67,7 @@ from .errors import (
     PreconditionFailed,
     StorageError,
 )
+from .hashing import hash_file
 from .manifest import ROOT_ID, DirEntry, FileEntry, SymlinkEntry, parse_manifest
 from .namespace import EMPTY_SHA
 from .repository import blob_key, manifest_key, open_repository

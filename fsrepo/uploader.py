@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .blob_upload import BlobUploader, Outcome
-from .blobcache import BlobCache
+from .cache_index import CacheIndex
 from .errors import ImgrepoError, StorageAccessDenied
 from .journal import Journal, PendingOp
 from .manifest_commit import ManifestCommitter
@@ -51,7 +51,7 @@ class UploadStatus:
 
 
 class Uploader:
-    def __init__(self, store: Store, db: StateDB, journal: Journal, cache: BlobCache,
+    def __init__(self, store: Store, db: StateDB, journal: Journal, cache: CacheIndex,
                  namespace: Namespace, remote: RemoteIndex, *, host: str, parallel: int = 8,
                  batch_delay: float = 0.2, commit_delay: float = 2.0,
                  quiet: float = 0.5) -> None:
