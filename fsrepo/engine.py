@@ -69,13 +69,13 @@ class Engine:
         self.ns = Namespace(store, self.db, self.journal, host=self.host,
                             refresh=settings.refresh, invalidator=self.invalidator)
         self.remote_index = RemoteIndex()
-        self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
-                                 self.remote_index, host=self.host, parallel=settings.uploads)
         self.ns.on_remote_blobs = self.remote_index.note_known
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
                                  self.remote_index.reuse_or_recheck)
+        self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
+                                 self.remote_index, self.files, host=self.host,
+                                 parallel=settings.uploads)
         self.syncer = Syncer(self.ns, self.cache)
-        self.uploader.writing = lambda: time.monotonic() - self.files.last_activity < 0.3
         self.started = time.time()
         self.online = True
 

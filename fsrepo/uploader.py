@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 # Uploads in flight while files are being written: the uploads' CPU (boto3, hashing for
 # signatures) would otherwise slow the writers down, and the queue catches up right after.
 WHILE_WRITING = 4
+WRITING_PAUSE = 0.3  # seconds without a write after which files count as no longer written
+
+
+class WriteActivity(Protocol):
+    """Where files are written (the file manager): when the last write happened."""
+
+    @property
+    def last_activity(self) -> float:
+        """time.monotonic() of the last write."""
+        ...
 
 
 @dataclass
@@ -52,7 +62,8 @@ class UploadStatus:
 
 class Uploader:
     def __init__(self, store: Store, db: StateDB, journal: Journal, cache: CacheIndex,
-                 namespace: Namespace, remote: RemoteIndex, *, host: str, parallel: int = 8,
+                 namespace: Namespace, remote: RemoteIndex, writes: WriteActivity, *,
+                 host: str, parallel: int = 8,
                  batch_delay: float = 0.2, commit_delay: float = 2.0,
                  quiet: float = 0.5) -> None:
         self.journal = journal
@@ -65,7 +76,7 @@ class Uploader:
         self.manifests = ManifestCommitter(store, db, journal, namespace, remote, host=host)
         self.status = UploadStatus()
         self._slots = trio.Semaphore(parallel)
-        self.writing: Callable[[], bool] = lambda: False
+        self.writes = writes
         self._committing: set[str] = set()
         self.retries = RetryTracker(QUEUE)  # keys: "blob:<sha>", "dir:<id>"
         self.progressed = trio.Event()  # set (and replaced) when an upload or commit ends
@@ -91,6 +102,9 @@ class Uploader:
         self.status.last_error_at = time.time()
         self.status.login_required = isinstance(exc, StorageAccessDenied)
         log.warning("%s failed (will retry): %s", what, exc)
+
+    def _writing_now(self) -> bool:
+        return time.monotonic() - self.writes.last_activity < WRITING_PAUSE
 
     def _succeeded(self) -> None:
         self.status.last_success_at = time.time()
@@ -143,7 +157,7 @@ class Uploader:
                 continue  # its close() is still storing it
             if sha == EMPTY_SHA and not schedule.empty_wanted(now):
                 continue
-            if self._slots.value == 0 or (len(in_flight) >= WHILE_WRITING and self.writing()):
+            if self._slots.value == 0 or (len(in_flight) >= WHILE_WRITING and self._writing_now()):
                 break
             in_flight.add(sha)
             self.status.bytes_in_flight += size
