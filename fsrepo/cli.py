@@ -168,8 +168,9 @@ def run_foreground(settings: Settings, mountpoint: Path, args: argparse.Namespac
 
     import trio
 
+    from .engine import StateLock
     from .logsetup import setup_logging
-    from .mount import StateLock, run_mount
+    from .mount import run_mount
 
     log_path = settings.state_dir() / "imgrepo.log"
     setup_logging(log_path, args.verbose, stderr=args.ready_fd is None)
