@@ -138,16 +138,13 @@ class LocalState:
         return [JournalOp(r[0], r[1], bytes(r[2]), _load(r[3]), _load(r[4]), r[5], r[6])
                 for r in rows]
 
-    def commit_dir(self, dir_id: str, etag: str, body: bytes, seqs: list[int],
-                   redirects: dict[int, bytes] | None = None) -> None:
+    def commit_dir(self, dir_id: str, etag: str, body: bytes, seqs: list[int]) -> None:
         """The manifest write succeeded: cache it and retire the ops it carried."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)",
                             (dir_id, etag, body, time.time()))
             self.db.executemany("DELETE FROM ops WHERE seq=?", [(s,) for s in seqs])
-            for seq, name in (redirects or {}).items():
-                self.db.execute("UPDATE ops SET name=?, base=NULL WHERE seq=?", (name, seq))
 
     def drop_ops(self, seqs: list[int]) -> None:
         with self.db:
