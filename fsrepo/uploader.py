@@ -61,6 +61,9 @@ class UploadStatus:
 
 
 class Uploader:
+    """Runs the upload loop: starts what the schedule says is due, counts what happened
+    and holds back what failed (QUEUE backoff)."""
+
     def __init__(self, store: Store, db: StateDB, journal: Journal, cache: CacheIndex,
                  namespace: Namespace, remote: RemoteIndex, writes: WriteActivity, *,
                  host: str, parallel: int = 8,
@@ -68,7 +71,6 @@ class Uploader:
                  quiet: float = 0.5) -> None:
         self.journal = journal
         self.cache = cache
-        self.parallel = parallel
         self.batch_delay = batch_delay
         self.schedule = UploadSchedule(journal, remote, commit_delay=commit_delay,
                                        quiet=quiet)
