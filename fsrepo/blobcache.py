@@ -1,52 +1,42 @@
-"""The local blob cache: verified blob files, downloads in progress, LRU eviction.
+"""The local blob cache and how blobs get into it from the bucket: downloads.
 
-A blob file is named by its SHA-256 and is immutable once in place, so an open file
-descriptor on it stays valid whatever happens to the name. Eviction removes the least
-recently used blobs beyond the size limit, but never one that is pending upload (it may be
-the only copy) or open.
+`BlobCache` is the cache index (cache_index.py) plus the download machinery. Downloads
+stream into `partial/<sha>`; readers wait only until their byte range has arrived. The
+finished file is verified against its name before it joins the cache; a mismatch fails the
+download (readers get EIO) and the bytes are discarded.
 
-Downloads stream into `partial/<sha>`; readers wait only until their byte range has
-arrived. The finished file is verified against its name before it joins the cache; a
-mismatch fails the download (readers get EIO) and the bytes are discarded.
+A download has no retry loop of its own (the store retries each request: retry.py). One
+that breaks beyond those retries fails its readers, but keeps what arrived: the next read
+of the blob starts a download that resumes from there, and the whole file is still
+verified at the end.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import time
-from collections import OrderedDict
 from pathlib import Path
 
 import trio
 
-from .errors import ImgrepoError, IntegrityError, StorageOffline
+from .cache_index import CacheIndex
+from .errors import ImgrepoError, IntegrityError
+from .hashing import hash_file
 from .repository import blob_key
 from .state import StateDB
 from .store.base import Store
 
 log = logging.getLogger(__name__)
 
-HASH_CHUNK = 1 << 20
-
-
-def hash_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 class Download:
     """One blob on its way into the cache; readers wait on byte ranges."""
 
-    def __init__(self, sha: str, size: int, path: Path) -> None:
+    def __init__(self, sha: str, size: int, path: Path, available: int = 0) -> None:
         self.sha = sha
         self.size = size
         self.path = path
-        self.available = 0
+        self.available = available  # bytes readers may read (resumed: what arrived before)
         self.done = False
         self.error: BaseException | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
@@ -89,152 +79,27 @@ class Download:
             raise self.error  # a corrupt blob serves nothing more, not even what arrived
 
 
-class BlobCache:
+class BlobCache(CacheIndex):
+    """The cache index, filled on demand by downloads that readers can follow."""
+
     def __init__(self, root: Path, db: StateDB, store: Store, limit: int) -> None:
-        self.root = root
-        self.db = db
+        super().__init__(root, db, limit)
         self.store = store
-        self.limit = limit
         self.partial_dir = root / "partial"
         self.partial_dir.mkdir(parents=True, exist_ok=True)
-        self._lru: OrderedDict[str, int] = OrderedDict()  # sha -> size, oldest first
-        self.pending: set[str] = set()  # not yet in the bucket: never evicted
-        self._open: dict[str, int] = {}
         self.downloads: dict[str, Download] = {}
-        self.used = 0
-        self._touched: dict[str, float] = {}
+        # Downloads that broke, not by corruption: bytes their partial file holds, for the
+        # next download of the blob to resume from.
+        self.broken: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None
 
-    # -- startup ------------------------------------------------------------------------
     def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
-        """Index what the database says is cached; returns pending blobs whose file is gone
-        (which means data was lost behind our back: the caller logs it)."""
-        missing = []
-        for sha, size, pending, _atime in rows:
-            if not self.path(sha).exists():
-                if pending:
-                    missing.append(sha)
-                continue
-            self._lru[sha] = size
-            self.used += size
-            if pending:
-                self.pending.add(sha)
+        """Index what the database says is cached (see CacheIndex.load); downloads the last
+        run left unfinished start afresh."""
+        missing = super().load(rows)
         for leftover in self.partial_dir.iterdir():
             leftover.unlink(missing_ok=True)
         return missing
-
-    # -- queries --------------------------------------------------------------------------
-    def path(self, sha: str) -> Path:
-        return self.root / sha[:2] / sha
-
-    def has(self, sha: str) -> bool:
-        return sha in self._lru
-
-    def touch(self, sha: str) -> None:
-        if sha in self._lru:
-            self._lru.move_to_end(sha)
-            self._touched[sha] = time.time()
-
-    def pinned(self, sha: str) -> bool:
-        return sha in self.pending or self._open.get(sha, 0) > 0
-
-    def acquire(self, sha: str) -> None:
-        self._open[sha] = self._open.get(sha, 0) + 1
-
-    def release(self, sha: str) -> None:
-        n = self._open.get(sha, 0) - 1
-        if n > 0:
-            self._open[sha] = n
-        else:
-            self._open.pop(sha, None)
-
-    # -- adding ---------------------------------------------------------------------------
-    def adopt_sync(self, staging: Path, sha: str) -> bool:
-        """Move a finished staging file into the cache (worker thread). Returns False if
-        the blob was already cached (the staging file is then deleted)."""
-        target = self.path(sha)
-        if target.exists():
-            staging.unlink(missing_ok=True)
-            # Stored by a close() of the same content that may still be on its way to
-            # disk: ours returns only once that copy is durable too.
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return False
-        target.parent.mkdir(exist_ok=True)
-        os.replace(staging, target)
-        return True
-
-    def register(self, sha: str, size: int, pending: bool) -> None:
-        if sha not in self._lru:
-            self._lru[sha] = size
-            self.used += size
-        else:
-            self._lru.move_to_end(sha)
-        if pending:
-            self.pending.add(sha)
-
-    def discard(self, sha: str) -> None:
-        """Forget a damaged blob and remove its file (worker thread or loop)."""
-        size = self._lru.pop(sha, None)
-        if size is not None:
-            self.used -= size
-        self.pending.discard(sha)
-        try:
-            os.unlink(self.path(sha))
-        except FileNotFoundError:
-            pass
-
-    def uploaded(self, sha: str) -> None:
-        self.pending.discard(sha)
-
-    # -- eviction -------------------------------------------------------------------------
-    def evictable(self) -> list[tuple[str, int]]:
-        """Blobs to remove to get back under the limit, oldest first."""
-        over = self.used - self.limit
-        victims = []
-        if over <= 0:
-            return victims
-        for sha, size in self._lru.items():
-            if over <= 0:
-                break
-            if self.pinned(sha):
-                continue
-            victims.append((sha, size))
-            over -= size
-        return victims
-
-    async def evict(self) -> int:
-        victims = self.evictable()
-        if not victims:
-            return 0
-        for sha, size in victims:
-            self._lru.pop(sha, None)
-            self.used -= size
-
-        def remove() -> None:
-            for sha, _ in victims:
-                try:
-                    os.unlink(self.path(sha))
-                except FileNotFoundError:
-                    pass
-        await trio.to_thread.run_sync(remove)
-        try:
-            await self.db.run(self.db.state.remove_blobs, [s for s, _ in victims])
-        except OSError as exc:  # stale rows of files that are gone are skipped at startup
-            log.warning("evicted blobs not yet forgotten locally: %s", exc)
-        return sum(size for _, size in victims)
-
-    async def flush_atimes(self) -> None:
-        if self._touched:
-            items, self._touched = list(self._touched.items()), {}
-            try:
-                await self.db.run(self.db.state.touch_blobs, items)
-            except OSError as exc:  # only LRU order is at stake: try again later
-                self._touched = dict(items) | self._touched
-                log.warning("cannot record cache use: %s", exc)
 
     # -- downloads ------------------------------------------------------------------------
     def start_download(self, sha: str, size: int) -> Download:
@@ -242,8 +107,8 @@ class BlobCache:
         dl = self.downloads.get(sha)
         if dl is not None and dl.error is None:
             return dl
-        dl = Download(sha, size, self.partial_dir / sha)
-        dl.path.touch()  # readers open it at once
+        dl = Download(sha, size, self.partial_dir / sha, self.broken.pop(sha, 0))
+        dl.path.touch()  # readers open it at once (a resumed one keeps its bytes)
         self.downloads[sha] = dl
         assert self.nursery is not None
         self.nursery.start_soon(self._download, dl)
@@ -258,10 +123,13 @@ class BlobCache:
                 await trio.to_thread.run_sync(self._seal, dl)
             except (ImgrepoError, OSError) as exc:
                 log.error("download of blob %s failed: %s", dl.sha, exc)
-                try:
-                    dl.path.unlink()
-                except OSError:
-                    pass
+                if isinstance(exc, IntegrityError) or dl.available == 0:
+                    try:
+                        dl.path.unlink()
+                    except OSError:
+                        pass
+                else:
+                    self.broken[dl.sha] = dl.available  # the next read resumes from here
                 dl.fail(exc)
                 return
             self.register(dl.sha, dl.size, pending=False)
@@ -290,24 +158,14 @@ class BlobCache:
         os.replace(dl.path, target)
 
     async def _fetch(self, dl: Download) -> None:
-        """Stream the blob into its partial file, resuming after transient failures."""
-        attempts = 0
+        """Stream the blob into its partial file, from the bytes readers already have."""
+        if dl.size == 0:
+            return
         # Progress is queued to the loop, not waited for: the download thread goes on
         # receiving while the loop is busy answering the reads it unblocks.
         token = trio.lowlevel.current_trio_token()
-        while True:
-            try:
-                if dl.size > 0:
-                    await self.store.download(blob_key(dl.sha), dl.path, dl.available,
-                                              lambda n: token.run_sync_soon(dl.progress, n))
-                return
-            except (IntegrityError, StorageOffline):
-                raise  # retrying cannot help (StorageOffline: the storage is unreachable)
-            except (ImgrepoError, OSError):
-                attempts += 1
-                if attempts >= 3:
-                    raise
-                await trio.sleep(0.5 * attempts)
+        await self.store.download(blob_key(dl.sha), dl.path, dl.available,
+                                  lambda n: token.run_sync_soon(dl.progress, n))
 
     def open_fd(self, dl: Download) -> int:
         """A read-only descriptor on a download's file, wherever it is by now."""

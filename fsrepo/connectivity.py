@@ -48,12 +48,14 @@ def _clock(at: float | None) -> str:
 
 
 class GuardedStore(Store):
-    """A `Store` that knows whether its storage can be reached (see the module doc)."""
+    """A `Store` that knows whether its storage can be reached (see the module doc). It
+    offers exactly the `Store` interface plus its own state; what is particular to one
+    backend is reached through `inner`, the store it guards."""
 
     def __init__(self, inner: Store, *, patience: float = 1.0, check_every: float = 2.0,
                  probe_every: float = 2.0, connect_timeout: float = 3.0) -> None:
         self.inner = inner
-        self.url = getattr(inner, "url", repr(inner))
+        self.url = inner.url
         self.patience = patience
         self.check_every = check_every
         self.probe_every = probe_every
@@ -72,11 +74,6 @@ class GuardedStore(Store):
     @property
     def online(self) -> bool:
         return self._online
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":  # not set yet: do not recurse
-            raise AttributeError(name)
-        return getattr(self.inner, name)  # backend extras (endpoint, bucket, check, ...)
 
     # -- state ------------------------------------------------------------------------------
     def offline_error(self) -> StorageOffline:

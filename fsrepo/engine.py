@@ -21,6 +21,7 @@ from .errors import ImgrepoError, StorageError
 from .files import FileManager
 from .journal import Journal
 from .namespace import EMPTY_SHA, Namespace
+from .remote_index import RemoteIndex
 from .repository import open_repository
 from .state import LocalState, StateDB
 from .store.base import Store
@@ -66,22 +67,18 @@ class Engine:
         self.journal = Journal(self.db)
         self.cache = BlobCache(self.state_dir / "blobs", self.db, store, settings.cache_size)
         self.invalidator = invalidator or Invalidator()
+        self.remote_index = RemoteIndex()
         self.ns = Namespace(store, self.db, self.journal, host=self.host,
-                            refresh=settings.refresh, known_blobs=self,
+                            refresh=settings.refresh, known_blobs=self.remote_index,
                             invalidator=self.invalidator)
-        self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
-                                 host=self.host, parallel=settings.uploads)
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 self.uploader)
+                                 self.remote_index)
+        self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
+                                 self.remote_index, self.files, host=self.host,
+                                 parallel=settings.uploads)
         self.syncer = Syncer(self.ns, self.cache)
-        self.uploader.writing = lambda: time.monotonic() - self.files.last_activity < 0.3
         self.started = time.time()
         self.online = True
-
-    def note_known(self, shas: set[str]) -> None:
-        """Blobs a manifest read from the bucket names (the namespace's `KnownBlobs`): the
-        uploader's index of what the bucket holds learns them."""
-        self.uploader.note_known(shas)
 
     def load_state(self) -> None:
         """Bring back what the last run left: journal, cache index, remote index."""
@@ -91,15 +88,15 @@ class Engine:
         for sha in missing:
             log.warning("blob %s was pending upload but its cache file is gone; unless the "
                         "bucket has it, the changes that need it will be dropped", sha)
-        self.uploader.lost |= set(missing)
-        self.uploader.unverified |= self.cache.pending - {EMPTY_SHA}
-        self.uploader.remote |= state.remote_blobs()
+        self.remote_index.lost |= set(missing)
+        self.remote_index.unverified |= self.cache.pending - {EMPTY_SHA}
+        self.remote_index.remote |= state.remote_blobs()
         self.files.clear_leftovers()
         empty = self.cache.path(EMPTY_SHA)
         if not empty.exists():
             empty.parent.mkdir(parents=True, exist_ok=True)
             empty.touch()
-        self.cache.register(EMPTY_SHA, 0, pending=EMPTY_SHA not in self.uploader.remote)
+        self.cache.register(EMPTY_SHA, 0, pending=EMPTY_SHA not in self.remote_index.remote)
         if self.journal.by_seq:
             log.info("resuming %d journaled operations from the last run", len(self.journal))
 

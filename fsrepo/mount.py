@@ -20,7 +20,7 @@ import trio
 from . import control
 from .config import Settings
 from .connectivity import GuardedStore
-from .engine import Engine, StateLock  # noqa: F401 - StateLock: cli.py imports it from here
+from .engine import Engine
 from .errors import ImgrepoError, StorageError
 from .fs import KernelInvalidator, Operations
 from .store import open_store
@@ -58,10 +58,10 @@ class Mount(Engine):
         self.guard = guard
         self.mountpoint = mountpoint
         self.ops = Operations(self.ns, self.files, str(self.state_dir))
-        self.refresher: Any = None
+        self.token_refresher: Any = None  # keeps a web-identity token valid, if one is used
         if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
             from .auth import TokenRefresher
-            self.refresher = TokenRefresher()
+            self.token_refresher = TokenRefresher()
 
     # -- control requests -----------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
@@ -96,19 +96,16 @@ class Mount(Engine):
 
     def _credentials(self) -> dict[str, Any] | None:
         """The device-flow login as the running mount sees it (no secrets)."""
-        if self.refresher is None:
+        if self.token_refresher is None:
             return None
-        st = self.refresher.state()
+        st = self.token_refresher.state()
         return {"status": st.status, "message": st.message, "identity": st.identity,
                 "id_token_expires_at": st.id_token_expires_at,
                 "last_refresh_at": st.last_refresh_at, "login_required": st.login_required}
 
     def _back_online(self) -> None:
         """The storage answers again: drain the queue now, not after the retry backoff."""
-        failures = getattr(self.uploader, "_failures", None)
-        if isinstance(failures, dict):
-            failures.clear()  # forget the backoff of what failed while offline
-        self.uploader.kick()
+        self.uploader.retry_now()
         self.ns.views.storage_back()
 
     async def _resume_after_login(self) -> None:
@@ -117,7 +114,7 @@ class Mount(Engine):
         was_required = False
         while True:
             await trio.sleep(0.5)
-            required = self.refresher.state().login_required
+            required = self.token_refresher.state().login_required
             if was_required and not required:
                 self._back_online()
             was_required = required
@@ -175,11 +172,11 @@ class Mount(Engine):
                 await nursery.start(control.serve, sock_path, self.handle)
                 nursery.start_soon(self.uploader.run)
                 nursery.start_soon(self.journal.write_behind)
-                nursery.start_soon(self._refresher)
+                nursery.start_soon(self._revalidate_directories)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._signals)
-                if self.refresher is not None:
-                    nursery.start_soon(self.refresher.run)
+                if self.token_refresher is not None:
+                    nursery.start_soon(self.token_refresher.run)
                     nursery.start_soon(self._resume_after_login)
                 nursery.start_soon(trio.to_thread.run_sync, self._tune_readahead)
                 if ready is not None:
@@ -215,7 +212,7 @@ class Mount(Engine):
                 pyfuse3.terminate()
                 return
 
-    async def _refresher(self) -> None:
+    async def _revalidate_directories(self) -> None:
         """Revalidate the directories the kernel knows about, so other machines' changes
         show up within the refresh interval."""
         while True:

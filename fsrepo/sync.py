@@ -57,7 +57,7 @@ class Syncer:
                         await self.ns.views.revalidate(current)
                     except StorageError as exc:
                         log.warning("sync: using the cached listing of %s: %s", current, exc)
-                    view = self.ns.views.get(current, view)
+                    view = self.ns.views.get(current) or view
             except FsError as exc:
                 log.warning("sync: skipping unreadable directory %s: %s", current, exc)
                 continue

@@ -1,13 +1,11 @@
 """Threads of our own for the blocking calls every close() waits for.
 
 trio.to_thread hands each call to a pooled thread through a limiter and reports back with
-a blocking round trip into the loop; that costs about twice what a queue to threads that
-are always there costs (measured ~85 vs ~48 us per call on one core, and 240-360 us around
-the journal's transaction inside a busy mount). The journal (`StateDB`) uses it: duplicate
-copies became ~14% faster. The staging file's fsync on the same path showed no gain
-measurable here, so it stays on trio.to_thread. Calls cannot be cancelled once queued
-(to_thread's default too): a started transaction runs to its end and the caller learns how
-it went.
+a blocking round trip into the loop; a queue to threads that are always there costs much
+less per call (figures: docs/perf-log.md). The journal (`StateDB`) uses it, since
+every close() waits for its transaction. The staging file's fsync showed no gain on this
+path, so it stays on trio.to_thread. Calls cannot be cancelled once queued (to_thread's
+default too): a started transaction runs to its end and the caller learns how it went.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Downloads into the blob cache are checked against the blob's hash before anyone reads
 their end; these cover the bytes that do not arrive in one piece: a download that breaks and
-is started again from where readers were told it stands must still be checked whole."""
+is started again (by the next read) from where readers were told it stands must still be
+checked whole."""
 
 from __future__ import annotations
 
@@ -73,7 +74,10 @@ async def _fetch(tmp_path: Path, store: BreaksOnce, data: bytes) -> tuple[BlobCa
         async with trio.open_nursery() as nursery:
             cache.nursery = nursery
             try:
-                path = await cache.ensure(digest, len(data))
+                try:
+                    path = await cache.ensure(digest, len(data))
+                except StorageError:  # the break fails that read; the next one resumes
+                    path = await cache.ensure(digest, len(data))
             except IntegrityError as exc:
                 failure = exc
     finally:

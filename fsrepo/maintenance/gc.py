@@ -24,7 +24,7 @@ Deletes blobs that no manifest references. Why it is safe while other machines w
   cost almost nothing) and anything referenced by then is kept.
 
 - a mount re-uses a blob it knows (dedup) without a HEAD only if it saw that blob in the
-  bucket within the last 10 minutes (`uploader.TRUST_REMOTE`); anything it knows from
+  bucket within the last 10 minutes (`remote_index.TRUST_REMOTE`); anything it knows from
   longer ago, or from its persistent index, is checked again right before a manifest
   names it, and uploaded again if a gc deleted it. So a machine that comes back after
   days offline, or a photo deleted, collected and then imported again, is safe.

@@ -18,8 +18,8 @@ from typing import Any
 
 import trio
 
-from ..blobcache import hash_file
 from ..errors import ManifestError, ObjectNotFound
+from ..hashing import hash_file
 from ..manifest import ROOT_ID, DirEntry, FileEntry, SymlinkEntry, parse_manifest
 from ..namespace import EMPTY_SHA
 from ..repository import blob_key, manifest_key

@@ -51,7 +51,7 @@ async def gather(items: list[T], fn: Callable[[T], Awaitable[None]], parallel: i
             for item in items:
                 nursery.start_soon(one, item)
     except BaseExceptionGroup as group:
-        from ..store.local import first_error
+        from ..store.threads import first_error
         first = first_error(group)
         if first is group:
             raise

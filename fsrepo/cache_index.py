@@ -1,0 +1,164 @@
+"""The index of the local blob cache: which blobs are cached, LRU order, pins, eviction.
+
+A blob file is named by its SHA-256 and is immutable once in place, so an open file
+descriptor on it stays valid whatever happens to the name. Eviction removes the least
+recently used blobs beyond the size limit, but never one that is pending upload (it may be
+the only copy) or open.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import trio
+
+from .state import StateDB
+
+log = logging.getLogger(__name__)
+
+
+class CacheIndex:
+    """The cached blobs and their sizes, in LRU order, with what must not be evicted."""
+
+    def __init__(self, root: Path, db: StateDB, limit: int) -> None:
+        self.root = root
+        self.db = db
+        self.limit = limit
+        self._lru: OrderedDict[str, int] = OrderedDict()  # sha -> size, oldest first
+        self.pending: set[str] = set()  # not yet in the bucket: never evicted
+        self._open: dict[str, int] = {}
+        self.used = 0
+        self._touched: dict[str, float] = {}
+
+    # -- startup ------------------------------------------------------------------------
+    def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
+        """Index what the database says is cached; returns pending blobs whose file is gone
+        (which means data was lost behind our back: the caller logs it)."""
+        missing = []
+        for sha, size, pending, _atime in rows:
+            if not self.path(sha).exists():
+                if pending:
+                    missing.append(sha)
+                continue
+            self._lru[sha] = size
+            self.used += size
+            if pending:
+                self.pending.add(sha)
+        return missing
+
+    # -- queries --------------------------------------------------------------------------
+    def path(self, sha: str) -> Path:
+        return self.root / sha[:2] / sha
+
+    def has(self, sha: str) -> bool:
+        return sha in self._lru
+
+    def touch(self, sha: str) -> None:
+        if sha in self._lru:
+            self._lru.move_to_end(sha)
+            self._touched[sha] = time.time()
+
+    def pinned(self, sha: str) -> bool:
+        return sha in self.pending or self._open.get(sha, 0) > 0
+
+    def acquire(self, sha: str) -> None:
+        self._open[sha] = self._open.get(sha, 0) + 1
+
+    def release(self, sha: str) -> None:
+        n = self._open.get(sha, 0) - 1
+        if n > 0:
+            self._open[sha] = n
+        else:
+            self._open.pop(sha, None)
+
+    # -- adding ---------------------------------------------------------------------------
+    def adopt_sync(self, staging: Path, sha: str) -> bool:
+        """Move a finished staging file into the cache (worker thread). Returns False if
+        the blob was already cached (the staging file is then deleted)."""
+        target = self.path(sha)
+        if target.exists():
+            staging.unlink(missing_ok=True)
+            # Stored by a close() of the same content that may still be on its way to
+            # disk: ours returns only once that copy is durable too.
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return False
+        target.parent.mkdir(exist_ok=True)
+        os.replace(staging, target)
+        return True
+
+    def register(self, sha: str, size: int, pending: bool) -> None:
+        if sha not in self._lru:
+            self._lru[sha] = size
+            self.used += size
+        else:
+            self._lru.move_to_end(sha)
+        if pending:
+            self.pending.add(sha)
+
+    def discard(self, sha: str) -> None:
+        """Forget a damaged blob and remove its file (worker thread or loop)."""
+        size = self._lru.pop(sha, None)
+        if size is not None:
+            self.used -= size
+        self.pending.discard(sha)
+        try:
+            os.unlink(self.path(sha))
+        except FileNotFoundError:
+            pass
+
+    def uploaded(self, sha: str) -> None:
+        self.pending.discard(sha)
+
+    # -- eviction -------------------------------------------------------------------------
+    def evictable(self) -> list[tuple[str, int]]:
+        """Blobs to remove to get back under the limit, oldest first."""
+        over = self.used - self.limit
+        victims = []
+        if over <= 0:
+            return victims
+        for sha, size in self._lru.items():
+            if over <= 0:
+                break
+            if self.pinned(sha):
+                continue
+            victims.append((sha, size))
+            over -= size
+        return victims
+
+    async def evict(self) -> int:
+        victims = self.evictable()
+        if not victims:
+            return 0
+        for sha, size in victims:
+            self._lru.pop(sha, None)
+            self.used -= size
+
+        def remove() -> None:
+            for sha, _ in victims:
+                try:
+                    os.unlink(self.path(sha))
+                except FileNotFoundError:
+                    pass
+        await trio.to_thread.run_sync(remove)
+        try:
+            await self.db.run(self.db.state.remove_blobs, [s for s, _ in victims])
+        except OSError as exc:  # stale rows of files that are gone are skipped at startup
+            log.warning("evicted blobs not yet forgotten locally: %s", exc)
+        return sum(size for _, size in victims)
+
+    async def flush_atimes(self) -> None:
+        if self._touched:
+            items, self._touched = list(self._touched.items()), {}
+            try:
+                await self.db.run(self.db.state.touch_blobs, items)
+            except OSError as exc:  # only LRU order is at stake: try again later
+                self._touched = dict(items) | self._touched
+                log.warning("cannot record cache use: %s", exc)

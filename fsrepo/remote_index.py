@@ -1,0 +1,63 @@
+"""Which blobs this process may take to be in the bucket: the dedup trust index.
+
+Identical content costs one upload, ever: a blob the bucket has is never sent again. But the
+index of known blobs outlives a `--gc` that deleted some of them (after they had been
+unreferenced for its grace period), so a blob is trusted without a look only for
+TRUST_REMOTE seconds after this process last saw it there; otherwise it is checked again
+(one HEAD) before a manifest references it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from .namespace import EMPTY_SHA
+
+TRUST_REMOTE = 600.0  # seconds; far below any sensible gc grace period (hours)
+
+
+class RemoteIndex:
+    """The blobs known to be in the bucket, and how far each may be trusted."""
+
+    def __init__(self) -> None:
+        self.remote: set[str] = set()  # blobs known to be in the bucket
+        # When this process last saw each blob in the bucket (uploaded or HEAD), and the
+        # known blobs that new content re-uses and that must be seen there again first: a
+        # gc may have deleted a blob the index still lists (see `reuse_or_recheck`).
+        self.confirmed: dict[str, float] = {}
+        self.unconfirmed: set[str] = set()
+        self.lost: set[str] = set()  # pending blobs whose cache file was gone at startup
+        # Pending blobs left by an earlier run: a power loss may have torn their file, so
+        # each is hashed once before it is sent (servers that skip the checksum exist).
+        self.unverified: set[str] = set()
+
+    def note_known(self, shas: set[str]) -> None:
+        """Blobs seen referenced by a manifest in the bucket: known to exist there."""
+        new = shas - self.remote
+        if new:
+            self.remote |= new
+
+    def reuse_or_recheck(self, sha: str) -> bool:
+        """Whether a closed file whose content is blob `sha` may skip its upload (dedup).
+        Only if this process saw the blob in the bucket within TRUST_REMOTE seconds;
+        otherwise the blob is marked for a check (one HEAD, no upload if it is there)
+        before any manifest references it, and uploaded again if it is not."""
+        if sha not in self.remote:
+            return False
+        if sha == EMPTY_SHA or time.monotonic() - self.confirmed.get(sha, -math.inf) \
+                < TRUST_REMOTE:
+            return True
+        self.unconfirmed.add(sha)
+        return False
+
+    def needs_upload(self, sha: str) -> bool:
+        """Whether blob `sha` must be uploaded (or seen in the bucket) before a manifest
+        may name it."""
+        return sha not in self.remote or sha in self.unconfirmed
+
+    def seen_in_bucket(self, sha: str) -> None:
+        """This process just uploaded blob `sha`, or saw it in the bucket."""
+        self.remote.add(sha)
+        self.confirmed[sha] = time.monotonic()
+        self.unconfirmed.discard(sha)

@@ -1,0 +1,155 @@
+"""What of the journal is due to go to the bucket, and when: the batching rules.
+
+A directory's pending ops are committed together, in one manifest write. A commit waits
+until the directory has been quiet for `quiet` seconds or its oldest op has waited
+`commit_delay`, unless someone waits for the upload (`kick`, flush mode): a `cp -r` of
+1,000 files costs a handful of manifest writes, not one every few files.
+
+An op is due only when the blob it references is in the bucket, and a rename's removal only
+after its addition, so the bucket never references a missing blob and never loses a name in
+between.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from .journal import Journal, PendingOp
+from .manifest import FileEntry
+from .namespace import EMPTY_SHA
+from .remote_index import RemoteIndex
+
+FLUSH_HOLD = 1.0  # seconds a kick() keeps the schedule in flush mode
+
+
+class UploadSchedule:
+    """When each journaled op was first seen, flush mode, and the rules built on them."""
+
+    def __init__(self, journal: Journal, remote: RemoteIndex, *, commit_delay: float,
+                 quiet: float) -> None:
+        self.journal = journal
+        self.remote = remote
+        self.commit_delay = commit_delay
+        self.quiet = quiet
+        self._seen: dict[int, float] = {}  # seq -> when the schedule first saw the op
+        self._flush_until = 0.0  # flush mode (no batching) lasts while waiters keep kicking
+        self.next_due = math.inf  # when the earliest batch held back becomes due
+
+    # -- flush mode -------------------------------------------------------------------------
+    def kick(self) -> None:
+        """Someone waits for the journal to drain: commit without batching delays. Waiters
+        kick at least every FLUSH_HOLD seconds; once they stop (or the queue drained),
+        batching resumes, so writes that start right after a wait are batched again."""
+        self._flush_until = time.monotonic() + FLUSH_HOLD
+
+    def drained(self) -> None:
+        """A waiter saw the queue empty and leaves: writes that follow are batched again."""
+        self._flush_until = 0.0
+
+    @property
+    def flushing(self) -> bool:
+        return time.monotonic() < self._flush_until
+
+    # -- seeing ops -------------------------------------------------------------------------
+    def left_by_earlier_run(self) -> None:
+        """Ops already journaled when the uploader starts are due at once."""
+        for seq in self.journal.by_seq:
+            self._seen.setdefault(seq, -math.inf)
+
+    def observe(self, now: float) -> None:
+        """Note the ops journaled since the last look; start a new round of `next_due`."""
+        for seq in self.journal.by_seq:
+            self._seen.setdefault(seq, now)
+        self.next_due = math.inf
+        if len(self._seen) > 2 * len(self.journal.by_seq) + 1000:
+            self._seen = {s: t for s, t in self._seen.items() if s in self.journal.by_seq}
+
+    # -- blobs ------------------------------------------------------------------------------
+    def pending_blobs(self) -> dict[str, int]:
+        """Blobs the journal needs that are not yet in the bucket: sha -> size."""
+        out: dict[str, int] = {}
+        needs_upload = self.remote.needs_upload
+        for ops in self.journal.by_dir.values():
+            last = {p.op.name: p for p in ops}
+            # A superseded entry is never written, unless what supersedes it must wait for
+            # another directory's commit (a rename's removal): then the ops before that
+            # wait are committed first, and they write their own last entry of the name.
+            ready: dict[bytes, PendingOp] = {}
+            for p in ops:
+                if not p.written or (p.requires is not None and p.requires in self.journal.by_seq):
+                    break
+                ready[p.op.name] = p
+            for p in ops:
+                e = p.op.entry
+                if isinstance(e, FileEntry) and needs_upload(e.sha256) \
+                        and (last[p.op.name] is p or ready.get(p.op.name) is p):
+                    out[e.sha256] = e.size
+        return out
+
+    def empty_wanted(self, now: float) -> bool:
+        """A new file is journaled empty at create and replaced at close: upload the empty
+        blob only for a file that stayed empty (its op is due), not for every create."""
+        if self.flushing:
+            return True
+        for ops in self.journal.by_dir.values():
+            for p in {p.op.name: p for p in ops}.values():
+                e = p.op.entry
+                if isinstance(e, FileEntry) and e.sha256 == EMPTY_SHA \
+                        and self._seen[p.seq] + self.quiet <= now:
+                    return True
+        return False
+
+    # -- commits ----------------------------------------------------------------------------
+    def committable(self, dir_id: str) -> list[PendingOp]:
+        """The longest prefix of the directory's ops that can go now. An op whose blob is
+        not in the bucket yet can go only with a later op on its name that replaces it (a
+        file created empty, then written: its empty version is never uploaded)."""
+        ops = self.journal.by_dir.get(dir_id, [])
+        last = {p.op.name: p for p in ops}
+        out = []
+        for p in ops:
+            if not p.written:  # not yet in the local database: not ours to send
+                break
+            if self._needs_blob(p) and last[p.op.name] is p:
+                break
+            if p.requires is not None and p.requires in self.journal.by_seq:
+                break
+            out.append(p)
+        while True:  # what the batch writes for each name is its last op there
+            final = {p.op.name: p for p in out}
+            cut = next((i for i, p in enumerate(out)
+                        if final[p.op.name] is p and self._needs_blob(p)), None)
+            if cut is None:
+                return out
+            out = out[:cut]
+
+    def _needs_blob(self, p: PendingOp) -> bool:
+        e = p.op.entry
+        return isinstance(e, FileEntry) and self.remote.needs_upload(e.sha256)
+
+    def due(self, dir_id: str, count: int, uploading: set[str]) -> bool:
+        """Whether the first `count` ops of a directory should be committed now
+        (`uploading`: the blobs on their way to the bucket)."""
+        now = time.monotonic()
+        if self.flushing:
+            # Someone waits: go as soon as the whole directory is ready, or nothing it
+            # still needs is on its way, or the batch has waited long enough.
+            ops = self.journal.by_dir[dir_id]
+            if count == len(ops):
+                return True
+            waiting_for = {p.op.entry.sha256 for p in ops[count:]
+                           if isinstance(p.op.entry, FileEntry)}
+            if not waiting_for & uploading:
+                return True
+            first = self._seen.get(ops[0].seq, now)
+            if now - first >= self.commit_delay:
+                return True
+            self.next_due = min(self.next_due, first + self.commit_delay)
+            return False
+        seen = [self._seen[p.seq] for p in self.journal.by_dir[dir_id]]
+        due = min(max(seen) + self.quiet, min(seen[:count]) + self.commit_delay)
+        if due <= now:
+            return True
+        self.next_due = min(self.next_due, due)
+        return False
