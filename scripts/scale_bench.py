@@ -21,7 +21,8 @@ to the server, mounts it through the proxy with `--refresh` seconds, and measure
   boto3 would take longer than everything else together).
 
 Requests are counted at the proxy, so they are what the bucket would bill; the mount is
-the only client while counting. Every row prints the issue's target (stated for 1M files
+the only client while counting, so a command's count includes what the mount's own
+background work sent meanwhile (hence `--status`'s target of at most one request). Every row prints the issue's target (stated for 1M files
 in 10k folders: the per-folder ones are scaled to the folders here) and ok / missed.
 Loopback has no real round-trip time: the cold walk's target assumes 20 ms RTT.
 Timings are figures of this machine, never asserted by the tests.
@@ -92,18 +93,13 @@ def measures(folders: int) -> list[Measure]:
                 "<= at mount + 50", lambda v, a: v <= a["rss_at_mount_mib"] + 50),
         Measure("status_fresh_s", "--status right after mounting (empty cache)", "s",
                 "<= 0.2", at_most(0.2)),
-        Measure("status_fresh_requests", "  requests it caused", "req",
-                "0 manifest reads", lambda v, a: a["status_fresh_manifest_requests"] == 0),
+        Measure("status_fresh_requests", "  requests meanwhile", "req", "<= 1", at_most(1)),
         Measure("status_json_fresh_s", "--status --json, just after that one", "s",
                 "<= 0.2", at_most(0.2)),
-        Measure("status_json_fresh_requests", "  requests it caused", "req",
-                "0 manifest reads",
-                lambda v, a: a["status_json_fresh_manifest_requests"] == 0),
+        Measure("status_json_fresh_requests", "  requests meanwhile", "req", "<= 1", at_most(1)),
         Measure("status_after_find_s", "--status on the walked, idle mount", "s",
                 "<= 0.2", at_most(0.2)),
-        Measure("status_after_find_requests", "  requests it caused", "req",
-                "0 manifest reads",
-                lambda v, a: a["status_after_find_manifest_requests"] == 0),
+        Measure("status_after_find_requests", "  requests meanwhile", "req", "<= 1", at_most(1)),
         Measure("warm_find_s", "warm find (same mount, again)", "s", "(reference)", None),
         Measure("warm_find_requests", "  requests", "req", "(reference)", None),
         Measure("remount_find_s", "find after remount, cache kept, repo unchanged", "s",
