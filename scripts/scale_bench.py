@@ -5,8 +5,8 @@
     python scripts/scale_bench.py --files 100000 --folders 1000
     python scripts/scale_bench.py --files 1000000 --folders 10000 --json result.json
 
-It starts the in-memory S3 server (scripts/s3lite.py) on 127.0.0.1 with a counting proxy
-(tests/s3proxy.py) in front, writes a synthetic repository (scripts/synth_repo.py) straight
+It starts the in-memory S3 server (testservers/s3lite.py) on 127.0.0.1 with a counting proxy
+(testservers/s3proxy.py) in front, writes a synthetic repository (scripts/synth_repo.py) straight
 to the server, mounts it through the proxy with `--refresh` seconds, and measures:
 
 - cold `find` over the whole tree (empty cache), then a warm one: wall time, requests;
@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -145,12 +144,6 @@ def table(config: dict[str, Any], results: dict[str, float]) -> str:
 
 
 # -- processes --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def stop_group(proc: subprocess.Popen | None, timeout: float = 15) -> None:
     """SIGTERM the process group a child leads, SIGKILL it if it lingers."""
     if proc is None or proc.poll() is not None:
@@ -265,6 +258,7 @@ class Servers:
 
     def __init__(self, work: Path) -> None:
         self.work = work
+        from testservers.net import free_port
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.proxy: Any = None
@@ -274,21 +268,17 @@ class Servers:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from s3proxy import S3Proxy
+        from testservers.net import wait_listening
+        from testservers.s3proxy import S3Proxy
         with open(self.work / "s3lite.log", "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(REPO / "scripts" / "s3lite.py"), "--port", str(self.port)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError("s3lite did not start") from None
-                time.sleep(0.05)
+                [sys.executable, "-m", "testservers.s3lite", "--port", str(self.port)],
+                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        try:
+            wait_listening(self.port, self.proc, what="s3lite")
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
         import boto3
         from botocore.config import Config
         boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
@@ -445,7 +435,7 @@ def run(args: argparse.Namespace, work: Path,
     out: dict[str, float] = {}
     config: dict[str, Any] = {"files": args.files, "folders": args.folders,
                               "refresh": args.refresh, "intervals": args.intervals,
-                              "server": "scripts/s3lite.py behind tests/s3proxy.py"}
+                              "server": "testservers/s3lite.py behind testservers/s3proxy.py"}
     try:
         servers.start()
         t0 = time.perf_counter()
