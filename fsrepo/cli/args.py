@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=float,
                    help="seconds until other machines' changes show (default 10)")
     p.add_argument("--uploads", type=int, help="uploads in flight (default 8)")
+    p.add_argument("--read-only", action="store_true",
+                   help="mount without ever writing (changes answer EROFS)")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--log-file", help="log here as well")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
