@@ -64,6 +64,7 @@ class Mount(Engine):
                          invalidator=KernelInvalidator())
         self.guard = guard
         self.mode = mode
+        mode.on_ready.append(self._back_online)
         self.mountpoint = mountpoint
         self.ops = GatedOperations(self.ns, self.files, str(self.state_dir),
                                    mode.local_refusal)

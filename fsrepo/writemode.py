@@ -46,6 +46,7 @@ class WriteMode:
         self.kind = READ_ONLY if read_only else UNKNOWN
         self.probe: ProbeResult | None = None
         self.lease = WriterLease(store, host)
+        self.on_ready: list[Callable[[], None]] = []  # called once writes may start late
 
     @property
     def settle(self) -> float:
@@ -101,10 +102,12 @@ class WriteMode:
     async def run(self) -> None:
         """Find the mode if it is still unknown; renew the lease while mounted."""
         while True:
-            await trio.sleep(5.0 if self.kind == UNKNOWN else RENEW_EVERY)
+            await trio.sleep(1.0 if self.kind == UNKNOWN else RENEW_EVERY)
             try:
                 if self.kind == UNKNOWN:
                     await self._establish()
+                    for ready in self.on_ready:
+                        ready()
                 elif self.kind == SINGLE_WRITER:
                     await self.lease.renew(self.why_single())
                 else:
