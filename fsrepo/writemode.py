@@ -115,7 +115,9 @@ class WriteMode:
             except LeaseHeld as exc:
                 self.lease.lose(exc.holder)
             except StorageError as exc:
-                log.info("writer lease not renewed this round: %s", exc)
+                log.log(logging.DEBUG if self.kind == UNKNOWN else logging.INFO,
+                        "write mode: %s this round: %s", "not known" if self.kind == UNKNOWN
+                        else "lease not renewed", exc)
 
     async def release(self) -> None:
         if self.kind == SINGLE_WRITER:
