@@ -23,15 +23,16 @@ import pytest
 import trio
 
 from fsrepo.config import Settings
+from fsrepo.lease import LEASE_KEY, RENEW_EVERY, Lease
 from fsrepo.repository import DESCRIPTOR_KEY
 from fsrepo.store import open_store
 from fsrepo.store.base import StoredObject
 
 try:
-    from .mountutil import file_tree, run_cli
+    from .mountutil import file_tree, poll, run_cli
     from .s3proxy import S3Proxy
 except ImportError:
-    from mountutil import file_tree, run_cli  # type: ignore[no-redef]
+    from mountutil import file_tree, poll, run_cli  # type: ignore[no-redef]
     from s3proxy import S3Proxy  # type: ignore[no-redef]
 
 
@@ -198,3 +199,25 @@ def test_salvage_recovers_pending_files_of_a_cache_the_bucket_no_longer_matches(
     again = run_cli(["--salvage", str(dest), "--storage", s3_bucket.url, "--cache-dir",
                      str(cache)], mount_env, check=False)
     assert again.returncode != 0 and "not an empty folder" in again.stderr
+
+
+def test_a_mount_whose_lease_was_taken_stops_writing_and_says_so(
+        s3_bucket, ignoring_server, mounter, tmp_path: Path) -> None:
+    a = mounter(s3_bucket.url, endpoint_url=ignoring_server.url, name="a")
+    (a.path / "kept.txt").write_bytes(b"before")
+    a.wait_idle()
+    # Another machine took the lease (this one slept past its expiry, say).
+    thief = Lease("desktop", 4242, "thief", time.time(), time.time() + 3600)
+    store = open_store(s3_bucket.url, endpoint_url=s3_bucket.endpoint_url)
+    trio.run(lambda: store.put(LEASE_KEY, thief.encode()))
+    trio.run(store.aclose)
+    status = poll(lambda: (s := a.status())["write_mode"].startswith("single writer (lease "
+                                                                     "LOST") and s,
+                  timeout=RENEW_EVERY + 15, what="the renewal to notice the takeover")
+    assert "desktop (pid 4242)" in status["write_mode"]
+    assert "stopped writing" in status["writes_refused"]
+    with pytest.raises(OSError) as err:
+        (a.path / "after.txt").write_bytes(b"x")
+    assert err.value.errno == errno.EROFS
+    assert "was taken by desktop (pid 4242)" in a.logtext()
+    assert (a.path / "kept.txt").read_bytes() == b"before"  # reading goes on
