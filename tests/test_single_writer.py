@@ -27,13 +27,12 @@ from fsrepo.lease import LEASE_KEY, RENEW_EVERY, Lease
 from fsrepo.repository import DESCRIPTOR_KEY
 from fsrepo.store import open_store
 from fsrepo.store.base import StoredObject
+from testservers.s3proxy import S3Proxy
 
 try:
     from .mountutil import file_tree, poll, run_cli
-    from .s3proxy import S3Proxy
 except ImportError:
     from mountutil import file_tree, poll, run_cli  # type: ignore[no-redef]
-    from s3proxy import S3Proxy  # type: ignore[no-redef]
 
 
 @pytest.fixture

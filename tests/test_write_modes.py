@@ -22,11 +22,7 @@ from fsrepo.serverprobe import PROBE_PREFIX, probe_conditional_writes, server_ho
 from fsrepo.store import open_store
 from fsrepo.store.base import Store
 from fsrepo.store.local import LocalStore
-
-try:
-    from .s3proxy import S3Proxy
-except ImportError:
-    from s3proxy import S3Proxy  # type: ignore[no-redef]
+from testservers.s3proxy import S3Proxy
 
 
 class IgnoringStore(LocalStore):

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="check every manifest and that every referenced blob exists")
     act.add_argument("--gc", action="store_true",
                      help="delete blobs that no directory references any more")
+    act.add_argument("--salvage", metavar="DEST",
+                     help="copy every file not yet uploaded out of the local cache into DEST "
+                          "(reads only the cache, never the bucket)")
     act.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--storage", help="s3://bucket/prefix or file:///path (env IMGREPO_STORAGE)")
     p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, R2, ...; env AWS_ENDPOINT_URL)")
