@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The scale benchmark of issue 14: what a big photo library costs an idle, browsed mount.
+"""The scale benchmark: what a big photo library costs an idle, browsed mount.
 
     python scripts/scale_bench.py                                   # 10,000 files, ~1 minute
     python scripts/scale_bench.py --files 100000 --folders 1000
@@ -138,7 +138,7 @@ def table(config: dict[str, Any], results: dict[str, float]) -> str:
                                 r[2].ljust(widths[2]), r[3].ljust(widths[3]), r[4]]).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines.append("Targets are issue 14's (stated at 1M files / 10k folders; the cold walk's is "
+    lines.append("Targets are the project's (stated at 1M files / 10k folders; the cold walk's is "
                  "scaled to the folders here and assumes 20 ms RTT, which loopback lacks).")
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The repository core without FUSE (issue 2), against file:// and moto over HTTP.
+"""The repository core without FUSE against file:// and moto over HTTP.
 
 The engine (fsrepo/engine.py: the very assembly a mount runs) is driven through the calls
 the FUSE layer makes (FileManager.create/write/flush/release, Namespace.mkdir/remove);

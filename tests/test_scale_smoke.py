@@ -1,5 +1,5 @@
 """The scale tools keep working: synthetic repositories are valid, and a tiny run of
-scripts/scale_bench.py produces every figure of issue 14's table.
+scripts/scale_bench.py produces every figure of its table.
 
 No timing and no target is asserted here (the targets are what later work must meet); this
 only proves that the generator writes what `--verify` accepts and that every measure is taken.

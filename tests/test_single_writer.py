@@ -1,4 +1,4 @@
-"""Servers without conditional writes, and caches that cannot be used any more (issue 15),
+"""Servers without conditional writes, and caches that cannot be used any more,
 with real mounts over HTTP.
 
 The server that ignores If-Match/If-None-Match is moto behind `S3Proxy(strip_conditions=

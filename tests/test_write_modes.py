@@ -1,4 +1,4 @@
-"""Knowing the server (issue 15), in process: the conditional-write probe, the writer
+"""Knowing the server, in process: the conditional-write probe, the writer
 lease, repository creation without conditional writes, and --salvage's file selection.
 
 A store that ignores conditions is a `LocalStore` behind `IgnoringStore`; over HTTP it is
