@@ -20,6 +20,7 @@ report, not noise. Logs of mount subprocesses are their own (see mountutil).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from fsrepo.store import Store
 
@@ -41,6 +43,17 @@ except ImportError:
         S3Target,
         StorageTarget,
     )
+
+
+# -- Hypothesis budgets -----------------------------------------------------------------------
+# "ci" (the default) keeps each stateful model run to well under a minute; "long" soaks
+# (HYPOTHESIS_PROFILE=long). Examples are not saved: the failure report prints the steps.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=16, stateful_step_count=120, deadline=None,
+                          database=None, suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("long", max_examples=400, stateful_step_count=300, deadline=None,
+                          database=None, suppress_health_check=_SLOW_OK, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # -- unexpected warnings fail the test --------------------------------------------------------

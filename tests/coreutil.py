@@ -230,8 +230,17 @@ class EngineDriver:
         await self.engine.ns.remove(parent.ino, name, is_dir=True)
 
     async def rename(self, old: str | bytes, new: str | bytes) -> None:
+        """rename(2), with the checks the kernel's VFS makes before it calls the filesystem:
+        a directory cannot move into itself (EINVAL) nor onto one of its ancestors
+        (ENOTEMPTY), whatever the types of the names involved."""
         old_parent, old_name = await self._parent(old)
         new_parent, new_name = await self._parent(new)
+        await self.node(old)
+        old_path, new_path = b"/".join(_parts(old)), b"/".join(_parts(new))
+        if new_path.startswith(old_path + b"/"):
+            raise FsError(errno.EINVAL)
+        if old_path.startswith(new_path + b"/"):
+            raise FsError(errno.ENOTEMPTY)
         await self.engine.ns.rename(old_parent.ino, old_name, new_parent.ino, new_name)
 
     async def setattr(self, path: str | bytes, mode: int | None = None,
