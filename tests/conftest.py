@@ -49,7 +49,7 @@ except ImportError:
 # "ci" (the default) keeps each stateful model run to well under a minute; "long" soaks
 # (HYPOTHESIS_PROFILE=long). Examples are not saved: the failure report prints the steps.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("ci", max_examples=16, stateful_step_count=120, deadline=None,
+settings.register_profile("ci", max_examples=16, stateful_step_count=130, deadline=None,
                           database=None, suppress_health_check=_SLOW_OK, print_blob=True)
 settings.register_profile("long", max_examples=400, stateful_step_count=300, deadline=None,
                           database=None, suppress_health_check=_SLOW_OK, print_blob=True)

@@ -41,8 +41,6 @@ HEAD = "head"
 LIST = "list"
 DELETE = "delete"
 
-KINDS = (GET, GET_NOT_MODIFIED, GET_RANGE, DOWNLOAD, PUT, PUT_IF_MATCH, PUT_IF_NONE_MATCH,
-         PUT_FILE_CREATED, PUT_FILE_EXISTED, HEAD, LIST, DELETE)
 PUT_FILE = "put_file"  # the kind a put_file that raised is counted under (no outcome known)
 
 
