@@ -254,7 +254,9 @@ class EngineModel(RuleBasedStateMachine):
         self._both(err, self.fs.create, path, data,
                    apply=lambda: self.model.nodes.__setitem__(path, MFile(data)))
 
-    @rule(path=paths, offset=offsets, data=contents)
+    # Non-empty writes only: FUSE never forwards a zero-length write (the kernel answers it),
+    # and the engine mishandles one (test_a_zero_length_write_past_the_end_changes_nothing).
+    @rule(path=paths, offset=offsets, data=contents.filter(bool))
     def write_at(self, path: bytes, offset: int, data: bytes) -> None:
         node = self._node(path)
         if isinstance(node, MLink):
@@ -414,3 +416,18 @@ def test_the_engine_behaves_like_the_model(backend: str, request: pytest.Fixture
     budget = settings().max_examples * settings().stateful_step_count
     print(f"{backend}: {target.operations} operations")
     assert target.operations >= budget // 2, (target.operations, budget)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug found by the model: FileManager.write with "
+                   "empty data at an offset past the end records the file's size as that "
+                   "offset (216) while its content stays 7 bytes (reads return 7, the entry "
+                   "says 216); POSIX: a zero-length write changes nothing. Unreachable through "
+                   "FUSE, which does not forward zero-length writes")
+def test_a_zero_length_write_past_the_end_changes_nothing(tmp_path: Path) -> None:
+    with EngineThread(f"file://{tmp_path}/repo", None, tmp_path / "cache") as eng:
+        assert eng.driver is not None
+        eng.call(eng.driver.create, b"b", b"1234567")
+        eng.call(eng.driver.write_at, b"b", 216, b"")
+        entry = eng.call(eng.driver.listdir, b"")[b"b"]
+        assert eng.call(eng.driver.read, b"b") == b"1234567"
+        assert entry.size == 7
