@@ -434,6 +434,7 @@ class _FakeStore(Store):
         await self._answer()
 
 
+@pytest.mark.expected_logs(r"unreachable, working offline", reason="the endpoint is cut on purpose")
 def test_guard_goes_offline_fails_fast_and_comes_back(tmp_path):
     endpoint, gone = tmp_path / "endpoint", tmp_path / "gone"
     endpoint.mkdir()
