@@ -18,6 +18,7 @@ within max(SWEEP_PERIOD, SWEEP_SPREAD x loaded views x refresh) seconds.
 from __future__ import annotations
 
 import logging
+import time
 
 import trio
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 SWEEP_PERIOD = 86400.0  # every loaded view revalidated at least this often...
 SWEEP_SPREAD = 4  # ...but at most one sweep request per this many intervals on average
+# A head listed with the mtime and size it had when we read it, and older than this, was not
+# rewritten since (a rewrite gets a later mtime): its GET is skipped. Heads of writers gone
+# for good (a cache deleted, a machine retired) then cost nothing but their LIST row.
+SETTLED_AFTER = 600.0
 TOUCH_ETAG = "heads_touched_etag"  # meta key: the touch object's etag when last read
 
 
@@ -52,6 +57,7 @@ class HeadWatcher:
         self._wake = trio.Event()
         self._sweep_credit = 0.0
         self._swept: set[str] = set()
+        self._read_at: dict[str, tuple[float, int]] = {}  # head key -> listed (mtime, size)
 
     def wake(self) -> None:
         """The storage answers again: poll now, not at the end of the interval."""
@@ -109,17 +115,21 @@ class HeadWatcher:
         state = self.db.state
         me = await self.db.run(state.writer_id)
         seen = await self.db.run(state.heads_seen)
-        keys = [info.key async for info in self.store.list(HEADS_PREFIX)]
-        for key in keys:
-            writer = writer_of(key)
+        listed = [info async for info in self.store.list(HEADS_PREFIX)]
+        for info in listed:
+            key, writer = info.key, writer_of(info.key)
             if writer is None or writer == me:
                 continue
+            stamp = (info.mtime, info.size)
+            if self._read_at.get(key) == stamp and info.mtime < time.time() - SETTLED_AFTER:
+                continue  # written long ago and not since: a writer no longer active
             last_seq, last_etag = seen.get(writer, (0, None))
             try:
                 got = await self.store.get(key, if_none_match=last_etag)
             except ObjectNotFound:
                 continue
             if got is NOT_MODIFIED:
+                self._read_at[key] = stamp
                 continue
             assert isinstance(got, StoredObject)
             try:
@@ -127,6 +137,7 @@ class HeadWatcher:
             except HeadError as exc:
                 log.warning("%s; revalidating every directory", exc)
                 await self.views.mark_stale(None)
+                await self.db.run(state.saw_head, writer, last_seq, got.etag)
                 continue
             if head.seq > last_seq:
                 changed = head.changed_since(last_seq)
@@ -138,6 +149,7 @@ class HeadWatcher:
                     await self.views.mark_stale(changed)
             # After the marks: a crash in between reads this head again.
             await self.db.run(state.saw_head, writer, max(head.seq, last_seq), got.etag)
+            self._read_at[key] = stamp
 
     # -- revalidating -------------------------------------------------------------------
     async def revalidate_marked(self) -> None:

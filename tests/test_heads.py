@@ -214,3 +214,19 @@ def test_a_version_1_repository_is_upgraded_in_place(store):
         assert not [i async for i in store.list("heads")]
         assert TOUCH_KEY not in [i.key async for i in store.list("")]
     trio.run(main)
+
+
+def test_a_damaged_head_falls_back_once_not_at_every_poll(machines, store):
+    async def main():
+        a, b = machines("a"), machines("b")
+        await store.put(head_key("broken"), b"{not json")
+        await a.commit("d1")
+        await a.writer.publish()
+        await b.watcher.poll()
+        assert None in b.views.marks and {"d1"} in b.views.marks
+        b.views.marks.clear()
+        await a.commit("d2")
+        await a.writer.publish()
+        await b.watcher.poll()
+        assert b.views.marks == [{"d2"}]
+    trio.run(main)

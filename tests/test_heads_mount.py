@@ -7,7 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+from testservers.s3proxy import S3Proxy
 
 try:
     from .mountutil import poll
@@ -50,6 +55,13 @@ def visible_within(what: str, check, bound: float = BOUND) -> float:  # noqa: AN
     took = time.monotonic() - start
     assert took <= bound, f"{what}: seen after {took:.2f} s (bound {bound} s)"
     return took
+
+
+@pytest.fixture
+def ignoring_server(moto_server) -> Iterator[S3Proxy]:  # noqa: ANN001
+    """A server that ignores If-Match/If-None-Match: single-writer mode."""
+    with S3Proxy(moto_server.url, strip_conditions=True) as proxy:
+        yield proxy
 
 
 def test_an_idle_mount_sends_at_most_one_request_per_interval(s3_bucket, s3_proxy, mounter):
@@ -137,3 +149,20 @@ def test_a_remount_trusts_its_cache_and_sees_what_changed_meanwhile(
     # Only the folders that changed were read again.
     dir_gets = {r.path.rsplit("/", 1)[1] for r in s3_proxy.requests if "/dirs/" in r.path}
     assert len(dir_gets) == 2, dir_gets
+
+
+def test_a_reader_sees_the_single_writers_changes_through_its_head(
+        s3_bucket, ignoring_server, mounter):
+    a = mounter(s3_bucket.url, "--refresh", str(REFRESH), endpoint_url=ignoring_server.url,
+                name="writer")
+    assert a.status()["write_mode"].startswith("single writer")
+    (a.path / "photos").mkdir()
+    (a.path / "photos" / "one.txt").write_bytes(b"one")
+    a.wait_idle()
+    ro = mounter(s3_bucket.url, "--read-only", "--refresh", str(REFRESH),
+                 endpoint_url=ignoring_server.url, name="reader")
+    assert os.listdir(ro.path / "photos") == ["one.txt"]
+    (a.path / "photos" / "two.txt").write_bytes(b"two")
+    a.wait_idle()
+    visible_within("the writer's new file", lambda: (ro.path / "photos" / "two.txt")
+                   .read_bytes() == b"two")
