@@ -230,3 +230,17 @@ def test_a_damaged_head_falls_back_once_not_at_every_poll(machines, store):
         await b.watcher.poll()
         assert b.views.marks == [{"d2"}]
     trio.run(main)
+
+
+def test_a_format_1_repository_is_watched_the_old_way(tmp_path, store):
+    async def main():
+        await store.put(DESCRIPTOR_KEY, json.dumps(
+            {"format": "imgrepo", "version": 1, "hash": "sha256", "created": "",
+             "repo_id": "r1"}).encode())
+        b = Machine(tmp_path / "b", store)
+        b.watcher.legacy = None  # as a mount starts: read from the descriptor
+        await b.watcher.poll()
+        await b.watcher.poll()
+        assert b.watcher.legacy is True and b.views.marks == [None, None]
+        b.close()
+    trio.run(main)
