@@ -5,11 +5,11 @@ Views come from the local state database first, else from the bucket. A view (an
 manifest) is trusted until it is marked stale (`mark_stale`: the head watcher read that
 another machine changed the directory); a stale one is revalidated with a conditional GET
 before its next listing or load, or by the watcher if it is in memory. The interface is
-small on purpose: `get`/`load`/`revalidate` to read, `set_remote`/`recompute`/`apply` when
-the manifest or the journal changes, `add_empty`/`discard` for new directories. Nothing outside reaches
-the views but through it, so when a view is revalidated (`stale`, `load_fresh`) or how
-many stay in memory can change here alone. What a change means for inodes and the kernel
-is the `ViewChanges` listener's business.
+small on purpose: `get`/`load`/`revalidate` to read, `set_remote`/`recompute`/`apply`
+when the manifest or the journal changes, `add_empty`/`discard` for new directories.
+Nothing outside reaches the views but through it, so when a view is revalidated (`stale`,
+`load_fresh`) or how many stay in memory can change here alone. What a change means for
+inodes and the kernel is the `ViewChanges` listener's business.
 """
 
 from __future__ import annotations

@@ -14,10 +14,7 @@ import pytest
 
 from testservers.s3proxy import S3Proxy
 
-try:
-    from .mountutil import poll
-except ImportError:
-    from mountutil import poll  # type: ignore[no-redef]
+from .mountutil import poll
 
 REFRESH = 1.0
 BOUND = REFRESH + 2.0  # visible within the interval (+ margin) of reaching the bucket

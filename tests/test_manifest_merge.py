@@ -430,7 +430,8 @@ def test_descriptor_created_on_an_empty_location_and_reused(store):
         snap = await _snapshot(store)
         assert list(snap) == [DESCRIPTOR_KEY]
         doc = json.loads(snap[DESCRIPTOR_KEY])
-        assert doc["format"] == "imgrepo" and doc["version"] == FORMAT_VERSION and doc["hash"] == "sha256"
+        assert doc["format"] == "imgrepo" and doc["version"] == FORMAT_VERSION
+        assert doc["hash"] == "sha256"
         assert doc["repo_id"] == first.repo_id
         again = await open_repository(store, create=False)
         assert again == first
