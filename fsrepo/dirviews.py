@@ -1,13 +1,15 @@
 """The directory-view cache: each directory's last known manifest with this machine's
 pending journal ops applied on top.
 
-Views come from the local state database first (revalidated with a conditional GET when
-older than the refresh interval), else from the bucket. The interface is small on purpose:
-`get`/`load`/`revalidate` to read, `set_remote`/`recompute`/`apply` when the manifest or
-the journal changes, `add_empty`/`discard` for new directories. Nothing outside reaches
-the views but through it, so when a view is revalidated (`stale`, `load_fresh`) or how
-many stay in memory can change here alone. What a change means for inodes and the kernel
-is the `ViewChanges` listener's business.
+Views come from the local state database first, else from the bucket. A view (and a cached
+manifest) is trusted until it is marked stale (`mark_stale`: the head watcher read that
+another machine changed the directory); a stale one is revalidated with a conditional GET
+before its next listing or load, or by the watcher if it is in memory. The interface is
+small on purpose: `get`/`load`/`revalidate` to read, `set_remote`/`recompute`/`apply`
+when the manifest or the journal changes, `add_empty`/`discard` for new directories.
+Nothing outside reaches the views but through it, so when a view is revalidated (`stale`,
+`load_fresh`) or how many stay in memory can change here alone. What a change means for
+inodes and the kernel is the `ViewChanges` listener's business.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class DirView:
     etag: str | None  # None: no manifest in the bucket yet (empty directory)
     checked: float
     entries: dict[bytes, Entry] = field(default_factory=dict)
+    stale: int = 0  # 0: trusted; else the mark (DirViews._marks) that made it stale
 
 
 class KnownBlobs(Protocol):
@@ -71,6 +74,8 @@ class DirViews:
         self.offline_until = 0.0  # no revalidation before this (the storage was down)
         self._views: dict[str, DirView] = {}
         self._loading: dict[str, trio.Event] = {}
+        self._marked_while_loading: set[str] = set()
+        self._marks = 0
 
     # -- reading --------------------------------------------------------------------------
     def get(self, dir_id: str) -> DirView | None:
@@ -82,9 +87,25 @@ class DirViews:
         return iter(list(self._views))
 
     def stale(self, view: DirView) -> bool:
-        """Whether a view is due for revalidation."""
-        now = time.time()
-        return now - view.checked > self.refresh and now > self.offline_until
+        """Whether a view is due for revalidation (marked, and the storage not known down)."""
+        return bool(view.stale) and time.time() > self.offline_until
+
+    def marked(self) -> list[str]:
+        """The loaded views marked stale."""
+        return [d for d, v in self._views.items() if v.stale]
+
+    async def mark_stale(self, dir_ids: set[str] | None) -> None:
+        """Other machines changed these directories (None: maybe any): loaded views are
+        revalidated before their next use, cached manifests when next loaded."""
+        await self.db.run(self.db.state.mark_stale, dir_ids)
+        self._marks += 1
+        targets = list(self._views) if dir_ids is None else dir_ids
+        for dir_id in targets:
+            view = self._views.get(dir_id)
+            if view is not None:
+                view.stale = self._marks
+        loading = set(self._loading) if dir_ids is None else dir_ids & set(self._loading)
+        self._marked_while_loading |= loading
 
     def storage_back(self) -> None:
         """The storage answers again: revalidate when due, not after the offline pause."""
@@ -103,9 +124,9 @@ class DirViews:
         try:
             cached = await self.db.run(self.db.state.load_manifest, dir_id)
             if cached is not None:
-                etag, body, checked = cached
-                view = DirView(dir_id, self._parse(dir_id, body), etag, checked)
-                if self.stale(view):
+                etag, body, stale = cached
+                view = DirView(dir_id, self._parse(dir_id, body), etag, time.time())
+                if stale:
                     view = await self._fresher(view)
             else:
                 try:
@@ -119,6 +140,11 @@ class DirViews:
                 await self.db.run(self.db.state.save_manifest, dir_id, view.etag, body,
                                   view.checked)
             self._compute(view)
+            if dir_id in self._marked_while_loading:
+                # Marked while it was read: what we read may predate the change.
+                self._marks += 1
+                view.stale = self._marks
+                await self.db.run(self.db.state.mark_stale, {dir_id})
             self._views[dir_id] = view
             return view
         except ManifestError as exc:
@@ -126,6 +152,7 @@ class DirViews:
             raise FsError(errno.EIO, str(exc)) from None
         finally:
             del self._loading[dir_id]
+            self._marked_while_loading.discard(dir_id)
             done.set()
 
     async def load_fresh(self, dir_id: str) -> DirView:
@@ -146,21 +173,34 @@ class DirViews:
         view = self._views.get(dir_id)
         if view is None:
             return False
+        mark = view.stale
         changed, obj = await self._fetch(dir_id, view.etag)
         now = time.time()
         if not changed:
             view.checked = now
+            await self.db.run(self.db.state.manifest_checked, dir_id, view.etag)
+            await self._settled(view, mark)
             return False
         body = obj.data if obj else None
         try:
             remote = self._parse(dir_id, body)
         except ManifestError as exc:
             log.error("%s; keeping the last good version", exc)
+            await self._settled(view, mark)
             return False
         await self.db.run(self.db.state.save_manifest, dir_id, obj.etag if obj else None,
                           body, now)
         self.set_remote(dir_id, remote, obj.etag if obj else None)
+        await self._settled(view, mark)
         return True
+
+    async def _settled(self, view: DirView, mark: int) -> None:
+        """A revalidation that started at `mark` ended: the view is trusted again, unless
+        it was marked meanwhile (then the cached manifest stays stale too)."""
+        if view.stale == mark:
+            view.stale = 0
+        else:
+            await self.db.run(self.db.state.mark_stale, {view.dir_id})
 
     # -- changing -------------------------------------------------------------------------
     def set_remote(self, dir_id: str, remote: dict[bytes, Entry], etag: str | None) -> None:
@@ -234,12 +274,12 @@ class DirViews:
         return manifest.entries
 
     async def _fresher(self, view: DirView) -> DirView:
-        """A manifest cached by an earlier run, revalidated before first use (a
-        conditional GET): other machines may have changed it since."""
+        """A cached manifest marked stale, revalidated before first use (a conditional
+        GET); offline it is shown as cached and stays stale."""
         try:
             changed, obj = await self._fetch(view.dir_id, view.etag)
             if not changed:
-                view.checked = time.time()
+                await self.db.run(self.db.state.manifest_checked, view.dir_id, view.etag)
                 return view
             body = obj.data if obj else None
             fresh = DirView(view.dir_id, self._parse(view.dir_id, body),
@@ -247,6 +287,8 @@ class DirViews:
         except StorageError as exc:
             log.warning("cannot revalidate a directory, showing what is cached: %s", exc)
             self.offline_until = time.time() + self.refresh
+            self._marks += 1
+            view.stale = self._marks
             return view
         except ManifestError as exc:
             log.error("%s; keeping the last good version", exc)

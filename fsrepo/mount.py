@@ -22,8 +22,9 @@ from . import control
 from .config import Settings
 from .connectivity import GuardedStore
 from .engine import Engine
-from .errors import ImgrepoError, StorageError
+from .errors import ImgrepoError
 from .fs import KernelInvalidator
+from .head_watcher import HeadWatcher
 from .readonly import GatedOperations
 from .store import open_store
 from .store.base import Store
@@ -65,6 +66,7 @@ class Mount(Engine):
         self.guard = guard
         self.mode = mode
         mode.on_ready.append(self._back_online)
+        self.watcher = HeadWatcher(self.store, self.db, self.ns.views, settings.refresh)
         self.mountpoint = mountpoint
         self.ops = GatedOperations(self.ns, self.files, str(self.state_dir),
                                    mode.local_refusal)
@@ -118,6 +120,7 @@ class Mount(Engine):
         """The storage answers again: drain the queue now, not after the retry backoff."""
         self.uploader.retry_now()
         self.ns.views.storage_back()
+        self.watcher.wake()
 
     async def _resume_after_login(self) -> None:
         """A new login while uploads wait for credentials: drain the queue now, not after
@@ -142,7 +145,8 @@ class Mount(Engine):
         if cmd == "wait":
             sent, sent_at, summed_at = None, -math.inf, -math.inf
             while True:
-                if not (len(self.journal) or self.uploader.status.uploads_in_flight):
+                if not (len(self.journal) or self.uploader.status.uploads_in_flight
+                        or self.uploader.heads.busy):
                     self.uploader.drained()
                     return await self.status()
                 now = time.monotonic()
@@ -173,6 +177,7 @@ class Mount(Engine):
             await self.mode.release()
             raise
         await self.db.run(self.load_state)
+        await self._first_poll()
         # Anything that touches the mountpoint must happen before init: afterwards our own
         # FUSE requests would wait for the loop this very call is blocking.
         sock_path = control.socket_path(self.mountpoint)
@@ -189,7 +194,7 @@ class Mount(Engine):
                 await nursery.start(control.serve, sock_path, self.handle)
                 nursery.start_soon(self.uploader.run)
                 nursery.start_soon(self.journal.write_behind)
-                nursery.start_soon(self._revalidate_directories)
+                nursery.start_soon(self.watcher.run)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self.mode.run)
@@ -232,23 +237,15 @@ class Mount(Engine):
                 pyfuse3.terminate()
                 return
 
-    async def _revalidate_directories(self) -> None:
-        """Revalidate the directories the kernel knows about, so other machines' changes
-        show up within the refresh interval."""
-        while True:
-            await trio.sleep(max(0.2, self.settings.refresh / 4))
-            now = time.time()
-            for dir_id in self.ns.views:
-                view = self.ns.views.get(dir_id)
-                if view is None or now - view.checked < self.settings.refresh:
-                    continue
-                try:
-                    await self.ns.views.revalidate(dir_id)
-                except StorageError as exc:
-                    log.debug("revalidation of %s failed: %s", dir_id, exc)
-                    break
-                except ImgrepoError as exc:
-                    log.warning("revalidation of %s failed: %s", dir_id, exc)
+    async def _first_poll(self) -> None:
+        """Before anything is served: mark what other machines changed while this mount
+        was away (the rest of the cache is trusted without a request). Offline, the
+        watcher polls as soon as the storage answers."""
+        try:
+            await self.watcher.poll()
+        except (ImgrepoError, OSError) as exc:
+            log.info("change records not read at start (read when the storage answers): %s",
+                     exc)
 
     async def _housekeeping(self) -> None:
         while True:

@@ -1,8 +1,14 @@
-"""The repository format in the store (format version 1): where things live, the descriptor.
+"""The repository format in the store (format version 2): where things live, the descriptor.
 
     imgrepo.json                    descriptor: format, version, hash, created, repo_id
     blobs/sha256/<h[0:2]>/<h>       file contents, immutable, named by their SHA-256
     dirs/<dir-id>.json              one manifest per directory; the root's id is "root"
+    heads/<writer-id>.json          each writer's record of the directories it changed
+    heads-touched.json              rewritten after every head write (see heads.py)
+
+Version 2 added the heads: a mount of version 1 does not write them, so other machines would
+not see its changes; it refuses a version-2 repository ("upgrade imgrepo"). A writable mount
+of this version upgrades a version-1 repository in place when it opens it.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import ObjectNotFound, PreconditionFailed, RepositoryFormatError
+from .errors import ObjectNotFound, PreconditionFailed, RepositoryFormatError, StorageError
 from .lease import LEASE_KEY
 from .serverprobe import PROBE_PREFIX
 from .store.base import Store, StoredObject
@@ -24,7 +30,8 @@ log = logging.getLogger(__name__)
 
 DESCRIPTOR_KEY = "imgrepo.json"
 FORMAT_NAME = "imgrepo"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+HEADS_VERSION = 2  # the first format whose writers all write change records
 
 
 def blob_key(sha256: str) -> str:
@@ -74,7 +81,10 @@ async def open_repository(store: Store, create: bool = True, settle: float = 0.0
     try:
         obj = await store.get(DESCRIPTOR_KEY)
         assert isinstance(obj, StoredObject)
-        return parse_descriptor(obj.data, where)
+        desc = parse_descriptor(obj.data, where)
+        if desc.version < FORMAT_VERSION and create:
+            return await _upgrade(store, obj, desc)
+        return desc
     except ObjectNotFound:
         pass
     if not create:
@@ -102,3 +112,24 @@ async def open_repository(store: Store, create: bool = True, settle: float = 0.0
     obj = await store.get(DESCRIPTOR_KEY)
     assert isinstance(obj, StoredObject)
     return parse_descriptor(obj.data, where)
+
+
+async def _upgrade(store: Store, obj: StoredObject, desc: Descriptor) -> Descriptor:
+    """Raise the descriptor's version (If-Match: a descriptor changed meanwhile is read
+    again). Not possible now (the storage or the write mode refuses): the repository stays
+    at its version, and the caller treats it as such."""
+    raw = json.loads(obj.data)
+    raw["version"] = FORMAT_VERSION
+    try:
+        await store.put(DESCRIPTOR_KEY, json.dumps(raw, indent=1).encode(), if_match=obj.etag)
+    except PreconditionFailed:
+        again = await store.get(DESCRIPTOR_KEY)
+        assert isinstance(again, StoredObject)
+        return parse_descriptor(again.data, store.url)
+    except StorageError as exc:
+        log.warning("%s: repository format %d not upgraded to %d now: %s", store.url,
+                    desc.version, FORMAT_VERSION, exc)
+        return desc
+    log.info("%s: repository format upgraded from %d to %d (machines running an older "
+             "imgrepo must be upgraded to mount it)", store.url, desc.version, FORMAT_VERSION)
+    return Descriptor(desc.repo_id, FORMAT_VERSION, desc.created)

@@ -14,6 +14,7 @@ import errno
 import json
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,15 +84,88 @@ class LocalState:
         return dict(self.db.execute("SELECT key, value FROM counters"))
 
     # -- cached manifests -------------------------------------------------------------
-    def load_manifest(self, dir_id: str) -> tuple[str | None, bytes | None, float] | None:
-        row = self.db.execute("SELECT etag, body, checked FROM manifests WHERE dir_id=?",
+    def load_manifest(self, dir_id: str) -> tuple[str | None, bytes | None, bool] | None:
+        """(etag, body, stale): stale when another machine changed the directory since it
+        was cached (or it was cached before change records existed)."""
+        row = self.db.execute("SELECT etag, body, stale FROM manifests WHERE dir_id=?",
                               (dir_id,)).fetchone()
-        return (row[0], row[1], row[2]) if row else None
+        return (row[0], row[1], bool(row[2])) if row else None
 
     def save_manifest(self, dir_id: str, etag: str | None, body: bytes | None,
                       checked: float) -> None:
-        self.db.execute("INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)",
-                        (dir_id, etag, body, checked))
+        self.db.execute("INSERT OR REPLACE INTO manifests (dir_id, etag, body, checked, stale)"
+                        " VALUES (?, ?, ?, ?, 0)", (dir_id, etag, body, checked))
+
+    def manifest_checked(self, dir_id: str, etag: str | None) -> None:
+        """The cached manifest was revalidated and is still the bucket's (unless the etag
+        moved on meanwhile: then it stays stale)."""
+        self.db.execute("UPDATE manifests SET stale=0, checked=? WHERE dir_id=? AND etag IS ?",
+                        (time.time(), dir_id, etag))
+
+    def mark_stale(self, dir_ids: Iterable[str] | None) -> None:
+        """Another machine changed these directories (None: maybe any): revalidate the
+        cached manifests before their next use."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if dir_ids is None:
+                self.db.execute("UPDATE manifests SET stale=1")
+            else:
+                self.db.executemany("UPDATE manifests SET stale=1 WHERE dir_id=?",
+                                    [(d,) for d in dir_ids])
+
+    # -- change records (heads.py) ------------------------------------------------------
+    def number_head_changes(self, keep: int) -> tuple[int, int, list[tuple[int, str]]]:
+        """Give the directories committed since the last head a new seq, forget the oldest
+        beyond `keep`; returns (seq, forgotten, ring): what our head must say now.
+        `forgotten` is the newest seq dropped from the ring (changes up to it may be
+        missing from it)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            seq = int(self.get_meta("head_seq") or 0)
+            forgotten = int(self.get_meta("head_forgotten") or 0)
+            if self.db.execute("SELECT 1 FROM head_changes WHERE seq IS NULL").fetchone():
+                seq += 1
+                self.db.execute("UPDATE head_changes SET seq=? WHERE seq IS NULL", (seq,))
+                self.set_meta("head_seq", str(seq))
+            ring = [(int(r[0]), r[1]) for r in self.db.execute(
+                "SELECT seq, dir_id FROM head_changes ORDER BY seq DESC, dir_id")]
+            if len(ring) > keep:
+                dropped = ring[keep:]
+                ring = ring[:keep]
+                self.db.executemany("DELETE FROM head_changes WHERE dir_id=?",
+                                    [(d,) for _, d in dropped])
+                forgotten = max(forgotten, max(s for s, _ in dropped))
+                self.set_meta("head_forgotten", str(forgotten))
+        return seq, forgotten, ring
+
+    def writer_id(self) -> str:
+        """This local state's id as a writer of change records: random, made once."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            writer = self.get_meta("writer_id")
+            if writer is None:
+                writer = uuid.uuid4().hex
+                self.set_meta("writer_id", writer)
+        return writer
+
+    def head_published(self, seq: int) -> None:
+        self.set_meta("head_published", str(seq))
+
+    def head_unpublished(self) -> bool:
+        """Whether changes committed here are not in our head in the bucket yet (a crash, or
+        the storage went away, between a manifest commit and the head write)."""
+        if self.db.execute("SELECT 1 FROM head_changes WHERE seq IS NULL").fetchone():
+            return True
+        return int(self.get_meta("head_seq") or 0) > int(self.get_meta("head_published") or 0)
+
+    def heads_seen(self) -> dict[str, tuple[int, str]]:
+        """writer -> (last seq applied, etag of the head that said it)."""
+        return {r[0]: (int(r[1]), r[2])
+                for r in self.db.execute("SELECT writer, seq, etag FROM heads_seen")}
+
+    def saw_head(self, writer: str, seq: int, etag: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO heads_seen VALUES (?, ?, ?)",
+                        (writer, seq, etag))
 
     # -- the journal ------------------------------------------------------------------
     def append_many(self, batch: list[tuple[Iterable, Iterable[tuple[str, int]], int]],
@@ -129,11 +203,14 @@ class LocalState:
                 for r in rows]
 
     def commit_dir(self, dir_id: str, etag: str, body: bytes, seqs: list[int]) -> None:
-        """The manifest write succeeded: cache it and retire the ops it carried."""
+        """The manifest write succeeded: cache it, retire the ops it carried, and record the
+        directory for our next head (in the same transaction: a crash before the head write
+        leaves it to announce at the next start)."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT OR REPLACE INTO manifests VALUES (?, ?, ?, ?)",
-                            (dir_id, etag, body, time.time()))
+            self.db.execute("INSERT OR REPLACE INTO manifests (dir_id, etag, body, checked, "
+                            "stale) VALUES (?, ?, ?, ?, 0)", (dir_id, etag, body, time.time()))
+            self.db.execute("INSERT OR REPLACE INTO head_changes VALUES (?, NULL)", (dir_id,))
             self.db.executemany("DELETE FROM ops WHERE seq=?", [(s,) for s in seqs])
 
     def drop_ops(self, seqs: list[int]) -> None:

@@ -33,6 +33,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE IF NOT EXISTS remote_blobs (sha256 TEXT PRIMARY KEY)",
         "CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     ),
+    # 2: change records (heads.py). A cached manifest is trusted until another machine's
+    # head names its directory (`stale`); those cached before heads existed are not. Our
+    # own head's ring (`head_changes`, seq NULL: committed, not yet numbered) and the last
+    # seq seen of every other writer (`heads_seen`).
+    (
+        "ALTER TABLE manifests ADD COLUMN stale INTEGER NOT NULL DEFAULT 1",
+        "CREATE TABLE head_changes (dir_id TEXT PRIMARY KEY, seq INTEGER)",
+        "CREATE TABLE heads_seen ("
+        " writer TEXT PRIMARY KEY, seq INTEGER NOT NULL, etag TEXT NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

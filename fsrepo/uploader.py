@@ -19,6 +19,7 @@ import trio
 from .blob_upload import BlobUploader, Outcome
 from .cache_index import CacheIndex
 from .errors import ImgrepoError, StorageAccessDenied
+from .head_writer import HeadWriter
 from .journal import Journal, PendingOp
 from .manifest_commit import ManifestCommitter
 from .namespace import EMPTY_SHA, Namespace
@@ -76,6 +77,7 @@ class Uploader:
                                        quiet=quiet)
         self.blobs = BlobUploader(store, db, journal, cache, namespace, remote)
         self.manifests = ManifestCommitter(store, db, journal, namespace, remote, host=host)
+        self.heads = HeadWriter(store, db, host=host)
         self.status = UploadStatus()
         self._slots = trio.Semaphore(parallel)
         self.writes = writes
@@ -116,12 +118,14 @@ class Uploader:
         """The storage answers again (or a new login works): what failed meanwhile is tried
         at once, not after the backoff it accumulated."""
         self.retries.forget_all()
+        self.heads.retry_now()
         self.kick()
 
     # -- the loop -------------------------------------------------------------------------
     async def run(self) -> None:
         self.schedule.left_by_earlier_run()
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.heads.run, lambda: bool(self._committing))
             while True:
                 self._kick = trio.Event()
                 started = self._start_due(nursery)
@@ -197,6 +201,7 @@ class Uploader:
     async def _commit(self, dir_id: str, batch: list[PendingOp]) -> None:
         try:
             self.status.conflicts += await self.manifests.commit(dir_id, batch)
+            self.heads.committed()
             self.retries.succeeded("dir:" + dir_id)
             self.status.commits += 1
             self._succeeded()
@@ -214,7 +219,8 @@ class Uploader:
         return {"ops": len(self.journal), "blobs": len(blobs), "bytes": sum(blobs.values())}
 
     async def wait_idle(self) -> None:
-        while self.journal.by_seq or self.status.uploads_in_flight or self._committing:
+        while self.journal.by_seq or self.status.uploads_in_flight or self._committing \
+                or self.heads.busy:
             self.kick()
             await trio.sleep(0.05)
         self.drained()

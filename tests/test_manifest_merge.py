@@ -23,7 +23,7 @@ from fsrepo.manifest import (
     serialise_manifest,
 )
 from fsrepo.merge import Op, apply_op, apply_ops, coalesce, conflict_name
-from fsrepo.repository import DESCRIPTOR_KEY, open_repository
+from fsrepo.repository import DESCRIPTOR_KEY, FORMAT_VERSION, open_repository
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -430,7 +430,8 @@ def test_descriptor_created_on_an_empty_location_and_reused(store):
         snap = await _snapshot(store)
         assert list(snap) == [DESCRIPTOR_KEY]
         doc = json.loads(snap[DESCRIPTOR_KEY])
-        assert doc["format"] == "imgrepo" and doc["version"] == 1 and doc["hash"] == "sha256"
+        assert doc["format"] == "imgrepo" and doc["version"] == FORMAT_VERSION
+        assert doc["hash"] == "sha256"
         assert doc["repo_id"] == first.repo_id
         again = await open_repository(store, create=False)
         assert again == first
@@ -453,8 +454,8 @@ def test_no_repository_without_create(store):
     (DESCRIPTOR_KEY, b"[1]", "does not describe"),
     (DESCRIPTOR_KEY, json.dumps({"format": "restic", "version": 1}).encode(),
      "does not describe"),
-    (DESCRIPTOR_KEY, json.dumps({"format": "imgrepo", "version": 2, "hash": "sha256",
-                                 "repo_id": "x"}).encode(), "newer imgrepo"),
+    (DESCRIPTOR_KEY, json.dumps({"format": "imgrepo", "version": FORMAT_VERSION + 1,
+                                 "hash": "sha256", "repo_id": "x"}).encode(), "newer imgrepo"),
     (DESCRIPTOR_KEY, json.dumps({"format": "imgrepo", "version": "1", "hash": "sha256",
                                  "repo_id": "x"}).encode(), "version"),
     (DESCRIPTOR_KEY, json.dumps({"format": "imgrepo", "version": 0, "hash": "sha256",
