@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
         "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.sync", "fsrepo.salvage",
-        "fsrepo.heads"]),
+        "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher"]),
     ("assembly", ["fsrepo.engine"]),
     ("FUSE and CLI", [
         "fsrepo.fs", "fsrepo.readonly", "fsrepo.mount", "fsrepo.control", "fsrepo.cli",
@@ -71,7 +71,7 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
 
 def layer_of(name: str) -> int | None:
     probe = name
-    while probe:
+    while probe and (probe == name or probe != "fsrepo"):  # the package itself is no fallback
         for index, (_, members) in enumerate(LAYERS):
             if probe in members:
                 return index
