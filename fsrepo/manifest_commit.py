@@ -11,10 +11,11 @@ import logging
 
 import trio
 
+from .dir_merge import DirMerger
 from .errors import ManifestError, ObjectNotFound, PreconditionFailed, StorageError
 from .journal import Journal, PendingOp
 from .manifest import DirEntry, Entry, FileEntry, Manifest, parse_manifest, serialise_manifest
-from .merge import apply_ops, coalesce
+from .merge import Op, apply_ops, coalesce, moved_dirs
 from .namespace import Namespace
 from .remote_index import RemoteIndex
 from .repository import manifest_key
@@ -41,6 +42,9 @@ class ManifestCommitter:
         self.ns = namespace
         self.remote = remote
         self.host = host
+        self.merger = DirMerger(store, db, journal, namespace, host=host)
+        self._in_flight: set[str] = set()  # directories being committed now
+        self._removed: set[str] = set()  # removed while their own commit was in flight
 
     async def read_manifest(self, dir_id: str) -> tuple[dict[bytes, Entry], str | None]:
         try:
@@ -56,6 +60,16 @@ class ManifestCommitter:
     async def commit(self, dir_id: str, batch: list[PendingOp]) -> int:
         """Write `batch` into the directory's manifest; returns how many names conflicted
         (kept under another name)."""
+        self._in_flight.add(dir_id)
+        try:
+            return await self._commit(dir_id, batch)
+        finally:
+            self._in_flight.discard(dir_id)
+            if dir_id in self._removed and not self.journal.by_dir.get(dir_id):
+                self._removed.discard(dir_id)
+                await self._delete_manifest(dir_id)
+
+    async def _commit(self, dir_id: str, batch: list[PendingOp]) -> int:
         view = self.ns.views.get(dir_id)
         cached = None if view is None else (dict(view.remote), view.etag)
         if cached is None:
@@ -67,14 +81,19 @@ class ManifestCommitter:
                 except ManifestError:
                     cached = None
         remote, etag = cached if cached is not None else await self.read_manifest(dir_id)
-        ops = [p.op for p in batch]
+        await self.merger.finish_earlier()
         # A removal that `requires` an earlier op is the source side of a rename.
         moved = {p.op.name for p in batch if p.op.entry is None and p.requires is not None}
         races = 0
         while True:
             entries = dict(remote)
-            ops_now = await self._drop_unsafe_dir_removals(remote, ops, moved)
-            diverted = apply_ops(entries, ops_now, self.host)
+            ops = [p.op for p in batch]  # (a folder merge re-targets them in place)
+            ops_now, emptied = await self._drop_unsafe_dir_removals(remote, ops, moved)
+            merged: dict[str, str] = {}
+            diverted = apply_ops(entries, ops_now, self.host, merged=merged,
+                                 moved=self._moved_anywhere())
+            if merged and await self._merge_dirs(merged):
+                continue  # the ops changed: apply them again
             body = serialise_manifest(Manifest(dir_id, entries))
             try:
                 if etag is None:
@@ -99,33 +118,85 @@ class ManifestCommitter:
         self.journal.retire(dir_id, seqs)
         self.remote.note_known({e.sha256 for e in entries.values() if isinstance(e, FileEntry)})
         self.ns.views.set_remote(dir_id, entries, new_etag)
+        await self._drop_removed_manifests(emptied, entries)
         return len(diverted)
 
-    async def _drop_unsafe_dir_removals(self, remote: dict[bytes, Entry], ops: list,
-                                        moved: set[bytes]) -> list:
-        """A directory removed here may have gained files on another machine meanwhile:
-        then the removal is dropped, so their files stay reachable. The old name of a
-        directory renamed away (to another parent: `moved`, or within this one) always
-        goes: the directory lives on under its new name, content and all."""
+    def _moved_anywhere(self) -> set[str]:
+        """Directories a pending op removes from a name: putting one of them under another
+        name is a rename, never a new directory to merge."""
+        return moved_dirs([p.op for p in self.journal.by_seq.values()])
+
+    async def _merge_dirs(self, merged: dict[str, str]) -> bool:
+        """New directories of ours met theirs under the same names: merge them (see
+        `dir_merge`); whether anything moved."""
+        moved = False
+        for ours, theirs in merged.items():
+            moved = await self.merger.merge(ours, theirs) or moved
+        return moved
+
+    async def _drop_removed_manifests(self, emptied: set[str],
+                                      entries: dict[bytes, Entry]) -> None:
+        """The manifests of directories this commit removed (checked empty, not renamed)
+        are deleted from the bucket: no manifest is left that no folder lists."""
+        still = {e.id for e in entries.values() if isinstance(e, DirEntry)}
+        wanted = {p.op.entry.id for p in self.journal.by_seq.values()
+                  if isinstance(p.op.entry, DirEntry)}
+        for dir_id in emptied - still - wanted:
+            # Its own pending ops only take out what is there (it was found empty with
+            # them applied): they need not go anywhere now.
+            left = list(self.journal.by_dir.get(dir_id, ()))
+            if left:
+                await self.db.run(self.db.state.drop_ops, [p.seq for p in left])
+                self.journal.forget(left)
+            if dir_id in self._in_flight:
+                self._removed.add(dir_id)  # deleted once that commit is done
+            else:
+                await self._delete_manifest(dir_id)
+
+    async def _delete_manifest(self, dir_id: str) -> None:
+        try:
+            await self.store.delete(manifest_key(dir_id))
+        except ObjectNotFound:
+            pass
+        except StorageError as exc:
+            log.warning("cannot delete the manifest of removed directory %s: %s", dir_id, exc)
+
+    async def _drop_unsafe_dir_removals(self, remote: dict[bytes, Entry], ops: list[Op],
+                                        moved: set[bytes]) -> tuple[list[Op], set[str]]:
+        """A directory removed (or replaced) here may have gained files on another machine
+        meanwhile: then it stays, so their files stay reachable (a removal is dropped; a
+        replacement becomes a create, which meets their directory and merges or is kept
+        beside it). The old name of a directory renamed away (to another parent: `moved`,
+        or within this one) always goes: it lives on under its new name, content and all.
+        Also returns the directories found empty here and removed (their manifests go)."""
         out = []
+        emptied: set[str] = set()
         moved_ids = {o.entry.id for o in ops if isinstance(o.entry, DirEntry)}
         for op in coalesce(ops):
             base = op.base
-            if op.entry is None and isinstance(base, DirEntry) and remote.get(op.name) == base \
-                    and op.name not in moved and base.id not in moved_ids:
-                if op.name not in {o.name for o in ops if o.entry is not None}:
-                    try:
-                        child, _ = await self.read_manifest(base.id)
-                    except ManifestError:
-                        child = {}
-                    if child:
-                        # What this machine itself still has to take out of it (files
-                        # deleted or moved away, not yet committed) does not count.
-                        child = dict(child)
-                        apply_ops(child, self.journal.ops_for(base.id), self.host)
-                    if child:
-                        log.warning("directory %r was removed here but another machine added "
-                                    "files to it; keeping it", op.name)
-                        continue
+            if isinstance(base, DirEntry) and remote.get(op.name) == base \
+                    and op.name not in moved and base.id not in moved_ids \
+                    and not (isinstance(op.entry, DirEntry) and op.entry.id == base.id):
+                if not await self._gained_entries(base.id):
+                    emptied.add(base.id)
+                elif op.entry is None:
+                    log.warning("directory %r was removed here but another machine added "
+                                "files to it; keeping it", op.name)
+                    continue
+                else:
+                    op = Op(op.name, op.entry, None)
             out.append(op)
-        return out
+        return out, emptied
+
+    async def _gained_entries(self, dir_id: str) -> bool:
+        """Whether a directory holds anything this machine is not about to take out of it
+        (its pending ops are read first: ops that land meanwhile are then in the manifest
+        read, and applying them again changes nothing)."""
+        own = self.journal.ops_for(dir_id)
+        try:
+            child, _ = await self.read_manifest(dir_id)
+        except ManifestError:
+            return False
+        child = dict(child)
+        apply_ops(child, own, self.host)
+        return bool(child)
