@@ -41,7 +41,8 @@ class DirMerger:
         self._earlier_done = False
 
     async def merge(self, ours: str, theirs: str) -> bool:
-        """Merge directory `ours` into `theirs`; False if there was nothing (left) to move."""
+        """Merge directory `ours` into `theirs`; False if there was nothing (left) to move.
+        Its manifest is then for `drop_manifest` (once no commit of it is in flight)."""
         if ours == theirs or ours in self.journal.merged:
             return False
         content = await self._content(ours)
@@ -55,7 +56,6 @@ class DirMerger:
         if view is not None:
             self.ns.views.discard(view)
         self.ns.views.recompute(changed)
-        await self._drop_manifest(ours)
         return True
 
     async def finish_earlier(self) -> None:
@@ -64,7 +64,7 @@ class DirMerger:
         if self._earlier_done:
             return
         for ours in await self.db.run(merge_markers, self.db.state):
-            await self._drop_manifest(ours)
+            await self.drop_manifest(ours)
         self._earlier_done = True
 
     async def _content(self, ours: str) -> dict[bytes, Entry] | None:
@@ -103,14 +103,14 @@ class DirMerger:
         for name in () if view is None else view.entries:
             self.ns.invalidator.entry(node.ino, name)
 
-    async def _drop_manifest(self, ours: str) -> None:
-        """Delete the merged-away directory's manifest; the marker stays until that is
-        done (a later commit tries again)."""
+    async def drop_manifest(self, ours: str) -> None:
+        """Delete the manifest of a directory no folder lists any more (merged away, or
+        removed); a merge's marker stays until that is done (a later run tries again)."""
         try:
             await self.store.delete(manifest_key(ours))
         except ObjectNotFound:
             pass
         except StorageError as exc:
-            log.warning("cannot delete the manifest of merged directory %s yet: %s", ours, exc)
+            log.warning("cannot delete the manifest of directory %s yet: %s", ours, exc)
             return
         await self.db.run(drop_marker, self.db.state, ours)

@@ -50,10 +50,17 @@ class SymlinkEntry:
 Entry = FileEntry | DirEntry | SymlinkEntry
 
 
+MAX_MOVED = 256  # removal records a manifest keeps (the oldest go first)
+
+
 @dataclass
 class Manifest:
     dir_id: str
     entries: dict[bytes, Entry] = field(default_factory=dict)
+    # Directories renamed out of this one into another folder: id -> (that folder's id,
+    # the name there). A machine whose own rename of one of them finds its source gone
+    # learns from it that another machine's rename landed first (docs/cross-machine.md).
+    moved: dict[str, tuple[str, bytes]] = field(default_factory=dict)
 
 
 def check_name(name: bytes) -> None:
@@ -167,7 +174,28 @@ def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
             manifest.entries[name] = entry_from_json(value)
         except ValueError as exc:
             problems.append(f"directory {dir_id}: refused entry {shown[:80]!r}: {exc}")
+    manifest.moved = _moved_from_json(raw.get("moved", {}), dir_id, problems)
     return manifest, problems
+
+
+def _moved_from_json(raw: object, dir_id: str, problems: list[str]) -> dict[str, tuple[str, bytes]]:
+    """The removal records; a bad one is refused alone (they are advice, not content)."""
+    if not isinstance(raw, dict):
+        problems.append(f"directory {dir_id}: refused its moved records: not an object")
+        return {}
+    out: dict[str, tuple[str, bytes]] = {}
+    for key, value in list(raw.items())[-MAX_MOVED:]:
+        try:
+            if not is_valid_dir_id(key) or not isinstance(value, dict) \
+                    or not is_valid_dir_id(value.get("to")) \
+                    or not isinstance(value.get("name_b64"), str):
+                raise ValueError("malformed")
+            name = base64.b64decode(value["name_b64"], validate=True)
+            check_name(name)
+            out[key] = (value["to"], name)
+        except (ValueError, binascii.Error) as exc:
+            problems.append(f"directory {dir_id}: refused moved record {key[:80]!r}: {exc}")
+    return out
 
 
 def serialise_manifest(manifest: Manifest) -> bytes:
@@ -182,4 +210,7 @@ def serialise_manifest(manifest: Manifest) -> bytes:
     doc: dict = {"imgrepo_manifest": FORMAT, "dir_id": manifest.dir_id, "entries": plain}
     if encoded:
         doc["raw_entries"] = encoded
+    if manifest.moved:
+        doc["moved"] = {dir_id: {"to": to, "name_b64": base64.b64encode(name).decode()}
+                        for dir_id, (to, name) in list(manifest.moved.items())[-MAX_MOVED:]}
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -232,6 +232,18 @@ class Namespace:
         await self.settle(rec)
         return node
 
+    def record_take_back(self, dir_id: str, name: bytes, entry: DirEntry) -> Record:
+        """Remove a directory's name that this machine's rename gave it, because another
+        machine's rename of it landed first (`settle` the result). The directory lives on
+        under their name: its inode is not orphaned, only the kernel's entry goes. Recorded
+        as a rename's source side (`requires` seq 0: nothing to wait for), so the commit
+        does not take it for a removal of the directory itself."""
+        rec = self._record([(dir_id, Op(name, None, entry), 0)])
+        pnode = self.inodes.of_dir(dir_id)
+        if pnode is not None:
+            self.invalidator.entry(pnode.ino, name)
+        return rec
+
     def _require_empty(self, entry: DirEntry) -> None:
         """rmdir and rename-over-a-directory: the directory (loaded) must be empty."""
         view = self.views.get(entry.id)
