@@ -45,12 +45,18 @@ class DirMerger:
         Its manifest is then for `drop_manifest` (once no commit of it is in flight)."""
         if ours == theirs or ours in self.journal.merged:
             return False
-        content = await self._content(ours)
-        if content is None:
-            return False
-        log.info("directory %s was also created on another machine as %s: merging this "
+        while True:
+            seen = [p.seq for p in self.journal.by_dir.get(ours, ())]
+            content = await self._content(ours)
+            if content is None:
+                return False
+            # (ops read before the manifest: one committed in between is in both, and
+            # applying it again changes nothing; `merge_dir` checks none came or went)
+            changed = await self.journal.merge_dir(ours, theirs, content, seen)
+            if changed is not None:
+                break
+        log.info("directory %s was also created on another machine as %s: merged this "
                  "machine's %d entries into it", ours, theirs, len(content))
-        changed = await self.journal.merge_dir(ours, theirs, content)
         self._point_inode(ours, theirs)
         view = self.ns.views.get(ours)
         if view is not None:
@@ -70,8 +76,9 @@ class DirMerger:
     async def _content(self, ours: str) -> dict[bytes, Entry] | None:
         """What directory `ours` holds for this machine: its last manifest written from
         here, with the pending ops applied; None if it was merged away already."""
+        ops = self.journal.ops_for(ours)
         row = await self.db.run(self.db.state.load_manifest, ours)
-        if row is None and not self.journal.by_dir.get(ours):
+        if row is None and not ops:
             return None
         entries: dict[bytes, Entry] = {}
         if row is not None and row[1]:
@@ -82,7 +89,7 @@ class DirMerger:
                 entries = await self._from_bucket(ours)
         elif row is None:
             entries = await self._from_bucket(ours)
-        apply_ops(entries, self.journal.ops_for(ours), self.host)
+        apply_ops(entries, ops, self.host)
         return entries
 
     async def _from_bucket(self, ours: str) -> dict[bytes, Entry]:

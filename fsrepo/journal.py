@@ -133,15 +133,20 @@ class Journal:
                 if not ops:
                     del self.by_dir[p.dir_id]
 
-    async def merge_dir(self, ours: str, theirs: str, content: dict[bytes, Entry]) -> set[str]:
+    async def merge_dir(self, ours: str, theirs: str, content: dict[bytes, Entry],
+                        seen: list[int]) -> set[str] | None:
         """Directory `ours` is merged into `theirs`: its pending ops are replaced by puts of
         its whole `content` (its manifest with those ops applied) into `theirs`, and every
         op naming `ours` as an entry or base names `theirs` instead. One transaction, which
-        also leaves the merge marker; returns the directories whose ops changed."""
+        also leaves the merge marker; returns the directories whose ops changed. None if
+        the ops of `ours` are no longer `seen` (the seqs `content` was computed with:
+        some were committed or added meanwhile): compute it again."""
         while self._queue:  # everything recorded so far is in the database first
             await self.make_durable(self._queue[-1])
         async with self._writer:
             dropped = list(self.by_dir.get(ours, ()))
+            if [p.seq for p in dropped] != seen:
+                return None
             added = [PendingOp(self._next_seq + i, theirs, Op(name, entry, None), None,
                                written=False)
                      for i, (name, entry) in enumerate(sorted(content.items()))]

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from fsrepo.errors import FsError
-from fsrepo.manifest import DirEntry
+from fsrepo.manifest import DirEntry, is_removal_mark
 from fsrepo.repository import manifest_key
 
 try:
@@ -48,7 +48,9 @@ def engine(root: Path, cache: Path, **kw):  # noqa: ANN201
 
 
 def manifests(root: Path) -> set[str]:
-    return {p.name[:-len(".json")] for p in (root / "dirs").glob("*.json")}
+    """The manifests in the bucket (but the marks of removed never-filled directories)."""
+    return {p.name[:-len(".json")] for p in (root / "dirs").glob("*.json")
+            if not is_removal_mark(p.read_bytes(), p.name[:-len(".json")])}
 
 
 def reachable(root: Path) -> set[str]:
@@ -186,7 +188,9 @@ def test_removing_and_recreating_folders_on_one_machine_leaves_nothing_unreachab
         async with engine(root, tmp_path / "fresh") as fresh:
             got = await tree(fresh)
         assert got[b"status/x/y/f0"] == b"round 2" and got[b"keep/f4"] == b"keep 4"
-        assert manifests(root) <= reachable(root)
+        left = {d: (root / manifest_key(d)).read_bytes()[:300]
+                for d in manifests(root) - reachable(root)}
+        assert not left
 
     trio.run(main)
     assert "another machine added" not in caplog.text
@@ -233,5 +237,52 @@ def test_one_folder_renamed_to_two_names_on_two_machines_ends_under_the_first(tm
         assert got[first + b"/inner/f"] == b"content"
         assert got_b == got
         assert manifests(root) <= reachable(root)
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("first", ["addition", "removal", "removal-marked"])
+def test_a_folder_removed_while_another_machine_adds_to_it_keeps_the_additions(tmp_path, first):
+    """Removal versus addition: whichever lands first, the added file stays reachable
+    ("removal-marked": the remover has marked the folder removed but its removal from the
+    parent has not landed when the addition does)."""
+    root = tmp_path / "repo"
+
+    async def main():
+        async with engine(root, tmp_path / "setup") as eng:
+            await makedirs(eng, "d")
+            await write_file(eng, b"other/f", b"f")
+            await eng.uploader.wait_idle()
+        async with engine(root, tmp_path / "a", upload=False, host="hostA") as a, \
+                engine(root, tmp_path / "b", upload=False, host="hostB") as b:
+            await list_dir(a, "d")
+            await write_file(b, b"d/new.txt", b"added on b")
+            d_a, _ = await resolve(a, "")
+            d_id = (await list_dir(a))[b"d"].id
+            if first == "removal-marked":
+                body = (root / manifest_key(d_id)).read_bytes() \
+                    if (root / manifest_key(d_id)).exists() else None
+                committer = a.uploader.manifests
+                assert await committer._mark_removed(d_id, "root", b"d") is not None
+                assert body != (root / manifest_key(d_id)).read_bytes()
+                start_uploader(b)
+                await b.uploader.wait_idle()
+                await a.ns.remove(d_a.ino, b"d", is_dir=True)
+                start_uploader(a)
+                await a.uploader.wait_idle()
+            else:
+                await a.ns.remove(d_a.ino, b"d", is_dir=True)
+                order = [b, a] if first == "addition" else [a, b]
+                for eng in order:
+                    start_uploader(eng)
+                    await eng.uploader.wait_idle()
+                await b.uploader.wait_idle()
+        async with engine(root, tmp_path / "fresh") as fresh:
+            got = await tree(fresh)
+        assert got == {b"d": None, b"d/new.txt": b"added on b", b"other": None,
+                       b"other/f": b"f"}
+        left = {d: (root / manifest_key(d)).read_bytes()[:300]
+                for d in manifests(root) - reachable(root)}
+        assert not left
 
     trio.run(main)
