@@ -45,6 +45,9 @@ class DirMerger:
         Its manifest is then for `drop_manifest` (once no commit of it is in flight)."""
         if ours == theirs or ours in self.journal.merged:
             return False
+        # Theirs is loaded first: once our inode shows it, the files open in it (and those
+        # being created there) are looked up in its view, which must be in memory.
+        await self.ns.views.load(theirs)
         while True:
             seen = [p.seq for p in self.journal.by_dir.get(ours, ())]
             content = await self._content(ours)
