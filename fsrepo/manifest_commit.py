@@ -117,8 +117,11 @@ class ManifestCommitter:
             if merged and await self._merge_dirs(merged):
                 continue  # the ops changed: apply them again
             gone = known.removed is not None or (etag is None and had_manifest)
-            if gone and not entries:
-                break  # removed (here or elsewhere), and nothing of ours to keep in it
+            skip = (gone and not entries) or dir_id in self.journal.merged
+            if skip:
+                # removed (here or elsewhere) with nothing of ours to keep in it, or merged
+                # into another directory meanwhile (the merge carried these ops along)
+                break
             body = serialise_manifest(Manifest(dir_id, entries, self._moves_out(
                 dir_id, remote, entries, records, ops_now, moved)))
             try:
@@ -137,7 +140,7 @@ class ManifestCommitter:
                 known, etag = await self.read_full(dir_id)
                 remote, records = known.entries, known.moved
                 await trio.sleep(MERGE_PAUSE.delay(races))
-        if gone and not entries:
+        if skip:
             await self.db.run(self.db.state.drop_ops, [p.seq for p in batch])
             self.journal.retire(dir_id, [p.seq for p in batch])
             for removed_id, removal in marked.items():
@@ -185,7 +188,6 @@ class ManifestCommitter:
         entry = DirEntry(dir_id, time.time_ns(), 0o755)
         await self.ns.settle(self.ns.record_fix(parent, Op(name, entry, None), None))
 
-
     def _moved_anywhere(self) -> set[str]:
         """Directories a pending op removes from a name: putting one of them under another
         name is a rename, never a new directory to merge."""
@@ -213,6 +215,8 @@ class ManifestCommitter:
         """Directories this commit removed (found empty and marked removed, not renamed):
         their own pending ops are dropped, and their manifests go (see `_finish_removal`),
         so no manifest is left that no folder lists."""
+        if not emptied:
+            return
         still = {e.id for e in entries.values() if isinstance(e, DirEntry)}
         wanted = {p.op.entry.id for p in self.journal.by_seq.values()
                   if isinstance(p.op.entry, DirEntry)}
