@@ -155,3 +155,59 @@ def test_a_mount_killed_during_a_folder_merge_loses_nothing(
         assert tree(fresh.path) == expected
     report = verify(s3_bucket, mount_env)
     assert report["problems"] == [] and unreachable(report) == 0, report
+
+
+def test_one_folder_renamed_to_two_names_on_two_mounts_ends_under_one(
+        s3_bucket, mounter, mount_env):
+    a = mounter(s3_bucket.url, "--refresh", REFRESH, name="alpha",
+                endpoint_url=s3_bucket.endpoint_url)
+    b = mounter(s3_bucket.url, "--refresh", REFRESH, name="beta",
+                endpoint_url=s3_bucket.endpoint_url)
+    with logs_on_failure(a, b):
+        (a.path / "d" / "inner").mkdir(parents=True)
+        (a.path / "d" / "inner" / "f.txt").write_bytes(b"f")
+        idle(a)
+        until("d on beta", lambda: (b.path / "d" / "inner" / "f.txt").exists())
+        os.rename(a.path / "d", a.path / "x")
+        os.rename(b.path / "d", b.path / "y")
+        idle(a)
+        idle(b)
+        idle(a)
+        for m in (a, b):
+            until(f"one name on {m.path.name}",
+                  lambda m=m: len(os.listdir(m.path)) == 1, timeout=30)
+        names = {os.listdir(m.path)[0] for m in (a, b)}
+        assert len(names) == 1 and names <= {"x", "y"}
+        fresh = mounter(s3_bucket.url, name="fresh", endpoint_url=s3_bucket.endpoint_url)
+        assert tree(fresh.path) == {f"{names.pop()}/inner/f.txt": b"f"}
+    report = verify(s3_bucket, mount_env)
+    assert report["problems"] == [] and unreachable(report) == 0, report
+
+
+def test_a_folder_removed_on_one_mount_while_the_other_adds_to_it(
+        s3_bucket, mounter, mount_env):
+    a = mounter(s3_bucket.url, "--refresh", REFRESH, name="alpha",
+                endpoint_url=s3_bucket.endpoint_url)
+    b = mounter(s3_bucket.url, "--refresh", REFRESH, name="beta",
+                endpoint_url=s3_bucket.endpoint_url)
+    with logs_on_failure(a, b):
+        for d in ("d1", "d2"):
+            (a.path / d).mkdir()
+            (a.path / d / "old.txt").write_bytes(b"old")
+        idle(a)
+        until("the folders on beta", lambda: (b.path / "d2" / "old.txt").exists())
+        for d, first in (("d1", a), ("d2", b)):  # either machine's change lands first
+            (a.path / d / "old.txt").unlink()
+            (b.path / d / "new.txt").write_bytes(b"new " + d.encode())
+            os.rmdir(a.path / d)
+            second = b if first is a else a
+            idle(first)
+            idle(second)
+            idle(first)
+        fresh = mounter(s3_bucket.url, name="fresh", endpoint_url=s3_bucket.endpoint_url)
+        assert tree(fresh.path) == {"d1/new.txt": b"new d1", "d2/new.txt": b"new d2"}
+        for m in (a, b):
+            until(f"both folders on {m.path.name}",
+                  lambda m=m: tree(m.path) == tree(fresh.path), timeout=30)
+    report = verify(s3_bucket, mount_env)
+    assert report["problems"] == [] and unreachable(report) == 0, report
