@@ -249,7 +249,7 @@ class DirViews:
     # -- internals ------------------------------------------------------------------------
     def _compute(self, view: DirView) -> None:
         entries = dict(view.remote)
-        apply_ops(entries, self.journal.ops_for(view.dir_id), self.host)
+        apply_ops(entries, self.journal.ops_for(view.dir_id), self.host, merged={})
         view.entries = entries
 
     async def _fetch(self, dir_id: str, etag: str | None) -> tuple[bool, StoredObject | None]:

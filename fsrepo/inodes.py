@@ -108,6 +108,17 @@ class InodeTable:
             self._by_key[(parent, name)] = node.ino
         node.parent, node.name = parent, name
 
+    def redirect_dir(self, old_id: str, new_id: str) -> Node | None:
+        """Directory `old_id` was merged into `new_id`: its inode (if any) now shows
+        `new_id`, and stands for it unless `new_id` has an inode of its own."""
+        ino = self._dir_ino.pop(old_id, None)
+        if ino is None:
+            return None
+        node = self.nodes[ino]
+        node.dir_id = new_id
+        self._dir_ino.setdefault(new_id, ino)
+        return node
+
     def drop_if_unused(self, node: Node) -> None:
         """Forget a node nobody refers to any more (no lookups, no open handles)."""
         if node.lookups <= 0 and node.opens <= 0 and node.ino != ROOT_INO:

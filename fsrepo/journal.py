@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .manifest import DirEntry, Entry
 from .merge import Op
+from .merge_record import OpRow, write_dir_merge
 from .state import JournalOp, StateDB
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class Journal:
         self._next_seq = 1
         self._queue: list[Record] = []
         self._writer = trio.Lock()
+        self.merged: dict[str, str] = {}  # directory merged away -> the one it went into
 
     def load(self, rows: list[JournalOp]) -> None:
         for row in rows:
@@ -72,6 +75,7 @@ class Journal:
         journal's order now; `make_durable` then writes them."""
         pending: list[PendingOp] = []
         for dir_id, op, req in ops:
+            dir_id = self.merged.get(dir_id, dir_id)  # a caller that still had the old id
             seq = self._next_seq
             self._next_seq += 1
             if req is not None and req < 0:
@@ -91,7 +95,7 @@ class Journal:
             if not rec.done:
                 batch, self._queue = self._queue, []
                 rows = [([(p.dir_id, p.op.name, p.op.entry, p.op.base, p.requires, p.seq)
-                          for p in b.pending], b.new_blobs, b.dedup_bytes) for b in batch]
+                          for p in b.pending if p.seq in self.by_seq], b.new_blobs, b.dedup_bytes) for b in batch]
                 try:
                     await self.db.run(self.db.state.append_many, rows,
                                       any(b.durable for b in batch))
@@ -129,6 +133,69 @@ class Journal:
                 if not ops:
                     del self.by_dir[p.dir_id]
 
+    async def merge_dir(self, ours: str, theirs: str, content: dict[bytes, Entry],
+                        seen: list[int]) -> set[str] | None:
+        """Directory `ours` is merged into `theirs`: its pending ops are replaced by puts of
+        its whole `content` (its manifest with those ops applied) into `theirs`, and every
+        op naming `ours` as an entry or base names `theirs` instead. One transaction, which
+        also leaves the merge marker; returns the directories whose ops changed. None if
+        the ops of `ours` are no longer `seen` (the seqs `content` was computed with:
+        some were committed or added meanwhile): compute it again."""
+        while self._queue:  # everything recorded so far is in the database first
+            await self.make_durable(self._queue[-1])
+        async with self._writer:
+            dropped = list(self.by_dir.get(ours, ()))
+            if [p.seq for p in dropped] != seen:
+                return None
+            added = [PendingOp(self._next_seq + i, theirs, Op(name, entry, None), None,
+                               written=False)
+                     for i, (name, entry) in enumerate(sorted(content.items()))]
+            self._next_seq += len(added)
+            by_name = {p.op.name: p.seq for p in added}
+            gone = {p.seq: by_name.get(p.op.name) for p in dropped}
+            rewritten: list[tuple[PendingOp, Op, int | None]] = []
+            for p in self.by_seq.values():
+                if p.dir_id == ours:
+                    continue
+                op = Op(p.op.name, _renamed(p.op.entry, ours, theirs),
+                        _renamed(p.op.base, ours, theirs), p.op.passed)
+                requires = gone.get(p.requires, p.requires) if p.requires in gone \
+                    else p.requires
+                if op != p.op or requires != p.requires:
+                    rewritten.append((p, op, requires))
+            # Memory first (no await in between: what is recorded meanwhile sees the
+            # merge), then the database; a failed write puts memory back.
+            self.forget(dropped)
+            for p in added:
+                self._add(p)
+            undo = [(p, p.op, p.requires) for p, _, _ in rewritten]
+            for p, op, req in rewritten:
+                p.op, p.requires = op, req
+            self.merged[ours] = theirs
+            try:
+                await self.db.run(
+                    write_dir_merge, self.db.state, ours, theirs, [p.seq for p in dropped],
+                    [OpRow(p.seq, p.dir_id, p.op.name, p.op.entry, p.op.base, None)
+                     for p in added],
+                    [OpRow(p.seq, p.dir_id, op.name, op.entry, op.base, req)
+                     for p, op, req in rewritten if p.written])
+            except BaseException:
+                del self.merged[ours]
+                self.forget(added)
+                for p in dropped:
+                    self._add(p)
+                for p, op, req in undo:
+                    p.op, p.requires = op, req
+                raise
+            for p in added:
+                p.written = True
+            for source, into in self.merged.items():
+                if into == ours:
+                    self.merged[source] = theirs
+            self.changed.set()
+            self.changed = trio.Event()
+        return {theirs} | {p.dir_id for p, _, _ in rewritten}
+
     def ops_for(self, dir_id: str) -> list[Op]:
         return [p.op for p in self.by_dir.get(dir_id, ())]
 
@@ -144,3 +211,10 @@ class Journal:
 
     def __len__(self) -> int:
         return len(self.by_seq)
+
+
+def _renamed(entry: Entry | None, old: str, new: str) -> Entry | None:
+    """The entry with directory id `old` replaced by `new` (other entries as they are)."""
+    if isinstance(entry, DirEntry) and entry.id == old:
+        return DirEntry(new, entry.mtime_ns, entry.mode)
+    return entry

@@ -50,10 +50,21 @@ class SymlinkEntry:
 Entry = FileEntry | DirEntry | SymlinkEntry
 
 
+MAX_MOVED = 256  # removal records a manifest keeps (the oldest go first)
+
+
 @dataclass
 class Manifest:
     dir_id: str
     entries: dict[bytes, Entry] = field(default_factory=dict)
+    # Directories renamed out of this one into another folder: id -> (that folder's id,
+    # the name there). A machine whose own rename of one of them finds its source gone
+    # learns from it that another machine's rename landed first (docs/cross-machine.md).
+    moved: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    # Set while a machine removes this (empty) directory: the folder and the name it is
+    # removed from. A machine adding entries meanwhile puts it back there (the additions
+    # keep the folder alive); the remover deletes the manifest if nobody did.
+    removed: tuple[str, bytes] | None = None
 
 
 def check_name(name: bytes) -> None:
@@ -167,7 +178,51 @@ def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
             manifest.entries[name] = entry_from_json(value)
         except ValueError as exc:
             problems.append(f"directory {dir_id}: refused entry {shown[:80]!r}: {exc}")
+    manifest.moved = _moved_from_json(raw.get("moved", {}), dir_id, problems)
+    if "removed" in raw:
+        manifest.removed = _place_from_json(raw["removed"], "from", dir_id, problems)
     return manifest, problems
+
+
+def _place_from_json(raw: object, key: str, dir_id: str,
+                     problems: list[str]) -> tuple[str, bytes] | None:
+    """A (folder id, name) pair: {key: id, "name_b64": name}; None (and a problem) if bad."""
+    try:
+        if not isinstance(raw, dict) or not is_valid_dir_id(raw.get(key)) \
+                or not isinstance(raw.get("name_b64"), str):
+            raise ValueError("malformed")
+        name = base64.b64decode(raw["name_b64"], validate=True)
+        check_name(name)
+        return raw[key], name
+    except (ValueError, binascii.Error) as exc:
+        problems.append(f"directory {dir_id}: refused a record: {exc}")
+        return None
+
+
+def _moved_from_json(raw: object, dir_id: str, problems: list[str]) -> dict[str, tuple[str, bytes]]:
+    """The removal records; a bad one is refused alone (they are advice, not content)."""
+    if not isinstance(raw, dict):
+        problems.append(f"directory {dir_id}: refused its moved records: not an object")
+        return {}
+    out: dict[str, tuple[str, bytes]] = {}
+    for key, value in list(raw.items())[-MAX_MOVED:]:
+        if not is_valid_dir_id(key):
+            problems.append(f"directory {dir_id}: refused a record: bad id")
+            continue
+        place = _place_from_json(value, "to", dir_id, problems)
+        if place is not None:
+            out[key] = place
+    return out
+
+
+def is_removal_mark(data: bytes, dir_id: str) -> bool:
+    """Whether a manifest is only the mark of a removed directory that never held
+    anything (kept so that a machine adding to it learns of the removal; not a leftover)."""
+    try:
+        manifest = parse_manifest(data, dir_id)[0]
+    except ManifestError:
+        return False
+    return manifest.removed is not None and not manifest.entries
 
 
 def serialise_manifest(manifest: Manifest) -> bytes:
@@ -182,4 +237,10 @@ def serialise_manifest(manifest: Manifest) -> bytes:
     doc: dict = {"imgrepo_manifest": FORMAT, "dir_id": manifest.dir_id, "entries": plain}
     if encoded:
         doc["raw_entries"] = encoded
+    if manifest.moved:
+        doc["moved"] = {dir_id: {"to": to, "name_b64": base64.b64encode(name).decode()}
+                        for dir_id, (to, name) in list(manifest.moved.items())[-MAX_MOVED:]}
+    if manifest.removed is not None:
+        doc["removed"] = {"from": manifest.removed[0],
+                          "name_b64": base64.b64encode(manifest.removed[1]).decode()}
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

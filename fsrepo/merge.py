@@ -8,7 +8,11 @@ meanwhile is then a three-way merge per name:
 - a removal meets a changed entry: the other writer's version wins (an edit beats a delete);
 - a write meets a removed entry: the write wins (it recreates the name);
 - a write meets a different version: both are kept, ours under a conflict name
-  ``<stem> (conflict <host> <YYYY-MM-DD HHMMSS>)<suffix>``.
+  ``<stem> (conflict <host> <YYYY-MM-DD HHMMSS>)<suffix>``;
+- a new directory meets another directory under its name: the name keeps theirs, and ours
+  is *merged into* it (`merged` reports it; `dir_merge` moves our directory's content and
+  pending ops into theirs, where the same rules apply name by name, so same-named
+  subdirectories merge too).
 """
 
 from __future__ import annotations
@@ -86,8 +90,21 @@ def coalesce(ops: list[Op]) -> list[Op]:
     return list(out.values())
 
 
-def apply_op(entries: dict[bytes, Entry], op: Op, host: str, now: float) -> bytes | None:
-    """Apply one op in place; returns the conflict name if ours was diverted to one."""
+def merges_into(current: Entry | None, op: Op) -> DirEntry | None:
+    """The directory a new directory of ours merges into: theirs under the same name."""
+    if isinstance(op.entry, DirEntry) and op.base is None and isinstance(current, DirEntry) \
+            and current.id != op.entry.id and current not in op.passed:
+        return current
+    return None
+
+
+def apply_op(entries: dict[bytes, Entry], op: Op, host: str, now: float,
+             merged: dict[str, str] | None = None,
+             moved: frozenset[str] | set[str] = frozenset()) -> bytes | None:
+    """Apply one op in place; returns the conflict name if ours was diverted to one.
+    With `merged` given, a new directory meeting theirs leaves theirs in place and is
+    noted there (our id -> theirs); a directory `moved` here by a rename is not new (other
+    machines know it) and goes to a conflict name instead."""
     current = entries.get(op.name)
     if current == op.entry:
         return None
@@ -104,20 +121,33 @@ def apply_op(entries: dict[bytes, Entry], op: Op, host: str, now: float) -> byte
     if current is None:
         entries[op.name] = op.entry  # our write recreates what they deleted
         return None
+    into = merges_into(current, op)
+    if into is not None and merged is not None and isinstance(op.entry, DirEntry) \
+            and op.entry.id not in moved:
+        merged[op.entry.id] = into.id
+        return None
     diverted = conflict_name(op.name, host, now, entries)
     entries[diverted] = op.entry
     return diverted
 
 
 def apply_ops(entries: dict[bytes, Entry], ops: list[Op], host: str,
-              now: float | None = None) -> dict[bytes, bytes]:
-    """Apply ops in order; returns {name: conflict name} for diverted writes."""
+              now: float | None = None, merged: dict[str, str] | None = None,
+              moved: frozenset[str] | set[str] = frozenset()) -> dict[bytes, bytes]:
+    """Apply ops in order; returns {name: conflict name} for diverted writes. With
+    `merged` given, new directories meeting theirs are merged (see `apply_op`)."""
     now = time.time() if now is None else now
     diverted: dict[bytes, bytes] = {}
     for op in coalesce(ops):
         if op.name in diverted and op.entry is not None:
             op = Op(diverted[op.name], op.entry, None)
-        where = apply_op(entries, op, host, now)
+        where = apply_op(entries, op, host, now, merged, moved)
         if where is not None:
             diverted[op.name] = where
     return diverted
+
+
+def moved_dirs(ops: list[Op]) -> set[str]:
+    """Directories these ops remove from a name: a put of one of them is a rename (the
+    directory exists elsewhere), not a new directory."""
+    return {op.base.id for op in ops if op.entry is None and isinstance(op.base, DirEntry)}

@@ -232,6 +232,19 @@ class Namespace:
         await self.settle(rec)
         return node
 
+    def record_fix(self, dir_id: str, op: Op, requires: int | None) -> Record:
+        """Record an op the manifest commit decides on, not the kernel: a rename taken
+        back because another machine's landed first (recorded as a rename's source side,
+        `requires` seq 0: nothing to wait for, and not a removal of the directory itself),
+        or a directory put back because another machine added to it while this one
+        removed it. No inode is orphaned; the kernel's entry for the name goes (`settle`
+        the result)."""
+        rec = self._record([(dir_id, op, requires)])
+        pnode = self.inodes.of_dir(dir_id)
+        if pnode is not None:
+            self.invalidator.entry(pnode.ino, op.name)
+        return rec
+
     def _require_empty(self, entry: DirEntry) -> None:
         """rmdir and rename-over-a-directory: the directory (loaded) must be empty."""
         view = self.views.get(entry.id)

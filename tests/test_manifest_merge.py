@@ -22,7 +22,7 @@ from fsrepo.manifest import (
     parse_manifest,
     serialise_manifest,
 )
-from fsrepo.merge import Op, apply_op, apply_ops, coalesce, conflict_name
+from fsrepo.merge import Op, apply_op, apply_ops, coalesce, conflict_name, moved_dirs
 from fsrepo.repository import DESCRIPTOR_KEY, FORMAT_VERSION, open_repository
 
 SHA_A = "a" * 64
@@ -474,3 +474,58 @@ def test_unusable_locations_are_refused_and_left_untouched(store, key, body, say
         assert says in str(exc.value) and "\n" not in str(exc.value)
         assert await _snapshot(store) == before
     trio.run(main)
+
+
+# -- folder merge and removal records (issue 15) -----------------------------------------------
+def test_a_new_directory_meeting_theirs_merges_into_it_in_either_order():
+    mine, theirs = DirEntry("mine", T), DirEntry("theirs", T)
+    # theirs landed first: the name keeps theirs, ours is noted as merged into it
+    entries = {b"d": theirs}
+    merged: dict[str, str] = {}
+    assert apply_ops(entries, [Op(b"d", mine, None)], "h", merged=merged) == {}
+    assert entries == {b"d": theirs} and merged == {"mine": "theirs"}
+    # ours landed first: their create (seen from their side) merges into ours
+    entries, merged = {b"d": mine}, {}
+    assert apply_ops(entries, [Op(b"d", theirs, None)], "h", merged=merged) == {}
+    assert entries == {b"d": mine} and merged == {"theirs": "mine"}
+    # nobody else: ours applies
+    entries, merged = {}, {}
+    apply_ops(entries, [Op(b"d", mine, None)], "h", merged=merged)
+    assert entries == {b"d": mine} and merged == {}
+
+
+def test_only_new_directories_merge():
+    mine, theirs = DirEntry("mine", T), DirEntry("theirs", T)
+    # a directory renamed onto the name exists elsewhere: kept beside theirs
+    entries, merged = {b"d": theirs}, {}
+    diverted = apply_ops(entries, [Op(b"d", mine, None)], "h", merged=merged, moved={"mine"})
+    assert merged == {} and entries[diverted[b"d"]] == mine
+    # a file meeting their directory, or a directory meeting their file: kept beside
+    entries, merged = {b"d": theirs}, {}
+    assert apply_ops(entries, [Op(b"d", f(), None)], "h", merged=merged) and merged == {}
+    entries, merged = {b"d": f()}, {}
+    assert apply_ops(entries, [Op(b"d", mine, None)], "h", merged=merged) and merged == {}
+    # a directory replacing one we saw, meeting another: not new either
+    other = DirEntry("other", T)
+    entries, merged = {b"d": other}, {}
+    assert apply_ops(entries, [Op(b"d", mine, theirs)], "h", merged=merged) and merged == {}
+
+
+def test_moved_dirs_are_the_directories_removed_from_a_name():
+    d1, d2 = DirEntry("d1", T), DirEntry("d2", T)
+    assert moved_dirs([Op(b"a", None, d1), Op(b"b", d2, None), Op(b"c", None, f())]) == {"d1"}
+
+
+def test_removal_records_round_trip_and_bad_ones_are_refused_alone():
+    m = Manifest("d1", {b"a": f()}, {"x1": ("q1", b"new name"), "x2": ("q2", b"\xff")})
+    parsed, problems = parse_manifest(serialise_manifest(m), "d1")
+    assert problems == [] and parsed == m
+    assert "moved" not in json.loads(serialise_manifest(Manifest("d1", {b"a": f()})))
+    doc = json.loads(serialise_manifest(m))
+    doc["moved"]["bad/id"] = {"to": "q", "name_b64": "eA=="}
+    doc["moved"]["x3"] = {"to": "q", "name_b64": base64.b64encode(b"a/b").decode()}
+    doc["moved"]["x4"] = "nonsense"
+    parsed, problems = parse_manifest(json.dumps(doc).encode(), "d1")
+    assert parsed.moved == m.moved and len(problems) == 3
+    parsed, problems = parse_manifest(_doc({}, moved=[1]), "d1")
+    assert parsed.moved == {} and len(problems) == 1

@@ -20,7 +20,7 @@ import trio
 
 from ..errors import ManifestError, ObjectNotFound
 from ..hashing import hash_file
-from ..manifest import ROOT_ID, DirEntry, FileEntry, SymlinkEntry, parse_manifest
+from ..manifest import ROOT_ID, DirEntry, FileEntry, SymlinkEntry, is_removal_mark, parse_manifest
 from ..namespace import EMPTY_SHA
 from ..repository import blob_key, manifest_key
 from ..store.base import Store, StoredObject
@@ -162,7 +162,8 @@ async def verify(store: Store, data: bool = False, progress: Any = None) -> Veri
                         "bytes": size,
                         "message": f"{len(unreferenced)} blobs ({human(size)}) are not "
                                    "referenced by any directory (--gc frees them)"})
-    unreachable = [d for d in await list_manifests(store, v.notes) if d not in parents]
+    unreachable = [d for d in await list_manifests(store, v.notes) if d not in parents
+                   and not await _removal_mark(store, d)]
     if unreachable:
         v.notes.append({"kind": "unreachable-manifests", "count": len(unreachable),
                         "dir_ids": sorted(unreachable)[:100],
@@ -172,6 +173,15 @@ async def verify(store: Store, data: bool = False, progress: Any = None) -> Veri
     if data and blobs:
         await _verify_data(store, blobs, refs, v, path_of, progress)
     return v
+
+
+async def _removal_mark(store: Store, dir_id: str) -> bool:
+    """A removed, never-filled directory's mark (docs/cross-machine.md): not a leftover."""
+    try:
+        obj = await store.get(manifest_key(dir_id))
+    except ObjectNotFound:
+        return True  # deleted meanwhile
+    return isinstance(obj, StoredObject) and is_removal_mark(obj.data, dir_id)
 
 
 async def _verify_data(store: Store, blobs: dict[str, tuple[int, float]],
