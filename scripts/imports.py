@@ -29,11 +29,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("core: files and names", [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",
-        "fsrepo.reads", "fsrepo.commit", "fsrepo.files"]),
+        "fsrepo.reads", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record"]),
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
         "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.sync", "fsrepo.salvage",
-        "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher"]),
+        "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge"]),
     ("assembly", ["fsrepo.engine"]),
     ("FUSE and CLI", [
         "fsrepo.fs", "fsrepo.readonly", "fsrepo.mount", "fsrepo.control", "fsrepo.cli",
