@@ -166,6 +166,27 @@ class DirViews:
             del self._loading[dir_id]
             done.set()
 
+    async def fetch_ahead(self, dir_id: str) -> None:
+        """Bring a manifest the mount will probably need soon (a listed directory's
+        subdirectory) from the bucket into the local state database, so its `load` costs
+        no request. Nothing if it is in memory, being loaded or already cached; a manifest
+        that does not parse is not kept (its load reports it)."""
+        if dir_id in self._views or dir_id in self._loading:
+            return
+        done = self._loading[dir_id] = trio.Event()
+        try:
+            if await self.db.run(self.db.state.load_manifest, dir_id) is not None:
+                return
+            changed, obj = await self._fetch(dir_id, None)
+            body = obj.data if obj else None
+            if body is not None:
+                parse_manifest(body, dir_id)  # raises ManifestError: not kept
+            await self.db.run(self.db.state.save_manifest, dir_id, obj.etag if obj else None,
+                              body, time.time())
+        finally:
+            del self._loading[dir_id]
+            done.set()
+
     async def load_fresh(self, dir_id: str) -> DirView:
         """The view, revalidated first if it is due (a listing shows what the bucket holds
         within the refresh interval); what is cached if the storage cannot be reached."""

@@ -23,6 +23,7 @@ from .connectivity import GuardedStore
 from .engine import Engine
 from .errors import ImgrepoError, StorageError
 from .fs import KernelInvalidator, Operations
+from .manifest import ROOT_ID
 from .store import open_store
 from .store.base import Store
 
@@ -126,7 +127,7 @@ class Mount(Engine):
         if cmd == "status":
             status = await self.status()
             if req.get("repository"):
-                status.update(await self.syncer.repository_totals())
+                status.update(await self.syncer.last_totals())
             return status
         if cmd == "wait":
             sent, sent_at, summed_at = None, -math.inf, -math.inf
@@ -156,6 +157,10 @@ class Mount(Engine):
     async def run(self, ready: Any = None) -> None:
         await self.check_repository()
         await self.db.run(self.load_state)
+        try:  # every use starts at the root: its manifest is read now (one GET if not cached)
+            await self.ns.views.fetch_ahead(ROOT_ID)
+        except ImgrepoError as exc:
+            log.debug("the root's manifest was not fetched ahead: %s", exc)
         # Anything that touches the mountpoint must happen before init: afterwards our own
         # FUSE requests would wait for the loop this very call is blocking.
         sock_path = control.socket_path(self.mountpoint)
@@ -173,6 +178,7 @@ class Mount(Engine):
                 nursery.start_soon(self.uploader.run)
                 nursery.start_soon(self.journal.write_behind)
                 nursery.start_soon(self._revalidate_directories)
+                nursery.start_soon(self.ns.prefetcher.run)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._signals)
                 if self.token_refresher is not None:

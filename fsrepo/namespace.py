@@ -22,6 +22,7 @@ from .inodes import ROOT_INO, InodeTable, Node, is_same_object
 from .journal import Journal, Record
 from .manifest import ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
 from .merge import Op, same_object
+from .prefetch import ManifestPrefetcher
 from .state import StateDB
 from .store.base import Store
 
@@ -46,6 +47,7 @@ class Namespace:
                               known_blobs=known_blobs, changes=self._announcer,
                               max_entries=view_cache_entries)
         self.views.needed = self
+        self.prefetcher = ManifestPrefetcher(self.views.fetch_ahead)  # run by the mount
         self._forgotten = 0  # inodes forgotten since the views were last trimmed
 
     def track_edits(self, tracker: EditTracker) -> None:
@@ -126,9 +128,13 @@ class Namespace:
 
     async def open_listing(self, ino: int) -> list[tuple[bytes, Entry]]:
         """`listing` for an opened directory handle: the view stays in memory (readdir
-        reads it) until `close_listing`."""
+        reads it) until `close_listing`. The subdirectories' manifests are fetched ahead:
+        a walk opens them next."""
         names = await self.listing(ino)
         self.inodes.dir_node(ino).opens += 1
+        views = self.views
+        self.prefetcher.want([e.id for _, e in names
+                              if isinstance(e, DirEntry) and views.get(e.id) is None])
         return names
 
     def close_listing(self, ino: int) -> None:
