@@ -92,6 +92,8 @@ class DirViews:
         self.changes = changes
         self.offline_until = 0.0  # no revalidation before this (the storage was down)
         self.max_entries = max_entries
+        self.recent_kept = RECENT_KEPT
+        self.evictions = 0  # views evicted since started
         self.needed: NeededViews = _NoneNeeded()
         self._views: OrderedDict[str, DirView] = OrderedDict()  # least recently loaded first
         self._sizes: dict[str, int] = {}  # entries each view in memory holds
@@ -297,8 +299,10 @@ class DirViews:
         most `goal` entries (default: a tenth below the bound); the last few loaded always
         stay. Returns how many went."""
         goal = self.max_entries * 9 // 10 if goal is None else goal
+        if self._total <= goal:
+            return 0
         evicted = 0
-        candidates = list(self._views)[:-RECENT_KEPT]
+        candidates = list(self._views)[:len(self._views) - self.recent_kept]
         for dir_id in candidates:
             if self._total <= goal:
                 break
@@ -306,6 +310,7 @@ class DirViews:
                 view = self._drop(dir_id)
                 self._evicted_checked[dir_id] = view.checked
                 evicted += 1
+        self.evictions += evicted
         # Whatever stays pinned, the next pass waits for a tenth of the bound more.
         self._trim_above = max(self.max_entries, self._total + self.max_entries // 10)
         return evicted

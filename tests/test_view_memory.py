@@ -4,17 +4,35 @@ needs), come back from the local state without a request, and forgotten inodes g
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import trio
 
 from fsrepo.inodes import ROOT_INO
+from fsrepo.manifest import DirEntry
 from fsrepo.store.base import Store
 
 try:
-    from .coreutil import list_dir, resolve, running_engine, write_file
+    from .coreutil import (
+        list_dir,
+        overwrite_file,
+        read_file,
+        remove,
+        resolve,
+        running_engine,
+        write_file,
+    )
 except ImportError:
-    from coreutil import list_dir, resolve, running_engine, write_file  # type: ignore[no-redef]
+    from coreutil import (  # type: ignore[no-redef]
+        list_dir,
+        overwrite_file,
+        read_file,
+        remove,
+        resolve,
+        running_engine,
+        write_file,
+    )
 
 FOLDERS, FILES = 30, 10
 
@@ -110,4 +128,94 @@ def test_forgotten_inodes_leave_the_table(tmp_path):
             eng.ns.forget(d01.ino, 1)
             assert not eng.ns.inodes.has_children(ROOT_INO)
             assert len(eng.ns.inodes.nodes) == before
+    trio.run(main)
+
+
+def needed_views_are_loaded(eng) -> None:  # noqa: ANN001
+    """Every inode named in a directory has that directory's view in memory, and so has
+    every directory with a pending op."""
+    ns = eng.ns
+    for node in list(ns.inodes.nodes.values()):
+        if node.ino == ROOT_INO or node.parent == 0:
+            continue
+        parent = ns.inodes.get(node.parent)
+        assert parent is not None and parent.dir_id is not None
+        assert ns.views.get(parent.dir_id) is not None, f"evicted the view {node.name!r} needs"
+    for dir_id in list(eng.journal.by_dir):
+        if eng.journal.ops_for(dir_id):
+            assert ns.views.get(dir_id) is not None, "evicted a view with pending ops"
+
+
+def kernel_forgets_all_but(eng, held: list[int]) -> None:  # noqa: ANN001
+    """What the kernel does under memory pressure: forget every inode it is not using
+    (a known inode's directories stay known: its dentry holds theirs)."""
+    keep: set[int] = set()
+    for ino in held:
+        node = eng.ns.inodes.get(ino)
+        while node is not None and node.ino not in keep and node.parent != 0:
+            keep.add(node.ino)
+            node = eng.ns.inodes.get(node.parent)
+    for node in list(eng.ns.inodes.nodes.values()):
+        if node.ino != ROOT_INO and node.ino not in keep and node.lookups > 0:
+            eng.ns.forget(node.ino, node.lookups)
+        elif node.ino != ROOT_INO and node.ino not in keep:
+            eng.ns.inodes.drop_if_unused(node)
+
+
+def test_random_changes_with_a_tiny_view_cache_never_lose_a_needed_view(tmp_path):
+    url = "file://" + str(tmp_path / "repo")
+    rng = random.Random(14)
+    dirs = ["a", "a/b", "c", "c/d", "e"]
+    model: dict[str, bytes] = {}
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", view_cache_entries=3) as eng:
+            eng.ns.views.recent_kept = 3  # what one change holds across its loads, at most
+            held: list[int] = []
+            for step in range(250):
+                choice = rng.random()
+                if choice < 0.35 or not model:
+                    path = f"{rng.choice(dirs)}/f{rng.randrange(6)}"
+                    data = b"%d" % step
+                    if path in model:
+                        await overwrite_file(eng, path, data)
+                    else:
+                        await write_file(eng, path, data)
+                    model[path] = data
+                elif choice < 0.5:
+                    path = rng.choice(sorted(model))
+                    await remove(eng, path)
+                    del model[path]
+                elif choice < 0.6:
+                    path = rng.choice(sorted(model))
+                    target = f"{rng.choice(dirs)}/r{step}"
+                    old, _ = await resolve(eng, path.rsplit("/", 1)[0])
+                    new, _ = await resolve(eng, target.rsplit("/", 1)[0])
+                    await eng.ns.rename(old.ino, path.rsplit("/", 1)[1].encode(), new.ino,
+                                        target.rsplit("/", 1)[1].encode())
+                    model[target] = model.pop(path)
+                elif choice < 0.75:
+                    path = rng.choice(sorted(model))
+                    parent, _ = await resolve(eng, path.rsplit("/", 1)[0])
+                    node, _ = await eng.ns.lookup(parent.ino, path.rsplit("/", 1)[1].encode())
+                    held.append(node.ino)  # the kernel keeps it
+                elif choice < 0.85 and held:
+                    eng.ns.forget(held.pop(rng.randrange(len(held))), 1)
+                elif choice < 0.95:
+                    d = rng.choice(dirs)
+                    names = {n.decode() for n, e in (await list_dir(eng, d)).items()
+                             if not isinstance(e, DirEntry)}
+                    assert names == {p.rsplit("/", 1)[1] for p in model
+                                     if p.rsplit("/", 1)[0] == d}
+                else:
+                    await eng.uploader.wait_idle()
+                needed_views_are_loaded(eng)
+                if step % 5 == 0:
+                    kernel_forgets_all_but(eng, held)
+                    eng.ns.views.trim(0)
+                    needed_views_are_loaded(eng)
+            await eng.uploader.wait_idle()
+            assert eng.ns.views.evictions > 10
+            for path, data in model.items():
+                assert await read_file(eng, path) == data
     trio.run(main)
