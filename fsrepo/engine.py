@@ -17,12 +17,13 @@ from pathlib import Path
 from .announce import Invalidator
 from .blobcache import BlobCache
 from .config import Settings
-from .errors import ImgrepoError, StorageError
+from .errors import ImgrepoError, NoSuchBucket, StorageError
 from .files import FileManager
 from .journal import Journal
 from .namespace import EMPTY_SHA, Namespace
 from .remote_index import RemoteIndex
 from .repository import open_repository
+from .salvage import salvage_advice
 from .state import LocalState, StateDB
 from .store.base import Store
 from .sync import Syncer
@@ -101,22 +102,26 @@ class Engine:
         if self.journal.by_seq:
             log.info("resuming %d journaled operations from the last run", len(self.journal))
 
-    async def check_repository(self) -> None:
-        """Read (or create) the descriptor; start offline from local state if we must."""
+    async def check_repository(self, create: bool = True, settle: float = 0.0) -> None:
+        """Read (or create) the descriptor; start offline from local state if we must.
+        (`create`, `settle`: see open_repository; a read-only mount creates nothing.)"""
         state = self.db.state
         known = await self.db.run(state.get_meta, "repo_id")
         try:
-            desc = await open_repository(self.store, create=True)
+            desc = await open_repository(self.store, create=create, settle=settle)
         except StorageError as exc:
             if known is None:
                 raise
+            if isinstance(exc, NoSuchBucket):
+                raise ImgrepoError(f"{exc}; the local cache {self.state_dir} belonged to it"
+                                   f"{salvage_advice(self.settings)}") from None
             log.warning("storage unreachable, starting offline from local state: %s", exc)
             self.online = False
             return
         if known is not None and known != desc.repo_id:
             raise ImgrepoError(
                 f"{self.settings.storage} now holds a different repository than the one "
-                f"cached in {self.state_dir}; move that directory away to start afresh")
+                f"cached in {self.state_dir}{salvage_advice(self.settings)}")
         if known is None:
             await self.db.run(state.set_meta, "repo_id", desc.repo_id)
 

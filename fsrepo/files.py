@@ -222,6 +222,8 @@ class FileManager:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         self.last_activity = time.monotonic()
         handle = self.handles.get(fh)
+        if not data:
+            return 0  # POSIX: a write of nothing has no other result (no size, no mtime)
         ino = handle.node.ino
         st = self.staging.staged.get(ino)
         if st is None or ino in self.commits.committing:

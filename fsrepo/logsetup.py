@@ -42,7 +42,7 @@ def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
     root.handlers.clear()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .auth import TokenRedactingFilter
+    from .auth.redact import TokenRedactingFilter
     token_filter = TokenRedactingFilter()
     redact = RedactingFilter()
     if log_file is not None:

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -22,10 +23,12 @@ from .config import Settings
 from .connectivity import GuardedStore
 from .engine import Engine
 from .errors import ImgrepoError, StorageError
-from .fs import KernelInvalidator, Operations
+from .fs import KernelInvalidator
 from .manifest import ROOT_ID
+from .readonly import GatedOperations
 from .store import open_store
 from .store.base import Store
+from .writemode import READ_ONLY, WriteGate, WriteMode
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +53,22 @@ class Mount(Engine):
     """The engine (store, state, journal, cache, namespace, uploader: see engine.py) plus the
     kernel binding, control socket and background tasks."""
 
-    def __init__(self, settings: Settings, mountpoint: Path, store: Store) -> None:
+    def __init__(self, settings: Settings, mountpoint: Path, store: Store,
+                 read_only: bool = False) -> None:
         # Everything talks to the storage through the guard: offline, calls fail fast
         # instead of waiting out the retries, and the queue drains when it is back.
         guard = store if isinstance(store, GuardedStore) else GuardedStore(store)
         guard.on_online.append(self._back_online)
-        super().__init__(settings, guard, invalidator=KernelInvalidator())
+        # Bucket writes pass the write mode's gate (conditional / single writer / read-only).
+        mode = WriteMode(guard, settings, socket.gethostname() or "unknown", read_only)
+        super().__init__(settings, WriteGate(guard, mode.refusal),
+                         invalidator=KernelInvalidator())
         self.guard = guard
+        self.mode = mode
+        mode.on_ready.append(self._back_online)
         self.mountpoint = mountpoint
-        self.ops = Operations(self.ns, self.files, str(self.state_dir))
+        self.ops = GatedOperations(self.ns, self.files, str(self.state_dir),
+                                   mode.local_refusal)
         self.token_refresher: Any = None  # keeps a web-identity token valid, if one is used
         if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
             from .auth import TokenRefresher
@@ -89,6 +99,7 @@ class Mount(Engine):
             "dedup_saved_bytes": counters.get("dedup_bytes", 0),
             "started": self.started,
             **self.guard.status(),
+            **self.mode.status(),
             "downloads_in_flight": len(self.cache.downloads),
             "syncs_running": self.syncer.running,
             "log_file": str(self.state_dir / "imgrepo.log"),
@@ -155,7 +166,13 @@ class Mount(Engine):
 
     # -- running --------------------------------------------------------------------------
     async def run(self, ready: Any = None) -> None:
-        await self.check_repository()
+        await self.mode.start()  # LeaseHeld: another machine writes; refuse the mount
+        try:
+            await self.check_repository(create=self.mode.kind != READ_ONLY,
+                                        settle=self.mode.settle)
+        except BaseException:
+            await self.mode.release()
+            raise
         await self.db.run(self.load_state)
         try:  # every use starts at the root: its manifest is read now (one GET if not cached)
             await self.ns.views.fetch_ahead(ROOT_ID)
@@ -181,6 +198,7 @@ class Mount(Engine):
                 nursery.start_soon(self.ns.prefetcher.run)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._signals)
+                nursery.start_soon(self.mode.run)
                 if self.token_refresher is not None:
                     nursery.start_soon(self.token_refresher.run)
                     nursery.start_soon(self._resume_after_login)
@@ -195,6 +213,8 @@ class Mount(Engine):
         finally:
             self._close_fuse()
             await self.cache.flush_atimes()
+            with trio.move_on_after(SHUTDOWN_GRACE, shield=True):
+                await self.mode.release()
             pending = len(self.journal)
             if pending:
                 log.info("unmounted with %d operations still to upload; they continue at "
@@ -269,9 +289,10 @@ def _exit_if_stuck(grace: float) -> None:
     timer.start()
 
 
-async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None) -> None:
+async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None,
+                    read_only: bool = False) -> None:
     store = open_store(settings.storage, settings.endpoint_url, settings.region)
     try:
-        await Mount(settings, mountpoint, store).run(ready)
+        await Mount(settings, mountpoint, store, read_only).run(ready)
     finally:
         await store.aclose()

@@ -13,7 +13,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import trio
+
 from .errors import ObjectNotFound, PreconditionFailed, RepositoryFormatError
+from .lease import LEASE_KEY
+from .serverprobe import PROBE_PREFIX
 from .store.base import Store, StoredObject
 
 log = logging.getLogger(__name__)
@@ -59,10 +63,13 @@ def parse_descriptor(data: bytes, where: str) -> Descriptor:
     return Descriptor(raw["repo_id"], version, str(raw.get("created", "")))
 
 
-async def open_repository(store: Store, create: bool = True) -> Descriptor:
+async def open_repository(store: Store, create: bool = True, settle: float = 0.0) -> Descriptor:
     """Read the descriptor; create the repository if the location is empty.
 
-    A location that holds other data, or a newer format, is refused and left untouched."""
+    A location that holds other data, or a newer format, is refused and left untouched.
+    `settle` > 0 (servers without conditional writes): wait that long after writing a new
+    descriptor and adopt whatever descriptor is there then, so two creations at once end
+    with one repository id (see lease.py for why a short wait is enough)."""
     where = store.url
     try:
         obj = await store.get(DESCRIPTOR_KEY)
@@ -73,6 +80,8 @@ async def open_repository(store: Store, create: bool = True) -> Descriptor:
     if not create:
         raise RepositoryFormatError(f"{where}: no imgrepo repository here")
     async for info in store.list(""):
+        if info.key == LEASE_KEY or info.key.startswith(PROBE_PREFIX):
+            continue  # written by mounts while they decide how to write
         raise RepositoryFormatError(
             f"{where} already holds data that is not an imgrepo repository "
             f"(found {info.key!r}); use an empty bucket or another prefix")
@@ -89,6 +98,7 @@ async def open_repository(store: Store, create: bool = True) -> Descriptor:
         log.info("created a new repository at %s", where)
     except PreconditionFailed:
         pass  # another machine created it at the same moment: use theirs
+    await trio.sleep(settle)
     obj = await store.get(DESCRIPTOR_KEY)
     assert isinstance(obj, StoredObject)
     return parse_descriptor(obj.data, where)

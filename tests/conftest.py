@@ -10,16 +10,25 @@ test plugin is needed, and a test decides where its event loop starts and ends.
 - `storage`          parametrised over file:// and s3:// -> StorageTarget(url, endpoint_url)
 - `store`            the same, opened: a `Store` (closed after the test)
 - `s3_proxy`         an `S3Proxy` in front of `moto_server` (counts requests, injects faults)
+
+Every test fails if the code it ran in this process logged a WARNING or worse that it did
+not declare with `@pytest.mark.expected_logs(r"regex", ..., reason="why")` (S3QL's
+checklogs idea): a retry, a conflict or a dropped change that nobody expected is a bug
+report, not noise. Logs of mount subprocesses are their own (see mountutil).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from fsrepo.store import Store
 from testservers.moto import TEST_AWS_ENV, MotoServer
@@ -29,6 +38,77 @@ try:  # works whether or not tests/ becomes a package
     from .targets import S3Target, StorageTarget
 except ImportError:
     from targets import S3Target, StorageTarget  # type: ignore[no-redef]
+
+
+# -- Hypothesis budgets -----------------------------------------------------------------------
+# "ci" (the default) keeps each stateful model run to well under a minute; "long" soaks
+# (HYPOTHESIS_PROFILE=long). Examples are not saved: the failure report prints the steps.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=16, stateful_step_count=130, deadline=None,
+                          database=None, suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("long", max_examples=400, stateful_step_count=300, deadline=None,
+                          database=None, suppress_health_check=_SLOW_OK, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# -- unexpected warnings fail the test --------------------------------------------------------
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "expected_logs(*patterns, reason): WARNING/ERROR log messages matching "
+        "one of the regexes (re.search) are allowed in this test; say why in reason")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # noqa: ANN201
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+class _Collector(logging.Handler):
+    """Keeps every WARNING-or-worse record, from any thread."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _allowed_patterns(item: pytest.Item) -> list[re.Pattern[str]]:
+    patterns = []
+    for mark in item.iter_markers("expected_logs"):
+        assert mark.kwargs.get("reason"), f"{item.nodeid}: expected_logs needs a reason="
+        patterns += [re.compile(p) for p in mark.args]
+    return patterns
+
+
+@pytest.fixture(autouse=True)
+def fail_on_unexpected_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Collect WARNING+ records for the whole test (other fixtures' set-up and tear-down
+    included); after a test that passed, fail it if any was not expected."""
+    collector = _Collector()
+    root = logging.getLogger()
+    root.addHandler(collector)
+    try:
+        yield
+    finally:
+        root.removeHandler(collector)
+    if request.node.stash.get(_CALL_FAILED, True):
+        return  # failed or skipped: its own report says more than its logs
+    allowed = _allowed_patterns(request.node)
+    unexpected = [r for r in collector.records
+                  if not any(p.search(r.getMessage()) for p in allowed)]
+    if unexpected:
+        lines = [f"  {r.levelname} {r.name}: {r.getMessage()}" for r in unexpected[:20]]
+        pytest.fail(f"{len(unexpected)} unexpected WARNING/ERROR log record(s) (allow "
+                    "them with @pytest.mark.expected_logs(regex, reason=...)):\n"
+                    + "\n".join(lines), pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,8 +11,9 @@ Used in-process by tests/test_core.py and in separate processes by tests/core_wo
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import trio
 from fsrepo.config import Settings
 from fsrepo.engine import Engine, StateLock
 from fsrepo.errors import FsError
+from fsrepo.files import AttrChange
 from fsrepo.inodes import ROOT_INO, Node
-from fsrepo.manifest import DirEntry, Entry
-from fsrepo.store import open_store
+from fsrepo.manifest import DirEntry, Entry, FileEntry
+from fsrepo.store import Store, open_store
 
 CHUNK = 128 * 1024  # the kernel's usual write size for cached writes
 
@@ -37,11 +39,16 @@ def settings_for(storage_url: str, endpoint_url: str | None, cache_root: Path,
 @asynccontextmanager
 async def running_engine(storage_url: str, endpoint_url: str | None, cache_root: Path, *,
                          upload: bool = True, host: str | None = None,
+                         wrap_store: Callable[[Store], Store] | None = None,
                          **extra: object) -> AsyncIterator[Engine]:
-    """An opened engine with its background tasks (downloads; the uploader if `upload`)."""
+    """An opened engine with its background tasks (downloads; the uploader if `upload`).
+    `wrap_store` puts a wrapper (counting, fault injection) between the engine and the
+    store; the wrapper's `aclose` closes the store."""
     settings = settings_for(storage_url, endpoint_url, cache_root, **extra)
     lock = StateLock(settings.state_dir())
     store = open_store(settings.storage, settings.endpoint_url, settings.region)
+    if wrap_store is not None:
+        store = wrap_store(store)
     engine = Engine(settings, store, host=host)
     try:
         await engine.open()
@@ -153,3 +160,111 @@ async def tree(engine: Engine, path: bytes = b"") -> dict[bytes, bytes | None]:
         else:
             out[full] = await read_file(engine, full)
     return out
+
+
+class EngineDriver:
+    """Every filesystem operation the tests make, by path, in one place: the calls the FUSE
+    layer makes into the core (fs.py), so that renaming a core method changes this class
+    only. Errors are `FsError`s carrying the errno FUSE would return."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def node(self, path: str | bytes) -> tuple[Node, Entry | None]:
+        node, entry = await resolve(self.engine, path)
+        if entry is None and node.ino != ROOT_INO:
+            raise FsError(errno.ENOENT)
+        return node, entry
+
+    async def _parent(self, path: str | bytes) -> tuple[Node, bytes]:
+        parts = _parts(path)
+        parent, entry = await resolve(self.engine, b"/".join(parts[:-1]))
+        if entry is not None and not isinstance(entry, DirEntry):
+            raise FsError(errno.ENOTDIR)
+        return parent, parts[-1]
+
+    async def create(self, path: str | bytes, data: bytes = b"", mode: int = 0o644) -> None:
+        """open(O_CREAT|O_EXCL|O_WRONLY) + write + close."""
+        parent, name = await self._parent(path)
+        handle, _ = await self.engine.files.create(parent.ino, name, mode)
+        try:
+            for off in range(0, len(data), CHUNK):
+                await self.engine.files.write(handle.fh, off, data[off:off + CHUNK])
+            await self.engine.files.flush(handle.fh)
+        finally:
+            await self.engine.files.release(handle.fh)
+
+    async def write_at(self, path: str | bytes, offset: int, data: bytes) -> None:
+        """open(O_WRONLY) + pwrite at `offset` + close."""
+        node, _ = await self.node(path)
+        handle = await self.engine.files.open(node, os.O_WRONLY)
+        try:
+            await self.engine.files.write(handle.fh, offset, data)
+            await self.engine.files.flush(handle.fh)
+        finally:
+            await self.engine.files.release(handle.fh)
+
+    async def truncate(self, path: str | bytes, size: int) -> None:
+        """truncate(path, size): setattr with a size, no open handle."""
+        node, entry = await self.node(path)
+        if not isinstance(entry, FileEntry):
+            raise FsError(errno.EISDIR if isinstance(entry, DirEntry) or entry is None
+                          else errno.EINVAL)
+        await self.engine.files.truncate(node, size)
+
+    async def read(self, path: str | bytes) -> bytes:
+        return await read_file(self.engine, path)
+
+    async def mkdir(self, path: str | bytes, mode: int = 0o755) -> None:
+        parent, name = await self._parent(path)
+        await self.engine.ns.mkdir(parent.ino, name, mode)
+
+    async def symlink(self, path: str | bytes, target: bytes) -> None:
+        parent, name = await self._parent(path)
+        await self.engine.ns.symlink(parent.ino, name, target)
+
+    async def unlink(self, path: str | bytes) -> None:
+        parent, name = await self._parent(path)
+        await self.engine.ns.remove(parent.ino, name, is_dir=False)
+
+    async def rmdir(self, path: str | bytes) -> None:
+        parent, name = await self._parent(path)
+        await self.engine.ns.remove(parent.ino, name, is_dir=True)
+
+    async def rename(self, old: str | bytes, new: str | bytes) -> None:
+        """rename(2), with the checks the kernel's VFS makes before it calls the filesystem:
+        a directory cannot move into itself (EINVAL) nor onto one of its ancestors
+        (ENOTEMPTY), whatever the types of the names involved."""
+        old_parent, old_name = await self._parent(old)
+        new_parent, new_name = await self._parent(new)
+        await self.node(old)
+        old_path, new_path = b"/".join(_parts(old)), b"/".join(_parts(new))
+        if new_path.startswith(old_path + b"/"):
+            raise FsError(errno.EINVAL)
+        if old_path.startswith(new_path + b"/"):
+            raise FsError(errno.ENOTEMPTY)
+        await self.engine.ns.rename(old_parent.ino, old_name, new_parent.ino, new_name)
+
+    async def setattr(self, path: str | bytes, mode: int | None = None,
+                      mtime_ns: int | None = None) -> None:
+        """chmod / utimens through the core's one setattr call (what fs.setattr makes)."""
+        node, _ = await self.node(path)
+        await self.engine.files.setattr(node.ino, AttrChange(mode=mode, mtime_ns=mtime_ns), None)
+
+    async def listdir(self, path: str | bytes = b"") -> dict[bytes, Entry]:
+        node, entry = await self.node(path)
+        if entry is not None and not isinstance(entry, DirEntry):
+            raise FsError(errno.ENOTDIR)
+        return dict(await self.engine.ns.listing(node.ino))
+
+    async def drain(self) -> None:
+        """Wait until every change is in the bucket (the journal is empty)."""
+        await self.engine.uploader.wait_idle()
+
+    async def revalidate(self) -> None:
+        """Ask the bucket again about every directory this engine has loaded."""
+        for dir_id in list(self.engine.ns.views):
+            await self.engine.ns.views.revalidate(dir_id)
+
+    def journal_length(self) -> int:
+        return len(self.engine.journal)

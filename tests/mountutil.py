@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,6 +127,13 @@ class MountProcess:
         if self.log and self.log.exists():
             parts.append(self.log.read_text(errors="replace"))
         return "\n".join(parts)
+
+    def unexpected_log_lines(self, *allowed: str) -> list[str]:
+        """The mount's WARNING/ERROR lines that match none of the `allowed` regexes (opt-in,
+        the subprocess counterpart of conftest's check: `assert not m.unexpected_log_lines()`)."""
+        return [line for line in self.logtext().splitlines()
+                if re.search(r" (WARNING|ERROR|CRITICAL) ", line)
+                and not any(re.search(p, line) for p in allowed)]
 
 
 class Mounter:

@@ -104,6 +104,8 @@ def test_a_download_resumed_after_a_break_is_verified_whole(tmp_path: Path, afte
     assert store.starts[0] == 0 and min(after, len(data) - 1) == store.starts[1]
 
 
+@pytest.mark.expected_logs(r"from the bucket is corrupt", reason="the test corrupts the "
+                           "blob on purpose; the cache must say so as it refuses it")
 def test_bytes_changed_behind_a_break_are_caught(tmp_path: Path) -> None:
     data = os.urandom(5 * MiB + 3)
     changed = data[:4 * MiB] + bytes(b ^ 0xFF for b in data[4 * MiB:])  # same size
@@ -117,6 +119,8 @@ def test_bytes_changed_behind_a_break_are_caught(tmp_path: Path) -> None:
     assert len(store.starts) == 2 and store.starts[1] > 0  # the resume was taken
 
 
+@pytest.mark.expected_logs(r"cannot record blob .* in the cache index", reason="the test "
+                           "fills the disk under the cache index on purpose")
 def test_a_verified_download_is_served_even_if_the_cache_index_cannot_record_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # The index row is bookkeeping (cache accounting across restarts): a full disk under

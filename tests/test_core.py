@@ -1,4 +1,4 @@
-"""The repository core without FUSE (issue 2), against file:// and moto over HTTP.
+"""The repository core without FUSE against file:// and moto over HTTP.
 
 The engine (fsrepo/engine.py: the very assembly a mount runs) is driven through the calls
 the FUSE layer makes (FileManager.create/write/flush/release, Namespace.mkdir/remove);
@@ -366,6 +366,8 @@ def test_two_writer_processes_writing_the_same_name_keep_both(backend, tmp_path,
     trio.run(main)
 
 
+@pytest.mark.expected_logs(r"conflict in directory root", reason="both engines edit the "
+                           "same names on purpose: each conflict copy is announced")
 def test_412_merges_both_engines_changes(backend, tmp_path):
     """Two engines with separate state change one directory from the same starting point;
     the second to commit meets 412, re-reads and re-applies its ops."""
@@ -456,6 +458,10 @@ def test_killed_after_acknowledging_a_new_process_finishes_the_upload(backend, t
     trio.run(main)
 
 
+@pytest.mark.expected_logs(r"was pending upload but its cache file is gone",
+                           r"neither in the local cache nor in the bucket; dropping",
+                           reason="the test deletes a pending blob on purpose: the loss and "
+                           "the dropped change must be reported")
 def test_a_blob_lost_from_the_cache_drops_only_the_changes_that_need_it(backend, tmp_path,
                                                                         caplog):
     """A crash between journaling a close and storing its blob (or a damaged cache) leaves
@@ -492,6 +498,10 @@ def test_a_blob_lost_from_the_cache_drops_only_the_changes_that_need_it(backend,
     assert blob_key(sha(lost)) not in blob_keys(backend)
 
 
+@pytest.mark.expected_logs(r"in the local cache is damaged",
+                           r"neither in the local cache nor in the bucket; dropping",
+                           reason="the test tears a pending blob on purpose: the damage and "
+                           "the dropped change must be reported")
 def test_a_torn_pending_blob_from_an_earlier_run_is_never_uploaded(backend, tmp_path, caplog):
     """A power loss can tear a blob file whose close() never returned while its journal
     op survived. The next run hashes such leftovers before sending them: a torn one is
@@ -558,6 +568,8 @@ def test_killed_after_its_manifest_write_landed_the_replay_makes_no_conflicts(
 
 
 # -- integrity -------------------------------------------------------------------------------------
+@pytest.mark.expected_logs(r"from the bucket is corrupt", reason="the test corrupts blobs "
+                           "in the bucket on purpose; each refused download is reported")
 def test_a_corrupted_blob_is_detected_and_never_served(backend, tmp_path, caplog):
     small, big = b"small and precious\n", os.urandom(1024 * 1024 + 5)
 
@@ -645,6 +657,9 @@ def test_names_that_cannot_be_entries_are_refused(tmp_path):
     trio.run(main)
 
 
+@pytest.mark.expected_logs(r"refused entry", r"lists its own ancestor .* \(a cycle\)",
+                           reason="the test writes a hostile manifest on purpose; each "
+                           "refused entry is reported")
 def test_manifest_entries_that_would_escape_the_tree_are_skipped(backend, tmp_path, caplog):
     good = b"good bytes"
 
@@ -698,6 +713,10 @@ MALFORMED = {
 @pytest.mark.parametrize("backend,case", [("file", "not-json"), ("s3", "not-json"),
                                           ("s3", "unknown-version"), ("s3", "wrong-dir")],
                          indirect=["backend"])
+@pytest.mark.expected_logs(r"manifest of directory \w+ (is not valid JSON|has unsupported "
+                           r"format|claims to be)", r"update of directory \w+ failed",
+                           reason="the test damages a manifest on purpose: reading it is an "
+                           "error, and committing onto it fails and is retried")
 def test_a_malformed_manifest_is_an_error_and_changes_nothing(backend, tmp_path, caplog, case):
     body = MALFORMED[case]
 

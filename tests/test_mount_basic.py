@@ -25,6 +25,7 @@ def test_write_read_back_after_remount_with_empty_cache(storage, mounter, tmp_pa
     assert (m2.path / "photos" / "2024" / "big.bin").read_bytes() == payload
     assert os.readlink(m2.path / "link") == "photos/2024/big.bin"
     assert (m2.path / "link").read_bytes() == payload
+    assert not m.unexpected_log_lines() and not m2.unexpected_log_lines(), m.logtext()
 
 
 def test_unsupported_operations_answer_clear_errno(tmp_path: Path, mounter):

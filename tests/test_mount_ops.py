@@ -1,4 +1,4 @@
-"""Every file operation of issue 3 through a real FUSE mount of the real `imgrepo-mount`.
+"""Every file operation through a real FUSE mount of the real `imgrepo-mount`.
 
 Each group of operations runs on both backends (file:// and s3:// on moto), then the mount
 is unmounted the user's way (`--unmount`), mounted again with an EMPTY cache (so every byte

@@ -1,4 +1,4 @@
-"""Several machines, one repository: two real mounts of one bucket (issue 6).
+"""Several machines, one repository: two real mounts of one bucket.
 
 Each "machine" is an `imgrepo-mount` process with its own cache directory, both mounting
 the same moto bucket over HTTP. The cross-machine rules checked here are written down in

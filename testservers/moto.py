@@ -1,4 +1,5 @@
-"""moto's S3 server on 127.0.0.1, two ways: `MotoServer` runs plain `python -m moto.server`
+"""moto's S3 server on 127.0.0.1, two ways: `MotoServer` runs `python -m moto.server` (with
+conditional PUTs made atomic, as on S3: `testservers.moto_atomic`)
 as a child process for the tests; `serve_like_s3` (`python -m testservers.moto PORT`) is the
 benchmark's --server moto, with fixes that make it answer like S3 where the mounted tools
 notice.
@@ -91,7 +92,9 @@ class MotoServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, "-m", "testservers.moto_atomic", "-H", "127.0.0.1", "-p",
+                 str(self.port)],
+                cwd=Path(__file__).resolve().parent.parent,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

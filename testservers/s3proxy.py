@@ -9,6 +9,7 @@ Put it between the code under test and an S3 server (moto) on 127.0.0.1:
         proxy.inject(method="GET", drop="midway")             # body cut off half way
         proxy.inject(path=r"/dirs/", delay=1.5, times=None)   # slow, forever
         proxy.pause(); ...; proxy.resume()                    # outage: connections refused
+        S3Proxy(moto.url, strip_conditions=True)              # a server ignoring If-Match
         proxy.count("PUT"); proxy.count("PUT", path=r"/blobs/"); proxy.requests
 
 Faults are matched in the order they were added; each has a budget (`times`, None for
@@ -120,6 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stall between headers and body
         self.server.proxy._track(self.connection, True)
 
     def finish(self) -> None:
@@ -200,6 +202,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _forward(self, method: str, body: bytes) -> http.client.HTTPResponse:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         headers.pop("Content-Length", None)
+        if self.server.proxy.strip_conditions and method in ("PUT", "POST"):
+            headers = {k: v for k, v in headers.items()
+                       if k.lower() not in ("if-match", "if-none-match")}
         if body or method in ("PUT", "POST"):
             headers["Content-Length"] = str(len(body))
         for attempt in range(2):  # a kept-alive upstream connection may have gone stale
@@ -254,12 +259,14 @@ class _Handler(BaseHTTPRequestHandler):
 class S3Proxy:
     """A counting, fault-injecting HTTP proxy on 127.0.0.1 in front of `upstream`."""
 
-    def __init__(self, upstream: str, port: int = 0) -> None:
+    def __init__(self, upstream: str, port: int = 0, strip_conditions: bool = False) -> None:
         split = urlsplit(upstream)
         if split.scheme != "http" or not split.hostname:
             raise ValueError(f"upstream must be an http:// URL: {upstream!r}")
         self._upstream = (split.hostname, split.port or 80)
         self.port = port
+        # Like s3rver or `rclone serve s3`: conditional writes are accepted and ignored.
+        self.strip_conditions = strip_conditions
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._seen: list[Seen] = []

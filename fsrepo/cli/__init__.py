@@ -43,6 +43,9 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.status:
         from .status import cmd_status
         return cmd_status(settings, args)
+    if args.salvage:
+        from ..salvage import run_salvage
+        return run_salvage(settings, Path(args.salvage).expanduser().absolute())
     if args.verify or args.gc:
         from ..maintenance.report import run_gc, run_verify
         if args.verify:

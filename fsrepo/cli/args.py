@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="check every manifest and that every referenced blob exists")
     act.add_argument("--gc", action="store_true",
                      help="delete blobs that no directory references any more")
+    act.add_argument("--salvage", metavar="DEST",
+                     help="copy every file not yet uploaded out of the local cache into DEST "
+                          "(reads only the cache, never the bucket)")
     act.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--storage", help="s3://bucket/prefix or file:///path (env IMGREPO_STORAGE)")
     p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, R2, ...; env AWS_ENDPOINT_URL)")
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=float,
                    help="seconds until other machines' changes show (default 10)")
     p.add_argument("--uploads", type=int, help="uploads in flight (default 8)")
+    p.add_argument("--read-only", action="store_true",
+                   help="mount without ever writing (changes answer EROFS)")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--log-file", help="log here as well")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")

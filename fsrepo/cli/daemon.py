@@ -86,7 +86,7 @@ def run_foreground(settings: Settings, mountpoint: Path, args: argparse.Namespac
         lock = StateLock(settings.state_dir())
         try:
             apply_login_environment(settings)
-            trio.run(run_mount, settings, mountpoint, lambda: ready.say("ok"))
+            trio.run(run_mount, settings, mountpoint, lambda: ready.say("ok"), args.read_only)
         finally:
             lock.release()
     except ImgrepoError as exc:

@@ -21,6 +21,8 @@ def format_status(s: dict[str, Any]) -> str:
             lines.append(f"storage:      {s['storage']} (reachable again since {back})")
         else:
             lines.append(f"storage:      {s['storage']} (reachable)")
+        if s.get("write_mode"):
+            lines.append(f"writes:       {s['write_mode']}")
         lines.append(f"pending:      {s['pending_files']} files ({human(s['pending_bytes'])}) "
                      f"to upload, {s['pending_ops']} changes to commit")
         lines.append(f"in flight:    {s['uploads_in_flight']} uploads, "

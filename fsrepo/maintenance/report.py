@@ -11,6 +11,7 @@ import trio
 
 from ..config import Settings
 from ..errors import ImgrepoError, StorageError
+from ..lease import refuse_while_leased
 from ..units import human
 from .gc import Collection, collect
 from .verify import Verification, verify
@@ -62,6 +63,7 @@ def run_gc(settings: Settings, dry_run: bool, grace_hours: float) -> int:
     async def main() -> Collection:
         store = await open_checked(settings)
         try:
+            await refuse_while_leased(store)  # single-writer mode: another machine writes
             return await collect(store, grace_hours, dry_run)
         finally:
             await store.aclose()

@@ -1,0 +1,158 @@
+"""`imgrepo-mount --salvage DEST`: copy every file not yet uploaded out of a local cache.
+
+When a cache directory cannot be used with its bucket any more (the bucket now holds another
+repository, or was deleted), the changes still in its journal must not be lost with it.
+This reads only the local state (journal, cached manifests, blob cache), never the bucket:
+each directory is rebuilt as the mount showed it (last cached manifest + pending ops), and
+every file a pending op wrote is copied to DEST under its path. Files whose directory can no
+longer be reached from the root land under DEST/unreachable/<directory id>/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Settings
+from .errors import ImgrepoError, ManifestError
+from .manifest import ROOT_ID, DirEntry, Entry, FileEntry, SymlinkEntry, parse_manifest
+from .merge import Op, apply_ops
+from .state import JournalOp, LocalState
+from .units import human
+
+
+@dataclass
+class SalvageReport:
+    copied: list[str] = field(default_factory=list)  # paths relative to DEST
+    bytes: int = 0
+    missing: list[str] = field(default_factory=list)  # pending, but its cache file is gone
+
+
+def _views(state: LocalState, ops: list[JournalOp]) -> dict[str, dict[bytes, Entry]]:
+    """Each directory the journal touches (and its ancestors' cached manifests) as the
+    mount showed it: cached manifest + pending ops."""
+    by_dir: dict[str, list[Op]] = {}
+    for row in ops:
+        by_dir.setdefault(row.dir_id, []).append(Op(row.name, row.entry, row.base))
+    views: dict[str, dict[bytes, Entry]] = {}
+
+    def view(dir_id: str) -> dict[bytes, Entry]:
+        if dir_id not in views:
+            entries: dict[bytes, Entry] = {}
+            row = state.load_manifest(dir_id)
+            if row is not None and row[1]:
+                try:
+                    entries = parse_manifest(row[1], dir_id)[0].entries
+                except ManifestError:
+                    entries = {}
+            apply_ops(entries, by_dir.get(dir_id, []), host="salvage")
+            views[dir_id] = entries
+        return views[dir_id]
+
+    for dir_id in [ROOT_ID, *by_dir]:
+        view(dir_id)
+    # Walk down from the root through cached manifests, so pending dirs' paths resolve.
+    stack, seen = [ROOT_ID], {ROOT_ID}
+    while stack:
+        for entry in view(stack.pop()).values():
+            if isinstance(entry, DirEntry) and entry.id not in seen:
+                seen.add(entry.id)
+                if state.load_manifest(entry.id) is not None or entry.id in by_dir:
+                    stack.append(entry.id)
+    return views
+
+
+def _paths(views: dict[str, dict[bytes, Entry]]) -> dict[str, bytes]:
+    """dir id -> its path from the root (only for directories reachable from it)."""
+    paths = {ROOT_ID: b""}
+    stack = [ROOT_ID]
+    while stack:
+        dir_id = stack.pop()
+        for name, entry in views.get(dir_id, {}).items():
+            if isinstance(entry, DirEntry) and entry.id not in paths:
+                paths[entry.id] = os.path.join(paths[dir_id], name)
+                stack.append(entry.id)
+    return paths
+
+
+def salvage(state_dir: Path, dest: Path) -> SalvageReport:
+    """Copy the pending files of the cache at `state_dir` into `dest` (created; must be
+    empty if it exists)."""
+    db_path = state_dir / "state.db"
+    if not db_path.exists():
+        raise ImgrepoError(f"{state_dir} holds no imgrepo cache (no state.db)")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ImgrepoError(f"{dest} exists and is not an empty folder")
+    state = LocalState(db_path)
+    try:
+        ops = state.pending_ops()
+        views = _views(state, ops)
+    finally:
+        state.close()
+    paths = _paths(views)
+    pending = {(row.dir_id, row.entry) for row in ops
+               if isinstance(row.entry, FileEntry | SymlinkEntry)}
+    report = SalvageReport()
+    dest.mkdir(parents=True, exist_ok=True)
+    root = os.fsencode(dest)
+    for dir_id, entries in views.items():
+        base = paths.get(dir_id)
+        if base is None:
+            base = os.path.join(b"unreachable", dir_id.encode())
+        for name, entry in entries.items():
+            if (dir_id, entry) not in pending:
+                continue
+            rel = os.path.join(base, name)
+            target = os.path.join(root, rel)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if isinstance(entry, SymlinkEntry):
+                os.symlink(entry.target, target)
+                report.copied.append(os.fsdecode(rel))
+                continue
+            assert isinstance(entry, FileEntry)
+            blob = state_dir / "blobs" / entry.sha256[:2] / entry.sha256
+            try:
+                shutil.copyfile(blob, os.fsdecode(target))
+            except FileNotFoundError:
+                report.missing.append(os.fsdecode(rel))
+                continue
+            os.chmod(target, entry.mode & 0o7777)
+            os.utime(target, ns=(entry.mtime_ns, entry.mtime_ns))
+            report.copied.append(os.fsdecode(rel))
+            report.bytes += entry.size
+    return report
+
+
+def pending_count(state_dir: Path) -> int:
+    """How many journaled changes a cache still owes its bucket (0 if it has no state)."""
+    db_path = state_dir / "state.db"
+    if not db_path.exists():
+        return 0
+    state = LocalState(db_path)
+    try:
+        return len(state.pending_ops())
+    finally:
+        state.close()
+
+
+def salvage_advice(settings: Settings) -> str:
+    """The end of a refusal message about a cache that cannot be used any more."""
+    state_dir = settings.state_dir()
+    count = pending_count(state_dir)
+    if not count:
+        return "; nothing in it waits for upload, so move that directory away to start afresh"
+    return (f"; it still holds {count} changes not yet uploaded: copy its files out with "
+            f"`imgrepo-mount --salvage DEST --storage {settings.storage} --cache-dir "
+            f"{settings.cache_root}`, then move that directory away to start afresh")
+
+
+def run_salvage(settings: Settings, dest: Path) -> int:
+    """`imgrepo-mount --salvage DEST [--storage URL] [--cache-dir DIR]`."""
+    report = salvage(settings.state_dir(), dest)
+    print(f"salvage: copied {len(report.copied)} files not yet uploaded "
+          f"({human(report.bytes)}) from {settings.state_dir()} to {dest}")
+    for rel in report.missing:
+        print(f"salvage: {rel}: its content is no longer in the cache", flush=True)
+    return 1 if report.missing else 0
