@@ -168,11 +168,13 @@ class DirViews:
             del self._loading[dir_id]
             done.set()
 
-    async def fetch_ahead(self, dir_id: str) -> None:
+    async def fetch_ahead(self, dir_id: str, checked: bool = True) -> None:
         """Bring a manifest the mount will probably need soon (a listed directory's
         subdirectory) from the bucket into the local state database, so its `load` costs
         no request. Nothing if it is in memory, being loaded or already cached; a manifest
-        that does not parse is not kept (its load reports it)."""
+        that does not parse is not kept (its load reports it). Not `checked`: kept as if
+        from an earlier run, revalidated at first use when online (but there to use
+        offline)."""
         if dir_id in self._views or dir_id in self._loading:
             return
         done = self._loading[dir_id] = trio.Event()
@@ -184,7 +186,7 @@ class DirViews:
             if body is not None:
                 parse_manifest(body, dir_id)  # raises ManifestError: not kept
             await self.db.run(self.db.state.save_manifest, dir_id, obj.etag if obj else None,
-                              body, time.time())
+                              body, time.time() if checked else 0.0)
         finally:
             del self._loading[dir_id]
             done.set()

@@ -174,8 +174,8 @@ class Mount(Engine):
             await self.mode.release()
             raise
         await self.db.run(self.load_state)
-        try:  # every use starts at the root: its manifest is read now (one GET if not cached)
-            await self.ns.views.fetch_ahead(ROOT_ID)
+        try:  # every use starts at the root: it is kept now, to work offline from the start
+            await self.ns.views.fetch_ahead(ROOT_ID, checked=False)
         except ImgrepoError as exc:
             log.debug("the root's manifest was not fetched ahead: %s", exc)
         # Anything that touches the mountpoint must happen before init: afterwards our own
