@@ -19,10 +19,14 @@ report, not noise. Logs of mount subprocesses are their own (see mountutil).
 
 from __future__ import annotations
 
+import http.server
 import logging
 import os
 import re
 import secrets
+import ssl
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,11 +38,8 @@ from fsrepo.store import Store
 from testservers.moto import TEST_AWS_ENV, MotoServer
 from testservers.s3proxy import S3Proxy
 
-try:  # works whether or not tests/ becomes a package
-    from .targets import S3Target, StorageTarget
-except ImportError:
-    from targets import S3Target, StorageTarget  # type: ignore[no-redef]
-
+from .mountutil import Mounter, make_env
+from .targets import S3Target, StorageTarget
 
 # -- Hypothesis budgets -----------------------------------------------------------------------
 # "ci" (the default) keeps each stateful model run to well under a minute; "long" soaks
@@ -193,10 +194,6 @@ def s3_proxy(moto_server: MotoServer) -> Iterator[S3Proxy]:
 
 
 # -- real FUSE mounts ---------------------------------------------------------------------
-try:
-    from .mountutil import Mounter, make_env
-except ImportError:
-    from mountutil import Mounter, make_env  # type: ignore[no-redef]
 
 
 @pytest.fixture
@@ -214,3 +211,46 @@ def mounter(tmp_path: Path, mount_env: dict[str, str]) -> Iterator[Mounter]:
         yield m
     finally:
         m.cleanup()
+
+
+# -- TLS ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate (for 127.0.0.1); it
+    answers every request 404 NoSuchBucket."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            body = (b"<?xml version='1.0'?><Error><Code>NoSuchBucket</Code>"
+                    b"<Message>no</Message></Error>")
+            self.send_response(404)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = do_POST = _answer
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", cert
+    server.shutdown()
+    server.server_close()

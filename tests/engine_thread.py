@@ -17,10 +17,7 @@ from typing import Any, TypeVar
 
 import trio
 
-try:  # the helpers' import style of this suite (tests/ is not a package yet)
-    from .coreutil import EngineDriver, running_engine
-except ImportError:
-    from coreutil import EngineDriver, running_engine  # type: ignore[no-redef]
+from .coreutil import EngineDriver, running_engine
 
 T = TypeVar("T")
 CALL_TIMEOUT = 120.0  # seconds: a call that takes longer has hung; fail it

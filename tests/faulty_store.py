@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from fsrepo.errors import PreconditionFailed, StorageUnavailable
-from fsrepo.store.base import ObjectInfo, Store, StoredObject, _NotModified
+from fsrepo.store.base import NotModified, ObjectInfo, Store, StoredObject
 
 UNAVAILABLE = "unavailable"
 PRECONDITION = "precondition"
@@ -105,7 +105,7 @@ class FaultyStore(Store):
     def online(self) -> bool:
         return self.inner.online
 
-    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | _NotModified:
+    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | NotModified:
         return await self._call("get", key, self.inner.get, key, if_none_match)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:

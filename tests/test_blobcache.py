@@ -88,6 +88,7 @@ async def _fetch(tmp_path: Path, store: BreaksOnce, data: bytes) -> tuple[BlobCa
     return cache, path
 
 
+@pytest.mark.expected_logs(r"download of blob \w+ failed", reason="the connection is dropped on purpose")
 @pytest.mark.parametrize("after", [2 * MiB, 5 * MiB + 3], ids=["midway", "at-the-end"])
 def test_a_download_resumed_after_a_break_is_verified_whole(tmp_path: Path, after: int) -> None:
     # At the end, readers were told one byte less than arrived (the last byte waits for the
@@ -106,6 +107,7 @@ def test_a_download_resumed_after_a_break_is_verified_whole(tmp_path: Path, afte
 
 @pytest.mark.expected_logs(r"from the bucket is corrupt", reason="the test corrupts the "
                            "blob on purpose; the cache must say so as it refuses it")
+@pytest.mark.expected_logs(r"download of blob \w+ failed", reason="the connection is dropped and the bytes changed on purpose")
 def test_bytes_changed_behind_a_break_are_caught(tmp_path: Path) -> None:
     data = os.urandom(5 * MiB + 3)
     changed = data[:4 * MiB] + bytes(b ^ 0xFF for b in data[4 * MiB:])  # same size

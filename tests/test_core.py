@@ -32,34 +32,19 @@ from fsrepo.repository import DESCRIPTOR_KEY, blob_key, manifest_key
 from testservers.moto import MotoServer
 from testservers.s3proxy import S3Proxy
 
-try:
-    from .core_worker import content
-    from .coreutil import (
-        list_dir,
-        makedirs,
-        overwrite_file,
-        read_file,
-        remove,
-        resolve,
-        running_engine,
-        start_uploader,
-        write_file,
-    )
-    from .mountutil import force_unmount, run_cli
-except ImportError:
-    from core_worker import content  # type: ignore[no-redef]
-    from coreutil import (  # type: ignore[no-redef]
-        list_dir,
-        makedirs,
-        overwrite_file,
-        read_file,
-        remove,
-        resolve,
-        running_engine,
-        start_uploader,
-        write_file,
-    )
-    from mountutil import force_unmount, run_cli  # type: ignore[no-redef]
+from .core_worker import content
+from .coreutil import (
+    list_dir,
+    makedirs,
+    overwrite_file,
+    read_file,
+    remove,
+    resolve,
+    running_engine,
+    start_uploader,
+    write_file,
+)
+from .mountutil import force_unmount, run_cli
 
 WORKER = Path(__file__).resolve().parent / "core_worker.py"
 

@@ -19,10 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-try:
-    from .mountutil import poll as _poll
-except ImportError:
-    from mountutil import poll as _poll  # type: ignore[no-redef]
+from .mountutil import poll as _poll
 
 MiB = 1 << 20
 

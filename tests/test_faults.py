@@ -26,10 +26,7 @@ import trio
 from fsrepo.maintenance.verify import verify
 from testservers.s3proxy import Fault, S3Proxy
 
-try:
-    from .mountutil import file_tree as tree
-except ImportError:
-    from mountutil import file_tree as tree  # type: ignore[no-redef]
+from .mountutil import file_tree as tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

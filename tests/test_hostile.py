@@ -32,10 +32,7 @@ from fsrepo.manifest import (
     serialise_manifest,
 )
 
-try:
-    from . import craft
-except ImportError:
-    import craft  # type: ignore[no-redef]
+from . import craft
 
 
 def _listing(path: Path) -> list[str]:

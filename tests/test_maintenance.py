@@ -22,14 +22,9 @@ from fsrepo.namespace import EMPTY_SHA
 from fsrepo.repository import blob_key
 from fsrepo.store import open_store
 
-try:
-    from . import craft
-    from .mountutil import file_tree as _tree
-    from .mountutil import run_cli
-except ImportError:
-    import craft  # type: ignore[no-redef]
-    from mountutil import file_tree as _tree  # type: ignore[no-redef]
-    from mountutil import run_cli  # type: ignore[no-redef]
+from . import craft
+from .mountutil import file_tree as _tree
+from .mountutil import run_cli
 
 
 def _cli(storage, env, *args, check=False):

@@ -24,15 +24,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-try:
-    from .treeutil import RENAME_NOREPLACE, assert_same_tree, renameat2, snapshot
-except ImportError:
-    from treeutil import (  # type: ignore[no-redef]
-        RENAME_NOREPLACE,
-        assert_same_tree,
-        renameat2,
-        snapshot,
-    )
+from .treeutil import RENAME_NOREPLACE, assert_same_tree, renameat2, snapshot
 
 SEQUENCES = int(os.environ.get("IMGREPO_MODEL_SEQUENCES", "4"))
 OPS = int(os.environ.get("IMGREPO_MODEL_OPS", "40"))

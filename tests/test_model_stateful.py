@@ -43,13 +43,9 @@ from hypothesis.stateful import (
 
 from fsrepo.errors import FsError
 from fsrepo.manifest import DirEntry, FileEntry, SymlinkEntry
+from testservers.moto import MotoServer
 
-try:  # the helpers' import style of this suite (tests/ is not a package yet)
-    from .engine_thread import EngineThread
-    from .servers import MotoServer
-except ImportError:
-    from engine_thread import EngineThread  # type: ignore[no-redef]
-    from servers import MotoServer  # type: ignore[no-redef]
+from .engine_thread import EngineThread
 
 NAMES = (b"a", b"b", b"c")
 paths = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map(b"/".join)

@@ -25,17 +25,8 @@ import pytest
 
 from testservers.net import closed_port, pid_alive
 
-try:
-    from .mountutil import CLI, force_unmount, run_cli
-    from .treeutil import RENAME_NOREPLACE, assert_same_tree, renameat2, snapshot
-except ImportError:
-    from mountutil import CLI, force_unmount, run_cli  # type: ignore[no-redef]
-    from treeutil import (  # type: ignore[no-redef]
-        RENAME_NOREPLACE,
-        assert_same_tree,
-        renameat2,
-        snapshot,
-    )
+from .mountutil import CLI, force_unmount, run_cli
+from .treeutil import RENAME_NOREPLACE, assert_same_tree, renameat2, snapshot
 
 MiB = 1 << 20
 

@@ -26,10 +26,7 @@ from fsrepo import control
 from fsrepo.manifest import DirEntry, parse_manifest
 from fsrepo.repository import manifest_key
 
-try:
-    from .mountutil import file_tree as tree
-except ImportError:
-    from mountutil import file_tree as tree  # type: ignore[no-redef]
+from .mountutil import file_tree as tree
 
 REFRESH = 1.0  # --refresh for every mount here
 MARGIN = 2.0  # freshness: visible within REFRESH + MARGIN of reaching the bucket

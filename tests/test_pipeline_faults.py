@@ -28,30 +28,17 @@ from fsrepo.repository import blob_key
 from fsrepo.store import Store
 from fsrepo.store.counting import PUT_FILE, PUT_FILE_CREATED, PUT_FILE_EXISTED, CountingStore
 
-try:  # the helpers' import style of this suite (tests/ is not a package yet)
-    from .coreutil import EngineDriver, running_engine, start_uploader, tree
-    from .faulty_store import (
-        AFTER,
-        BEFORE,
-        CRASH,
-        PRECONDITION,
-        UNAVAILABLE,
-        Fault,
-        FaultyStore,
-    )
-    from .servers import StorageTarget
-except ImportError:
-    from coreutil import EngineDriver, running_engine, start_uploader, tree  # type: ignore[no-redef]
-    from faulty_store import (  # type: ignore[no-redef]
-        AFTER,
-        BEFORE,
-        CRASH,
-        PRECONDITION,
-        UNAVAILABLE,
-        Fault,
-        FaultyStore,
-    )
-    from servers import StorageTarget  # type: ignore[no-redef]
+from .coreutil import EngineDriver, running_engine, start_uploader, tree
+from .faulty_store import (
+    AFTER,
+    BEFORE,
+    CRASH,
+    PRECONDITION,
+    UNAVAILABLE,
+    Fault,
+    FaultyStore,
+)
+from .targets import StorageTarget
 
 _A, _B, _C = os.urandom(70_000), os.urandom(3_000), b"small text\n"
 FILES: dict[bytes, bytes] = {

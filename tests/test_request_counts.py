@@ -31,12 +31,8 @@ from fsrepo.store.counting import (
     RequestCounts,
 )
 
-try:  # the helpers' import style of this suite (tests/ is not a package yet)
-    from .coreutil import EngineDriver, running_engine
-    from .servers import StorageTarget
-except ImportError:
-    from coreutil import EngineDriver, running_engine  # type: ignore[no-redef]
-    from servers import StorageTarget  # type: ignore[no-redef]
+from .coreutil import EngineDriver, running_engine
+from .targets import StorageTarget
 
 
 class Counted:

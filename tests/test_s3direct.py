@@ -20,12 +20,6 @@ from fsrepo.store.s3 import S3Store
 from fsrepo.store.s3blobs import Boto3Blobs, LatchedBlobs
 from fsrepo.store.s3direct import DirectBlobs
 
-try:
-    from .test_security import tls_server  # noqa: F401 - a fixture
-except ImportError:
-    from test_security import tls_server  # type: ignore[no-redef]  # noqa: F401
-
-
 ONE_TRY = replace(REQUEST, attempts=1)
 
 

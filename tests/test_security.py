@@ -7,16 +7,13 @@ messages, the process title, the local state.)
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import secrets
 import shutil
-import ssl
 import stat
 import subprocess
 import tempfile
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,10 +25,7 @@ from fsrepo.retry import REQUEST
 from fsrepo.store import open_store
 from fsrepo.store.s3 import S3Store
 
-try:
-    from .mountutil import MountProcess, run_cli
-except ImportError:
-    from mountutil import MountProcess, run_cli  # type: ignore[no-redef]
+from .mountutil import MountProcess, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -147,49 +141,6 @@ def test_aws_secrets_never_leak(s3_bucket, s3_proxy, mounter, mount_env, tmp_pat
     for value in (secret, token):
         assert value.encode() not in everything, f"{value[:6]}... leaked"
     assert secret.encode() not in cmdline and token.encode() not in cmdline
-
-
-# -- TLS ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tls_server(tmp_path_factory):
-    """An HTTPS server on 127.0.0.1 with a self-signed certificate (for 127.0.0.1); it
-    answers every request 404 NoSuchBucket."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
-            body = (b"<?xml version='1.0'?><Error><Code>NoSuchBucket</Code>"
-                    b"<Message>no</Message></Error>")
-            self.send_response(404)
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        do_GET = do_HEAD = do_PUT = do_POST = _answer
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"https://127.0.0.1:{server.server_address[1]}", cert
-    server.shutdown()
-    server.server_close()
 
 
 def _head(store) -> BaseException | None:

@@ -29,10 +29,7 @@ from fsrepo.store import open_store
 from fsrepo.store.base import StoredObject
 from testservers.s3proxy import S3Proxy
 
-try:
-    from .mountutil import file_tree, poll, run_cli
-except ImportError:
-    from mountutil import file_tree, poll, run_cli  # type: ignore[no-redef]
+from .mountutil import file_tree, poll, run_cli
 
 
 @pytest.fixture

@@ -15,10 +15,7 @@ from fsrepo.errors import ImgrepoError
 from fsrepo.state import LocalState
 from fsrepo.stateschema import SCHEMA_VERSION, schema_version
 
-try:
-    from .mountutil import force_unmount, run_cli
-except ImportError:
-    from mountutil import force_unmount, run_cli  # type: ignore[no-redef]
+from .mountutil import force_unmount, run_cli
 
 # The schema as the code before versioning created it (user_version 0), with the index an
 # even older one had.

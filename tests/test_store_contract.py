@@ -36,10 +36,7 @@ from testservers.moto import MotoServer
 from testservers.net import closed_port
 from testservers.s3proxy import S3Proxy
 
-try:
-    from .targets import S3Target
-except ImportError:
-    from targets import S3Target  # type: ignore[no-redef]
+from .targets import S3Target
 
 MiB = 1 << 20
 

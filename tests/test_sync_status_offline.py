@@ -25,10 +25,7 @@ from fsrepo.connectivity import GuardedStore
 from fsrepo.errors import StorageOffline, StorageUnavailable
 from fsrepo.store.base import Store, StoredObject
 
-try:
-    from .mountutil import CLI, REPO_ROOT, poll, run_cli
-except ImportError:
-    from mountutil import CLI, REPO_ROOT, poll, run_cli  # type: ignore[no-redef]
+from .mountutil import CLI, REPO_ROOT, poll, run_cli
 
 KiB = 1024
 

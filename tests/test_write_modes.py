@@ -37,6 +37,7 @@ async def _keys(store: Store, prefix: str = "") -> list[str]:
     return [info.key async for info in store.list(prefix)]
 
 
+@pytest.mark.expected_logs(r"ignores If-(None-)?Match on PUT", reason="the store ignores conditions on purpose")
 @pytest.mark.parametrize("ignoring", [False, True])
 def test_probe_tells_conditional_from_ignoring_store(tmp_path: Path, ignoring: bool) -> None:
     store = (IgnoringStore if ignoring else LocalStore)(tmp_path / "repo")
@@ -51,6 +52,7 @@ def test_probe_tells_conditional_from_ignoring_store(tmp_path: Path, ignoring: b
     trio.run(main)
 
 
+@pytest.mark.expected_logs(r"ignores If-(None-)?Match on PUT", reason="the proxy strips conditions on purpose")
 @pytest.mark.parametrize("strip", [False, True])
 def test_probe_over_http_counts_requests_and_is_remembered(s3_bucket, tmp_path: Path,
                                                             strip: bool) -> None:
@@ -75,6 +77,7 @@ def test_probe_over_http_counts_requests_and_is_remembered(s3_bucket, tmp_path: 
     assert [row["conditional"] for row in remembered.values()] == [not strip]
 
 
+@pytest.mark.expected_logs(r"the writer lease of .* was taken by", reason="the lease is taken away on purpose")
 def test_lease_race_has_one_winner_and_a_taken_lease_is_noticed(tmp_path: Path) -> None:
     store = IgnoringStore(tmp_path / "repo")
 

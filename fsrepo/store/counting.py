@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .base import NOT_MODIFIED, ObjectInfo, Store, StoredObject, _NotModified
+from .base import NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject
 
 K = TypeVar("K")
 
@@ -141,7 +141,7 @@ class CountingStore(Store):
     def online(self) -> bool:
         return self.inner.online
 
-    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | _NotModified:
+    async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | NotModified:
         try:
             obj = await self.inner.get(key, if_none_match)
         except BaseException:

@@ -13,6 +13,7 @@ import time
 
 import boto3
 import botocore.exceptions
+import pytest
 from auth_harness import UserAtBrowser, fast_timing, refresher_running, wait_until
 from botocore.config import Config
 
@@ -34,6 +35,7 @@ def roundtrip(s3, i):
     assert s3.get_object(Bucket=BUCKET, Key=f"p/{i}.jpg")["Body"].read() == body
 
 
+@pytest.mark.expected_logs(r"login required", r"Refreshing temporary credentials failed", reason="the login is revoked on purpose, so botocore's advisory refresh fails until the new login")
 def test_credentials_refresh_across_expiries_and_resume_after_new_login(
     settings, store, oidc, auth_moto, edge, monkeypatch, secret_guard
 ):

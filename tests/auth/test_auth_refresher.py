@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 from auth_harness import login, refresher_running, wait_until
 
 from fsrepo.auth import TokenRefresher, format_status, run_status
@@ -87,6 +88,7 @@ def test_processes_sharing_a_login_never_reuse_a_refresh_token(settings, store, 
     assert not run_status(settings, store=store)["login_required"]
 
 
+@pytest.mark.expected_logs(r"login required", reason="the login is revoked on purpose")
 def test_revoked_login_asks_for_login_and_resumes_after_it(settings, store, oidc, secret_guard, caplog):
     oidc.configure(ttl={"IdToken": 2, "AccessToken": 2})
     assert login(settings, store, oidc)[0] == 0

@@ -316,6 +316,7 @@ def sample_login(**changes) -> StoredLogin:
     return replace(base, **changes)
 
 
+@pytest.mark.expected_logs(r"was readable by others; making it private", reason="the test makes the token file readable by others to see it tightened")
 def test_store_files_are_private_and_whole(store):
     os.umask(0o022)
     with store.locked():
@@ -333,6 +334,7 @@ def test_store_files_are_private_and_whole(store):
     assert not list(store.directory.glob(".*.tmp"))
 
 
+@pytest.mark.expected_logs(r"was readable by others; making it private", reason="the damaged store the test writes is created with the default mode")
 def test_damaged_store_is_reported(store):
     store.directory.mkdir(parents=True)
     store.path.write_text("{not json")
@@ -454,6 +456,7 @@ def run_refresher_until(refresher, *conditions, timeout=5.0):
     return seen
 
 
+@pytest.mark.expected_logs(r"login refresh failed \(retrying", reason="the provider fails on purpose")
 def test_refresher_retries_after_provider_trouble(store, caplog):
     from fsrepo.auth import TokenRefresher
     from fsrepo.retry import Backoff
@@ -478,6 +481,7 @@ def test_refresher_retries_after_provider_trouble(store, caplog):
     assert any("retrying" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.expected_logs(r"login required", reason="the login expires on purpose")
 def test_refresher_without_refresh_token_says_login_required_at_expiry(store, caplog):
     from fsrepo.auth import TokenRefresher
 
