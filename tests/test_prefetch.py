@@ -12,10 +12,7 @@ from fsrepo.inodes import ROOT_INO
 from fsrepo.manifest import ROOT_ID
 from fsrepo.store.base import Store
 
-try:
-    from .coreutil import running_engine, write_file
-except ImportError:
-    from coreutil import running_engine, write_file  # type: ignore[no-redef]
+from .coreutil import running_engine, write_file
 
 FOLDERS = 24
 RTT = 0.02

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-try:
-    from .mountutil import run_cli
-except ImportError:
-    from mountutil import run_cli  # type: ignore[no-redef]
+from .mountutil import run_cli
 
 FOLDERS = 40
 

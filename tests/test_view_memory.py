@@ -13,26 +13,15 @@ from fsrepo.inodes import ROOT_INO
 from fsrepo.manifest import DirEntry
 from fsrepo.store.base import Store
 
-try:
-    from .coreutil import (
-        list_dir,
-        overwrite_file,
-        read_file,
-        remove,
-        resolve,
-        running_engine,
-        write_file,
-    )
-except ImportError:
-    from coreutil import (  # type: ignore[no-redef]
-        list_dir,
-        overwrite_file,
-        read_file,
-        remove,
-        resolve,
-        running_engine,
-        write_file,
-    )
+from .coreutil import (
+    list_dir,
+    overwrite_file,
+    read_file,
+    remove,
+    resolve,
+    running_engine,
+    write_file,
+)
 
 FOLDERS, FILES = 30, 10
 
