@@ -81,6 +81,7 @@ class Settings:
     cache_size: int = DEFAULT_CACHE_SIZE
     refresh: float = DEFAULT_REFRESH
     uploads: int = 8
+    view_cache_entries: int = 200_000  # directory entries kept in memory (~0.4 KiB each)
     # login (OIDC device flow + STS web identity)
     issuer: str | None = None
     client_id: str | None = None

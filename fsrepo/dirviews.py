@@ -10,6 +10,11 @@ when the manifest or the journal changes, `add_empty`/`discard` for new director
 Nothing outside reaches the views but through it, so when a view is revalidated (`stale`,
 `load_fresh`) or how many stay in memory can change here alone. What a change means for
 inodes and the kernel is the `ViewChanges` listener's business.
+
+Memory is bounded: a view without pending ops shares its manifest's dict as its entries
+(copied at the first local op), and once the views hold more than `max_entries` entries
+the least recently loaded ones go, unless `NeededViews` says something still needs them.
+An evicted view comes back from the local state database, without a request.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,6 +57,21 @@ class KnownBlobs(Protocol):
     def note_known(self, shas: set[str]) -> None: ...
 
 
+class NeededViews(Protocol):
+    """Says whether a view must stay in memory: an inode named in it is known to the kernel
+    or open, or its directory is being listed."""
+
+    def view_needed(self, dir_id: str) -> bool: ...
+
+
+class _NoneNeeded:
+    def view_needed(self, dir_id: str) -> bool:
+        return False
+
+
+RECENT_KEPT = 16  # the views loaded last stay: a change awaiting a second load holds them
+
+
 class ViewChanges(Protocol):
     """Told when a loaded view's entries changed other than by the kernel's own request."""
 
@@ -63,7 +84,8 @@ class ViewChanges(Protocol):
 
 class DirViews:
     def __init__(self, store: Store, db: StateDB, journal: Journal, *, host: str,
-                 refresh: float, known_blobs: KnownBlobs, changes: ViewChanges) -> None:
+                 refresh: float, known_blobs: KnownBlobs, changes: ViewChanges,
+                 max_entries: int) -> None:
         self.store = store
         self.db = db
         self.journal = journal
@@ -72,7 +94,14 @@ class DirViews:
         self.known_blobs = known_blobs
         self.changes = changes
         self.offline_until = 0.0  # no revalidation before this (the storage was down)
-        self._views: dict[str, DirView] = {}
+        self.max_entries = max_entries
+        self.recent_kept = RECENT_KEPT
+        self.evictions = 0  # views evicted since started
+        self.needed: NeededViews = _NoneNeeded()
+        self._views: OrderedDict[str, DirView] = OrderedDict()  # least recently loaded first
+        self._sizes: dict[str, int] = {}  # entries each view in memory holds
+        self._total = 0
+        self._trim_above = max_entries  # no eviction pass below this many entries
         self._loading: dict[str, trio.Event] = {}
         self._marked_while_loading: set[str] = set()
         self._marks = 0
@@ -81,6 +110,14 @@ class DirViews:
     def get(self, dir_id: str) -> DirView | None:
         """The view if it is in memory (no I/O)."""
         return self._views.get(dir_id)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    @property
+    def entries_held(self) -> int:
+        """How many entries the views in memory hold (what the bound counts)."""
+        return self._total
 
     def __iter__(self) -> Iterator[str]:
         """The ids of the views in memory (a snapshot: the cache may change meanwhile)."""
@@ -115,6 +152,7 @@ class DirViews:
         """The directory's view, loading it (local cache first, then the bucket)."""
         view = self._views.get(dir_id)
         if view is not None:
+            self._views.move_to_end(dir_id)
             return view
         while dir_id in self._loading:
             await self._loading[dir_id].wait()
@@ -145,7 +183,7 @@ class DirViews:
                 self._marks += 1
                 view.stale = self._marks
                 await self.db.run(self.db.state.mark_stale, {dir_id})
-            self._views[dir_id] = view
+            self._keep(view)
             return view
         except ManifestError as exc:
             log.error("%s", exc)
@@ -153,6 +191,31 @@ class DirViews:
         finally:
             del self._loading[dir_id]
             self._marked_while_loading.discard(dir_id)
+            done.set()
+
+    async def fetch_ahead(self, dir_id: str, checked: bool = True) -> None:
+        """Bring a manifest the mount will probably need soon (a listed directory's
+        subdirectory) from the bucket into the local state database, so its `load` costs
+        no request. Nothing if it is in memory, being loaded or already cached; a manifest
+        that does not parse is not kept (its load reports it). Not `checked`: kept as if
+        from an earlier run, revalidated at first use when online (but there to use
+        offline)."""
+        if dir_id in self._views or dir_id in self._loading:
+            return
+        done = self._loading[dir_id] = trio.Event()
+        try:
+            if await self.db.run(self.db.state.load_manifest, dir_id) is not None:
+                return
+            changed, obj = await self._fetch(dir_id, None)
+            body = obj.data if obj else None
+            if body is not None:
+                parse_manifest(body, dir_id)  # raises ManifestError: not kept
+            await self.db.run(self.db.state.save_manifest, dir_id, obj.etag if obj else None,
+                              body, time.time())
+            if not checked:
+                await self.db.run(self.db.state.mark_stale, {dir_id})
+        finally:
+            del self._loading[dir_id]
             done.set()
 
     async def load_fresh(self, dir_id: str) -> DirView:
@@ -212,6 +275,7 @@ class DirViews:
         old = view.entries
         view.remote, view.etag, view.checked = remote, etag, time.time()
         self._compute(view)
+        self._resize(view)
         self.changes.view_changed(dir_id, old, view.entries)
 
     def recompute(self, dirs: set[str]) -> None:
@@ -230,6 +294,8 @@ class DirViews:
         and ours went to a conflict copy."""
         view = self._views.get(dir_id)
         if view is not None:
+            if view.entries is view.remote:  # shared until the first local op
+                view.entries = dict(view.remote)
             diverted = apply_ops(view.entries, [op], self.host)
             if diverted:
                 self.changes.diverted(dir_id, diverted)
@@ -238,18 +304,66 @@ class DirViews:
         """The view of a directory just made here: empty, without asking the bucket."""
         view = DirView(dir_id, {}, None, checked)
         self._compute(view)
-        self._views.setdefault(dir_id, view)
+        if dir_id not in self._views:
+            self._keep(view)
         return view
 
     def discard(self, view: DirView) -> None:
         """Drop a view added by `add_empty` whose directory was not created after all."""
         if self._views.get(view.dir_id) is view:
-            del self._views[view.dir_id]
+            self._drop(view.dir_id)
+
+    # -- the bound ------------------------------------------------------------------------
+    def _keep(self, view: DirView) -> None:
+        """Hold a view just loaded (most recently used), then make room if over the bound."""
+        self._views[view.dir_id] = view
+        self._resize(view)
+        if self._total > self._trim_above:
+            self.trim()
+
+    def _resize(self, view: DirView) -> None:
+        size = len(view.remote)
+        self._total += size - self._sizes.get(view.dir_id, 0)
+        self._sizes[view.dir_id] = size
+
+    def _drop(self, dir_id: str) -> DirView:
+        view = self._views.pop(dir_id)
+        self._total -= self._sizes.pop(dir_id)
+        return view
+
+    def evictable(self, dir_id: str) -> bool:
+        """Whether nothing needs the view: no pending op for its directory and nothing
+        the `needed` listener knows of."""
+        return not self.journal.ops_for(dir_id) and not self.needed.view_needed(dir_id)
+
+    def trim(self, goal: int | None = None) -> int:
+        """Evict the least recently loaded views nothing needs until the views hold at
+        most `goal` entries (default: a tenth below the bound); the last few loaded always
+        stay. Returns how many went."""
+        goal = self.max_entries * 9 // 10 if goal is None else goal
+        if self._total <= goal:
+            return 0
+        evicted = 0
+        candidates = list(self._views)[:len(self._views) - self.recent_kept]
+        for dir_id in candidates:
+            if self._total <= goal:
+                break
+            if self.evictable(dir_id):
+                self._drop(dir_id)
+                evicted += 1
+        self.evictions += evicted
+        # Whatever stays pinned, the next pass waits for a tenth of the bound more.
+        self._trim_above = max(self.max_entries, self._total + self.max_entries // 10)
+        return evicted
 
     # -- internals ------------------------------------------------------------------------
     def _compute(self, view: DirView) -> None:
+        ops = self.journal.ops_for(view.dir_id)
+        if not ops:
+            view.entries = view.remote  # shared: `apply` copies before the first change
+            return
         entries = dict(view.remote)
-        apply_ops(entries, self.journal.ops_for(view.dir_id), self.host, merged={})
+        apply_ops(entries, ops, self.host, merged={})
         view.entries = entries
 
     async def _fetch(self, dir_id: str, etag: str | None) -> tuple[bool, StoredObject | None]:

@@ -71,6 +71,7 @@ class Engine:
         self.remote_index = RemoteIndex()
         self.ns = Namespace(store, self.db, self.journal, host=self.host,
                             refresh=settings.refresh, known_blobs=self.remote_index,
+                            view_cache_entries=settings.view_cache_entries,
                             invalidator=self.invalidator)
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
                                  self.remote_index)

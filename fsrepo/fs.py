@@ -149,7 +149,7 @@ class Operations(pyfuse3.Operations):
     # -- directories ----------------------------------------------------------------------
     @_translate
     async def opendir(self, inode: int, ctx: Any) -> int:
-        listing = await self.ns.listing(inode)
+        listing = await self.ns.open_listing(inode)
         dh = self._next_dh
         self._next_dh += 1
         self._dir_handles[dh] = listing
@@ -172,6 +172,7 @@ class Operations(pyfuse3.Operations):
             except FsError:
                 continue  # gone meanwhile, or refused (cycle)
             if not reply(token, name, attrs(node, entry), index + 1):
+                self.ns.inodes.drop_if_unused(node)  # the kernel did not take it
                 break
             looked_up(node)  # readdirplus: each entry the kernel took counts as a lookup
 
@@ -181,7 +182,9 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)
-        self._dir_owner.pop(fh, None)
+        owner = self._dir_owner.pop(fh, None)
+        if owner is not None:
+            self.ns.close_listing(owner)
 
     @_translate
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:

@@ -26,7 +26,7 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     sha256: str
     size: int
@@ -34,14 +34,14 @@ class FileEntry:
     mode: int = 0o644
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DirEntry:
     id: str
     mtime_ns: int
     mode: int = 0o755
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SymlinkEntry:
     target: bytes
     mtime_ns: int

@@ -25,6 +25,7 @@ from .engine import Engine
 from .errors import ImgrepoError
 from .fs import KernelInvalidator
 from .head_watcher import HeadWatcher
+from .manifest import ROOT_ID
 from .readonly import GatedOperations
 from .store import open_store
 from .store.base import Store
@@ -140,7 +141,7 @@ class Mount(Engine):
         if cmd == "status":
             status = await self.status()
             if req.get("repository"):
-                status.update(await self.syncer.repository_totals())
+                status.update(await self.syncer.last_totals())
             return status
         if cmd == "wait":
             sent, sent_at, summed_at = None, -math.inf, -math.inf
@@ -178,6 +179,10 @@ class Mount(Engine):
             raise
         await self.db.run(self.load_state)
         await self._first_poll()
+        try:  # every use starts at the root: it is kept now, to work offline from the start
+            await self.ns.views.fetch_ahead(ROOT_ID)
+        except ImgrepoError as exc:
+            log.debug("the root's manifest was not fetched ahead: %s", exc)
         # Anything that touches the mountpoint must happen before init: afterwards our own
         # FUSE requests would wait for the loop this very call is blocking.
         sock_path = control.socket_path(self.mountpoint)
@@ -195,6 +200,7 @@ class Mount(Engine):
                 nursery.start_soon(self.uploader.run)
                 nursery.start_soon(self.journal.write_behind)
                 nursery.start_soon(self.watcher.run)
+                nursery.start_soon(self.ns.prefetcher.run)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self.mode.run)

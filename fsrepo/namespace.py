@@ -22,17 +22,21 @@ from .inodes import ROOT_INO, InodeTable, Node, is_same_object
 from .journal import Journal, Record
 from .manifest import ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
 from .merge import Op, same_object
+from .prefetch import ManifestPrefetcher
 from .state import StateDB
 from .store.base import Store
 
 log = logging.getLogger(__name__)
 
 EMPTY_SHA = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+# After this many inodes forgotten by the kernel, the views they pinned are let go (down to
+# a tenth of the bound: an idle mount gives its memory back).
+FORGETS_PER_TRIM = 4096
 
 
 class Namespace:
     def __init__(self, store: Store, db: StateDB, journal: Journal, *, host: str,
-                 refresh: float, known_blobs: KnownBlobs,
+                 refresh: float, known_blobs: KnownBlobs, view_cache_entries: int,
                  invalidator: Invalidator | None = None) -> None:
         self.db = db
         self.journal = journal
@@ -40,7 +44,11 @@ class Namespace:
         self.inodes = InodeTable()
         self._announcer = Announcer(self.inodes, self.invalidator)
         self.views = DirViews(store, db, journal, host=host, refresh=refresh,
-                              known_blobs=known_blobs, changes=self._announcer)
+                              known_blobs=known_blobs, changes=self._announcer,
+                              max_entries=view_cache_entries)
+        self.views.needed = self
+        self.prefetcher = ManifestPrefetcher(self.views.fetch_ahead)  # run by the mount
+        self._forgotten = 0  # inodes forgotten since the views were last trimmed
 
     def track_edits(self, tracker: EditTracker) -> None:
         """Which file inodes are being edited (the file layer, built after us): a remote
@@ -53,6 +61,16 @@ class Namespace:
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
+        self._forgotten += 1
+        if self._forgotten >= FORGETS_PER_TRIM:
+            self._forgotten = 0
+            self.views.trim(self.views.max_entries // 10)
+
+    def view_needed(self, dir_id: str) -> bool:
+        """A view stays in memory while an inode named in it exists (the kernel knows it,
+        or a handle is open: its entry is read from the view) or its directory is open."""
+        node = self.inodes.of_dir(dir_id)
+        return node is not None and (node.opens > 0 or self.inodes.has_children(node.ino))
 
     @staticmethod
     def looked_up(node: Node) -> None:
@@ -107,6 +125,23 @@ class Namespace:
         node = self.inodes.dir_node(ino)
         view = await self.views.load_fresh(node.dir_id)  # type: ignore[arg-type]
         return sorted(view.entries.items())
+
+    async def open_listing(self, ino: int) -> list[tuple[bytes, Entry]]:
+        """`listing` for an opened directory handle: the view stays in memory (readdir
+        reads it) until `close_listing`. The subdirectories' manifests are fetched ahead:
+        a walk opens them next."""
+        names = await self.listing(ino)
+        self.inodes.dir_node(ino).opens += 1
+        views = self.views
+        self.prefetcher.want([e.id for _, e in names
+                              if isinstance(e, DirEntry) and views.get(e.id) is None])
+        return names
+
+    def close_listing(self, ino: int) -> None:
+        node = self.inodes.get(ino)
+        if node is not None:
+            node.opens -= 1
+            self.inodes.drop_if_unused(node)
 
     # -- changes --------------------------------------------------------------------------
     # Each change loads what it needs first (awaits), then checks and records synchronously

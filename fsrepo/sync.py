@@ -7,10 +7,15 @@ for a reader is joined, not fetched again, so an interrupted sync simply continu
 again and nothing is downloaded twice. When the files do not fit the cache limit, it says so
 first and stops at the limit instead of evicting what it just fetched. When the storage
 becomes unreachable, it stops at once and says so.
+
+The walk reads several directories at once (one round trip each on S3). A sync of the
+whole repository also leaves the repository's totals behind (files, bytes, stored bytes,
+and when): `--status` shows those instead of walking the tree itself.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +31,8 @@ from .namespace import Namespace
 log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+TOTALS_KEY = "repository_totals"  # meta key of the last full walk's totals
+WALK_PARALLEL = 8  # directories read at once by a walk
 
 
 class Syncer:
@@ -33,40 +40,67 @@ class Syncer:
         self.ns = ns
         self.cache = cache
         self.running = 0  # syncs in progress (status)
+        self._totals: dict[str, Any] | None = None  # the last full walk's, once read
 
     def _online(self) -> bool:
         return self.cache.store.online
 
-    async def walk(self, dir_id: str, seen: set[str] | None = None,
-                   fresh: bool = False) -> list[FileEntry]:
-        """Every file entry under a directory (each directory read once). With `fresh`,
-        directories not checked within the refresh interval are revalidated first (a
-        conditional GET each), so a sync sees what the bucket holds now."""
+    async def walk(self, dir_id: str, seen: set[str] | None = None, fresh: bool = False,
+                   parallel: int = WALK_PARALLEL) -> list[FileEntry]:
+        """Every file entry under a directory (each directory read once, `parallel` of
+        them at a time). With `fresh`, directories marked stale (another machine changed
+        them, as the change records say) are revalidated first, so a sync sees what the
+        bucket holds now without a request per unchanged directory."""
         seen = set() if seen is None else seen
         out: list[FileEntry] = []
-        stack = [dir_id]
-        while stack:
-            current = stack.pop()
-            if current in seen:
-                continue
-            seen.add(current)
-            try:
-                view = await self.ns.views.load(current)
-                if fresh and time.time() - view.checked > self.ns.views.refresh:
-                    try:
-                        await self.ns.views.revalidate(current)
-                    except StorageError as exc:
-                        log.warning("sync: using the cached listing of %s: %s", current, exc)
-                    view = self.ns.views.get(current) or view
-            except FsError as exc:
-                log.warning("sync: skipping unreadable directory %s: %s", current, exc)
-                continue
-            for entry in view.entries.values():
-                if isinstance(entry, FileEntry):
-                    out.append(entry)
-                elif isinstance(entry, DirEntry):
-                    stack.append(entry.id)
+        todo = [dir_id]
+        reading = 0
+        changed = trio.Event()  # set when a directory was read: more to do, or all done
+
+        async def reader() -> None:
+            nonlocal reading, changed
+            while True:
+                if not todo:
+                    if not reading:
+                        return
+                    await changed.wait()
+                    continue
+                current = todo.pop()
+                if current in seen:
+                    continue
+                seen.add(current)
+                reading += 1
+                try:
+                    entries = await self._read(current, fresh)
+                finally:
+                    reading -= 1
+                for entry in entries:
+                    if isinstance(entry, FileEntry):
+                        out.append(entry)
+                    elif isinstance(entry, DirEntry):
+                        todo.append(entry.id)
+                changed.set()
+                changed = trio.Event()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(max(1, parallel)):
+                nursery.start_soon(reader)
         return out
+
+    async def _read(self, dir_id: str, fresh: bool) -> list:
+        """One directory's entries for a walk (none if it cannot be read)."""
+        try:
+            view = await self.ns.views.load(dir_id)
+            if fresh and self.ns.views.stale(view):
+                try:
+                    await self.ns.views.revalidate(dir_id)
+                except StorageError as exc:
+                    log.warning("sync: using the cached listing of %s: %s", dir_id, exc)
+                view = self.ns.views.get(dir_id) or view
+        except FsError as exc:
+            log.warning("sync: skipping unreadable directory %s: %s", dir_id, exc)
+            return []
+        return list(view.entries.values())
 
     async def resolve(self, relpath: str) -> str | FileEntry:
         """A path relative to the mountpoint: its directory id, or its file entry."""
@@ -85,12 +119,21 @@ class Syncer:
             dir_id = entry.id
         return dir_id
 
-    async def repository_totals(self) -> dict[str, int]:
-        files = await self.walk(ROOT_ID)
+    async def last_totals(self) -> dict[str, Any]:
+        """The repository's totals as the last full walk (`--sync` of everything) found
+        them, with its time; {} before the first. No walk, no request."""
+        if self._totals is None:
+            raw = await self.ns.db.run(self.ns.db.state.get_meta, TOTALS_KEY)
+            self._totals = json.loads(raw) if raw else {}
+        return dict(self._totals)
+
+    async def _note_totals(self, files: list[FileEntry]) -> None:
         blobs = {f.sha256: f.size for f in files}
-        return {"repository_files": len(files),
-                "repository_bytes": sum(f.size for f in files),
-                "repository_unique_bytes": sum(blobs.values())}
+        self._totals = {"repository_files": len(files),
+                        "repository_bytes": sum(f.size for f in files),
+                        "repository_unique_bytes": sum(blobs.values()),
+                        "repository_counted_at": time.time()}
+        await self.ns.db.run(self.ns.db.state.set_meta, TOTALS_KEY, json.dumps(self._totals))
 
     async def run(self, paths: list[str], send: Send, parallel: int = 8) -> dict[str, Any]:
         if not self._online():
@@ -111,6 +154,8 @@ class Syncer:
                 files.append(root)
             else:
                 files.extend(await self.walk(root, seen, fresh=True))
+        if not paths:
+            await self._note_totals(files)
         wanted: dict[str, int] = {}
         for f in files:
             if not self.cache.has(f.sha256):

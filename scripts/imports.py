@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("core: files and names", [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",
-        "fsrepo.reads", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record"]),
+        "fsrepo.reads", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record",
+        "fsrepo.prefetch"]),
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
         "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.sync", "fsrepo.salvage",

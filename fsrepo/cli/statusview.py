@@ -38,9 +38,12 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"cache:        {human(s['cache_used'])} of {human(s['cache_limit'])}")
         lines.append(f"dedup saved:  {human(s['dedup_saved_bytes'])}")
         if "repository_files" in s:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["repository_counted_at"]))
             lines.append(f"repository:   {s['repository_files']} files, "
                          f"{human(s['repository_bytes'])} ({human(s['repository_unique_bytes'])}"
-                         " stored)")
+                         f" stored) as counted by the last full --sync, {when}")
+        else:
+            lines.append("repository:   not counted yet (a full --sync counts it)")
     login = s.get("login")
     if login and (login.get("logged_in") or not lines or s.get("storage", "").startswith("s3://")):
         from ..auth.status import format_status as login_lines

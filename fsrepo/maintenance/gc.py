@@ -31,6 +31,9 @@ Deletes blobs that no manifest references. Why it is safe while other machines w
 
 A grace period shorter than those 10 minutes drops part of this protection, and
 `--grace 0` all of it: use them only when no mount is writing to the repository.
+
+Memory stays small at millions of blobs: the listing is a `BlobTable` and the marks one
+byte per listed blob (a string found in a manifest that names no listed blob is moot).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from ..errors import ObjectNotFound, PreconditionFailed
 from ..namespace import EMPTY_SHA
 from ..repository import blob_key, manifest_key
 from ..store.base import NOT_MODIFIED, Store, StoredObject
+from .blobtable import BlobTable
 from .walk import PARALLEL, gather, list_blobs, list_manifests
 
 log = logging.getLogger(__name__)
@@ -73,11 +77,12 @@ class Collection:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-async def _read_marks(store: Store, dir_ids: list[str],
-                      etags: dict[str, str]) -> set[str]:
-    """Every 64-hex string in the given manifests (reading only what changed since `etags`,
-    which is updated); unchanged manifests contribute nothing new."""
-    marks: set[str] = set()
+async def _read_marks(store: Store, dir_ids: list[str], etags: dict[str, str],
+                      blobs: BlobTable) -> bytearray:
+    """One byte per listed blob: 1 if a 64-hex string in the given manifests names it
+    (reading only what changed since `etags`, which is updated); unchanged manifests
+    contribute nothing new."""
+    marks = bytearray(len(blobs))
 
     async def one(dir_id: str) -> None:
         try:
@@ -88,7 +93,10 @@ async def _read_marks(store: Store, dir_ids: list[str],
             return
         assert isinstance(got, StoredObject)
         etags[dir_id] = got.etag
-        marks.update(m.decode() for m in _HEX64.findall(got.data))
+        for found in _HEX64.findall(got.data):
+            index = blobs.find(found.decode())
+            if index >= 0:
+                marks[index] = 1
 
     await gather(dir_ids, one, PARALLEL)
     return marks
@@ -117,21 +125,22 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     now = time.time() if now is None else now
     c = Collection()
     blobs = await list_blobs(store, [])  # first: later uploads are never candidates
-    c.blobs, c.blob_bytes = len(blobs), sum(s for s, _ in blobs.values())
+    c.blobs, c.blob_bytes = len(blobs), blobs.total_bytes()
     etags: dict[str, str] = {}
-    marks = await _read_marks(store, await list_manifests(store, None), etags)
+    marks = await _read_marks(store, await list_manifests(store, None), etags, blobs)
     # The empty blob is referenced from every machine's index of known blobs (every new
     # file starts empty): it costs nothing to keep, so it is never collected.
-    unreferenced = {sha for sha in blobs if sha not in marks and sha != EMPTY_SHA}
+    unreferenced = [i for i in range(len(blobs)) if not marks[i]
+                    and blobs.sha(i) != EMPTY_SHA]  # in digest order
     c.referenced = c.blobs - len(unreferenced)
     c.unreferenced = len(unreferenced)
-    c.unreferenced_bytes = sum(blobs[s][0] for s in unreferenced)
+    c.unreferenced_bytes = sum(blobs.size(i) for i in unreferenced)
 
     state, state_etag = await _load_gc_state(store)
-    first_seen = {sha: min(state.get(sha, now), now) for sha in unreferenced}
+    first_seen = {blobs.sha(i): min(state.get(blobs.sha(i), now), now) for i in unreferenced}
     deletable: list[str] = []
-    for sha in sorted(unreferenced):
-        size, mtime = blobs[sha]
+    for index in unreferenced:
+        sha, size, mtime = blobs.sha(index), blobs.size(index), blobs.mtime(index)
         eligible = max(mtime, first_seen[sha]) + grace
         if eligible <= now:
             deletable.append(sha)
@@ -143,25 +152,26 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
 
     if deletable and not dry_run:
         # Anything that became referenced meanwhile (dedup on another machine) is kept.
-        again = await _read_marks(store, await list_manifests(store, None), etags)
-        rescued = [sha for sha in deletable if sha in again]
+        again = await _read_marks(store, await list_manifests(store, None), etags, blobs)
+        rescued = [sha for sha in deletable if again[blobs.find(sha)]]
         c.rescued = len(rescued)
-        deletable = [sha for sha in deletable if sha not in again]
+        deletable = [sha for sha in deletable if not again[blobs.find(sha)]]
         for sha in rescued:
             first_seen.pop(sha, None)
 
     if dry_run:
         c.deleted = len(deletable)
-        c.freed_bytes = sum(blobs[s][0] for s in deletable)
+        c.freed_bytes = sum(blobs.size(blobs.find(s)) for s in deletable)
         c.deleted_shas = deletable
         return c
 
     async def delete(sha: str) -> None:
         await store.delete(blob_key(sha))
         c.deleted += 1
-        c.freed_bytes += blobs[sha][0]
+        size = blobs.size(blobs.find(sha))
+        c.freed_bytes += size
         c.deleted_shas.append(sha)
-        log.info("gc: deleted unreferenced blob %s (%d bytes)", sha, blobs[sha][0])
+        log.info("gc: deleted unreferenced blob %s (%d bytes)", sha, size)
 
     await gather(deletable, delete, PARALLEL)
     for sha in deletable:

@@ -7,6 +7,10 @@ listed in two places or forming a cycle, files whose blob is missing or has the 
 size. With `--data` every blob is downloaded and hashed (streamed through a temporary
 file, a few at once). Unreachable manifests and unreferenced blobs are harmless
 leftovers and only noted. Exit status 1 when anything is wrong.
+
+Memory stays small at millions of files: each file found is held as its blob's digest,
+size and directory (`FileRefs`), the bucket's blobs as a `BlobTable`; the few files with
+a problem are named by reading their directories again.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from ..namespace import EMPTY_SHA
 from ..repository import blob_key, manifest_key
 from ..store.base import Store, StoredObject
 from ..units import human
+from .blobtable import BlobTable
+from .filerefs import FileRefs
 from .walk import PARALLEL, gather, list_blobs, list_manifests
 
 DATA_PARALLEL = 4
@@ -61,7 +67,7 @@ async def verify(store: Store, data: bool = False, progress: Any = None) -> Veri
     """Check the whole repository in `store` (see the module docstring)."""
     v = Verification()
     parents: dict[str, tuple[str, bytes] | None] = {ROOT_ID: None}
-    refs: dict[str, list[tuple[str, bytes, int]]] = {}  # sha -> [(dir_id, name, size)]
+    refs = FileRefs()
 
     def path_of(dir_id: str, name: bytes | None = None) -> str:
         parts: list[str] = [] if name is None else [_show(name)]
@@ -136,31 +142,47 @@ async def verify(store: Store, data: bool = False, progress: Any = None) -> Veri
                 elif isinstance(entry, FileEntry):
                     v.files += 1
                     v.file_bytes += entry.size
-                    refs.setdefault(entry.sha256, []).append((dir_id, name, entry.size))
+                    refs.add(dir_id, entry.sha256, entry.size)
                 elif isinstance(entry, SymlinkEntry):
                     v.symlinks += 1
         level = next_level
 
     blobs = await list_blobs(store, v.notes)
     v.blobs = len(blobs)
-    v.blob_bytes = sum(size for size, _ in blobs.values())
-    for sha, users in sorted(refs.items()):
-        have = blobs.get(sha)
-        for dir_id, name, size in users:
-            where = path_of(dir_id, name)
-            if have is None:
-                v.problem("missing-blob", f"{where}: its content (blob {sha}) is missing from "
-                          "the bucket", path=where, sha256=sha)
-            elif have[0] != size:
-                v.problem("size-mismatch", f"{where}: the manifest says {size} bytes but blob "
-                          f"{sha} has {have[0]}", path=where, sha256=sha)
+    v.blob_bytes = blobs.total_bytes()
+    used = bytearray(len(blobs))  # 1: some file names the blob
+    wrong: dict[str, set[tuple[str, int]]] = {}  # dir_id -> {(sha, size)} with a problem
+    for dir_id, sha, size in refs:
+        index = blobs.find(sha)
+        if index >= 0:
+            used[index] = 1
+        if index < 0 or blobs.size(index) != size:
+            wrong.setdefault(dir_id, set()).add((sha, size))
+    found: list[tuple[str, str, int]] = []  # (sha, path, size)
+    named = await _names_in(store, {d: {sha for sha, _ in pairs} for d, pairs in wrong.items()})
+    for dir_id, pairs in wrong.items():
+        for sha, size in pairs:
+            names = named.get((dir_id, sha), {}).get(size) or [None]
+            found += [(sha, path_of(dir_id, name) if name is not None else
+                       path_of(dir_id) + "/(a file changed since)", size) for name in names]
+    for sha, where, size in sorted(found):
+        index = blobs.find(sha)
+        if index < 0:
+            v.problem("missing-blob", f"{where}: its content (blob {sha}) is missing from "
+                      "the bucket", path=where, sha256=sha)
+        else:
+            v.problem("size-mismatch", f"{where}: the manifest says {size} bytes but blob "
+                      f"{sha} has {blobs.size(index)}", path=where, sha256=sha)
 
-    unreferenced = [sha for sha in blobs if sha not in refs and sha != EMPTY_SHA]
+    unreferenced = size = 0
+    for index in range(len(blobs)):
+        if not used[index] and blobs.sha(index) != EMPTY_SHA:
+            unreferenced += 1
+            size += blobs.size(index)
     if unreferenced:
-        size = sum(blobs[s][0] for s in unreferenced)
-        v.notes.append({"kind": "unreferenced-blobs", "count": len(unreferenced),
+        v.notes.append({"kind": "unreferenced-blobs", "count": unreferenced,
                         "bytes": size,
-                        "message": f"{len(unreferenced)} blobs ({human(size)}) are not "
+                        "message": f"{unreferenced} blobs ({human(size)}) are not "
                                    "referenced by any directory (--gc frees them)"})
     unreachable = [d for d in await list_manifests(store, v.notes) if d not in parents
                    and not await _removal_mark(store, d)]
@@ -184,16 +206,38 @@ async def _removal_mark(store: Store, dir_id: str) -> bool:
     return isinstance(obj, StoredObject) and is_removal_mark(obj.data, dir_id)
 
 
-async def _verify_data(store: Store, blobs: dict[str, tuple[int, float]],
-                       refs: dict[str, list[tuple[str, bytes, int]]], v: Verification,
+async def _names_in(store: Store, wanted: dict[str, set[str]]
+                    ) -> dict[tuple[str, str], dict[int, list[bytes]]]:
+    """(dir_id, sha) -> size -> the names of the files naming that blob, for the few
+    directories with a problem, read again (a directory gone meanwhile names nobody)."""
+    out: dict[tuple[str, str], dict[int, list[bytes]]] = {}
+
+    async def read(dir_id: str) -> None:
+        try:
+            got = await store.get(manifest_key(dir_id))
+            assert isinstance(got, StoredObject)
+            manifest, _ = parse_manifest(got.data, dir_id)
+        except (ObjectNotFound, ManifestError):
+            return
+        shas = wanted[dir_id]
+        for name, entry in sorted(manifest.entries.items()):
+            if isinstance(entry, FileEntry) and entry.sha256 in shas:
+                out.setdefault((dir_id, entry.sha256), {}).setdefault(
+                    entry.size, []).append(name)
+
+    await gather(list(wanted), read, PARALLEL)
+    return out
+
+
+async def _verify_data(store: Store, blobs: BlobTable, refs: FileRefs, v: Verification,
                        path_of: Any, progress: Any) -> None:
-    todo = sorted(blobs)
-    total = sum(blobs[s][0] for s in todo)
+    total = blobs.total_bytes()
     done_bytes = 0
     with tempfile.TemporaryDirectory(prefix="imgrepo-verify-") as tmp:
 
-        async def check(sha: str) -> None:
+        async def check(index: int) -> None:
             nonlocal done_bytes
+            sha = blobs.sha(index)
             dest = Path(tmp) / sha
             try:
                 await store.download(blob_key(sha), dest)
@@ -203,14 +247,16 @@ async def _verify_data(store: Store, blobs: dict[str, tuple[int, float]],
             finally:
                 dest.unlink(missing_ok=True)
             v.blobs_hashed += 1
-            done_bytes += blobs[sha][0]
+            done_bytes += blobs.size(index)
             if actual != sha:
-                users = refs.get(sha, [])
-                paths = [path_of(d, n) for d, n, _ in users[:5]]
+                dirs = refs.users(sha, 5)
+                named = await _names_in(store, {d: {sha} for d in dirs})
+                paths = [path_of(d, name) for d in dict.fromkeys(dirs)
+                         for names in named.get((d, sha), {}).values() for name in names][:5]
                 shown = f" (used by {', '.join(paths)})" if paths else " (unreferenced)"
                 v.problem("corrupt-blob", f"blob {sha}{shown}: its content hashes to {actual}",
                           sha256=sha, actual=actual, paths=paths)
             if progress is not None:
-                progress(v.blobs_hashed, len(todo), done_bytes, total)
+                progress(v.blobs_hashed, len(blobs), done_bytes, total)
 
-        await gather(todo, check, DATA_PARALLEL)
+        await gather(range(len(blobs)), check, DATA_PARALLEL)

@@ -4,7 +4,7 @@ its directory manifests, and running requests a bounded number at a time."""
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import trio
@@ -13,6 +13,7 @@ from ..config import Settings
 from ..repository import open_repository
 from ..store import open_store
 from ..store.base import Store
+from .blobtable import BlobTable
 
 PARALLEL = 16
 _BLOB_KEY = re.compile(r"^blobs/sha256/([0-9a-f]{2})/([0-9a-f]{64})$")
@@ -38,18 +39,20 @@ async def open_checked(settings: Settings) -> Store:
     return store
 
 
-async def gather(items: list[T], fn: Callable[[T], Awaitable[None]], parallel: int) -> None:
-    """Run `await fn(item)` for every item, `parallel` at a time; the first error wins."""
-    limit = trio.Semaphore(parallel)
+async def gather(items: Iterable[T], fn: Callable[[T], Awaitable[None]],
+                 parallel: int) -> None:
+    """Run `await fn(item)` for every item, `parallel` at a time (that many tasks, however
+    many items: a million blobs are not a million tasks); the first error wins."""
+    todo = iter(items)
 
-    async def one(item: T) -> None:
-        async with limit:
+    async def worker() -> None:
+        for item in todo:  # shared: each item is taken by one worker
             await fn(item)
 
     try:
         async with trio.open_nursery() as nursery:
-            for item in items:
-                nursery.start_soon(one, item)
+            for _ in range(parallel):
+                nursery.start_soon(worker)
     except BaseExceptionGroup as group:
         from ..store.threads import first_error
         first = first_error(group)
@@ -58,17 +61,17 @@ async def gather(items: list[T], fn: Callable[[T], Awaitable[None]], parallel: i
         raise first from None
 
 
-async def list_blobs(store: Store, notes: list[dict[str, Any]]) -> dict[str, tuple[int, float]]:
-    """sha -> (size, mtime) of every blob in the bucket; odd keys are noted."""
-    blobs: dict[str, tuple[int, float]] = {}
+async def list_blobs(store: Store, notes: list[dict[str, Any]]) -> BlobTable:
+    """Every blob in the bucket with its size and mtime; odd keys are noted."""
+    blobs = BlobTable()
     async for info in store.list("blobs/"):
         m = _BLOB_KEY.match(info.key)
         if m is None or m.group(1) != m.group(2)[:2]:
             notes.append({"kind": "unexpected-object", "key": info.key,
                           "message": f"{info.key}: not a blob key (ignored)"})
             continue
-        blobs[m.group(2)] = (info.size, info.mtime)
-    return blobs
+        blobs.add(m.group(2), info.size, info.mtime)
+    return blobs.seal()
 
 
 async def list_manifests(store: Store, notes: list[dict[str, Any]] | None) -> list[str]:

@@ -1,0 +1,89 @@
+"""A walk through the mount does not wait one round trip per folder (issue 14): opening a
+directory fetches its subdirectories' manifests ahead, several at once, into the local
+state; their loads then make no request. A `--sync` walk reads several folders at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from fsrepo.inodes import ROOT_INO
+from fsrepo.manifest import ROOT_ID
+from fsrepo.store.base import Store
+
+from .coreutil import running_engine, write_file
+
+FOLDERS = 24
+RTT = 0.02
+
+
+class SlowGets:
+    """Wraps a store's `get` with a round trip's delay; counts calls and the most at once."""
+
+    def __init__(self, store: Store) -> None:
+        self.keys: list[str] = []
+        self.in_flight = self.most = 0
+        self._get = store.get
+        store.get = self.get  # type: ignore[method-assign]
+
+    async def get(self, key: str, *args: object, **kw: object) -> object:
+        self.keys.append(key)
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await trio.sleep(RTT)
+            return await self._get(key, *args, **kw)
+        finally:
+            self.in_flight -= 1
+
+
+def seed(url: str, cache: Path) -> None:
+    async def main() -> None:
+        async with running_engine(url, None, cache) as eng:
+            for d in range(FOLDERS):
+                await write_file(eng, f"d{d:02d}/sub/f", b"%d" % d)
+            await eng.uploader.wait_idle()
+    trio.run(main)
+
+
+def test_opening_a_directory_fetches_its_subdirectories_ahead(tmp_path):
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", upload=False) as eng:
+            eng.nursery.start_soon(eng.ns.prefetcher.run)
+            await trio.sleep(0)
+            gets = SlowGets(eng.ns.views.store)
+            names = await eng.ns.open_listing(ROOT_INO)
+            assert len(names) == FOLDERS
+            with trio.fail_after(10):
+                while len(eng.ns.prefetcher) or gets.in_flight:
+                    await trio.sleep(0.01)
+            assert 2 <= gets.most <= 8, gets.most
+            fetched = len(gets.keys)
+            assert fetched >= FOLDERS
+            for name, _ in names:  # the walk's lookups: no request each
+                node, _ = await eng.ns.lookup(ROOT_INO, name)
+                await eng.ns.views.load(node.dir_id)
+            assert len(gets.keys) == fetched
+            eng.ns.close_listing(ROOT_INO)
+    trio.run(main)
+
+
+def test_a_sync_walk_reads_several_directories_at_once(tmp_path):
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", upload=False) as eng:
+            gets = SlowGets(eng.ns.views.store)
+            started = trio.current_time()
+            files = await eng.syncer.walk(ROOT_ID)
+            took = trio.current_time() - started
+            assert sorted(f.size for f in files) == sorted(len(b"%d" % d) for d in range(FOLDERS))
+            assert gets.most > 1
+            # 49 directories one round trip each: sequentially at least 49 RTTs
+            assert took < (2 * FOLDERS + 1) * RTT / 2, took
+    trio.run(main)

@@ -1,0 +1,210 @@
+"""Memory of a mount with many folders (issue 14): directory views share their manifest's
+entries until a local change, stay within a bound (never evicting one something still
+needs), come back from the local state without a request, and forgotten inodes go."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import trio
+
+from fsrepo.inodes import ROOT_INO
+from fsrepo.manifest import DirEntry
+from fsrepo.store.base import Store
+
+from .coreutil import (
+    list_dir,
+    overwrite_file,
+    read_file,
+    remove,
+    resolve,
+    running_engine,
+    write_file,
+)
+
+FOLDERS, FILES = 30, 10
+
+
+def count_gets(store: Store) -> list[str]:
+    """Record the keys `store.get` is asked for (the views' reads)."""
+    keys: list[str] = []
+    get = store.get
+
+    async def counted(key: str, *args: object, **kw: object) -> object:
+        keys.append(key)
+        return await get(key, *args, **kw)
+
+    store.get = counted  # type: ignore[method-assign]
+    return keys
+
+
+def seed(url: str, cache: Path) -> None:
+    async def main() -> None:
+        async with running_engine(url, None, cache) as eng:
+            for d in range(FOLDERS):
+                for f in range(FILES):
+                    await write_file(eng, f"d{d:02d}/f{f}", f"{d}/{f}".encode())
+            await eng.uploader.wait_idle()
+    trio.run(main)
+
+
+def test_views_share_entries_until_a_local_change(tmp_path):
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", upload=False) as eng:
+            await list_dir(eng, "d00")
+            node, _ = await resolve(eng, "d00")
+            view = eng.ns.views.get(node.dir_id)
+            assert view.entries is view.remote
+            await write_file(eng, "d00/new", b"x")
+            assert view.entries is not view.remote
+            assert b"new" in view.entries and b"new" not in view.remote
+    trio.run(main)
+
+
+def test_the_view_cache_stays_bounded_and_reloads_without_a_request(tmp_path):
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", upload=False,
+                                  view_cache_entries=5 * FILES) as eng:
+            views = eng.ns.views
+            held = await resolve(eng, "d00/f0")  # a name the kernel knows: d00 must stay
+            eng.ns.looked_up(held[0])
+            for d in range(FOLDERS):
+                await list_dir(eng, f"d{d:02d}")
+            # the bound, plus the views a change may hold across a load, plus d00
+            assert views.entries_held <= 5 * FILES + 17 * FILES + 1 + FOLDERS
+            assert len(views) < FOLDERS + 1
+            d00 = (await resolve(eng, "d00"))[0].dir_id
+            assert views.get(d00) is not None, "evicted a view a known inode needs"
+            evicted = [d for d in range(FOLDERS)
+                       if views.get((await resolve(eng, f"d{d:02d}"))[0].dir_id) is None]
+            assert evicted
+            gets = count_gets(views.store)
+            names = await list_dir(eng, f"d{evicted[0]:02d}")
+            assert sorted(names) == [f"f{f}".encode() for f in range(FILES)]
+            assert gets == [], "an evicted view came back with a request"
+            # The kernel forgets d00/f0: nothing pins d00 any more.
+            eng.ns.forget(held[0].ino, 1)
+            assert eng.ns.inodes.get(held[0].ino) is None
+            assert views.evictable(d00)
+    trio.run(main)
+
+
+def test_forgotten_inodes_leave_the_table(tmp_path):
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", upload=False) as eng:
+            before = len(eng.ns.inodes.nodes)
+            nodes = []
+            for f in range(FILES):
+                node, _ = await eng.ns.lookup((await resolve(eng, "d01"))[0].ino,
+                                              f"f{f}".encode())
+                nodes.append(node)
+            d01 = (await resolve(eng, "d01"))[0]
+            eng.ns.looked_up(d01)
+            assert eng.ns.inodes.has_children(d01.ino)
+            for node in nodes:
+                eng.ns.forget(node.ino, 1)
+            assert not eng.ns.inodes.has_children(d01.ino)
+            eng.ns.forget(d01.ino, 1)
+            assert not eng.ns.inodes.has_children(ROOT_INO)
+            assert len(eng.ns.inodes.nodes) == before
+    trio.run(main)
+
+
+def needed_views_are_loaded(eng) -> None:  # noqa: ANN001
+    """Every inode named in a directory has that directory's view in memory, and so has
+    every directory with a pending op."""
+    ns = eng.ns
+    for node in list(ns.inodes.nodes.values()):
+        if node.ino == ROOT_INO or node.parent == 0:
+            continue
+        parent = ns.inodes.get(node.parent)
+        assert parent is not None and parent.dir_id is not None
+        assert ns.views.get(parent.dir_id) is not None, f"evicted the view {node.name!r} needs"
+    for dir_id in list(eng.journal.by_dir):
+        if eng.journal.ops_for(dir_id):
+            assert ns.views.get(dir_id) is not None, "evicted a view with pending ops"
+
+
+def kernel_forgets_all_but(eng, held: list[int]) -> None:  # noqa: ANN001
+    """What the kernel does under memory pressure: forget every inode it is not using
+    (a known inode's directories stay known: its dentry holds theirs)."""
+    keep: set[int] = set()
+    for ino in held:
+        node = eng.ns.inodes.get(ino)
+        while node is not None and node.ino not in keep and node.parent != 0:
+            keep.add(node.ino)
+            node = eng.ns.inodes.get(node.parent)
+    for node in list(eng.ns.inodes.nodes.values()):
+        if node.ino != ROOT_INO and node.ino not in keep and node.lookups > 0:
+            eng.ns.forget(node.ino, node.lookups)
+        elif node.ino != ROOT_INO and node.ino not in keep:
+            eng.ns.inodes.drop_if_unused(node)
+
+
+def test_random_changes_with_a_tiny_view_cache_never_lose_a_needed_view(tmp_path):
+    url = "file://" + str(tmp_path / "repo")
+    rng = random.Random(14)
+    dirs = ["a", "a/b", "c", "c/d", "e"]
+    model: dict[str, bytes] = {}
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", view_cache_entries=3) as eng:
+            eng.ns.views.recent_kept = 3  # what one change holds across its loads, at most
+            held: list[int] = []
+            for step in range(250):
+                choice = rng.random()
+                if choice < 0.35 or not model:
+                    path = f"{rng.choice(dirs)}/f{rng.randrange(6)}"
+                    data = b"%d" % step
+                    if path in model:
+                        await overwrite_file(eng, path, data)
+                    else:
+                        await write_file(eng, path, data)
+                    model[path] = data
+                elif choice < 0.5:
+                    path = rng.choice(sorted(model))
+                    await remove(eng, path)
+                    del model[path]
+                elif choice < 0.6:
+                    path = rng.choice(sorted(model))
+                    target = f"{rng.choice(dirs)}/r{step}"
+                    old, _ = await resolve(eng, path.rsplit("/", 1)[0])
+                    new, _ = await resolve(eng, target.rsplit("/", 1)[0])
+                    await eng.ns.rename(old.ino, path.rsplit("/", 1)[1].encode(), new.ino,
+                                        target.rsplit("/", 1)[1].encode())
+                    model[target] = model.pop(path)
+                elif choice < 0.75:
+                    path = rng.choice(sorted(model))
+                    parent, _ = await resolve(eng, path.rsplit("/", 1)[0])
+                    node, _ = await eng.ns.lookup(parent.ino, path.rsplit("/", 1)[1].encode())
+                    held.append(node.ino)  # the kernel keeps it
+                elif choice < 0.85 and held:
+                    eng.ns.forget(held.pop(rng.randrange(len(held))), 1)
+                elif choice < 0.95:
+                    d = rng.choice(dirs)
+                    names = {n.decode() for n, e in (await list_dir(eng, d)).items()
+                             if not isinstance(e, DirEntry)}
+                    assert names == {p.rsplit("/", 1)[1] for p in model
+                                     if p.rsplit("/", 1)[0] == d}
+                else:
+                    await eng.uploader.wait_idle()
+                needed_views_are_loaded(eng)
+                if step % 5 == 0:
+                    kernel_forgets_all_but(eng, held)
+                    eng.ns.views.trim(0)
+                    needed_views_are_loaded(eng)
+            await eng.uploader.wait_idle()
+            assert eng.ns.views.evictions > 10
+            for path, data in model.items():
+                assert await read_file(eng, path) == data
+    trio.run(main)
