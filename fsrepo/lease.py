@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import trio
 
 from .errors import ImgrepoError, ObjectNotFound, StorageError
+from .processes import pid_alive
 from .store.base import Store, StoredObject
 
 log = logging.getLogger(__name__)
@@ -86,22 +87,13 @@ async def read_lease(store: Store) -> Lease | None:
     return decode_lease(obj.data)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def is_live(lease: Lease, host: str, now: float | None = None) -> bool:
     """Unexpired, and not left behind by a dead process of this very host."""
     now = time.time() if now is None else now
     if lease.expires <= now:
         return False
-    return not (lease.host == host and not _pid_alive(lease.pid))
+    return not (lease.host == host and not pid_alive(lease.pid))
 
 
 class LeaseHeld(ImgrepoError):

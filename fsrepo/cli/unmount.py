@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import control
 from ..errors import ImgrepoError
+from ..processes import pid_alive
 from ..units import human
 from .progress import follow
 
@@ -35,7 +36,7 @@ def cmd_unmount(mountpoint: Path) -> int:
     unmount_kernel(mountpoint)
     if pid:
         deadline = time.time() + EXIT_WAIT
-        while time.time() < deadline and _alive(pid):
+        while time.time() < deadline and pid_alive(pid):
             time.sleep(0.05)
     print(f"unmounted {mountpoint}")
     return 0
@@ -60,16 +61,3 @@ def mount_pid(mountpoint: Path) -> int | None:
         pass
     return None
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return False
