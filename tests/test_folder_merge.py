@@ -68,6 +68,7 @@ async def fill(eng, side: str, count: int) -> dict[bytes, bytes]:
     return out
 
 
+@pytest.mark.expected_logs(r"conflict in directory .* was changed elsewhere", reason="the two machines write different content under one file name on purpose")
 def test_a_folder_created_on_two_machines_is_one_folder_with_both_machines_files(tmp_path):
     root = tmp_path / "repo"
 
@@ -193,6 +194,7 @@ RENAMES = {  # (from folder, new name) of one directory "d", one per machine
 }
 
 
+@pytest.mark.expected_logs(r"was renamed on another machine first", reason="two machines rename one folder on purpose; the later rename is taken back")
 @pytest.mark.parametrize("case", sorted(RENAMES))
 def test_one_folder_renamed_to_two_names_on_two_machines_ends_under_the_first(tmp_path, case):
     root = tmp_path / "repo"
@@ -229,6 +231,7 @@ def test_one_folder_renamed_to_two_names_on_two_machines_ends_under_the_first(tm
     trio.run(main)
 
 
+@pytest.mark.expected_logs(r"was removed (here|on another machine) .*keeping it", reason="a removal races an addition on purpose")
 @pytest.mark.parametrize("first", ["addition", "removal", "removal-marked"])
 def test_a_folder_removed_while_another_machine_adds_to_it_keeps_the_additions(tmp_path, first):
     """Removal versus addition: whichever lands first, the added file stays reachable
