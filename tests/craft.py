@@ -14,12 +14,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fsrepo.repository import FORMAT_VERSION
+
 
 def new_repo(root: Path) -> Path:
     """An empty repository (descriptor only) in the folder `root`."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "imgrepo.json").write_text(json.dumps({
-        "format": "imgrepo", "version": 1, "hash": "sha256",
+        "format": "imgrepo", "version": FORMAT_VERSION, "hash": "sha256",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "repo_id": uuid.uuid4().hex}))
     return root

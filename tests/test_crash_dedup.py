@@ -35,22 +35,30 @@ def test_kill_9_mid_copy_keeps_every_closed_file(storage, mounter, tmp_path: Pat
     closed: list[str] = []
     stopped: list[BaseException] = []
 
+    kill_after = rng.randrange(20, 280)
+    mid_file = threading.Event()  # the writer is half-way through the next file
+    killed = threading.Event()
+
     def copy() -> None:  # what `cp -r` does, noting each file whose close() returned
         try:
             for rel, data in files.items():
                 path = m.path / rel
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as fh:
+                    if len(closed) == kill_after:  # the kill lands inside this file
+                        fh.write(data[:len(data) // 2])
+                        mid_file.set()
+                        killed.wait(60)
                     fh.write(data)
                 closed.append(rel)
         except OSError as exc:
             stopped.append(exc)
 
-    kill_after = rng.randrange(20, 280)
     writer = threading.Thread(target=copy, daemon=True)
     writer.start()
-    _poll(lambda: len(closed) >= kill_after or not writer.is_alive(), 120, "the copy")
+    _poll(lambda: mid_file.is_set() or not writer.is_alive(), 120, "the copy")
     m.kill()
+    killed.set()
     writer.join(60)
     assert not writer.is_alive()
     survivors = list(closed)

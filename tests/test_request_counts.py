@@ -126,7 +126,10 @@ def test_a_second_copy_of_known_content_costs_no_upload_and_no_head(counted: Cou
             cost = counted.since(second)
             # Seen in the bucket moments ago: trusted, so no HEAD and no upload at all.
             assert cost.uploads == 0 and cost[HEAD] == 0, cost
-            assert cost.manifest_writes == 1, cost
+            assert cost.under("dirs/").manifest_writes == 1, cost
+            # ... and this machine's change record (its head and the touch object).
+            assert cost.under("heads").manifest_writes == 2, cost
+            assert cost.manifest_writes == 3, cost
             assert cost.bytes_sent < len(data), cost
     run(main)
 
@@ -173,8 +176,10 @@ def test_200_files_closed_into_one_directory_take_at_most_10_manifest_writes(
             # The directory was new: its first write creates its manifest, the others update.
             assert writes[PUT_IF_NONE_MATCH] == 1, cost
             assert writes[PUT_IF_MATCH] == writes.manifest_writes - 1, cost
-            # Only this directory's manifest is written, and each blob goes up once.
-            assert cost.manifest_writes == writes.manifest_writes, cost
+            # Only this directory's manifest is written (and the change record, at most
+            # twice per manifest write), and each blob goes up once.
+            assert cost.under("dirs/").manifest_writes == writes.manifest_writes, cost
+            assert cost.under("heads").manifest_writes <= 2 * writes.manifest_writes, cost
             assert cost[PUT_FILE_CREATED] == 200 and cost.uploads == 200, cost
             assert cost[HEAD] == 200, cost
     run(main)
@@ -198,7 +203,9 @@ def test_a_rename_moves_no_blob_data(counted: Counted) -> None:
             assert cost.total(DOWNLOAD, GET_RANGE) == 0 and cost.bytes_received < 10_000, cost
             # Two manifest writes: the destination first (created: it was empty), then the
             # source; and no blob key is touched.
-            assert cost.manifest_writes == 2 and cost[PUT_IF_MATCH] == 1, cost
+            manifests = cost.under("dirs/")
+            assert manifests.manifest_writes == 2 and manifests[PUT_IF_MATCH] == 1, cost
+            assert cost.under("heads").manifest_writes <= 4, cost  # change record
             assert cost.under("blobs/").total() == 0, cost
             assert await fs.read("to/big.bin") == data
     run(main)
@@ -217,7 +224,8 @@ def test_a_new_directory_is_created_with_one_conditional_create_and_no_read(
             cost = counted.since(before)
             # The parent's manifest gains the name; the new directory's own manifest is
             # not written until something is put in it, and nothing is read.
-            assert cost.manifest_writes == 1 and cost[GET] == 0, cost
+            assert cost.under("dirs/").manifest_writes == 1 and cost[GET] == 0, cost
+            assert cost.under("heads").manifest_writes == 2, cost  # change record
             assert cost.under(manifest_key(fresh.id)).total() == 0, cost  # type: ignore[union-attr]
             before = counted.snapshot()
             await fs.create("fresh/x", b"x")

@@ -83,8 +83,9 @@ def test_tiny_scale_bench_measures_every_row(tmp_path: Path) -> None:
     for key in ("cold_find_s", "warm_find_s", "remount_find_s", "status_fresh_s",
                 "rss_at_mount_mib", "verify_peak_rss_mib", "gc_peak_rss_mib"):
         assert figures[key] > 0, key
-    # a cold walk of an empty cache reads every manifest at least once
-    assert figures["cold_find_manifest_requests"] >= result["config"]["directories"]
+    # a cold walk of an empty cache reads every manifest at least once (the root's is read
+    # when the mount starts, before the walk)
+    assert figures["cold_find_manifest_requests"] >= result["config"]["directories"] - 1
     # every row is in the printed table, with its verdict where there is a target
     assert proc.stdout.count(" ok") + proc.stdout.count(" missed") >= 12
     # nothing is left behind: the work folder is gone and nothing stays mounted
