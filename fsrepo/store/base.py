@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import StorageOffline
+
 
 @dataclass(frozen=True)
 class StoredObject:
@@ -106,6 +108,11 @@ class Store(abc.ABC):
         """Whether the storage is believed reachable. A plain backend always says yes (each
         call finds out for itself); the connectivity guard answers from what it saw."""
         return True
+
+    def offline_error(self) -> StorageOffline:
+        """What to tell a user whose request needs the storage while it is not `online`
+        (the guard says since when and why)."""
+        return StorageOffline(f"the storage {self.url} is unreachable")
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections and threads."""
