@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=()
-for pkg in fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc; do
+packages=(fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc)
+if [ "${1:-}" = "--tests" ]; then
+    packages+=(rsync openssl)  # the tests drive a mount with rsync, and make a TLS certificate
+fi
+for pkg in "${packages[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

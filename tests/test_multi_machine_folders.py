@@ -88,7 +88,7 @@ def test_three_machines_copying_one_same_named_tree_make_one_tree(
 def test_rsync_delete_into_one_mount_leaves_nothing_unreachable(
         s3_bucket, mounter, mount_env, tmp_path: Path):
     if shutil.which("rsync") is None:
-        pytest.skip("rsync is not installed")
+        pytest.fail("rsync is not installed (bash scripts/setup.sh --tests installs it)")
     m = mounter(s3_bucket.url, "--refresh", REFRESH, endpoint_url=s3_bucket.endpoint_url)
     src = tmp_path / "src"
     with logs_on_failure(m):
