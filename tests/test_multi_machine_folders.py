@@ -25,6 +25,12 @@ def _control_socket_dir(mount_env: dict[str, str], monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("XDG_RUNTIME_DIR", mount_env["XDG_RUNTIME_DIR"])
 
 
+def two_mounts(mounter, bucket) -> tuple:
+    """Two machines on one bucket, each with its own cache, refreshing every REFRESH s."""
+    return tuple(mounter(bucket.url, "--refresh", REFRESH, name=name,
+                         endpoint_url=bucket.endpoint_url) for name in ("alpha", "beta"))
+
+
 def verify(bucket, env: dict[str, str]) -> dict:
     res = run_cli(["--verify", "--json", "--storage", bucket.url,
                    "--endpoint-url", bucket.endpoint_url], env, check=False)
@@ -122,10 +128,7 @@ def test_rsync_delete_into_one_mount_leaves_nothing_unreachable(
 
 def test_a_mount_killed_during_a_folder_merge_loses_nothing(
         s3_bucket, mounter, mount_env, tmp_path: Path):
-    a = mounter(s3_bucket.url, "--refresh", REFRESH, name="alpha",
-                endpoint_url=s3_bucket.endpoint_url)
-    b = mounter(s3_bucket.url, "--refresh", REFRESH, name="beta",
-                endpoint_url=s3_bucket.endpoint_url)
+    a, b = two_mounts(mounter, s3_bucket)
     with logs_on_failure(a, b):
         expected = source_tree(tmp_path / "src-a", "a", 90)
         expected |= source_tree(tmp_path / "src-b", "b", 90)
@@ -148,10 +151,7 @@ def test_a_mount_killed_during_a_folder_merge_loses_nothing(
 
 def test_one_folder_renamed_to_two_names_on_two_mounts_ends_under_one(
         s3_bucket, mounter, mount_env):
-    a = mounter(s3_bucket.url, "--refresh", REFRESH, name="alpha",
-                endpoint_url=s3_bucket.endpoint_url)
-    b = mounter(s3_bucket.url, "--refresh", REFRESH, name="beta",
-                endpoint_url=s3_bucket.endpoint_url)
+    a, b = two_mounts(mounter, s3_bucket)
     with logs_on_failure(a, b):
         (a.path / "d" / "inner").mkdir(parents=True)
         (a.path / "d" / "inner" / "f.txt").write_bytes(b"f")
@@ -175,10 +175,7 @@ def test_one_folder_renamed_to_two_names_on_two_mounts_ends_under_one(
 
 def test_a_folder_removed_on_one_mount_while_the_other_adds_to_it(
         s3_bucket, mounter, mount_env):
-    a = mounter(s3_bucket.url, "--refresh", REFRESH, name="alpha",
-                endpoint_url=s3_bucket.endpoint_url)
-    b = mounter(s3_bucket.url, "--refresh", REFRESH, name="beta",
-                endpoint_url=s3_bucket.endpoint_url)
+    a, b = two_mounts(mounter, s3_bucket)
     with logs_on_failure(a, b):
         for d in ("d1", "d2"):
             (a.path / d).mkdir()
