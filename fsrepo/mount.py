@@ -12,13 +12,14 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
-from . import control
+from . import control, sdnotify
 from .config import Settings
 from .connectivity import GuardedStore
 from .engine import Engine
@@ -34,6 +35,22 @@ from .writemode import READ_ONLY, WriteGate, WriteMode
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0  # seconds in-flight storage calls get after unmounting
+
+
+def check_fuse_options(options: Iterable[str], fuse_conf: Path = Path("/etc/fuse.conf")) -> None:
+    """allow_other/allow_root as other FUSE filesystems have them: root may, a user only
+    where the administrator allowed it; say so before mounting, in one line."""
+    wanted = sorted(set(options) & {"allow_other", "allow_root"})
+    if not wanted or os.geteuid() == 0:
+        return
+    try:
+        allowed = any(line.strip() == "user_allow_other"
+                      for line in fuse_conf.read_text(errors="replace").splitlines())
+    except OSError:
+        allowed = False
+    if not allowed:
+        raise ImgrepoError(f"-o {wanted[0]} needs root, or the line user_allow_other in "
+                           f"{fuse_conf}")
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -55,7 +72,7 @@ class Mount(Engine):
     kernel binding, control socket and background tasks."""
 
     def __init__(self, settings: Settings, mountpoint: Path, store: Store,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, fuse_options: Iterable[str] = ()) -> None:
         # Everything talks to the storage through the guard: offline, calls fail fast
         # instead of waiting out the retries, and the queue drains when it is back.
         guard = store if isinstance(store, GuardedStore) else GuardedStore(store)
@@ -69,6 +86,8 @@ class Mount(Engine):
         mode.on_ready.append(self._back_online)
         self.watcher = HeadWatcher(self.store, self.db, self.ns.views, settings.refresh)
         self.mountpoint = mountpoint
+        # The kernel refuses changes to a read-only mount itself (EROFS), as `mount` shows.
+        self.fuse_options = frozenset(fuse_options) | ({"ro"} if read_only else set())
         self.ops = GatedOperations(self.ns, self.files, str(self.state_dir),
                                    mode.local_refusal)
         self.token_refresher: Any = None  # keeps a web-identity token valid, if one is used
@@ -187,7 +206,7 @@ class Mount(Engine):
         # FUSE requests would wait for the loop this very call is blocking.
         sock_path = control.socket_path(self.mountpoint)
         options = set(pyfuse3.default_options)
-        options |= {"fsname=imgrepo", "subtype=imgrepo", "noatime"}
+        options |= {"fsname=imgrepo", "subtype=imgrepo", "noatime"} | self.fuse_options
         try:
             pyfuse3.init(self.ops, str(self.mountpoint), options)
         except RuntimeError as exc:
@@ -211,7 +230,9 @@ class Mount(Engine):
                 if ready is not None:
                     ready()
                 log.info("mounted %s at %s", self.settings.storage, self.mountpoint)
+                sdnotify.notify("READY=1")
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
+                sdnotify.notify("STOPPING=1")
                 self._close_fuse()
                 _exit_if_stuck(SHUTDOWN_GRACE)
                 nursery.cancel_scope.cancel()
@@ -287,9 +308,9 @@ def _exit_if_stuck(grace: float) -> None:
 
 
 async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None,
-                    read_only: bool = False) -> None:
+                    read_only: bool = False, fuse_options: Iterable[str] = ()) -> None:
     store = open_store(settings.storage, settings.endpoint_url, settings.region)
     try:
-        await Mount(settings, mountpoint, store, read_only).run(ready)
+        await Mount(settings, mountpoint, store, read_only, fuse_options).run(ready)
     finally:
         await store.aclose()
