@@ -2,24 +2,26 @@
 # in the build stage; the final image has Python, the FUSE 3 library and tools, and the venv.
 #
 #   docker build -t imgrepo .
+#   mkdir -p /srv/imgrepo/photos              # on the host: where the mount will show
+#   mount --bind /srv/imgrepo /srv/imgrepo && mount --make-rshared /srv/imgrepo
 #   docker run -d --name photos --device /dev/fuse --cap-add SYS_ADMIN \
 #       --security-opt apparmor=unconfined \
 #       -e IMGREPO_STORAGE=s3://bucket/photos -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY \
 #       -v imgrepo-cache:/root/.cache/imgrepo \
-#       -v /mnt/photos:/mnt/repo:rshared \
+#       -v /srv/imgrepo:/mnt/imgrepo:rshared \
 #       imgrepo
 #
 # - /dev/fuse and SYS_ADMIN: FUSE mounts from inside a container need both (AppArmor, on
 #   Ubuntu hosts, refuses the mount unless unconfined).
+# - Seeing the mount on the host: the container mounts on /mnt/imgrepo/photos, a folder
+#   inside the bind (the bind's own target is a mount point already, which imgrepo-mount
+#   refuses). The bind needs `rshared` propagation, and the host folder must itself be on a
+#   shared mount (the two `mount` lines above; `findmnt -o TARGET,PROPAGATION /srv/imgrepo`
+#   tells), else the mount stays inside the container. The host then sees the photos at
+#   /srv/imgrepo/photos; other containers with `-v /srv/imgrepo:/photos:rslave`.
 # - The cache volume keeps what is not uploaded yet: `docker stop` unmounts at once (SIGTERM)
 #   and those files go at the next start. `docker exec photos imgrepo-mount --unmount
-#   /mnt/repo` first waits until every closed file is in the bucket.
-# - Seeing the mount on the host: the bind needs `rshared` propagation, and the host folder
-#   must itself be on a shared mount, else the mount stays inside the container:
-#       mkdir -p /mnt/photos
-#       mount --bind /mnt/photos /mnt/photos && mount --make-rshared /mnt/photos
-#   (systemd hosts mount / shared already; `findmnt -o TARGET,PROPAGATION /mnt/photos`
-#   tells). Other containers see it with `-v /mnt/photos:/photos:rslave`.
+#   /mnt/imgrepo/photos` first waits until every closed file is in the bucket.
 FROM debian:12-slim AS build
 
 RUN apt-get update \
@@ -39,10 +41,9 @@ FROM debian:12-slim
 # stage, so the copied venv runs as it is.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends fuse3 python3 ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && mkdir -p /mnt/repo
+    && rm -rf /var/lib/apt/lists/*
 
 COPY --from=build /opt/imgrepo/.venv /opt/imgrepo/.venv
 ENV PATH=/opt/imgrepo/.venv/bin:$PATH
 ENTRYPOINT ["imgrepo-mount"]
-CMD ["/mnt/repo", "--foreground"]
+CMD ["/mnt/imgrepo/photos", "--foreground"]
