@@ -206,7 +206,9 @@ class Mount(Engine):
         # FUSE requests would wait for the loop this very call is blocking.
         sock_path = control.socket_path(self.mountpoint)
         options = set(pyfuse3.default_options)
-        options |= {"fsname=imgrepo", "subtype=imgrepo", "noatime"} | self.fuse_options
+        given = {option.partition("=")[0] for option in self.fuse_options}
+        options |= {option for option in ("fsname=imgrepo", "subtype=imgrepo", "noatime")
+                    if option.partition("=")[0] not in given} | self.fuse_options
         try:
             pyfuse3.init(self.ops, str(self.mountpoint), options)
         except RuntimeError as exc:

@@ -37,7 +37,9 @@ def test_mount8_form_takes_source_and_options() -> None:
         "/var/cache/imgrepo", "50G", 2.5, 3)
     assert args.endpoint_url == "http://127.0.0.1:9000"
     assert args.verbose is True and args.read_only is False
-    assert args.fuse_options == {"allow_other", "noexec"}  # dev, suid stay off
+    assert args.fuse_options == {"allow_other", "noexec",  # dev, suid stay off
+                                 "fsname=s3://bucket/photos", "subtype=imgrepo-mount"}
+    assert "fsname=a\\,b" in _mount_args("a,b", "/mnt").fuse_options  # libfuse's escape
 
 
 def test_ro_and_read_only_are_one_switch() -> None:

@@ -72,22 +72,33 @@ def _fuse_pid(mountpoint: Path) -> int | None:
     return None
 
 
+def _fstab_line(repo: Path, mnt: Path, cache: Path, extra: str) -> str:
+    """The documented fstab line (docs/systemd/fstab), pointed at the test's folders."""
+    doc = (REPO_ROOT / "docs" / "systemd" / "fstab").read_text()
+    source, target, fstype, options, dump, passno = next(
+        line.split() for line in doc.splitlines() if line and not line.startswith("#"))
+    assert fstype == "fuse.imgrepo-mount"
+    options = re.sub(r"cache-dir=[^,]*", f"cache-dir={cache}", options)
+    return f"{repo} {mnt} {fstype} {options},{extra} {dump} {passno}\n"
+
+
 @needs_mount8
 def test_fstab_line_through_mount8_and_plain_umount_keeps_closed_files(
         mount8: list[Path], mounter, mount_env: dict[str, str], tmp_path: Path) -> None:
     repo, mnt, cache = tmp_path / "repo", tmp_path / "photos", tmp_path / "cache"
     mnt.mkdir()
     mount8.append(mnt)
-    options = (f"cache-dir={cache},refresh=1,noexec,_netdev,nofail,x-systemd.automount,"
-               "x-systemd.mount-timeout=30,comment=x-gvfs-show")
-    res = subprocess.run(["mount", "-t", "fuse.imgrepo-mount", str(repo), str(mnt),
-                          "-o", options], env=mount_env, capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
+    fstab = tmp_path / "fstab"
+    fstab.write_text(_fstab_line(repo, mnt, cache, "refresh=1,noexec,x-systemd.automount,"
+                                 "x-systemd.mount-timeout=30,comment=x-gvfs-show"))
+    for _ in range(2):  # `mount -a` again: mount(8) knows it is mounted and skips it
+        res = subprocess.run(["mount", "--fstab", str(fstab), "-a"], env=mount_env,
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
     fields = next(line.split() for line in open("/proc/self/mounts")
                   if line.split()[1] == str(mnt))
-    assert fields[2] == "fuse.imgrepo"
-    assert {"rw", "noexec", "nosuid", "nodev"} <= set(fields[3].split(","))  # no dev, suid
+    assert fields[:3] == [str(repo), str(mnt), "fuse.imgrepo-mount"]
+    assert {"rw", "noexec", "nosuid", "nodev", "allow_other"} <= set(fields[3].split(","))
     pid = _pid_of(mnt, mount_env)
     assert os.readlink(f"/proc/{pid}/cwd") == "/"  # the daemon holds no folder busy
 

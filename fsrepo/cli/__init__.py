@@ -77,3 +77,6 @@ def take_source(args: argparse.Namespace) -> None:
         raise ImgrepoError(f"the storage is given twice ({source} and --storage "
                            f"{args.storage})")
     args.storage = source
+    # mount(8) knows its own mounts by source and type: `mount -a` then skips this one.
+    escaped = source.replace("\\", "\\\\").replace(",", "\\,")
+    args.fuse_options = {*args.fuse_options, f"fsname={escaped}", "subtype=imgrepo-mount"}
