@@ -9,7 +9,9 @@ little left to do.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -18,7 +20,10 @@ from pathlib import Path
 
 import trio
 
-from .manifest import FileEntry
+from .errors import FsError
+from .manifest import MAX_SIZE, FileEntry
+
+log = logging.getLogger(__name__)
 
 WRITEBACK_CHUNK = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -44,7 +49,8 @@ class Staging:
 
     def write(self, offset: int, data: bytes) -> int:
         """Write through to the staging file, hashing what extends the sequential run."""
-        written = os.pwrite(self.fd, data, offset)
+        with _too_large("write", offset + len(data), errno.EFBIG):
+            written = os.pwrite(self.fd, data, offset)
         if self.hasher is not None:
             if offset == self.hashed:
                 self.hasher.update(data[:written])
@@ -60,7 +66,8 @@ class Staging:
         return written
 
     async def truncate(self, size: int) -> None:
-        await trio.to_thread.run_sync(os.ftruncate, self.fd, size)
+        with _too_large("truncate", size, errno.EFBIG, errno.ENOSPC):
+            await trio.to_thread.run_sync(os.ftruncate, self.fd, size)
         if size < self.hashed or size > self.size:
             self.hasher = None if size != 0 else hashlib.sha256()
             self.hashed = 0
@@ -128,6 +135,26 @@ class StagingArea:
         if st is not None:
             os.close(st.fd)
             st.path.unlink(missing_ok=True)
+
+
+class _too_large:
+    """A size the repository (over `MAX_SIZE`) or the cache's disk (`codes`: EFBIG, or
+    ENOSPC from a growth) cannot hold: the user's request is refused with that errno,
+    logged at INFO (nothing went wrong in imgrepo)."""
+
+    def __init__(self, what: str, end: int, *codes: int) -> None:
+        self.what, self.end, self.codes = what, end, codes
+
+    def __enter__(self) -> None:
+        if self.end > MAX_SIZE:
+            log.info("%s to %d bytes refused: over the largest file size, %d bytes",
+                     self.what, self.end, MAX_SIZE)
+            raise FsError(errno.EFBIG)
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, OSError) and exc.errno in self.codes:
+            log.info("%s to %d bytes refused: %s", self.what, self.end, exc.strerror)
+            raise FsError(exc.errno) from None
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
