@@ -151,8 +151,9 @@ class DirViews:
         """The storage answers again: revalidate when due, not after the offline pause."""
         self.offline_until = 0.0
 
-    async def load(self, dir_id: str) -> DirView:
-        """The directory's view, loading it (local cache first, then the bucket)."""
+    async def load(self, dir_id: str, cached_only: bool = False) -> DirView:
+        """The directory's view, loading it (local cache first, then the bucket; not
+        `cached_only`: FsError ENOENT if it is not in the local cache)."""
         view = self._views.get(dir_id)
         if view is not None:
             self._views.move_to_end(dir_id)
@@ -170,6 +171,8 @@ class DirViews:
                 view.remote, view.remote_mtime_ns = self._parse(dir_id, body)
                 if stale:
                     view = await self._fresher(view)
+            elif cached_only:
+                raise FsError(errno.ENOENT)
             else:
                 try:
                     changed, obj = await self._fetch(dir_id, None)

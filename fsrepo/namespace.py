@@ -110,11 +110,12 @@ class Namespace:
 
     async def know_dir(self, entry: Entry) -> None:
         """Load a directory's view if it can be (its stat needs it: `dir_stat`); one that
-        cannot be read now is shown without it. Lookups do not load it: a path walk needs
-        no stat, and the kernel asks `getattr` for what it was told expires at once."""
+        cannot be read now (offline and not cached) is shown without it. Lookups do not
+        load it: a path walk needs no stat, and the kernel asks `getattr` for what it was
+        told expires at once."""
         if isinstance(entry, DirEntry) and self.views.get(entry.id) is None:
             try:
-                await self.views.load(entry.id)
+                await self.views.load(entry.id, cached_only=not self.views.store.online)
             except FsError:
                 pass
 
