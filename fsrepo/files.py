@@ -253,7 +253,12 @@ class FileManager:
             st.writers = self.handles.writers(node)
         elif st is None:
             st = await self._stage(node)
-        await st.truncate(size)
+        try:
+            await st.truncate(size)
+        except FsError:  # refused (too large): a copy made only for it goes again
+            if st.writers == 0 and not st.dirty:
+                self.staging.drop(node.ino)
+            raise
         if handle is None and st.writers == 0:
             await self.commits.commit(node)
 

@@ -26,6 +26,8 @@ from .manifest import MAX_SIZE, FileEntry
 log = logging.getLogger(__name__)
 
 WRITEBACK_CHUNK = 32 << 20
+FILL_CHUNK = 1 << 20
+_ZEROS = bytes(FILL_CHUNK)
 _SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _sync_file_range = getattr(_libc, "sync_file_range", None)
@@ -118,9 +120,12 @@ class StagingArea:
         """Copy a file's current content into its new staging copy."""
         def copy() -> None:
             with open(source, "rb") as src:
-                os.lseek(st.fd, 0, os.SEEK_SET)
-                while chunk := src.read(1 << 20):
-                    os.write(st.fd, chunk)
+                offset = 0
+                while chunk := src.read(FILL_CHUNK):
+                    if chunk != _ZEROS[:len(chunk)]:  # a hole stays a hole (sparse files)
+                        os.pwrite(st.fd, chunk, offset)
+                    offset += len(chunk)
+                os.ftruncate(st.fd, offset)
         await trio.to_thread.run_sync(copy)
         st.size = size
         st.hasher = None

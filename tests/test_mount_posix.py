@@ -167,6 +167,7 @@ def test_oversized_truncate_is_refused_quietly_and_sparse_files_count_their_bloc
     assert errno_of(os.truncate, path, 1 << 60) == errno.EFBIG
     with open(path, "r+b") as fh:
         assert errno_of(os.ftruncate, fh.fileno(), 1 << 60) == errno.EFBIG
+        assert errno_of(os.pwrite, fh.fileno(), b"x", 1 << 60) == errno.EFBIG
     assert path.read_bytes() == b"keep"
     assert not m.unexpected_log_lines()
 
