@@ -51,8 +51,15 @@ class Staging:
 
     def write(self, offset: int, data: bytes) -> int:
         """Write through to the staging file, hashing what extends the sequential run."""
-        with _too_large("write", offset + len(data), errno.EFBIG):
+        end = offset + len(data)
+        if end > MAX_SIZE:
+            raise refused("write", end)
+        try:
             written = os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            raise refused("write", end, exc) from None
         if self.hasher is not None:
             if offset == self.hashed:
                 self.hasher.update(data[:written])
@@ -68,8 +75,14 @@ class Staging:
         return written
 
     async def truncate(self, size: int) -> None:
-        with _too_large("truncate", size, errno.EFBIG, errno.ENOSPC):
+        if size > MAX_SIZE:
+            raise refused("truncate", size)
+        try:
             await trio.to_thread.run_sync(os.ftruncate, self.fd, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EFBIG, errno.ENOSPC):
+                raise
+            raise refused("truncate", size, exc) from None
         if size < self.hashed or size > self.size:
             self.hasher = None if size != 0 else hashlib.sha256()
             self.hashed = 0
@@ -142,24 +155,13 @@ class StagingArea:
             st.path.unlink(missing_ok=True)
 
 
-class _too_large:
-    """A size the repository (over `MAX_SIZE`) or the cache's disk (`codes`: EFBIG, or
-    ENOSPC from a growth) cannot hold: the user's request is refused with that errno,
+def refused(what: str, size: int, exc: OSError | None = None) -> FsError:
+    """A size the repository (over `MAX_SIZE`) or the cache's disk (`exc`: EFBIG, or
+    ENOSPC for a growth) cannot hold: the user's request is refused with that errno,
     logged at INFO (nothing went wrong in imgrepo)."""
-
-    def __init__(self, what: str, end: int, *codes: int) -> None:
-        self.what, self.end, self.codes = what, end, codes
-
-    def __enter__(self) -> None:
-        if self.end > MAX_SIZE:
-            log.info("%s to %d bytes refused: over the largest file size, %d bytes",
-                     self.what, self.end, MAX_SIZE)
-            raise FsError(errno.EFBIG)
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, OSError) and exc.errno in self.codes:
-            log.info("%s to %d bytes refused: %s", self.what, self.end, exc.strerror)
-            raise FsError(exc.errno) from None
+    reason = exc.strerror if exc is not None else f"over the largest file size, {MAX_SIZE} bytes"
+    log.info("%s to %d bytes refused: %s", what, size, reason)
+    return FsError(exc.errno if exc is not None and exc.errno else errno.EFBIG)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
