@@ -1,8 +1,8 @@
-"""The POSIX details a conformance suite checks, through a real FUSE mount (file://, where
-they are cheapest: only the directory times travel through the bucket, so only they are
-checked on both backends): directory times and link counts,
-over-long names, unlinked open files, fallocate, extended attributes, oversized truncates
-and the cache figure of a sparse file. SEMANTICS.md states each one.
+"""The POSIX details a conformance suite checks, through a real FUSE mount: directory times
+and link counts, over-long names, unlinked open files, fallocate, extended attributes,
+oversized truncates and the cache figure of a sparse file. SEMANTICS.md states each one.
+Only the directory times travel through the bucket, so only they run on both backends;
+the rest runs on file://, where it is cheapest.
 """
 
 from __future__ import annotations
