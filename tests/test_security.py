@@ -195,3 +195,42 @@ def test_no_code_turns_certificate_checks_off():
             if needle in text:
                 offenders.append(f"{path.relative_to(REPO_ROOT)}: {needle}")
     assert offenders == []
+
+
+def _aws_config(tmp_path: Path, monkeypatch, text: str) -> None:
+    path = tmp_path / "aws-config"
+    path.write_text(text)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(path))
+    monkeypatch.setenv("AWS_PROFILE", "photos")
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("profile", [
+    "[profile photos]\nendpoint_url = http://s3.example.com\n",
+    "[profile photos]\nservices = store\n\n[services store]\ns3 =\n"
+    "  endpoint_url = http://10.1.2.3:9000\n",
+])
+def test_plain_http_from_the_aws_config_file_is_refused(profile, tmp_path: Path, monkeypatch):
+    _aws_config(tmp_path, monkeypatch, profile)
+    with pytest.raises(ConfigError) as err:
+        open_store("s3://bucket/p")
+    assert "refusing plain http" in str(err.value) and "AWS configuration" in str(err.value)
+    monkeypatch.setenv("IMGREPO_ALLOW_HTTP", "1")  # the same escape hatch as for a flag
+    trio.run(open_store("s3://bucket/p").aclose)
+
+
+def test_an_endpoint_from_the_aws_config_file_gets_the_custom_endpoint_settings(
+        tmp_path: Path, monkeypatch):
+    _aws_config(tmp_path, monkeypatch,
+                "[profile photos]\nregion = eu-west-1\nendpoint_url = http://127.0.0.1:9\n")
+    store = open_store("s3://bucket/p")
+    try:
+        config = store._client.meta.config
+        assert store.endpoint == "http://127.0.0.1:9"
+        # as for --endpoint-url: path-style, only the checksums imgrepo adds itself
+        assert config.s3["addressing_style"] == "path"
+        assert config.request_checksum_calculation == "when_required"
+        assert config.response_checksum_validation == "when_required"
+    finally:
+        trio.run(store.aclose)
