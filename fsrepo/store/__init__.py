@@ -16,7 +16,7 @@ from .endpoint import check_endpoint
 __all__ = ["NOT_MODIFIED", "ObjectInfo", "Store", "StoredObject", "check_endpoint", "open_store"]
 
 # Lenient on purpose (MinIO, R2 and old us-east-1 buckets differ); S3 says the rest.
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
+_BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")  # fullmatch
 
 
 def open_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> Store:
@@ -48,7 +48,7 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
             )
         if not bucket:
             raise ConfigError(f"s3:// storage URL without a bucket name: {url!r}")
-        if not _BUCKET_RE.match(bucket):
+        if not _BUCKET_RE.fullmatch(bucket):
             raise ConfigError(
                 f"{bucket!r} is not a valid bucket name (3-63 letters, digits, dots, hyphens): "
                 f"{url!r}"

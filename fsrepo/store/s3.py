@@ -34,6 +34,7 @@ import trio
 
 from ..errors import ImgrepoError, IntegrityError, ObjectNotFound, PreconditionFailed
 from ..retry import REQUEST, Backoff
+from . import base
 from .base import NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject
 from .s3blobs import BlobTransport, blob_transport
 from .s3client import new_client
@@ -144,9 +145,9 @@ class S3Store(Store):
                     raise
                 time.sleep(self._retries.delay(tries))
 
-    def _read_body(self, body: Any) -> bytes:
+    def _read_body(self, body: Any, limit: int | None = None) -> bytes:
         try:
-            return bytes(body.read())
+            return bytes(body.read() if limit is None else body.read(limit + 1))
         except STREAM_ERRORS as exc:
             raise BrokenBody(f"the response body broke off: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -177,7 +178,14 @@ class S3Store(Store):
                 if client_error_status(exc)[0] == 304:
                     return NOT_MODIFIED
                 raise
-            return StoredObject(data=self._read_body(resp["Body"]), etag=resp["ETag"])
+            size = int(resp.get("ContentLength") or 0)
+            if size > base.GET_LIMIT:
+                resp["Body"].close()
+                raise base.too_large(self._errors.where(self._key(key)), size)
+            data = self._read_body(resp["Body"], base.GET_LIMIT)
+            if len(data) > base.GET_LIMIT:  # a server that did not say
+                raise base.too_large(self._errors.where(self._key(key)), len(data))
+            return StoredObject(data=data, etag=resp["ETag"])
 
         return await self._call("read", key, lambda: self._retry_broken_body(key, once))
 
