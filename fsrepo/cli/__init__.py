@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 from ..errors import ImgrepoError
+from ..nodump import disable_core_dumps
 from .args import PROG, build_parser, settings_from
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    disable_core_dumps()  # every command may hold credentials (the mount, --login, --verify)
     args = build_parser().parse_args(argv)
     try:
         return dispatch(args, argv)

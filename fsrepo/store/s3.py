@@ -34,8 +34,7 @@ import trio
 
 from ..errors import ImgrepoError, IntegrityError, ObjectNotFound, PreconditionFailed
 from ..retry import REQUEST, Backoff
-from . import base
-from .base import NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject
+from .base import GET_LIMIT, NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject, too_large
 from .s3blobs import BlobTransport, blob_transport
 from .s3client import new_client
 from .s3errors import (
@@ -179,12 +178,12 @@ class S3Store(Store):
                     return NOT_MODIFIED
                 raise
             size = int(resp.get("ContentLength") or 0)
-            if size > base.GET_LIMIT:
+            if size > GET_LIMIT:
                 resp["Body"].close()
-                raise base.too_large(self._errors.where(self._key(key)), size)
-            data = self._read_body(resp["Body"], base.GET_LIMIT)
-            if len(data) > base.GET_LIMIT:  # a server that did not say
-                raise base.too_large(self._errors.where(self._key(key)), len(data))
+                raise too_large(self._errors.where(self._key(key)), size)
+            data = self._read_body(resp["Body"], GET_LIMIT)
+            if len(data) > GET_LIMIT:  # a server that did not say
+                raise too_large(self._errors.where(self._key(key)), len(data))
             return StoredObject(data=data, etag=resp["ETag"])
 
         return await self._call("read", key, lambda: self._retry_broken_body(key, once))
