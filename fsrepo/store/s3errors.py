@@ -137,7 +137,7 @@ class S3Errors:
         if code in INTEGRITY_CODES:
             return IntegrityError(f"S3 rejected {where} ({label}): content and checksum differ")
         detail = f"{label}{': ' + message if message else ''}"
-        if status >= 500 or code in THROTTLE_CODES:
+        if status >= 500 or status == 429 or code in THROTTLE_CODES:
             return StorageUnavailable(
                 f"S3 at {self.endpoint} kept failing to {what} {where} ({detail}) "
                 f"after {self.attempts} attempts"
