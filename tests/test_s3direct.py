@@ -294,3 +294,17 @@ def test_large_puts_wait_for_100_continue(s3_proxy, s3_bucket, tmp_path):
     assert [(r.status, r.body_size) for r in puts] == [(412, 0), (200, EXPECT_ABOVE + 1),
                                                       (200, 5)]
     assert [r.headers.get("expect") for r in puts] == ["100-continue", "100-continue", None]
+
+
+def test_a_server_that_sends_no_etag_gets_a_clear_error(moto_server, s3_bucket, tmp_path):
+    path, sha = blob(tmp_path, os.urandom(4096))
+    direct = S3Store(s3_bucket.bucket, "repo", endpoint_url=moto_server.url)
+    assert trio.run(direct.put_file, "blobs/g", path, sha) is True
+    trio.run(direct.aclose)
+    with S3Proxy(moto_server.url, drop_headers=("etag",)) as proxy:
+        store = S3Store(s3_bucket.bucket, "repo", endpoint_url=proxy.url)
+        for call in (lambda: store.get("blobs/g"), lambda: store.put("k", b"x"),
+                     lambda: store.download("blobs/g", tmp_path / "got")):
+            with pytest.raises(StorageError, match="without an ETag"):
+                trio.run(call)
+        trio.run(store.aclose)

@@ -12,6 +12,7 @@ Put it between the code under test and an S3 server (moto) on 127.0.0.1:
         S3Proxy(moto.url, strip_conditions=True)              # a server ignoring If-Match
         S3Proxy(moto.url, region="eu-west-1")                 # the bucket is elsewhere
         S3Proxy(moto.url, idle_timeout=0.2)                   # idle connections closed
+        S3Proxy(moto.url, drop_headers=("etag",))             # a server without ETags
         proxy.inject(method="PUT", status=429, times=2)       # throttled
         proxy.count("PUT"); proxy.count("PUT", path=r"/blobs/"); proxy.requests
 
@@ -277,7 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
         length_header = resp.getheader("Content-Length")
         self.send_response_only(resp.status, resp.reason)
         for key, value in resp.getheaders():
-            if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
+            if key.lower() not in HOP_BY_HOP and key.lower() != "content-length" \
+                    and key.lower() not in self.server.proxy.drop_headers:
                 self.send_header(key, value)
         if method == "HEAD" or resp.status in (204, 304) or resp.status < 200:
             if length_header is not None:
@@ -312,7 +314,8 @@ class S3Proxy:
     """A counting, fault-injecting HTTP proxy on 127.0.0.1 in front of `upstream`."""
 
     def __init__(self, upstream: str, port: int = 0, strip_conditions: bool = False,
-                 region: str | None = None, idle_timeout: float | None = None) -> None:
+                 region: str | None = None, idle_timeout: float | None = None,
+                 drop_headers: tuple[str, ...] = ()) -> None:
         split = urlsplit(upstream)
         if split.scheme != "http" or not split.hostname:
             raise ValueError(f"upstream must be an http:// URL: {upstream!r}")
@@ -326,6 +329,8 @@ class S3Proxy:
         # Like servers that close keep-alive connections idle this long (seconds).
         self.idle_timeout = idle_timeout
         self.idle_closed = 0
+        # Response headers left out (lower-case names), like servers that never send them.
+        self.drop_headers = frozenset(h.lower() for h in drop_headers)
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._seen: list[Seen] = []

@@ -184,7 +184,7 @@ class S3Store(Store):
             data = self._read_body(resp["Body"], GET_LIMIT)
             if len(data) > GET_LIMIT:  # a server that did not say
                 raise too_large(self._errors.where(self._key(key)), len(data))
-            return StoredObject(data=data, etag=resp["ETag"])
+            return StoredObject(data=data, etag=self._errors.etag_of(resp, "read", self._key(key)))
 
         return await self._call("read", key, lambda: self._retry_broken_body(key, once))
 
@@ -301,7 +301,7 @@ class S3Store(Store):
             args["IfNoneMatch"] = "*"
         resp = await self._retry_conflicts(
             key, lambda: self._call("write", key, lambda: self._client.put_object(**args)))
-        return str(resp["ETag"])
+        return self._errors.etag_of(resp, "write", self._key(key))
 
     async def put_file(self, key: str, path: Path, sha256_hex: str) -> bool:
         """Streams from disk: one PUT up to the threshold, multipart above it. Does not HEAD
@@ -356,7 +356,7 @@ class S3Store(Store):
                                 ChecksumAlgorithm="SHA256",
                                 ChecksumSHA256=digest,
                             )
-                        return str(resp["ETag"])
+                        return self._errors.etag_of(resp, "upload", full)
 
                     done[number] = (await self._call("upload", key, work), digest)
 
