@@ -127,8 +127,9 @@ class Boto3Body:
 
 
 class LatchedBlobs:
-    """The direct path until it meets something only botocore handles (a redirect, a region
-    error, a server that ignores ranges): from then on boto3, for every blob of this store."""
+    """The direct path until it meets something only botocore handles (a redirect without a
+    region, a server that ignores ranges or sends no etag): from then on boto3, for every
+    blob of this store, decided once (under a lock: many threads may meet it at once)."""
 
     def __init__(self, direct: DirectBlobs, fallback: Boto3Blobs) -> None:
         self._direct = direct

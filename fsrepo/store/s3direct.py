@@ -11,11 +11,19 @@ provider, refreshed as usual), the region, the bucket's URL (resolved once, by p
 and the SigV4 signature. The payload is signed with the blob's SHA-256, which is its name, so
 the signature covers the body at no extra hashing cost.
 
+Where real servers differ from the happy path it does what botocore and urllib3 do: a region
+error (301/400 with `x-amz-bucket-region`, also on a body-less HEAD) is followed and
+remembered; an idle keep-alive connection is checked before reuse; a connection cut without
+TLS's close (SSLEOFError) is a dropped connection, retried; 429 and SlowDown are retried
+behind a pause all the store's blob requests share (`SharedThrottle`, the direct path's
+counterpart of botocore's adaptive limiter); a large PUT waits for `100 Continue`, so an
+early refusal (412: the blob is there already) costs no upload.
+
 `s3blobs.blob_transport` uses this path only where it can work (no proxy, no client
-certificate, a prefix that needs no escaping). What it still cannot handle - a redirect, a
-region error, a key that needs escaping - raises `DirectUnsupported`, and `LatchedBlobs`
-hands the store to boto3 for good. Failures are raised as `fsrepo.errors` exceptions, worded
-by the same `S3Errors` as boto3's.
+certificate, a prefix that needs no escaping). What it still cannot handle - a redirect
+without a region, a key that needs escaping, a server that ignores ranges - raises
+`DirectUnsupported`, and `LatchedBlobs` hands the store to boto3 for good. Failures are
+raised as `fsrepo.errors` exceptions, worded by the same `S3Errors` as boto3's.
 """
 
 from __future__ import annotations
