@@ -272,15 +272,15 @@ class DirectBlobs:
                            f"all blob requests wait {delay:.2f}s")
                 if not self._policy.gives_up(attempt):
                     continue  # after the shared pause, at the top of the loop
-            elif status in RETRY_STATUS:
+            else:
+                self._throttle.succeeded()  # an answer that was not "slow down"
+            if status in RETRY_STATUS and code not in THROTTLE_CODES:
                 note_retry(operation, url, attempt, f"{status} {code}")
                 if not self._policy.gives_up(attempt):
                     time.sleep(self._policy.delay(attempt))
                     continue
             if 300 <= status < 400 or (status == 400 and b"Region" in data):
                 raise DirectUnsupported(f"{status} from the direct path")
-            if status < 400:
-                self._throttle.succeeded()
             return status, resp.headers, data
 
     def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
