@@ -16,6 +16,8 @@ import trio
 
 from fsrepo.errors import IntegrityError, StorageAccessDenied, StorageError
 from fsrepo.retry import REQUEST, SharedThrottle
+from fsrepo.store import s3 as s3_module
+from fsrepo.store.base import ObjectTooLarge
 from fsrepo.store.s3 import S3Store
 from fsrepo.store.s3blobs import Boto3Blobs, LatchedBlobs
 from fsrepo.store.s3direct import EXPECT_ABOVE, DirectBlobs
@@ -308,3 +310,18 @@ def test_a_server_that_sends_no_etag_gets_a_clear_error(moto_server, s3_bucket, 
             with pytest.raises(StorageError, match="without an ETag"):
                 trio.run(call)
         trio.run(store.aclose)
+
+
+def test_get_refuses_an_object_over_the_limit_unread(s3_proxy, s3_bucket, monkeypatch):
+    monkeypatch.setattr(s3_module, "GET_LIMIT", 1000)  # the real limit, met sooner
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+
+    async def main():
+        await store.put("dirs/small.json", b"s" * 1000)
+        await store.put("dirs/big.json", b"b" * 1001)
+        assert (await store.get("dirs/small.json")).data == b"s" * 1000
+        with pytest.raises(ObjectTooLarge, match="that imgrepo reads whole"):
+            await store.get("dirs/big.json")
+        await store.aclose()
+
+    trio.run(main)

@@ -68,7 +68,7 @@ async def list_blobs(store: Store, notes: list[dict[str, Any]]) -> BlobTable:
         m = _BLOB_KEY.fullmatch(info.key)
         if m is None or m.group(1) != m.group(2)[:2]:
             notes.append({"kind": "unexpected-object", "key": info.key,
-                          "message": f"{info.key}: not a blob key (ignored)"})
+                          "message": f"{info.key!r}: not a blob key (ignored)"})
             continue
         blobs.add(m.group(2), info.size, info.mtime)
     return blobs.seal()
@@ -82,7 +82,7 @@ async def list_manifests(store: Store, notes: list[dict[str, Any]] | None) -> li
         if m is None:
             if notes is not None:
                 notes.append({"kind": "unexpected-object", "key": info.key,
-                              "message": f"{info.key}: not a manifest key (ignored)"})
+                              "message": f"{info.key!r}: not a manifest key (ignored)"})
             continue
         out.append(m.group(1))
     return out
