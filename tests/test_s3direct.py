@@ -325,3 +325,34 @@ def test_get_refuses_an_object_over_the_limit_unread(s3_proxy, s3_bucket, monkey
         await store.aclose()
 
     trio.run(main)
+
+
+def test_many_blobs_meeting_a_redirect_at_once_latch_to_boto3_once(s3_proxy, s3_bucket,
+                                                                  tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fsrepo")
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+    blobs = []
+    for i in range(8):
+        data = os.urandom(1000 + i)
+        path = tmp_path / f"b{i}"
+        path.write_bytes(data)
+        blobs.append((f"blobs/c{i}", path, hashlib.sha256(data).hexdigest()))
+        s3_proxy.inject(method="PUT", path=f"/blobs/c{i}$", status=301,
+                        code="PermanentRedirect", times=1)  # each blob's first PUT
+    results: list[bool] = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for key, path, sha in blobs:
+                async def one(key=key, path=path, sha=sha):
+                    results.append(await store.put_file(key, path, sha))
+                nursery.start_soon(one)
+        for key, _path, _sha in blobs:  # every blob request from now on: boto3's
+            assert await store.head(key) is not None
+        await store.aclose()
+
+    trio.run(main)
+    assert results == [True] * 8
+    assert caplog.text.count("go through boto3 from now on") == 1
+    heads = [r for r in s3_proxy.requests if r.method == "HEAD" and "/blobs/" in r.path]
+    assert len(heads) == 8 and all("Boto3" in r.headers.get("user-agent", "") for r in heads)
