@@ -368,7 +368,7 @@ def test_the_log_file_and_every_rotated_one_are_created_0600(tmp_path: Path):
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
 
 
-def test_commands_run_without_core_dumps(mount_env):
+def test_commands_run_without_core_dumps(mount_env, mounter, tmp_path: Path):
     probe = ("import resource; from fsrepo import cli, nodump\n"
              "try: cli.main(['--help'])\n"
              "except SystemExit: pass\n"
@@ -376,3 +376,7 @@ def test_commands_run_without_core_dumps(mount_env):
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          env=mount_env, timeout=60, check=True)
     assert res.stdout.strip().splitlines()[-1] == "(0, 0) False", res.stdout
+    m = mounter(f"file://{tmp_path}/repo")  # the mount: the process that holds them longest
+    limits = Path(f"/proc/{m.proc.pid}/limits").read_text()
+    core = next(line for line in limits.splitlines() if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
