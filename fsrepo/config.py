@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -41,12 +42,37 @@ def default_cache_root() -> Path:
 
 
 def runtime_dir() -> Path:
-    """Where running mounts publish their control sockets (private to the user)."""
+    """Where running mounts publish their control sockets (private to the user): the
+    session's XDG_RUNTIME_DIR, else a folder of ours in /tmp (root, cron, containers)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "imgrepo" if base else Path(f"/tmp/imgrepo-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid != os.getuid():
-        raise ConfigError(f"{path} belongs to another user; set XDG_RUNTIME_DIR")
+    if base and os.path.isabs(base):
+        Path(base).mkdir(mode=0o700, parents=True, exist_ok=True)
+        return private_dir(Path(base) / "imgrepo")
+    return private_dir(Path(f"/tmp/imgrepo-{os.getuid()}"))
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only we can use: created 0700 if missing; if it exists, it must
+    be a real directory (never a symlink: checked with lstat), ours, mode 0700. In a shared
+    folder like /tmp another user may have planted it first, to break our commands or to
+    answer them with a fake mount: refused with the reason, never used."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    st = os.lstat(path)
+    hint = "remove it, or set XDG_RUNTIME_DIR to a private folder"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} is not a real directory (a symlink or a file): refusing "
+                          f"to use it; {hint}")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to another user (uid {st.st_uid}): refusing to "
+                          f"use it; {hint}")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise ConfigError(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, not 0700: "
+                          f"refusing to use it; {hint}")
     return path
 
 
@@ -169,7 +195,7 @@ def write_config_values(path: Path, values: dict[str, Any]) -> None:
         name = "cache_dir" if key == "cache_root" else key
         table[spelled.get(name, name.replace("_", "-"))] = (
             str(value) if isinstance(value, Path) else value)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(tomlkit.dumps(doc))
     if path.exists():

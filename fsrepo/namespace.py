@@ -21,7 +21,7 @@ from .dirviews import DirView, DirViews, KnownBlobs
 from .errors import FsError, errno_for
 from .inodes import ROOT_INO, InodeTable, Node, is_same_object
 from .journal import Journal, Record
-from .manifest import MAX_NAME, ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
+from .manifest import MAX_ENTRIES, MAX_NAME, ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
 from .merge import Op, same_object
 from .prefetch import ManifestPrefetcher
 from .state import StateDB
@@ -241,6 +241,7 @@ class Namespace:
         pnode, view = await self._parent_view(parent, name)
         if name in view.entries:
             raise FsError(errno.EEXIST)
+        _room_for_one_more(view)
         rec = self._record([(view.dir_id, Op(name, entry, None), None)], durable=durable)
         self._names_changed(rec)
         node = self.inodes.node_for(parent, name, entry)
@@ -362,6 +363,8 @@ class Namespace:
                 raise FsError(errno.ENOTDIR)
         if isinstance(entry, DirEntry) and entry.id in self.inodes.ancestors(new_parent):
             raise FsError(errno.EINVAL)
+        if target is None and src is not dst:
+            _room_for_one_more(dst)
         put = Op(new_name, entry, target)
         delete = Op(old_name, None, entry)
         if src is dst:
@@ -379,3 +382,11 @@ class Namespace:
             self.inodes.move(node, new_parent, new_name)
         await self.settle(rec)
 
+
+def _room_for_one_more(view: DirView) -> None:
+    """ENOSPC for a new name in a directory at the entry limit: a manifest beyond it would
+    be refused by every machine that reads it (this one included)."""
+    if len(view.entries) >= MAX_ENTRIES:
+        log.error("directory %s holds %d entries, the limit of one directory: new names "
+                  "are refused", view.dir_id, len(view.entries))
+        raise FsError(errno.ENOSPC)

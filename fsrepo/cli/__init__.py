@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 from ..errors import ImgrepoError
+from ..nodump import disable_core_dumps
 from .args import ACTIONS, PROG, parse_args, settings_from
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    disable_core_dumps()  # every command may hold credentials (the mount, --login, --verify)
     try:
         args = parse_args(argv)
         return dispatch(args, argv)

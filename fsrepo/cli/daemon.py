@@ -34,7 +34,7 @@ def start_detached(settings: Settings, mountpoint: Path, argv: list[str]) -> int
     child_argv = [sys.executable, "-m", "fsrepo.cli", *argv, "--ready-fd", str(write_fd)]
     log_path = settings.state_dir() / "imgrepo.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as errlog:
+    with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as errlog:
         proc = subprocess.Popen(child_argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=errlog,
                                 start_new_session=True)

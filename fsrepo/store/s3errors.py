@@ -107,6 +107,16 @@ class S3Errors:
         return StorageUnavailable(
             f"cannot reach S3 at {self.endpoint} ({self.where(key)}): {detail}")
 
+    def etag_of(self, resp: dict, what: str, key: str | None) -> str:
+        """The ETag of a response; a server that sends none (some S3 look-alikes) cannot
+        serve imgrepo, which pins reads and writes to etags: a clear error, not a KeyError."""
+        etag = resp.get("ETag")
+        if not etag:
+            raise StorageError(
+                f"S3 at {self.endpoint} answered a request to {what} {self.where(key)} without "
+                "an ETag: this server is not S3-compatible enough for imgrepo")
+        return str(etag)
+
     def response(self, status: int, code: str, message: str, operation: str, what: str,
                  key: str | None) -> ImgrepoError:
         """An error answer: its HTTP status, S3 error code and message."""
@@ -137,7 +147,7 @@ class S3Errors:
         if code in INTEGRITY_CODES:
             return IntegrityError(f"S3 rejected {where} ({label}): content and checksum differ")
         detail = f"{label}{': ' + message if message else ''}"
-        if status >= 500 or code in THROTTLE_CODES:
+        if status >= 500 or status == 429 or code in THROTTLE_CODES:
             return StorageUnavailable(
                 f"S3 at {self.endpoint} kept failing to {what} {where} ({detail}) "
                 f"after {self.attempts} attempts"
