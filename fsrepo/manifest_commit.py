@@ -117,7 +117,8 @@ class ManifestCommitter:
             if merged and await self._merge_dirs(merged):
                 continue  # the ops changed: apply them again
             gone = known.removed is not None or (etag is None and had_manifest)
-            skip = (gone and not entries) or dir_id in self.journal.merged
+            skip = (gone and not (entries and self._adds_to(dir_id, remote))) \
+                or dir_id in self.journal.merged
             if skip:
                 # removed (here or elsewhere) with nothing of ours to keep in it, or merged
                 # into another directory meanwhile (the merge carried these ops along)
@@ -158,6 +159,16 @@ class ManifestCommitter:
             await self._keep_alive_where(dir_id, known)
         await self._drop_removed_manifests(marked, entries)
         return len(diverted)
+
+    def _adds_to(self, dir_id: str, remote: dict[bytes, Entry]) -> bool:
+        """Whether this machine's pending ops, all of them (not only the batch being
+        committed), leave something in a removed directory. A batch carrying a file this
+        machine removed since (and then the directory: the removal that marked it) is no
+        addition to keep the directory alive for; once the removal has landed, those ops
+        have left the journal, and nothing is left either."""
+        entries = dict(remote)
+        apply_ops(entries, self.journal.ops_for(dir_id), self.host)
+        return bool(entries)
 
     async def _keep_alive_where(self, dir_id: str, known: Manifest) -> None:
         """We added entries to a directory being removed (its removal mark says where

@@ -27,6 +27,7 @@ from .coreutil import (
     tree,
     write_file,
 )
+from .faulty_store import AFTER, BEFORE, CRASH, HOLD, Fault, FaultyStore
 
 LEVELS = (b"2024", b"2024/summer", b"2024/summer/beach")
 
@@ -275,5 +276,113 @@ def test_a_folder_removed_while_another_machine_adds_to_it_keeps_the_additions(t
         left = {d: (root / manifest_key(d)).read_bytes()[:300]
                 for d in manifests(root) - reachable(root)}
         assert not left
+
+    trio.run(main)
+
+
+def _faulty(holder: list):  # noqa: ANN202 - a wrap_store callable
+    def wrap(inner):  # noqa: ANN001, ANN202
+        holder.append(FaultyStore(inner))
+        return holder[0]
+    return wrap
+
+
+async def _until(condition, what: str) -> None:  # noqa: ANN001
+    with trio.fail_after(30):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+def test_a_folder_removed_while_its_own_commit_is_in_flight_stays_removed(tmp_path):
+    """One machine alone: `d/f` is created, its commit into `d` goes out (and is slow),
+    then `rm d/f` and `rmdir d`. The removal marks `d` removed before that commit's write
+    lands; the write then meets the mark. The file it carries is this machine's own, and
+    this machine removed it since: `d` must stay removed (it once came back, file and
+    all, in the kill -9 soak)."""
+    root = tmp_path / "repo"
+    stores: list[FaultyStore] = []
+
+    async def main():
+        async with engine(root, tmp_path / "a", wrap_store=_faulty(stores)) as a:
+            await makedirs(a, "d")
+            await write_file(a, b"other/g", b"g")
+            await a.uploader.wait_idle()
+            d_id = (await list_dir(a))[b"d"].id
+            hold = Fault("put", prefix=manifest_key(d_id), effect=HOLD)
+            stores[0].arm(hold)
+            await write_file(a, b"d/f", b"f")
+            with trio.fail_after(30):
+                await hold.held.wait()  # d's commit of f is in flight
+            await remove(a, b"d/f")
+            top, _ = await resolve(a, "")
+            await a.ns.remove(top.ino, b"d", is_dir=True)
+            await _until(lambda: "root" not in a.journal.by_dir, "the removal to land")
+            hold.release()
+            await a.uploader.wait_idle()
+            assert set(await list_dir(a)) == {b"other"}
+        async with engine(root, tmp_path / "fresh") as fresh:
+            assert await tree(fresh) == {b"other": None, b"other/g": b"g"}
+        assert manifests(root) <= reachable(root)
+
+    trio.run(main)
+
+
+# Where the first run stops while removing `d/f` and then `d` (kind, key, when, nth), with
+# the two commits made in either order: at each write to `d`'s manifest (the removal of
+# `f`, the removal mark) before or after it landed, after the parent's write, and after
+# `d`'s manifest was deleted. Each exists in both orders but the second write to `d`.
+REMOVAL_CRASHES = {
+    "d-write-1-lost": ("put", "d", BEFORE, 1),
+    "d-write-1-landed": ("put", "d", AFTER, 1),
+    "d-write-2-landed": ("put", "d", AFTER, 2),
+    "parent-write-landed": ("put", "root", AFTER, 1),
+    "d-deleted": ("delete", "d", AFTER, 1),
+}
+ORDERS = {"file-first": ("d", "root"), "folder-first": ("root", "d")}
+
+
+@pytest.mark.parametrize(("step", "order"), [
+    (step, order) for step in sorted(REMOVAL_CRASHES) for order in sorted(ORDERS)
+    # folder first, d's manifest is written once (the mark), then deleted
+    if (step, order) != ("d-write-2-landed", "folder-first")])
+def test_a_crash_while_removing_a_folder_never_brings_it_back(tmp_path, step, order):
+    """kill -9 at each step of `rm d/f; rmdir d` (its two commits made in either order),
+    then the journal replayed: `d` stays removed, and no manifest is left that no folder
+    lists."""
+    root = tmp_path / "repo"
+    kind, which, when, nth = REMOVAL_CRASHES[step]
+    scope = trio.CancelScope()
+    stores: list[FaultyStore] = []
+
+    def wrap(inner):  # noqa: ANN001, ANN202
+        stores.append(FaultyStore(inner, on_crash=scope.cancel))
+        return stores[-1]
+
+    async def main():
+        async with engine(root, tmp_path / "a") as a:
+            await write_file(a, b"d/f", b"f")
+            await write_file(a, b"other/g", b"g")
+            await a.uploader.wait_idle()
+            d_id = (await list_dir(a))[b"d"].id
+        with scope:
+            async with engine(root, tmp_path / "a", upload=False, wrap_store=wrap) as a:
+                await remove(a, b"d/f")
+                top, _ = await resolve(a, "")
+                await a.ns.remove(top.ino, b"d", is_dir=True)
+                key = manifest_key(d_id if which == "d" else which)
+                stores[0].arm(Fault(kind, nth, effect=CRASH, when=when, prefix=key))
+                for name in ORDERS[order]:
+                    dir_id = d_id if name == "d" else name
+                    batch = list(a.journal.by_dir.get(dir_id, ()))
+                    if batch:
+                        await a.uploader.manifests.commit(dir_id, batch)
+                raise AssertionError(f"committed without reaching the crash: {step}")
+        assert stores[0].crashed
+        async with engine(root, tmp_path / "a") as again:
+            await again.uploader.wait_idle()
+            assert set(await list_dir(again)) == {b"other"}
+        async with engine(root, tmp_path / "fresh") as fresh:
+            assert await tree(fresh) == {b"other": None, b"other/g": b"g"}
+        assert manifests(root) <= reachable(root)
 
     trio.run(main)
