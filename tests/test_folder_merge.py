@@ -232,7 +232,7 @@ def test_one_folder_renamed_to_two_names_on_two_machines_ends_under_the_first(tm
     trio.run(main)
 
 
-@pytest.mark.expected_logs(r"was removed (here|on another machine) .*keeping it", reason="a removal races an addition on purpose")
+@pytest.mark.expected_logs(r"was removed (here|on one machine) .*keeping", reason="a removal races an addition on purpose")
 @pytest.mark.parametrize("first", ["addition", "removal", "removal-marked"])
 def test_a_folder_removed_while_another_machine_adds_to_it_keeps_the_additions(tmp_path, first):
     """Removal versus addition: whichever lands first, the added file stays reachable
@@ -330,13 +330,14 @@ def test_a_folder_removed_while_its_own_commit_is_in_flight_stays_removed(tmp_pa
 # Where the first run stops while removing `d/f` and then `d` (kind, key, when, nth), with
 # the two commits made in either order: at each write to `d`'s manifest (the removal of
 # `f`, the removal mark) before or after it landed, after the parent's write, and after
-# `d`'s manifest was deleted. Each exists in both orders but the second write to `d`.
+# the remover's last look at `d` (is anything added over the mark?). Each exists in both
+# orders but the second write to `d`.
 REMOVAL_CRASHES = {
     "d-write-1-lost": ("put", "d", BEFORE, 1),
     "d-write-1-landed": ("put", "d", AFTER, 1),
     "d-write-2-landed": ("put", "d", AFTER, 2),
     "parent-write-landed": ("put", "root", AFTER, 1),
-    "d-deleted": ("delete", "d", AFTER, 1),
+    "d-read-again": ("get", "d", AFTER, 2),
 }
 ORDERS = {"file-first": ("d", "root"), "folder-first": ("root", "d")}
 
@@ -383,6 +384,101 @@ def test_a_crash_while_removing_a_folder_never_brings_it_back(tmp_path, step, or
             assert set(await list_dir(again)) == {b"other"}
         async with engine(root, tmp_path / "fresh") as fresh:
             assert await tree(fresh) == {b"other": None, b"other/g": b"g"}
+        assert manifests(root) <= reachable(root)
+
+    trio.run(main)
+
+
+A_ORDERS = {"bottom-up": ("s", "p", "root"), "top-down": ("root", "p", "s")}
+
+
+@pytest.mark.expected_logs(r"was removed (here|on one machine) .*keep",
+                           reason="a removal races an addition on purpose")
+@pytest.mark.parametrize("b_after", [0, 1, 2, 3])
+@pytest.mark.parametrize("a_order", sorted(A_ORDERS))
+def test_files_added_into_a_subfolder_of_a_folder_removed_elsewhere_stay_listed(
+        tmp_path, a_order, b_after):
+    """Machine a removes `p` with everything in it (`rm -r`: p/s/f, p/s, p/g, p) while b
+    adds `p/s/new`. a's three commits (s, p and the root) go in either order, and b's
+    lands before, between or after them: the path to b's file is kept, holding only
+    b's file (a's removals of f and g stand), and no manifest is left unlisted."""
+    root = tmp_path / "repo"
+
+    async def main():
+        async with engine(root, tmp_path / "setup") as eng:
+            await write_file(eng, b"p/s/f", b"f")
+            await write_file(eng, b"p/g", b"g")
+            await write_file(eng, b"other/h", b"h")
+            await eng.uploader.wait_idle()
+        async with engine(root, tmp_path / "a", upload=False, host="hostA") as a, \
+                engine(root, tmp_path / "b", upload=False, host="hostB") as b:
+            await write_file(b, b"p/s/new", b"added on b")
+            ids = {"root": "root", "p": (await list_dir(a))[b"p"].id}
+            ids["s"] = (await list_dir(a, "p"))[b"s"].id
+            await remove(a, b"p/s/f")
+            p_node, _ = await resolve(a, "p")
+            await a.ns.remove(p_node.ino, b"s", is_dir=True)
+            await remove(a, b"p/g")
+            await a.ns.remove(1, b"p", is_dir=True)
+            for step, name in enumerate(A_ORDERS[a_order]):
+                if step == b_after:
+                    start_uploader(b)
+                    await b.uploader.wait_idle()
+                batch = list(a.journal.by_dir.get(ids[name], ()))
+                if batch:
+                    await a.uploader.manifests.commit(ids[name], batch)
+            if b_after == 3:
+                start_uploader(b)
+                await b.uploader.wait_idle()
+            start_uploader(a)  # what a's commits decided to put back
+            await a.uploader.wait_idle()
+            await b.uploader.wait_idle()
+        async with engine(root, tmp_path / "fresh") as fresh:
+            got = await tree(fresh)
+        assert got == {b"p": None, b"p/s": None, b"p/s/new": b"added on b",
+                       b"other": None, b"other/h": b"h"}
+        assert manifests(root) <= reachable(root)
+
+    trio.run(main)
+
+
+@pytest.mark.expected_logs(r"was removed (here|on one machine) .*keep",
+                           reason="a removal races an addition on purpose")
+def test_an_addition_landing_just_after_the_removers_last_look_stays_listed(tmp_path):
+    """The remover's last look at a removed folder (has anyone written over its mark?)
+    answers "no"; another machine's addition lands right after. The remover then leaves
+    the mark (a tombstone) instead of deleting the manifest (S3 has no conditional
+    delete), so the addition, written over the mark, stays, and its writer puts the
+    folder back."""
+    root = tmp_path / "repo"
+    stores: list[FaultyStore] = []
+
+    async def main():
+        async with engine(root, tmp_path / "setup") as eng:
+            await write_file(eng, b"d/x", b"x")
+            await eng.uploader.wait_idle()
+        async with engine(root, tmp_path / "a", upload=False, host="hostA",
+                          wrap_store=_faulty(stores)) as a, \
+                engine(root, tmp_path / "b", upload=False, host="hostB") as b:
+            await write_file(b, b"d/new", b"added on b")
+            d_id = (await list_dir(a))[b"d"].id
+            await remove(a, b"d/x")
+            await a.ns.remove(1, b"d", is_dir=True)
+            last_look = Fault("get", 2, effect=HOLD, when=AFTER, prefix=manifest_key(d_id))
+            stores[0].arm(last_look)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.uploader.manifests.commit, "root",
+                                   list(a.journal.by_dir["root"]))
+                with trio.fail_after(30):
+                    await last_look.held.wait()
+                start_uploader(b)
+                await b.uploader.wait_idle()
+                last_look.release()
+            start_uploader(a)
+            await a.uploader.wait_idle()
+            await b.uploader.wait_idle()
+        async with engine(root, tmp_path / "fresh") as fresh:
+            assert await tree(fresh) == {b"d": None, b"d/new": b"added on b"}
         assert manifests(root) <= reachable(root)
 
     trio.run(main)
