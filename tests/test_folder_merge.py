@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from fsrepo.errors import FsError
+from fsrepo.maintenance.gc import collect
 from fsrepo.manifest import DirEntry, is_removal_mark
 from fsrepo.repository import manifest_key
+from fsrepo.store import open_store
 
 from .coreutil import (
     list_dir,
@@ -479,6 +482,114 @@ def test_an_addition_landing_just_after_the_removers_last_look_stays_listed(tmp_
             await b.uploader.wait_idle()
         async with engine(root, tmp_path / "fresh") as fresh:
             assert await tree(fresh) == {b"d": None, b"d/new": b"added on b"}
+        assert manifests(root) <= reachable(root)
+
+    trio.run(main)
+
+
+def test_gc_deletes_removal_marks_older_than_its_grace_period(tmp_path):
+    """The marks removed folders leave (tombstones) go with `--gc`, once older than its
+    grace period; a mark another machine has since written entries over stays."""
+    root = tmp_path / "repo"
+
+    async def main():
+        async with engine(root, tmp_path / "a") as a:
+            for name in ("gone", "back"):
+                await write_file(a, f"{name}/f".encode(), b"f")
+            await a.uploader.wait_idle()
+            ids = {n.decode(): e.id for n, e in (await list_dir(a)).items()}
+            for name in ("gone", "back"):
+                await remove(a, f"{name}/f".encode())
+                await a.ns.remove(1, name.encode(), is_dir=True)
+            await a.uploader.wait_idle()
+        marks = {n for n, d in ids.items() if is_removal_mark(
+            (root / manifest_key(d)).read_bytes(), d)}
+        assert marks == {"gone", "back"}
+        back = root / manifest_key(ids["back"])  # another machine wrote over its mark
+        back.write_bytes(json.dumps({"imgrepo_manifest": 1, "dir_id": ids["back"],
+                                     "entries": {}}).encode())
+        store = open_store(f"file://{root}")
+        try:
+            now = time.time()
+            young = await collect(store, 1, dry_run=False, now=now)
+            dry = await collect(store, 1, dry_run=True, now=now + 7200)
+            assert (young.tombstones, dry.tombstones) == (0, 1)
+            assert (root / manifest_key(ids["gone"])).exists()
+            old = await collect(store, 1, dry_run=False, now=now + 7200)
+            assert old.tombstones == 1
+        finally:
+            await store.aclose()
+        assert not (root / manifest_key(ids["gone"])).exists() and back.exists()
+        async with engine(root, tmp_path / "fresh") as fresh:
+            assert await tree(fresh) == {}
+
+    trio.run(main)
+
+
+# Where one machine stops (kill -9) while the two machines' "2024" trees merge: side,
+# (kind, whose manifest, when, nth). a's tree reaches the bucket first; b's merges into it.
+MERGE_CRASHES = {
+    "a-root-write-landed": ("a", ("put", "root", AFTER, 1)),
+    "a-2024-write-landed": ("a", ("put", "a2024", AFTER, 1)),
+    "b-root-write-lost": ("b", ("put", "root", BEFORE, 1)),
+    "b-root-write-after-merge-landed": ("b", ("put", "root", AFTER, 2)),
+    "b-write-into-a2024-lost": ("b", ("put", "a2024", BEFORE, 1)),
+    "b-write-into-a2024-landed": ("b", ("put", "a2024", AFTER, 1)),
+    "b-merged-away-manifest-delete": ("b", ("delete", "b2024", BEFORE, 1)),
+}
+
+
+@pytest.mark.parametrize("step", sorted(MERGE_CRASHES))
+def test_a_crash_at_each_step_of_a_folder_merge_loses_nothing(tmp_path, step):
+    """Both machines create the same three-level tree; one of them is killed at a step
+    of the upload and merge, then started again from its local state: a fresh mount
+    lists exactly the union, one tree, and no manifest is left that no folder lists."""
+    root = tmp_path / "repo"
+    side, (kind, whose, when, nth) = MERGE_CRASHES[step]
+    scope = trio.CancelScope()
+    stores: list[FaultyStore] = []
+
+    def wrap(inner):  # noqa: ANN001, ANN202
+        stores.append(FaultyStore(inner, on_crash=scope.cancel))
+        return stores[-1]
+
+    async def upload(cache: str, host: str, fault: Fault | None) -> None:
+        async with engine(root, tmp_path / cache, host=host,
+                          wrap_store=wrap if fault else None) as eng:
+            if fault is not None:
+                stores[-1].arm(fault)
+            await eng.uploader.wait_idle()
+
+    async def main():
+        async with engine(root, tmp_path / "setup") as eng:
+            await makedirs(eng, "top")
+            await eng.uploader.wait_idle()
+        files: dict[bytes, bytes] = {}
+        ids: dict[str, str] = {"root": "root"}
+        async with engine(root, tmp_path / "a", upload=False, host="hostA") as a, \
+                engine(root, tmp_path / "b", upload=False, host="hostB") as b:
+            for eng, who in ((a, "a"), (b, "b")):
+                for i in range(9):
+                    path = LEVELS[i % 3] + b"/%s-%d.jpg" % (who.encode(), i)
+                    files[path] = b"%s %d" % (who.encode(), i)
+                    await write_file(eng, path, files[path])
+                await write_file(eng, b"2024/summer/same.txt", b"the same bytes")
+                ids[who + "2024"] = (await list_dir(eng))[b"2024"].id
+        files[b"2024/summer/same.txt"] = b"the same bytes"
+        fault = Fault(kind, nth, effect=CRASH, when=when, prefix=manifest_key(ids[whose]))
+        with scope:
+            await upload("a", "hostA", fault if side == "a" else None)
+            await upload("b", "hostB", fault if side == "b" else None)
+            raise AssertionError(f"uploaded without reaching the crash: {step}")
+        assert stores[0].crashed
+        if side == "a":  # the other machine goes on meanwhile
+            await upload("b", "hostB", None)
+        await upload(side, "host" + side.upper(), None)  # started again
+        async with engine(root, tmp_path / "fresh") as fresh:
+            got = await tree(fresh)
+        expected = {**files, b"top": None, b"2024": None, b"2024/summer": None,
+                    b"2024/summer/beach": None}
+        assert got == expected
         assert manifests(root) <= reachable(root)
 
     trio.run(main)
