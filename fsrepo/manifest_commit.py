@@ -157,7 +157,7 @@ class ManifestCommitter:
         self.ns.views.set_remote(dir_id, entries, new_etag)
         if gone:
             await self._keep_alive_where(dir_id, known)
-        await self._drop_removed_manifests(marked, entries)
+        await self._retire_removed_dirs(marked, entries)
         return len(diverted)
 
     def _adds_to(self, dir_id: str, remote: dict[bytes, Entry]) -> bool:
@@ -221,11 +221,12 @@ class ManifestCommitter:
         else:
             await self.merger.drop_manifest(dir_id)
 
-    async def _drop_removed_manifests(self, emptied: dict[str, Removal],
-                                      entries: dict[bytes, Entry]) -> None:
+    async def _retire_removed_dirs(self, emptied: dict[str, Removal],
+                                   entries: dict[bytes, Entry]) -> None:
         """Directories this commit removed (found empty and marked removed, not renamed):
-        their own pending ops are dropped, and their manifests go (see `_finish_removal`),
-        so no manifest is left that no folder lists."""
+        their own pending ops are dropped, and their manifests stay as their marks (see
+        `_finish_removal`), so no manifest is left that no folder lists but a mark; a
+        directory still listed here after all loses its mark."""
         if not emptied:
             return
         still = {e.id for e in entries.values() if isinstance(e, DirEntry)}
