@@ -114,8 +114,9 @@ class DirMerger:
             self.ns.invalidator.entry(node.ino, name)
 
     async def drop_manifest(self, ours: str) -> None:
-        """Delete the manifest of a directory no folder lists any more (merged away, or
-        removed); a merge's marker stays until that is done (a later run tries again)."""
+        """Delete the manifest of a directory merged away (no folder lists it, and no
+        other machine knows it); its marker stays until that is done (a later run tries
+        again)."""
         try:
             await self.store.delete(manifest_key(ours))
         except ObjectNotFound:
