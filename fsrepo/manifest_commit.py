@@ -19,6 +19,7 @@ from .journal import Journal, PendingOp
 from .manifest import DirEntry, Entry, FileEntry, Manifest, parse_manifest, serialise_manifest
 from .merge import Op, apply_ops, coalesce, moved_dirs, same_content
 from .namespace import Namespace
+from .paths import entry_path
 from .remote_index import RemoteIndex
 from .repository import manifest_key
 from .retry import Backoff
@@ -49,6 +50,8 @@ class ManifestCommitter:
         # removed while their own commit was in flight: finished when it is done
         self._removed: dict[str, Removal] = {}
         self._merged_away: set[str] = set()  # merged while their commit was in flight
+        # this session's conflict copies, as paths: (the name written, the copy's name)
+        self.conflict_copies: list[tuple[str, str]] = []
 
     async def read_manifest(self, dir_id: str) -> tuple[dict[bytes, Entry], str | None]:
         manifest, etag = await self.read_full(dir_id)
@@ -147,8 +150,11 @@ class ManifestCommitter:
                 await self._retire_removed(removed_id, removal)
             return 0
         for name, where in diverted.items():
-            log.warning("conflict in directory %s: %r was changed elsewhere; this "
-                        "machine's version is kept as %r", dir_id, name, where)
+            path, copy = entry_path(self.ns.inodes, dir_id, name), \
+                entry_path(self.ns.inodes, dir_id, where)
+            self.conflict_copies.append((path, copy))
+            log.warning("conflict: %s was changed on another machine too; this machine's "
+                        "version is kept as %s", path, copy)
         seqs = [p.seq for p in batch]
         await self.db.run(self.db.state.commit_dir, dir_id, new_etag, body, seqs)
         self.journal.retire(dir_id, seqs)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--salvage", metavar="DEST",
                      help="copy every file not yet uploaded out of the local cache into DEST "
                           "(reads only the cache, never the bucket)")
+    act.add_argument("--duplicates", action="store_true",
+                     help="list files with identical content under MOUNTPOINT [PATH] "
+                          "(from the manifests, nothing downloaded)")
     act.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--storage", help="s3://bucket/prefix or file:///path (env IMGREPO_STORAGE)")
     p.add_argument("--endpoint-url", help="S3 endpoint (MinIO, R2, ...; env AWS_ENDPOINT_URL)")
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="with --status/--verify: JSON output")
     p.add_argument("--wait", action="store_true",
                    help="with --status: block until nothing is pending")
+    p.add_argument("--pending", action="store_true",
+                   help="with --status: list the files not uploaded yet")
     p.add_argument("--data", action="store_true", help="with --verify: also hash every blob")
     p.add_argument("--dry-run", action="store_true", help="with --gc: only report")
     p.add_argument("--grace", type=float, default=24.0,

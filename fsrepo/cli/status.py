@@ -1,6 +1,7 @@
-"""`imgrepo-mount --status [MOUNTPOINT] [--wait] [--json]`: what a running mount is doing
-and who is logged in. Needs neither trio nor an HTTP client: it only talks to the control
-socket and reads the token store."""
+"""`imgrepo-mount --status [MOUNTPOINT] [--pending] [--wait] [--json]`: what a running mount
+is doing (and which files it has not uploaded yet), or with no mountpoint every imgrepo mount
+on this machine; and who is logged in. Needs neither trio nor an HTTP client: it only talks
+to the control sockets and reads the token store."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from .. import control
 from ..auth.status import run_status
 from ..config import Settings
 from ..errors import ImgrepoError
+from .mounts import imgrepo_mounts, mount_summary
 from .progress import follow
-from .statusview import format_status
+from .statusview import format_mounts, format_status
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -23,14 +25,22 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         mountpoint = Path(args.mountpoint).expanduser().absolute()
         if args.wait:
             follow(mountpoint, {"cmd": "wait"}, "uploading")
-        for reply in control.request(mountpoint, {"cmd": "status", "repository": True}):
+        ask = {"cmd": "status", "repository": True, "pending": bool(args.pending)}
+        for reply in control.request(mountpoint, ask):
             out = reply
         out.pop("done", None)
         if out.get("error"):
             raise ImgrepoError(out["error"])
+    elif args.pending or args.wait:
+        raise ImgrepoError("--pending and --wait need a mountpoint: imgrepo-mount --status "
+                           "--pending MOUNTPOINT")
+    else:
+        out["mounts"] = [mount_summary(mp) for mp in imgrepo_mounts()]
     out["login"] = run_status(settings)
     if args.json:
         print(json.dumps(out, indent=1, sort_keys=True))
         return 0
+    if "mounts" in out:
+        print(format_mounts(out["mounts"]))
     print(format_status(out))
     return 0
