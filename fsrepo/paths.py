@@ -3,8 +3,6 @@ path under the mountpoint, for logs and status answers (never b'...' or a bare i
 
 from __future__ import annotations
 
-import os
-
 from .inodes import ROOT_INO, InodeTable
 
 MAX_DEPTH = 4096  # a loop in a corrupt table must not hang a log line
@@ -12,7 +10,7 @@ MAX_DEPTH = 4096  # a loop in a corrupt table must not hang a log line
 
 def show_name(name: bytes) -> str:
     """One name as text: undecodable bytes come back as the shell would show them."""
-    return os.fsdecode(name).encode("utf-8", "backslashreplace").decode("utf-8")
+    return name.decode("utf-8", "backslashreplace")
 
 
 def dir_path(inodes: InodeTable, dir_id: str) -> str | None:
