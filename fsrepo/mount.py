@@ -103,6 +103,7 @@ class Mount(Engine):
     async def status(self) -> dict[str, Any]:
         up = self.uploader.status
         pending = self.uploader.pending_summary()
+        copies = self.uploader.manifests.conflict_copies
         counters = await self.db.run(self.db.state.counters)
         return {
             "mountpoint": str(self.mountpoint),
@@ -114,9 +115,9 @@ class Mount(Engine):
             "uploads_in_flight": len(up.uploads_in_flight),
             "uploaded_files": up.uploaded_blobs,
             "uploaded_bytes": up.uploaded_bytes,
-            "conflicts": up.conflicts,
-            "conflict_copies": [{"path": path, "copy": copy}
-                                for path, copy in self.uploader.manifests.conflict_copies],
+            # (the copies are recorded where the merge makes them, whichever path it took)
+            "conflicts": max(up.conflicts, len(copies)),
+            "conflict_copies": [{"path": path, "copy": copy} for path, copy in copies],
             **self._current_error(),
             "last_success_at": max(up.last_success_at or 0.0,
                                    self.guard.last_success_at or 0.0) or None,

@@ -27,6 +27,7 @@ from .blobcache import BlobCache
 from .errors import FsError, ImgrepoError, StorageError, StorageOffline
 from .manifest import ROOT_ID, DirEntry, FileEntry
 from .namespace import Namespace
+from .paths import entry_path
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,12 @@ class Syncer:
                 try:
                     await self.ns.views.revalidate(dir_id)
                 except StorageError as exc:
-                    log.warning("sync: using the cached listing of %s: %s", dir_id, exc)
+                    log.warning("sync: using the cached listing of %s: %s",
+                                entry_path(self.ns.inodes, dir_id), exc)
                 view = self.ns.views.get(dir_id) or view
         except FsError as exc:
-            log.warning("sync: skipping unreadable directory %s: %s", dir_id, exc)
+            log.warning("sync: skipping unreadable folder %s: %s",
+                        entry_path(self.ns.inodes, dir_id), exc)
             return []
         return list(view.entries.values())
 
