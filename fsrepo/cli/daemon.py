@@ -98,7 +98,7 @@ def name_this_process(name: str = "imgrepo-mount") -> None:
 def offline_note(mountpoint: Path) -> str | None:
     """Mounted while the storage does not answer: say so, and what waits to go up."""
     from .. import control
-    from ..units import human
+    from ..units import human, plural
     try:
         status: dict = {}
         for reply in control.request(mountpoint, {"cmd": "status"}, timeout=10):
@@ -107,10 +107,14 @@ def offline_note(mountpoint: Path) -> str | None:
         return None
     if status.get("online", True):
         return None
-    return (f"the storage is unreachable ({status.get('offline_reason')}): working offline "
-            f"from the local cache; {status.get('pending_files', 0)} files "
-            f"({human(status.get('pending_bytes', 0))}) and {status.get('pending_ops', 0)} "
-            "changes are queued and upload when it is back")
+    text = (f"the storage is unreachable ({status.get('offline_reason')}): working offline "
+            "from the local cache")
+    if not status.get("pending_ops"):
+        return text + "; changes are queued and upload when it is back"
+    return (f"{text}; {plural(status.get('pending_files', 0), 'file')} "
+            f"({human(status.get('pending_bytes', 0))}) and "
+            f"{plural(status.get('pending_ops', 0), 'change')} are queued and upload when it "
+            "is back")
 
 
 class ReadyPipe:

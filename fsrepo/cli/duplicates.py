@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import control
 from ..errors import ImgrepoError
-from ..units import human
+from ..units import human, plural
 from .progress import follow
 
 
@@ -42,11 +42,11 @@ def cmd_duplicates(mountpoint: Path, paths: list[str], as_json: bool) -> int:
 
 def format_duplicates(r: dict[str, Any]) -> str:
     groups = r["groups"]
-    head = f"{r['files']} files in {r['folders']} folders under {r['path']}"
+    head = f"{plural(r['files'], 'file')} in {plural(r['folders'], 'folder')} under {r['path']}"
     if not groups:
         return head + ": no two files have the same content"
     copies = sum(g["count"] for g in groups)
-    lines = [f"{head}: {len(groups)} groups of identical files ({copies} files); "
+    lines = [f"{head}: {plural(len(groups), 'group')} of identical files ({copies} files); "
              f"deduplication already stores each content once, saving {human(r['saved'])}"]
     for g in groups:
         lines.append("")

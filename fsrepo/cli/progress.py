@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, TextIO
 
 from ..errors import ImgrepoError
-from ..units import human
+from ..units import human, plural
 
 LINE_EVERY = 2.0  # seconds between lines when stderr is not a terminal
 BAR_WIDTH = 30
@@ -161,7 +161,8 @@ def progress_text(label: str, reply: dict[str, Any], rate: UploadRate | None = N
     progress."""
     if "progress" in reply:
         p = reply["progress"]
-        text = f"{label}: {p['blobs']} files ({human(p['bytes'])}) and {p['ops']} changes pending"
+        text = (f"{label}: {plural(p['blobs'], 'file')} ({human(p['bytes'])}) and "
+                f"{plural(p['ops'], 'change')} pending")
         if reply.get("online") is False:
             text += " - the storage is unreachable; waiting for it"
         elif reply.get("last_error"):

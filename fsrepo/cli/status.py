@@ -42,5 +42,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if "mounts" in out:
         print(format_mounts(out["mounts"]))
-    print(format_status(out))
+    text = format_status(out)
+    if text:
+        print(text)
     return 0

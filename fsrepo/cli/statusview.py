@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..units import human
+from ..units import human, plural
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -23,8 +23,9 @@ def format_status(s: dict[str, Any]) -> str:
             lines.append(f"storage:      {s['storage']} (reachable)")
         if s.get("write_mode"):
             lines.append(f"writes:       {s['write_mode']}")
-        lines.append(f"pending:      {s['pending_files']} files ({human(s['pending_bytes'])}) "
-                     f"to upload, {s['pending_ops']} changes to commit")
+        lines.append(f"pending:      {plural(s['pending_files'], 'file')} "
+                     f"({human(s['pending_bytes'])}) to upload, "
+                     f"{plural(s['pending_ops'], 'change')} to commit")
         lines.append(f"in flight:    {s['uploads_in_flight']} uploads, "
                      f"{s.get('downloads_in_flight', 0)} downloads"
                      + (", a --sync is running" if s.get("syncs_running") else ""))
@@ -76,7 +77,7 @@ def pending_lines(p: dict[str, Any]) -> list[str]:
     """`--pending`: the files not in the bucket yet, largest first."""
     if not p["total_files"]:
         return ["not uploaded: nothing, every file is in the bucket"]
-    lines = [f"not uploaded: {p['total_files']} files ({human(p['total_bytes'])}):"]
+    lines = [f"not uploaded: {plural(p['total_files'], 'file')} ({human(p['total_bytes'])}):"]
     lines.extend(f"  {human(f['size']):>10}  {f['path']}" for f in p["files"])
     if not p["listed_all"]:
         lines.append(f"  ... and {p['total_files'] - len(p['files'])} more (see --json)")
@@ -87,7 +88,7 @@ def format_mounts(mounts: list[dict[str, Any]]) -> str:
     """`--status` without a mountpoint: every imgrepo mount, one line each."""
     if not mounts:
         return "no imgrepo mounts on this machine"
-    lines = [f"{len(mounts)} imgrepo mount{'s' if len(mounts) != 1 else ''}:"]
+    lines = [f"{plural(len(mounts), 'imgrepo mount')}:"]
     for m in mounts:
         if not m.get("answering"):
             lines.append(f"  {m['mountpoint']}: NOT ANSWERING (its process is gone); clean up "
@@ -96,5 +97,6 @@ def format_mounts(mounts: list[dict[str, Any]]) -> str:
             continue
         state = "online" if m.get("online", True) else "OFFLINE (changes are queued)"
         lines.append(f"  {m['mountpoint']}: {m.get('storage')}, {state}, pending "
-                     f"{m.get('pending_files', 0)} files ({human(m.get('pending_bytes', 0))})")
+                     f"{plural(m.get('pending_files', 0), 'file')} "
+                     f"({human(m.get('pending_bytes', 0))})")
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import control
 from ..errors import ImgrepoError
 from ..processes import pid_alive
-from ..units import human
+from ..units import human, plural
 from .mounts import is_imgrepo_mount
 from .progress import follow
 
@@ -28,8 +28,9 @@ def cmd_unmount(mountpoint: Path) -> int:
         pid = final.get("pid")
         if final.get("gave_up"):
             p = final["progress"]
-            print(f"the storage is unreachable: {p['blobs']} files ({human(p['bytes'])}) and "
-                  f"{p['ops']} changes stay queued locally and upload at the next mount",
+            print(f"the storage is unreachable: {plural(p['blobs'], 'file')} "
+                  f"({human(p['bytes'])}) and {plural(p['ops'], 'change')} stay queued "
+                  "locally and upload at the next mount",
                   file=sys.stderr)
             pid = mount_pid(mountpoint)
     elif not os.path.ismount(mountpoint) and not is_imgrepo_mount(mountpoint):
