@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from fsrepo.cli.mounts import imgrepo_mounts
 from fsrepo.cli.progress import fit, progress_text
@@ -240,3 +241,50 @@ def test_an_old_cache_moves_to_the_key_with_the_endpoint(tmp_path, capsys):
     assert "moved the local cache" in capsys.readouterr().err
     adopt_legacy_state(settings)  # once only: nothing left to move, nothing happens
     assert (settings.state_dir() / "state.db").exists()
+
+
+# -- the upload summary and the upload rate -------------------------------------------------
+
+def test_uploads_are_summed_up_at_a_steady_pace_only_when_something_moved(caplog):
+    from fsrepo.upload_log import final_line, log_uploads
+    from fsrepo.uploader import UploadStatus
+    caplog.set_level(logging.INFO, logger="fsrepo.upload_log")
+    status = UploadStatus()
+    pending = {"blobs": 2, "bytes": 2048, "ops": 3}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log_uploads, status, lambda: pending, 1.0)
+            await trio.sleep(2.5)  # (trio's clock below is virtual: no real waiting)
+            status.uploaded_blobs, status.uploaded_bytes, status.skipped_blobs = 5, 5 << 20, 2
+            await trio.sleep(3.0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["uploads: 5 files (5.0 MiB) sent, 2 already in the bucket (dedup), 0 "
+                     "folder updates; queued: 2 files (2.0 KiB), 3 changes"]
+    assert final_line(UploadStatus(), pending) is None
+    assert final_line(status, pending).startswith("this session's uploads: 5 files")
+
+
+def test_the_upload_rate_comes_from_the_queue_going_down():
+    from fsrepo.cli.progress import UploadRate
+    rate = UploadRate()
+    assert rate.text(10 << 20, now=100.0) == ""  # nothing to measure yet
+    assert rate.text(6 << 20, now=102.0) == ", 2.0 MiB/s, ~3s left"
+
+
+def test_the_guard_notes_every_success(tmp_path):
+    from fsrepo.store import open_store
+    (tmp_path / "repo").mkdir()
+    guard = GuardedStore(open_store(f"file://{tmp_path / 'repo'}", None, None))
+
+    async def main() -> None:
+        assert guard.status()["storage_success_at"] is None
+        await guard.put("k", b"x")
+        await guard.get("k")
+        await guard.aclose()
+
+    trio.run(main)
+    assert guard.status()["storage_success_at"] is not None

@@ -115,6 +115,8 @@ def test_status_lists_the_mounts_and_says_how_to_clean_up_a_dead_one(tmp_path, m
                                                                       str(dead.path))}
     assert mine[str(live.path)]["answering"] and not mine[str(dead.path)]["answering"]
     assert mine[str(live.path)]["pending_files"] == 0
+    # Reads count as successes too (a mount that only downloads is not "never succeeded").
+    assert status_json(live)["last_success_at"] is not None
     # The advice works: the dead mount is cleaned up.
     res = run_cli(["--unmount", str(dead.path)], live.env)
     assert "unmounted" in res.stdout

@@ -174,7 +174,8 @@ def progress_text(label: str, reply: dict[str, Any], rate: UploadRate | None = N
         return (f"{label}: reading folders: {reply['folders']} read, {reply['files_found']} "
                 f"files found ({reply['elapsed']:.0f}s)")
     if reply.get("phase") == "start":
-        return (f"{label}: {reply['to_fetch']} of {reply['files']} files to fetch "
+        folders = f"{plural(reply['folders'], 'folder')} read; " if "folders" in reply else ""
+        return (f"{label}: {folders}{reply['to_fetch']} of {reply['files']} files to fetch "
                 f"({human(reply['bytes'])})")
     if reply.get("phase") == "progress":
         done, total = reply["done_bytes"], max(1, reply["bytes"])
