@@ -3,6 +3,9 @@ path under the mountpoint, for logs and status answers (never b'...' or a bare i
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from .inodes import ROOT_INO, InodeTable
 
 MAX_DEPTH = 4096  # a loop in a corrupt table must not hang a log line
@@ -37,3 +40,14 @@ def entry_path(inodes: InodeTable, dir_id: str, name: bytes | None = None) -> st
     if where is None:
         return f"{show_name(name)} (in folder {dir_id})"
     return where.rstrip("/") + "/" + show_name(name)
+
+
+def blob_path(by_dir: Mapping[str, Iterable[Any]], inodes: InodeTable, sha: str) -> str:
+    """A path the journal gives content `sha` (for a log line about its upload), or the
+    content's short id when no pending change names it any more."""
+    for dir_id, ops in by_dir.items():
+        for p in ops:
+            entry = p.op.entry
+            if getattr(entry, "sha256", None) == sha:
+                return entry_path(inodes, dir_id, p.op.name)
+    return f"content {sha[:12]}"

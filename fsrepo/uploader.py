@@ -23,7 +23,7 @@ from .head_writer import HeadWriter
 from .journal import Journal, PendingOp
 from .manifest_commit import ManifestCommitter
 from .namespace import EMPTY_SHA, Namespace
-from .paths import entry_path
+from .paths import blob_path, entry_path
 from .remote_index import RemoteIndex
 from .retry import QUEUE, RetryTracker
 from .state import StateDB
@@ -198,7 +198,8 @@ class Uploader:
                 self.retries.succeeded("blob:" + sha)
                 self._succeeded()
             except (ImgrepoError, OSError) as exc:
-                self._error(f"upload of blob {sha[:12]}", exc)
+                path = blob_path(self.journal.by_dir, self.manifests.ns.inodes, sha)
+                self._error(f"upload of {path}", exc)
                 self.retries.failed("blob:" + sha)
             finally:
                 self.status.uploads_in_flight.discard(sha)

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from .mountutil import poll, run_cli
+from .mountutil import force_unmount, poll, run_cli
 
 KiB = 1024
 
@@ -165,3 +165,30 @@ def test_mount_errors_say_connection_refused_and_not_s3(tmp_path, mount_env):
         thread.join()
     assert res.returncode != 0 and "does not speak S3" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.expected_logs(r"unreachable, working offline|starting offline",
+                           reason="the second mount starts with the storage cut off on purpose")
+def test_mounting_offline_says_so_and_what_is_queued(s3_bucket, s3_proxy, mounter):
+    m = mounter(s3_bucket.url, endpoint_url=s3_proxy.url)
+    (m.path / "before.txt").write_bytes(b"uploaded while online")
+    m.unmount()
+    s3_proxy.pause()
+    try:
+        # The user's way: detached, the command returns once the mount serves.
+        res = run_cli(m.cli_args(), m.env, timeout=60)
+        try:
+            assert "mounted" in res.stdout and "working offline" in res.stdout, res.stdout
+            assert "connection refused" in res.stdout
+            pid = status_json(m)["pid"]
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                assert b"imgrepo-mount" in fh.read()  # `pgrep -f imgrepo-mount` finds it
+            (m.path / "later.txt").write_bytes(b"queued")
+            res = run_cli(["--unmount", str(m.path)], m.env, timeout=120)
+            assert "stay queued" in res.stderr and "1 file " in res.stderr, res.stderr
+        finally:
+            if os.path.ismount(m.path):
+                run_cli(["--unmount", str(m.path)], m.env, timeout=120, check=False)
+            force_unmount(m.path)
+    finally:
+        s3_proxy.resume()
