@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -147,24 +148,42 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return out
 
 
+CONFIG_HEADER = "# imgrepo settings (flags and IMGREPO_* environment variables override these)\n"
+
+
+def check_config_values(values: dict[str, Any]) -> None:
+    """Refuse, before anything is done, a value the config file could not show readably."""
+    for key, value in values.items():
+        if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ConfigError(f"{key.replace('_', '-')} {value!r} contains control "
+                              f"characters; it cannot be written to the config file")
+        if value is not None and not isinstance(value, str | int | float | bool | Path):
+            raise ConfigError(f"{key.replace('_', '-')}: {type(value).__name__} values "
+                              f"cannot be written to the config file")
+
+
 def write_config_values(path: Path, values: dict[str, Any]) -> None:
-    """Merge `values` into the config file (used by --login to remember its settings)."""
-    current = read_config_file(path)
-    current.update({k: v for k, v in values.items() if v is not None})
+    """Merge `values` into the config file (used by --login to remember its settings),
+    keeping the user's comments, layout and [imgrepo] table (tomlkit edits in place)."""
+    import tomlkit
+    values = {k: v for k, v in values.items() if v is not None}
+    check_config_values(values)
+    read_config_file(path)  # a file we could not read back is not rewritten
+    try:
+        doc = tomlkit.parse(path.read_text())
+    except FileNotFoundError:
+        doc = tomlkit.parse(CONFIG_HEADER)
+    table: Any = doc["imgrepo"] if "imgrepo" in doc else doc
+    spelled = {k.replace("-", "_"): k for k in table}  # keep the user's spelling of a key
+    for key, value in values.items():
+        name = "cache_dir" if key == "cache_root" else key
+        table[spelled.get(name, name.replace("_", "-"))] = (
+            str(value) if isinstance(value, Path) else value)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["# imgrepo settings (flags and IMGREPO_* environment variables override these)"]
-    for key, value in sorted(current.items()):
-        if key == "cache_root":
-            key = "cache_dir"
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        else:
-            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-        lines.append(f"{key.replace('_', '-')} = {text}")
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(tomlkit.dumps(doc))
+    if path.exists():
+        shutil.copymode(path, tmp)
     os.replace(tmp, path)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
+import sys
 from pathlib import Path
 
 _SECRET_RE = re.compile(
@@ -37,6 +39,32 @@ class OneLineFilter(logging.Filter):
         return True
 
 
+class JournalFormatter(logging.Formatter):
+    """For a stderr that is systemd's journal: the journal stamps the time itself, and a
+    `<N>` prefix gives each line its syslog priority (journalctl -p warning ...)."""
+
+    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4,
+                  logging.INFO: 6, logging.DEBUG: 7}
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return f"<{priority}>" + super().format(record).replace("\n", "\n" + f"<{priority}>")
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=device:inode of the stream it connected to stderr."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
     root = logging.getLogger()
     root.handlers.clear()
@@ -59,7 +87,7 @@ def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
             pass
     if stderr:
         handler = logging.StreamHandler()
-        handler.setFormatter(fmt)
+        handler.setFormatter(JournalFormatter() if stderr_is_journal() else fmt)
         handler.addFilter(redact)
         handler.addFilter(token_filter)
         root.addHandler(handler)

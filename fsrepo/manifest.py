@@ -39,6 +39,10 @@ class DirEntry:
     id: str
     mtime_ns: int
     mode: int = 0o755
+    # When its attributes were last set (chmod, utimens: its ctime then); None in entries
+    # written before it was kept. A later change of the directory's names (its manifest's
+    # `mtime_ns`) takes precedence over `mtime_ns` (`namespace.dir_times`).
+    ctime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,10 @@ class Manifest:
     # removed from. A machine adding entries meanwhile puts it back there (the additions
     # keep the folder alive); the remover deletes the manifest if nobody did.
     removed: tuple[str, bytes] | None = None
+    # When a name in it was last created, removed or renamed (the directory's mtime and
+    # ctime); None in manifests written before it was kept. An additive key of format 1:
+    # readers that do not know it ignore it.
+    mtime_ns: int | None = None
 
 
 def check_name(name: bytes) -> None:
@@ -103,7 +111,8 @@ def entry_from_json(raw: object) -> Entry:
     if kind == "dir":
         if not is_valid_dir_id(raw.get("id")) or raw.get("id") == ROOT_ID:
             raise ValueError("bad directory id")
-        return DirEntry(raw["id"], mtime, _int(raw, "mode", 0, 0o7777, 0o755))
+        ctime = _int(raw, "ctime_ns", -(1 << 62), 1 << 62) if "ctime_ns" in raw else None
+        return DirEntry(raw["id"], mtime, _int(raw, "mode", 0, 0o7777, 0o755), ctime)
     if kind == "symlink":
         if isinstance(raw.get("target"), str):
             target = raw["target"].encode("utf-8", "surrogateescape")
@@ -125,7 +134,10 @@ def entry_to_json(entry: Entry) -> dict:
         return {"type": "file", "sha256": entry.sha256, "size": entry.size,
                 "mtime_ns": entry.mtime_ns, "mode": entry.mode}
     if isinstance(entry, DirEntry):
-        return {"type": "dir", "id": entry.id, "mtime_ns": entry.mtime_ns, "mode": entry.mode}
+        out = {"type": "dir", "id": entry.id, "mtime_ns": entry.mtime_ns, "mode": entry.mode}
+        if entry.ctime_ns is not None:
+            out["ctime_ns"] = entry.ctime_ns
+        return out
     try:
         return {"type": "symlink", "target": entry.target.decode("utf-8"),
                 "mtime_ns": entry.mtime_ns}
@@ -181,6 +193,11 @@ def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
     manifest.moved = _moved_from_json(raw.get("moved", {}), dir_id, problems)
     if "removed" in raw:
         manifest.removed = _place_from_json(raw["removed"], "from", dir_id, problems)
+    if "mtime_ns" in raw:
+        try:
+            manifest.mtime_ns = _int(raw, "mtime_ns", -(1 << 62), 1 << 62)
+        except ValueError:
+            problems.append(f"directory {dir_id}: refused its mtime_ns")
     return manifest, problems
 
 
@@ -240,6 +257,8 @@ def serialise_manifest(manifest: Manifest) -> bytes:
     if manifest.moved:
         doc["moved"] = {dir_id: {"to": to, "name_b64": base64.b64encode(name).decode()}
                         for dir_id, (to, name) in list(manifest.moved.items())[-MAX_MOVED:]}
+    if manifest.mtime_ns is not None:
+        doc["mtime_ns"] = manifest.mtime_ns
     if manifest.removed is not None:
         doc["removed"] = {"from": manifest.removed[0],
                           "name_b64": base64.b64encode(manifest.removed[1]).decode()}

@@ -17,7 +17,7 @@ from .dir_merge import DirMerger
 from .errors import ManifestError, ObjectNotFound, PreconditionFailed, StorageError
 from .journal import Journal, PendingOp
 from .manifest import DirEntry, Entry, FileEntry, Manifest, parse_manifest, serialise_manifest
-from .merge import Op, apply_ops, coalesce, moved_dirs, same_content
+from .merge import Op, apply_ops, coalesce, later, moved_dirs, same_content
 from .namespace import Namespace
 from .paths import entry_path
 from .remote_index import RemoteIndex
@@ -105,6 +105,7 @@ class ManifestCommitter:
         # A removal that `requires` an earlier op is the source side of a rename.
         moved = {p.op.name for p in batch if p.op.entry is None and p.requires is not None}
         races = 0
+        names_at = max((p.names_at for p in batch if p.names_at), default=None)
         marked: dict[str, Removal] = {}  # marked removed in any round (see below)
         while True:
             entries = dict(remote)
@@ -125,8 +126,9 @@ class ManifestCommitter:
                 # removed (here or elsewhere) with nothing of ours to keep in it, or merged
                 # into another directory meanwhile (the merge carried these ops along)
                 break
+            mtime_ns = later(known.mtime_ns, names_at)
             body = serialise_manifest(Manifest(dir_id, entries, self._moves_out(
-                dir_id, remote, entries, records, ops_now, moved)))
+                dir_id, remote, entries, records, ops_now, moved), mtime_ns=mtime_ns))
             try:
                 if etag is None:
                     new_etag = await self.store.put(manifest_key(dir_id), body,
@@ -160,7 +162,7 @@ class ManifestCommitter:
         await self.db.run(self.db.state.commit_dir, dir_id, new_etag, body, seqs)
         self.journal.retire(dir_id, seqs)
         self.remote.note_known({e.sha256 for e in entries.values() if isinstance(e, FileEntry)})
-        self.ns.views.set_remote(dir_id, entries, new_etag)
+        self.ns.views.set_remote(dir_id, entries, new_etag, mtime_ns)
         if gone:
             await self._keep_alive_where(dir_id, known)
         await self._drop_removed_manifests(marked, entries)
@@ -266,7 +268,8 @@ class ManifestCommitter:
         try:
             manifest, etag = await self.read_full(dir_id)
             if etag == removal.etag:
-                body = serialise_manifest(Manifest(dir_id, manifest.entries, manifest.moved))
+                body = serialise_manifest(Manifest(dir_id, manifest.entries, manifest.moved,
+                                                   mtime_ns=manifest.mtime_ns))
                 await self.store.put(manifest_key(dir_id), body, if_match=etag)
         except (PreconditionFailed, ObjectNotFound):
             pass  # written meanwhile: whoever wrote it dropped the mark

@@ -11,15 +11,17 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
-from . import control
+from . import control, sdnotify
 from .config import Settings
 from .connectivity import GuardedStore
 from .endpoint_check import not_s3_reason
@@ -42,6 +44,22 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE = 5.0  # seconds in-flight storage calls get after unmounting
 
 
+def check_fuse_options(options: Iterable[str], fuse_conf: Path = Path("/etc/fuse.conf")) -> None:
+    """allow_other/allow_root as other FUSE filesystems have them: root may, a user only
+    where the administrator allowed it; say so before mounting, in one line."""
+    wanted = sorted(set(options) & {"allow_other", "allow_root"})
+    if not wanted or os.geteuid() == 0:
+        return
+    try:
+        allowed = any(line.strip() == "user_allow_other"
+                      for line in fuse_conf.read_text(errors="replace").splitlines())
+    except OSError:
+        allowed = False
+    if not allowed:
+        raise ImgrepoError(f"-o {wanted[0]} needs root, or the line user_allow_other in "
+                           f"{fuse_conf}")
+
+
 def check_mountpoint(mountpoint: Path) -> None:
     if not mountpoint.exists():
         raise ImgrepoError(f"mountpoint {mountpoint} does not exist (create it with mkdir)")
@@ -61,16 +79,23 @@ def check_fuse(device: str = "/dev/fuse") -> None:
         raise ImgrepoError(f"FUSE is not available on this machine ({device} is missing: "
                            "install fuse3 and load the module with `modprobe fuse`; in a "
                            "container, pass --device /dev/fuse)")
+    if os.geteuid() != 0:
+        # A user's mount goes through the setuid fusermount3, which opens the device itself.
+        helper = shutil.which("fusermount3") or shutil.which("fusermount")
+        if helper is None:
+            raise ImgrepoError("FUSE is not usable: fusermount3 is not installed (install "
+                               "the fuse3 package)")
+        if not os.stat(helper).st_mode & stat.S_ISUID:
+            raise ImgrepoError(f"FUSE is not usable: {helper} is not setuid root (reinstall "
+                               "the fuse3 package, or mount as root)")
+        return
     try:
         os.close(os.open(device, os.O_RDWR))
     except OSError as exc:
-        hint = ("add yourself to the group that owns it, or ask the administrator"
+        hint = ("is a container missing --device /dev/fuse?"
                 if exc.errno in (errno.EACCES, errno.EPERM) else "check the fuse module")
         raise ImgrepoError(f"FUSE is not usable: cannot open {device}: {exc.strerror} "
                            f"({hint})") from None
-    if os.geteuid() != 0 and not (shutil.which("fusermount3") or shutil.which("fusermount")):
-        raise ImgrepoError("FUSE is not usable: fusermount3 is not installed (install the "
-                           "fuse3 package)")
 
 
 class Mount(Engine):
@@ -78,7 +103,7 @@ class Mount(Engine):
     kernel binding, control socket and background tasks."""
 
     def __init__(self, settings: Settings, mountpoint: Path, store: Store,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, fuse_options: Iterable[str] = ()) -> None:
         # Everything talks to the storage through the guard: offline, calls fail fast
         # instead of waiting out the retries, and the queue drains when it is back.
         guard = store if isinstance(store, GuardedStore) else GuardedStore(store)
@@ -92,6 +117,8 @@ class Mount(Engine):
         mode.on_ready.append(self._back_online)
         self.watcher = HeadWatcher(self.store, self.db, self.ns.views, settings.refresh)
         self.mountpoint = mountpoint
+        # The kernel refuses changes to a read-only mount itself (EROFS), as `mount` shows.
+        self.fuse_options = frozenset(fuse_options) | ({"ro"} if read_only else set())
         self.ops = GatedOperations(self.ns, self.files, str(self.state_dir),
                                    mode.local_refusal)
         self.token_refresher: Any = None  # keeps a web-identity token valid, if one is used
@@ -260,7 +287,9 @@ class Mount(Engine):
         # FUSE requests would wait for the loop this very call is blocking.
         sock_path = control.socket_path(self.mountpoint)
         options = set(pyfuse3.default_options)
-        options |= {"fsname=imgrepo", "subtype=imgrepo", "noatime"}
+        given = {option.partition("=")[0] for option in self.fuse_options}
+        options |= {option for option in ("fsname=imgrepo", "subtype=imgrepo", "noatime")
+                    if option.partition("=")[0] not in given} | self.fuse_options
         try:
             pyfuse3.init(self.ops, str(self.mountpoint), options)
         except RuntimeError as exc:
@@ -286,7 +315,9 @@ class Mount(Engine):
                 if ready is not None:
                     ready()
                 log.info("mounted %s at %s", self.settings.storage, self.mountpoint)
+                sdnotify.notify("READY=1")
                 await pyfuse3.main(min_tasks=4, max_tasks=64)
+                sdnotify.notify("STOPPING=1")
                 self._close_fuse()
                 _exit_if_stuck(SHUTDOWN_GRACE)
                 nursery.cancel_scope.cancel()
@@ -365,7 +396,7 @@ def _exit_if_stuck(grace: float) -> None:
 
 
 async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None,
-                    read_only: bool = False) -> None:
+                    read_only: bool = False, fuse_options: Iterable[str] = ()) -> None:
     store = open_store(settings.storage, settings.endpoint_url, settings.region)
     started = False
 
@@ -376,7 +407,7 @@ async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None,
             ready()
 
     try:
-        await Mount(settings, mountpoint, store, read_only).run(now_ready)
+        await Mount(settings, mountpoint, store, read_only, fuse_options).run(now_ready)
     except ObjectNotFound as exc:
         if started or not settings.endpoint_url or not settings.storage.startswith("s3://"):
             raise

@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 from ..errors import ImgrepoError
-from .args import PROG, build_parser, settings_from
+from .args import ACTIONS, PROG, parse_args, settings_from
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         return dispatch(args, argv)
     except ImgrepoError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    take_source(args)
     settings = settings_from(args)
     if args.login or args.logout:
         from ..auth import commands
@@ -70,3 +71,18 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         raise ImgrepoError(f"unexpected arguments: {' '.join(args.paths)}")
     from .daemon import cmd_mount
     return cmd_mount(settings, mountpoint, args, argv)
+
+
+def take_source(args: argparse.Namespace) -> None:
+    """`imgrepo-mount SOURCE MOUNTPOINT` (how mount(8) calls us): SOURCE is the storage."""
+    mounting = not any(getattr(args, name) for name in ACTIONS)
+    if not (mounting and len(args.paths) == 1):
+        return
+    source, args.mountpoint, args.paths = args.mountpoint, args.paths[0], []
+    if args.storage and args.storage != source:
+        raise ImgrepoError(f"the storage is given twice ({source} and --storage "
+                           f"{args.storage})")
+    args.storage = source
+    # mount(8) knows its own mounts by source and type: `mount -a` then skips this one.
+    escaped = source.replace("\\", "\\\\").replace(",", "\\,")
+    args.fuse_options = {*args.fuse_options, f"fsname={escaped}", "subtype=imgrepo-mount"}

@@ -20,8 +20,9 @@ from ..errors import ImgrepoError
 
 def cmd_mount(settings: Settings, mountpoint: Path, args: argparse.Namespace,
               argv: list[str]) -> int:
-    from ..mount import check_mountpoint
+    from ..mount import check_fuse_options, check_mountpoint
     check_mountpoint(mountpoint)
+    check_fuse_options(args.fuse_options)
     adopt_legacy_state(settings)
     if args.foreground or args.ready_fd is not None:
         return run_foreground(settings, mountpoint, args)
@@ -151,11 +152,15 @@ def run_foreground(settings: Settings, mountpoint: Path, args: argparse.Namespac
         extra.addFilter(logging.getLogger().handlers[0].filters[0])
         logging.getLogger().addHandler(extra)
     ready = ReadyPipe(args.ready_fd)
+    if args.ready_fd is not None:
+        # Detached: hold no directory busy (paths were made absolute when parsing argv).
+        os.chdir("/")
     try:
         lock = StateLock(settings.state_dir())
         try:
             apply_login_environment(settings)
-            trio.run(run_mount, settings, mountpoint, lambda: ready.say("ok"), args.read_only)
+            trio.run(run_mount, settings, mountpoint, lambda: ready.say("ok"), args.read_only,
+                     args.fuse_options)
         finally:
             lock.release()
     except ImgrepoError as exc:
