@@ -288,3 +288,54 @@ def test_the_guard_notes_every_success(tmp_path):
 
     trio.run(main)
     assert guard.status()["storage_success_at"] is not None
+
+
+def test_sync_reports_the_walk_from_its_first_moment_and_times_the_whole_run(tmp_path):
+    replies: list[dict] = []
+
+    async def send(reply: dict) -> None:
+        replies.append(reply)
+
+    async def main() -> dict:
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        async with running_engine(f"file://{repo}", None, tmp_path / "cache") as eng:
+            for i in range(6):
+                await write_file(eng, f"y{i % 3}/m{i}/p{i}.jpg", b"photo %d" % i)
+            await eng.uploader.wait_idle()
+            return await eng.syncer.run([], send)
+
+    final = trio.run(main)
+    assert replies[0]["phase"] == "walk"  # before anything else: the walk shows at once
+    start = next(r for r in replies if r["phase"] == "start")
+    assert start["folders"] == 10 and start["files"] == 6  # root, 3 years, 6 months
+    assert final["elapsed"] >= start["elapsed"]  # the walk is part of the run's time
+
+
+class _Tty:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        raise OSError("not a real terminal")
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_progress_line_on_a_terminal_is_redrawn_within_its_width(monkeypatch):
+    from fsrepo.cli.progress import ProgressLine
+    monkeypatch.setenv("COLUMNS", "50")
+    tty = _Tty()
+    with ProgressLine(tty) as line:  # type: ignore[arg-type]
+        line.show("uploading: 1200 files (3.0 GiB) and 1300 changes pending, 20.0 MiB/s, "
+                  "~2m30s left")
+    drawn = [part for part in tty.text.split("\r\033[K") if part]
+    assert drawn and all(len(part) < 50 for part in drawn)
+    assert tty.text.endswith("\r\033[K")  # erased when done
