@@ -117,6 +117,9 @@ def test_status_lists_the_mounts_and_says_how_to_clean_up_a_dead_one(tmp_path, m
     assert mine[str(live.path)]["pending_files"] == 0
     # Reads count as successes too (a mount that only downloads is not "never succeeded").
     assert status_json(live)["last_success_at"] is not None
+    res = run_cli(["--status", str(dead.path)], live.env, check=False)
+    assert res.returncode != 0 and "does not answer" in res.stderr
+    assert f"imgrepo-mount --unmount {dead.path}" in res.stderr
     # The advice works: the dead mount is cleaned up.
     res = run_cli(["--unmount", str(dead.path)], live.env)
     assert "unmounted" in res.stdout

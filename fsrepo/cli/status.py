@@ -14,7 +14,7 @@ from .. import control
 from ..auth.status import run_status
 from ..config import Settings
 from ..errors import ImgrepoError
-from .mounts import imgrepo_mounts, mount_summary
+from .mounts import imgrepo_mounts, is_imgrepo_mount, mount_summary
 from .progress import follow
 from .statusview import format_mounts, format_status
 
@@ -23,6 +23,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     out: dict[str, Any] = {}
     if args.mountpoint:
         mountpoint = Path(args.mountpoint).expanduser().absolute()
+        if not control.is_running(mountpoint) and is_imgrepo_mount(mountpoint):
+            raise ImgrepoError(f"the mount at {mountpoint} does not answer (its process is "
+                               f"gone): clean it up with imgrepo-mount --unmount {mountpoint}; "
+                               "what it had not uploaded goes at the next mount")
         if args.wait:
             follow(mountpoint, {"cmd": "wait"}, "uploading")
         ask = {"cmd": "status", "repository": True, "pending": bool(args.pending)}
