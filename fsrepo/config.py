@@ -117,9 +117,19 @@ class Settings:
     config_file: Path = field(default_factory=lambda: config_dir() / "config.toml")
 
     def state_dir(self) -> Path:
-        """The local state of one repository: database, blob cache, staging files, log."""
+        """The local state of one repository: database, blob cache, staging files, log.
+        An S3 repository's key includes its endpoint: the same bucket name on two servers
+        is two repositories, and they may share one cache root."""
+        name = normalise_storage_url(self.storage)
+        if self.endpoint_url and name.startswith("s3://"):
+            name += " at " + self.endpoint_url.strip().rstrip("/").lower()
+        return self.cache_root / "repos" / hashlib.sha256(name.encode()).hexdigest()[:16]
+
+    def legacy_state_dir(self) -> Path | None:
+        """Where the state was kept before the endpoint counted (None: same place)."""
         key = hashlib.sha256(normalise_storage_url(self.storage).encode()).hexdigest()[:16]
-        return self.cache_root / "repos" / key
+        old = self.cache_root / "repos" / key
+        return None if old == self.state_dir() else old
 
 
 def normalise_storage_url(url: str) -> str:

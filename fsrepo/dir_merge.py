@@ -23,6 +23,7 @@ from .manifest import Entry, parse_manifest
 from .merge import apply_ops
 from .merge_record import drop_marker, merge_markers
 from .namespace import Namespace
+from .paths import entry_path
 from .repository import manifest_key
 from .state import StateDB
 from .store.base import Store
@@ -58,8 +59,8 @@ class DirMerger:
             changed = await self.journal.merge_dir(ours, theirs, content, seen)
             if changed is not None:
                 break
-        log.info("directory %s was also created on another machine as %s: merged this "
-                 "machine's %d entries into it", ours, theirs, len(content))
+        log.info("folder %s was also created on another machine: merged this machine's %d "
+                 "entries into it", entry_path(self.ns.inodes, ours), len(content))
         self._point_inode(ours, theirs)
         view = self.ns.views.get(ours)
         if view is not None:

@@ -19,6 +19,7 @@ from .journal import Journal, PendingOp
 from .manifest import DirEntry, Entry, FileEntry, Manifest, parse_manifest, serialise_manifest
 from .merge import Op, apply_ops, coalesce, later, moved_dirs, same_content
 from .namespace import Namespace
+from .paths import entry_path
 from .remote_index import RemoteIndex
 from .repository import manifest_key
 from .retry import Backoff
@@ -49,6 +50,8 @@ class ManifestCommitter:
         # removed while their own commit was in flight: finished when it is done
         self._removed: dict[str, Removal] = {}
         self._merged_away: set[str] = set()  # merged while their commit was in flight
+        # this session's conflict copies, as paths: (the name written, the copy's name)
+        self.conflict_copies: list[tuple[str, str]] = []
 
     async def read_manifest(self, dir_id: str) -> tuple[dict[bytes, Entry], str | None]:
         manifest, etag = await self.read_full(dir_id)
@@ -150,8 +153,12 @@ class ManifestCommitter:
                 await self._retire_removed(removed_id, removal)
             return 0
         for name, where in diverted.items():
-            log.warning("conflict in directory %s: %r was changed elsewhere; this "
-                        "machine's version is kept as %r", dir_id, name, where)
+            path, copy = entry_path(self.ns.inodes, dir_id, name), \
+                entry_path(self.ns.inodes, dir_id, where)
+            if (path, copy) not in self.conflict_copies:
+                self.conflict_copies.append((path, copy))
+            log.warning("conflict: %s was changed on another machine too; this machine's "
+                        "version is kept as %s", path, copy)
         seqs = [p.seq for p in batch]
         await self.db.run(self.db.state.commit_dir, dir_id, new_etag, body, seqs)
         self.journal.retire(dir_id, seqs)
@@ -188,16 +195,17 @@ class ManifestCommitter:
         if places:
             await self._keep_alive(dir_id, places[0])
             return
-        log.error("directory %s was removed on another machine while this machine added to "
+        log.error("folder %s was removed on another machine while this machine added to "
                   "it, and no folder of this machine lists it: its entries stay in the "
-                  "bucket, unlisted (see imgrepo-mount --verify)", dir_id)
+                  "bucket, unlisted (see imgrepo-mount --verify)", entry_path(self.ns.inodes,
+                                                                              dir_id))
 
     async def _keep_alive(self, dir_id: str, where: tuple[str, bytes]) -> None:
         """Another machine removed (or is removing) a directory this machine just added
         entries to: it is put back under its name, so the additions stay reachable."""
         parent, name = where
-        log.warning("directory %r was removed on one machine while files were added to it "
-                    "on another; keeping it", name)
+        log.warning("folder %s was removed on one machine while files were added to it "
+                    "on another; keeping it", entry_path(self.ns.inodes, parent, name))
         entry = DirEntry(dir_id, time.time_ns(), 0o755)
         await self.ns.settle(self.ns.record_fix(parent, Op(name, entry, None), None))
 
@@ -258,8 +266,9 @@ class ManifestCommitter:
             assert isinstance(base, DirEntry)
             mark = await self._mark_removed(base.id, dir_id, name)
             if mark is None:
-                log.warning("directory %r was removed here with its folder, but another "
-                            "machine added files to it; keeping both", name)
+                log.warning("folder %s was removed here with its folder, but another "
+                            "machine added files to it; keeping both",
+                            entry_path(self.ns.inodes, dir_id, name))
                 await self.ns.settle(self.ns.record_fix(dir_id, Op(name, base, None), None))
                 continue
             await self._retire_removed(base.id, Removal(mark, dir_id, name))
@@ -322,9 +331,10 @@ class ManifestCommitter:
             entry = op.entry
             if isinstance(entry, DirEntry) and entry.id in lost and op.base is None \
                     and lost[entry.id] != (dir_id, op.name):
-                log.warning("directory %r in %s was renamed on another machine first (to "
-                            "%r): this machine's rename of it is taken back", op.name,
-                            dir_id, lost[entry.id][1])
+                log.warning("folder %s was renamed on another machine first (to %s): this "
+                            "machine's rename of it is taken back",
+                            entry_path(self.ns.inodes, dir_id, op.name),
+                            entry_path(self.ns.inodes, *lost[entry.id]))
                 continue
             out.append(op)
         for moved_id, now_at in lost.items():
@@ -340,8 +350,10 @@ class ManifestCommitter:
         for view_id, name in self._places_of(moved_id, source):
             if (view_id, name) == now_at:
                 continue
-            log.warning("directory %s was renamed on another machine first (to %r): this "
-                        "machine's move of it to %r is taken back", moved_id, now_at[1], name)
+            log.warning("folder %s was renamed on another machine first (to %s): this "
+                        "machine's move of it to %s is taken back",
+                        entry_path(self.ns.inodes, moved_id), entry_path(self.ns.inodes, *now_at),
+                        entry_path(self.ns.inodes, view_id, name))
             entry = self.ns.views.get(view_id).entries[name]  # type: ignore[union-attr]
             assert isinstance(entry, DirEntry)
             await self.ns.settle(self.ns.record_fix(view_id, Op(name, None, entry), 0))
@@ -398,8 +410,9 @@ class ManifestCommitter:
                 if mark is not None:
                     emptied[base.id] = Removal(mark, dir_id, op.name)
                 elif op.entry is None:
-                    log.warning("directory %r was removed here but another machine added "
-                                "files to it; keeping it", op.name)
+                    log.warning("folder %s was removed here but another machine added "
+                                "files to it; keeping it", entry_path(self.ns.inodes, dir_id,
+                                                                      op.name))
                     continue
                 else:
                     op = Op(op.name, op.entry, None)

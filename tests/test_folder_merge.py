@@ -72,7 +72,7 @@ async def fill(eng, side: str, count: int) -> dict[bytes, bytes]:
     return out
 
 
-@pytest.mark.expected_logs(r"conflict in directory .* was changed elsewhere", reason="the two machines write different content under one file name on purpose")
+@pytest.mark.expected_logs(r"conflict: .* was changed on another machine too", reason="the two machines write different content under one file name on purpose")
 def test_a_folder_created_on_two_machines_is_one_folder_with_both_machines_files(tmp_path):
     root = tmp_path / "repo"
 

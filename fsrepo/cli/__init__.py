@@ -51,6 +51,9 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return run_salvage(settings, Path(args.salvage).expanduser().absolute())
     if args.verify or args.gc:
         from ..maintenance.report import run_gc, run_verify
+        if args.mountpoint:  # the mount's repository, not the default one
+            from .mounts import settings_of_mount
+            settings = settings_of_mount(settings, Path(args.mountpoint).expanduser().absolute())
         if args.verify:
             return run_verify(settings, data=args.data, as_json=args.json)
         return run_gc(settings, dry_run=args.dry_run, grace_hours=args.grace)
@@ -60,6 +63,9 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.unmount:
         from .unmount import cmd_unmount
         return cmd_unmount(mountpoint)
+    if args.duplicates:
+        from .duplicates import cmd_duplicates
+        return cmd_duplicates(mountpoint, args.paths, args.json)
     if args.sync:
         from .sync import cmd_sync
         return cmd_sync(mountpoint, args.paths)

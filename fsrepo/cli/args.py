@@ -17,7 +17,8 @@ from .mount_options import MountOptions, parse_mount_options
 PROG = "imgrepo-mount"
 
 # The action flags: at most one per command (mount when none).
-ACTIONS = ("unmount", "sync", "status", "login", "logout", "verify", "gc", "salvage")
+ACTIONS = ("unmount", "sync", "status", "login", "logout", "verify", "gc", "salvage",
+           "duplicates")
 
 STORAGE_GROUP = "storage and cache (any command)"
 MOUNT_GROUP = "mount (the default action)"
@@ -32,6 +33,8 @@ examples:
   imgrepo-mount --sync ~/photos 2024                      keep ~/photos/2024 offline
   imgrepo-mount --unmount ~/photos                        upload everything, then unmount
   imgrepo-mount --verify --storage s3://bucket/photos     check the repository
+  imgrepo-mount --verify ~/photos                         ... the one mounted there
+  imgrepo-mount --duplicates ~/photos 2024                what ~/photos/2024 holds twice
 
 With no configuration, the repository is a local folder under
 ~/.local/share/imgrepo/repository. Settings may also live in ~/.config/imgrepo/config.toml.
@@ -83,10 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = p.add_argument_group("status")
     status.add_argument("--status", "--whoami", dest="status", action="store_true",
-                        help="action: what the mount is doing; login state")
-    status.add_argument("--json", action="store_true", help="with --status/--verify: JSON")
+                        help="action: what the mount is doing (without MOUNTPOINT: every "
+                             "imgrepo mount here); login state")
+    status.add_argument("--json", action="store_true",
+                        help="with --status/--verify/--duplicates: JSON")
     status.add_argument("--wait", action="store_true",
                         help="with --status: block until nothing is pending")
+    status.add_argument("--pending", action="store_true",
+                        help="with --status: list the files not uploaded yet")
+    status.add_argument("--duplicates", action="store_true",
+                        help="action: files with identical content under MOUNTPOINT [PATH], "
+                             "from the manifests (nothing downloaded)")
 
     sync = p.add_argument_group("sync")
     sync.add_argument("--sync", action="store_true",

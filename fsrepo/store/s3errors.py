@@ -72,9 +72,13 @@ class BrokenBody(StorageUnavailable):
 
 
 def note_retry(operation: str, url: str, attempt: int, what: str) -> None:
-    """The one log line of a failed S3 attempt about to be retried (ours and botocore's)."""
-    log.info("S3 %s %s failed (attempt %d): %s", operation, url.split("?", 1)[0], attempt,
-             what[:300])
+    """The one log line of a failed S3 attempt about to be retried (ours and botocore's).
+    A refused connection is an outage, which the connectivity guard logs once: each of its
+    retries is only debug detail."""
+    level = logging.DEBUG if "ConnectionRefused" in what or "Could not connect" in what \
+        else logging.INFO
+    log.log(level, "S3 %s %s failed (attempt %d): %s", operation, url.split("?", 1)[0],
+            attempt, what[:300])
 
 
 class S3Errors:
