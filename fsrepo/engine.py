@@ -24,6 +24,8 @@ from .namespace import EMPTY_SHA, Namespace
 from .remote_index import RemoteIndex
 from .repository import open_repository
 from .salvage import salvage_advice
+from .snapshot_views import SnapshotTree
+from .snapshots import Snapshot, Snapshots
 from .state import LocalState, StateDB
 from .store.base import Store
 from .sync import Syncer
@@ -79,6 +81,9 @@ class Engine:
                                  self.remote_index, self.files, host=self.host,
                                  parallel=settings.uploads)
         self.syncer = Syncer(self.ns, self.cache)
+        self.snapshots = Snapshots(store, self.state_dir / "snapshots", self.host)
+        self.snapshot_tree = SnapshotTree(self.snapshots, self.cache, self.remote_index,
+                                          self.invalidator)
         self.started = time.time()
         self.online = True
 
@@ -124,6 +129,19 @@ class Engine:
                 f"cached in {self.state_dir}{salvage_advice(self.settings)}")
         if known is None:
             await self.db.run(state.set_meta, "repo_id", desc.repo_id)
+
+    async def take_snapshot(self, name: str, period: str | None = None) -> Snapshot:
+        """Record a snapshot of the bucket (call it once this machine's changes landed);
+        manifests this machine holds at the listed version are not read again."""
+        state = self.db.state
+
+        async def cached(dir_id: str, etag: str | None) -> bytes | None:
+            if etag is None:
+                return None
+            row = await self.db.run(state.load_manifest, dir_id)
+            return row[1] if row is not None and row[0] == etag else None
+
+        return await self.snapshots.record(name, cached, period)
 
     async def open(self) -> None:
         """check_repository + load_state: what a mount does before it serves anything."""

@@ -25,19 +25,20 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
         "fsrepo.connectivity", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
-        "fsrepo.blobcache", "fsrepo.cache_index"]),
+        "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.snapshots"]),
     ("core: files and names", [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",
         "fsrepo.reads", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record",
-        "fsrepo.prefetch"]),
+        "fsrepo.prefetch", "fsrepo.snapshot_views"]),
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
         "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.sync", "fsrepo.salvage",
         "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge"]),
     ("assembly", ["fsrepo.engine"]),
     ("FUSE and CLI", [
-        "fsrepo.fs", "fsrepo.readonly", "fsrepo.mount", "fsrepo.control", "fsrepo.cli",
+        "fsrepo.fs", "fsrepo.readonly", "fsrepo.snapshot_ops", "fsrepo.mount",
+        "fsrepo.control", "fsrepo.cli",
         "fsrepo.maintenance", "fsrepo.auth"]),
 ]
 
