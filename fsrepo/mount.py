@@ -23,11 +23,12 @@ from . import control, sdnotify
 from .config import Settings
 from .connectivity import GuardedStore
 from .engine import Engine
-from .errors import ImgrepoError
+from .errors import ImgrepoError, PreconditionFailed
 from .fs import KernelInvalidator
 from .head_watcher import HeadWatcher
 from .manifest import ROOT_ID
-from .readonly import GatedOperations
+from .snapshot_ops import SnapshotOperations
+from .snapshots import check_snapshot_name, default_name
 from .store import open_store
 from .store.base import Store
 from .writemode import READ_ONLY, WriteGate, WriteMode
@@ -88,8 +89,8 @@ class Mount(Engine):
         self.mountpoint = mountpoint
         # The kernel refuses changes to a read-only mount itself (EROFS), as `mount` shows.
         self.fuse_options = frozenset(fuse_options) | ({"ro"} if read_only else set())
-        self.ops = GatedOperations(self.ns, self.files, str(self.state_dir),
-                                   mode.local_refusal)
+        self.ops = SnapshotOperations(self.ns, self.files, str(self.state_dir),
+                                      mode.local_refusal, self.snapshot_tree)
         self.token_refresher: Any = None  # keeps a web-identity token valid, if one is used
         if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
             from .auth import TokenRefresher
@@ -182,10 +183,30 @@ class Mount(Engine):
                 self.uploader.kick()
                 with trio.move_on_after(0.25):
                     await self.uploader.progressed.wait()
+        if cmd == "snapshot":
+            return await self._snapshot(str(req.get("name") or default_name(time.time())),
+                                        send)
+        if cmd == "snapshots":
+            return {"snapshots": await self.snapshot_rows()}
         if cmd == "sync":
             return await self.syncer.run(req.get("paths") or [], send,
                                          parallel=int(req.get("parallel", 8)))
         raise ImgrepoError(f"unknown request {cmd!r}")
+
+    async def _snapshot(self, name: str, send: Any) -> dict[str, Any]:
+        """--snapshot: this machine's pending changes land first (as --status --wait), then
+        the bucket's tree is recorded."""
+        check_snapshot_name(name)
+        why = self.mode.local_refusal()
+        if why is not None:
+            raise ImgrepoError(f"this mount does not write to the storage ({why}): "
+                               "no snapshot taken")
+        await self.handle({"cmd": "wait"}, send)
+        try:
+            snap = await self.take_snapshot(name)
+        except PreconditionFailed:
+            raise ImgrepoError(f"a snapshot named {name} exists already") from None
+        return {"name": snap.name, "created": snap.created, "dirs": len(snap.dirs)}
 
     # -- running --------------------------------------------------------------------------
     async def run(self, ready: Any = None) -> None:

@@ -233,3 +233,62 @@ def test_snapshot_content_is_kept_locally_and_checked(storage: StorageTarget,
             assert hashlib.sha256(copy.read_bytes()).hexdigest() == snap.dirs["root"].sha
 
     trio.run(main)
+
+
+def test_gc_keeps_what_snapshots_name_and_frees_what_only_deleted_ones_held(
+        storage: StorageTarget, tmp_path: Path) -> None:
+    from fsrepo.maintenance.gc import collect
+    from fsrepo.repository import blob_key
+    from fsrepo.snapshots import copy_key
+
+    gone = b"only a snapshot has me" * 100
+    sha = hashlib.sha256(gone).hexdigest()
+
+    async def main() -> None:
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
+            fs = EngineDriver(eng)
+            await fs.mkdir("2024")
+            await fs.create("2024/x.jpg", gone)
+            await fs.create("2024/kept.jpg", b"kept")
+            await eng.uploader.wait_idle()
+            snap = await eng.take_snapshot("s1")
+            await fs.unlink("2024/x.jpg")
+            await eng.uploader.wait_idle()
+            store = eng.store
+            c = await collect(store, 0, dry_run=False)
+            assert c.deleted == 0 and c.snapshot_copies_deleted == 0
+            assert await store.head(blob_key(sha)) == len(gone)
+            await eng.snapshots.delete("s1")
+            dry = await collect(store, 0, dry_run=True)
+            assert dry.deleted_shas == [sha] and dry.snapshot_copies_deleted == len(snap.dirs)
+            c = await collect(store, 0, dry_run=False)
+            assert c.deleted_shas == [sha]
+            assert c.snapshot_copies_deleted == len(snap.dirs)
+            assert await store.head(blob_key(sha)) is None
+            assert await store.head(copy_key(snap.dirs["root"].sha)) is None
+            assert await EngineDriver(eng).read("2024/kept.jpg") == b"kept"
+
+    trio.run(main)
+
+
+def test_gc_keeps_a_young_copy_no_snapshot_names_yet(storage: StorageTarget,
+                                                     tmp_path: Path) -> None:
+    """A machine recording a snapshot writes its copies first: within the grace period a
+    copy (and the blobs it names) stays even though no snapshot names it yet."""
+    from fsrepo.maintenance.gc import collect
+    from fsrepo.snapshots import copy_key, snapshot_key
+
+    async def main() -> None:
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
+            fs = EngineDriver(eng)
+            await fs.create("x.jpg", b"x" * 1000)
+            await eng.uploader.wait_idle()
+            snap = await eng.take_snapshot("s1")
+            await eng.store.delete(snapshot_key("s1"))  # as if its object were not yet written
+            await fs.unlink("x.jpg")
+            await eng.uploader.wait_idle()
+            c = await collect(eng.store, 1, dry_run=False)
+            assert c.deleted == 0 and c.snapshot_copies_deleted == 0
+            assert await eng.store.head(copy_key(snap.dirs["root"].sha)) is not None
+
+    trio.run(main)

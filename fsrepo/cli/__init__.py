@@ -58,6 +58,11 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.unmount:
         from .unmount import cmd_unmount
         return cmd_unmount(mountpoint)
+    if args.snapshot or args.snapshots:
+        from .snapshots import cmd_snapshot, cmd_snapshots
+        if args.snapshot:
+            return cmd_snapshot(mountpoint, args.paths)
+        return cmd_snapshots(mountpoint, as_json=args.json)
     if args.sync:
         from .sync import cmd_sync
         return cmd_sync(mountpoint, args.paths)

@@ -17,7 +17,8 @@ from .mount_options import MountOptions, parse_mount_options
 PROG = "imgrepo-mount"
 
 # The action flags: at most one per command (mount when none).
-ACTIONS = ("unmount", "sync", "status", "login", "logout", "verify", "gc", "salvage")
+ACTIONS = ("unmount", "sync", "status", "login", "logout", "verify", "gc", "salvage",
+           "snapshot", "snapshots")
 
 STORAGE_GROUP = "storage and cache (any command)"
 MOUNT_GROUP = "mount (the default action)"
@@ -31,6 +32,8 @@ examples:
   imgrepo-mount --status ~/photos                         what the mount is doing
   imgrepo-mount --sync ~/photos 2024                      keep ~/photos/2024 offline
   imgrepo-mount --unmount ~/photos                        upload everything, then unmount
+  imgrepo-mount --snapshot ~/photos before-cleanup        record the whole tree now
+  cp -a ~/photos/.snapshots/before-cleanup/2024/x.jpg ~/photos/2024/    get a file back
   imgrepo-mount --verify --storage s3://bucket/photos     check the repository
 
 With no configuration, the repository is a local folder under
@@ -91,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     sync = p.add_argument_group("sync")
     sync.add_argument("--sync", action="store_true",
                       help="action: prefetch every file (or PATHs) into the local cache")
+
+    snaps = p.add_argument_group("snapshots (read them under MOUNTPOINT/.snapshots/NAME)")
+    snaps.add_argument("--snapshot", action="store_true",
+                       help="action: MOUNTPOINT [NAME]: once this machine's changes are in "
+                            "the bucket, record the whole tree as a snapshot (NAME: the "
+                            "UTC time)")
+    snaps.add_argument("--snapshots", action="store_true",
+                       help="action: list the snapshots (rmdir MOUNTPOINT/.snapshots/NAME "
+                            "deletes one)")
 
     maint = p.add_argument_group("maintenance")
     maint.add_argument("--verify", action="store_true",

@@ -48,8 +48,10 @@ from typing import Any
 from ..errors import ObjectNotFound, PreconditionFailed
 from ..namespace import EMPTY_SHA
 from ..repository import blob_key, manifest_key
+from ..snapshots import copy_key
 from ..store.base import NOT_MODIFIED, Store, StoredObject
 from .blobtable import BlobTable
+from .snapshot_marks import list_copies, mark_snapshots, named_copies
 from .walk import PARALLEL, gather, list_blobs, list_manifests
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class Collection:
     kept_young: int = 0
     kept_young_bytes: int = 0
     rescued: int = 0  # referenced again between marking and sweeping
+    snapshot_copies_deleted: int = 0  # manifest copies only deleted snapshots named
     next_eligible: float | None = None
     deleted_shas: list[str] = field(default_factory=list)
 
@@ -128,6 +131,7 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     c.blobs, c.blob_bytes = len(blobs), blobs.total_bytes()
     etags: dict[str, str] = {}
     marks = await _read_marks(store, await list_manifests(store, None), etags, blobs)
+    snaps = await mark_snapshots(store, blobs, marks, now - grace)  # what snapshots keep
     # The empty blob is referenced from every machine's index of known blobs (every new
     # file starts empty): it costs nothing to keep, so it is never collected.
     unreferenced = [i for i in range(len(blobs)) if not marks[i]
@@ -153,6 +157,7 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     if deletable and not dry_run:
         # Anything that became referenced meanwhile (dedup on another machine) is kept.
         again = await _read_marks(store, await list_manifests(store, None), etags, blobs)
+        await mark_snapshots(store, blobs, again, now - grace, snaps)
         rescued = [sha for sha in deletable if again[blobs.find(sha)]]
         c.rescued = len(rescued)
         deletable = [sha for sha in deletable if not again[blobs.find(sha)]]
@@ -160,6 +165,7 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
             first_seen.pop(sha, None)
 
     if dry_run:
+        c.snapshot_copies_deleted = len(snaps.unnamed_older_than(now - grace))
         c.deleted = len(deletable)
         c.freed_bytes = sum(blobs.size(blobs.find(s)) for s in deletable)
         c.deleted_shas = deletable
@@ -176,9 +182,22 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     await gather(deletable, delete, PARALLEL)
     for sha in deletable:
         first_seen.pop(sha, None)
+    await _delete_unnamed_copies(store, now - grace, c)
     await _save_gc_state(store, first_seen, state_etag)
     c.deleted_shas.sort()
     return c
+
+
+async def _delete_unnamed_copies(store: Store, cutoff: float, c: Collection) -> None:
+    """The manifest copies no snapshot names, written before `cutoff`; listed and matched
+    against the snapshots again here, so a copy a snapshot just re-used (rewritten: its
+    time is new) or named is kept."""
+    named = await named_copies(store)
+    for sha, written in sorted((await list_copies(store)).items()):
+        if sha not in named and written < cutoff:
+            await store.delete(copy_key(sha))
+            c.snapshot_copies_deleted += 1
+            log.info("gc: deleted manifest copy %s (no snapshot names it)", sha)
 
 
 async def _save_gc_state(store: Store, first_seen: dict[str, float],

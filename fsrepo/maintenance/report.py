@@ -86,5 +86,8 @@ def run_gc(settings: Settings, dry_run: bool, grace_hours: float) -> int:
                      "deletes them if they are still unreferenced")
     if c.rescued:
         lines.append(f"kept {c.rescued} blobs that became referenced while gc ran")
+    if c.snapshot_copies_deleted:
+        lines.append(f"{verb} {c.snapshot_copies_deleted} folder copies that only deleted "
+                     "snapshots named")
     print("\n".join(("gc (dry run): " if dry_run else "gc: ") + line for line in lines))
     return 0
