@@ -292,3 +292,32 @@ def test_gc_keeps_a_young_copy_no_snapshot_names_yet(storage: StorageTarget,
             assert await eng.store.head(copy_key(snap.dirs["root"].sha)) is not None
 
     trio.run(main)
+
+
+def test_verify_checks_snapshots_and_counts_their_blobs_as_used(storage: StorageTarget,
+                                                                tmp_path: Path) -> None:
+    from fsrepo.maintenance.verify import verify
+    from fsrepo.repository import blob_key
+    from fsrepo.snapshots import copy_key
+
+    async def main() -> None:
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
+            fs = EngineDriver(eng)
+            await fs.mkdir("d")
+            await fs.create("d/x.jpg", b"snapshot only")
+            await eng.uploader.wait_idle()
+            snap = await eng.take_snapshot("s1")
+            await fs.unlink("d/x.jpg")
+            await eng.uploader.wait_idle()
+            v = await verify(eng.store)
+            assert v.snapshots == 1 and not v.problems
+            assert not [n for n in v.notes if n["kind"] == "unreferenced-blobs"]
+            await eng.store.delete(blob_key(hashlib.sha256(b"snapshot only").hexdigest()))
+            d_id = next(d for d in snap.dirs if d != "root")
+            await eng.store.delete(copy_key(snap.dirs["root"].sha))
+            v = await verify(eng.store)
+            kinds = sorted(p["kind"] for p in v.problems)
+            assert kinds == ["snapshot-blob", "snapshot-copy"], v.problems
+            assert any(p["dir_id"] == d_id and "x.jpg" in p["message"] for p in v.problems)
+
+    trio.run(main)

@@ -46,7 +46,8 @@ def run_verify(settings: Settings, data: bool, as_json: bool) -> int:
             print(f"note: {n['message']}")
         what = "checked" + (" and hashed" if data else "")
         print(f"{what} {v.directories} directories, {v.files} files ({human(v.file_bytes)}), "
-              f"{v.symlinks} symlinks, {v.blobs} blobs ({human(v.blob_bytes)}) in "
+              f"{v.symlinks} symlinks, {v.blobs} blobs ({human(v.blob_bytes)}), "
+              f"{v.snapshots} snapshots in "
               f"{settings.storage}: " +
               ("no problems found" if not v.problems else f"{len(v.problems)} problems found"))
     return 1 if v.problems else 0
