@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 
 from . import control, sdnotify
+from .auto_snapshots import CHECK_EVERY, AutoSnapshots
 from .config import Settings
 from .connectivity import GuardedStore
 from .engine import Engine
@@ -28,6 +29,7 @@ from .fs import KernelInvalidator
 from .head_watcher import HeadWatcher
 from .manifest import ROOT_ID
 from .snapshot_ops import SnapshotOperations
+from .snapshot_policy import AUTO_PREFIX, parse_policy
 from .snapshots import check_snapshot_name, default_name
 from .store import open_store
 from .store.base import Store
@@ -91,6 +93,9 @@ class Mount(Engine):
         self.fuse_options = frozenset(fuse_options) | ({"ro"} if read_only else set())
         self.ops = SnapshotOperations(self.ns, self.files, str(self.state_dir),
                                       mode.local_refusal, self.snapshot_tree)
+        policy = parse_policy(settings.auto_snapshots)
+        self.auto_snapshots = None if policy is None else AutoSnapshots(
+            self.snapshots, self.take_snapshot, policy, lambda: mode.refusal() is None)
         self.token_refresher: Any = None  # keeps a web-identity token valid, if one is used
         if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
             from .auth import TokenRefresher
@@ -197,6 +202,9 @@ class Mount(Engine):
         """--snapshot: this machine's pending changes land first (as --status --wait), then
         the bucket's tree is recorded."""
         check_snapshot_name(name)
+        if name.startswith(AUTO_PREFIX):
+            raise ImgrepoError(f"snapshot names starting with {AUTO_PREFIX} are for the "
+                               "automatic snapshots (which expire); choose another")
         why = self.mode.local_refusal()
         if why is not None:
             raise ImgrepoError(f"this mount does not write to the storage ({why}): "
@@ -246,6 +254,8 @@ class Mount(Engine):
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self.mode.run)
+                if self.auto_snapshots is not None:
+                    nursery.start_soon(self._auto_snapshots, self.auto_snapshots)
                 if self.token_refresher is not None:
                     nursery.start_soon(self.token_refresher.run)
                     nursery.start_soon(self._resume_after_login)
@@ -270,6 +280,11 @@ class Mount(Engine):
                          "the next mount", pending)
             else:
                 log.info("unmounted %s", self.mountpoint)
+
+    @staticmethod
+    async def _auto_snapshots(auto: AutoSnapshots) -> None:
+        await trio.sleep(CHECK_EVERY)  # the mount settles first (and short runs take none)
+        await auto.run()
 
     def _close_fuse(self) -> None:
         if getattr(self, "_fuse_closed", False):

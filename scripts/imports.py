@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("format and shared vocabulary", [
         "fsrepo", "fsrepo.manifest", "fsrepo.errors", "fsrepo.retry",
         "fsrepo.hashing", "fsrepo.units", "fsrepo.config", "fsrepo.logsetup", "fsrepo.processes",
-        "fsrepo.auth.redact", "fsrepo.sdnotify"]),
+        "fsrepo.auth.redact", "fsrepo.sdnotify", "fsrepo.snapshot_policy"]),
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
         "fsrepo.connectivity", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
@@ -35,7 +35,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
         "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.sync", "fsrepo.salvage",
-        "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge"]),
+        "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge",
+        "fsrepo.auto_snapshots"]),
     ("assembly", ["fsrepo.engine"]),
     ("FUSE and CLI", [
         "fsrepo.fs", "fsrepo.readonly", "fsrepo.snapshot_ops", "fsrepo.mount",

@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "systemd's own (_netdev, nofail, x-systemd.*, ...) are ignored")
     mount.add_argument("--read-only", action="store_true",
                        help="mount without ever writing (changes answer EROFS; no lease)")
+    mount.add_argument("--auto-snapshots", metavar="POLICY",
+                       help="automatic snapshots kept, e.g. hourly=24,daily=30,weekly=8,"
+                            "monthly=12,yearly=5, or off (default hourly=24,daily=30,"
+                            "monthly=12); any running mount takes each one once")
     mount.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground (systemd: Type=notify)")
     mount.add_argument("--log-file", help="log here as well")
@@ -182,6 +186,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "cache_size": args.cache_size,
         "refresh": args.refresh,
         "uploads": args.uploads,
+        "auto_snapshots": args.auto_snapshots,
         "issuer": args.issuer,
         "client_id": args.client_id,
         "role_arn": args.role_arn,
