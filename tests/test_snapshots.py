@@ -321,3 +321,84 @@ def test_verify_checks_snapshots_and_counts_their_blobs_as_used(storage: Storage
             assert any(p["dir_id"] == d_id and "x.jpg" in p["message"] for p in v.problems)
 
     trio.run(main)
+
+
+class Unplugged(Store):
+    """A store that can be cut off: while `plugged` is False it says it is offline and
+    every request fails, as the connectivity guard makes them."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner, self.url, self.plugged = inner, inner.url, True
+
+    @property
+    def online(self) -> bool:
+        return self.plugged
+
+    def _check(self) -> None:
+        if not self.plugged:
+            raise self.offline_error()
+
+    async def get(self, key, if_none_match=None):  # noqa: ANN001, ANN201
+        self._check()
+        return await self.inner.get(key, if_none_match)
+
+    async def get_range(self, key, start, end):  # noqa: ANN001, ANN201
+        self._check()
+        return await self.inner.get_range(key, start, end)
+
+    async def download(self, key, dest, start=0, on_chunk=None):  # noqa: ANN001, ANN201
+        self._check()
+        return await self.inner.download(key, dest, start, on_chunk)
+
+    async def put(self, key, data, *, if_match=None, if_none_match=False):  # noqa: ANN001, ANN201
+        self._check()
+        return await self.inner.put(key, data, if_match=if_match, if_none_match=if_none_match)
+
+    async def put_file(self, key, path, sha256_hex):  # noqa: ANN001, ANN201
+        self._check()
+        return await self.inner.put_file(key, path, sha256_hex)
+
+    async def head(self, key):  # noqa: ANN001, ANN201
+        self._check()
+        return await self.inner.head(key)
+
+    async def list(self, prefix):  # noqa: ANN001, ANN201
+        self._check()
+        async for info in self.inner.list(prefix):
+            yield info
+
+    async def delete(self, key):  # noqa: ANN001, ANN201
+        self._check()
+        return await self.inner.delete(key)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_snapshot_read_once_reads_again_offline(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/repo"
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "a") as eng:
+            fs = EngineDriver(eng)
+            await fs.mkdir("d")
+            await fs.create("d/x.jpg", b"kept offline")
+            await eng.uploader.wait_idle()
+            await eng.take_snapshot("s1")
+        plugs: list[Unplugged] = []
+
+        def wrap(inner: Store) -> Store:
+            plugs.append(Unplugged(inner))
+            return plugs[-1]
+
+        async with running_engine(url, None, tmp_path / "b", wrap_store=wrap) as eng:
+            tree = eng.snapshot_tree
+            expected = {b"d": None, b"d/x.jpg": b"kept offline"}
+            assert await snap_tree(tree, await snapshot_root(tree, "s1")) == expected
+        async with running_engine(url, None, tmp_path / "b", wrap_store=wrap) as eng:
+            plugs[-1].plugged = False  # a new process, offline: from the local copies
+            tree = eng.snapshot_tree
+            assert [n for n, _ in await tree.listing(TOP_INO)] == [b"s1"]
+            assert await snap_tree(tree, await snapshot_root(tree, "s1")) == expected
+
+    trio.run(main)
