@@ -27,6 +27,7 @@ from .manifest import DirEntry, FileEntry
 from .namespace import Namespace
 from .readonly import GatedOperations
 from .snapshot_views import TOP_INO, SnapNode, SnapshotTree, is_reserved
+from .snapshots import RESERVED_NAME
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class SnapshotOperations(GatedOperations):
         self.tree = tree
         self._snap_dirs: dict[int, tuple[int, list[tuple[bytes, Any]]]] = {}
         self._next_snap_dh = TOP_INO
+        self._warned = False  # about a live folder named .snapshots in the root
 
     def _snap_attrs(self, node: SnapNode) -> pyfuse3.EntryAttributes:
         entry = node.entry
@@ -126,8 +128,14 @@ class SnapshotOperations(GatedOperations):
             return self._next_snap_dh
         dh = await super().opendir(inode, ctx)
         if inode == ROOT_INO:  # reachable by its path, never listed
-            self._dir_handles[dh] = [(n, e) for n, e in self._dir_handles[dh]
-                                     if n != b".snapshots"]
+            listing = self._dir_handles[dh]
+            shown = [(n, e) for n, e in listing if not is_reserved(ROOT_INO, n)]
+            if len(shown) != len(listing) and not self._warned:
+                self._warned = True
+                log.warning("the root holds a folder named .snapshots (made before snapshots "
+                            "existed): hidden by the snapshots; rename it to see it "
+                            "(mv MNT/.snapshots MNT/other-name)")
+            self._dir_handles[dh] = shown
         return dh
 
     @_errno
@@ -195,10 +203,25 @@ class SnapshotOperations(GatedOperations):
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
-        if self.tree.owns(parent_inode_old) or is_reserved(parent_inode_old, name_old):
+        if self.tree.owns(parent_inode_old):
             raise pyfuse3.FUSEError(errno.EROFS)
         self._check_name(parent_inode_new, name_new)
+        if is_reserved(parent_inode_old, name_old):
+            if not await self._live_reserved():
+                raise pyfuse3.FUSEError(errno.EROFS)  # the snapshots themselves do not move
+            await super().rename(parent_inode_old, name_old, parent_inode_new, name_new,
+                                 flags, ctx)
+            # The kernel moved the name it knew, the snapshots' inode, to the new name:
+            # it must look the new name up again (and find the live folder there).
+            self.ns.invalidator.entry(parent_inode_new, name_new)
+            return
         await super().rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx)
+
+    async def _live_reserved(self) -> bool:
+        """Whether the live root holds an entry named .snapshots (made before snapshots
+        existed: it may be renamed out of the way)."""
+        view, _ = await self.ns.loaded_view(ROOT_INO)
+        return RESERVED_NAME in view.entries
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         self._check_name(new_parent_inode, new_name)

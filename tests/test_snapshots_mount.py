@@ -95,3 +95,30 @@ def test_bad_and_taken_names_are_refused_in_one_line(tmp_path: Path, mounter: Mo
     assert len(taken.stderr.strip().splitlines()) == 1
     default = run_cli(["--snapshot", str(m.path)], m.env).stdout
     assert "snapshot 20" in default
+
+
+def test_a_folder_named_snapshots_from_before_can_be_renamed_out_of_the_way(
+        tmp_path: Path, mounter: Mounter) -> None:
+    import trio
+
+    from .coreutil import EngineDriver, running_engine
+    url = f"file://{tmp_path}/repo"
+
+    async def before() -> None:  # a repository that already has it (no FUSE rules then)
+        async with running_engine(url, None, tmp_path / "old-cache") as eng:
+            await EngineDriver(eng).mkdir(".snapshots")
+            await EngineDriver(eng).create(".snapshots/mine.txt", b"mine")
+            await eng.uploader.wait_idle()
+
+    trio.run(before)
+    m = mounter(url)
+    assert os.listdir(m.path) == []
+    assert os.listdir(m.path / ".snapshots") == []  # the snapshots (none yet) shadow it
+    os.rename(m.path / ".snapshots", m.path / "old-snapshots")
+    assert (m.path / "old-snapshots" / "mine.txt").read_bytes() == b"mine"
+    assert os.listdir(m.path) == ["old-snapshots"]
+    with pytest.raises(OSError) as err:
+        os.rename(m.path / ".snapshots", m.path / "again")
+    assert err.value.errno == errno.EROFS
+    assert any("holds a folder named .snapshots" in line
+               for line in m.unexpected_log_lines())

@@ -14,6 +14,8 @@ from ..snapshots import check_snapshot_name
 from ..units import human
 from .progress import follow
 
+GIVE_UP_OFFLINE = 10.0  # seconds of unreachable storage before giving up
+
 
 def cmd_snapshot(mountpoint: Path, names: list[str]) -> int:
     if len(names) > 1:
@@ -21,7 +23,10 @@ def cmd_snapshot(mountpoint: Path, names: list[str]) -> int:
     cmd: dict[str, Any] = {"cmd": "snapshot"}
     if names:
         cmd["name"] = check_snapshot_name(names[0])
-    final = follow(mountpoint, cmd, "uploading first")
+    final = follow(mountpoint, cmd, "uploading first", give_up_offline=GIVE_UP_OFFLINE)
+    if final.get("gave_up"):
+        raise ImgrepoError("the storage is unreachable: no snapshot taken (it records what "
+                           "the bucket holds; try again when it answers)")
     print(f"snapshot {final['name']} taken ({final['dirs']} folders); "
           f"read it under {mountpoint}/.snapshots/{final['name']}")
     return 0
