@@ -37,12 +37,13 @@ class Retention:
 
 
 def parse_policy(text: str) -> Retention | None:
-    """'hourly=24,daily=30' -> Retention; 'off' -> None; anything else: one-line error."""
+    """'hourly=24,daily=30' -> Retention; 'off' -> None; anything else: one-line error.
+    '+' separates as ',' does (`-o` options are themselves separated by commas)."""
     text = text.strip().lower()
     if text in ("off", "none", "no", "0"):
         return None
     counts: dict[str, int] = {}
-    for part in text.split(","):
+    for part in re.split(r"[,+]", text):
         kind, _, number = part.strip().partition("=")
         if kind not in KINDS or not number.isdigit() or int(number) < 1 or kind in counts:
             raise ConfigError(f"bad automatic snapshot policy {text[:80]!r}: use e.g. "

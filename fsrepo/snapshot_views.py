@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -57,7 +58,8 @@ class SnapshotTree:
         self.snapshots = snapshots
         self.known_blobs = known_blobs
         self.reads = BlobReads(cache, invalidator)
-        top = SnapNode(TOP_INO, ROOT_INO, RESERVED_NAME, "", DirEntry(TOP_ID, 0, 0o555))
+        top = SnapNode(TOP_INO, ROOT_INO, RESERVED_NAME, "",
+                       DirEntry(TOP_ID, time.time_ns(), 0o555))
         self.nodes: dict[int, SnapNode] = {TOP_INO: top}
         self._by_key: dict[tuple[object, ...], int] = {}
         self._next_ino = TOP_INO + 1

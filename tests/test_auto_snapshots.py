@@ -34,6 +34,7 @@ def test_policy_parsing_and_names() -> None:
     assert policy is not None and str(policy) == DEFAULT_POLICY and policy.finest == "hourly"
     assert parse_policy("off") is None
     assert str(parse_policy("monthly=3, daily=7")) == "daily=7,monthly=3"
+    assert str(parse_policy("hourly=2+daily=3")) == "hourly=2,daily=3"  # the -o spelling
     for bad in ("hourly", "hourly=0", "minutely=5", "hourly=2,hourly=3", "daily=x"):
         with pytest.raises(ConfigError, match="bad automatic snapshot policy"):
             parse_policy(bad)

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--auto-snapshots", metavar="POLICY",
                        help="automatic snapshots kept, e.g. hourly=24,daily=30,weekly=8,"
                             "monthly=12,yearly=5, or off (default hourly=24,daily=30,"
-                            "monthly=12); any running mount takes each one once")
+                            "monthly=12; with -o, join them with +); any running mount "
+                            "takes each one once")
     mount.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground (systemd: Type=notify)")
     mount.add_argument("--log-file", help="log here as well")
