@@ -131,6 +131,8 @@ class Mount(Engine):
             "syncs_running": self.syncer.running,
             "log_file": str(self.state_dir / "imgrepo.log"),
             "credentials": self._credentials(),
+            "auto_snapshots": "off" if self.auto_snapshots is None else
+            str(self.auto_snapshots.policy),
         }
 
     def _credentials(self) -> dict[str, Any] | None:

@@ -85,6 +85,7 @@ def test_deleted_overwritten_and_renamed_come_back_from_snapshots(
 
 def test_bad_and_taken_names_are_refused_in_one_line(tmp_path: Path, mounter: Mounter) -> None:
     m = mounter(f"file://{tmp_path}/repo")
+    assert m.status()["auto_snapshots"] == "hourly=24,daily=30,monthly=12"
     (m.path / "f").write_bytes(b"1")
     bad = run_cli(["--snapshot", str(m.path), "../x"], m.env, check=False)
     assert bad.returncode != 0 and "bad snapshot name" in bad.stderr
@@ -95,6 +96,8 @@ def test_bad_and_taken_names_are_refused_in_one_line(tmp_path: Path, mounter: Mo
     assert len(taken.stderr.strip().splitlines()) == 1
     default = run_cli(["--snapshot", str(m.path)], m.env).stdout
     assert "snapshot 20" in default
+    auto = run_cli(["--snapshot", str(m.path), "auto-2026-01-01T0000Z"], m.env, check=False)
+    assert auto.returncode != 0 and "automatic snapshots" in auto.stderr
 
 
 def test_a_folder_named_snapshots_from_before_can_be_renamed_out_of_the_way(
