@@ -86,7 +86,10 @@ class SnapshotTree:
         ino = self._by_key.get(key)
         if ino is not None:
             node = self.nodes[ino]
-            if type(node.entry) is type(entry):
+            # A file keeps its inode only with the same content: the kernel keeps its pages
+            # (a snapshot deleted and taken again under its name may hold another version).
+            if node.entry == entry or (isinstance(entry, DirEntry)
+                                       and isinstance(node.entry, DirEntry)):
                 node.entry = entry
                 return node
         ino = self._next_ino

@@ -402,3 +402,26 @@ def test_a_snapshot_read_once_reads_again_offline(tmp_path: Path) -> None:
             assert await snap_tree(tree, await snapshot_root(tree, "s1")) == expected
 
     trio.run(main)
+
+
+def test_a_name_taken_again_shows_the_new_snapshot_under_new_inodes(tmp_path: Path) -> None:
+    """The kernel keeps a file's pages by inode: a snapshot deleted and taken again under
+    the same name must not show the old content through an inode it still holds."""
+    async def main() -> None:
+        async with running_engine(f"file://{tmp_path}/repo", None, tmp_path / "a") as eng:
+            fs = EngineDriver(eng)
+            await fs.create("f", b"version 1")
+            await eng.uploader.wait_idle()
+            await eng.take_snapshot("s")
+            tree = eng.snapshot_tree
+            held = await tree.lookup(await snapshot_root(tree, "s"), b"f")  # kernel holds it
+            await tree.delete(TOP_INO, b"s")
+            await fs.create("f.new", b"version 2!")
+            await fs.rename("f.new", "f")
+            await eng.uploader.wait_idle()
+            await eng.take_snapshot("s")
+            again = await tree.lookup(await snapshot_root(tree, "s"), b"f")
+            assert again.ino != held.ino
+            assert await snap_tree(tree, await snapshot_root(tree, "s")) == {b"f": b"version 2!"}
+
+    trio.run(main)
