@@ -74,6 +74,11 @@ class SnapshotOperations(GatedOperations):
         timeout = TOP_TIMEOUT if node.ino == TOP_INO or node.parent == TOP_INO \
             else ATTR_TIMEOUT
         a.entry_timeout = a.attr_timeout = timeout
+        if node.ino == TOP_INO:
+            # Looked up again at every path walk (in memory, no request): after a live
+            # folder named .snapshots is renamed away, its new name must not keep pointing
+            # at the snapshots however late the kernel's invalidation arrives.
+            a.entry_timeout = 0
         a.st_uid, a.st_gid = self.files.uid, self.files.gid
         a.st_blksize = BLKSIZE
         a.st_nlink = 1

@@ -4,6 +4,7 @@ cost counted at the store, names, deletion, and that a copy back uploads nothing
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -287,9 +288,17 @@ def test_gc_keeps_a_young_copy_no_snapshot_names_yet(storage: StorageTarget,
             await eng.store.delete(snapshot_key("s1"))  # as if its object were not yet written
             await fs.unlink("x.jpg")
             await eng.uploader.wait_idle()
-            c = await collect(eng.store, 1, dry_run=False)
+            now = time.time()
+            c = await collect(eng.store, 1, dry_run=False, now=now)
             assert c.deleted == 0 and c.snapshot_copies_deleted == 0
             assert await eng.store.head(copy_key(snap.dirs["root"].sha)) is not None
+            # Two hours on, found unnamed an hour ago at least: the copy goes; the blob
+            # only it named is found unreferenced now, and goes an hour after that.
+            c = await collect(eng.store, 1, dry_run=False, now=now + 2 * 3600)
+            assert c.snapshot_copies_deleted == len(snap.dirs) and c.deleted == 0
+            assert await eng.store.head(copy_key(snap.dirs["root"].sha)) is None
+            c = await collect(eng.store, 1, dry_run=False, now=now + 4 * 3600)
+            assert c.deleted_shas == [hashlib.sha256(b"x" * 1000).hexdigest()]
 
     trio.run(main)
 

@@ -20,6 +20,9 @@ Deletes blobs that no manifest references. Why it is safe while other machines w
   deleted everywhere and imported again an hour later makes its old blob referenced
   again, and the second gc run sees that. The first-seen times live in the bucket, in
   `gc/state.json`, so any machine's gc continues where another left off;
+- snapshots keep what they name: every blob named by a manifest copy a snapshot names
+  (or by a copy still within its own grace period) counts as referenced, and copies no
+  snapshot names go by the same two-sided grace rule (snapshot_marks.py);
 - just before deleting, every manifest is read again (conditional GETs: unchanged ones
   cost almost nothing) and anything referenced by then is kept.
 
@@ -48,10 +51,9 @@ from typing import Any
 from ..errors import ObjectNotFound, PreconditionFailed
 from ..namespace import EMPTY_SHA
 from ..repository import blob_key, manifest_key
-from ..snapshots import copy_key
 from ..store.base import NOT_MODIFIED, Store, StoredObject
 from .blobtable import BlobTable
-from .snapshot_marks import list_copies, mark_snapshots, named_copies
+from .snapshot_marks import CopyGrace, mark_snapshots, sweep_copies
 from .walk import PARALLEL, gather, list_blobs, list_manifests
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,9 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     c.blobs, c.blob_bytes = len(blobs), blobs.total_bytes()
     etags: dict[str, str] = {}
     marks = await _read_marks(store, await list_manifests(store, None), etags, blobs)
-    snaps = await mark_snapshots(store, blobs, marks, now - grace)  # what snapshots keep
+    state, state_etag = await _load_gc_state(store)
+    copy_grace = CopyGrace(state, now, grace)
+    snaps = await mark_snapshots(store, blobs, marks, copy_grace)  # what snapshots keep
     # The empty blob is referenced from every machine's index of known blobs (every new
     # file starts empty): it costs nothing to keep, so it is never collected.
     unreferenced = [i for i in range(len(blobs)) if not marks[i]
@@ -140,7 +144,6 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     c.unreferenced = len(unreferenced)
     c.unreferenced_bytes = sum(blobs.size(i) for i in unreferenced)
 
-    state, state_etag = await _load_gc_state(store)
     first_seen = {blobs.sha(i): min(state.get(blobs.sha(i), now), now) for i in unreferenced}
     deletable: list[str] = []
     for index in unreferenced:
@@ -157,7 +160,7 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     if deletable and not dry_run:
         # Anything that became referenced meanwhile (dedup on another machine) is kept.
         again = await _read_marks(store, await list_manifests(store, None), etags, blobs)
-        await mark_snapshots(store, blobs, again, now - grace, snaps)
+        await mark_snapshots(store, blobs, again, copy_grace, snaps)
         rescued = [sha for sha in deletable if again[blobs.find(sha)]]
         c.rescued = len(rescued)
         deletable = [sha for sha in deletable if not again[blobs.find(sha)]]
@@ -165,7 +168,7 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
             first_seen.pop(sha, None)
 
     if dry_run:
-        c.snapshot_copies_deleted = len(snaps.unnamed_older_than(now - grace))
+        c.snapshot_copies_deleted = (await sweep_copies(store, copy_grace, True))[0]
         c.deleted = len(deletable)
         c.freed_bytes = sum(blobs.size(blobs.find(s)) for s in deletable)
         c.deleted_shas = deletable
@@ -182,22 +185,11 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     await gather(deletable, delete, PARALLEL)
     for sha in deletable:
         first_seen.pop(sha, None)
-    await _delete_unnamed_copies(store, now - grace, c)
+    c.snapshot_copies_deleted, unnamed = await sweep_copies(store, copy_grace, False)
+    first_seen.update(unnamed)
     await _save_gc_state(store, first_seen, state_etag)
     c.deleted_shas.sort()
     return c
-
-
-async def _delete_unnamed_copies(store: Store, cutoff: float, c: Collection) -> None:
-    """The manifest copies no snapshot names, written before `cutoff`; listed and matched
-    against the snapshots again here, so a copy a snapshot just re-used (rewritten: its
-    time is new) or named is kept."""
-    named = await named_copies(store)
-    for sha, written in sorted((await list_copies(store)).items()):
-        if sha not in named and written < cutoff:
-            await store.delete(copy_key(sha))
-            c.snapshot_copies_deleted += 1
-            log.info("gc: deleted manifest copy %s (no snapshot names it)", sha)
 
 
 async def _save_gc_state(store: Store, first_seen: dict[str, float],

@@ -3,13 +3,17 @@ copies name, and the copies no snapshot names any more (deleted or expired snaps
 
 As for manifests, marking is blunt: every 64-hex string in a snapshot object names a copy
 and every one in a copy names a blob, so a damaged or newer-format one loses nothing. A
-copy that no snapshot names is kept (and its blobs with it) until it is older than the
-grace period: a machine recording a snapshot writes its copies before the snapshot object
-that names them, and rewrites an old copy it reuses so that its time is new.
+copy that no snapshot names is kept (and its blobs with it) until it was both written and
+first found unnamed (by any gc run: the time lives in gc/state.json, as the blobs' do)
+longer ago than the grace period. That covers a machine recording a snapshot meanwhile: it
+writes new copies before the snapshot object that names them (their time is new), and the
+copies it reuses from the previous snapshot are named by that one, or were found unnamed
+only now if that snapshot was deleted meanwhile.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -19,6 +23,9 @@ from ..store.base import Store, StoredObject
 from .blobtable import BlobTable
 from .walk import PARALLEL, gather
 
+log = logging.getLogger(__name__)
+
+COPY_MARK = "copy:"  # the prefix of a copy's first-seen time in gc/state.json
 _HEX64 = re.compile(rb"[0-9a-f]{64}")
 _COPY_KEY = re.compile(r"^snapshot-dirs/([0-9a-f]{2})/([0-9a-f]{64})\.json$")
 
@@ -31,9 +38,18 @@ class SnapshotMarks:
     named: set[str] = field(default_factory=set)
     read: set[str] = field(default_factory=set)
 
-    def unnamed_older_than(self, cutoff: float) -> list[str]:
-        """Copies no snapshot names, written before `cutoff`: deletable."""
-        return sorted(s for s, t in self.copies.items() if s not in self.named and t < cutoff)
+
+class CopyGrace:
+    """Whether an unnamed copy is still within its grace period (see the docstring)."""
+
+    def __init__(self, gc_state: dict[str, float], now: float, grace: float) -> None:
+        self.gc_state, self.now, self.grace = gc_state, now, grace
+
+    def first_seen(self, sha: str) -> float:
+        return min(self.gc_state.get(COPY_MARK + sha, self.now), self.now)
+
+    def keeps(self, sha: str, written: float) -> bool:
+        return max(written, self.first_seen(sha)) + self.grace > self.now
 
 
 async def list_copies(store: Store) -> dict[str, float]:
@@ -79,7 +95,7 @@ async def mark_from_copies(store: Store, shas: set[str], blobs: BlobTable,
     await gather(sorted(shas), one, PARALLEL)
 
 
-async def mark_snapshots(store: Store, blobs: BlobTable, marks: bytearray, cutoff: float,
+async def mark_snapshots(store: Store, blobs: BlobTable, marks: bytearray, grace: CopyGrace,
                          state: SnapshotMarks | None = None) -> SnapshotMarks:
     """Mark the blobs that snapshots keep (and the young copies no snapshot names yet).
     Called again with its `state` just before deleting: only copies not read yet are read,
@@ -87,7 +103,28 @@ async def mark_snapshots(store: Store, blobs: BlobTable, marks: bytearray, cutof
     if state is None:
         state = SnapshotMarks(copies=await list_copies(store))
     state.named |= await named_copies(store)
-    kept = state.named | {s for s, t in state.copies.items() if t >= cutoff}
+    kept = state.named | {s for s, t in state.copies.items() if grace.keeps(s, t)}
     await mark_from_copies(store, kept - state.read, blobs, marks)
     state.read |= kept
     return state
+
+
+async def sweep_copies(store: Store, grace: CopyGrace, dry_run: bool
+                       ) -> tuple[int, dict[str, float]]:
+    """Delete the copies no snapshot names whose grace period is over (listed and matched
+    against the snapshots again here: one named or rewritten meanwhile stays). Returns how
+    many (would) go and the first-seen times of the unnamed ones kept, for gc/state.json."""
+    named = await named_copies(store)
+    kept: dict[str, float] = {}
+    deleted = 0
+    for sha, written in sorted((await list_copies(store)).items()):
+        if sha in named:
+            continue
+        if grace.keeps(sha, written):
+            kept[COPY_MARK + sha] = grace.first_seen(sha)
+            continue
+        if not dry_run:
+            await store.delete(copy_key(sha))
+            log.info("gc: deleted manifest copy %s (no snapshot names it)", sha)
+        deleted += 1
+    return deleted, kept
