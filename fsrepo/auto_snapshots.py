@@ -5,8 +5,9 @@ Once a period, a mount that may write asks whether the period's snapshot exists 
 HEAD) and, if not, records it; the snapshot object is created with If-None-Match, so of
 two machines recording the same period at once one succeeds and the other's attempt
 changes nothing. On servers without conditional writes only the lease holder writes at
-all, so only it takes them. After taking one, it deletes the automatic snapshots the
-policy no longer keeps (their copies and blobs go at the next --gc).
+all, so only it takes them. A period in which nothing changed gets none (the newest
+snapshot holds that tree already). After taking one, it deletes the automatic snapshots
+the policy no longer keeps (their copies and blobs go through --gc).
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ class AutoSnapshots:
             self.done = name  # another machine took it
             return None
         try:
-            await self.take(name, self.policy.finest)
+            taken = await self.take(name, self.policy.finest)
         except PreconditionFailed:
             self.done = name  # another machine took it at the same moment
             return None
         self.done = name
+        if taken is None:
+            log.info("automatic snapshot %s not taken: nothing changed since the last", name)
+            return None
         log.info("automatic snapshot %s taken", name)
         await self.expire()
         return name

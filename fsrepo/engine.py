@@ -140,9 +140,12 @@ class Engine:
         row = await self.db.run(self.db.state.load_manifest, dir_id)
         return row[1] if row is not None and row[0] == etag else None
 
-    async def take_snapshot(self, name: str, period: str | None = None) -> Snapshot:
-        """Record a snapshot of the bucket (call it once this machine's changes landed)."""
-        return await self.snapshots.record(name, self.cached_manifest, period)
+    async def take_snapshot(self, name: str, period: str | None = None) -> Snapshot | None:
+        """Record a snapshot of the bucket (call it once this machine's changes landed).
+        An automatic one (`period`) is not taken (None) if the newest snapshot holds the
+        same tree: an idle repository costs a listing per period, not a snapshot."""
+        return await self.snapshots.record(name, self.cached_manifest, period,
+                                           skip_unchanged=period is not None)
 
     async def snapshot_rows(self) -> list[dict[str, Any]]:
         """Every snapshot with what differs from the current tree (None offline)."""

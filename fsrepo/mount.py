@@ -216,6 +216,7 @@ class Mount(Engine):
             snap = await self.take_snapshot(name)
         except PreconditionFailed:
             raise ImgrepoError(f"a snapshot named {name} exists already") from None
+        assert snap is not None  # (only automatic ones are skipped when nothing changed)
         return {"name": snap.name, "created": snap.created, "dirs": len(snap.dirs)}
 
     # -- running --------------------------------------------------------------------------

@@ -252,11 +252,13 @@ class Snapshots:
 
     # -- recording ------------------------------------------------------------------------
     async def record(self, name: str, cached: ManifestSource, period: str | None = None,
-                     now: float | None = None) -> Snapshot:
+                     now: float | None = None, skip_unchanged: bool = False
+                     ) -> Snapshot | None:
         """Record the repository as the bucket holds it now under `name` (see the module's
         docstring for the cost). `cached(dir_id, etag)`: this machine's copy of a manifest
         if it is that version (None: read it from the bucket). PreconditionFailed if the
-        name is taken."""
+        name is taken. `skip_unchanged`: None, and nothing written, when the newest
+        snapshot already holds exactly this tree."""
         check_snapshot_name(name)
         previous = await self._latest()
         listing: dict[str, str] = {}
@@ -289,6 +291,8 @@ class Snapshots:
                 self._keep("dirs", sha, data)
                 reused.add(sha)
             snap.dirs[dir_id] = DirRecord(sha, token)
+        if skip_unchanged and previous is not None and snap.dirs == previous.dirs:
+            return None
         body = serialise_snapshot(snap)
         await self.store.put(snapshot_key(name), body, if_none_match=True)
         self._keep("named", name, body)

@@ -80,8 +80,11 @@ def test_expiry_follows_the_policy_with_a_simulated_clock(storage: StorageTarget
             auto = AutoSnapshots(eng.snapshots, eng.take_snapshot, policy, lambda: True,
                                  clock=lambda: now[0])
             taken = []
-            for minutes in (0, 20, 60, 60, 60, 60):  # 22:10 22:30 23:30 00:30 01:30 02:30
+            fs = EngineDriver(eng)
+            for i, minutes in enumerate((0, 20, 60, 60, 60, 60)):  # 22:10 22:30 23:30 ...
                 now[0] += minutes * 60
+                await fs.create(f"g{i}", b"a change each time")
+                await eng.uploader.wait_idle()
                 name = await auto.tick()
                 if name:
                     taken.append(name)
@@ -126,5 +129,29 @@ def test_two_machines_at_the_same_period_produce_one(storage: StorageTarget,
             assert names == ["auto-2026-12-05T1400Z"]
             snap = await two.snapshots.load(names[0])
             assert snap.period == "hourly"
+
+    trio.run(main)
+
+
+def test_a_period_without_changes_gets_no_snapshot(tmp_path: Path) -> None:
+    policy = parse_policy("hourly=24")
+    assert policy is not None
+    now = [at(2026, 12, 5, 14, 1)]
+
+    async def main() -> None:
+        async with running_engine(f"file://{tmp_path}/repo", None, tmp_path / "a") as eng:
+            await EngineDriver(eng).create("f", b"1")
+            await eng.uploader.wait_idle()
+            auto = AutoSnapshots(eng.snapshots, eng.take_snapshot, policy, lambda: True,
+                                 clock=lambda: now[0])
+            assert await auto.tick() == "auto-2026-12-05T1400Z"
+            now[0] += 3600
+            assert await auto.tick() is None  # 15:00: nothing changed
+            await EngineDriver(eng).create("g", b"2")
+            await eng.uploader.wait_idle()
+            now[0] += 3600
+            assert await auto.tick() == "auto-2026-12-05T1600Z"
+            names = [s.name for s in await eng.snapshots.names()]
+            assert names == ["auto-2026-12-05T1400Z", "auto-2026-12-05T1600Z"]
 
     trio.run(main)
