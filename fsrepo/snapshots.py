@@ -147,6 +147,8 @@ class Snapshots:
 
     # -- local copies ---------------------------------------------------------------------
     def _local(self, kind: str, name: str) -> Path:
+        if kind == "dirs":  # many: sharded as in the bucket
+            return self.cache_dir / kind / name[:2] / name
         return self.cache_dir / kind / name
 
     def _keep(self, kind: str, name: str, data: bytes) -> None:

@@ -230,7 +230,8 @@ def test_snapshot_content_is_kept_locally_and_checked(storage: StorageTarget,
             await EngineDriver(eng).create("f", b"1")
             await eng.uploader.wait_idle()
             snap = await eng.take_snapshot("s")
-            copy = eng.snapshots.cache_dir / "dirs" / snap.dirs["root"].sha
+            sha = snap.dirs["root"].sha
+            copy = eng.snapshots.cache_dir / "dirs" / sha[:2] / sha
             assert hashlib.sha256(copy.read_bytes()).hexdigest() == snap.dirs["root"].sha
 
     trio.run(main)
