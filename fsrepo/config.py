@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .snapshot_policy import DEFAULT_POLICY, parse_policy
 
 DEFAULT_CACHE_SIZE = 10 * 1024**3
 DEFAULT_REFRESH = 10.0
@@ -109,6 +110,7 @@ class Settings:
     refresh: float = DEFAULT_REFRESH
     uploads: int = 8
     view_cache_entries: int = 200_000  # directory entries kept in memory (~0.4 KiB each)
+    auto_snapshots: str = DEFAULT_POLICY  # snapshot_policy.py: kinds=counts, or "off"
     # login (OIDC device flow + STS web identity)
     issuer: str | None = None
     client_id: str | None = None
@@ -247,6 +249,9 @@ def load_settings(flags: dict[str, Any] | None = None, config_file: Path | None 
             merged["refresh"] = float(merged["refresh"])
             if merged["refresh"] <= 0:
                 raise ConfigError("--refresh must be a positive number of seconds")
+        if "auto_snapshots" in merged:
+            merged["auto_snapshots"] = str(merged["auto_snapshots"])
+            parse_policy(merged["auto_snapshots"])  # refused now, in one line, if bad
         if "uploads" in merged:
             merged["uploads"] = int(merged["uploads"])
             if merged["uploads"] < 1:

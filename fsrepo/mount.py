@@ -22,18 +22,21 @@ import pyfuse3
 import trio
 
 from . import control, sdnotify
+from .auto_snapshots import CHECK_EVERY, AutoSnapshots
 from .config import Settings
 from .connectivity import GuardedStore
 from .endpoint_check import not_s3_reason
 from .engine import Engine
-from .errors import FsError, ImgrepoError, ObjectNotFound
+from .errors import FsError, ImgrepoError, ObjectNotFound, PreconditionFailed
 from .fs import KernelInvalidator
 from .head_watcher import HeadWatcher
 from .maintenance.duplicates import duplicate_groups, files_under
 from .manifest import ROOT_ID
 from .paths import entry_path
 from .pending_list import pending_files
-from .readonly import GatedOperations
+from .snapshot_ops import SnapshotOperations
+from .snapshot_policy import AUTO_PREFIX, parse_policy
+from .snapshots import check_snapshot_name, default_name
 from .store import open_store
 from .store.base import Store
 from .upload_log import final_line, log_uploads
@@ -119,8 +122,11 @@ class Mount(Engine):
         self.mountpoint = mountpoint
         # The kernel refuses changes to a read-only mount itself (EROFS), as `mount` shows.
         self.fuse_options = frozenset(fuse_options) | ({"ro"} if read_only else set())
-        self.ops = GatedOperations(self.ns, self.files, str(self.state_dir),
-                                   mode.local_refusal)
+        self.ops = SnapshotOperations(self.ns, self.files, str(self.state_dir),
+                                      mode.local_refusal, self.snapshot_tree)
+        policy = parse_policy(settings.auto_snapshots)
+        self.auto_snapshots = None if policy is None else AutoSnapshots(
+            self.snapshots, self.take_snapshot, policy, lambda: mode.refusal() is None)
         self.token_refresher: Any = None  # keeps a web-identity token valid, if one is used
         if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
             from .auth import TokenRefresher
@@ -161,6 +167,8 @@ class Mount(Engine):
             "syncs_running": self.syncer.running,
             "log_file": str(self.state_dir / "imgrepo.log"),
             "credentials": self._credentials(),
+            "auto_snapshots": "off" if self.auto_snapshots is None else
+            str(self.auto_snapshots.policy),
         }
 
     def _current_error(self) -> dict[str, Any]:
@@ -233,6 +241,11 @@ class Mount(Engine):
                 self.uploader.kick()
                 with trio.move_on_after(0.25):
                     await self.uploader.progressed.wait()
+        if cmd == "snapshot":
+            return await self._snapshot(str(req.get("name") or default_name(time.time())),
+                                        send)
+        if cmd == "snapshots":
+            return {"snapshots": await self.snapshot_rows()}
         if cmd == "sync":
             return await self.syncer.run(req.get("paths") or [], send,
                                          parallel=int(req.get("parallel", 8)))
@@ -267,6 +280,24 @@ class Mount(Engine):
         groups = duplicate_groups(found)
         return {"path": "/" + relpath.strip("/"), "files": len(found), "folders": counts[0],
                 "groups": groups, "saved": sum(g["saved"] for g in groups)}
+    async def _snapshot(self, name: str, send: Any) -> dict[str, Any]:
+        """--snapshot: this machine's pending changes land first (as --status --wait), then
+        the bucket's tree is recorded."""
+        check_snapshot_name(name)
+        if name.startswith(AUTO_PREFIX):
+            raise ImgrepoError(f"snapshot names starting with {AUTO_PREFIX} are for the "
+                               "automatic snapshots (which expire); choose another")
+        why = self.mode.local_refusal()
+        if why is not None:
+            raise ImgrepoError(f"this mount does not write to the storage ({why}): "
+                               "no snapshot taken")
+        await self.handle({"cmd": "wait"}, send)
+        try:
+            snap = await self.take_snapshot(name)
+        except PreconditionFailed:
+            raise ImgrepoError(f"a snapshot named {name} exists already") from None
+        assert snap is not None  # (only automatic ones are skipped when nothing changed)
+        return {"name": snap.name, "created": snap.created, "dirs": len(snap.dirs)}
 
     # -- running --------------------------------------------------------------------------
     async def run(self, ready: Any = None) -> None:
@@ -308,6 +339,8 @@ class Mount(Engine):
                                    self.uploader.pending_summary)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self.mode.run)
+                if self.auto_snapshots is not None:
+                    nursery.start_soon(self._auto_snapshots, self.auto_snapshots)
                 if self.token_refresher is not None:
                     nursery.start_soon(self.token_refresher.run)
                     nursery.start_soon(self._resume_after_login)
@@ -335,6 +368,11 @@ class Mount(Engine):
                          "the next mount", pending)
             else:
                 log.info("unmounted %s", self.mountpoint)
+
+    @staticmethod
+    async def _auto_snapshots(auto: AutoSnapshots) -> None:
+        await trio.sleep(CHECK_EVERY)  # the mount settles first (and short runs take none)
+        await auto.run()
 
     def _close_fuse(self) -> None:
         if getattr(self, "_fuse_closed", False):

@@ -1,14 +1,19 @@
-"""The repository format in the store (format version 2): where things live, the descriptor.
+"""The repository format in the store (format version 3): where things live, the descriptor.
 
     imgrepo.json                    descriptor: format, version, hash, created, repo_id
     blobs/sha256/<h[0:2]>/<h>       file contents, immutable, named by their SHA-256
     dirs/<dir-id>.json              one manifest per directory; the root's id is "root"
     heads/<writer-id>.json          each writer's record of the directories it changed
     heads-touched.json              rewritten after every head write (see heads.py)
+    snapshots/, snapshot-dirs/      snapshots and the manifest copies they name (snapshots.py)
 
 Version 2 added the heads: a mount of version 1 does not write them, so other machines would
 not see its changes; it refuses a version-2 repository ("upgrade imgrepo"). A writable mount
 of this version upgrades a version-1 repository in place when it opens it.
+
+Version 3 added snapshots: a version-2 imgrepo's --gc would delete blobs that only a
+snapshot still names, so it refuses a version-3 repository; a writable mount upgrades a
+version-2 one in place (the change is additive: nothing else moves).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ log = logging.getLogger(__name__)
 
 DESCRIPTOR_KEY = "imgrepo.json"
 FORMAT_NAME = "imgrepo"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADS_VERSION = 2  # the first format whose writers all write change records
 
 

@@ -66,6 +66,11 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.duplicates:
         from .duplicates import cmd_duplicates
         return cmd_duplicates(mountpoint, args.paths, args.json)
+    if args.snapshot or args.snapshots:
+        from .snapshots import cmd_snapshot, cmd_snapshots
+        if args.snapshot:
+            return cmd_snapshot(mountpoint, args.paths)
+        return cmd_snapshots(mountpoint, as_json=args.json)
     if args.sync:
         from .sync import cmd_sync
         return cmd_sync(mountpoint, args.paths)

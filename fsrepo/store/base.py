@@ -54,6 +54,7 @@ class ObjectInfo:
     key: str
     size: int
     mtime: float  # seconds since the epoch, when the object was last written
+    etag: str | None = None  # when the listing gives it (S3 does; it is the GET's etag)
 
 
 class NotModified:

@@ -274,6 +274,7 @@ class S3Store(Store):
                     key=obj["Key"][strip:],
                     size=int(obj["Size"]),
                     mtime=obj["LastModified"].timestamp(),
+                    etag=obj.get("ETag"),
                 )
             if not page.get("IsTruncated"):
                 return
