@@ -83,8 +83,8 @@ class ManifestCommitter:
         return await self.read_full(dir_id)
 
     async def commit(self, dir_id: str, batch: list[PendingOp]) -> int:
-        """Write `batch` into the directory's manifest; returns how many names conflicted
-        (kept under another name)."""
+        """Write `batch` into the directory's manifest; returns how many conflict copies it
+        made (names kept under another name), each also in `conflict_copies`."""
         self._in_flight.add(dir_id)
         try:
             return await self._commit(dir_id, batch)
@@ -152,11 +152,13 @@ class ManifestCommitter:
             for removed_id, removal in marked.items():
                 await self._retire_removed(removed_id, removal)
             return 0
+        copies = 0
         for name, where in diverted.items():
             path, copy = entry_path(self.ns.inodes, dir_id, name), \
                 entry_path(self.ns.inodes, dir_id, where)
             if (path, copy) not in self.conflict_copies:
                 self.conflict_copies.append((path, copy))
+                copies += 1
             log.warning("conflict: %s was changed on another machine too; this machine's "
                         "version is kept as %s", path, copy)
         seqs = [p.seq for p in batch]
@@ -167,7 +169,7 @@ class ManifestCommitter:
         if gone:
             await self._keep_alive_where(dir_id, known)
         await self._retire_removed_dirs(marked, entries)
-        return len(diverted)
+        return copies
 
     def _adds_to(self, dir_id: str, remote: dict[bytes, Entry]) -> bool:
         """Whether this machine's pending ops, all of them (not only the batch being

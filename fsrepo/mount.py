@@ -148,8 +148,7 @@ class Mount(Engine):
             "uploads_in_flight": len(up.uploads_in_flight),
             "uploaded_files": up.uploaded_blobs,
             "uploaded_bytes": up.uploaded_bytes,
-            # (the copies are recorded where the merge makes them, whichever path it took)
-            "conflicts": max(up.conflicts, len(copies)),
+            "conflicts": up.conflicts,
             "conflict_copies": [{"path": path, "copy": copy} for path, copy in copies],
             **self._current_error(),
             "last_success_at": max(up.last_success_at or 0.0,

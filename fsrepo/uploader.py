@@ -208,7 +208,10 @@ class Uploader:
 
     async def _commit(self, dir_id: str, batch: list[PendingOp]) -> None:
         try:
-            self.status.conflicts += await self.manifests.commit(dir_id, batch)
+            # (awaited first: `status.conflicts += await ...` would read the counter before
+            # the await and write back over the copies other folders' commits counted)
+            copies = await self.manifests.commit(dir_id, batch)
+            self.status.conflicts += copies
             self.heads.committed()
             self.retries.succeeded("dir:" + dir_id)
             self.status.commits += 1

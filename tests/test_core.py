@@ -403,6 +403,50 @@ def test_412_merges_both_engines_changes(backend, tmp_path):
                    for s in backend.proxy.requests)
 
 
+@pytest.mark.expected_logs(r"conflict: /both\.txt was changed on another machine",
+                           reason="both engines write both.txt on purpose")
+def test_a_conflict_is_counted_while_another_folder_commits(backend, tmp_path):
+    """The conflict counter adds what a commit returns once it has returned: a commit of
+    another folder that started earlier and ends later must not write back its older
+    figure over the copy counted meanwhile (--status showed 0 conflicts and one copy)."""
+
+    async def main():
+        async with engine(backend, tmp_path / "setup") as eng:
+            await makedirs(eng, "album")
+            await eng.uploader.wait_idle()
+        async with engine(backend, tmp_path / "a", upload=False, host="hostA") as a, \
+                engine(backend, tmp_path / "b", upload=False, host="hostB") as b:
+            await list_dir(b)  # B's view of the root is from before A's write
+            await write_file(a, "both.txt", b"A")
+            start_uploader(a)
+            await a.uploader.wait_idle()
+            await write_file(b, "both.txt", b"B")
+            await write_file(b, "album/photo.jpg", b"photo")
+            album = (await resolve(b, "album"))[1].id
+            commit = b.uploader.manifests.commit
+            album_started, root_done = trio.Event(), trio.Event()
+
+            async def ordered(dir_id, batch):  # album's commit spans root's
+                if dir_id == album:
+                    album_started.set()
+                    await root_done.wait()
+                    return await commit(dir_id, batch)
+                await album_started.wait()
+                try:
+                    return await commit(dir_id, batch)
+                finally:
+                    root_done.set()
+
+            b.uploader.manifests.commit = ordered
+            start_uploader(b)
+            with trio.fail_after(120):
+                await b.uploader.wait_idle()
+            assert b.uploader.status.conflicts == 1
+            assert len(b.uploader.manifests.conflict_copies) == 1
+            assert b"photo.jpg" in await list_dir(b, "album")
+    trio.run(main)
+
+
 # -- crash -------------------------------------------------------------------------------------------
 def test_killed_after_acknowledging_a_new_process_finishes_the_upload(backend, tmp_path,
                                                                      workers):
