@@ -8,35 +8,56 @@ changes nothing. On servers without conditional writes only the lease holder wri
 all, so only it takes them. A period in which nothing changed gets none (the newest
 snapshot holds that tree already). After taking one, it deletes the automatic snapshots
 the policy no longer keeps (their copies and blobs go through --gc).
+
+Whether anything changed is known without a request once the mount has checked: the change
+records' touch object (as the head watcher last read it, every --refresh) and this mount's
+own commits. While both stay what they were when the newest snapshot was known to hold the
+tree, a period costs nothing; otherwise its check costs a HEAD, a LIST of snapshots/ and a
+LIST of dirs/ (plus what recording changed folders costs).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 
 import trio
 
 from .errors import ImgrepoError, PreconditionFailed
+from .head_watcher import TOUCH_ETAG
 from .snapshot_policy import Retention, auto_name, auto_time, kept
 from .snapshots import Snapshots, snapshot_key
+from .state import StateDB
 
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 60.0  # seconds between looks at the clock
 
+ChangesSeen = Callable[[], Awaitable[Hashable | None]]
+
+
+async def changes_seen(db: StateDB, commits: Callable[[], int]) -> tuple[str, int] | None:
+    """What this mount knows of the repository's changes, from local state only: the touch
+    object's etag as the head watcher last read it, and this mount's commits. None: no
+    change record read yet (it cannot tell)."""
+    touched = await db.run(db.state.get_meta, TOUCH_ETAG)
+    return None if touched is None else (touched, commits())
+
 
 class AutoSnapshots:
     def __init__(self, snapshots: Snapshots, take: Callable[[str, str], Awaitable[object]],
                  policy: Retention, may_write: Callable[[], bool],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, seen: ChangesSeen | None = None
+                 ) -> None:
         self.snapshots = snapshots
         self.take = take
         self.policy = policy
         self.may_write = may_write
         self.clock = clock
+        self.seen = seen
         self.done: str | None = None  # the period's snapshot known to exist
+        self.covered: Hashable | None = None  # `seen` when the newest snapshot held the tree
         self.expired: list[str] = []  # deleted by this mount (for --status and tests)
 
     async def tick(self) -> str | None:
@@ -44,6 +65,10 @@ class AutoSnapshots:
         now = self.clock()
         name = auto_name(self.policy, now)
         if name == self.done or not self.may_write() or not self.snapshots.store.online:
+            return None
+        mark = None if self.seen is None else await self.seen()
+        if mark is not None and mark == self.covered:
+            self.done = name  # nothing changed since: no request
             return None
         if await self.snapshots.store.head(snapshot_key(name)) is not None:
             self.done = name  # another machine took it
@@ -54,6 +79,7 @@ class AutoSnapshots:
             self.done = name  # another machine took it at the same moment
             return None
         self.done = name
+        self.covered = mark  # taken now, or the newest snapshot holds this tree already
         if taken is None:
             log.info("automatic snapshot %s not taken: nothing changed since the last", name)
             return None

@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from . import control, sdnotify
-from .auto_snapshots import CHECK_EVERY, AutoSnapshots
+from .auto_snapshots import CHECK_EVERY, AutoSnapshots, changes_seen
 from .config import Settings
 from .connectivity import GuardedStore
 from .endpoint_check import not_s3_reason
@@ -126,7 +126,8 @@ class Mount(Engine):
                                       mode.local_refusal, self.snapshot_tree)
         policy = parse_policy(settings.auto_snapshots)
         self.auto_snapshots = None if policy is None else AutoSnapshots(
-            self.snapshots, self.take_snapshot, policy, lambda: mode.refusal() is None)
+            self.snapshots, self.take_snapshot, policy, lambda: mode.refusal() is None,
+            seen=lambda: changes_seen(self.db, lambda: self.uploader.status.commits))
         self.token_refresher: Any = None  # keeps a web-identity token valid, if one is used
         if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
             from .auth import TokenRefresher

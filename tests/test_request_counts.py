@@ -233,3 +233,49 @@ def test_a_new_directory_is_created_with_one_conditional_create_and_no_read(
             cost = counted.since(before)
             assert cost.under(manifest_key(fresh.id))[PUT_IF_NONE_MATCH] == 1, cost  # type: ignore[union-attr]
     run(main)
+
+
+def test_automatic_snapshots_cost_an_idle_mount_nothing_after_its_first_check(
+        counted: Counted) -> None:
+    """An idle mount's automatic snapshots: the first check lists the snapshots and the
+    folders once; after it, while the change records stay unchanged, 24 hourly periods
+    send no request at all (the head watcher's one request per --refresh is all). A change
+    makes the next period check and take one."""
+    from fsrepo.auto_snapshots import AutoSnapshots, changes_seen
+    from fsrepo.head_watcher import HeadWatcher
+    from fsrepo.snapshot_policy import parse_policy
+    from fsrepo.store.counting import LIST
+
+    policy = parse_policy("hourly=24,daily=30,monthly=12")
+    assert policy is not None
+    now = [1_800_000_000.0]
+
+    async def main() -> None:
+        async with counted.engine("a") as eng:
+            fs = EngineDriver(eng)
+            await fs.create("photo.jpg", b"x")
+            await fs.drain()
+            watcher = HeadWatcher(eng.store, eng.db, eng.ns.views, 10)
+            auto = AutoSnapshots(eng.snapshots, eng.take_snapshot, policy, lambda: True,
+                                 clock=lambda: now[0],
+                                 seen=lambda: changes_seen(eng.db,
+                                                           lambda: eng.uploader.status.commits))
+            await watcher.poll()
+            first = counted.snapshot()
+            assert (await auto.tick() or "").startswith("auto-")
+            cost = counted.since(first)
+            # is the period's one there? which is the newest? (again to expire) which folders?
+            assert cost[HEAD] == 1 and cost.under("snapshots/").total(LIST) == 2, cost
+            assert cost.under("dirs/").total(LIST) == 1, cost
+            for _ in range(24):
+                now[0] += 3600
+                await watcher.poll()  # (the mount's own loop; its cost is documented)
+                before = counted.snapshot()
+                assert await auto.tick() is None
+                assert counted.since(before).total() == 0, counted.since(before)
+            await fs.create("new.jpg", b"y")
+            await fs.drain()
+            await watcher.poll()
+            now[0] += 3600
+            assert (await auto.tick() or "").startswith("auto-")
+    run(main)
