@@ -27,18 +27,19 @@ from .config import Settings
 from .connectivity import GuardedStore
 from .endpoint_check import not_s3_reason
 from .engine import Engine
-from .errors import FsError, ImgrepoError, ObjectNotFound, PreconditionFailed
+from .errors import ImgrepoError, ObjectNotFound, PreconditionFailed
 from .fs import KernelInvalidator
 from .head_watcher import HeadWatcher
-from .maintenance.duplicates import duplicate_groups, files_under
+from .maintenance.duplicates import duplicate_groups
 from .manifest import ROOT_ID
-from .paths import entry_path
 from .pending_list import pending_files
 from .snapshot_ops import SnapshotOperations
 from .snapshot_policy import AUTO_PREFIX, parse_policy
 from .snapshots import check_snapshot_name, default_name
 from .store import open_store
 from .store.base import Store
+from .sync import report_walk
+from .tree_walk import WalkCounts
 from .upload_log import final_line, log_uploads
 from .writemode import READ_ONLY, WriteGate, WriteMode
 
@@ -256,29 +257,13 @@ class Mount(Engine):
         root = await self.syncer.resolve(relpath)
         if not isinstance(root, str):
             raise ImgrepoError(f"{relpath} is a file: give a folder")
-        last_sent, began = -math.inf, time.monotonic()
-        counts = [0, 0]
-
-        def on_folder(folders: int, files: int) -> None:
-            counts[:] = [folders, files]
-
-        async def read_dir(dir_id: str) -> dict[bytes, Any]:
-            nonlocal last_sent
-            if time.monotonic() - last_sent >= 0.5:
-                last_sent = time.monotonic()
-                await send({"phase": "walk", "folders": counts[0], "files_found": counts[1],
-                            "elapsed": last_sent - began})
-            try:
-                return dict((await self.ns.views.load(dir_id)).entries)
-            except FsError as exc:
-                log.warning("duplicates: skipping unreadable folder %s: %s",
-                            entry_path(self.ns.inodes, dir_id), exc)
-                return {}
-
-        found = await files_under(read_dir, root, "/" + relpath.strip("/"),
-                                  on_folder=on_folder)
+        counts, began = WalkCounts(), time.monotonic()
+        async with trio.open_nursery() as walking:
+            walking.start_soon(report_walk, send, counts, began)
+            found = await self.syncer.walk(root, "/" + relpath.strip("/"), counts=counts)
+            walking.cancel_scope.cancel()
         groups = duplicate_groups(found)
-        return {"path": "/" + relpath.strip("/"), "files": len(found), "folders": counts[0],
+        return {"path": "/" + relpath.strip("/"), "files": len(found), "folders": counts.folders,
                 "groups": groups, "saved": sum(g["saved"] for g in groups)}
     async def _snapshot(self, name: str, send: Any) -> dict[str, Any]:
         """--snapshot: this machine's pending changes land first (as --status --wait), then

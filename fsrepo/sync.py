@@ -25,15 +25,27 @@ import trio
 
 from .blobcache import BlobCache
 from .errors import FsError, ImgrepoError, StorageError, StorageOffline
-from .manifest import ROOT_ID, DirEntry, FileEntry
+from .manifest import ROOT_ID, DirEntry, Entry, FileEntry
 from .namespace import Namespace
 from .paths import entry_path
+from .tree_walk import WalkCounts, files_under
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 TOTALS_KEY = "repository_totals"  # meta key of the last full walk's totals
 WALK_PARALLEL = 8  # directories read at once by a walk
+
+
+async def report_walk(send: Send, counts: WalkCounts, started: float) -> None:
+    """A walk's progress to the client twice a second, until cancelled (or it goes away)."""
+    while True:
+        try:
+            await send({"phase": "walk", "folders": counts.folders,
+                        "files_found": counts.files, "elapsed": time.monotonic() - started})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the client went away; the control channel cancels us
+        await trio.sleep(0.5)
 
 
 class Syncer:
@@ -46,54 +58,17 @@ class Syncer:
     def _online(self) -> bool:
         return self.cache.store.online
 
-    async def walk(self, dir_id: str, seen: set[str] | None = None, fresh: bool = False,
-                   parallel: int = WALK_PARALLEL, counts: list[int] | None = None
-                   ) -> list[FileEntry]:
-        """Every file entry under a directory (each directory read once, `parallel` of
-        them at a time). With `fresh`, directories marked stale (another machine changed
-        them, as the change records say) are revalidated first, so a sync sees what the
-        bucket holds now without a request per unchanged directory. `counts`, if given, is
-        kept at [folders read, files found] (added to) for a progress report."""
-        seen = set() if seen is None else seen
-        counts = [0, 0] if counts is None else counts
-        out: list[FileEntry] = []
-        todo = [dir_id]
-        reading = 0
-        changed = trio.Event()  # set when a directory was read: more to do, or all done
+    async def walk(self, dir_id: str, path: str = "/", seen: set[str] | None = None,
+                   fresh: bool = False, counts: WalkCounts | None = None,
+                   parallel: int = WALK_PARALLEL) -> list[tuple[str, FileEntry]]:
+        """Every (path, file entry) under a directory (tree_walk.files_under: each directory
+        read once, `parallel` at a time). With `fresh`, directories marked stale (another
+        machine changed them, as the change records say) are revalidated first, so a sync
+        sees what the bucket holds now without a request per unchanged directory."""
+        return await files_under(lambda d: self._read(d, fresh), dir_id, path, seen,
+                                 counts, parallel)
 
-        async def reader() -> None:
-            nonlocal reading, changed
-            while True:
-                if not todo:
-                    if not reading:
-                        return
-                    await changed.wait()
-                    continue
-                current = todo.pop()
-                if current in seen:
-                    continue
-                seen.add(current)
-                reading += 1
-                try:
-                    entries = await self._read(current, fresh)
-                finally:
-                    reading -= 1
-                for entry in entries:
-                    if isinstance(entry, FileEntry):
-                        out.append(entry)
-                        counts[1] += 1
-                    elif isinstance(entry, DirEntry):
-                        todo.append(entry.id)
-                counts[0] += 1
-                changed.set()
-                changed = trio.Event()
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(max(1, parallel)):
-                nursery.start_soon(reader)
-        return out
-
-    async def _read(self, dir_id: str, fresh: bool) -> list:
+    async def _read(self, dir_id: str, fresh: bool) -> dict[bytes, Entry]:
         """One directory's entries for a walk (none if it cannot be read)."""
         try:
             view = await self.ns.views.load(dir_id)
@@ -101,14 +76,14 @@ class Syncer:
                 try:
                     await self.ns.views.revalidate(dir_id)
                 except StorageError as exc:
-                    log.warning("sync: using the cached listing of %s: %s",
+                    log.warning("using the cached listing of %s: %s",
                                 entry_path(self.ns.inodes, dir_id), exc)
                 view = self.ns.views.get(dir_id) or view
         except FsError as exc:
-            log.warning("sync: skipping unreadable folder %s: %s",
+            log.warning("skipping unreadable folder %s: %s",
                         entry_path(self.ns.inodes, dir_id), exc)
-            return []
-        return list(view.entries.values())
+            return {}
+        return dict(view.entries)
 
     async def resolve(self, relpath: str) -> str | FileEntry:
         """A path relative to the mountpoint: its directory id, or its file entry."""
@@ -161,25 +136,16 @@ class Syncer:
         roots = [await self.resolve(p) for p in paths] or [ROOT_ID]
         seen: set[str] = set()
         files: list[FileEntry] = []
-        counts = [0, 0]
-
-        async def report_walk() -> None:
-            while True:
-                try:
-                    await send({"phase": "walk", "folders": counts[0],
-                                "files_found": counts[1], "elapsed": time.monotonic() - started})
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return  # the client went away; the control channel cancels us
-                await trio.sleep(0.5)
-
+        counts = WalkCounts()
         async with trio.open_nursery() as walking:
-            walking.start_soon(report_walk)
+            walking.start_soon(report_walk, send, counts, started)
             for root in roots:
                 if isinstance(root, FileEntry):
                     files.append(root)
-                    counts[1] += 1
+                    counts.files += 1
                 else:
-                    files.extend(await self.walk(root, seen, fresh=True, counts=counts))
+                    found = await self.walk(root, seen=seen, fresh=True, counts=counts)
+                    files.extend(entry for _, entry in found)
             walking.cancel_scope.cancel()
         if not paths:
             await self._note_totals(files)
@@ -192,7 +158,7 @@ class Syncer:
         fits = total_bytes <= room
         await send({"phase": "start", "files": len(files), "to_fetch": len(wanted),
                     "bytes": total_bytes, "cache_room": room, "fits": fits,
-                    "folders": counts[0], "elapsed": time.monotonic() - started})
+                    "folders": counts.folders, "elapsed": time.monotonic() - started})
         done_files = done_bytes = failed = reserved = 0
         in_flight = 0
         stopped_at_limit = offline = False

@@ -82,7 +82,7 @@ def test_a_sync_walk_reads_several_directories_at_once(tmp_path):
             started = trio.current_time()
             files = await eng.syncer.walk(ROOT_ID)
             took = trio.current_time() - started
-            assert sorted(f.size for f in files) == sorted(len(b"%d" % d) for d in range(FOLDERS))
+            assert sorted(f.size for _, f in files) == sorted(len(b"%d" % d) for d in range(FOLDERS))
             assert gets.most > 1
             # 49 directories one round trip each: sequentially at least 49 RTTs
             assert took < (2 * FOLDERS + 1) * RTT / 2, took

@@ -21,10 +21,11 @@ from fsrepo.config import Settings
 from fsrepo.connectivity import GuardedStore
 from fsrepo.endpoint_check import not_s3_reason
 from fsrepo.errors import ImgrepoError
-from fsrepo.maintenance.duplicates import duplicate_groups, files_under
+from fsrepo.maintenance.duplicates import duplicate_groups
 from fsrepo.manifest import DirEntry, FileEntry
 from fsrepo.mount import check_fuse
 from fsrepo.pending_list import pending_files
+from fsrepo.tree_walk import files_under
 
 from .coreutil import running_engine, write_file
 
