@@ -9,18 +9,13 @@ and so counts as unchanged: the files in it did not change.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .errors import ManifestError, ObjectNotFound
+from .dir_listing import ManifestSource, listed_manifests, manifest_now
+from .errors import ManifestError
 from .manifest import Entry, FileEntry, parse_manifest
 from .snapshots import Snapshot, Snapshots, listing_token
-from .store.base import Store, StoredObject
-
-_DIR_KEY = re.compile(r"^dirs/([0-9A-Za-z_-]{1,64})\.json$")
-
-CurrentManifest = Callable[[str, str | None], Awaitable[bytes | None]]
+from .store.base import Store
 
 
 @dataclass
@@ -40,14 +35,9 @@ class CurrentTree:
 
 
 async def current_tree(store: Store) -> CurrentTree:
-    tokens: dict[str, str] = {}
-    etags: dict[str, str | None] = {}
-    async for info in store.list("dirs/"):
-        match = _DIR_KEY.match(info.key)
-        if match is not None:
-            tokens[match.group(1)] = listing_token(info)
-            etags[match.group(1)] = info.etag
-    return CurrentTree(tokens, etags, {})
+    listed = await listed_manifests(store)
+    return CurrentTree({d: listing_token(i) for d, i in listed.items()},
+                       {d: i.etag for d, i in listed.items()}, {})
 
 
 def _files(entries: dict[bytes, Entry]) -> dict[bytes, FileEntry]:
@@ -55,7 +45,7 @@ def _files(entries: dict[bytes, Entry]) -> dict[bytes, FileEntry]:
 
 
 async def difference(snap: Snapshot, snapshots: Snapshots, store: Store, now: CurrentTree,
-                     cached: CurrentManifest) -> Difference:
+                     cached: ManifestSource) -> Difference:
     """Files and bytes of `snap` that differ from the current tree (`cached` as in
     Snapshots.record: this machine's copy of a manifest at the listed version)."""
     out = Difference()
@@ -80,18 +70,13 @@ async def difference(snap: Snapshot, snapshots: Snapshots, store: Store, now: Cu
 
 
 async def _current(dir_id: str, store: Store, now: CurrentTree,
-                   cached: CurrentManifest) -> dict[bytes, Entry]:
+                   cached: ManifestSource) -> dict[bytes, Entry]:
     entries = now.bodies.get(dir_id)
     if entries is not None:
         return entries
-    data = await cached(dir_id, now.etags.get(dir_id))
+    data = await manifest_now(store, dir_id, now.etags.get(dir_id), cached)
     if data is None:
-        try:
-            got = await store.get(f"dirs/{dir_id}.json")
-        except ObjectNotFound:
-            return {}
-        assert isinstance(got, StoredObject)
-        data = got.data
+        return {}
     try:
         entries = parse_manifest(data, dir_id)[0].entries
     except ManifestError:

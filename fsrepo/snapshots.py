@@ -23,10 +23,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dir_listing import ManifestSource, listed_manifests, manifest_now
 from .errors import ImgrepoError, ObjectNotFound, RepositoryFormatError
 from .manifest import is_valid_dir_id
 from .store.base import ObjectInfo, Store, StoredObject
@@ -39,11 +39,9 @@ FORMAT = 1
 RESERVED_NAME = b".snapshots"  # the root's name for them: refused as a real name there
 _NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._:+-]{0,99}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_DIR_KEY = re.compile(r"^dirs/([0-9A-Za-z_-]{1,64})\.json$")
 
 # The manifest a directory held when the snapshot was taken (sha: its copy), and the
 # listing token it had then (an unchanged token means an unchanged manifest).
-ManifestSource = Callable[[str, str | None], Awaitable[bytes | None]]
 
 
 def snapshot_key(name: str) -> str:
@@ -263,28 +261,18 @@ class Snapshots:
         snapshot already holds exactly this tree."""
         check_snapshot_name(name)
         previous = await self._latest()
-        listing: dict[str, str] = {}
-        etags: dict[str, str | None] = {}
-        async for info in self.store.list("dirs/"):
-            match = _DIR_KEY.match(info.key)
-            if match is not None:
-                listing[match.group(1)] = listing_token(info)
-                etags[match.group(1)] = info.etag
+        listed = await listed_manifests(self.store)
         reused = {r.sha for r in previous.dirs.values()} if previous else set()
         snap = Snapshot(name, time.time() if now is None else now, self.machine, period)
-        for dir_id, token in listing.items():
+        for dir_id, info in listed.items():
+            token = listing_token(info)
             old = previous.dirs.get(dir_id) if previous else None
             if old is not None and old.token == token:
                 snap.dirs[dir_id] = old
                 continue
-            data = await cached(dir_id, etags[dir_id])
+            data = await manifest_now(self.store, dir_id, info.etag, cached)
             if data is None:
-                try:
-                    got = await self.store.get(f"dirs/{dir_id}.json")
-                except ObjectNotFound:
-                    continue  # removed between the listing and now
-                assert isinstance(got, StoredObject)
-                data = got.data
+                continue  # removed between the listing and now
             sha = hashlib.sha256(data).hexdigest()
             if sha not in reused:
                 # Unconditional: an old copy left by a deleted snapshot gets a new time, so

@@ -25,7 +25,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
         "fsrepo.connectivity", "fsrepo.endpoint_check", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
-        "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.snapshots", "fsrepo.snapshot_diff"]),
+        "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.dir_listing", "fsrepo.snapshots",
+        "fsrepo.snapshot_diff"]),
     ("core: files and names", [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.paths", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from ..dir_listing import listed_manifests
 from ..errors import ObjectNotFound
 from ..manifest import is_removal_mark
 from ..repository import manifest_key
@@ -32,11 +33,8 @@ async def collect_tombstones(store: Store, grace_seconds: float, now: float,
                              dry_run: bool) -> int:
     """Delete (or, with `dry_run`, count) the removal marks written more than
     `grace_seconds` before `now`; returns how many."""
-    old: list[str] = []
-    async for info in store.list("dirs/"):
-        if info.key.endswith(".json") and info.size <= MARK_SIZE \
-                and info.mtime + grace_seconds <= now:
-            old.append(info.key[len("dirs/"):-len(".json")])
+    old = [dir_id for dir_id, info in (await listed_manifests(store)).items()
+           if info.size <= MARK_SIZE and info.mtime + grace_seconds <= now]
     deleted: list[str] = []
 
     async def one(dir_id: str) -> None:

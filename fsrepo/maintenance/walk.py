@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import trio
 
 from ..config import Settings
+from ..dir_listing import listed_manifests
 from ..repository import open_repository
 from ..store import open_store
 from ..store.base import Store
@@ -17,7 +18,6 @@ from .blobtable import BlobTable
 
 PARALLEL = 16
 _BLOB_KEY = re.compile(r"blobs/sha256/([0-9a-f]{2})/([0-9a-f]{64})")  # fullmatch: no "\n"
-_DIR_KEY = re.compile(r"dirs/([0-9A-Za-z_-]{1,64})\.json")
 
 T = TypeVar("T")
 
@@ -76,13 +76,10 @@ async def list_blobs(store: Store, notes: list[dict[str, Any]]) -> BlobTable:
 
 async def list_manifests(store: Store, notes: list[dict[str, Any]] | None) -> list[str]:
     """The directory ids of every manifest in the bucket; odd keys are noted (if `notes`)."""
-    out = []
-    async for info in store.list("dirs/"):
-        m = _DIR_KEY.fullmatch(info.key)
-        if m is None:
-            if notes is not None:
-                notes.append({"kind": "unexpected-object", "key": info.key,
-                              "message": f"{info.key!r}: not a manifest key (ignored)"})
-            continue
-        out.append(m.group(1))
-    return out
+
+    def odd(key: str) -> None:
+        if notes is not None:
+            notes.append({"kind": "unexpected-object", "key": key,
+                          "message": f"{key!r}: not a manifest key (ignored)"})
+
+    return list(await listed_manifests(store, odd))
