@@ -121,13 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     maint = p.add_argument_group("maintenance")
     maint.add_argument("--verify", action="store_true",
                        help="action: check every manifest and that every referenced blob "
-                            "exists")
+                            "exists, and every snapshot's folder copies and blobs")
     maint.add_argument("--data", action="store_true", help="with --verify: also hash every blob")
     maint.add_argument("--gc", action="store_true",
-                       help="action: delete blobs that no directory references any more")
+                       help="action: free what nothing needs any more: blobs no folder and "
+                            "no snapshot names, removal marks of removed folders, and what "
+                            "only deleted snapshots held")
     maint.add_argument("--dry-run", action="store_true", help="with --gc: only report")
     maint.add_argument("--grace", type=float, default=24.0,
-                       help="with --gc: keep unreferenced blobs younger than this many hours")
+                       help="with --gc: keep what became unneeded less than this many "
+                            "hours ago (default 24)")
     maint.add_argument("--salvage", metavar="DEST",
                        help="action: copy every file not yet uploaded out of the local cache "
                             "into DEST (reads only the cache, never the bucket)")
