@@ -323,12 +323,16 @@ def test_verify_checks_snapshots_and_counts_their_blobs_as_used(storage: Storage
             assert v.snapshots == 1 and not v.problems
             assert not [n for n in v.notes if n["kind"] == "unreferenced-blobs"]
             await eng.store.delete(blob_key(hashlib.sha256(b"snapshot only").hexdigest()))
+            v = await verify(eng.store)
+            assert [p["path"] for p in v.problems] == ["/d/x.jpg"], v.problems
+            assert "snapshot s1: /d/x.jpg: its content" in v.problems[0]["message"]
             d_id = next(d for d in snap.dirs if d != "root")
             await eng.store.delete(copy_key(snap.dirs["root"].sha))
             v = await verify(eng.store)
             kinds = sorted(p["kind"] for p in v.problems)
             assert kinds == ["snapshot-blob", "snapshot-copy"], v.problems
-            assert any(p["dir_id"] == d_id and "x.jpg" in p["message"] for p in v.problems)
+            # (the root's copy gone, the folder is named by its id)
+            assert {p["path"] for p in v.problems} == {"/", f"/(folder {d_id})/x.jpg"}
 
     trio.run(main)
 

@@ -9,11 +9,11 @@ import hashlib
 from typing import Any, Protocol
 
 from ..errors import ManifestError, ObjectNotFound, RepositoryFormatError
-from ..manifest import FileEntry, parse_manifest
+from ..manifest import ROOT_ID, DirEntry, Entry, FileEntry, parse_manifest
 from ..snapshots import SNAPSHOT_PREFIX, Snapshot, copy_key, is_snapshot_name, parse_snapshot
 from ..store.base import Store, StoredObject
 from .blobtable import BlobTable
-from .walk import PARALLEL, gather
+from .walk import PARALLEL, gather, path_in
 
 
 class Problems(Protocol):
@@ -47,43 +47,50 @@ async def check_snapshots(store: Store, blobs: BlobTable, used: bytearray, v: Pr
     """Check every snapshot (see the module docstring); returns how many there are."""
     snaps = await _snapshots(store, v)
     wanted = {(dir_id, rec.sha) for s in snaps for dir_id, rec in s.dirs.items()}
-    copies: dict[tuple[str, str], str | dict] = {}  # -> problem text, or the files
+    copies: dict[tuple[str, str], str | dict[bytes, Entry]] = {}  # -> what is wrong, or entries
 
     async def read(item: tuple[str, str]) -> None:
         dir_id, sha = item
         try:
             got = await store.get(copy_key(sha))
         except ObjectNotFound:
-            copies[item] = f"its copy of directory {dir_id} ({copy_key(sha)}) is missing"
+            copies[item] = f"is missing ({copy_key(sha)})"
             return
         assert isinstance(got, StoredObject)
         if hashlib.sha256(got.data).hexdigest() != sha:
-            copies[item] = f"its copy of directory {dir_id} ({copy_key(sha)}) is corrupt"
+            copies[item] = f"is corrupt ({copy_key(sha)})"
             return
         try:
-            manifest, _ = parse_manifest(got.data, dir_id)
+            copies[item] = parse_manifest(got.data, dir_id)[0].entries
         except ManifestError as exc:
-            copies[item] = f"its copy of directory {dir_id}: {exc}"
-            return
-        copies[item] = {n: e for n, e in manifest.entries.items() if isinstance(e, FileEntry)}
+            copies[item] = f"cannot be read: {exc}"
 
     await gather(sorted(wanted), read, PARALLEL)
     for snap in snaps:
+        parents: dict[str, tuple[str, bytes] | None] = {ROOT_ID: None}
+        for dir_id, rec in snap.dirs.items():
+            got = copies[(dir_id, rec.sha)]
+            if isinstance(got, dict):
+                parents.update({e.id: (dir_id, n) for n, e in got.items()
+                                if isinstance(e, DirEntry)})
         for dir_id, rec in sorted(snap.dirs.items()):
             got = copies[(dir_id, rec.sha)]
             if isinstance(got, str):
-                v.problem("snapshot-copy", f"snapshot {snap.name}: {got}",
-                          snapshot=snap.name, dir_id=dir_id)
+                v.problem("snapshot-copy", f"snapshot {snap.name}: its copy of folder "
+                          f"{path_in(parents, dir_id)} {got}", snapshot=snap.name,
+                          dir_id=dir_id, path=path_in(parents, dir_id))
                 continue
             for name, entry in sorted(got.items()):
+                if not isinstance(entry, FileEntry):
+                    continue
                 index = blobs.find(entry.sha256)
                 if index >= 0:
                     used[index] = 1
                 if index < 0 or blobs.size(index) != entry.size:
-                    shown = name.decode("utf-8", "backslashreplace")
+                    where = path_in(parents, dir_id, name)
                     what = "is missing from the bucket" if index < 0 else \
                         f"has {blobs.size(index)} bytes, the copy says {entry.size}"
-                    v.problem("snapshot-blob", f"snapshot {snap.name}: file {shown!r} in "
-                              f"directory {dir_id}: its content (blob {entry.sha256}) {what}",
-                              snapshot=snap.name, dir_id=dir_id, sha256=entry.sha256)
+                    v.problem("snapshot-blob", f"snapshot {snap.name}: {where}: its content "
+                              f"(blob {entry.sha256}) {what}", snapshot=snap.name,
+                              dir_id=dir_id, path=where, sha256=entry.sha256)
     return len(snaps)

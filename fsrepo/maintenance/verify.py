@@ -32,13 +32,9 @@ from ..units import human
 from .blobtable import BlobTable
 from .filerefs import FileRefs
 from .snapshot_check import check_snapshots
-from .walk import PARALLEL, gather, list_blobs, list_manifests
+from .walk import PARALLEL, gather, list_blobs, list_manifests, path_in
 
 DATA_PARALLEL = 4
-
-
-def _show(name: bytes) -> str:
-    return name.decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -73,17 +69,7 @@ async def verify(store: Store, data: bool = False, progress: Any = None) -> Veri
     refs = FileRefs()
 
     def path_of(dir_id: str, name: bytes | None = None) -> str:
-        parts: list[str] = [] if name is None else [_show(name)]
-        seen: set[str] = set()
-        current: str | None = dir_id
-        while current is not None and current != ROOT_ID and current not in seen:
-            seen.add(current)
-            link = parents.get(current)
-            if link is None:
-                break
-            parts.append(_show(link[1]))
-            current = link[0]
-        return "/" + "/".join(reversed(parts))
+        return path_in(parents, dir_id, name)
 
     def is_ancestor(candidate: str, dir_id: str) -> bool:
         current: str | None = dir_id

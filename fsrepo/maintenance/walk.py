@@ -4,13 +4,15 @@ its directory manifests, and running requests a bounded number at a time."""
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import trio
 
 from ..config import Settings
 from ..dir_listing import listed_manifests
+from ..manifest import ROOT_ID
+from ..paths import show_name
 from ..repository import open_repository
 from ..store import open_store
 from ..store.base import Store
@@ -83,3 +85,21 @@ async def list_manifests(store: Store, notes: list[dict[str, Any]] | None) -> li
                           "message": f"{key!r}: not a manifest key (ignored)"})
 
     return list(await listed_manifests(store, odd))
+
+
+def path_in(parents: Mapping[str, tuple[str, bytes] | None], dir_id: str,
+            name: bytes | None = None) -> str:
+    """A folder's path (or an entry's in it) from `parents` (directory id -> (parent id,
+    name)); where they do not reach the root, the path starts at "(folder ID)"."""
+    parts: list[str] = [] if name is None else [show_name(name)]
+    seen: set[str] = set()
+    current = dir_id
+    while current != ROOT_ID:
+        link = parents.get(current)
+        if link is None or current in seen:
+            parts.append(f"(folder {current})")
+            break
+        seen.add(current)
+        parts.append(show_name(link[1]))
+        current = link[0]
+    return "/" + "/".join(reversed(parts))
