@@ -63,6 +63,11 @@ def test_ro_and_read_only_are_one_switch() -> None:
     (["/srv/repo", "/mnt", "/third"], "unexpected arguments: /mnt /third"),
     (["--status", "/mnt", "-o", "ro"], "-o is for mounting only"),
     (["--status", "--sync", "/mnt"], "--sync and --status cannot be combined"),
+    # a flag of an action, given without it, is refused rather than taken as a mount
+    (["--pending", "/mnt"], "--pending goes with --status"),
+    (["--json", "/mnt"], "--json goes with --status or --verify"),
+    (["--dry-run", "/mnt"], "--dry-run goes with --gc"),
+    (["--verify", "--dry-run", "/mnt"], "--dry-run goes with --gc"),
 ])
 def test_bad_mount_options_are_one_line(argv: list[str], message: str,
                                         capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,6 +20,11 @@ PROG = "imgrepo-mount"
 ACTIONS = ("unmount", "sync", "status", "login", "logout", "verify", "gc", "salvage",
            "duplicates", "snapshot", "snapshots")
 
+# Flags that only change what an action does, and the actions they go with: given alone,
+# they are refused (not taken as a mount: `--pending MNT` must not mount MNT).
+MODIFIERS = {"pending": ("status",), "wait": ("status",), "data": ("verify",),
+             "dry_run": ("gc",), "json": ("status", "verify", "duplicates", "snapshots")}
+
 STORAGE_GROUP = "storage and cache (any command)"
 MOUNT_GROUP = "mount (the default action)"
 O_GROUPS = (STORAGE_GROUP, MOUNT_GROUP)
@@ -156,6 +161,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     chosen = [name for name in ACTIONS if getattr(args, name)]
     if len(chosen) > 1:
         parser.error(" and ".join(f"--{name}" for name in chosen) + " cannot be combined")
+    for flag, actions in MODIFIERS.items():
+        if getattr(args, flag) and not set(chosen) & set(actions):
+            parser.error(f"--{flag.replace('_', '-')} goes with "
+                         + " or ".join(f"--{a}" for a in actions))
     args.fuse_options = set()
     if args.options:
         if chosen:
