@@ -10,18 +10,8 @@ from typing import Any
 from .. import control
 from ..errors import ImgrepoError
 from ..units import human, plural
+from .mounts import relative_in
 from .progress import follow
-
-
-def relative_in(mountpoint: Path, path: str) -> str:
-    """PATH as given (under the mount, or relative to the mount's root) relative to it."""
-    full = Path(path).expanduser().absolute()
-    try:
-        return str(full.relative_to(mountpoint))
-    except ValueError:
-        if Path(path).expanduser().is_absolute():
-            raise ImgrepoError(f"{path} is not inside the mount {mountpoint}") from None
-        return path.strip("/")
 
 
 def cmd_duplicates(mountpoint: Path, paths: list[str], as_json: bool) -> int:

@@ -68,3 +68,14 @@ def settings_of_mount(settings: Settings, mountpoint: Path) -> Settings:
     return replace(settings, storage=status["storage"],
                    endpoint_url=status.get("endpoint_url") or settings.endpoint_url,
                    region=status.get("region") or settings.region)
+
+
+def relative_in(mountpoint: Path, path: str) -> str:
+    """PATH as given (under the mount, or relative to the mount's root) relative to it."""
+    full = Path(path).expanduser().absolute()
+    try:
+        return str(full.relative_to(mountpoint))
+    except ValueError:
+        if Path(path).expanduser().is_absolute():
+            raise ImgrepoError(f"{path} is not inside the mount {mountpoint}") from None
+        return path.strip("/")

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import control
 from ..errors import ImgrepoError
 from ..snapshots import check_snapshot_name
 from ..units import human
@@ -33,13 +32,7 @@ def cmd_snapshot(mountpoint: Path, names: list[str]) -> int:
 
 
 def cmd_snapshots(mountpoint: Path, as_json: bool = False) -> int:
-    final: dict[str, Any] = {}
-    for reply in control.request(mountpoint, {"cmd": "snapshots"}, timeout=None):
-        if reply.get("done"):
-            final = reply
-    if final.get("error"):
-        raise ImgrepoError(final["error"])
-    rows = final.get("snapshots", [])
+    rows = follow(mountpoint, {"cmd": "snapshots"}, "snapshots").get("snapshots", [])
     if as_json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -10,19 +10,14 @@ from typing import Any
 from .. import control
 from ..errors import ImgrepoError
 from ..units import human
+from .mounts import relative_in
 from .progress import follow
 
 
 def cmd_sync(mountpoint: Path, paths: list[str]) -> int:
     if not control.is_running(mountpoint):
         raise ImgrepoError(f"{mountpoint} is not a running imgrepo mount; mount it first")
-    rel = []
-    for p in paths:
-        full = Path(p).expanduser().absolute()
-        try:
-            rel.append(str(full.relative_to(mountpoint)))
-        except ValueError:
-            rel.append(p)  # already relative to the mount
+    rel = [relative_in(mountpoint, p) for p in paths]
     print(f"syncing {mountpoint}{' (' + ', '.join(rel) + ')' if rel else ''}",
           file=sys.stderr)
     start_seen: dict[str, Any] = {}
