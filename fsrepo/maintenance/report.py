@@ -9,6 +9,7 @@ import time
 
 import trio
 
+from ..cli.progress import ProgressLine
 from ..config import Settings
 from ..errors import ImgrepoError, StorageError
 from ..lease import refuse_while_leased
@@ -20,14 +21,15 @@ from .walk import open_checked
 
 def run_verify(settings: Settings, data: bool, as_json: bool) -> int:
     """`imgrepo-mount --verify [--data] [--json]`: exit 0 if the repository is sound."""
+    line = ProgressLine()
     last = [0.0]
 
     def progress(n: int, total: int, done: int, total_bytes: int) -> None:
         now = time.monotonic()
-        if not as_json and (now - last[0] >= 2 or n == total):
+        if not as_json and now - last[0] >= 0.5:  # (called per blob)
             last[0] = now
-            print(f"verify: hashed {n}/{total} blobs ({human(done)} of {human(total_bytes)})",
-                  file=sys.stderr, flush=True)
+            line.show(f"verify: hashed {n}/{total} blobs ({human(done)} of "
+                      f"{human(total_bytes)})", "hash")
 
     async def main() -> Verification:
         store = await open_checked(settings)
@@ -36,7 +38,8 @@ def run_verify(settings: Settings, data: bool, as_json: bool) -> int:
         finally:
             await store.aclose()
 
-    v = trio.run(main)
+    with line:
+        v = trio.run(main)
     if as_json:
         print(json.dumps(v.as_json(), indent=1, sort_keys=True))
     else:
