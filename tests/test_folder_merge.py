@@ -296,6 +296,14 @@ async def _until(condition, what: str) -> None:  # noqa: ANN001
             await trio.sleep(0.01)
 
 
+async def _only_other_left(root: Path, cache: Path) -> None:
+    """`d` stays removed: a fresh machine sees only other/g, and no manifest is left
+    unreachable."""
+    async with engine(root, cache) as fresh:
+        assert await tree(fresh) == {b"other": None, b"other/g": b"g"}
+    assert manifests(root) <= reachable(root)
+
+
 def test_a_folder_removed_while_its_own_commit_is_in_flight_stays_removed(tmp_path):
     """One machine alone: `d/f` is created, its commit into `d` goes out (and is slow),
     then `rm d/f` and `rmdir d`. The removal marks `d` removed before that commit's write
@@ -323,9 +331,7 @@ def test_a_folder_removed_while_its_own_commit_is_in_flight_stays_removed(tmp_pa
             hold.release()
             await a.uploader.wait_idle()
             assert set(await list_dir(a)) == {b"other"}
-        async with engine(root, tmp_path / "fresh") as fresh:
-            assert await tree(fresh) == {b"other": None, b"other/g": b"g"}
-        assert manifests(root) <= reachable(root)
+        await _only_other_left(root, tmp_path / "fresh")
 
     trio.run(main)
 
@@ -385,9 +391,7 @@ def test_a_crash_while_removing_a_folder_never_brings_it_back(tmp_path, step, or
         async with engine(root, tmp_path / "a") as again:
             await again.uploader.wait_idle()
             assert set(await list_dir(again)) == {b"other"}
-        async with engine(root, tmp_path / "fresh") as fresh:
-            assert await tree(fresh) == {b"other": None, b"other/g": b"g"}
-        assert manifests(root) <= reachable(root)
+        await _only_other_left(root, tmp_path / "fresh")
 
     trio.run(main)
 
