@@ -159,12 +159,18 @@ def request(mountpoint: str | Path, cmd: dict[str, Any], timeout: float | None =
         sock.close()
 
 
-def is_running(mountpoint: str | Path) -> bool:
+def ask(mountpoint: str | Path, cmd: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """One request's final reply ("done" taken out); None if no mount of ours answers."""
     try:
-        for _ in request(mountpoint, {"cmd": "ping"}, timeout=5):
-            pass
-        return True
+        for reply in request(mountpoint, cmd, timeout=timeout):
+            if reply.pop("done", False):
+                return reply
     except (ImgrepoError, OSError, ValueError):
-        return False
+        pass
+    return None
+
+
+def is_running(mountpoint: str | Path) -> bool:
+    return ask(mountpoint, {"cmd": "ping"}, timeout=5) is not None
 
 

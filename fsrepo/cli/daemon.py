@@ -100,13 +100,8 @@ def offline_note(mountpoint: Path) -> str | None:
     """Mounted while the storage does not answer: say so, and what waits to go up."""
     from .. import control
     from ..units import human, plural
-    try:
-        status: dict = {}
-        for reply in control.request(mountpoint, {"cmd": "status"}, timeout=10):
-            status = reply
-    except (ImgrepoError, OSError, ValueError):
-        return None
-    if status.get("online", True):
+    status = control.ask(mountpoint, {"cmd": "status"}, timeout=10)
+    if status is None or status.get("online", True):
         return None
     text = (f"the storage is unreachable ({status.get('offline_reason')}): working offline "
             "from the local cache")

@@ -45,14 +45,10 @@ def is_imgrepo_mount(mountpoint: Path) -> bool:
 
 def mount_summary(mountpoint: Path) -> dict[str, Any]:
     """The mount's status reply, or {"mountpoint", "answering": False} for a dead mount."""
-    try:
-        for reply in control.request(mountpoint, {"cmd": "status"}, timeout=ASK_TIMEOUT):
-            if reply.get("done"):
-                reply.pop("done", None)
-                return {**reply, "answering": not reply.get("error")}
-    except (ImgrepoError, OSError, ValueError):
-        pass
-    return {"mountpoint": str(mountpoint), "answering": False}
+    reply = control.ask(mountpoint, {"cmd": "status"}, timeout=ASK_TIMEOUT)
+    if reply is None:
+        return {"mountpoint": str(mountpoint), "answering": False}
+    return {**reply, "answering": not reply.get("error")}
 
 
 def settings_of_mount(settings: Settings, mountpoint: Path) -> Settings:

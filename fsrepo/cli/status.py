@@ -30,11 +30,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         if args.wait:
             follow(mountpoint, {"cmd": "wait"}, "uploading")
         ask = {"cmd": "status", "repository": True, "pending": bool(args.pending)}
-        for reply in control.request(mountpoint, ask):
-            out = reply
+        out = follow(mountpoint, ask, "status")
         out.pop("done", None)
-        if out.get("error"):
-            raise ImgrepoError(out["error"])
     elif args.pending or args.wait:
         raise ImgrepoError("--pending and --wait need a mountpoint: imgrepo-mount --status "
                            "--pending MOUNTPOINT")

@@ -57,11 +57,6 @@ def unmount_kernel(mountpoint: Path) -> None:
 
 def mount_pid(mountpoint: Path) -> int | None:
     """The running mount's process id (None if it does not answer)."""
-    try:
-        for reply in control.request(mountpoint, {"cmd": "ping"}, timeout=10):
-            if reply.get("done"):
-                return reply.get("pid")
-    except (ImgrepoError, OSError, ValueError):
-        pass
-    return None
+    reply = control.ask(mountpoint, {"cmd": "ping"}, timeout=10)
+    return None if reply is None else reply.get("pid")
 
