@@ -23,6 +23,7 @@ from .inodes import ROOT_INO, InodeTable, Node, is_same_object
 from .journal import Journal, Record
 from .manifest import MAX_ENTRIES, MAX_NAME, ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
 from .merge import Op, same_object
+from .paths import entry_path
 from .prefetch import ManifestPrefetcher
 from .state import StateDB
 from .store.base import Store
@@ -134,8 +135,8 @@ class Namespace:
         if entry is None:
             raise FsError(errno.ENOENT)
         if isinstance(entry, DirEntry) and entry.id in ancestors:
-            log.error("directory %s lists its own ancestor %s as %r: refused (a cycle)",
-                      view.dir_id, entry.id, name)
+            log.error("%s refused: it is one of the folders above it (a cycle in the "
+                      "listings)", entry_path(self.inodes, view.dir_id, name))
             raise FsError(errno.EIO)
         return self.inodes.node_for(parent, name, entry), entry
 

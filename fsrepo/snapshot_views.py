@@ -25,6 +25,7 @@ from .errors import FsError, ImgrepoError, ManifestError, ObjectNotFound, errno_
 from .handles import Handle
 from .inodes import ROOT_INO, Node
 from .manifest import ROOT_ID, DirEntry, Entry, FileEntry, SymlinkEntry, parse_manifest
+from .paths import show_name
 from .reads import BlobReads
 from .snapshots import RESERVED_NAME, Snapshot, Snapshots
 
@@ -116,6 +117,17 @@ class SnapshotTree:
         if self._by_key.get(key) == node.ino:
             del self._by_key[key]
 
+    def path(self, node: SnapNode, name: bytes | None = None) -> str:
+        """Where the node (or an entry in it) shows in the mount, for log lines."""
+        parts = [] if name is None else [show_name(name)]
+        while node.ino != TOP_INO:
+            parts.append(show_name(node.name))
+            parent = self.nodes.get(node.parent)
+            if parent is None:
+                break
+            node = parent
+        return "/" + show_name(RESERVED_NAME) + "".join("/" + p for p in reversed(parts))
+
     def _ancestors(self, node: SnapNode) -> set[str]:
         seen: set[str] = set()
         while node.ino != TOP_INO:
@@ -162,14 +174,13 @@ class SnapshotTree:
             data = await self.snapshots.manifest(record)
             manifest, problems = parse_manifest(data, entry.id)
         except ManifestError as exc:
-            log.error("snapshot %s: %s", node.snapshot, exc)
+            log.error("%s: %s", self.path(node), exc)
             raise FsError(errno.EIO) from None
         except ImgrepoError as exc:
-            log.error("snapshot %s: directory %s cannot be read: %s", node.snapshot,
-                      entry.id, exc)
+            log.error("%s cannot be read: %s", self.path(node), exc)
             raise FsError(errno_for(exc)) from None
         for problem in problems:
-            log.warning("snapshot %s: %s", node.snapshot, problem)
+            log.warning("%s: %s", self.path(node), problem)
         self.known_blobs.note_known({e.sha256 for e in manifest.entries.values()
                                      if isinstance(e, FileEntry)})
         self._parsed[record.sha] = manifest.entries
@@ -193,8 +204,8 @@ class SnapshotTree:
         """The node of an entry just listed (readdirplus: no await per entry)."""
         if isinstance(entry, DirEntry) and pnode.ino != TOP_INO \
                 and entry.id in self._ancestors(pnode):
-            log.error("snapshot %s: a directory lists its own ancestor %s as %r: refused "
-                      "(a cycle)", pnode.snapshot, entry.id, name)
+            log.error("%s refused: it is one of the folders above it (a cycle in the "
+                      "snapshot)", self.path(pnode, name))
             raise FsError(errno.EIO)
         return self._node_for(pnode, name, entry)
 
