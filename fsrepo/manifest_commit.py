@@ -290,7 +290,8 @@ class ManifestCommitter:
         except (PreconditionFailed, ObjectNotFound):
             pass  # written meanwhile: whoever wrote it dropped the mark
         except (StorageError, ManifestError) as exc:
-            log.warning("cannot clear the removal mark of directory %s: %s", dir_id, exc)
+            log.warning("cannot clear the removal mark of folder %s: %s",
+                        entry_path(self.ns.inodes, removal.parent, removal.entry_name), exc)
 
     async def _finish_removal(self, dir_id: str, removal: Removal) -> None:
         """The removal landed in the parent: if another machine added entries to the
@@ -302,7 +303,8 @@ class ManifestCommitter:
         try:
             manifest, etag = await self.read_full(dir_id)
         except (StorageError, ManifestError) as exc:
-            log.warning("cannot finish removing directory %s: %s", dir_id, exc)
+            log.warning("cannot finish removing folder %s: %s",
+                        entry_path(self.ns.inodes, removal.parent, removal.entry_name), exc)
             return
         if etag is None or etag == removal.etag \
                 or (manifest.removed is not None and not manifest.entries):
