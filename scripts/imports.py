@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",
         "fsrepo.reads", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record",
+        "fsrepo.group_commit",
         "fsrepo.prefetch"]),
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",

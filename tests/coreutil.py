@@ -58,6 +58,7 @@ async def running_engine(storage_url: str, endpoint_url: str | None, cache_root:
                 nursery.start_soon(engine.uploader.run)
             if hasattr(engine.journal, "write_behind"):  # as the mount runs it
                 nursery.start_soon(engine.journal.write_behind)
+            nursery.start_soon(engine.durable.run)  # the group commit, as the mount runs it
             engine.nursery = nursery  # type: ignore[attr-defined]
             yield engine
             nursery.cancel_scope.cancel()

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", type=float,
                    help="seconds until other machines' changes show (default 10)")
     p.add_argument("--uploads", type=int, help="uploads in flight (default 8)")
+    p.add_argument("--commit-interval", type=float, metavar="SECONDS",
+                   help="closed files survive a power loss at most this long after close() "
+                        "(default 1; fsync() at once)")
     p.add_argument("--read-only", action="store_true",
                    help="mount without ever writing (changes answer EROFS)")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
@@ -79,6 +82,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "cache_size": args.cache_size,
         "refresh": args.refresh,
         "uploads": args.uploads,
+        "commit_interval": args.commit_interval,
         "issuer": args.issuer,
         "client_id": args.client_id,
         "role_arn": args.role_arn,

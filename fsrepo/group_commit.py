@@ -1,0 +1,178 @@
+"""The group commit: what close() and namespace changes left in the page cache is made to
+survive a power loss in one batch, once per interval or when an fsync() asks (like a
+journaling filesystem's `commit=`), never once per file.
+
+close() returns once the file's blob is named in the cache and its journal entry written to
+the WAL, without an fsync: both survive a kill -9 of the mount, since the kernel holds them.
+A commit puts them on the disk in order: the data first (one syncfs of the cache's
+filesystem; or, when only files fsync'd while open are concerned, an fdatasync of each),
+then the journal that names it (the transaction `mark_committed`, then an fsync of the
+database's files). A power loss before a commit leaves the journal naming blobs that may be
+torn, or not naming them at all: recovery hashes every pending blob of an earlier run
+before upload and drops the changes whose blob is damaged (blob_upload.py), so what was not
+committed is absent, never wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from .journal import Journal
+from .state import StateDB, SyncedCopy
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 1.0  # seconds: at most this long after close() until power-safe
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+class Disk(Protocol):
+    """How data is forced onto the disk (tests record it to simulate a power loss)."""
+
+    def sync_filesystem(self, root: Path) -> None:
+        """Everything written on the filesystem holding `root` (syncfs)."""
+        ...
+
+    def sync_files(self, paths: Iterable[Path]) -> None:
+        """These files' data (fdatasync each; a file gone meanwhile is skipped)."""
+        ...
+
+
+class LocalDisk:
+    """The real thing: syncfs(2) through libc, fdatasync(2) through os."""
+
+    def sync_filesystem(self, root: Path) -> None:
+        if _syncfs is None:  # a libc without it: sync(2) covers every filesystem
+            os.sync()
+            return
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs of {root} failed: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+    def sync_files(self, paths: Iterable[Path]) -> None:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+
+class GroupCommitter:
+    """Collects what needs the disk (`blob_named`, `keep_copy`, `retire_copy`) and commits
+    it in batches (`commit`, `run`)."""
+
+    def __init__(self, db: StateDB, journal: Journal, root: Path,
+                 interval: float = DEFAULT_INTERVAL, disk: Disk | None = None) -> None:
+        self.db = db
+        self.journal = journal
+        self.root = root  # a folder on the filesystem holding the cache and the database
+        self.interval = interval
+        self.disk: Disk = disk or LocalDisk()
+        self._lock = trio.Lock()
+        self._noted = 0  # notes so far: each names something the next commit must cover
+        self._covered = (0, 0)  # (journal writes, notes) the last commit covered
+        self._data = False  # blobs named since the last commit: syncfs
+        self._copies: dict[str, tuple[Path, SyncedCopy]] = {}  # fsync'd open files
+        self._retired: dict[str, Path] = {}  # synced copies closed or dropped since
+        self.commits = 0  # commits done (the database's counter `disk_commits`)
+        self.last_commit_at: float | None = None
+
+    # -- notes ----------------------------------------------------------------------------
+    def blob_named(self) -> None:
+        """A close() named a new blob in the cache (its data is in the page cache)."""
+        self._data = True
+        self._noted += 1
+
+    def keep_copy(self, path: Path, copy: SyncedCopy) -> None:
+        """An fsync() of a file still open: its staging copy is its content from now on."""
+        self._copies[copy.path] = (path, copy)
+        self._noted += 1
+
+    def retire_copy(self, path: Path) -> None:
+        """A synced copy is done with (its file closed: the blob is a hard link to it; or
+        dropped): its record goes at the next commit, the file after that."""
+        self._retired[path.name] = path
+        self._data = True
+        self._noted += 1
+
+    def _ticket(self) -> tuple[int, int]:
+        return self.journal.writes + (1 if self.journal.unwritten else 0), self._noted
+
+    @property
+    def dirty(self) -> bool:
+        """Whether anything written since the last commit is not power-safe yet."""
+        writes, noted = self._ticket()
+        return writes > self._covered[0] or noted > self._covered[1]
+
+    # -- committing -----------------------------------------------------------------------
+    async def commit(self) -> None:
+        """Return once everything written or noted before the call survives a power loss
+        (callers that arrive during a commit share the next one)."""
+        want = self._ticket()
+        async with self._lock:
+            if self._covered[0] >= want[0] and self._covered[1] >= want[1]:
+                return
+            await self.journal.write_queued()
+            covered = (self.journal.writes, self._noted)
+            data, self._data = self._data, False
+            copies, self._copies = self._copies, {}
+            retired, self._retired = self._retired, {}
+            try:
+                if data:
+                    await trio.to_thread.run_sync(self.disk.sync_filesystem, self.root)
+                elif copies:
+                    await trio.to_thread.run_sync(
+                        self.disk.sync_files, [p for p, _ in copies.values()])
+                self.commits = await self.db.run(
+                    self._journal_step, [c for _, c in copies.values()
+                                         if c.path not in retired], list(retired))
+            except BaseException:
+                self._data = self._data or data
+                self._copies = copies | self._copies
+                self._retired = retired | self._retired
+                raise
+            self._covered = covered
+            self.last_commit_at = time.time()
+        if retired:
+            await trio.to_thread.run_sync(_unlink_all, list(retired.values()))
+
+    def _journal_step(self, kept: list[SyncedCopy], retired: list[str]) -> int:
+        """The commit's transaction and the fsync that makes it (and every transaction
+        before it) durable (database thread)."""
+        state = self.db.state
+        count = state.mark_committed(kept, retired)
+        self.disk.sync_files(state.files())
+        return count
+
+    async def run(self) -> None:
+        """Commit once per interval while anything is waiting for it."""
+        while True:
+            await trio.sleep(self.interval)
+            if self.dirty:
+                try:
+                    await self.commit()
+                except OSError as exc:
+                    log.error("cannot commit to the local disk (trying again in %.0f s): %s",
+                              self.interval, exc)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
