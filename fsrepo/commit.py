@@ -91,8 +91,13 @@ class Committer:
         if pnode is None or pnode.dir_id is None:
             return False
         st.synced = True
-        self.durable.keep_copy(st.path, SyncedCopy(st.path.name, pnode.dir_id, node.name,
-                                                  st.base, st.mode, st.mtime_ns))
+        record = (pnode.dir_id, node.name, st.mode)
+        if record == st.synced_as:  # recorded: only its data to sync (a database's fsyncs)
+            self.durable.keep_copy(st.path, None)
+        else:
+            st.synced_as = record
+            self.durable.keep_copy(st.path, SyncedCopy(st.path.name, *record[:2], st.base,
+                                                      st.mode, st.mtime_ns))
         return True
 
     async def _store_and_record(self, node: Node, st: Staging, digest: str,

@@ -89,9 +89,10 @@ class GroupCommitter:
         self._noted = 0  # notes so far: each names something the next commit must cover
         self._covered = (0, 0)  # (journal writes, notes) the last commit covered
         self._data = False  # blobs named since the last commit: syncfs
-        self._copies: dict[str, tuple[Path, SyncedCopy]] = {}  # fsync'd open files
+        # fsync'd open files (with their record when it is new or changed)
+        self._copies: dict[str, tuple[Path, SyncedCopy | None]] = {}
         self._retired: dict[str, Path] = {}  # synced copies closed or dropped since
-        self.commits = 0  # commits done (the database's counter `disk_commits`)
+        self.commits = 0  # commits done by this run
         self.last_commit_at: float | None = None
 
     # -- notes ----------------------------------------------------------------------------
@@ -100,9 +101,11 @@ class GroupCommitter:
         self._data = True
         self._noted += 1
 
-    def keep_copy(self, path: Path, copy: SyncedCopy) -> None:
-        """An fsync() of a file still open: its staging copy is its content from now on."""
-        self._copies[copy.path] = (path, copy)
+    def keep_copy(self, path: Path, copy: SyncedCopy | None) -> None:
+        """An fsync() of a file still open: its staging copy is its content from now on
+        (`copy`: its record, new or changed; None: recorded already, only its data)."""
+        if copy is not None or path.name not in self._copies:
+            self._copies[path.name] = (path, copy)
         self._noted += 1
 
     def retire_copy(self, path: Path) -> None:
@@ -131,6 +134,7 @@ class GroupCommitter:
                 return
             await self.journal.write_queued()
             covered = (self.journal.writes, self._noted)
+            journal = covered[0] > self._covered[0]
             data, self._data = self._data, False
             copies, self._copies = self._copies, {}
             retired, self._retired = self._retired, {}
@@ -140,26 +144,29 @@ class GroupCommitter:
                 elif copies:
                     await trio.to_thread.run_sync(
                         self.disk.sync_files, [p for p, _ in copies.values()])
-                self.commits = await self.db.run(
-                    self._journal_step, [c for _, c in copies.values()
-                                         if c.path not in retired], list(retired))
+                kept = [c for _, c in copies.values() if c is not None and c.path not in retired]
+                if kept or retired or journal:
+                    await self.db.run(self._journal_step, kept, list(retired))
             except BaseException:
                 self._data = self._data or data
-                self._copies = copies | self._copies
+                for name, (path, record) in copies.items():  # a record not written yet wins
+                    if record is not None or name not in self._copies:
+                        self._copies[name] = (path, record)
                 self._retired = retired | self._retired
                 raise
             self._covered = covered
+            self.commits += 1
             self.last_commit_at = time.time()
         if retired:
             await trio.to_thread.run_sync(_unlink_all, list(retired.values()))
 
-    def _journal_step(self, kept: list[SyncedCopy], retired: list[str]) -> int:
-        """The commit's transaction and the fsync that makes it (and every transaction
-        before it) durable (database thread)."""
+    def _journal_step(self, kept: list[SyncedCopy], retired: list[str]) -> None:
+        """The commit's transaction, if it has records to change, and the fsync that makes
+        it and every transaction before it durable (database thread)."""
         state = self.db.state
-        count = state.mark_committed(kept, retired)
+        if kept or retired:
+            state.mark_committed(kept, retired)
         self.disk.sync_files(state.files())
-        return count
 
     async def run(self) -> None:
         """Commit once per interval while anything is waiting for it."""

@@ -52,6 +52,7 @@ class Staging:
     base: FileEntry | None = None  # the version this copy started from (for the merge)
     written_back: int = 0  # bytes whose writeback to disk has been started
     synced: bool = False  # fsync'd while open: journaled as the file's content (see above)
+    synced_as: tuple[str, bytes, int] | None = None  # (dir_id, name, mode) of that record
 
     def write(self, offset: int, data: bytes) -> int:
         """Write through to the staging file, hashing what extends the sequential run."""
@@ -155,7 +156,7 @@ class StagingArea:
         for copy in state.synced_copies():
             path = self.directory / copy.path
             try:
-                size = path.stat().st_size
+                st = path.stat()
                 sha = hash_file(path)
             except FileNotFoundError:
                 log.info("synced copy %s is gone (its file was closed): skipped", copy.path)
@@ -165,9 +166,10 @@ class StagingArea:
                 state.recover_synced_copy(copy, None)  # its close() was journaled
                 continue
             cache.link_in(path, sha)
-            state.recover_synced_copy(copy, FileEntry(sha, size, copy.mtime_ns, copy.mode))
+            state.recover_synced_copy(copy, FileEntry(sha, st.st_size, st.st_mtime_ns,
+                                                      copy.mode))
             log.info("the content of %r fsync'd before the last run ended was kept "
-                     "(%d bytes)", copy.name, size)
+                     "(%d bytes)", copy.name, st.st_size)
             count += 1
         return count
 

@@ -52,7 +52,7 @@ class SyncedCopy:
     name: bytes
     base: Entry | None  # the entry the copy was made from (for the merge)
     mode: int
-    mtime_ns: int
+    mtime_ns: int  # when first recorded (recovery takes the copy's own, of its last write)
 
 
 def _dump(entry: Entry | None) -> str | None:
@@ -209,10 +209,10 @@ class LocalState:
                     self.add_counter("dedup_bytes", dedup_bytes)
 
     # -- the group commit and fsync'd open files ---------------------------------------
-    def mark_committed(self, kept: list[SyncedCopy], retired: list[str]) -> int:
+    def mark_committed(self, kept: list[SyncedCopy], retired: list[str]) -> None:
         """The group commit's transaction: staging copies fsync'd while open are recorded
-        (`kept`) or forgotten (`retired`: closed or dropped since), and the commit counter
-        moves on. Returns the counter. The caller fsyncs `files()` right after."""
+        (`kept`) or forgotten (`retired`: closed or dropped since). The caller fsyncs
+        `files()` right after."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany(
@@ -220,9 +220,6 @@ class LocalState:
                 [(c.path, c.dir_id, c.name, _dump(c.base), c.mode, c.mtime_ns) for c in kept])
             self.db.executemany("DELETE FROM synced_copies WHERE path=?",
                                 [(p,) for p in retired])
-            self.add_counter("disk_commits", 1)
-            return int(self.db.execute(
-                "SELECT value FROM counters WHERE key='disk_commits'").fetchone()[0])
 
     def synced_copies(self) -> list[SyncedCopy]:
         return [SyncedCopy(r[0], r[1], bytes(r[2]), _load(r[3]), r[4], r[5])
