@@ -145,8 +145,12 @@ class GroupCommitter:
                     await trio.to_thread.run_sync(
                         self.disk.sync_files, [p for p, _ in copies.values()])
                 kept = [c for _, c in copies.values() if c is not None and c.path not in retired]
+                if kept or retired:
+                    await self.db.run(self.db.state.mark_committed, kept, list(retired))
                 if kept or retired or journal:
-                    await self.db.run(self._journal_step, kept, list(retired))
+                    # Off the database's thread: the close()s waiting for it go on meanwhile
+                    # (what they write after the fsync started goes with the next commit).
+                    await trio.to_thread.run_sync(self.disk.sync_files, self.db.state.files())
             except BaseException:
                 self._data = self._data or data
                 for name, (path, record) in copies.items():  # a record not written yet wins
@@ -159,14 +163,6 @@ class GroupCommitter:
             self.last_commit_at = time.time()
         if retired:
             await trio.to_thread.run_sync(_unlink_all, list(retired.values()))
-
-    def _journal_step(self, kept: list[SyncedCopy], retired: list[str]) -> None:
-        """The commit's transaction, if it has records to change, and the fsync that makes
-        it and every transaction before it durable (database thread)."""
-        state = self.db.state
-        if kept or retired:
-            state.mark_committed(kept, retired)
-        self.disk.sync_files(state.files())
 
     async def run(self) -> None:
         """Commit once per interval while anything is waiting for it."""
