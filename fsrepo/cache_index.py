@@ -76,12 +76,13 @@ class CacheIndex:
             self._open.pop(sha, None)
 
     # -- adding ---------------------------------------------------------------------------
-    def adopt(self, staging: Path, sha: str) -> bool:
+    def adopt(self, staging: Path, sha: str, replace: bool = False) -> bool:
         """Move a finished staging file into the cache under its hash (a rename: cheap on
         the trio thread; the group commit makes it durable). Returns False if the blob was
-        already cached (the staging file is then deleted)."""
+        already cached (the staging file is then deleted), unless `replace` (the cached
+        one may be damaged)."""
         target = self.path(sha)
-        if target.exists():
+        if not replace and target.exists():
             staging.unlink(missing_ok=True)
             return False
         try:
@@ -91,12 +92,15 @@ class CacheIndex:
             os.replace(staging, target)
         return True
 
-    def link_in(self, staging: Path, sha: str) -> None:
+    def link_in(self, staging: Path, sha: str, replace: bool = False) -> None:
         """A second name in the cache for a staging file that must stay where it is until
-        its journal record is gone (a copy fsync'd while open: staging.py)."""
+        its journal record is gone (a copy fsync'd while open: staging.py); `replace`: as
+        in `adopt`."""
         target = self.path(sha)
         if target.exists():
-            return
+            if not replace:
+                return
+            target.unlink()
         target.parent.mkdir(exist_ok=True)
         try:
             os.link(staging, target)

@@ -37,6 +37,9 @@ class RemoteBlobs(Protocol):
 
     def reuse_or_recheck(self, sha: str) -> bool: ...
 
+    # Cached blobs an earlier run left pending: a power loss may have torn them.
+    unverified: set[str]
+
 
 class Committer:
     def __init__(self, ns: Namespace, cache: BlobCache, staging: StagingArea,
@@ -103,7 +106,9 @@ class Committer:
     async def _store_and_record(self, node: Node, st: Staging, digest: str,
                                 entry: FileEntry) -> FileEntry | None:
         remote = self.remote.reuse_or_recheck(digest)
-        cached = self.cache.has(digest)
+        # A cached copy a power loss may have torn is replaced by this one, known good.
+        suspect = digest in self.remote.unverified
+        cached = self.cache.has(digest) and not suspect
         need_upload = not remote
         rec = self.ns.record_replace(node, entry, [(digest, entry.size)] if need_upload else [],
                                      entry.size if (remote or cached) else 0, base=st.base)
@@ -114,9 +119,9 @@ class Committer:
             try:
                 if st.synced:
                     if keep:
-                        self.cache.link_in(st.path, digest)
+                        self.cache.link_in(st.path, digest, replace=suspect)
                 elif keep:
-                    self.cache.adopt(st.path, digest)
+                    self.cache.adopt(st.path, digest, replace=suspect)
                     self.durable.blob_named()
                 else:
                     st.path.unlink(missing_ok=True)  # a duplicate, or deleted meanwhile
@@ -133,6 +138,7 @@ class Committer:
             return None  # deleted while open: POSIX says the data goes with the last close
         # A failure is logged and undone there; a synced copy then stays for the recovery.
         await self.ns.settle(rec)
+        self.remote.unverified.discard(digest)
         if st.synced:  # the journal names the blob now: the copy's record may go
             self.durable.retire_copy(st.path)
         self.cache.register(digest, entry.size, pending=need_upload)

@@ -18,11 +18,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import trio
+
 from .blobcache import BlobCache
 from .commit import Committer, RemoteBlobs
 from .errors import FsError, ImgrepoError
 from .group_commit import GroupCommitter
 from .handles import Handle, HandleTable
+from .hashing import hash_file
 from .inodes import ROOT_INO, Node
 from .manifest import DirEntry, Entry, FileEntry, SymlinkEntry
 from .namespace import EMPTY_SHA, Namespace
@@ -55,6 +58,7 @@ class FileManager:
         self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote,
                                  durable)
         self.last_activity = 0.0  # monotonic time of the last write: uploads yield to writes
+        self.remote = remote
         self.uid, self.gid = os.getuid(), os.getgid()  # who owns everything in the mount
         ns.track_edits(self)
 
@@ -143,6 +147,9 @@ class FileManager:
                 and not staged and not (writable and flags & os.O_TRUNC) \
                 and not self.cache.store.online:
             raise FsError(errno.ENETDOWN)  # its content is not cached, the storage unreachable
+        if isinstance(entry, FileEntry) and entry.sha256 in self.remote.unverified \
+                and self.cache.has(entry.sha256) and not staged:
+            await self._verify(entry.sha256)
         handle = self._new_handle(node, writable)
         try:
             if flags & os.O_TRUNC and writable:
@@ -153,6 +160,18 @@ class FileManager:
             await self.release(handle.fh)
             raise
         return handle
+
+    async def _verify(self, sha: str) -> None:
+        """A blob an earlier run left pending may have been torn by a power loss: hashed
+        before anything reads it (EIO if torn; the uploader then drops its change)."""
+        actual = await trio.to_thread.run_sync(hash_file, self.cache.path(sha))
+        if sha not in self.remote.unverified:
+            return  # verified (or replaced by a close) meanwhile
+        if actual != sha:
+            log.error("blob %s in the local cache is damaged (it hashes to %s), probably by "
+                      "a power loss before it was committed: not served", sha[:12], actual[:12])
+            raise FsError(errno.EIO)
+        self.remote.unverified.discard(sha)
 
     async def create(self, parent: int, name: bytes, mode: int) -> tuple[Handle, Node]:
         entry = FileEntry(EMPTY_SHA, 0, time.time_ns(), mode & 0o7777)
@@ -276,7 +295,7 @@ class FileManager:
         await self.durable.commit()
 
     async def fsyncdir(self) -> None:
-        """fsyncdir(), syncfs(): every change journaled so far survives a power loss."""
+        """fsyncdir(): every change journaled so far survives a power loss."""
         await self.durable.commit()
 
     async def release(self, fh: int) -> None:

@@ -10,6 +10,7 @@ exactly that. The kill -9 side is tests/test_faults.py and tests/test_crash_dedu
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -20,7 +21,14 @@ import trio
 from fsrepo.errors import FsError
 from fsrepo.inodes import ROOT_INO
 
-from .coreutil import list_dir, read_file, running_engine, settings_for, write_file
+from .coreutil import (
+    list_dir,
+    read_file,
+    running_engine,
+    settings_for,
+    start_uploader,
+    write_file,
+)
 from .powerloss import PowerLossDisk
 
 MANUAL = 3600.0  # a commit interval that never comes round: only fsync() commits
@@ -128,39 +136,75 @@ def test_the_background_commit_makes_a_closed_file_power_safe(tmp_path):
     trio.run(main)
 
 
-@pytest.mark.expected_logs(r"damaged \(it hashes to", r"dropping 1 pending change",
-                           reason="the power loss tore a blob the journal names")
-def test_a_blob_torn_by_a_power_loss_is_dropped_never_uploaded(tmp_path):
-    """The journal reached the disk but the blob's data did not (the order the group commit
-    avoids, but a disk may write back the WAL on its own): recovery hashes the blob before
-    uploading it and drops the change, so the name never holds torn content."""
+def torn_after_power_loss(tmp_path: Path, content: bytes) -> Path:
+    """A power loss that kept the journal naming `content` (b.jpg, closed after a commit
+    that kept a.jpg) but tore its blob: the order the group commit avoids, which a disk
+    writing back the WAL on its own can still produce. Returns the cache root after it."""
     cache = tmp_path / "cache"
-    state_dir = settings_for(url_of(tmp_path), None, cache).state_dir()
-    disk = PowerLossDisk(state_dir)
-    content = os.urandom(200_000)
+    disk = PowerLossDisk(settings_for(url_of(tmp_path), None, cache).state_dir())
 
-    async def main() -> None:
+    async def before() -> None:
         async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
                                   commit_interval=MANUAL) as eng:
             await write_file(eng, "a.jpg", b"A" * 1000)
             await eng.files.fsyncdir()
             await write_file(eng, "b.jpg", content)
             await eng.db.run(disk.sync_files, eng.db.state.files())  # the journal only
-            lost_at = power_loss(disk, tmp_path, "lost")
-        torn = settings_for(url_of(tmp_path), None, lost_at).state_dir() / "blobs" / \
-            sha(content)[:2] / sha(content)
-        torn.parent.mkdir(parents=True, exist_ok=True)
-        torn.write_bytes(content[:4096])
-        async with running_engine(url_of(tmp_path), None, lost_at, upload=True) as eng:
+
+    trio.run(before)
+    lost_at = power_loss(disk, tmp_path, "lost")
+    torn = settings_for(url_of(tmp_path), None, lost_at).state_dir() / "blobs" / \
+        sha(content)[:2] / sha(content)
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_bytes(content[:4096])
+    return lost_at
+
+
+def bucket_blobs(tmp_path: Path) -> set[str]:
+    return {p.name for p in (tmp_path / "bucket" / "blobs").rglob("*") if p.is_file()}
+
+
+@pytest.mark.expected_logs(r"damaged \(it hashes to", r"dropping 1 pending change",
+                           reason="the power loss tore a blob the journal names")
+def test_a_blob_torn_by_a_power_loss_is_never_served_nor_uploaded(tmp_path):
+    """Recovery hashes the blob before anything reads or uploads it, and drops the change:
+    the name never holds torn content."""
+    content = os.urandom(200_000)
+    lost_at = torn_after_power_loss(tmp_path, content)
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+            with pytest.raises(FsError) as err:
+                await read_file(eng, "b.jpg")  # before the uploader got to it
+            assert err.value.errno == errno.EIO
+            start_uploader(eng)
             with trio.fail_after(120):
                 await eng.uploader.wait_idle()
             names = await list_dir(eng)
             assert await read_file(eng, "a.jpg") == b"A" * 1000
             if b"b.jpg" in names:  # its name was journaled at create: empty, never torn
                 assert await read_file(eng, "b.jpg") == b""
-            assert not torn.exists()
-        bucket_blobs = {p.name for p in (tmp_path / "bucket" / "blobs").rglob("*")}
-        assert sha(content) not in bucket_blobs and sha(content[:4096]) not in bucket_blobs
+        assert sha(content) not in bucket_blobs(tmp_path)
+
+    trio.run(main)
+
+
+def test_a_torn_blob_is_replaced_by_the_next_close_of_that_content(tmp_path):
+    """A file closed after the restart with the torn blob's content is not taken for a
+    duplicate of the torn copy: its good copy replaces it, and is what gets uploaded."""
+    content = os.urandom(200_000)
+    lost_at = torn_after_power_loss(tmp_path, content)
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, lost_at, upload=True) as eng:
+            await write_file(eng, "c.jpg", content)
+            with trio.fail_after(120):
+                await eng.uploader.wait_idle()
+            assert await read_file(eng, "c.jpg") == content
+            assert await read_file(eng, "b.jpg") == content  # its close had returned
+        uploaded = tmp_path / "bucket" / "blobs"
+        assert sha(content) in bucket_blobs(tmp_path)
+        assert [p.read_bytes() for p in uploaded.rglob(sha(content))] == [content]
 
     trio.run(main)
 
