@@ -20,9 +20,12 @@ import trio
 
 from fsrepo.errors import FsError
 from fsrepo.inodes import ROOT_INO
+from fsrepo.store.base import Store
+from fsrepo.store.counting import PUT_FILE_CREATED, CountingStore
 
 from .coreutil import (
     list_dir,
+    overwrite_file,
     read_file,
     running_engine,
     settings_for,
@@ -205,6 +208,36 @@ def test_a_torn_blob_is_replaced_by_the_next_close_of_that_content(tmp_path):
         uploaded = tmp_path / "bucket" / "blobs"
         assert sha(content) in bucket_blobs(tmp_path)
         assert [p.read_bytes() for p in uploaded.rglob(sha(content))] == [content]
+
+    trio.run(main)
+
+
+def test_a_file_rewritten_again_and_again_uploads_its_last_version(tmp_path):
+    """Rewrites of a file wait until it has been unchanged for the write-back delay (5 s):
+    the versions in between never reach the bucket. Someone waiting (--status --wait)
+    does not wait for the delay."""
+    counting: list[CountingStore] = []
+
+    def wrap(store: Store) -> Store:
+        counting.append(CountingStore(store))
+        return counting[0]
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, tmp_path / "cache",
+                                  wrap_store=wrap) as eng:
+            await write_file(eng, "notes.txt", version(0))  # a new file: uploaded at once
+            with trio.fail_after(120):
+                await eng.uploader.wait_idle()
+            before = counting[0].snapshot()
+            for n in range(1, 6):
+                await overwrite_file(eng, "notes.txt", version(n))
+                await trio.sleep(0.3)  # the uploader looks at the journal meanwhile
+            assert counting[0].since(before)[PUT_FILE_CREATED] == 0  # all held back
+            with trio.fail_after(120):
+                await eng.uploader.wait_idle()
+            assert counting[0].since(before)[PUT_FILE_CREATED] == 1
+        assert bucket_blobs(tmp_path) == {sha(version(0)), sha(version(5))} | (
+            bucket_blobs(tmp_path) & {sha(b"")})
 
     trio.run(main)
 
