@@ -120,9 +120,10 @@ class Committer:
                 if st.synced:
                     if keep:
                         self.cache.link_in(st.path, digest, replace=suspect)
+                        self.durable.blob_named(self.cache.path(digest))
                 elif keep:
                     self.cache.adopt(st.path, digest, replace=suspect)
-                    self.durable.blob_named()
+                    self.durable.blob_named(self.cache.path(digest))
                 else:
                     st.path.unlink(missing_ok=True)  # a duplicate, or deleted meanwhile
             finally:

@@ -75,8 +75,7 @@ class Engine:
                             refresh=settings.refresh, known_blobs=self.remote_index,
                             view_cache_entries=settings.view_cache_entries,
                             invalidator=self.invalidator)
-        self.durable = GroupCommitter(self.db, self.journal, self.state_dir,
-                                      settings.commit_interval, disk)
+        self.durable = GroupCommitter(self.db, self.journal, settings.commit_interval, disk)
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
                                  self.remote_index, self.durable)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,

@@ -4,10 +4,11 @@ journaling filesystem's `commit=`), never once per file.
 
 close() returns once the file's blob is named in the cache and its journal entry written to
 the WAL, without an fsync: both survive a kill -9 of the mount, since the kernel holds them.
-A commit puts them on the disk in order: the data first (one syncfs of the cache's
-filesystem; or, when only files fsync'd while open are concerned, an fdatasync of each),
-then the journal that names it (the transaction `mark_committed`, then an fsync of the
-database's files). A power loss before a commit leaves the journal naming blobs that may be
+A commit puts them on the disk in order: the data first (the files named since the last
+commit: writeback started on all of them, then an fsync of each, which a journaling
+filesystem commits together), then the journal that names it (the transaction
+`mark_committed`, then an fsync of the database's files). Not syncfs: that would flush
+everything anyone wrote on the filesystem, once a second, and wait for it. A power loss before a commit leaves the journal naming blobs that may be
 torn, or not naming them at all: recovery hashes every pending blob of an earlier run
 before upload and drops the changes whose blob is damaged (blob_upload.py), so what was not
 committed is absent, never wrong.
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 1.0  # seconds: at most this long after close() until power-safe
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 class Disk(Protocol):
@@ -43,12 +46,12 @@ class Disk(Protocol):
         ...
 
     def sync_files(self, paths: Iterable[Path]) -> None:
-        """These files' data (fdatasync each; a file gone meanwhile is skipped)."""
+        """These files, data and name (fsync each; a file gone meanwhile is skipped)."""
         ...
 
 
 class LocalDisk:
-    """The real thing: syncfs(2) through libc, fdatasync(2) through os."""
+    """The real thing: syncfs(2) and sync_file_range(2) through libc, fsync(2)."""
 
     def sync_filesystem(self, root: Path) -> None:
         if _syncfs is None:  # a libc without it: sync(2) covers every filesystem
@@ -63,14 +66,20 @@ class LocalDisk:
             os.close(fd)
 
     def sync_files(self, paths: Iterable[Path]) -> None:
-        for path in paths:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fdatasync(fd)
-            finally:
+        fds = []
+        try:
+            for path in paths:
+                try:
+                    fds.append(os.open(path, os.O_RDONLY))
+                except FileNotFoundError:
+                    continue
+                if _sync_file_range is not None:  # the writeback of all of them at once
+                    _sync_file_range(ctypes.c_int(fds[-1]), ctypes.c_longlong(0),
+                                     ctypes.c_longlong(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+            for fd in fds:
+                os.fsync(fd)
+        finally:
+            for fd in fds:
                 os.close(fd)
 
 
@@ -78,17 +87,16 @@ class GroupCommitter:
     """Collects what needs the disk (`blob_named`, `keep_copy`, `retire_copy`) and commits
     it in batches (`commit`, `run`)."""
 
-    def __init__(self, db: StateDB, journal: Journal, root: Path,
-                 interval: float = DEFAULT_INTERVAL, disk: Disk | None = None) -> None:
+    def __init__(self, db: StateDB, journal: Journal, interval: float = DEFAULT_INTERVAL,
+                 disk: Disk | None = None) -> None:
         self.db = db
         self.journal = journal
-        self.root = root  # a folder on the filesystem holding the cache and the database
         self.interval = interval
         self.disk: Disk = disk or LocalDisk()
         self._lock = trio.Lock()
         self._noted = 0  # notes so far: each names something the next commit must cover
         self._covered = (0, 0)  # (journal writes, notes) the last commit covered
-        self._data = False  # blobs named since the last commit: syncfs
+        self._data: dict[str, Path] = {}  # blobs named since the last commit
         # fsync'd open files (with their record when it is new or changed)
         self._copies: dict[str, tuple[Path, SyncedCopy | None]] = {}
         self._retired: dict[str, Path] = {}  # synced copies closed or dropped since
@@ -96,9 +104,9 @@ class GroupCommitter:
         self.last_commit_at: float | None = None
 
     # -- notes ----------------------------------------------------------------------------
-    def blob_named(self) -> None:
+    def blob_named(self, path: Path) -> None:
         """A close() named a new blob in the cache (its data is in the page cache)."""
-        self._data = True
+        self._data[path.name] = path
         self._noted += 1
 
     def keep_copy(self, path: Path, copy: SyncedCopy | None) -> None:
@@ -112,7 +120,6 @@ class GroupCommitter:
         """A synced copy is done with (its file closed: the blob is a hard link to it; or
         dropped): its record goes at the next commit, the file after that."""
         self._retired[path.name] = path
-        self._data = True
         self._noted += 1
 
     def _ticket(self) -> tuple[int, int]:
@@ -135,15 +142,13 @@ class GroupCommitter:
             await self.journal.write_queued()
             covered = (self.journal.writes, self._noted)
             journal = covered[0] > self._covered[0]
-            data, self._data = self._data, False
+            data, self._data = self._data, {}
             copies, self._copies = self._copies, {}
             retired, self._retired = self._retired, {}
             try:
-                if data:
-                    await trio.to_thread.run_sync(self.disk.sync_filesystem, self.root)
-                elif copies:
-                    await trio.to_thread.run_sync(
-                        self.disk.sync_files, [p for p, _ in copies.values()])
+                files = [*data.values(), *(p for p, _ in copies.values()), *retired.values()]
+                if files:
+                    await trio.to_thread.run_sync(self.disk.sync_files, files)
                 kept = [c for _, c in copies.values() if c is not None and c.path not in retired]
                 if kept or retired:
                     await self.db.run(self.db.state.mark_committed, kept, list(retired))
@@ -152,7 +157,7 @@ class GroupCommitter:
                     # (what they write after the fsync started goes with the next commit).
                     await trio.to_thread.run_sync(self.disk.sync_files, self.db.state.files())
             except BaseException:
-                self._data = self._data or data
+                self._data = data | self._data
                 for name, (path, record) in copies.items():  # a record not written yet wins
                     if record is not None or name not in self._copies:
                         self._copies[name] = (path, record)
