@@ -186,12 +186,11 @@ class Namespace:
 
     # -- changes --------------------------------------------------------------------------
     # Each change loads what it needs first (awaits), then checks and records synchronously
-    # (no await in between, so no lock is needed), then waits until the journal is durable.
+    # (no await in between, so no lock is needed), then waits until the journal has it written.
     def _record(self, ops: list[tuple[str, Op, int | None]],
-                new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
-                durable: bool = True) -> Record:
+                new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0) -> Record:
         """Put ops into the journal's order and apply them to the views, now."""
-        rec = self.journal.record(ops, new_blobs, dedup_bytes, durable)
+        rec = self.journal.record(ops, new_blobs, dedup_bytes)
         for dir_id, op, _ in ops:
             self.views.apply(dir_id, op)
         return rec
@@ -205,10 +204,11 @@ class Namespace:
             self.views.names_changed(pending.dir_id, now)
 
     async def settle(self, rec: Record) -> None:
-        """Wait until recorded ops are durable; if that fails they are undone (FsError with
-        the disk's errno)."""
+        """Wait until recorded ops are written (they survive a crash of the process; the
+        group commit makes them survive a power loss); if that fails they are undone
+        (FsError with the disk's errno)."""
         try:
-            await self.journal.make_durable(rec)
+            await self.journal.write(rec)
         except (OSError, sqlite3.Error) as exc:
             log.error("cannot write the local journal: %s", exc)
             self.views.recompute(rec.dirs)
@@ -236,19 +236,20 @@ class Namespace:
             raise FsError(errno.ENOENT)  # the directory was removed
         return pnode, await self.views.load(pnode.dir_id)  # type: ignore[arg-type]
 
-    async def create(self, parent: int, name: bytes, entry: Entry, durable: bool = True) -> Node:
-        """Create a name that must not exist (create, mkdir, symlink)."""
+    async def create(self, parent: int, name: bytes, entry: Entry, wait: bool = True) -> Node:
+        """Create a name that must not exist (create, mkdir, symlink); `wait`: until the
+        journal has it written."""
         pnode, view = await self._parent_view(parent, name)
         if name in view.entries:
             raise FsError(errno.EEXIST)
         _room_for_one_more(view)
-        rec = self._record([(view.dir_id, Op(name, entry, None), None)], durable=durable)
+        rec = self._record([(view.dir_id, Op(name, entry, None), None)])
         self._names_changed(rec)
         node = self.inodes.node_for(parent, name, entry)
         self.looked_up(node)
-        if durable:
+        if wait:
             await self.settle(rec)
-        # else: written by the next durable change (the file's close) or by write_behind
+        # else: written with the next change (the file's close) or by write_behind
         return node
 
     async def mkdir(self, parent: int, name: bytes, mode: int) -> tuple[Node, Entry]:
