@@ -22,7 +22,7 @@ ROOT_ID = "root"
 MAX_NAME = 255
 MAX_SYMLINK = 4095
 MAX_SIZE = 1 << 50  # 1 PiB: anything larger is a hostile or broken manifest
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 _ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
@@ -88,15 +88,34 @@ def _int(raw: dict, key: str, lo: int, hi: int, default: int | None = None) -> i
     return value
 
 
+_MTIME_MIN, _MTIME_MAX = -(1 << 62), 1 << 62
+
+
+def _plain_file(raw: dict) -> FileEntry | None:
+    """The common entry (a file with every field well formed), checked in one pass: a
+    remount parses every cached manifest a walk opens. None: let the full check decide."""
+    sha, size = raw.get("sha256"), raw.get("size")
+    mtime, mode = raw.get("mtime_ns", 0), raw.get("mode", 0o644)
+    if type(sha) is str and type(size) is int and type(mtime) is int and type(mode) is int \
+            and 0 <= size <= MAX_SIZE and _MTIME_MIN <= mtime <= _MTIME_MAX \
+            and 0 <= mode <= 0o7777 and _SHA_RE.fullmatch(sha):
+        return FileEntry(sha, size, mtime, mode)
+    return None
+
+
 def entry_from_json(raw: object) -> Entry:
     """One entry; ValueError if anything about it is wrong."""
+    if type(raw) is dict and raw.get("type") == "file":
+        plain = _plain_file(raw)
+        if plain is not None:
+            return plain
     if not isinstance(raw, dict):
         raise ValueError("entry is not an object")
     kind = raw.get("type")
     mtime = _int(raw, "mtime_ns", -(1 << 62), 1 << 62, 0)
     if kind == "file":
         sha = raw.get("sha256")
-        if not isinstance(sha, str) or not _SHA_RE.match(sha):
+        if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
             raise ValueError("bad sha256")
         return FileEntry(sha, _int(raw, "size", 0, MAX_SIZE), mtime,
                          _int(raw, "mode", 0, 0o7777, 0o644))
@@ -157,11 +176,20 @@ def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
     if not isinstance(plain, dict) or not isinstance(encoded, dict):
         raise ManifestError(f"manifest of directory {dir_id}: entries are not objects")
     items: list[tuple[bytes | None, str, object]] = []
+    entries = manifest.entries
     for key, value in plain.items():
         try:
-            items.append((key.encode("utf-8"), key, value))
+            name = key.encode("utf-8")
         except UnicodeEncodeError:
             items.append((None, key, value))
+            continue
+        if type(value) is dict and value.get("type") == "file" and 0 < len(name) <= MAX_NAME \
+                and b"/" not in name and b"\0" not in name and name not in (b".", b".."):
+            entry = _plain_file(value)  # the common case, in one pass
+            if entry is not None:
+                entries[name] = entry
+                continue
+        items.append((name, key, value))
     for key, value in encoded.items():
         try:
             raw_name = base64.b64decode(key, validate=True)

@@ -4,13 +4,14 @@ needs), come back from the local state without a request, and forgotten inodes g
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import trio
 
 from fsrepo.inodes import ROOT_INO
-from fsrepo.manifest import DirEntry
+from fsrepo.manifest import DirEntry, FileEntry, parse_manifest
 from fsrepo.store.base import Store
 
 from .coreutil import (
@@ -208,3 +209,22 @@ def test_random_changes_with_a_tiny_view_cache_never_lose_a_needed_view(tmp_path
             for path, data in model.items():
                 assert await read_file(eng, path) == data
     trio.run(main)
+
+
+GOOD = {"type": "file", "sha256": "ab" * 32, "size": 5, "mtime_ns": 7, "mode": 0o600}
+
+
+def test_the_quick_parse_of_file_entries_refuses_what_the_full_check_refuses():
+    """A remount parses every cached manifest a walk opens, through a one-pass check of
+    plain file entries: it must keep nothing the full check refuses."""
+    bad_values = [dict(GOOD, sha256="ab" * 32 + "\n"), dict(GOOD, sha256="AB" * 32),
+                  dict(GOOD, size=True), dict(GOOD, size=-1), dict(GOOD, size=1 << 51),
+                  dict(GOOD, mode=0o10000), dict(GOOD, mtime_ns=1.5),
+                  dict(GOOD, mtime_ns=1 << 63)]
+    bad_names = ["a/b", "a\0b", ".", "..", "x" * 256]
+    doc = {"imgrepo_manifest": 1, "dir_id": "d1",
+           "entries": {"ok": GOOD, **{f"v{i}": v for i, v in enumerate(bad_values)},
+                       **{name: GOOD for name in bad_names}}}
+    manifest, problems = parse_manifest(json.dumps(doc).encode(), "d1")
+    assert manifest.entries == {b"ok": FileEntry("ab" * 32, 5, 7, 0o600)}
+    assert len(problems) == len(bad_values) + len(bad_names)
