@@ -131,10 +131,13 @@ class Namespace:
         reads it) until `close_listing`. The subdirectories' manifests are fetched ahead:
         a walk opens them next."""
         names = await self.listing(ino)
-        self.inodes.dir_node(ino).opens += 1
         views = self.views
-        self.prefetcher.want([e.id for _, e in names
-                              if isinstance(e, DirEntry) and views.get(e.id) is None])
+        subdirs = [e.id for _, e in names if isinstance(e, DirEntry) and views.get(e.id) is None]
+        if subdirs and self.prefetcher.running:  # one query for all, not a look each
+            cached = await self.db.run(self.db.state.cached_manifests, subdirs)
+            self.prefetcher.want([d for d in subdirs if d not in cached],
+                                 [d for d in subdirs if d in cached])
+        self.inodes.dir_node(ino).opens += 1
         return names
 
     def close_listing(self, ino: int) -> None:
