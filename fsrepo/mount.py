@@ -201,6 +201,7 @@ class Mount(Engine):
                 nursery.start_soon(self.journal.write_behind)
                 nursery.start_soon(self.watcher.run)
                 nursery.start_soon(self.ns.prefetcher.run)
+                nursery.start_soon(self.ns.release_when_idle)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self.mode.run)

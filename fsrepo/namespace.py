@@ -15,9 +15,12 @@ import sqlite3
 import time
 import uuid
 
+import trio
+
 from .announce import Announcer, EditTracker, Invalidator
 from .dirviews import DirView, DirViews, KnownBlobs
 from .errors import FsError, errno_for
+from .heap import Heap
 from .inodes import ROOT_INO, InodeTable, Node, is_same_object
 from .journal import Journal, Record
 from .manifest import ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
@@ -32,6 +35,9 @@ EMPTY_SHA = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 # After this many inodes forgotten by the kernel, the views they pinned are let go (down to
 # a tenth of the bound: an idle mount gives its memory back).
 FORGETS_PER_TRIM = 4096
+IDLE_AFTER = 30.0  # seconds without a lookup or listing: the mount is idle, memory goes back
+IDLE_CHECK = 5.0  # how often the idle release looks
+FORGET_WAIT = 5.0  # after asking the kernel to forget, how long its forgets take to arrive
 
 
 class Namespace:
@@ -49,6 +55,11 @@ class Namespace:
         self.views.needed = self
         self.prefetcher = ManifestPrefetcher(self.views.fetch_ahead)  # run by the mount
         self._forgotten = 0  # inodes forgotten since the views were last trimmed
+        self.idle_after, self.idle_check, self.forget_wait = IDLE_AFTER, IDLE_CHECK, FORGET_WAIT
+        self.heap = Heap()
+        self._last_used = 0.0  # trio time of the last lookup or listing
+        self._used_since_release = False  # a walk since the last idle release
+        self._evicted_since_release = False  # views let go that the heap has not given back
 
     def track_edits(self, tracker: EditTracker) -> None:
         """Which file inodes are being edited (the file layer, built after us): a remote
@@ -64,7 +75,48 @@ class Namespace:
         self._forgotten += 1
         if self._forgotten >= FORGETS_PER_TRIM:
             self._forgotten = 0
-            self.views.trim(self.views.max_entries // 10)
+            if self.views.trim(self.views.max_entries // 10):
+                self._evicted_since_release = True
+
+    def _used(self) -> None:
+        self._last_used = trio.current_time()
+        self._used_since_release = True
+
+    async def release_when_idle(self) -> None:
+        """Run by the mount: once nothing has been looked up or listed for `idle_after`
+        seconds after a walk, ask the kernel to forget what it caches below the root (it
+        then forgets every inode no process holds: no open file, no working directory),
+        let go of the views nothing needs any more, and give the freed heap back to the OS.
+        The next walk looks names up again, from the views or the local state."""
+        while True:
+            await trio.sleep(self.idle_check)
+            if trio.current_time() - self._last_used < self.idle_after:
+                continue
+            if self._used_since_release:
+                self._used_since_release = False
+                asked = self.forget_below_root()
+                log.debug("idle: the kernel is asked to forget %d folders; %d inodes, %d "
+                          "views", asked, len(self.inodes.nodes), len(self.views))
+                await trio.sleep(self.forget_wait)
+            if self._used_since_release:
+                continue  # in use again: the next idle period
+            if self.views.trim(0) or self._evicted_since_release:
+                self._evicted_since_release = False
+                self.heap.give_back()
+                log.debug("idle: %d inodes and %d views (%d entries) left in memory",
+                          len(self.inodes.nodes), len(self.views), self.views.entries_held)
+
+    def forget_below_root(self) -> int:
+        """Ask the kernel to drop its cached entries of the root's subdirectories (and so
+        of everything below them that no process holds); returns how many were named."""
+        root = self.views.get(ROOT_ID)
+        if root is None:
+            return 0
+        names = [name for name, entry in root.entries.items()
+                 if isinstance(entry, DirEntry) and self.inodes.of_dir(entry.id) is not None]
+        for name in names:
+            self.invalidator.entry(ROOT_INO, name)
+        return len(names)
 
     def view_needed(self, dir_id: str) -> bool:
         """A view stays in memory while an inode named in it exists (the kernel knows it,
@@ -79,6 +131,7 @@ class Namespace:
         node.lookups += 1
 
     async def lookup(self, parent: int, name: bytes, count: bool = True) -> tuple[Node, Entry]:
+        self._used()
         pnode = self.inodes.dir_node(parent)
         view = await self.views.load(pnode.dir_id)  # type: ignore[arg-type]
         node, entry = self.lookup_loaded(parent, view, name, self.inodes.ancestors(parent))
@@ -130,6 +183,7 @@ class Namespace:
         """`listing` for an opened directory handle: the view stays in memory (readdir
         reads it) until `close_listing`. The subdirectories' manifests are fetched ahead:
         a walk opens them next."""
+        self._used()
         names = await self.listing(ino)
         views = self.views
         subdirs = [e.id for _, e in names if isinstance(e, DirEntry) and views.get(e.id) is None]

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("format and shared vocabulary", [
         "fsrepo", "fsrepo.manifest", "fsrepo.errors", "fsrepo.retry",
         "fsrepo.hashing", "fsrepo.units", "fsrepo.config", "fsrepo.logsetup", "fsrepo.processes",
-        "fsrepo.blobset",
+        "fsrepo.blobset", "fsrepo.heap",
         "fsrepo.auth.redact"]),
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",

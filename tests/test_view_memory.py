@@ -228,3 +228,76 @@ def test_the_quick_parse_of_file_entries_refuses_what_the_full_check_refuses():
     manifest, problems = parse_manifest(json.dumps(doc).encode(), "d1")
     assert manifest.entries == {b"ok": FileEntry("ab" * 32, 5, 7, 0o600)}
     assert len(problems) == len(bad_values) + len(bad_names)
+
+
+class KernelThatForgets:
+    """The kernel's side of an entry invalidation: every inode below the invalidated
+    directory that no process holds is forgotten."""
+
+    def __init__(self, eng, held: list[int]) -> None:  # noqa: ANN001
+        self.eng, self.held, self.asked = eng, held, []
+
+    def entry(self, parent_ino: int, name: bytes) -> None:
+        self.asked.append((parent_ino, name))
+        kernel_forgets_all_but(self.eng, self.held)
+
+    def inode(self, ino: int) -> None:
+        pass
+
+
+class CountingHeap:
+    def __init__(self) -> None:
+        self.given_back = 0
+
+    def give_back(self) -> bool:
+        self.given_back += 1
+        return True
+
+
+def test_an_idle_mount_has_the_kernel_forget_and_gives_its_memory_back(tmp_path):
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+
+    async def walk(eng) -> list:  # noqa: ANN001
+        """Every folder listed, every name looked up and kept, as `find` leaves the kernel."""
+        nodes = []
+        for d in range(FOLDERS):
+            dnode, _ = await resolve(eng, f"d{d:02d}")
+            eng.ns.looked_up(dnode)
+            nodes.append(dnode)
+            for f in range(FILES):
+                node, _ = await eng.ns.lookup(dnode.ino, f"f{f}".encode())
+                nodes.append(node)
+        return nodes
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", upload=False,
+                                  view_cache_entries=5 * FILES) as eng:
+            ns = eng.ns
+            ns.idle_after, ns.idle_check, ns.forget_wait = 0.3, 0.05, 0.05
+            heap = ns.heap = CountingHeap()
+            kept = await resolve(eng, "d03/f1")  # a file a process keeps open
+            ns.looked_up(kept[0])
+            kernel = ns.invalidator = KernelThatForgets(eng, [kept[0].ino])
+            eng.nursery.start_soon(ns.release_when_idle)
+            await walk(eng)
+            walked = ns.views.entries_held
+            assert walked >= FOLDERS * FILES and heap.given_back == 0
+            await trio.sleep(0.15)  # not idle long enough yet
+            assert kernel.asked == [] and heap.given_back == 0
+            with trio.fail_after(5):
+                while not heap.given_back:
+                    await trio.sleep(0.05)
+            assert kernel.asked and all(parent == ROOT_INO for parent, _ in kernel.asked)
+            assert sorted(ns.inodes.nodes) == sorted({ROOT_INO, kept[0].ino, kept[0].parent})
+            # what trim keeps: a tenth of the bound, the 16 views loaded last, the root
+            assert ns.views.entries_held <= 5 * FILES // 10 + 16 * FILES + FOLDERS < walked
+            needed_views_are_loaded(eng)
+            asked = len(kernel.asked)
+            await trio.sleep(1)  # idle on: asked once per idle period, not again
+            assert len(kernel.asked) == asked
+            await walk(eng)  # in use again, then idle: asked again
+            with trio.fail_after(5):
+                while len(kernel.asked) == asked:
+                    await trio.sleep(0.05)
+    trio.run(main)
