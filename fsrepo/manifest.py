@@ -92,6 +92,8 @@ _MTIME_MIN, _MTIME_MAX = -(1 << 62), 1 << 62
 # A checked FileEntry made without the frozen dataclass's __init__ (four object.__setattr__
 # calls): half the cost of the most common object a remount creates.
 _new = object.__new__
+# One int object per mode (at most 4,096), not one per entry: 32 bytes less a file in memory.
+_MODES: dict[int, int] = {}
 _set_sha, _set_size, _set_mtime, _set_mode = (
     FileEntry.__dict__[k].__set__ for k in ("sha256", "size", "mtime_ns", "mode"))
 
@@ -108,7 +110,7 @@ def _plain_file(raw: dict) -> FileEntry | None:
         _set_sha(entry, sha)
         _set_size(entry, size)
         _set_mtime(entry, mtime)
-        _set_mode(entry, mode)
+        _set_mode(entry, _MODES.setdefault(mode, mode))
         return entry
     return None
 
