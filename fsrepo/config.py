@@ -82,6 +82,7 @@ class Settings:
     refresh: float = DEFAULT_REFRESH
     uploads: int = 8
     view_cache_entries: int = 200_000  # directory entries kept in memory (~0.4 KiB each)
+    idle_release: float = 30.0  # idle seconds before memory is given back (0: never)
     # login (OIDC device flow + STS web identity)
     issuer: str | None = None
     client_id: str | None = None
@@ -192,6 +193,10 @@ def load_settings(flags: dict[str, Any] | None = None, config_file: Path | None 
             merged["refresh"] = float(merged["refresh"])
             if merged["refresh"] <= 0:
                 raise ConfigError("--refresh must be a positive number of seconds")
+        if "idle_release" in merged:
+            merged["idle_release"] = float(merged["idle_release"])
+            if merged["idle_release"] < 0:
+                raise ConfigError("idle-release must be 0 (never) or a number of seconds")
         if "uploads" in merged:
             merged["uploads"] = int(merged["uploads"])
             if merged["uploads"] < 1:

@@ -43,7 +43,7 @@ FORGET_WAIT = 5.0  # after asking the kernel to forget, how long its forgets tak
 class Namespace:
     def __init__(self, store: Store, db: StateDB, journal: Journal, *, host: str,
                  refresh: float, known_blobs: KnownBlobs, view_cache_entries: int,
-                 invalidator: Invalidator | None = None) -> None:
+                 idle_after: float = IDLE_AFTER, invalidator: Invalidator | None = None) -> None:
         self.db = db
         self.journal = journal
         self.invalidator = invalidator or Invalidator()
@@ -55,7 +55,9 @@ class Namespace:
         self.views.needed = self
         self.prefetcher = ManifestPrefetcher(self.views.fetch_ahead)  # run by the mount
         self._forgotten = 0  # inodes forgotten since the views were last trimmed
-        self.idle_after, self.idle_check, self.forget_wait = IDLE_AFTER, IDLE_CHECK, FORGET_WAIT
+        self.idle_after = idle_after  # 0: never
+        self.idle_check = min(IDLE_CHECK, idle_after / 2) if idle_after > 0 else IDLE_CHECK
+        self.forget_wait = FORGET_WAIT
         self.heap = Heap()
         self._last_used = 0.0  # trio time of the last lookup or listing
         self._used_since_release = False  # a walk since the last idle release
@@ -88,6 +90,8 @@ class Namespace:
         then forgets every inode no process holds: no open file, no working directory),
         let go of the views nothing needs any more, and give the freed heap back to the OS.
         The next walk looks names up again, from the views or the local state."""
+        if self.idle_after <= 0:
+            return
         while True:
             await trio.sleep(self.idle_check)
             if trio.current_time() - self._last_used < self.idle_after:
@@ -95,16 +99,18 @@ class Namespace:
             if self._used_since_release:
                 self._used_since_release = False
                 asked = self.forget_below_root()
-                log.debug("idle: the kernel is asked to forget %d folders; %d inodes, %d "
-                          "views", asked, len(self.inodes.nodes), len(self.views))
                 await trio.sleep(self.forget_wait)
-            if self._used_since_release:
-                continue  # in use again: the next idle period
-            if self.views.trim(0) or self._evicted_since_release:
+                if self._used_since_release:
+                    continue  # in use again: the next idle period
+                evicted = self.views.trim(0)
                 self._evicted_since_release = False
                 self.heap.give_back()
-                log.debug("idle: %d inodes and %d views (%d entries) left in memory",
+                log.debug("idle release: the kernel was asked to forget %d folders, %d views "
+                          "went; %d inodes and %d views (%d entries) left", asked, evicted,
                           len(self.inodes.nodes), len(self.views), self.views.entries_held)
+            elif self._evicted_since_release:  # the kernel forgot more meanwhile
+                self._evicted_since_release = False
+                self.heap.give_back()
 
     def forget_below_root(self) -> int:
         """Ask the kernel to drop its cached entries of the root's subdirectories (and so

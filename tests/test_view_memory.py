@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import trio
@@ -23,6 +24,7 @@ from .coreutil import (
     running_engine,
     write_file,
 )
+from .mountutil import file_tree, poll
 
 FOLDERS, FILES = 30, 10
 
@@ -301,3 +303,31 @@ def test_an_idle_mount_has_the_kernel_forget_and_gives_its_memory_back(tmp_path)
                 while len(kernel.asked) == asked:
                     await trio.sleep(0.05)
     trio.run(main)
+
+
+def test_an_idle_mount_has_the_kernel_forget_what_a_walk_left(mounter, mount_env, tmp_path):
+    """A real kernel: after `idle-release` seconds without use, the inodes a walk left go,
+    but not an open file's; the open file still reads, and the next walk sees the same."""
+    conf = Path(mount_env["XDG_CONFIG_HOME"]) / "imgrepo"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "config.toml").write_text("idle-release = 1\n")
+    m = mounter("file://" + str(tmp_path / "repo"), "--verbose")
+    root = m.path
+    for d in range(4):
+        for s in range(3):
+            (root / f"d{d}" / f"s{s}").mkdir(parents=True)
+            for f in range(5):
+                (root / f"d{d}" / f"s{s}" / f"f{f}").write_bytes(b"%d%d%d" % (d, s, f))
+    with open(root / "d1" / "s2" / "f3", "rb") as held:
+        seen = len(m.logtext())
+        tree = file_tree(root)  # the walk: the kernel now knows every name
+        assert len(tree) == 60
+
+        def released() -> list[str]:
+            return re.findall(r"idle release: .* (\d+) inodes and", m.logtext()[seen:])
+
+        inodes = int(poll(released, timeout=60, what="the idle release")[-1])
+        assert inodes <= 4, inodes  # the root, d1, d1/s2 and the open file at most
+        assert held.read() == b"123"
+    assert file_tree(root) == tree
+    assert not m.unexpected_log_lines(), m.logtext()
