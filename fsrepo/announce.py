@@ -54,10 +54,12 @@ class Announcer:
         parent = self.inodes.of_dir(dir_id)
         if parent is None:
             return
+        changed = False
         for name in old.keys() | new.keys():
             before, after = old.get(name), new.get(name)
             if before == after:
                 continue
+            changed = True
             self.invalidator.entry(parent.ino, name)
             node = self.inodes.of_name(parent.ino, name)
             if node is not None and not self.editing.is_editing(node.ino) and (
@@ -77,6 +79,8 @@ class Announcer:
                 gone = self.inodes.of_dir(before.id)
                 if gone is not None and gone.parent == parent.ino and gone.name == name:
                     self.invalidator.inode(gone.ino)
+        if changed:  # the directory's own link count and times
+            self.invalidator.inode(parent.ino)
 
     def diverted(self, dir_id: str, diverted: dict[bytes, bytes]) -> None:
         """Our version of a name went to a conflict copy: what the kernel caches for the

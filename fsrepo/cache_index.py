@@ -39,8 +39,9 @@ class CacheIndex:
         """Index what the database says is cached; returns pending blobs whose file is gone
         (which means data was lost behind our back: the caller logs it)."""
         missing = []
-        for sha, size, pending, _atime in rows:
-            if not self.path(sha).exists():
+        for sha, length, pending, _atime in rows:
+            size = self._on_disk(sha, length)
+            if size is None:
                 if pending:
                     missing.append(sha)
                 continue
@@ -94,8 +95,19 @@ class CacheIndex:
         os.replace(staging, target)
         return True
 
+    def _on_disk(self, sha: str, length: int) -> int | None:
+        """What a blob file counts against the limit: its length, or the blocks it uses
+        if fewer (a sparse file: a 2 GiB file with 4 MB written counts 4 MB). None if the
+        file is missing."""
+        try:
+            return min(length, os.stat(self.path(sha)).st_blocks * 512)
+        except FileNotFoundError:
+            return None
+
     def register(self, sha: str, size: int, pending: bool) -> None:
         if sha not in self._lru:
+            on_disk = self._on_disk(sha, size)
+            size = size if on_disk is None else on_disk
             self._lru[sha] = size
             self.used += size
         else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -40,12 +42,37 @@ def default_cache_root() -> Path:
 
 
 def runtime_dir() -> Path:
-    """Where running mounts publish their control sockets (private to the user)."""
+    """Where running mounts publish their control sockets (private to the user): the
+    session's XDG_RUNTIME_DIR, else a folder of ours in /tmp (root, cron, containers)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "imgrepo" if base else Path(f"/tmp/imgrepo-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid != os.getuid():
-        raise ConfigError(f"{path} belongs to another user; set XDG_RUNTIME_DIR")
+    if base and os.path.isabs(base):
+        Path(base).mkdir(mode=0o700, parents=True, exist_ok=True)
+        return private_dir(Path(base) / "imgrepo")
+    return private_dir(Path(f"/tmp/imgrepo-{os.getuid()}"))
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only we can use: created 0700 if missing; if it exists, it must
+    be a real directory (never a symlink: checked with lstat), ours, mode 0700. In a shared
+    folder like /tmp another user may have planted it first, to break our commands or to
+    answer them with a fake mount: refused with the reason, never used."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    st = os.lstat(path)
+    hint = "remove it, or set XDG_RUNTIME_DIR to a private folder"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} is not a real directory (a symlink or a file): refusing "
+                          f"to use it; {hint}")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to another user (uid {st.st_uid}): refusing to "
+                          f"use it; {hint}")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise ConfigError(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, not 0700: "
+                          f"refusing to use it; {hint}")
     return path
 
 
@@ -91,9 +118,19 @@ class Settings:
     config_file: Path = field(default_factory=lambda: config_dir() / "config.toml")
 
     def state_dir(self) -> Path:
-        """The local state of one repository: database, blob cache, staging files, log."""
+        """The local state of one repository: database, blob cache, staging files, log.
+        An S3 repository's key includes its endpoint: the same bucket name on two servers
+        is two repositories, and they may share one cache root."""
+        name = normalise_storage_url(self.storage)
+        if self.endpoint_url and name.startswith("s3://"):
+            name += " at " + self.endpoint_url.strip().rstrip("/").lower()
+        return self.cache_root / "repos" / hashlib.sha256(name.encode()).hexdigest()[:16]
+
+    def legacy_state_dir(self) -> Path | None:
+        """Where the state was kept before the endpoint counted (None: same place)."""
         key = hashlib.sha256(normalise_storage_url(self.storage).encode()).hexdigest()[:16]
-        return self.cache_root / "repos" / key
+        old = self.cache_root / "repos" / key
+        return None if old == self.state_dir() else old
 
 
 def normalise_storage_url(url: str) -> str:
@@ -138,24 +175,42 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return out
 
 
+CONFIG_HEADER = "# imgrepo settings (flags and IMGREPO_* environment variables override these)\n"
+
+
+def check_config_values(values: dict[str, Any]) -> None:
+    """Refuse, before anything is done, a value the config file could not show readably."""
+    for key, value in values.items():
+        if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise ConfigError(f"{key.replace('_', '-')} {value!r} contains control "
+                              f"characters; it cannot be written to the config file")
+        if value is not None and not isinstance(value, str | int | float | bool | Path):
+            raise ConfigError(f"{key.replace('_', '-')}: {type(value).__name__} values "
+                              f"cannot be written to the config file")
+
+
 def write_config_values(path: Path, values: dict[str, Any]) -> None:
-    """Merge `values` into the config file (used by --login to remember its settings)."""
-    current = read_config_file(path)
-    current.update({k: v for k, v in values.items() if v is not None})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["# imgrepo settings (flags and IMGREPO_* environment variables override these)"]
-    for key, value in sorted(current.items()):
-        if key == "cache_root":
-            key = "cache_dir"
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int | float):
-            text = repr(value)
-        else:
-            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-        lines.append(f"{key.replace('_', '-')} = {text}")
+    """Merge `values` into the config file (used by --login to remember its settings),
+    keeping the user's comments, layout and [imgrepo] table (tomlkit edits in place)."""
+    import tomlkit
+    values = {k: v for k, v in values.items() if v is not None}
+    check_config_values(values)
+    read_config_file(path)  # a file we could not read back is not rewritten
+    try:
+        doc = tomlkit.parse(path.read_text())
+    except FileNotFoundError:
+        doc = tomlkit.parse(CONFIG_HEADER)
+    table: Any = doc["imgrepo"] if "imgrepo" in doc else doc
+    spelled = {k.replace("-", "_"): k for k in table}  # keep the user's spelling of a key
+    for key, value in values.items():
+        name = "cache_dir" if key == "cache_root" else key
+        table[spelled.get(name, name.replace("_", "-"))] = (
+            str(value) if isinstance(value, Path) else value)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(tomlkit.dumps(doc))
+    if path.exists():
+        shutil.copymode(path, tmp)
     os.replace(tmp, path)
 
 

@@ -48,6 +48,9 @@ class DirView:
     checked: float
     entries: dict[bytes, Entry] = field(default_factory=dict)
     stale: int = 0  # 0: trusted; else the mark (DirViews._marks) that made it stale
+    remote_mtime_ns: int | None = None  # the manifest's: when its names last changed
+    mtime_ns: int | None = None  # the same with this machine's pending ops (None: unknown)
+    subdirs: int = 0  # directories among `entries` (its st_nlink is 2 + this)
 
 
 class KnownBlobs(Protocol):
@@ -148,8 +151,9 @@ class DirViews:
         """The storage answers again: revalidate when due, not after the offline pause."""
         self.offline_until = 0.0
 
-    async def load(self, dir_id: str) -> DirView:
-        """The directory's view, loading it (local cache first, then the bucket)."""
+    async def load(self, dir_id: str, cached_only: bool = False) -> DirView:
+        """The directory's view, loading it (local cache first, then the bucket; not
+        `cached_only`: FsError ENOENT if it is not in the local cache)."""
         view = self._views.get(dir_id)
         if view is not None:
             self._views.move_to_end(dir_id)
@@ -163,9 +167,12 @@ class DirViews:
             cached = await self.db.run(self.db.state.load_manifest, dir_id)
             if cached is not None:
                 etag, body, stale = cached
-                view = DirView(dir_id, self._parse(dir_id, body), etag, time.time())
+                view = DirView(dir_id, {}, etag, time.time())
+                view.remote, view.remote_mtime_ns = self._parse(dir_id, body)
                 if stale:
                     view = await self._fresher(view)
+            elif cached_only:
+                raise FsError(errno.ENOENT)
             else:
                 try:
                     changed, obj = await self._fetch(dir_id, None)
@@ -173,8 +180,8 @@ class DirViews:
                     log.error("cannot read directory %s: %s", dir_id, exc)
                     raise FsError(errno_for(exc), f"cannot read directory {dir_id}") from None
                 body = obj.data if obj else None
-                view = DirView(dir_id, self._parse(dir_id, body), obj.etag if obj else None,
-                               time.time())
+                view = DirView(dir_id, {}, obj.etag if obj else None, time.time())
+                view.remote, view.remote_mtime_ns = self._parse(dir_id, body)
                 await self.db.run(self.db.state.save_manifest, dir_id, view.etag, body,
                                   view.checked)
             self._compute(view)
@@ -250,14 +257,14 @@ class DirViews:
             return False
         body = obj.data if obj else None
         try:
-            remote = self._parse(dir_id, body)
+            remote, mtime_ns = self._parse(dir_id, body)
         except ManifestError as exc:
             log.error("%s; keeping the last good version", exc)
             await self._settled(view, mark)
             return False
         await self.db.run(self.db.state.save_manifest, dir_id, obj.etag if obj else None,
                           body, now)
-        self.set_remote(dir_id, remote, obj.etag if obj else None)
+        self.set_remote(dir_id, remote, obj.etag if obj else None, mtime_ns)
         await self._settled(view, mark)
         return True
 
@@ -270,14 +277,17 @@ class DirViews:
             await self.db.run(self.db.state.mark_stale, {view.dir_id})
 
     # -- changing -------------------------------------------------------------------------
-    def set_remote(self, dir_id: str, remote: dict[bytes, Entry], etag: str | None) -> None:
+    def set_remote(self, dir_id: str, remote: dict[bytes, Entry], etag: str | None,
+                   mtime_ns: int | None = None) -> None:
         """A newer manifest is known (fetched, or written by us): recompute, and tell the
-        listener about it."""
+        listener about it. `mtime_ns`: the manifest's, if it has one (else unchanged)."""
         view = self._views.get(dir_id)
         if view is None:
             return
         old = view.entries
         view.remote, view.etag, view.checked = remote, etag, time.time()
+        if mtime_ns is not None:
+            view.remote_mtime_ns = mtime_ns
         self._compute(view)
         self._resize(view)
         self.changes.view_changed(dir_id, old, view.entries)
@@ -300,9 +310,18 @@ class DirViews:
         if view is not None:
             if view.entries is view.remote:  # shared until the first local op
                 view.entries = dict(view.remote)
+            before = isinstance(view.entries.get(op.name), DirEntry)
             diverted = apply_ops(view.entries, [op], self.host)
+            view.subdirs += isinstance(view.entries.get(op.name), DirEntry) - before + sum(
+                isinstance(view.entries.get(copy), DirEntry) for copy in diverted.values())
             if diverted:
                 self.changes.diverted(dir_id, diverted)
+
+    def names_changed(self, dir_id: str, at_ns: int) -> None:
+        """A name in the directory was just created, removed or renamed here."""
+        view = self._views.get(dir_id)
+        if view is not None:
+            view.mtime_ns = max(view.mtime_ns or at_ns, at_ns)
 
     def add_empty(self, dir_id: str, checked: float) -> DirView:
         """The view of a directory just made here: empty, without asking the bucket."""
@@ -362,13 +381,17 @@ class DirViews:
 
     # -- internals ------------------------------------------------------------------------
     def _compute(self, view: DirView) -> None:
+        local = self.journal.names_changed_at(view.dir_id)
+        view.mtime_ns = view.remote_mtime_ns if local is None else \
+            max(local, view.remote_mtime_ns or local)
         ops = self.journal.ops_for(view.dir_id)
         if not ops:
             view.entries = view.remote  # shared: `apply` copies before the first change
-            return
-        entries = dict(view.remote)
-        apply_ops(entries, ops, self.host, merged={})
-        view.entries = entries
+        else:
+            entries = dict(view.remote)
+            apply_ops(entries, ops, self.host, merged={})
+            view.entries = entries
+        view.subdirs = sum(isinstance(e, DirEntry) for e in view.entries.values())
 
     async def _fetch(self, dir_id: str, etag: str | None) -> tuple[bool, StoredObject | None]:
         """Conditional GET of a manifest: (changed, object or None when absent)."""
@@ -381,15 +404,16 @@ class DirViews:
         assert isinstance(got, StoredObject)
         return True, got
 
-    def _parse(self, dir_id: str, body: bytes | None) -> dict[bytes, Entry]:
+    def _parse(self, dir_id: str, body: bytes | None) -> tuple[dict[bytes, Entry], int | None]:
+        """The manifest's entries and its `mtime_ns`."""
         if body is None:
-            return {}
+            return {}, None
         manifest, problems = parse_manifest(body, dir_id)
         for problem in problems:
             log.warning("%s", problem)
         self.known_blobs.note_known({e.sha256 for e in manifest.entries.values()
                                      if isinstance(e, FileEntry)})
-        return manifest.entries
+        return manifest.entries, manifest.mtime_ns
 
     async def _fresher(self, view: DirView) -> DirView:
         """A cached manifest marked stale, revalidated before first use (a conditional
@@ -400,8 +424,8 @@ class DirViews:
                 await self.db.run(self.db.state.manifest_checked, view.dir_id, view.etag)
                 return view
             body = obj.data if obj else None
-            fresh = DirView(view.dir_id, self._parse(view.dir_id, body),
-                            obj.etag if obj else None, time.time())
+            fresh = DirView(view.dir_id, {}, obj.etag if obj else None, time.time())
+            fresh.remote, fresh.remote_mtime_ns = self._parse(view.dir_id, body)
         except StorageError as exc:
             log.warning("cannot revalidate a directory, showing what is cached: %s", exc)
             self.offline_until = time.time() + self.refresh

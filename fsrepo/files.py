@@ -74,6 +74,15 @@ class FileManager:
             raise FsError(errno.ENOENT)
         return node, entry
 
+    async def stat(self, ino: int) -> tuple[Node, Entry]:
+        """`current`, with a directory's own view loaded if it can be (its link count and
+        times come from it)."""
+        node, entry = self.current(ino)
+        if isinstance(entry, DirEntry) and self.ns.dir_stat(entry) is None:
+            await self.ns.know_dir(entry)
+            return self.current(ino)
+        return node, entry
+
     async def setattr(self, ino: int, change: AttrChange, fh: int | None) -> tuple[Node, Entry]:
         """Change attributes: ownership cannot change (EPERM: everything belongs to the
         mount's owner), the root's mode and time are not kept, a file being written keeps
@@ -97,9 +106,11 @@ class FileManager:
                         entry.sha256, entry.size, entry.mtime_ns if mtime is None else mtime,
                         entry.mode if mode is None else mode))
             elif isinstance(entry, DirEntry) and node.ino != ROOT_INO:
+                shown = self.ns.dir_stat(entry)  # (a chmod keeps the mtime it shows)
+                kept = entry.mtime_ns if shown is None else shown.mtime_ns
                 await self.ns.replace(node, DirEntry(
-                    entry.id, entry.mtime_ns if mtime is None else mtime,
-                    entry.mode if mode is None else mode))
+                    entry.id, kept if mtime is None else mtime,
+                    entry.mode if mode is None else mode, time.time_ns()))
             elif isinstance(entry, SymlinkEntry) and mtime is not None:
                 await self.ns.replace(node, SymlinkEntry(entry.target, mtime))
         return self.current(ino)
@@ -242,7 +253,12 @@ class FileManager:
             st.writers = self.handles.writers(node)
         elif st is None:
             st = await self._stage(node)
-        await st.truncate(size)
+        try:
+            await st.truncate(size)
+        except FsError:  # refused (too large): a copy made only for it goes again
+            if st.writers == 0 and not st.dirty:
+                self.staging.drop(node.ino)
+            raise
         if handle is None and st.writers == 0:
             await self.commits.commit(node)
 

@@ -100,20 +100,24 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = ATTR_TIMEOUT
         a.st_uid, a.st_gid = self.files.uid, self.files.gid
         a.st_blksize = BLKSIZE
+        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = entry.mtime_ns
+        a.st_nlink = 0 if node.parent == 0 else 1  # 0: unlinked, still open
         if isinstance(entry, FileEntry):
             a.st_mode = stat.S_IFREG | entry.mode
             a.st_size = entry.size
-            a.st_nlink = 1
         elif isinstance(entry, DirEntry):
             a.st_mode = stat.S_IFDIR | entry.mode
             a.st_size = 0
-            a.st_nlink = 1
+            shown = self.ns.dir_stat(entry)
+            if shown is None:  # its own listing is not read yet: the kernel asks again
+                a.attr_timeout = 0
+            else:
+                a.st_nlink = shown.nlink if node.parent else 0
+                a.st_mtime_ns, a.st_ctime_ns = shown.mtime_ns, shown.ctime_ns
         else:
             a.st_mode = stat.S_IFLNK | 0o777
             a.st_size = len(entry.target)
-            a.st_nlink = 1
         a.st_blocks = (a.st_size + 511) // 512
-        a.st_mtime_ns = a.st_ctime_ns = a.st_atime_ns = entry.mtime_ns
         return a
 
     # -- lookups --------------------------------------------------------------------------
@@ -128,7 +132,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        node, entry = self.files.current(inode)
+        node, entry = await self.files.stat(inode)
         return self._attrs(node, entry)
 
     @_translate

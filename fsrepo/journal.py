@@ -13,6 +13,7 @@ concurrent callers share one SQLite transaction and one fsync (group commit).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -32,6 +33,10 @@ class PendingOp:
     op: Op
     requires: int | None
     written: bool = True  # in the database (the uploader carries only those)
+    # When it created, removed or renamed a name (the directory's new mtime); None for a
+    # change of an entry's content or attributes. Kept in memory only: after a restart a
+    # pending creation or removal counts from when it was loaded.
+    names_at: int | None = None
 
 
 @dataclass
@@ -60,8 +65,9 @@ class Journal:
 
     def load(self, rows: list[JournalOp]) -> None:
         for row in rows:
+            names_at = time.time_ns() if row.entry is None or row.base is None else None
             self._add(PendingOp(row.seq, row.dir_id, Op(row.name, row.entry, row.base),
-                                row.requires))
+                                row.requires, names_at=names_at))
             self._next_seq = max(self._next_seq, row.seq + 1)
 
     def _add(self, pending: PendingOp) -> None:
@@ -198,6 +204,11 @@ class Journal:
 
     def ops_for(self, dir_id: str) -> list[Op]:
         return [p.op for p in self.by_dir.get(dir_id, ())]
+
+    def names_changed_at(self, dir_id: str) -> int | None:
+        """When pending ops last created, removed or renamed a name in the directory."""
+        return max((p.names_at for p in self.by_dir.get(dir_id, ()) if p.names_at),
+                   default=None)
 
     def retire(self, dir_id: str, seqs: list[int]) -> None:
         done = set(seqs)

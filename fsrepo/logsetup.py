@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import re
+import sys
 from pathlib import Path
 
 _SECRET_RE = re.compile(
@@ -37,6 +39,41 @@ class OneLineFilter(logging.Filter):
         return True
 
 
+class JournalFormatter(logging.Formatter):
+    """For a stderr that is systemd's journal: the journal stamps the time itself, and a
+    `<N>` prefix gives each line its syslog priority (journalctl -p warning ...)."""
+
+    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4,
+                  logging.INFO: 6, logging.DEBUG: 7}
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = self.PRIORITIES.get(record.levelno, 6)
+        return f"<{priority}>" + super().format(record).replace("\n", "\n" + f"<{priority}>")
+
+
+def stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=device:inode of the stream it connected to stderr."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose every file is created 0600 (the first and each one after a
+    rotation): it names the user's files and folders."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
     root = logging.getLogger()
     root.handlers.clear()
@@ -47,8 +84,7 @@ def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
     redact = RedactingFilter()
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=10 << 20,
-                                                       backupCount=3)
+        handler = PrivateRotatingFileHandler(log_file, maxBytes=10 << 20, backupCount=3)
         handler.setFormatter(fmt)
         handler.addFilter(redact)
         handler.addFilter(token_filter)
@@ -59,7 +95,7 @@ def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
             pass
     if stderr:
         handler = logging.StreamHandler()
-        handler.setFormatter(fmt)
+        handler.setFormatter(JournalFormatter() if stderr_is_journal() else fmt)
         handler.addFilter(redact)
         handler.addFilter(token_filter)
         root.addHandler(handler)

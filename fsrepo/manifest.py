@@ -4,7 +4,9 @@ A manifest lists one directory's children. Names are bytes (FUSE hands us bytes 
 non-UTF-8 names must round-trip): UTF-8 names are JSON keys of "entries", other names are
 base64 keys of "raw_entries". Anything that could escape the tree or confuse the kernel
 ('/', NUL, '.', '..', empty or over-long names) is refused entry by entry, so a damaged
-manifest loses only its bad entries.
+manifest loses only its bad entries. A manifest over the documented limits (MAX_MANIFEST_BYTES,
+MAX_ENTRIES) is refused whole, before it can take the machine's memory: a large one is
+parsed with a count of the objects built, stopped as soon as there are too many.
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ ROOT_ID = "root"
 MAX_NAME = 255
 MAX_SYMLINK = 4095
 MAX_SIZE = 1 << 50  # 1 PiB: anything larger is a hostile or broken manifest
+# One directory's limits (SEMANTICS.md): ~200 bytes an entry, so a full directory's
+# manifest is ~40 MiB and ~100 MiB in memory once parsed.
+MAX_ENTRIES = 200_000
+MAX_MANIFEST_BYTES = 64 << 20
+_COUNT_ABOVE = 1 << 20  # larger bodies with more "{" than allowed: objects counted as built
+# Matched whole (fullmatch): `$` would also accept a trailing newline.
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
-_ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,10 @@ class DirEntry:
     id: str
     mtime_ns: int
     mode: int = 0o755
+    # When its attributes were last set (chmod, utimens: its ctime then); None in entries
+    # written before it was kept. A later change of the directory's names (its manifest's
+    # `mtime_ns`) takes precedence over `mtime_ns` (`namespace.dir_times`).
+    ctime_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,10 @@ class Manifest:
     # removed from. A machine adding entries meanwhile puts it back there (the additions
     # keep the folder alive); the remover deletes the manifest if nobody did.
     removed: tuple[str, bytes] | None = None
+    # When a name in it was last created, removed or renamed (the directory's mtime and
+    # ctime); None in manifests written before it was kept. An additive key of format 1:
+    # readers that do not know it ignore it.
+    mtime_ns: int | None = None
 
 
 def check_name(name: bytes) -> None:
@@ -78,7 +94,7 @@ def check_name(name: bytes) -> None:
 
 
 def is_valid_dir_id(value: object) -> bool:
-    return isinstance(value, str) and bool(_ID_RE.match(value))
+    return isinstance(value, str) and bool(_ID_RE.fullmatch(value))
 
 
 def _int(raw: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
@@ -94,8 +110,9 @@ _MTIME_MIN, _MTIME_MAX = -(1 << 62), 1 << 62
 _new = object.__new__
 # One int object per mode (at most 4,096), not one per entry: 32 bytes less a file in memory.
 _MODES: dict[int, int] = {}
-_set_sha, _set_size, _set_mtime, _set_mode = (
-    FileEntry.__dict__[k].__set__ for k in ("sha256", "size", "mtime_ns", "mode"))
+_FILE_FIELDS = ("sha256", "size", "mtime_ns", "mode")
+assert FileEntry.__slots__ == _FILE_FIELDS, "_plain_file must set every field of FileEntry"
+_set_sha, _set_size, _set_mtime, _set_mode = (FileEntry.__dict__[k].__set__ for k in _FILE_FIELDS)
 
 
 def _plain_file(raw: dict) -> FileEntry | None:
@@ -134,7 +151,8 @@ def entry_from_json(raw: object) -> Entry:
     if kind == "dir":
         if not is_valid_dir_id(raw.get("id")) or raw.get("id") == ROOT_ID:
             raise ValueError("bad directory id")
-        return DirEntry(raw["id"], mtime, _int(raw, "mode", 0, 0o7777, 0o755))
+        ctime = _int(raw, "ctime_ns", -(1 << 62), 1 << 62) if "ctime_ns" in raw else None
+        return DirEntry(raw["id"], mtime, _int(raw, "mode", 0, 0o7777, 0o755), ctime)
     if kind == "symlink":
         if isinstance(raw.get("target"), str):
             target = raw["target"].encode("utf-8", "surrogateescape")
@@ -156,7 +174,10 @@ def entry_to_json(entry: Entry) -> dict:
         return {"type": "file", "sha256": entry.sha256, "size": entry.size,
                 "mtime_ns": entry.mtime_ns, "mode": entry.mode}
     if isinstance(entry, DirEntry):
-        return {"type": "dir", "id": entry.id, "mtime_ns": entry.mtime_ns, "mode": entry.mode}
+        out = {"type": "dir", "id": entry.id, "mtime_ns": entry.mtime_ns, "mode": entry.mode}
+        if entry.ctime_ns is not None:
+            out["ctime_ns"] = entry.ctime_ns
+        return out
     try:
         return {"type": "symlink", "target": entry.target.decode("utf-8"),
                 "mtime_ns": entry.mtime_ns}
@@ -165,12 +186,45 @@ def entry_to_json(entry: Entry) -> dict:
                 "mtime_ns": entry.mtime_ns}
 
 
+class _TooManyObjects(Exception):
+    """Raised from inside json.loads: the body holds more objects than any manifest can."""
+
+
+def _too_many(dir_id: str) -> ManifestError:
+    return ManifestError(f"manifest of directory {dir_id} has more than {MAX_ENTRIES} "
+                         "entries (the limit of one directory): refused")
+
+
+def _load_json(data: bytes, dir_id: str) -> object:
+    """json.loads, bounded: a large body that may hold too many JSON objects (one per
+    entry) is parsed with a count of the objects built, stopped as soon as it exceeds what a
+    manifest within the limits holds."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest of directory {dir_id} is {len(data) >> 20} MiB, over "
+                            f"the limit of {MAX_MANIFEST_BYTES >> 20} MiB: refused")
+    budget = MAX_ENTRIES + 2 * MAX_MOVED + 8  # entries, records, the document's own objects
+    if len(data) <= _COUNT_ABOVE or data.count(b"{") <= budget:  # (an upper bound)
+        return json.loads(data)
+
+    def counted(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise _TooManyObjects
+        return dict(pairs)
+
+    try:
+        return json.loads(data, object_pairs_hook=counted)
+    except _TooManyObjects:
+        raise _too_many(dir_id) from None
+
+
 def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
     """Parse a manifest; returns it with a list of problems (refused entries).
 
-    Raises ManifestError when the object as a whole is unusable."""
+    Raises ManifestError when the object as a whole is unusable (or over the limits)."""
     try:
-        raw = json.loads(data)
+        raw = _load_json(data, dir_id)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         # RecursionError: absurdly deep nesting, which only a hostile writer produces
         raise ManifestError(f"manifest of directory {dir_id} is not valid JSON: "
@@ -187,6 +241,8 @@ def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
     plain, encoded = raw.get("entries", {}), raw.get("raw_entries", {})
     if not isinstance(plain, dict) or not isinstance(encoded, dict):
         raise ManifestError(f"manifest of directory {dir_id}: entries are not objects")
+    if len(plain) + len(encoded) > MAX_ENTRIES:
+        raise _too_many(dir_id)
     items: list[tuple[bytes | None, str, object]] = []
     entries = manifest.entries
     for key, value in plain.items():
@@ -221,6 +277,11 @@ def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
     manifest.moved = _moved_from_json(raw.get("moved", {}), dir_id, problems)
     if "removed" in raw:
         manifest.removed = _place_from_json(raw["removed"], "from", dir_id, problems)
+    if "mtime_ns" in raw:
+        try:
+            manifest.mtime_ns = _int(raw, "mtime_ns", -(1 << 62), 1 << 62)
+        except ValueError:
+            problems.append(f"directory {dir_id}: refused its mtime_ns")
     return manifest, problems
 
 
@@ -280,6 +341,8 @@ def serialise_manifest(manifest: Manifest) -> bytes:
     if manifest.moved:
         doc["moved"] = {dir_id: {"to": to, "name_b64": base64.b64encode(name).decode()}
                         for dir_id, (to, name) in list(manifest.moved.items())[-MAX_MOVED:]}
+    if manifest.mtime_ns is not None:
+        doc["mtime_ns"] = manifest.mtime_ns
     if manifest.removed is not None:
         doc["removed"] = {"from": manifest.removed[0],
                           "name_b64": base64.b64encode(manifest.removed[1]).decode()}

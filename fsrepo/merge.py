@@ -147,6 +147,14 @@ def apply_ops(entries: dict[bytes, Entry], ops: list[Op], host: str,
     return diverted
 
 
+def later(a: int | None, b: int | None) -> int | None:
+    """A directory's names-changed time after merging two writers' changes: the later one
+    (None: unknown, from a manifest written before the time was kept)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return max(a, b)
+
+
 def moved_dirs(ops: list[Op]) -> set[str]:
     """Directories these ops remove from a name: a put of one of them is a rename (the
     directory exists elsewhere), not a new directory."""

@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from dataclasses import dataclass
 
 import trio
 
@@ -23,7 +24,7 @@ from .errors import FsError, errno_for
 from .heap import Heap
 from .inodes import ROOT_INO, InodeTable, Node, is_same_object
 from .journal import Journal, Record
-from .manifest import ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
+from .manifest import MAX_ENTRIES, MAX_NAME, ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
 from .merge import Op, same_object
 from .prefetch import ManifestPrefetcher
 from .state import StateDB
@@ -38,6 +39,25 @@ FORGETS_PER_TRIM = 4096
 IDLE_AFTER = 30.0  # seconds without a lookup or listing: the mount is idle, memory goes back
 IDLE_CHECK = 5.0  # how often the idle release looks
 FORGET_WAIT = 5.0  # after asking the kernel to forget, how long its forgets take to arrive
+
+
+@dataclass(frozen=True, slots=True)
+class DirStat:
+    """What stat shows of a directory beyond its entry: links and times."""
+
+    nlink: int  # 2 + its subdirectories
+    mtime_ns: int
+    ctime_ns: int
+
+
+def dir_times(entry: DirEntry, names_changed_ns: int | None) -> tuple[int, int]:
+    """A directory's (mtime, ctime): the last change of its names (its manifest's time, or
+    a pending op's) unless its attributes were set later (chmod, utimens: the entry's
+    ctime); `cp -a` and `rsync -a` set a directory's time after filling it, and keep it."""
+    set_at = entry.mtime_ns if entry.ctime_ns is None else entry.ctime_ns
+    if names_changed_ns is not None and names_changed_ns > set_at:
+        return names_changed_ns, names_changed_ns
+    return entry.mtime_ns, set_at
 
 
 class Namespace:
@@ -138,12 +158,33 @@ class Namespace:
 
     async def lookup(self, parent: int, name: bytes, count: bool = True) -> tuple[Node, Entry]:
         self._used()
+        if len(name) > MAX_NAME:
+            raise FsError(errno.ENAMETOOLONG)
         pnode = self.inodes.dir_node(parent)
         view = await self.views.load(pnode.dir_id)  # type: ignore[arg-type]
         node, entry = self.lookup_loaded(parent, view, name, self.inodes.ancestors(parent))
         if count:
             self.looked_up(node)
         return node, entry
+
+    async def know_dir(self, entry: Entry) -> None:
+        """Load a directory's view if it can be (its stat needs it: `dir_stat`); one that
+        cannot be read now (offline and not cached) is shown without it. Lookups do not
+        load it: a path walk needs no stat, and the kernel asks `getattr` for what it was
+        told expires at once."""
+        if isinstance(entry, DirEntry) and self.views.get(entry.id) is None:
+            try:
+                await self.views.load(entry.id, cached_only=not self.views.store.online)
+            except FsError:
+                pass
+
+    def dir_stat(self, entry: DirEntry) -> DirStat | None:
+        """A directory's link count and times; None while its view is not in memory."""
+        view = self.views.get(entry.id)
+        if view is None:
+            return None
+        mtime, ctime = dir_times(entry, view.mtime_ns)
+        return DirStat(2 + view.subdirs, mtime, ctime)
 
     def lookup_loaded(self, parent: int, view: DirView, name: bytes,
                       ancestors: set[str]) -> tuple[Node, Entry]:
@@ -218,6 +259,14 @@ class Namespace:
             self.views.apply(dir_id, op)
         return rec
 
+    def _names_changed(self, rec: Record) -> None:
+        """The recorded ops created, removed or renamed names: their directories' mtime is
+        now (and travels with the ops into the manifests: `PendingOp.names_at`)."""
+        now = time.time_ns()
+        for pending in rec.pending:
+            pending.names_at = now
+            self.views.names_changed(pending.dir_id, now)
+
     async def settle(self, rec: Record) -> None:
         """Wait until recorded ops are durable; if that fails they are undone (FsError with
         the disk's errno)."""
@@ -255,7 +304,9 @@ class Namespace:
         pnode, view = await self._parent_view(parent, name)
         if name in view.entries:
             raise FsError(errno.EEXIST)
+        _room_for_one_more(view)
         rec = self._record([(view.dir_id, Op(name, entry, None), None)], durable=durable)
+        self._names_changed(rec)
         node = self.inodes.node_for(parent, name, entry)
         self.looked_up(node)
         if durable:
@@ -323,6 +374,7 @@ class Namespace:
         elif isinstance(entry, DirEntry):
             raise FsError(errno.EISDIR)
         rec = self._record([(view.dir_id, Op(name, None, entry), None)])
+        self._names_changed(rec)
         node = self.inodes.of_dir(entry.id) if isinstance(entry, DirEntry) else \
             self.inodes.of_name(parent, name)
         if node is not None:
@@ -374,6 +426,8 @@ class Namespace:
                 raise FsError(errno.ENOTDIR)
         if isinstance(entry, DirEntry) and entry.id in self.inodes.ancestors(new_parent):
             raise FsError(errno.EINVAL)
+        if target is None and src is not dst:
+            _room_for_one_more(dst)
         put = Op(new_name, entry, target)
         delete = Op(old_name, None, entry)
         if src is dst:
@@ -381,6 +435,7 @@ class Namespace:
         else:  # the add must reach the bucket before the removal
             ops = [(dst.dir_id, put, None), (src.dir_id, delete, -1)]
         rec = self._record(ops)
+        self._names_changed(rec)
         # move the inode
         if target is not None:
             self.inodes.detach(new_parent, new_name)
@@ -390,3 +445,11 @@ class Namespace:
             self.inodes.move(node, new_parent, new_name)
         await self.settle(rec)
 
+
+def _room_for_one_more(view: DirView) -> None:
+    """ENOSPC for a new name in a directory at the entry limit: a manifest beyond it would
+    be refused by every machine that reads it (this one included)."""
+    if len(view.entries) >= MAX_ENTRIES:
+        log.error("directory %s holds %d entries, the limit of one directory: new names "
+                  "are refused", view.dir_id, len(view.entries))
+        raise FsError(errno.ENOSPC)

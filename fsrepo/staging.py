@@ -9,7 +9,9 @@ little left to do.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -18,9 +20,14 @@ from pathlib import Path
 
 import trio
 
-from .manifest import FileEntry
+from .errors import FsError
+from .manifest import MAX_SIZE, FileEntry
+
+log = logging.getLogger(__name__)
 
 WRITEBACK_CHUNK = 32 << 20
+FILL_CHUNK = 1 << 20
+_ZEROS = bytes(FILL_CHUNK)
 _SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _sync_file_range = getattr(_libc, "sync_file_range", None)
@@ -44,7 +51,15 @@ class Staging:
 
     def write(self, offset: int, data: bytes) -> int:
         """Write through to the staging file, hashing what extends the sequential run."""
-        written = os.pwrite(self.fd, data, offset)
+        end = offset + len(data)
+        if end > MAX_SIZE:
+            raise refused("write", end)
+        try:
+            written = os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            if exc.errno != errno.EFBIG:
+                raise
+            raise refused("write", end, exc) from None
         if self.hasher is not None:
             if offset == self.hashed:
                 self.hasher.update(data[:written])
@@ -60,7 +75,14 @@ class Staging:
         return written
 
     async def truncate(self, size: int) -> None:
-        await trio.to_thread.run_sync(os.ftruncate, self.fd, size)
+        if size > MAX_SIZE:
+            raise refused("truncate", size)
+        try:
+            await trio.to_thread.run_sync(os.ftruncate, self.fd, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EFBIG, errno.ENOSPC):
+                raise
+            raise refused("truncate", size, exc) from None
         if size < self.hashed or size > self.size:
             self.hasher = None if size != 0 else hashlib.sha256()
             self.hashed = 0
@@ -111,9 +133,12 @@ class StagingArea:
         """Copy a file's current content into its new staging copy."""
         def copy() -> None:
             with open(source, "rb") as src:
-                os.lseek(st.fd, 0, os.SEEK_SET)
-                while chunk := src.read(1 << 20):
-                    os.write(st.fd, chunk)
+                offset = 0
+                while chunk := src.read(FILL_CHUNK):
+                    if chunk != _ZEROS[:len(chunk)]:  # a hole stays a hole (sparse files)
+                        os.pwrite(st.fd, chunk, offset)
+                    offset += len(chunk)
+                os.ftruncate(st.fd, offset)
         await trio.to_thread.run_sync(copy)
         st.size = size
         st.hasher = None
@@ -128,6 +153,15 @@ class StagingArea:
         if st is not None:
             os.close(st.fd)
             st.path.unlink(missing_ok=True)
+
+
+def refused(what: str, size: int, exc: OSError | None = None) -> FsError:
+    """A size the repository (over `MAX_SIZE`) or the cache's disk (`exc`: EFBIG, or
+    ENOSPC for a growth) cannot hold: the user's request is refused with that errno,
+    logged at INFO (nothing went wrong in imgrepo)."""
+    reason = exc.strerror if exc is not None else f"over the largest file size, {MAX_SIZE} bytes"
+    log.info("%s to %d bytes refused: %s", what, size, reason)
+    return FsError(exc.errno if exc is not None and exc.errno else errno.EFBIG)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

@@ -21,20 +21,21 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("format and shared vocabulary", [
         "fsrepo", "fsrepo.manifest", "fsrepo.errors", "fsrepo.retry",
         "fsrepo.hashing", "fsrepo.units", "fsrepo.config", "fsrepo.logsetup", "fsrepo.processes",
-        "fsrepo.blobset", "fsrepo.heap",
-        "fsrepo.auth.redact"]),
+        "fsrepo.auth.redact", "fsrepo.sdnotify", "fsrepo.nodump", "fsrepo.blobset",
+        "fsrepo.heap"]),
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
-        "fsrepo.connectivity", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
+        "fsrepo.connectivity", "fsrepo.endpoint_check", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
         "fsrepo.blobcache", "fsrepo.cache_index"]),
     ("core: files and names", [
-        "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.announce",
+        "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.paths", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",
         "fsrepo.reads", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record",
         "fsrepo.prefetch"]),
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
         "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.sync", "fsrepo.salvage",
+        "fsrepo.pending_list", "fsrepo.upload_log",
         "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge"]),
     ("assembly", ["fsrepo.engine"]),
     ("FUSE and CLI", [

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything imgrepo and its tests need on a Debian/Ubuntu machine (run as root):
 # the FUSE 3 library and tools, a Python virtual environment in .venv with the project,
-# and the node packages of the test OpenID Connect provider.
+# the node packages of the test OpenID Connect provider, and imgrepo-mount on root's PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -32,5 +32,18 @@ if [ "${1:-}" = "--tests" ] && [ -f tests/oidc/package.json ]; then
         apt-get install -y -qq nodejs npm >/dev/null
     fi
     (cd tests/oidc && npm install --silent --no-audit --no-fund >/dev/null)
+fi
+# mount(8) runs its helpers with a fixed PATH (/usr/local/bin among it): the link lets
+# `mount -t fuse.imgrepo-mount` and fstab lines find the command.
+link=/usr/local/bin/imgrepo-mount
+if [ "$(id -u)" = 0 ]; then
+    if [ -e "$link" ] && [ ! -L "$link" ]; then
+        echo "setup: $link exists and is not a link; left as it is" >&2
+    else
+        ln -sfn "$PWD/.venv/bin/imgrepo-mount" "$link"
+        echo "setup: linked $link"
+    fi
+else
+    echo "setup: not root: for mount(8) and fstab, link $link to .venv/bin/imgrepo-mount"
 fi
 echo "setup: ready ($PWD/.venv/bin/imgrepo-mount)"

@@ -101,6 +101,14 @@ class Model:
     def lookup_error(self, path: bytes) -> int:
         return self.parent_error(path) or (0 if path in self.nodes else errno.ENOENT)
 
+    def names_changed(self, *paths: bytes) -> None:
+        """Names were created, removed or renamed: their directories' mtime is the
+        engine's clock now (not compared)."""
+        for path in paths:
+            parent = self.nodes.get(path.rpartition(b"/")[0])
+            if isinstance(parent, MDir):
+                parent.mtime = None
+
     def children(self, path: bytes) -> list[bytes]:
         return [p for p in self.nodes if p.startswith(path + b"/")]
 
@@ -153,7 +161,10 @@ async def engine_tree(eng: EngineThread, read: bool) -> Snapshot:
         for name, entry in sorted((await driver.listdir(path)).items()):
             full = path + b"/" + name if path else name
             if isinstance(entry, DirEntry):
-                out[full] = ("dir", entry.mode, None, entry.mtime_ns)
+                node, _ = await driver.node(full)  # its mtime as stat shows it
+                shown = driver.engine.ns.dir_stat((await driver.engine.files.stat(node.ino))[1])
+                assert shown is not None
+                out[full] = ("dir", entry.mode, None, shown.mtime_ns)
                 await walk(full)
             elif isinstance(entry, FileEntry):
                 content = hashlib.sha256(await driver.read(full)).hexdigest() if read \
@@ -243,8 +254,9 @@ class EngineModel(RuleBasedStateMachine):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _both(self, expected: int, fn: Callable[..., Awaitable[Any]], *args: Any,
-              apply: Callable[[], None] | None = None) -> None:
-        """Run one operation on the engine; it must fail with `expected` (0: succeed)."""
+              apply: Callable[[], None] | None = None, names: tuple[bytes, ...] = ()) -> None:
+        """Run one operation on the engine; it must fail with `expected` (0: succeed).
+        `names`: the paths whose names it creates, removes or renames."""
         self.target.operations += 1
         try:
             self.engine.call(fn, *args)
@@ -256,6 +268,8 @@ class EngineModel(RuleBasedStateMachine):
                                  f"{errno.errorcode.get(expected, expected)}")
         if got == 0 and apply is not None:
             apply()
+        if got == 0:
+            self.model.names_changed(*names)
 
     def _node(self, path: bytes) -> MFile | MDir | MLink | None:
         return None if self.model.lookup_error(path) else self.model.nodes[path]
@@ -270,7 +284,7 @@ class EngineModel(RuleBasedStateMachine):
     def create(self, path: bytes, data: bytes) -> None:
         err = self.model.parent_error(path) or (errno.EEXIST if path in self.model.nodes else 0)
         self._both(err, self.fs.create, path, data,
-                   apply=lambda: self.model.nodes.__setitem__(path, MFile(data)))
+                   apply=lambda: self.model.nodes.__setitem__(path, MFile(data)), names=(path,))
 
     @rule(path=paths, offset=offsets, data=contents)
     def write_at(self, path: bytes, offset: int, data: bytes) -> None:
@@ -301,19 +315,21 @@ class EngineModel(RuleBasedStateMachine):
         def apply() -> None:
             if old != new:
                 self.model.move(old, new)
-        self._both(self.model.rename_error(old, new), self.fs.rename, old, new, apply=apply)
+        self._both(self.model.rename_error(old, new), self.fs.rename, old, new, apply=apply,
+                   names=(old, new) if old != new else ())
 
     @rule(path=paths)
     def unlink(self, path: bytes) -> None:
         err = self.model.lookup_error(path) or \
             (errno.EISDIR if isinstance(self.model.nodes[path], MDir) else 0)
-        self._both(err, self.fs.unlink, path, apply=lambda: self.model.nodes.pop(path))
+        self._both(err, self.fs.unlink, path, apply=lambda: self.model.nodes.pop(path),
+                   names=(path,))
 
     @rule(path=paths, mode=modes)
     def mkdir(self, path: bytes, mode: int) -> None:
         err = self.model.parent_error(path) or (errno.EEXIST if path in self.model.nodes else 0)
         self._both(err, self.fs.mkdir, path, mode,
-                   apply=lambda: self.model.nodes.__setitem__(path, MDir(mode)))
+                   apply=lambda: self.model.nodes.__setitem__(path, MDir(mode)), names=(path,))
 
     @rule(path=paths)
     def rmdir(self, path: bytes) -> None:
@@ -322,13 +338,14 @@ class EngineModel(RuleBasedStateMachine):
             err = errno.ENOTDIR
         if not err and self.model.children(path):
             err = errno.ENOTEMPTY
-        self._both(err, self.fs.rmdir, path, apply=lambda: self.model.nodes.pop(path))
+        self._both(err, self.fs.rmdir, path, apply=lambda: self.model.nodes.pop(path),
+                   names=(path,))
 
     @rule(path=paths, link=st.sampled_from([b"a", b"../b", b"/etc/hostname", b"c/a" * 20]))
     def symlink(self, path: bytes, link: bytes) -> None:
         err = self.model.parent_error(path) or (errno.EEXIST if path in self.model.nodes else 0)
         self._both(err, self.fs.symlink, path, link,
-                   apply=lambda: self.model.nodes.__setitem__(path, MLink(link)))
+                   apply=lambda: self.model.nodes.__setitem__(path, MLink(link)), names=(path,))
 
     @rule(path=paths, mode=modes)
     def chmod(self, path: bytes, mode: int) -> None:

@@ -12,7 +12,7 @@ from typing import TextIO
 
 import httpx
 
-from ..config import Settings, write_config_values
+from ..config import Settings, check_config_values, write_config_values
 from ..errors import ConfigError, LoginError
 from .oidc import (
     PollTiming,
@@ -27,7 +27,7 @@ from .status import format_duration, format_status, format_when, run_status
 from .store import StoredLogin, TokenStore
 from .tokens import login_from_token_response
 
-_ROLE_ARN_RE = re.compile(r"^arn:[\w-]+:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+_ROLE_ARN_RE = re.compile(r"arn:[\w-]+:iam::\d{12}:role/[\w+=,.@/-]{1,512}")  # fullmatch
 _CONSOLE_BROWSERS = {"www-browser", "links", "links2", "elinks", "lynx", "w3m"}
 
 
@@ -58,7 +58,7 @@ def _open_browser(url: str) -> bool:
 
 
 def _check_role_arn(role_arn: str) -> None:
-    if not _ROLE_ARN_RE.match(role_arn):
+    if not _ROLE_ARN_RE.fullmatch(role_arn):
         raise ConfigError(
             f"--role-arn {role_arn!r} is not an IAM role ARN "
             "(arn:aws:iam::123456789012:role/NAME)"
@@ -103,6 +103,9 @@ def run_login(
     scope = settings.scope or "openid offline_access"
     if "openid" not in scope.split():
         raise ConfigError(f"--scope must include 'openid' (got {scope!r})")
+    remembered = {"issuer": issuer, "client_id": settings.client_id,
+                  "role_arn": settings.role_arn, "scope": scope}
+    check_config_values(remembered)  # refused now, not after the user logged in
     store = store or TokenStore()
     own_http = http is None
     http = http or new_http_client()
@@ -120,10 +123,7 @@ def run_login(
     with store.locked():
         store.save(login)
         store.write_web_identity_token(login.id_token)
-    write_config_values(
-        settings.config_file,
-        {"issuer": issuer, "client_id": settings.client_id, "role_arn": settings.role_arn, "scope": scope},
-    )
+    write_config_values(settings.config_file, remembered)
     _print(out, f"Logged in as {login.display_name()} at {issuer}.")
     _print(out, f"Tokens saved in {store.path} (readable only by you).")
     if login.refresh_token:

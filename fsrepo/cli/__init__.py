@@ -14,13 +14,15 @@ import sys
 from pathlib import Path
 
 from ..errors import ImgrepoError
-from .args import PROG, build_parser, settings_from
+from ..nodump import disable_core_dumps
+from .args import ACTIONS, PROG, parse_args, settings_from
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    disable_core_dumps()  # every command may hold credentials (the mount, --login, --verify)
     try:
+        args = parse_args(argv)
         return dispatch(args, argv)
     except ImgrepoError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    take_source(args)
     settings = settings_from(args)
     if args.login or args.logout:
         from ..auth import commands
@@ -48,6 +51,9 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return run_salvage(settings, Path(args.salvage).expanduser().absolute())
     if args.verify or args.gc:
         from ..maintenance.report import run_gc, run_verify
+        if args.mountpoint:  # the mount's repository, not the default one
+            from .mounts import settings_of_mount
+            settings = settings_of_mount(settings, Path(args.mountpoint).expanduser().absolute())
         if args.verify:
             return run_verify(settings, data=args.data, as_json=args.json)
         return run_gc(settings, dry_run=args.dry_run, grace_hours=args.grace)
@@ -57,6 +63,9 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.unmount:
         from .unmount import cmd_unmount
         return cmd_unmount(mountpoint)
+    if args.duplicates:
+        from .duplicates import cmd_duplicates
+        return cmd_duplicates(mountpoint, args.paths, args.json)
     if args.sync:
         from .sync import cmd_sync
         return cmd_sync(mountpoint, args.paths)
@@ -64,3 +73,18 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         raise ImgrepoError(f"unexpected arguments: {' '.join(args.paths)}")
     from .daemon import cmd_mount
     return cmd_mount(settings, mountpoint, args, argv)
+
+
+def take_source(args: argparse.Namespace) -> None:
+    """`imgrepo-mount SOURCE MOUNTPOINT` (how mount(8) calls us): SOURCE is the storage."""
+    mounting = not any(getattr(args, name) for name in ACTIONS)
+    if not (mounting and len(args.paths) == 1):
+        return
+    source, args.mountpoint, args.paths = args.mountpoint, args.paths[0], []
+    if args.storage and args.storage != source:
+        raise ImgrepoError(f"the storage is given twice ({source} and --storage "
+                           f"{args.storage})")
+    args.storage = source
+    # mount(8) knows its own mounts by source and type: `mount -a` then skips this one.
+    escaped = source.replace("\\", "\\\\").replace(",", "\\,")
+    args.fuse_options = {*args.fuse_options, f"fsname={escaped}", "subtype=imgrepo-mount"}

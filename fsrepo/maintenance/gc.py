@@ -50,6 +50,7 @@ from ..namespace import EMPTY_SHA
 from ..repository import blob_key, manifest_key
 from ..store.base import NOT_MODIFIED, Store, StoredObject
 from .blobtable import BlobTable
+from .tombstones import collect_tombstones
 from .walk import PARALLEL, gather, list_blobs, list_manifests
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Collection:
     kept_young: int = 0
     kept_young_bytes: int = 0
     rescued: int = 0  # referenced again between marking and sweeping
+    tombstones: int = 0  # removal marks of folders removed before the grace period
     next_eligible: float | None = None
     deleted_shas: list[str] = field(default_factory=list)
 
@@ -124,6 +126,7 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     grace = max(0.0, grace_hours) * 3600
     now = time.time() if now is None else now
     c = Collection()
+    c.tombstones = await collect_tombstones(store, grace, now, dry_run)
     blobs = await list_blobs(store, [])  # first: later uploads are never candidates
     c.blobs, c.blob_bytes = len(blobs), blobs.total_bytes()
     etags: dict[str, str] = {}

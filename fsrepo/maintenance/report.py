@@ -86,5 +86,8 @@ def run_gc(settings: Settings, dry_run: bool, grace_hours: float) -> int:
                      "deletes them if they are still unreferenced")
     if c.rescued:
         lines.append(f"kept {c.rescued} blobs that became referenced while gc ran")
+    if c.tombstones:
+        lines.append(f"{verb} the removal marks of {c.tombstones} folders removed more "
+                     f"than {grace_hours:g} h ago")
     print("\n".join(("gc (dry run): " if dry_run else "gc: ") + line for line in lines))
     return 0
