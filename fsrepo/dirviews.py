@@ -379,6 +379,11 @@ class DirViews:
         self._trim_above = max(self.max_entries, self._total + self.max_entries // 10)
         return evicted
 
+    def compact(self) -> None:
+        """Re-size the cache's dicts to the views left (after a large eviction)."""
+        self._views = OrderedDict(self._views)
+        self._sizes = dict(self._sizes)
+
     # -- internals ------------------------------------------------------------------------
     def _compute(self, view: DirView) -> None:
         local = self.journal.names_changed_at(view.dir_id)

@@ -124,6 +124,9 @@ class Namespace:
                     continue  # in use again: the next idle period
                 evicted = self.views.trim(0)
                 self._evicted_since_release = False
+                self.inodes.compact()
+                self.views.compact()
+                self.prefetcher.forget_found()
                 self.heap.give_back()
                 log.debug("idle release: the kernel was asked to forget %d folders, %d views "
                           "went; %d inodes and %d views (%d entries) left", asked, evicted,

@@ -81,6 +81,10 @@ class ManifestPrefetcher:
             if self._queued.get(dir_id) == ticket:
                 del self._queued[dir_id]
 
+    def forget_found(self) -> None:
+        """Drop the remembered subdirectories (an idle mount: the walk is over)."""
+        self._found = {}
+
     def __len__(self) -> int:
         """Directories waiting to be fetched."""
         return len(self._queued)

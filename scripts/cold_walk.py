@@ -113,6 +113,9 @@ async def walk(folders: int, per_folder: int, rtt: float, prefetch: bool, known:
             for ino in reversed(held):
                 ns.forget(ino, 1)
             ns.views.trim(0)  # what the idle release does (Namespace.release_when_idle)
+            if "--no-compact" not in sys.argv:
+                ns.inodes.compact()
+                ns.views.compact()
             ns.heap.give_back()
             print(f"{folders} folders x {per_folder} files at {rtt * 1000:.0f} ms RTT, "
                   f"prefetch {'on' if prefetch else 'off'}: {took:.1f} s, {gets} GETs; RSS "

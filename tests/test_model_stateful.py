@@ -189,6 +189,9 @@ async def release_when_idle(engine: Engine) -> None:
         views.trim(0)
     finally:
         views.recent_kept = kept
+    engine.ns.inodes.compact()
+    views.compact()
+    engine.ns.prefetcher.forget_found()
     for dir_id in views:
         view = views.get(dir_id)
         assert view is not None and (not view.remote or not views.evictable(dir_id))
