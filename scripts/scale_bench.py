@@ -477,7 +477,8 @@ def run(args: argparse.Namespace, work: Path,
         for m in mounts:
             m.stop()
         servers.stop()
-    measure_maintenance(args, work, env, out)
+    if not args.no_maintenance:
+        measure_maintenance(args, work, env, out)
     return config, out
 
 
@@ -492,6 +493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rtt-ms", type=float, default=0.0, metavar="MS",
                    help="round-trip time added between the mount and the server (the "
                         "benchmark's delaying relay; default 0: loopback)")
+    p.add_argument("--no-maintenance", action="store_true",
+                   help="skip --verify and --gc (their repository of distinct blobs)")
     p.add_argument("--timeout", type=float, default=3600,
                    help="limit for any one step, seconds (default 3600)")
     p.add_argument("--workdir", type=Path,
