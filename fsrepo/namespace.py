@@ -106,8 +106,7 @@ class Namespace:
 
     async def release_when_idle(self) -> None:
         """Run by the mount: once nothing has been looked up or listed for `idle_after`
-        seconds after a walk, ask the kernel to forget what it caches below the root (it
-        then forgets every inode no process holds: no open file, no working directory),
+        seconds after a walk, ask the kernel to forget the files it caches (`forget_files`),
         let go of the views nothing needs any more, and give the freed heap back to the OS.
         The next walk looks names up again, from the views or the local state."""
         if self.idle_after <= 0:
@@ -118,7 +117,7 @@ class Namespace:
                 continue
             if self._used_since_release:
                 self._used_since_release = False
-                asked = self.forget_below_root()
+                asked = await self.forget_files()
                 await trio.sleep(self.forget_wait)
                 if self._used_since_release:
                     continue  # in use again: the next idle period
@@ -128,24 +127,27 @@ class Namespace:
                 self.views.compact()
                 self.prefetcher.forget_found()
                 self.heap.give_back()
-                log.debug("idle release: the kernel was asked to forget %d folders, %d views "
+                log.debug("idle release: the kernel was asked to forget %d files, %d views "
                           "went; %d inodes and %d views (%d entries) left", asked, evicted,
                           len(self.inodes.nodes), len(self.views), self.views.entries_held)
             elif self._evicted_since_release:  # the kernel forgot more meanwhile
                 self._evicted_since_release = False
                 self.heap.give_back()
 
-    def forget_below_root(self) -> int:
-        """Ask the kernel to drop its cached entries of the root's subdirectories (and so
-        of everything below them that no process holds); returns how many were named."""
-        root = self.views.get(ROOT_ID)
-        if root is None:
-            return 0
-        names = [name for name, entry in root.entries.items()
-                 if isinstance(entry, DirEntry) and self.inodes.of_dir(entry.id) is not None]
-        for name in names:
-            self.invalidator.entry(ROOT_INO, name)
-        return len(names)
+    async def forget_files(self) -> int:
+        """Ask the kernel to drop its cached entries of the files (and symlinks) it knows
+        and no handle has open: the bulk of a walk's inodes, and what pins the folders'
+        views. Directories are left alone: invalidating one a process has as its working
+        directory would make its getcwd() fail. Returns how many were named."""
+        asked = 0
+        for node in list(self.inodes.nodes.values()):
+            if node.dir_id is None and node.parent != 0 and node.opens <= 0 \
+                    and node.lookups > 0:
+                self.invalidator.entry(node.parent, node.name)
+                asked += 1
+                if asked % 4096 == 0:
+                    await trio.sleep(0)  # a million of them: let requests through
+        return asked
 
     def view_needed(self, dir_id: str) -> bool:
         """A view stays in memory while an inode named in it exists (the kernel knows it,

@@ -180,10 +180,10 @@ async def engine_tree(eng: EngineThread, read: bool) -> Snapshot:
 
 async def release_when_idle(engine: Engine) -> None:
     """What an idle mount does (Namespace.release_when_idle): the kernel is asked to forget
-    what it caches, and every view nothing needs leaves memory, the last loaded too. What
+    the files it caches, and every view nothing needs leaves memory, the last loaded too. What
     stays is what something needs; a directory with pending ops keeps its view."""
     views = engine.ns.views
-    engine.ns.forget_below_root()
+    await engine.ns.forget_files()
     kept, views.recent_kept = views.recent_kept, 0
     try:
         views.trim(0)

@@ -5,6 +5,7 @@ needs), come back from the local state without a request, and forgotten inodes g
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -233,15 +234,16 @@ def test_the_quick_parse_of_file_entries_refuses_what_the_full_check_refuses():
 
 
 class KernelThatForgets:
-    """The kernel's side of an entry invalidation: every inode below the invalidated
-    directory that no process holds is forgotten."""
+    """The kernel's side of an entry invalidation: the file's inode is forgotten."""
 
-    def __init__(self, eng, held: list[int]) -> None:  # noqa: ANN001
-        self.eng, self.held, self.asked = eng, held, []
+    def __init__(self, eng) -> None:  # noqa: ANN001
+        self.eng, self.asked = eng, []
 
     def entry(self, parent_ino: int, name: bytes) -> None:
         self.asked.append((parent_ino, name))
-        kernel_forgets_all_but(self.eng, self.held)
+        node = self.eng.ns.inodes.of_name(parent_ino, name)
+        if node is not None and node.lookups > 0:
+            self.eng.ns.forget(node.ino, node.lookups)
 
     def inode(self, ino: int) -> None:
         pass
@@ -280,7 +282,8 @@ def test_an_idle_mount_has_the_kernel_forget_and_gives_its_memory_back(tmp_path)
             heap = ns.heap = CountingHeap()
             kept = await resolve(eng, "d03/f1")  # a file a process keeps open
             ns.looked_up(kept[0])
-            kernel = ns.invalidator = KernelThatForgets(eng, [kept[0].ino])
+            kept[0].opens += 1
+            kernel = ns.invalidator = KernelThatForgets(eng)
             eng.nursery.start_soon(ns.release_when_idle)
             await walk(eng)
             walked = ns.views.entries_held
@@ -290,10 +293,11 @@ def test_an_idle_mount_has_the_kernel_forget_and_gives_its_memory_back(tmp_path)
             with trio.fail_after(5):
                 while not heap.given_back:
                     await trio.sleep(0.05)
-            assert kernel.asked and all(parent == ROOT_INO for parent, _ in kernel.asked)
-            assert sorted(ns.inodes.nodes) == sorted({ROOT_INO, kept[0].ino, kept[0].parent})
-            # what trim keeps: a tenth of the bound, the 16 views loaded last, the root
-            assert ns.views.entries_held <= 5 * FILES // 10 + 16 * FILES + FOLDERS < walked
+            assert len(kernel.asked) == FOLDERS * FILES - 1  # every file but the open one
+            files = [n.ino for n in ns.inodes.nodes.values() if n.dir_id is None]
+            assert files == [kept[0].ino]  # the folders stay known (working directories)
+            # what trim keeps: the 16 views loaded last, the root (its folders are known)
+            assert ns.views.entries_held <= 16 * FILES + FOLDERS < walked
             needed_views_are_loaded(eng)
             asked = len(kernel.asked)
             await trio.sleep(1)  # idle on: asked once per idle period, not again
@@ -306,8 +310,9 @@ def test_an_idle_mount_has_the_kernel_forget_and_gives_its_memory_back(tmp_path)
 
 
 def test_an_idle_mount_has_the_kernel_forget_what_a_walk_left(mounter, mount_env, tmp_path):
-    """A real kernel: after `idle-release` seconds without use, the inodes a walk left go,
-    but not an open file's; the open file still reads, and the next walk sees the same."""
+    """A real kernel: after `idle-release` seconds without use, the file inodes a walk left
+    go, but not an open file's; the open file still reads, a process's working directory
+    in the mount still works (getcwd), and the next walk sees the same."""
     conf = Path(mount_env["XDG_CONFIG_HOME"]) / "imgrepo"
     conf.mkdir(parents=True, exist_ok=True)
     (conf / "config.toml").write_text("idle-release = 1\n")
@@ -318,16 +323,23 @@ def test_an_idle_mount_has_the_kernel_forget_what_a_walk_left(mounter, mount_env
             (root / f"d{d}" / f"s{s}").mkdir(parents=True)
             for f in range(5):
                 (root / f"d{d}" / f"s{s}" / f"f{f}").write_bytes(b"%d%d%d" % (d, s, f))
-    with open(root / "d1" / "s2" / "f3", "rb") as held:
-        seen = len(m.logtext())
-        tree = file_tree(root)  # the walk: the kernel now knows every name
-        assert len(tree) == 60
+    here = os.getcwd()
+    try:
+        with open(root / "d1" / "s2" / "f3", "rb") as held:
+            seen = len(m.logtext())
+            tree = file_tree(root)  # the walk: the kernel now knows every name
+            assert len(tree) == 60
+            os.chdir(root / "d2")  # a folder of the root, as a shell may sit in
 
-        def released() -> list[str]:
-            return re.findall(r"idle release: .* (\d+) inodes and", m.logtext()[seen:])
+            def released() -> list[str]:
+                return re.findall(r"idle release: .* (\d+) inodes and", m.logtext()[seen:])
 
-        inodes = int(poll(released, timeout=60, what="the idle release")[-1])
-        assert inodes <= 4, inodes  # the root, d1, d1/s2 and the open file at most
-        assert held.read() == b"123"
+            inodes = int(poll(released, timeout=60, what="the idle release")[-1])
+            assert inodes <= 1 + 4 + 12 + 1, inodes  # root, folders, the open file
+            assert held.read() == b"123"
+            assert os.getcwd() == str(root / "d2")
+            assert sorted(os.listdir(".")) == [f"s{s}" for s in range(3)]
+    finally:
+        os.chdir(here)
     assert file_tree(root) == tree
     assert not m.unexpected_log_lines(), m.logtext()
