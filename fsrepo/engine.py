@@ -78,7 +78,7 @@ class Engine:
         self.ns = Namespace(store, self.db, self.journal, host=self.host,
                             refresh=settings.refresh, known_blobs=self.remote_index,
                             view_cache_entries=settings.view_cache_entries,
-                            invalidator=self.invalidator)
+                            idle_after=settings.idle_release, invalidator=self.invalidator)
         self.durable = GroupCommitter(self.db, self.journal, settings.commit_interval, disk)
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
                                  self.remote_index, self.durable)

@@ -337,6 +337,7 @@ class Mount(Engine):
                 nursery.start_soon(self.durable.run)
                 nursery.start_soon(self.watcher.run)
                 nursery.start_soon(self.ns.prefetcher.run)
+                nursery.start_soon(self.ns.release_when_idle)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(log_uploads, self.uploader.status,
                                    self.uploader.pending_summary)

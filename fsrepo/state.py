@@ -111,6 +111,17 @@ class LocalState:
                               (dir_id,)).fetchone()
         return (row[0], row[1], bool(row[2])) if row else None
 
+    def cached_manifests(self, dir_ids: list[str]) -> set[str]:
+        """Which of these directories have a manifest cached (one query for a listing's
+        subdirectories, not one per directory)."""
+        found: set[str] = set()
+        for i in range(0, len(dir_ids), 500):
+            chunk = dir_ids[i:i + 500]
+            found.update(row[0] for row in self.db.execute(
+                "SELECT dir_id FROM manifests WHERE dir_id IN "
+                f"({','.join('?' * len(chunk))})", chunk))
+        return found
+
     def save_manifest(self, dir_id: str, etag: str | None, body: bytes | None,
                       checked: float) -> None:
         self.db.execute("INSERT OR REPLACE INTO manifests (dir_id, etag, body, checked, stale)"
