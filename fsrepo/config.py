@@ -109,8 +109,10 @@ class Settings:
     cache_size: int = DEFAULT_CACHE_SIZE
     refresh: float = DEFAULT_REFRESH
     uploads: int = 8
+    commit_interval: float = 1.0  # seconds from close() until power-safe (group_commit.py)
     view_cache_entries: int = 200_000  # directory entries kept in memory (~0.4 KiB each)
     auto_snapshots: str = DEFAULT_POLICY  # snapshot_policy.py: kinds=counts, or "off"
+    idle_release: float = 30.0  # idle seconds before memory is given back (0: never)
     # login (OIDC device flow + STS web identity)
     issuer: str | None = None
     client_id: str | None = None
@@ -252,6 +254,14 @@ def load_settings(flags: dict[str, Any] | None = None, config_file: Path | None 
         if "auto_snapshots" in merged:
             merged["auto_snapshots"] = str(merged["auto_snapshots"])
             parse_policy(merged["auto_snapshots"])  # refused now, in one line, if bad
+        if "commit_interval" in merged:
+            merged["commit_interval"] = float(merged["commit_interval"])
+            if not 0 < merged["commit_interval"] <= 3600:
+                raise ConfigError("--commit-interval must be between 0 and 3600 seconds")
+        if "idle_release" in merged:
+            merged["idle_release"] = float(merged["idle_release"])
+            if merged["idle_release"] < 0:
+                raise ConfigError("idle-release must be 0 (never) or a number of seconds")
         if "uploads" in merged:
             merged["uploads"] = int(merged["uploads"])
             if merged["uploads"] < 1:

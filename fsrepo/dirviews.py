@@ -200,23 +200,26 @@ class DirViews:
             self._marked_while_loading.discard(dir_id)
             done.set()
 
-    async def fetch_ahead(self, dir_id: str, checked: bool = True) -> None:
+    async def fetch_ahead(self, dir_id: str, checked: bool = True) -> list[str]:
         """Bring a manifest the mount will probably need soon (a listed directory's
         subdirectory) from the bucket into the local state database, so its `load` costs
         no request. Nothing if it is in memory, being loaded or already cached; a manifest
         that does not parse is not kept (its load reports it). Not `checked`: kept as if
         from an earlier run, revalidated at first use when online (but there to use
-        offline)."""
+        offline). Returns the subdirectories the fetched manifest names (a walk's next
+        wishes), none if nothing was fetched."""
         if dir_id in self._views or dir_id in self._loading:
-            return
+            return []
         done = self._loading[dir_id] = trio.Event()
+        subdirs: list[str] = []
         try:
-            if await self.db.run(self.db.state.load_manifest, dir_id) is not None:
-                return
+            if await self.db.run(self.db.state.cached_manifests, [dir_id]):
+                return []
             changed, obj = await self._fetch(dir_id, None)
             body = obj.data if obj else None
             if body is not None:
-                parse_manifest(body, dir_id)  # raises ManifestError: not kept
+                manifest = parse_manifest(body, dir_id)[0]  # raises ManifestError: not kept
+                subdirs = [e.id for e in manifest.entries.values() if isinstance(e, DirEntry)]
             await self.db.run(self.db.state.save_manifest, dir_id, obj.etag if obj else None,
                               body, time.time())
             if not checked:
@@ -224,6 +227,7 @@ class DirViews:
         finally:
             del self._loading[dir_id]
             done.set()
+        return subdirs
 
     async def load_fresh(self, dir_id: str) -> DirView:
         """The view, revalidated first if it is due (a listing shows what the bucket holds
@@ -374,6 +378,11 @@ class DirViews:
         # Whatever stays pinned, the next pass waits for a tenth of the bound more.
         self._trim_above = max(self.max_entries, self._total + self.max_entries // 10)
         return evicted
+
+    def compact(self) -> None:
+        """Re-size the cache's dicts to the views left (after a large eviction)."""
+        self._views = OrderedDict(self._views)
+        self._sizes = dict(self._sizes)
 
     # -- internals ------------------------------------------------------------------------
     def _compute(self, view: DirView) -> None:

@@ -20,6 +20,7 @@ from .blobcache import BlobCache
 from .config import Settings
 from .errors import ImgrepoError, NoSuchBucket, StorageError
 from .files import FileManager
+from .group_commit import Disk, GroupCommitter
 from .journal import Journal
 from .namespace import EMPTY_SHA, Namespace
 from .remote_index import RemoteIndex
@@ -63,7 +64,8 @@ class Engine:
     """Everything a mount runs except the kernel binding."""
 
     def __init__(self, settings: Settings, store: Store,
-                 invalidator: Invalidator | None = None, host: str | None = None) -> None:
+                 invalidator: Invalidator | None = None, host: str | None = None,
+                 disk: Disk | None = None) -> None:
         self.settings = settings
         self.store = store
         self.state_dir = settings.state_dir()
@@ -76,9 +78,10 @@ class Engine:
         self.ns = Namespace(store, self.db, self.journal, host=self.host,
                             refresh=settings.refresh, known_blobs=self.remote_index,
                             view_cache_entries=settings.view_cache_entries,
-                            invalidator=self.invalidator)
+                            idle_after=settings.idle_release, invalidator=self.invalidator)
+        self.durable = GroupCommitter(self.db, self.journal, settings.commit_interval, disk)
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 self.remote_index)
+                                 self.remote_index, self.durable)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
                                  self.remote_index, self.files, host=self.host,
                                  parallel=settings.uploads)
@@ -92,6 +95,11 @@ class Engine:
     def load_state(self) -> None:
         """Bring back what the last run left: journal, cache index, remote index."""
         state = self.db.state
+        if self.files.staging.recover_synced(state, self.cache):
+            # What was recovered is the only copy of fsync'd content: on disk before the
+            # staging copies go (clear_leftovers, below).
+            self.durable.disk.sync_filesystem(self.state_dir)
+            self.durable.disk.sync_files(state.files())
         self.journal.load(state.pending_ops())
         missing = self.cache.load(state.cached_blobs())
         for sha in missing:

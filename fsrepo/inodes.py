@@ -181,6 +181,13 @@ class InodeTable:
             node.lookups -= count
             self.drop_if_unused(node)
 
+    def compact(self) -> None:
+        """Re-size the table's dicts to what they hold: a dict keeps the room it once
+        needed (a walk's million inodes) after its entries go."""
+        self.nodes = dict(self.nodes)
+        self._dir_ino = dict(self._dir_ino)
+        self._children = dict(self._children)
+
     def ancestors(self, ino: int) -> set[str]:
         """The directory ids from `ino` up to the root (a directory may not move into
         one of them, nor list one of them: that would be a cycle)."""

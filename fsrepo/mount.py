@@ -161,6 +161,8 @@ class Mount(Engine):
             "cache_used": self.cache.used,
             "cache_limit": self.cache.limit,
             "dedup_saved_bytes": counters.get("dedup_bytes", 0),
+            "disk_commits": self.durable.commits,
+            "last_disk_commit_at": self.durable.last_commit_at,
             "started": self.started,
             **self.guard.status(),
             **self.mode.status(),
@@ -317,8 +319,10 @@ class Mount(Engine):
                 await nursery.start(control.serve, sock_path, self.handle)
                 nursery.start_soon(self.uploader.run)
                 nursery.start_soon(self.journal.write_behind)
+                nursery.start_soon(self.durable.run)
                 nursery.start_soon(self.watcher.run)
                 nursery.start_soon(self.ns.prefetcher.run)
+                nursery.start_soon(self.ns.release_when_idle)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(log_uploads, self.uploader.status,
                                    self.uploader.pending_summary)
@@ -341,6 +345,11 @@ class Mount(Engine):
                 nursery.cancel_scope.cancel()
         finally:
             self._close_fuse()
+            with trio.move_on_after(SHUTDOWN_GRACE, shield=True):
+                try:  # whatever was closed last is on the disk before we go
+                    await self.durable.commit()
+                except OSError as exc:
+                    log.error("cannot commit to the local disk at unmount: %s", exc)
             await self.cache.flush_atimes()
             with trio.move_on_after(SHUTDOWN_GRACE, shield=True):
                 await self.mode.release()

@@ -16,9 +16,12 @@ import time
 import uuid
 from dataclasses import dataclass
 
+import trio
+
 from .announce import Announcer, EditTracker, Invalidator
 from .dirviews import DirView, DirViews, KnownBlobs
 from .errors import FsError, errno_for
+from .heap import Heap
 from .inodes import ROOT_INO, InodeTable, Node, is_same_object
 from .journal import Journal, Record
 from .manifest import MAX_ENTRIES, MAX_NAME, ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
@@ -34,6 +37,9 @@ EMPTY_SHA = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 # After this many inodes forgotten by the kernel, the views they pinned are let go (down to
 # a tenth of the bound: an idle mount gives its memory back).
 FORGETS_PER_TRIM = 4096
+IDLE_AFTER = 30.0  # seconds without a lookup or listing: the mount is idle, memory goes back
+IDLE_CHECK = 5.0  # how often the idle release looks
+FORGET_WAIT = 5.0  # after asking the kernel to forget, how long its forgets take to arrive
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +64,7 @@ def dir_times(entry: DirEntry, names_changed_ns: int | None) -> tuple[int, int]:
 class Namespace:
     def __init__(self, store: Store, db: StateDB, journal: Journal, *, host: str,
                  refresh: float, known_blobs: KnownBlobs, view_cache_entries: int,
-                 invalidator: Invalidator | None = None) -> None:
+                 idle_after: float = IDLE_AFTER, invalidator: Invalidator | None = None) -> None:
         self.db = db
         self.journal = journal
         self.invalidator = invalidator or Invalidator()
@@ -70,6 +76,13 @@ class Namespace:
         self.views.needed = self
         self.prefetcher = ManifestPrefetcher(self.views.fetch_ahead)  # run by the mount
         self._forgotten = 0  # inodes forgotten since the views were last trimmed
+        self.idle_after = idle_after  # 0: never
+        self.idle_check = min(IDLE_CHECK, idle_after / 2) if idle_after > 0 else IDLE_CHECK
+        self.forget_wait = FORGET_WAIT
+        self.heap = Heap()
+        self._last_used = 0.0  # trio time of the last lookup or listing
+        self._used_since_release = False  # a walk since the last idle release
+        self._evicted_since_release = False  # views let go that the heap has not given back
 
     def track_edits(self, tracker: EditTracker) -> None:
         """Which file inodes are being edited (the file layer, built after us): a remote
@@ -85,7 +98,57 @@ class Namespace:
         self._forgotten += 1
         if self._forgotten >= FORGETS_PER_TRIM:
             self._forgotten = 0
-            self.views.trim(self.views.max_entries // 10)
+            if self.views.trim(self.views.max_entries // 10):
+                self._evicted_since_release = True
+
+    def _used(self) -> None:
+        self._last_used = trio.current_time()
+        self._used_since_release = True
+
+    async def release_when_idle(self) -> None:
+        """Run by the mount: once nothing has been looked up or listed for `idle_after`
+        seconds after a walk, ask the kernel to forget the files it caches (`forget_files`),
+        let go of the views nothing needs any more, and give the freed heap back to the OS.
+        The next walk looks names up again, from the views or the local state."""
+        if self.idle_after <= 0:
+            return
+        while True:
+            await trio.sleep(self.idle_check)
+            if trio.current_time() - self._last_used < self.idle_after:
+                continue
+            if self._used_since_release:
+                self._used_since_release = False
+                asked = await self.forget_files()
+                await trio.sleep(self.forget_wait)
+                if self._used_since_release:
+                    continue  # in use again: the next idle period
+                evicted = self.views.trim(0)
+                self._evicted_since_release = False
+                self.inodes.compact()
+                self.views.compact()
+                self.prefetcher.forget_found()
+                self.heap.give_back()
+                log.debug("idle release: the kernel was asked to forget %d files, %d views "
+                          "went; %d inodes and %d views (%d entries) left", asked, evicted,
+                          len(self.inodes.nodes), len(self.views), self.views.entries_held)
+            elif self._evicted_since_release:  # the kernel forgot more meanwhile
+                self._evicted_since_release = False
+                self.heap.give_back()
+
+    async def forget_files(self) -> int:
+        """Ask the kernel to drop its cached entries of the files (and symlinks) it knows
+        and no handle has open: the bulk of a walk's inodes, and what pins the folders'
+        views. Directories are left alone: invalidating one a process has as its working
+        directory would make its getcwd() fail. Returns how many were named."""
+        asked = 0
+        for node in list(self.inodes.nodes.values()):
+            if node.dir_id is None and node.parent != 0 and node.opens <= 0 \
+                    and node.lookups > 0:
+                self.invalidator.entry(node.parent, node.name)
+                asked += 1
+                if asked % 4096 == 0:
+                    await trio.sleep(0)  # a million of them: let requests through
+        return asked
 
     def view_needed(self, dir_id: str) -> bool:
         """A view stays in memory while an inode named in it exists (the kernel knows it,
@@ -100,6 +163,7 @@ class Namespace:
         node.lookups += 1
 
     async def lookup(self, parent: int, name: bytes, count: bool = True) -> tuple[Node, Entry]:
+        self._used()
         if len(name) > MAX_NAME:
             raise FsError(errno.ENAMETOOLONG)
         pnode = self.inodes.dir_node(parent)
@@ -172,11 +236,15 @@ class Namespace:
         """`listing` for an opened directory handle: the view stays in memory (readdir
         reads it) until `close_listing`. The subdirectories' manifests are fetched ahead:
         a walk opens them next."""
+        self._used()
         names = await self.listing(ino)
-        self.inodes.dir_node(ino).opens += 1
         views = self.views
-        self.prefetcher.want([e.id for _, e in names
-                              if isinstance(e, DirEntry) and views.get(e.id) is None])
+        subdirs = [e.id for _, e in names if isinstance(e, DirEntry) and views.get(e.id) is None]
+        if subdirs and self.prefetcher.running:  # one query for all, not a look each
+            cached = await self.db.run(self.db.state.cached_manifests, subdirs)
+            self.prefetcher.want([d for d in subdirs if d not in cached],
+                                 [d for d in subdirs if d in cached])
+        self.inodes.dir_node(ino).opens += 1
         return names
 
     def close_listing(self, ino: int) -> None:
@@ -187,12 +255,11 @@ class Namespace:
 
     # -- changes --------------------------------------------------------------------------
     # Each change loads what it needs first (awaits), then checks and records synchronously
-    # (no await in between, so no lock is needed), then waits until the journal is durable.
+    # (no await in between, so no lock is needed), then waits until the journal has it written.
     def _record(self, ops: list[tuple[str, Op, int | None]],
-                new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
-                durable: bool = True) -> Record:
+                new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0) -> Record:
         """Put ops into the journal's order and apply them to the views, now."""
-        rec = self.journal.record(ops, new_blobs, dedup_bytes, durable)
+        rec = self.journal.record(ops, new_blobs, dedup_bytes)
         for dir_id, op, _ in ops:
             self.views.apply(dir_id, op)
         return rec
@@ -206,10 +273,11 @@ class Namespace:
             self.views.names_changed(pending.dir_id, now)
 
     async def settle(self, rec: Record) -> None:
-        """Wait until recorded ops are durable; if that fails they are undone (FsError with
-        the disk's errno)."""
+        """Wait until recorded ops are written (they survive a crash of the process; the
+        group commit makes them survive a power loss); if that fails they are undone
+        (FsError with the disk's errno)."""
         try:
-            await self.journal.make_durable(rec)
+            await self.journal.write(rec)
         except (OSError, sqlite3.Error) as exc:
             log.error("cannot write the local journal: %s", exc)
             self.views.recompute(rec.dirs)
@@ -237,19 +305,20 @@ class Namespace:
             raise FsError(errno.ENOENT)  # the directory was removed
         return pnode, await self.views.load(pnode.dir_id)  # type: ignore[arg-type]
 
-    async def create(self, parent: int, name: bytes, entry: Entry, durable: bool = True) -> Node:
-        """Create a name that must not exist (create, mkdir, symlink)."""
+    async def create(self, parent: int, name: bytes, entry: Entry, wait: bool = True) -> Node:
+        """Create a name that must not exist (create, mkdir, symlink); `wait`: until the
+        journal has it written."""
         pnode, view = await self._parent_view(parent, name)
         if name in view.entries:
             raise FsError(errno.EEXIST)
         _room_for_one_more(view)
-        rec = self._record([(view.dir_id, Op(name, entry, None), None)], durable=durable)
+        rec = self._record([(view.dir_id, Op(name, entry, None), None)])
         self._names_changed(rec)
         node = self.inodes.node_for(parent, name, entry)
         self.looked_up(node)
-        if durable:
+        if wait:
             await self.settle(rec)
-        # else: written by the next durable change (the file's close) or by write_behind
+        # else: written with the next change (the file's close) or by write_behind
         return node
 
     async def mkdir(self, parent: int, name: bytes, mode: int) -> tuple[Node, Entry]:

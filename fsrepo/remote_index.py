@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 
+from .blobset import BlobSet
 from .namespace import EMPTY_SHA
 
 TRUST_REMOTE = 600.0  # seconds; far below any sensible gc grace period (hours)
@@ -21,7 +22,8 @@ class RemoteIndex:
     """The blobs known to be in the bucket, and how far each may be trusted."""
 
     def __init__(self) -> None:
-        self.remote: set[str] = set()  # blobs known to be in the bucket
+        # blobs known to be in the bucket: a million take ~40 MB as digests, ~140 MB as str
+        self.remote = BlobSet()
         # When this process last saw each blob in the bucket (uploaded or HEAD), and the
         # known blobs that new content re-uses and that must be seen there again first: a
         # gc may have deleted a blob the index still lists (see `reuse_or_recheck`).
@@ -34,9 +36,7 @@ class RemoteIndex:
 
     def note_known(self, shas: set[str]) -> None:
         """Blobs seen referenced by a manifest in the bucket: known to exist there."""
-        new = shas - self.remote
-        if new:
-            self.remote |= new
+        self.remote.update(shas)
 
     def reuse_or_recheck(self, sha: str) -> bool:
         """Whether a closed file whose content is blob `sha` may skip its upload (dedup).

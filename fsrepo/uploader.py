@@ -163,8 +163,12 @@ class Uploader:
         in_flight = self.status.uploads_in_flight
         ready = self.retries.ready
         schedule.observe(now)
+        settling = schedule.settling(now)
         for sha, size in schedule.pending_blobs().items():
             if sha in in_flight or not ready("blob:" + sha):
+                continue
+            if sha in settling:  # a rewritten file, not yet unchanged for long enough
+                schedule.next_due = min(schedule.next_due, settling[sha])
                 continue
             if not self.blobs.can_start(sha):
                 continue  # its close() is still storing it

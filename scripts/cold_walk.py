@@ -2,7 +2,8 @@
 depth-first, each directory opened (readdirplus: every entry looked up, as the kernel
 does), over a synthetic photo library (year/month/event) in a file:// repository whose
 GETs are delayed by the RTT. Prints the time, the GETs, and the process's RSS after the
-walk and after the kernel forgot every inode.
+walk and after the kernel forgot every inode (the idle release: views trimmed, the heap
+given back).
 
     python -m scripts.cold_walk [FOLDERS] [FILES_PER_FOLDER] [RTT_MS] [--no-prefetch]
                                 [--no-known-blobs]
@@ -111,7 +112,11 @@ async def walk(folders: int, per_folder: int, rtt: float, prefetch: bool, known:
             walked_views, walked_entries = len(ns.views), ns.views.entries_held
             for ino in reversed(held):
                 ns.forget(ino, 1)
-            ns.views.trim(ns.views.max_entries // 10)
+            ns.views.trim(0)  # what the idle release does (Namespace.release_when_idle)
+            if "--no-compact" not in sys.argv:
+                ns.inodes.compact()
+                ns.views.compact()
+            ns.heap.give_back()
             print(f"{folders} folders x {per_folder} files at {rtt * 1000:.0f} ms RTT, "
                   f"prefetch {'on' if prefetch else 'off'}: {took:.1f} s, {gets} GETs; RSS "
                   f"{start_rss:.0f} MiB before, {walked_rss:.0f} MiB after the walk "

@@ -1,5 +1,6 @@
 """Bytes of Python heap per directory entry held by a mount: a parsed manifest's entries
-in a directory view, and the inode the kernel is handed for each (tracemalloc).
+in a directory view, the inode the kernel is handed for each, and each distinct blob in the
+remote index (tracemalloc).
 
     python -m scripts.entry_bytes [FILES]
 """
@@ -12,6 +13,7 @@ import tracemalloc
 
 from fsrepo.inodes import InodeTable
 from fsrepo.manifest import FileEntry, Manifest, parse_manifest, serialise_manifest
+from fsrepo.remote_index import RemoteIndex
 
 
 def manifest_body(files: int) -> bytes:
@@ -22,8 +24,9 @@ def manifest_body(files: int) -> bytes:
     return serialise_manifest(Manifest("d" * 32, entries))
 
 
-def measure(files: int) -> tuple[float, float]:
-    """(bytes per parsed entry, bytes per inode) for one directory of `files` files."""
+def measure(files: int) -> tuple[float, float, float]:
+    """(bytes per parsed entry, bytes per inode, bytes per blob id in the remote index once
+    the manifest is gone) for one directory of `files` files, each its own blob."""
     body = manifest_body(files)
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
@@ -33,15 +36,20 @@ def measure(files: int) -> tuple[float, float]:
     for name, entry in manifest.entries.items():
         table.node_for(2, name, entry)
     after = tracemalloc.get_traced_memory()[0]
+    index = RemoteIndex()
+    index.note_known({e.sha256 for e in manifest.entries.values() if isinstance(e, FileEntry)})
+    del manifest, table
+    gone = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
-    return (parsed - before) / files, (after - parsed) / files
+    return (parsed - before) / files, (after - parsed) / files, (gone - before) / files
 
 
 def main() -> None:
     files = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    per_entry, per_inode = measure(files)
+    per_entry, per_inode, per_blob = measure(files)
     print(f"{files} files: {per_entry:.0f} bytes per manifest entry, "
-          f"{per_inode:.0f} bytes per inode")
+          f"{per_inode:.0f} bytes per inode, {per_blob:.0f} bytes per blob id in the "
+          f"remote index")
 
 
 if __name__ == "__main__":

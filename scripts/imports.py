@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("format and shared vocabulary", [
         "fsrepo", "fsrepo.manifest", "fsrepo.errors", "fsrepo.retry",
         "fsrepo.hashing", "fsrepo.units", "fsrepo.config", "fsrepo.logsetup", "fsrepo.processes",
-        "fsrepo.auth.redact", "fsrepo.sdnotify", "fsrepo.nodump", "fsrepo.snapshot_policy"]),
+        "fsrepo.auth.redact", "fsrepo.sdnotify", "fsrepo.nodump", "fsrepo.snapshot_policy",
+        "fsrepo.blobset", "fsrepo.heap"]),
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
         "fsrepo.connectivity", "fsrepo.endpoint_check", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
@@ -31,7 +32,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.paths", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",
         "fsrepo.reads", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record",
-        "fsrepo.prefetch", "fsrepo.snapshot_views", "fsrepo.tree_walk"]),
+        "fsrepo.group_commit", "fsrepo.prefetch", "fsrepo.snapshot_views",
+        "fsrepo.tree_walk"]),
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
         "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.sync", "fsrepo.salvage",

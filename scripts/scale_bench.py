@@ -24,7 +24,8 @@ Requests are counted at the proxy, so they are what the bucket would bill; the m
 the only client while counting, so a command's count includes what the mount's own
 background work sent meanwhile (hence `--status`'s target of at most one request). Every row prints the issue's target (stated for 1M files
 in 10k folders: the per-folder ones are scaled to the folders here) and ok / missed.
-Loopback has no real round-trip time: the cold walk's target assumes 20 ms RTT.
+Loopback has no real round-trip time: the cold walk's target assumes 20 ms RTT, which
+`--rtt-ms 20` adds (scripts/bench/relay.py between the counting proxy and the server).
 Timings are figures of this machine, never asserted by the tests.
 """
 
@@ -132,14 +133,15 @@ def table(config: dict[str, Any], results: dict[str, float]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [f"Scale: {config['files']:,} files in {config['folders']:,} event folders "
              f"({config['directories']:,} directories), --refresh {config['refresh']:g} s, "
-             f"{config['server']} on loopback"]
+             f"{config['server']} on loopback"
+             + (f", {config['rtt_ms']:g} ms RTT added" if config.get("rtt_ms") else "")]
     for i, r in enumerate(rows):
         lines.append("  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]),
                                 r[2].ljust(widths[2]), r[3].ljust(widths[3]), r[4]]).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("Targets are the project's (stated at 1M files / 10k folders; the cold walk's is "
-                 "scaled to the folders here and assumes 20 ms RTT, which loopback lacks).")
+                 "scaled to the folders here and assumes 20 ms RTT: see --rtt-ms).")
     return "\n".join(lines)
 
 
@@ -256,11 +258,14 @@ class Mount:
 class Servers:
     """s3lite on 127.0.0.1 and the counting proxy in front of it."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, rtt_ms: float = 0.0) -> None:
         self.work = work
+        self.rtt_ms = rtt_ms
         from testservers.net import free_port
         self.port = free_port()
+        self.relay_port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.relay: subprocess.Popen | None = None
         self.proxy: Any = None
 
     @property
@@ -283,7 +288,22 @@ class Servers:
         from botocore.config import Config
         boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
                      config=Config(s3={"addressing_style": "path"})).create_bucket(Bucket=BUCKET)
-        self.proxy = S3Proxy(self.url)
+        upstream = self.url
+        if self.rtt_ms > 0:  # the benchmark's delaying relay between the proxy and s3lite
+            counters = self.work / "relay-counters"
+            counters.write_bytes(b"\0" * 16)
+            with open(self.work / "relay.log", "wb") as log:
+                self.relay = subprocess.Popen(
+                    [sys.executable, "-m", "scripts.bench.relay", str(self.relay_port),
+                     str(self.port), str(counters), "-1", f"{self.rtt_ms:g}"],
+                    cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True)
+            try:
+                wait_listening(self.relay_port, self.relay, what="the delaying relay")
+            except RuntimeError as exc:
+                raise BenchError(str(exc)) from None
+            upstream = f"http://127.0.0.1:{self.relay_port}"
+        self.proxy = S3Proxy(upstream)
         # Its threads block SIGINT and SIGTERM (they inherit our mask), so those reach this
         # thread at once and the cleanup runs, even while we wait for a child.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -295,6 +315,7 @@ class Servers:
     def stop(self) -> None:
         if self.proxy is not None:
             self.proxy.stop()
+        stop_group(self.relay)
         stop_group(self.proc)
 
 
@@ -378,6 +399,12 @@ def measure_mounts(args: argparse.Namespace, work: Path, servers: Servers,
     servers.proxy.reset_counts()
     time.sleep(args.intervals * args.refresh)
     out["idle_requests_per_interval"] = servers.proxy.count() / args.intervals
+    # the mount gives memory back once idle for IDLE_AFTER (then the kernel's forgets)
+    from fsrepo.namespace import FORGET_WAIT, IDLE_AFTER, IDLE_CHECK
+    release = IDLE_AFTER + IDLE_CHECK + FORGET_WAIT + 2 - args.intervals * args.refresh
+    if release > 0:
+        say(f"idling {release:.0f} s more: the idle release")
+        time.sleep(release)
     out["rss_after_idle_mib"], _ = memory_mib(first.pid)
     with counted(servers, out, "status_after_find_requests"):
         out["status_after_find_s"] = timed_status(first.mnt, env, as_json=False)
@@ -430,12 +457,13 @@ def run(args: argparse.Namespace, work: Path,
     os.environ.clear()
     os.environ.update(env)  # the control client finds the mount's socket the same way
     sys.path.insert(0, str(REPO))
-    servers = Servers(work)
+    servers = Servers(work, args.rtt_ms)
     mounts: list[Mount] = []
     out: dict[str, float] = {}
     config: dict[str, Any] = {"files": args.files, "folders": args.folders,
                               "refresh": args.refresh, "intervals": args.intervals,
-                              "server": "testservers/s3lite.py behind testservers/s3proxy.py"}
+                              "server": "testservers/s3lite.py behind testservers/s3proxy.py",
+                              "rtt_ms": args.rtt_ms}
     try:
         servers.start()
         t0 = time.perf_counter()
@@ -449,7 +477,8 @@ def run(args: argparse.Namespace, work: Path,
         for m in mounts:
             m.stop()
         servers.stop()
-    measure_maintenance(args, work, env, out)
+    if not args.no_maintenance:
+        measure_maintenance(args, work, env, out)
     return config, out
 
 
@@ -461,6 +490,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the mount's --refresh in seconds (default 10)")
     p.add_argument("--intervals", type=int, default=3,
                    help="--refresh intervals to count an idle mount over (default 3)")
+    p.add_argument("--rtt-ms", type=float, default=0.0, metavar="MS",
+                   help="round-trip time added between the mount and the server (the "
+                        "benchmark's delaying relay; default 0: loopback)")
+    p.add_argument("--no-maintenance", action="store_true",
+                   help="skip --verify and --gc (their repository of distinct blobs)")
     p.add_argument("--timeout", type=float, default=3600,
                    help="limit for any one step, seconds (default 3600)")
     p.add_argument("--workdir", type=Path,
@@ -468,8 +502,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = p.parse_args(argv)
-    if args.files < 1 or args.folders < 1 or args.refresh <= 0 or args.intervals < 1:
-        p.error("--files, --folders, --intervals must be positive, --refresh > 0")
+    if args.files < 1 or args.folders < 1 or args.refresh <= 0 or args.intervals < 1 \
+            or args.rtt_ms < 0:
+        p.error("--files, --folders, --intervals must be positive, --refresh > 0, "
+                "--rtt-ms >= 0")
     return args
 
 

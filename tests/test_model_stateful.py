@@ -41,6 +41,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from fsrepo.engine import Engine
 from fsrepo.errors import FsError
 from fsrepo.manifest import DirEntry, FileEntry, SymlinkEntry
 from testservers.moto import MotoServer
@@ -175,6 +176,28 @@ async def engine_tree(eng: EngineThread, read: bool) -> Snapshot:
 
     await walk(b"")
     return out
+
+
+async def release_when_idle(engine: Engine) -> None:
+    """What an idle mount does (Namespace.release_when_idle): the kernel is asked to forget
+    the files it caches, and every view nothing needs leaves memory, the last loaded too. What
+    stays is what something needs; a directory with pending ops keeps its view."""
+    views = engine.ns.views
+    await engine.ns.forget_files()
+    kept, views.recent_kept = views.recent_kept, 0
+    try:
+        views.trim(0)
+    finally:
+        views.recent_kept = kept
+    engine.ns.inodes.compact()
+    views.compact()
+    engine.ns.prefetcher.forget_found()
+    for dir_id in views:
+        view = views.get(dir_id)
+        assert view is not None and (not view.remote or not views.evictable(dir_id))
+    for dir_id in list(engine.journal.by_dir):
+        if engine.journal.ops_for(dir_id):
+            assert views.get(dir_id) is not None, "evicted a view with pending ops"
 
 
 def model_tree(model: Model) -> Snapshot:
@@ -391,6 +414,10 @@ class EngineModel(RuleBasedStateMachine):
                 self.model.nodes[free[0]] = MFile(data)
         self.engine.call(self.fs.revalidate)
         self._check(self.engine, read=False)
+
+    @rule()
+    def idle_release(self) -> None:
+        self.engine.call(release_when_idle, self.fs.engine)
 
     @invariant()
     def the_engine_holds_the_model_tree(self) -> None:

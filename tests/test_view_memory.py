@@ -4,13 +4,16 @@ needs), come back from the local state without a request, and forgotten inodes g
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
 from pathlib import Path
 
 import trio
 
 from fsrepo.inodes import ROOT_INO
-from fsrepo.manifest import DirEntry
+from fsrepo.manifest import DirEntry, FileEntry, parse_manifest
 from fsrepo.store.base import Store
 
 from .coreutil import (
@@ -22,6 +25,7 @@ from .coreutil import (
     running_engine,
     write_file,
 )
+from .mountutil import file_tree, poll
 
 FOLDERS, FILES = 30, 10
 
@@ -208,3 +212,134 @@ def test_random_changes_with_a_tiny_view_cache_never_lose_a_needed_view(tmp_path
             for path, data in model.items():
                 assert await read_file(eng, path) == data
     trio.run(main)
+
+
+GOOD = {"type": "file", "sha256": "ab" * 32, "size": 5, "mtime_ns": 7, "mode": 0o600}
+
+
+def test_the_quick_parse_of_file_entries_refuses_what_the_full_check_refuses():
+    """A remount parses every cached manifest a walk opens, through a one-pass check of
+    plain file entries: it must keep nothing the full check refuses."""
+    bad_values = [dict(GOOD, sha256="ab" * 32 + "\n"), dict(GOOD, sha256="AB" * 32),
+                  dict(GOOD, size=True), dict(GOOD, size=-1), dict(GOOD, size=1 << 51),
+                  dict(GOOD, mode=0o10000), dict(GOOD, mtime_ns=1.5),
+                  dict(GOOD, mtime_ns=1 << 63)]
+    bad_names = ["a/b", "a\0b", ".", "..", "x" * 256]
+    doc = {"imgrepo_manifest": 1, "dir_id": "d1",
+           "entries": {"ok": GOOD, **{f"v{i}": v for i, v in enumerate(bad_values)},
+                       **{name: GOOD for name in bad_names}}}
+    manifest, problems = parse_manifest(json.dumps(doc).encode(), "d1")
+    assert manifest.entries == {b"ok": FileEntry("ab" * 32, 5, 7, 0o600)}
+    assert len(problems) == len(bad_values) + len(bad_names)
+
+
+class KernelThatForgets:
+    """The kernel's side of an entry invalidation: the file's inode is forgotten."""
+
+    def __init__(self, eng) -> None:  # noqa: ANN001
+        self.eng, self.asked = eng, []
+
+    def entry(self, parent_ino: int, name: bytes) -> None:
+        self.asked.append((parent_ino, name))
+        node = self.eng.ns.inodes.of_name(parent_ino, name)
+        if node is not None and node.lookups > 0:
+            self.eng.ns.forget(node.ino, node.lookups)
+
+    def inode(self, ino: int) -> None:
+        pass
+
+
+class CountingHeap:
+    def __init__(self) -> None:
+        self.given_back = 0
+
+    def give_back(self) -> bool:
+        self.given_back += 1
+        return True
+
+
+def test_an_idle_mount_has_the_kernel_forget_and_gives_its_memory_back(tmp_path):
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+
+    async def walk(eng) -> list:  # noqa: ANN001
+        """Every folder listed, every name looked up and kept, as `find` leaves the kernel."""
+        nodes = []
+        for d in range(FOLDERS):
+            dnode, _ = await resolve(eng, f"d{d:02d}")
+            eng.ns.looked_up(dnode)
+            nodes.append(dnode)
+            for f in range(FILES):
+                node, _ = await eng.ns.lookup(dnode.ino, f"f{f}".encode())
+                nodes.append(node)
+        return nodes
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", upload=False,
+                                  view_cache_entries=5 * FILES) as eng:
+            ns = eng.ns
+            ns.idle_after, ns.idle_check, ns.forget_wait = 0.3, 0.05, 0.05
+            heap = ns.heap = CountingHeap()
+            kept = await resolve(eng, "d03/f1")  # a file a process keeps open
+            ns.looked_up(kept[0])
+            kept[0].opens += 1
+            kernel = ns.invalidator = KernelThatForgets(eng)
+            eng.nursery.start_soon(ns.release_when_idle)
+            await walk(eng)
+            walked = ns.views.entries_held
+            assert walked >= FOLDERS * FILES and heap.given_back == 0
+            await trio.sleep(0.15)  # not idle long enough yet
+            assert kernel.asked == [] and heap.given_back == 0
+            with trio.fail_after(5):
+                while not heap.given_back:
+                    await trio.sleep(0.05)
+            assert len(kernel.asked) == FOLDERS * FILES - 1  # every file but the open one
+            files = [n.ino for n in ns.inodes.nodes.values() if n.dir_id is None]
+            assert files == [kept[0].ino]  # the folders stay known (working directories)
+            # what trim keeps: the 16 views loaded last, the root (its folders are known)
+            assert ns.views.entries_held <= 16 * FILES + FOLDERS < walked
+            needed_views_are_loaded(eng)
+            asked = len(kernel.asked)
+            await trio.sleep(1)  # idle on: asked once per idle period, not again
+            assert len(kernel.asked) == asked
+            await walk(eng)  # in use again, then idle: asked again
+            with trio.fail_after(5):
+                while len(kernel.asked) == asked:
+                    await trio.sleep(0.05)
+    trio.run(main)
+
+
+def test_an_idle_mount_has_the_kernel_forget_what_a_walk_left(mounter, mount_env, tmp_path):
+    """A real kernel: after `idle-release` seconds without use, the file inodes a walk left
+    go, but not an open file's; the open file still reads, a process's working directory
+    in the mount still works (getcwd), and the next walk sees the same."""
+    conf = Path(mount_env["XDG_CONFIG_HOME"]) / "imgrepo"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "config.toml").write_text("idle-release = 1\n")
+    m = mounter("file://" + str(tmp_path / "repo"), "--verbose")
+    root = m.path
+    for d in range(4):
+        for s in range(3):
+            (root / f"d{d}" / f"s{s}").mkdir(parents=True)
+            for f in range(5):
+                (root / f"d{d}" / f"s{s}" / f"f{f}").write_bytes(b"%d%d%d" % (d, s, f))
+    here = os.getcwd()
+    try:
+        with open(root / "d1" / "s2" / "f3", "rb") as held:
+            seen = len(m.logtext())
+            tree = file_tree(root)  # the walk: the kernel now knows every name
+            assert len(tree) == 60
+            os.chdir(root / "d2")  # a folder of the root, as a shell may sit in
+
+            def released() -> list[str]:
+                return re.findall(r"idle release: .* (\d+) inodes and", m.logtext()[seen:])
+
+            inodes = int(poll(released, timeout=60, what="the idle release")[-1])
+            assert inodes <= 1 + 4 + 12 + 1, inodes  # root, folders, the open file
+            assert held.read() == b"123"
+            assert os.getcwd() == str(root / "d2")
+            assert sorted(os.listdir(".")) == [f"s{s}" for s in range(3)]
+    finally:
+        os.chdir(here)
+    assert file_tree(root) == tree
+    assert not m.unexpected_log_lines(), m.logtext()

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(cache-dir=..., read-only), ro, rw, allow_other, "
                             "default_permissions, noexec, nosuid, nodev; mount(8)'s and "
                             "systemd's own (_netdev, nofail, x-systemd.*, ...) are ignored")
+    mount.add_argument("--commit-interval", type=float, metavar="SECONDS",
+                       help="closed files survive a power loss at most this long after "
+                            "close() (default 1; fsync() at once)")
     mount.add_argument("--read-only", action="store_true",
                        help="mount without ever writing (changes answer EROFS; no lease)")
     mount.add_argument("--auto-snapshots", metavar="POLICY",
@@ -209,6 +212,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "refresh": args.refresh,
         "uploads": args.uploads,
         "auto_snapshots": args.auto_snapshots,
+        "commit_interval": args.commit_interval,
         "issuer": args.issuer,
         "client_id": args.client_id,
         "role_arn": args.role_arn,
