@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import trio
@@ -22,6 +24,7 @@ import trio
 from .cache_index import CacheIndex
 from .errors import ImgrepoError, IntegrityError
 from .hashing import hash_file
+from .manifest import FileEntry
 from .repository import blob_key
 from .state import StateDB
 from .store.base import Store
@@ -184,3 +187,38 @@ class BlobCache(CacheIndex):
         if dl.error is not None:
             raise dl.error
         return self.path(sha)
+
+    async def ensure_file(self, entry: FileEntry, ahead: int = 4) -> Path:
+        """The path of a file's whole content, cached and verified: a chunked file is put
+        together from its verified chunks (`ahead` of them downloading at once) and checked
+        against its whole-file hash, then cached like any blob (for a write to it)."""
+        if entry.chunks is None or self.has(entry.sha256):
+            return await self.ensure(entry.sha256, entry.size)
+        blobs = entry.blobs()
+        assembling = self.partial_dir / f"{entry.sha256}.{uuid.uuid4().hex}"
+        try:
+            with open(assembling, "wb") as out:
+                for index, (sha, size) in enumerate(blobs):
+                    for later, later_size in blobs[index + 1:index + 1 + ahead]:
+                        if not self.has(later):
+                            self.start_download(later, later_size)
+                    self.acquire(sha)
+                    try:
+                        path = await self.ensure(sha, size)
+                        with open(path, "rb") as chunk:
+                            await trio.to_thread.run_sync(shutil.copyfileobj, chunk, out)
+                    finally:
+                        self.release(sha)
+            actual = await trio.to_thread.run_sync(hash_file, assembling)
+            if actual != entry.sha256:
+                raise IntegrityError(f"the chunks of blob {entry.sha256} put together hash "
+                                     f"to {actual}; not used")
+            await trio.to_thread.run_sync(self.adopt_sync, assembling, entry.sha256)
+        finally:
+            assembling.unlink(missing_ok=True)
+        self.register(entry.sha256, entry.size, pending=False)
+        try:
+            await self.db.run(self.db.state.add_cached_blob, entry.sha256, entry.size)
+        except OSError as exc:
+            log.warning("cannot record blob %s in the cache index: %s", entry.sha256, exc)
+        return self.path(entry.sha256)

@@ -47,7 +47,7 @@ class FileManager:
         self.cache = cache
         self.staging = StagingArea(staging_dir)
         self.handles = HandleTable()
-        self.reads = BlobReads(cache, ns.invalidator)
+        self.reads = BlobReads(cache, ns.invalidator, ns.inodes)
         self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote)
         self.last_activity = 0.0  # monotonic time of the last write: uploads yield to writes
         self.uid, self.gid = os.getuid(), os.getgid()  # who owns everything in the mount
@@ -196,7 +196,7 @@ class FileManager:
         st.writers = self.handles.writers(node)
         if entry.size > 0:
             try:
-                source = await self.cache.ensure(entry.sha256, entry.size)
+                source = await self.cache.ensure_file(entry)
             except (ImgrepoError, OSError) as exc:
                 self.staging.drop(node.ino)
                 log.error("cannot modify a file whose content is not available: %s", exc)
@@ -225,6 +225,8 @@ class FileManager:
             return os.pread(st.fd, size, offset)
         if handle.sha is None or handle.size == 0 or offset >= handle.size:
             return b""
+        if handle.chunks is not None:
+            return await self.reads.read_chunks(handle, offset, size)
         if handle.download is not None:
             await self.reads.wait(handle, offset + size)
         assert handle.fd is not None
