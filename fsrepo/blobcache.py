@@ -22,9 +22,10 @@ from pathlib import Path
 import trio
 
 from .cache_index import CacheIndex
+from .chunking import ChunkLists
 from .errors import ImgrepoError, IntegrityError
 from .hashing import hash_file
-from .manifest import FileEntry
+from .manifest import MIN_CHUNK, Chunks, FileEntry
 from .repository import blob_key
 from .state import StateDB
 from .store.base import Store
@@ -85,9 +86,11 @@ class Download:
 class BlobCache(CacheIndex):
     """The cache index, filled on demand by downloads that readers can follow."""
 
-    def __init__(self, root: Path, db: StateDB, store: Store, limit: int) -> None:
+    def __init__(self, root: Path, db: StateDB, store: Store, limit: int,
+                 chunk_lists: ChunkLists | None = None) -> None:
         super().__init__(root, db, limit)
         self.store = store
+        self.chunk_lists = chunk_lists  # of files this machine sent as chunks
         self.partial_dir = root / "partial"
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         self.downloads: dict[str, Download] = {}
@@ -188,13 +191,21 @@ class BlobCache(CacheIndex):
             raise dl.error
         return self.path(sha)
 
+    def chunks_of(self, entry: FileEntry) -> Chunks | None:
+        """How a file not cached whole is stored: its entry's chunk list, or, for a file
+        this machine sent as chunks whose manifest is not written yet, the list it kept."""
+        if entry.chunks is not None or self.chunk_lists is None or entry.size <= MIN_CHUNK:
+            return entry.chunks
+        return self.chunk_lists.get(entry.sha256)
+
     async def ensure_file(self, entry: FileEntry, ahead: int = 4) -> Path:
         """The path of a file's whole content, cached and verified: a chunked file is put
         together from its verified chunks (`ahead` of them downloading at once) and checked
         against its whole-file hash, then cached like any blob (for a write to it)."""
-        if entry.chunks is None or self.has(entry.sha256):
+        chunks = None if self.has(entry.sha256) else self.chunks_of(entry)
+        if chunks is None:
             return await self.ensure(entry.sha256, entry.size)
-        blobs = entry.blobs()
+        blobs = FileEntry(entry.sha256, entry.size, 0, 0, chunks).blobs()
         assembling = self.partial_dir / f"{entry.sha256}.{uuid.uuid4().hex}"
         try:
             with open(assembling, "wb") as out:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .announce import Invalidator
 from .blobcache import BlobCache
+from .chunking import ChunkLists
 from .config import Settings
 from .errors import ImgrepoError, NoSuchBucket, StorageError
 from .files import FileManager
@@ -66,7 +67,9 @@ class Engine:
         self.host = host or socket.gethostname() or "unknown"
         self.db = StateDB(LocalState(self.state_dir / "state.db"))
         self.journal = Journal(self.db)
-        self.cache = BlobCache(self.state_dir / "blobs", self.db, store, settings.cache_size)
+        self.chunk_lists = ChunkLists(self.state_dir / "chunklists")
+        self.cache = BlobCache(self.state_dir / "blobs", self.db, store, settings.cache_size,
+                               self.chunk_lists)
         self.invalidator = invalidator or Invalidator()
         self.remote_index = RemoteIndex()
         self.ns = Namespace(store, self.db, self.journal, host=self.host,
@@ -76,7 +79,8 @@ class Engine:
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
                                  self.remote_index)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
-                                 self.remote_index, self.files, host=self.host,
+                                 self.remote_index, self.files, self.chunk_lists,
+                                 host=self.host,
                                  parallel=settings.uploads)
         self.syncer = Syncer(self.ns, self.cache)
         self.started = time.time()
@@ -124,6 +128,7 @@ class Engine:
                 f"cached in {self.state_dir}{salvage_advice(self.settings)}")
         if known is None:
             await self.db.run(state.set_meta, "repo_id", desc.repo_id)
+        self.chunk_lists.chunk_size = desc.chunk_size  # large files go as chunks (format 3)
 
     async def open(self) -> None:
         """check_repository + load_state: what a mount does before it serves anything."""

@@ -41,8 +41,8 @@ class BlobReads:
         if self.cache.has(entry.sha256):
             self.cache.touch(entry.sha256)
             handle.fd = os.open(self.cache.path(entry.sha256), os.O_RDONLY)
-        elif entry.chunks is not None:
-            handle.chunks = entry.chunks  # fetched as reads ask for them (read_chunks)
+        elif (chunks := self.cache.chunks_of(entry)) is not None:
+            handle.chunks = chunks  # fetched as reads ask for them (read_chunks)
         else:
             dl = self.cache.start_download(entry.sha256, entry.size)
             handle.download = dl

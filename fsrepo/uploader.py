@@ -18,6 +18,7 @@ import trio
 
 from .blob_upload import BlobUploader, Outcome
 from .cache_index import CacheIndex
+from .chunking import ChunkLists
 from .errors import ImgrepoError, StorageAccessDenied
 from .head_writer import HeadWriter
 from .journal import Journal, PendingOp
@@ -66,8 +67,8 @@ class Uploader:
     and holds back what failed (QUEUE backoff)."""
 
     def __init__(self, store: Store, db: StateDB, journal: Journal, cache: CacheIndex,
-                 namespace: Namespace, remote: RemoteIndex, writes: WriteActivity, *,
-                 host: str, parallel: int = 8,
+                 namespace: Namespace, remote: RemoteIndex, writes: WriteActivity,
+                 chunk_lists: ChunkLists, *, host: str, parallel: int = 8,
                  batch_delay: float = 0.2, commit_delay: float = 2.0,
                  quiet: float = 0.5) -> None:
         self.journal = journal
@@ -75,8 +76,9 @@ class Uploader:
         self.batch_delay = batch_delay
         self.schedule = UploadSchedule(journal, remote, commit_delay=commit_delay,
                                        quiet=quiet)
-        self.blobs = BlobUploader(store, db, journal, cache, namespace, remote)
-        self.manifests = ManifestCommitter(store, db, journal, namespace, remote, host=host)
+        self.blobs = BlobUploader(store, db, journal, cache, namespace, remote, chunk_lists)
+        self.manifests = ManifestCommitter(store, db, journal, namespace, remote, chunk_lists,
+                                           host=host)
         self.heads = HeadWriter(store, db, host=host)
         self.status = UploadStatus()
         self._slots = trio.Semaphore(parallel)

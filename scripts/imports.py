@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
         "fsrepo.connectivity", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
-        "fsrepo.blobcache", "fsrepo.cache_index"]),
+        "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.chunking"]),
     ("core: files and names", [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",

@@ -21,9 +21,11 @@ from fsrepo.maintenance.gc import collect
 from fsrepo.maintenance.verify import verify
 from fsrepo.manifest import FileEntry, entry_from_json, entry_to_json
 from fsrepo.repository import blob_key, manifest_key
-from fsrepo.store.base import Store
+from fsrepo.store.base import Store, StoredObject
+from fsrepo.store.counting import PUT_FILE, PUT_FILE_CREATED, PUT_FILE_EXISTED, CountingStore
 
-from .coreutil import resolve, running_engine
+from .coreutil import EngineDriver, resolve, running_engine, start_uploader
+from .faulty_store import AFTER, CRASH, Fault, FaultyStore
 from .targets import StorageTarget
 
 MiB = 1 << 20
@@ -44,11 +46,12 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def put_repository(store: Store, version: int = 2) -> None:
+async def put_repository(store: Store, version: int = 3, chunk_size: int = MiB) -> None:
+    """A new repository (format 3 cuts files larger than `chunk_size` into chunks)."""
     await store.put("imgrepo.json", json.dumps({
         "format": "imgrepo", "version": version, "hash": "sha256",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "repo_id": uuid.uuid4().hex}).encode())
+        "repo_id": uuid.uuid4().hex, "chunk_size": chunk_size}).encode())
 
 
 async def put_chunked(store: Store, data: bytes, chunk: int,
@@ -221,5 +224,171 @@ def test_gc_keeps_chunks_and_verify_checks_them(tmp_path: Path):
             assert [(p["kind"], p["path"]) for p in problems] == [("missing-blob", "/big.mov")]
         finally:
             await store.aclose()
+
+    trio.run(main)
+
+
+async def root_entry(store: Store, name: bytes) -> FileEntry:
+    got = await store.get(manifest_key("root"))
+    assert isinstance(got, StoredObject)
+    entry = entry_from_json(json.loads(got.data)["entries"][name.decode()])
+    assert isinstance(entry, FileEntry)
+    return entry
+
+
+def chunk_sends(counting: CountingStore,
+                kinds: tuple[str, ...] = (PUT_FILE, PUT_FILE_CREATED, PUT_FILE_EXISTED)
+                ) -> dict[str, int]:
+    """put_file calls per blob key (by default also those that raised)."""
+    out: dict[str, int] = {}
+    for (kind, key), n in counting.snapshot().by_key.items():
+        if kind in kinds:
+            out[key] = out.get(key, 0) + n
+    return out
+
+
+def test_large_files_go_as_chunks_and_a_new_end_sends_only_new_chunks(
+        storage: StorageTarget, tmp_path: Path):
+    data = content(5 * MiB, seed=6)
+    counted: list[CountingStore] = []
+
+    def counting(inner: Store) -> Store:
+        counted.append(CountingStore(inner, by_key=True))
+        return counted[-1]
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
+                                  wrap_store=counting) as engine:
+            fs = EngineDriver(engine)
+            await fs.create("big.mov", data)
+            await fs.create("small.jpg", b"small")
+            await fs.drain()
+            sent = chunk_sends(counted[-1])
+            entry = await root_entry(engine.store, b"big.mov")
+            assert entry.chunks is not None and entry.sha256 == sha(data)
+            assert sorted(sent) == sorted({blob_key(c) for c in entry.chunks.shas}
+                                          | {blob_key(sha(b"small"))})
+            assert await engine.store.head(blob_key(sha(data))) is None  # no whole blob
+            # A copy of the whole file: one lookup, nothing sent, the same chunk list.
+            before = counted[-1].snapshot()
+            await fs.create("copy.mov", data)
+            await fs.drain()
+            assert counted[-1].since(before).uploads == 0
+            assert (await root_entry(engine.store, b"copy.mov")).chunks == entry.chunks
+            # Re-saved with a new end: only the chunks past the old end are sent.
+            before = counted[-1].snapshot()
+            await fs.write_at("big.mov", len(data), b"appended" * 1000)
+            await fs.drain()
+            assert counted[-1].since(before).uploads == 1
+            before = counted[-1].snapshot()
+            await fs.write_at("big.mov", 5 * MiB - 1, b"!")
+            await fs.drain()
+            assert counted[-1].since(before).uploads == 1
+        final = data[:-1] + b"!" + b"appended" * 1000
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 10 * MiB) == final
+            assert await read_at(fresh, "copy.mov", 0, 10 * MiB) == data
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("nth", [2, 4])
+def test_a_crash_mid_chunked_upload_sends_no_finished_chunk_again(
+        storage: StorageTarget, tmp_path: Path, nth: int):
+    data = content(5 * MiB + 3, seed=7)
+    runs: list[tuple[CountingStore, FaultyStore]] = []
+    scope = trio.CancelScope()
+
+    def wrap(inner: Store) -> Store:
+        counting = CountingStore(inner, by_key=True)
+        runs.append((counting, FaultyStore(counting, on_crash=scope.cancel)))
+        return runs[-1][1]
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        with scope:
+            async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
+                                      wrap_store=wrap, upload=False) as engine:
+                fs = EngineDriver(engine)
+                await fs.create("big.mov", data)
+                runs[-1][1].arm(Fault("put_file", nth=nth, effect=CRASH, when=AFTER))
+                start_uploader(engine)
+                with trio.fail_after(60):
+                    await fs.drain()
+                raise AssertionError("drained without reaching the crash")
+        assert runs[-1][1].crashed
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
+                                  wrap_store=wrap) as engine:
+            with trio.fail_after(60):
+                await EngineDriver(engine).drain()
+            entry = await root_entry(engine.store, b"big.mov")
+        landed = chunk_sends(runs[0][0], (PUT_FILE_CREATED, PUT_FILE_EXISTED))
+        again = chunk_sends(runs[1][0])
+        assert len(landed) >= nth and not set(landed) & set(again), (landed, again)
+        assert entry.chunks is not None
+        assert set(landed) | set(again) == {blob_key(c) for c in entry.chunks.shas}
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 6 * MiB) == data
+
+    trio.run(main)
+
+
+def test_a_format_2_repository_keeps_whole_blobs(tmp_path: Path):
+    """An older repository that cannot be upgraded now (a read-only token, say) keeps
+    whole-file blobs: an older mount must still find them."""
+    data = content(3 * MiB, seed=8)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+            engine.chunk_lists.chunk_size = None  # as after a refused upgrade
+            await EngineDriver(engine).create("big.mov", data)
+            await EngineDriver(engine).drain()
+            entry = await root_entry(engine.store, b"big.mov")
+            assert entry.chunks is None
+            assert await engine.store.head(blob_key(sha(data))) == len(data)
+
+    trio.run(main)
+
+
+def test_a_file_sent_as_chunks_reads_back_before_its_manifest_is_written(tmp_path: Path):
+    """Between the upload of its chunks and the commit of its directory, a file's entry
+    names only its whole-file hash, and the cache may evict the whole file: its reads
+    then come from the chunk list this machine kept."""
+    data = content(3 * MiB + 7, seed=9)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache",
+                                  upload=False) as engine:
+            fs = EngineDriver(engine)
+            await fs.create("big.mov", data)
+            await engine.uploader.blobs.upload(sha(data))
+            engine.cache.discard(sha(data))  # evicted meanwhile
+            assert await read_at(engine, "big.mov", MiB - 5, 2 * MiB) == \
+                data[MiB - 5:3 * MiB - 5]
+            await fs.write_at("big.mov", 3, b"abc")  # a write starts from the chunks
+            start_uploader(engine)
+            await fs.drain()
+            assert (await root_entry(engine.store, b"big.mov")).chunks is not None
+        async with running_engine(storage.url, None, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 4 * MiB) == data[:3] + b"abc" + data[6:]
 
     trio.run(main)
