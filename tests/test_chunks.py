@@ -392,3 +392,29 @@ def test_a_file_sent_as_chunks_reads_back_before_its_manifest_is_written(tmp_pat
             assert await read_at(fresh, "big.mov", 0, 4 * MiB) == data[:3] + b"abc" + data[6:]
 
     trio.run(main)
+
+
+def test_a_chunked_file_from_another_machine_is_renamed_without_its_content(tmp_path: Path):
+    """Its whole-file hash names no blob, and this machine has neither the file nor its
+    chunk list: the rename carries the chunk list along and needs no upload."""
+    data = content(3 * MiB, seed=10)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+            fs = EngineDriver(engine)
+            await fs.rename("big.mov", "moved.mov")
+            with trio.fail_after(60):
+                await fs.drain()
+            assert (await root_entry(engine.store, b"moved.mov")).chunks is not None
+        async with running_engine(storage.url, None, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "moved.mov", 0, 4 * MiB) == data
+
+    trio.run(main)
