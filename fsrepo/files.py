@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .blobcache import BlobCache
@@ -102,9 +102,9 @@ class FileManager:
         if mode is not None or mtime is not None:
             if isinstance(entry, FileEntry):
                 if not self.set_attrs(node, mode, mtime):
-                    await self.ns.replace(node, FileEntry(
-                        entry.sha256, entry.size, entry.mtime_ns if mtime is None else mtime,
-                        entry.mode if mode is None else mode))
+                    await self.ns.replace(node, replace(  # (a chunked file keeps its chunks)
+                        entry, mtime_ns=entry.mtime_ns if mtime is None else mtime,
+                        mode=entry.mode if mode is None else mode))
             elif isinstance(entry, DirEntry) and node.ino != ROOT_INO:
                 shown = self.ns.dir_stat(entry)  # (a chmod keeps the mtime it shows)
                 kept = entry.mtime_ns if shown is None else shown.mtime_ns

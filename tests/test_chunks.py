@@ -418,3 +418,27 @@ def test_a_chunked_file_from_another_machine_is_renamed_without_its_content(tmp_
             assert await read_at(fresh, "moved.mov", 0, 4 * MiB) == data
 
     trio.run(main)
+
+
+def test_a_chunked_file_from_another_machine_changes_mode_and_time_without_its_content(
+        tmp_path: Path):
+    data = content(2 * MiB + 1, seed=11)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+            fs = EngineDriver(engine)
+            await fs.setattr("big.mov", mode=0o600, mtime_ns=123)
+            with trio.fail_after(60):
+                await fs.drain()
+            entry = await root_entry(engine.store, b"big.mov")
+            assert entry.chunks is not None and (entry.mode, entry.mtime_ns) == (0o600, 123)
+            assert not engine.cache.has(entry.chunks.shas[0])  # nothing was fetched
+
+    trio.run(main)
