@@ -442,3 +442,34 @@ def test_a_chunked_file_from_another_machine_changes_mode_and_time_without_its_c
             assert not engine.cache.has(entry.chunks.shas[0])  # nothing was fetched
 
     trio.run(main)
+
+
+def test_a_damaged_chunk_through_the_mount(storage: StorageTarget, tmp_path: Path, mounter):
+    """The same through the kernel (its read-ahead included): a reader gets correct bytes
+    up to the damaged chunk and then EIO; the chunks after it still read; the log names
+    the file and the byte range."""
+    data = content(5 * MiB, seed=12)
+    bad = 2 * MiB
+
+    async def build() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB, damage=2)})
+        finally:
+            await store.aclose()
+
+    trio.run(build)
+    m = mounter(storage.url, endpoint_url=storage.endpoint_url)
+    got = bytearray()
+    with open(m.path / "big.mov", "rb", buffering=0) as fh:
+        with pytest.raises(OSError) as failed:
+            while piece := fh.read(128 * 1024):
+                got += piece
+        assert failed.value.errno == errno.EIO
+        assert bytes(got) == data[:len(got)] and len(got) == bad
+        assert os.pread(fh.fileno(), MiB, 3 * MiB) == data[3 * MiB:4 * MiB]
+        with pytest.raises(OSError):
+            os.pread(fh.fileno(), 4096, bad + MiB - 100)
+    assert f"/big.mov: cannot read bytes {bad}-{bad + MiB} (chunk 2" in m.logtext()
+    assert not m.unexpected_log_lines(r"chunk 2|download of blob .* failed")
