@@ -473,3 +473,51 @@ def test_a_damaged_chunk_through_the_mount(storage: StorageTarget, tmp_path: Pat
             os.pread(fh.fileno(), 4096, bad + MiB - 100)
     assert f"/big.mov: cannot read bytes {bad}-{bad + MiB} (chunk 2" in m.logtext()
     assert not m.unexpected_log_lines(r"chunk 2|download of blob .* failed")
+
+
+def test_sync_fetches_a_chunked_file_chunk_by_chunk(tmp_path: Path):
+    data = content(3 * MiB + 9, seed=13)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            entry = await put_chunked(store, data, MiB)
+            await put_root(store, {"big.mov": entry})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache",
+                                  upload=False) as engine:
+            end = await engine.syncer.run([], send)
+            assert (end["to_fetch"], end["done_bytes"], end["failed"]) == (4, len(data), 0)
+            assert all(engine.cache.has(c) for c in entry["chunks"]["sha256"])
+            assert await read_at(engine, "big.mov", 0, 4 * MiB) == data
+
+    trio.run(main)
+
+
+def test_a_cold_read_fetches_the_next_chunks_ahead(tmp_path: Path):
+    data = content(6 * MiB, seed=14)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            entry = await put_chunked(store, data, MiB)
+            await put_root(store, {"big.mov": entry})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache",
+                                  upload=False) as engine:
+            assert await read_at(engine, "big.mov", 0, 4096) == data[:4096]
+            shas = entry["chunks"]["sha256"]
+            ahead = [s for s in shas[1:] if s in engine.cache.downloads or engine.cache.has(s)]
+            assert ahead == shas[1:5]  # READ_AHEAD chunks after the one read, not more
+
+    trio.run(main)
