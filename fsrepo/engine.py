@@ -82,6 +82,7 @@ class Engine:
                                  self.remote_index, self.files, self.chunk_lists,
                                  host=self.host,
                                  parallel=settings.uploads)
+        self.files.write_observer = self.uploader.early  # chunks sent while files are written
         self.syncer = Syncer(self.ns, self.cache)
         self.started = time.time()
         self.online = True

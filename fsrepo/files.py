@@ -15,6 +15,7 @@ import stat
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from .blobcache import BlobCache
 from .commit import Committer, RemoteBlobs
@@ -27,6 +28,12 @@ from .reads import BlobReads
 from .staging import Staging, StagingArea
 
 log = logging.getLogger(__name__)
+
+
+class WriteObserver(Protocol):
+    """Told after each write to a staging copy (uploads that start before close)."""
+
+    def wrote(self, st: Staging) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class FileManager:
         self.reads = BlobReads(cache, ns.invalidator, ns.inodes)
         self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote)
         self.last_activity = 0.0  # monotonic time of the last write: uploads yield to writes
+        self.write_observer: WriteObserver | None = None  # told of every write (early chunks)
         self.uid, self.gid = os.getuid(), os.getgid()  # who owns everything in the mount
         ns.track_edits(self)
 
@@ -241,7 +249,10 @@ class FileManager:
         st = self.staging.staged.get(ino)
         if st is None or ino in self.commits.committing:
             st = await self._stage(handle.node)
-        return st.write(offset, data)
+        written = st.write(offset, data)
+        if self.write_observer is not None:
+            self.write_observer.wrote(st)
+        return written
 
     async def truncate(self, node: Node, size: int, handle: Handle | None = None) -> None:
         st = self.staging.staged.get(node.ino)

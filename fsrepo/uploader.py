@@ -19,6 +19,7 @@ import trio
 from .blob_upload import BlobUploader, Outcome
 from .cache_index import CacheIndex
 from .chunking import ChunkLists
+from .early_chunks import EarlyChunks
 from .errors import ImgrepoError, StorageAccessDenied
 from .head_writer import HeadWriter
 from .journal import Journal, PendingOp
@@ -77,6 +78,8 @@ class Uploader:
         self.schedule = UploadSchedule(journal, remote, commit_delay=commit_delay,
                                        quiet=quiet)
         self.blobs = BlobUploader(store, db, journal, cache, namespace, remote, chunk_lists)
+        # completed chunks of files still being written (see early_chunks.py)
+        self.early = EarlyChunks(store, remote, chunk_lists, cache.root / "partial")
         self.manifests = ManifestCommitter(store, db, journal, namespace, remote, chunk_lists,
                                            host=host)
         self.heads = HeadWriter(store, db, host=host)
@@ -128,6 +131,7 @@ class Uploader:
         self.schedule.left_by_earlier_run()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.heads.run, lambda: bool(self._committing))
+            nursery.start_soon(self.early.run)
             while True:
                 self._kick = trio.Event()
                 started = self._start_due(nursery)

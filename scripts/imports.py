@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fsrepo.prefetch"]),
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
-        "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.sync", "fsrepo.salvage",
+        "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.early_chunks", "fsrepo.sync", "fsrepo.salvage",
         "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge"]),
     ("assembly", ["fsrepo.engine"]),
     ("FUSE and CLI", [

@@ -521,3 +521,78 @@ def test_a_cold_read_fetches_the_next_chunks_ahead(tmp_path: Path):
             assert ahead == shas[1:5]  # READ_AHEAD chunks after the one read, not more
 
     trio.run(main)
+
+
+def test_chunks_of_a_file_being_written_are_sent_before_its_close(tmp_path: Path):
+    data = content(5 * MiB + 100, seed=15)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    counted: list[CountingStore] = []
+
+    def counting(inner: Store) -> Store:
+        counted.append(CountingStore(inner, by_key=True))
+        return counted[-1]
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache",
+                                  wrap_store=counting) as engine:
+            node = engine.ns.node(1)
+            handle, _ = await engine.files.create(node.ino, b"big.mov", 0o644)
+            try:
+                for off in range(0, len(data), 128 * 1024):
+                    await engine.files.write(handle.fh, off, data[off:off + 128 * 1024])
+                with trio.fail_after(60):  # (a hang guard, not a timing assertion)
+                    while len(chunk_sends(counted[-1])) < 5:
+                        await trio.sleep(0.01)
+                before_close = chunk_sends(counted[-1])
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            await EngineDriver(engine).drain()
+            entry = await root_entry(engine.store, b"big.mov")
+            assert entry.chunks is not None
+            keys = [blob_key(c) for c in entry.chunks.shas]
+            assert sorted(before_close) == sorted(keys[:5])
+            assert chunk_sends(counted[-1]) == {k: 1 for k in keys}  # none sent twice
+        async with running_engine(storage.url, None, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 6 * MiB) == data
+
+    trio.run(main)
+
+
+def test_a_random_write_ends_the_head_start(tmp_path: Path):
+    """Chunks sent before a write went back into them are not what the file holds: the
+    closed file's own chunks are sent, and the file reads back as written."""
+    data = bytearray(content(3 * MiB, seed=16))
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+            handle, _ = await engine.files.create(1, b"big.mov", 0o644)
+            try:
+                for off in range(0, len(data), 128 * 1024):
+                    await engine.files.write(handle.fh, off, bytes(data[off:off + 128 * 1024]))
+                with trio.fail_after(60):
+                    while engine.uploader.early.sent < 3:
+                        await trio.sleep(0.01)
+                await engine.files.write(handle.fh, 10, b"changed")
+                data[10:17] = b"changed"
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            await EngineDriver(engine).drain()
+        async with running_engine(storage.url, None, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 4 * MiB) == bytes(data)
+
+    trio.run(main)
