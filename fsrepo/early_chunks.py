@@ -15,6 +15,7 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -29,8 +30,9 @@ from .store.base import Store
 
 log = logging.getLogger(__name__)
 
-EARLY_PARALLEL = 4  # chunks in flight (and at most as many waiting)
-TRACKED = 4096  # staging copies remembered (the oldest are forgotten: no early chunks)
+EARLY_PARALLEL = 2  # chunks in flight: the writer comes first
+TRACKED = 64  # files followed at once (each holds a descriptor; the oldest are let go)
+SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
 
 
 class Written(Protocol):
@@ -44,6 +46,19 @@ class Written(Protocol):
     def hasher(self) -> object | None: ...
 
 
+@dataclass
+class Followed:
+    """A file whose completed chunks are being sent: our own descriptor on its staging
+    copy (valid whatever happens to the copy's), how far it was written in order, and the
+    start of the next chunk to send."""
+
+    fd: int
+    written: int = 0
+    next: int = 0
+    busy: int = 0  # chunks of it in flight
+    done: bool = False  # written out of order, or let go: nothing more to send
+
+
 class EarlyChunks:
     """Sends completed chunks of sequentially written files (`wrote` after each write)."""
 
@@ -55,53 +70,100 @@ class EarlyChunks:
         self.partial_dir = partial_dir
         self.parallel = parallel
         self.sent = 0  # chunks this process created in the bucket before their file's close
-        self._next: OrderedDict[Path, int] = OrderedDict()  # staging copy -> next chunk start
-        self._queue, self._jobs = trio.open_memory_channel[tuple[int, int, int]](parallel)
+        self._files: OrderedDict[Path, Followed] = OrderedDict()  # by staging copy
+        self._work = trio.Event()
 
     def wrote(self, st: Written) -> None:
-        """After a write to a staging copy: queue the chunks it completed, if it is being
-        written in order (a random write ends the head start: close() cuts the file)."""
+        """After a write to a staging copy: note how far it is written in order (a random
+        write ends its head start: close() cuts the file)."""
         size = self.chunk_lists.chunk_size
+        f = self._files.get(st.path)
         if size is None or st.hasher is None:
-            self._next.pop(st.path, None)
+            if f is not None:
+                self._let_go(st.path, f)
             return
-        start = self._next.get(st.path, 0)
-        if start > st.hashed:  # truncated and written again
-            start = 0
-        while st.hashed - start >= size:
-            fd = os.dup(st.fd)  # the copy may be closed (or renamed into the cache) meanwhile
-            try:
-                self._queue.send_nowait((fd, start, size))
-            except trio.WouldBlock:
-                os.close(fd)  # too much waiting already: left to close()
-                break
-            start += size
-        self._next[st.path] = start
-        self._next.move_to_end(st.path)
-        while len(self._next) > TRACKED:
-            self._next.popitem(last=False)
+        if f is None:
+            if st.hashed < size:
+                return
+            f = self._files[st.path] = Followed(os.dup(st.fd))
+            while len(self._files) > TRACKED:
+                oldest = next(iter(self._files))
+                self._let_go(oldest, self._files[oldest])
+        if st.hashed < f.next:  # truncated and written again
+            f.next = 0
+        f.written = st.hashed
+        self._files.move_to_end(st.path)
+        if f.written - f.next >= size:
+            self._work.set()
+
+    def _let_go(self, path: Path, f: Followed) -> None:
+        f.done = True
+        del self._files[path]
+        if not f.busy:
+            os.close(f.fd)
+
+    def sweep(self) -> None:
+        """Let go of files closed meanwhile (their staging copy is gone: sealed into the
+        cache, or dropped), so that no descriptor keeps a dropped copy's space."""
+        for path, f in list(self._files.items()):
+            if not f.busy and not path.exists():
+                self._let_go(path, f)
+
+    def _take(self) -> tuple[Path, Followed, int, int] | None:
+        """The next chunk to send: the oldest followed file's first unsent complete one."""
+        size = self.chunk_lists.chunk_size
+        if size is None:
+            return None
+        for path, f in self._files.items():
+            if f.written - f.next >= size:
+                start, f.next = f.next, f.next + size
+                f.busy += 1
+                return path, f, start, size
+        return None
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.parallel):
-                nursery.start_soon(self._worker)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.parallel):
+                    nursery.start_soon(self._worker)
+        finally:
+            for path, f in list(self._files.items()):
+                self._let_go(path, f)
 
     async def _worker(self) -> None:
-        async for fd, start, size in self._jobs:
-            part = self.partial_dir / f"early.{uuid.uuid4().hex}"
+        while True:
+            job = self._take()
+            if job is None:
+                self.sweep()
+                if self._work.is_set():
+                    self._work = trio.Event()
+                with trio.move_on_after(SWEEP_EVERY):
+                    await self._work.wait()
+                continue
+            path, f, start, size = job
             try:
-                await trio.to_thread.run_sync(_copy_fd_range, fd, part, start, size)
-                sha = await trio.to_thread.run_sync(hash_file, part)
-                if not self.remote.reuse_or_recheck(sha) \
-                        and await self.store.head(blob_key(sha)) is None:
-                    if await self.store.put_file(blob_key(sha), part, sha):
-                        self.sent += 1
-                self.remote.seen_in_bucket(sha)
-            except (ImgrepoError, OSError) as exc:  # a head start only: close() sends it
-                log.debug("early upload of a chunk failed: %s", exc)
+                await self._send(f.fd, start, size)
             finally:
-                os.close(fd)
-                part.unlink(missing_ok=True)
+                f.busy -= 1
+                if f.done and not f.busy:
+                    os.close(f.fd)
+                elif not path.exists() and f.written - f.next < size:
+                    self._let_go(path, f)  # closed (sealed into the cache): all sent
+
+    async def _send(self, fd: int, start: int, size: int) -> None:
+        part = self.partial_dir / f"early.{uuid.uuid4().hex}"
+        try:
+            await trio.to_thread.run_sync(_copy_fd_range, fd, part, start, size)
+            sha = await trio.to_thread.run_sync(hash_file, part)
+            if not self.remote.reuse_or_recheck(sha) \
+                    and await self.store.head(blob_key(sha)) is None:
+                if await self.store.put_file(blob_key(sha), part, sha):
+                    self.sent += 1
+            self.remote.seen_in_bucket(sha)
+        except (ImgrepoError, OSError) as exc:  # a head start only: close() sends it
+            log.debug("early upload of a chunk failed: %s", exc)
+        finally:
+            part.unlink(missing_ok=True)
 
 
 def _copy_fd_range(fd: int, dest: Path, offset: int, length: int) -> None:
