@@ -599,3 +599,40 @@ def test_a_random_write_ends_the_head_start(tmp_path: Path):
             assert await read_at(fresh, "big.mov", 0, 4 * MiB) == bytes(data)
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
+def test_kill_9_during_a_chunked_upload_sends_no_finished_chunk_again(
+        s3_bucket, s3_proxy, mounter, tmp_path: Path, delay: float):
+    """A large file written through the mount (its chunks going up while it is written
+    and after its close), the mount killed `delay` seconds after close: remounted, the
+    file reaches the bucket whole, and no chunk whose PUT succeeded is PUT again."""
+    data = content(8 * MiB + 77, seed=17)
+
+    async def build() -> None:
+        store = s3_bucket.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+
+    trio.run(build)
+    m = mounter(s3_bucket.url, endpoint_url=s3_proxy.url, cache_dir=tmp_path / "cache")
+    with open(m.path / "big.mov", "wb") as fh:
+        for at in range(0, len(data), 128 * 1024):
+            fh.write(data[at:at + 128 * 1024])
+    time.sleep(delay)
+    m.kill()
+    again = mounter(s3_bucket.url, endpoint_url=s3_proxy.url, cache_dir=tmp_path / "cache")
+    assert again.wait_idle()["pending_ops"] == 0
+    again.unmount()
+    finished: set[str] = set()
+    for seen in s3_proxy.requests:
+        if seen.method == "PUT" and "/blobs/" in seen.path:
+            assert seen.path not in finished, f"{seen.path} sent again after it landed"
+            if seen.status == 200:
+                finished.add(seen.path)
+    assert len(finished) >= 9  # the file went up as its 9 chunks
+    fresh = mounter(s3_bucket.url, endpoint_url=s3_bucket.endpoint_url,
+                    cache_dir=tmp_path / "fresh")
+    assert (fresh.path / "big.mov").read_bytes() == data
