@@ -108,6 +108,10 @@ class BlobUploader:
                 errors.append(exc)
 
         async def send(index: int, chunk: str) -> None:
+            async with self.chunk_lists.sending(chunk):
+                await send_unless_there(index, chunk)
+
+        async def send_unless_there(index: int, chunk: str) -> None:
             nonlocal sent
             if self.remote.reuse_or_recheck(chunk) \
                     or await self.store.head(blob_key(chunk)) is not None:

@@ -77,23 +77,36 @@ class CacheIndex:
             self._open.pop(sha, None)
 
     # -- adding ---------------------------------------------------------------------------
-    def adopt_sync(self, staging: Path, sha: str) -> bool:
-        """Move a finished staging file into the cache (worker thread). Returns False if
-        the blob was already cached (the staging file is then deleted)."""
+    def adopt(self, staging: Path, sha: str, replace: bool = False) -> bool:
+        """Move a finished staging file into the cache under its hash (a rename: cheap on
+        the trio thread; the group commit makes it durable). Returns False if the blob was
+        already cached (the staging file is then deleted), unless `replace` (the cached
+        one may be damaged)."""
+        target = self.path(sha)
+        if not replace and target.exists():
+            staging.unlink(missing_ok=True)
+            return False
+        try:
+            os.replace(staging, target)
+        except FileNotFoundError:  # the shard's first blob
+            target.parent.mkdir(exist_ok=True)
+            os.replace(staging, target)
+        return True
+
+    def link_in(self, staging: Path, sha: str, replace: bool = False) -> None:
+        """A second name in the cache for a staging file that must stay where it is until
+        its journal record is gone (a copy fsync'd while open: staging.py); `replace`: as
+        in `adopt`."""
         target = self.path(sha)
         if target.exists():
-            staging.unlink(missing_ok=True)
-            # Stored by a close() of the same content that may still be on its way to
-            # disk: ours returns only once that copy is durable too.
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            return False
+            if not replace:
+                return
+            target.unlink()
         target.parent.mkdir(exist_ok=True)
-        os.replace(staging, target)
-        return True
+        try:
+            os.link(staging, target)
+        except FileExistsError:
+            pass
 
     def _on_disk(self, sha: str, length: int) -> int | None:
         """What a blob file counts against the limit: its length, or the blocks it uses

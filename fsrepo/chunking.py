@@ -13,7 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+import trio
 
 from .hashing import HASH_CHUNK
 from .manifest import MIN_CHUNK, Chunks, Entry, FileEntry
@@ -56,6 +60,21 @@ class ChunkLists:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.chunk_size: int | None = None
+        self._sending: dict[str, trio.Event] = {}  # chunks on their way to the bucket
+
+    @asynccontextmanager
+    async def sending(self, sha: str) -> AsyncIterator[None]:
+        """Hold a chunk while it is checked and sent: the early sender and the uploader
+        (after close) may both get to it, and the second must find it sent, not send it
+        again."""
+        while (busy := self._sending.get(sha)) is not None:
+            await busy.wait()
+        done = self._sending[sha] = trio.Event()
+        try:
+            yield
+        finally:
+            del self._sending[sha]
+            done.set()
 
     def _path(self, sha: str) -> Path:
         return self.root / sha[:2] / f"{sha}.json"

@@ -1,31 +1,34 @@
-"""Committing a closed file: its staging copy is hashed, kept in the blob cache under its
-hash and its new entry journaled; close() returns only when both are on disk.
+"""Committing a closed file: its staging copy is hashed, named in the blob cache under its
+hash and its new entry journaled. close() returns then, without an fsync: the page cache
+and the written WAL transaction survive a crash of the process, and the group commit
+(group_commit.py) makes them survive a power loss within its interval.
 
-The staging file's fsync and the journal's fsync run at the same time. After a crash in
-between, the journal may name a blob whose file is incomplete; recovery checks pending
-blobs and drops such ops, which is right because their close() never returned.
+The blob is named before its journal entry is written, so a commit that covers the entry
+covers the blob's data too. A copy fsync'd while open (`Staging.synced`) is hard-linked into
+the cache instead of moved: its journal record must outlive it until the group commit has
+the blob's data on disk (`retire_copy`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
 from .blobcache import BlobCache
 from .errors import FsError, errno_for
+from .group_commit import GroupCommitter
 from .handles import HandleTable
 from .inodes import Node
 from .manifest import FileEntry
 from .namespace import Namespace
 from .reads import BlobReads
 from .staging import Staging, StagingArea
+from .state import SyncedCopy
 
 log = logging.getLogger(__name__)
-
-INLINE_DISCARD = 4 << 20  # staging copies up to this size are dropped on the trio thread
 
 
 class RemoteBlobs(Protocol):
@@ -34,16 +37,21 @@ class RemoteBlobs(Protocol):
 
     def reuse_or_recheck(self, sha: str) -> bool: ...
 
+    # Cached blobs an earlier run left pending: a power loss may have torn them.
+    unverified: set[str]
+
 
 class Committer:
     def __init__(self, ns: Namespace, cache: BlobCache, staging: StagingArea,
-                 handles: HandleTable, reads: BlobReads, remote: RemoteBlobs) -> None:
+                 handles: HandleTable, reads: BlobReads, remote: RemoteBlobs,
+                 durable: GroupCommitter) -> None:
         self.ns = ns
         self.cache = cache
         self.staging = staging
         self.handles = handles
         self.reads = reads
         self.remote = remote
+        self.durable = durable
         self.committing: dict[int, trio.Event] = {}  # ino -> set when its commit is done
         self.sealed: dict[int, Staging] = {}  # ino -> the staging copy being committed
 
@@ -53,7 +61,7 @@ class Committer:
             await self.committing[ino].wait()
 
     async def commit(self, node: Node) -> None:
-        """Make the node's staged content durable and journaled (flush, fsync, close)."""
+        """Turn the node's staged content into a blob and journal it (flush, close)."""
         while node.ino in self.committing:
             await self.committing[node.ino].wait()
         st = self.staging.staged.get(node.ino)
@@ -78,62 +86,61 @@ class Committer:
             for h in self.handles.of(node):
                 self.reads.attach(h, entry)
 
+    def keep_synced(self, node: Node, st: Staging) -> bool:
+        """fsync() of a file still open: its staging copy becomes what the group commit
+        syncs and journals as the file's content (no blob). False for a file without a
+        name (unlinked while open: its content goes with the last close)."""
+        pnode = self.ns.inodes.get(node.parent) if node.parent != 0 else None
+        if pnode is None or pnode.dir_id is None:
+            return False
+        st.synced = True
+        record = (pnode.dir_id, node.name, st.mode)
+        if record == st.synced_as:  # recorded: only its data to sync (a database's fsyncs)
+            self.durable.keep_copy(st.path, None)
+        else:
+            st.synced_as = record
+            self.durable.keep_copy(st.path, SyncedCopy(st.path.name, *record[:2], st.base,
+                                                      st.mode, st.mtime_ns))
+        return True
+
     async def _store_and_record(self, node: Node, st: Staging, digest: str,
                                 entry: FileEntry) -> FileEntry | None:
         remote = self.remote.reuse_or_recheck(digest)
-        cached = self.cache.has(digest)
+        # A cached copy a power loss may have torn is replaced by this one, known good.
+        suspect = digest in self.remote.unverified
+        cached = self.cache.has(digest) and not suspect
         need_upload = not remote
         rec = self.ns.record_replace(node, entry, [(digest, entry.size)] if need_upload else [],
                                      entry.size if (remote or cached) else 0, base=st.base)
-        cache = self.cache
-
-        def discard() -> None:
-            os.close(st.fd)
-            st.path.unlink(missing_ok=True)
-
-        def persist() -> None:
-            if cached or rec is None:  # nothing new to keep
-                discard()
-                return
-            # Named first, then fsync'd: the fsync of a file commits its data together with
-            # the rename (and shard mkdir) that named it on journaling filesystems, so the
-            # blob is durable under the name the journal's recovery looks for. A power loss
-            # before the fsync leaves a torn blob, hashed before any upload (unverified).
+        keep = rec is not None and not cached  # new content to keep
+        try:
+            # On the trio thread: a rename (or link) and a close cost less than the hand-off
+            # to a worker thread, and nothing here waits for the disk.
             try:
-                cache.adopt_sync(st.path, digest)
-                os.fsync(st.fd)
+                if st.synced:
+                    if keep:
+                        self.cache.link_in(st.path, digest, replace=suspect)
+                        self.durable.blob_named(self.cache.path(digest))
+                elif keep:
+                    self.cache.adopt(st.path, digest, replace=suspect)
+                    self.durable.blob_named(self.cache.path(digest))
+                else:
+                    st.path.unlink(missing_ok=True)  # a duplicate, or deleted meanwhile
             finally:
                 os.close(st.fd)
-
-        errors: list[BaseException] = []
-
-        async def guarded(fn: Any, *args: Any) -> None:
-            try:
-                await fn(*args)
-            except (OSError, FsError) as exc:
-                errors.append(exc)
-
-        if (cached or rec is None) and st.size <= INLINE_DISCARD:
-            # A duplicate (or deleted) small file: dropping its copy is quicker than the
-            # hand-off to a worker thread; only the journal has to reach the disk.
-            try:
-                discard()
-            except OSError as exc:
-                log.warning("cannot remove a staging copy: %s", exc)
+        except OSError as exc:
             if rec is not None:
-                await guarded(self.ns.settle, rec)
-        else:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(guarded, trio.to_thread.run_sync, persist)
-                if rec is not None:
-                    nursery.start_soon(guarded, self.ns.settle, rec)
+                await self.ns.undo(rec)
+            log.error("cannot store a closed file locally: %s", exc)
+            raise FsError(errno_for(exc)) from None
         if rec is None:
+            if st.synced:
+                self.durable.retire_copy(st.path)
             return None  # deleted while open: POSIX says the data goes with the last close
-        if errors:
-            await self.ns.undo(rec)
-            exc = errors[0]
-            if not isinstance(exc, FsError):  # (the journal's failure is logged already)
-                log.error("cannot store a closed file locally: %s", exc)
-            raise FsError(errno_for(exc))
+        # A failure is logged and undone there; a synced copy then stays for the recovery.
+        await self.ns.settle(rec)
+        self.remote.unverified.discard(digest)
+        if st.synced:  # the journal names the blob now: the copy's record may go
+            self.durable.retire_copy(st.path)
         self.cache.register(digest, entry.size, pending=need_upload)
         return entry

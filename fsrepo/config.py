@@ -10,12 +10,14 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .snapshot_policy import DEFAULT_POLICY, parse_policy
 
 DEFAULT_CACHE_SIZE = 10 * 1024**3
 DEFAULT_REFRESH = 10.0
@@ -41,12 +43,37 @@ def default_cache_root() -> Path:
 
 
 def runtime_dir() -> Path:
-    """Where running mounts publish their control sockets (private to the user)."""
+    """Where running mounts publish their control sockets (private to the user): the
+    session's XDG_RUNTIME_DIR, else a folder of ours in /tmp (root, cron, containers)."""
     base = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(base) / "imgrepo" if base else Path(f"/tmp/imgrepo-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_uid != os.getuid():
-        raise ConfigError(f"{path} belongs to another user; set XDG_RUNTIME_DIR")
+    if base and os.path.isabs(base):
+        Path(base).mkdir(mode=0o700, parents=True, exist_ok=True)
+        return private_dir(Path(base) / "imgrepo")
+    return private_dir(Path(f"/tmp/imgrepo-{os.getuid()}"))
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only we can use: created 0700 if missing; if it exists, it must
+    be a real directory (never a symlink: checked with lstat), ours, mode 0700. In a shared
+    folder like /tmp another user may have planted it first, to break our commands or to
+    answer them with a fake mount: refused with the reason, never used."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
+    st = os.lstat(path)
+    hint = "remove it, or set XDG_RUNTIME_DIR to a private folder"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} is not a real directory (a symlink or a file): refusing "
+                          f"to use it; {hint}")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"{path} belongs to another user (uid {st.st_uid}): refusing to "
+                          f"use it; {hint}")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise ConfigError(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}, not 0700: "
+                          f"refusing to use it; {hint}")
     return path
 
 
@@ -82,7 +109,9 @@ class Settings:
     cache_size: int = DEFAULT_CACHE_SIZE
     refresh: float = DEFAULT_REFRESH
     uploads: int = 8
+    commit_interval: float = 1.0  # seconds from close() until power-safe (group_commit.py)
     view_cache_entries: int = 200_000  # directory entries kept in memory (~0.4 KiB each)
+    auto_snapshots: str = DEFAULT_POLICY  # snapshot_policy.py: kinds=counts, or "off"
     # login (OIDC device flow + STS web identity)
     issuer: str | None = None
     client_id: str | None = None
@@ -91,9 +120,19 @@ class Settings:
     config_file: Path = field(default_factory=lambda: config_dir() / "config.toml")
 
     def state_dir(self) -> Path:
-        """The local state of one repository: database, blob cache, staging files, log."""
+        """The local state of one repository: database, blob cache, staging files, log.
+        An S3 repository's key includes its endpoint: the same bucket name on two servers
+        is two repositories, and they may share one cache root."""
+        name = normalise_storage_url(self.storage)
+        if self.endpoint_url and name.startswith("s3://"):
+            name += " at " + self.endpoint_url.strip().rstrip("/").lower()
+        return self.cache_root / "repos" / hashlib.sha256(name.encode()).hexdigest()[:16]
+
+    def legacy_state_dir(self) -> Path | None:
+        """Where the state was kept before the endpoint counted (None: same place)."""
         key = hashlib.sha256(normalise_storage_url(self.storage).encode()).hexdigest()[:16]
-        return self.cache_root / "repos" / key
+        old = self.cache_root / "repos" / key
+        return None if old == self.state_dir() else old
 
 
 def normalise_storage_url(url: str) -> str:
@@ -169,7 +208,7 @@ def write_config_values(path: Path, values: dict[str, Any]) -> None:
         name = "cache_dir" if key == "cache_root" else key
         table[spelled.get(name, name.replace("_", "-"))] = (
             str(value) if isinstance(value, Path) else value)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(tomlkit.dumps(doc))
     if path.exists():
@@ -211,6 +250,13 @@ def load_settings(flags: dict[str, Any] | None = None, config_file: Path | None 
             merged["refresh"] = float(merged["refresh"])
             if merged["refresh"] <= 0:
                 raise ConfigError("--refresh must be a positive number of seconds")
+        if "auto_snapshots" in merged:
+            merged["auto_snapshots"] = str(merged["auto_snapshots"])
+            parse_policy(merged["auto_snapshots"])  # refused now, in one line, if bad
+        if "commit_interval" in merged:
+            merged["commit_interval"] = float(merged["commit_interval"])
+            if not 0 < merged["commit_interval"] <= 3600:
+                raise ConfigError("--commit-interval must be between 0 and 3600 seconds")
         if "uploads" in merged:
             merged["uploads"] = int(merged["uploads"])
             if merged["uploads"] < 1:

@@ -64,6 +64,9 @@ class GuardedStore(Store):
         self.offline_since: float | None = None
         self.offline_reason: str | None = None
         self.last_online_at: float | None = None  # when it last came back
+        self.last_success_at: float | None = None  # when a call last succeeded
+        self.held_back = 0  # calls failed fast during the current outage
+        self.unreachable_because = ""  # why the last reachability check failed
         self.on_online: list[Callable[[], None]] = []
         self._probing = False
         self._target = _tcp_target(inner)
@@ -83,6 +86,7 @@ class GuardedStore(Store):
 
     def _fail_fast(self) -> None:
         if not self.online:
+            self.held_back += 1
             raise self.offline_error()
 
     def went_offline(self, reason: str) -> None:
@@ -90,18 +94,22 @@ class GuardedStore(Store):
             self._online = False
             self.offline_since = time.time()
             self.offline_reason = reason
+            self.held_back = 0
             log.warning("storage %s unreachable, working offline: %s", self.url, reason)
         if not self._probing:
             self._probing = True
             trio.lowlevel.spawn_system_task(self._probe_loop)
 
     def went_online(self) -> None:
+        self.last_success_at = time.time()
         if self.online:
             return
         self._online = True
-        self.last_online_at = time.time()
-        log.info("storage %s reachable again (offline since %s)", self.url,
-                 _clock(self.offline_since))
+        self.last_online_at = self.last_success_at
+        lasted = self.last_online_at - (self.offline_since or self.last_online_at)
+        log.info("storage %s reachable again after %.0fs offline (since %s); %d requests "
+                    "held back meanwhile are retried now", self.url, lasted,
+                    _clock(self.offline_since), self.held_back)
         self.offline_since = None
         self.offline_reason = None
         for callback in list(self.on_online):
@@ -112,7 +120,8 @@ class GuardedStore(Store):
 
     def status(self) -> dict[str, Any]:
         return {"online": self.online, "offline_since": self.offline_since,
-                "offline_reason": self.offline_reason, "online_again_at": self.last_online_at}
+                "offline_reason": self.offline_reason, "online_again_at": self.last_online_at,
+                "storage_success_at": self.last_success_at}
 
     # -- reachability -----------------------------------------------------------------------
     async def reachable(self) -> bool:
@@ -122,10 +131,12 @@ class GuardedStore(Store):
             with trio.move_on_after(self.connect_timeout):
                 try:
                     stream = await trio.open_tcp_stream(host, port)
-                except OSError:
+                except OSError as exc:
+                    self.unreachable_because = connect_failure(exc)
                     return False
                 await stream.aclose()
                 return True
+            self.unreachable_because = f"no answer within {self.connect_timeout:.0f}s"
             return False
         if isinstance(self._target, Path):
             path = self._target
@@ -136,6 +147,7 @@ class GuardedStore(Store):
                                                             abandon_on_cancel=True))
             with trio.move_on_after(self.connect_timeout):
                 await look()
+            self.unreachable_because = "the folder is not there"
             return bool(result and result[0])
         return True  # cannot tell: let the calls themselves decide
 
@@ -144,7 +156,8 @@ class GuardedStore(Store):
         if isinstance(exc, StorageOffline):
             return exc
         if self._target is None or not await self.reachable():
-            self.went_offline(str(exc))
+            self.went_offline(f"no connection to {self._describe()}: {self.unreachable_because}"
+                              if self._target is not None else str(exc))
             offline = self.offline_error()
             offline.__cause__ = exc
             return offline
@@ -206,8 +219,8 @@ class GuardedStore(Store):
                         break
                     waited += step
                     if not await self.reachable():
-                        self.went_offline(f"no connection to {self._describe()} "
-                                          f"(a request was still waiting after {waited:.0f}s)")
+                        self.went_offline(f"no connection to {self._describe()}: "
+                                          f"{self.unreachable_because}")
                         raise self.offline_error()
             if not done.is_set():
                 raise StorageUnavailable(f"the storage {self.url} did not answer within "
@@ -282,6 +295,19 @@ class GuardedStore(Store):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def connect_failure(exc: OSError) -> str:
+    """Why a TCP connect failed, in the words a user looks for ("connection refused").
+    trio raises one OSError whose cause groups the errors of each address tried."""
+    cause = exc.__cause__
+    errors = list(cause.exceptions) if isinstance(cause, BaseExceptionGroup) else [exc]
+    if any(isinstance(e, ConnectionRefusedError) for e in errors):
+        return "connection refused"
+    first = errors[0]
+    if isinstance(first, OSError) and first.strerror:
+        return first.strerror.lower()
+    return str(exc) or type(exc).__name__
 
 
 def _tcp_target(store: Store) -> tuple[str, int] | Path | None:

@@ -5,6 +5,9 @@ mountpoint. Requests and replies are JSON lines: a request is one object with "c
 the mount answers with zero or more progress objects and a final object with "done": true
 (and "error" when it failed). A client keeps the connection open until the final object:
 closing it early cancels the request (that is how Ctrl-C stops a --sync or a --wait).
+Both ends check the other's uid (SO_PEERCRED) before trusting it: the socket's folder is
+private, but the kernel's word on who is at the other end does not depend on that. A request
+is bounded (MAX_REQUEST bytes).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +30,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MAX_REQUEST = 64 * 1024  # a request is a small JSON object; more is refused unread
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
 Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], Awaitable[None]]],
                    Awaitable[dict[str, Any]]]
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected Unix socket, as the kernel
+    recorded it when the connection was made."""
+    _pid, uid, _gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    _UCRED.size))
+    return uid
 
 
 def socket_path(mountpoint: str | Path) -> Path:
@@ -61,8 +76,15 @@ async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
     import trio
 
     async with stream:
+        uid = peer_uid(stream.socket)  # type: ignore[arg-type]
+        if uid != os.getuid():
+            log.warning("control socket: refused a connection from uid %d", uid)
+            return
         buf = b""
         while b"\n" not in buf:
+            if len(buf) > MAX_REQUEST:
+                log.warning("control socket: refused a request over %d bytes", MAX_REQUEST)
+                return
             chunk = await stream.receive_some(65536)
             if not chunk:
                 return
@@ -118,6 +140,11 @@ def request(mountpoint: str | Path, cmd: dict[str, Any], timeout: float | None =
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         raise ImgrepoError(f"{mountpoint} is not a running imgrepo mount") from None
+    uid = peer_uid(sock)
+    if uid != os.getuid():
+        sock.close()
+        raise ImgrepoError(f"the control socket of {mountpoint} ({path}) is served by another "
+                           f"user (uid {uid}), not by a mount of yours: refusing to trust it")
     sock.settimeout(timeout)
     try:
         sock.sendall(json.dumps(cmd).encode() + b"\n")

@@ -23,6 +23,7 @@ from .manifest import Entry, parse_manifest
 from .merge import apply_ops
 from .merge_record import drop_marker, merge_markers
 from .namespace import Namespace
+from .paths import entry_path
 from .repository import manifest_key
 from .state import StateDB
 from .store.base import Store
@@ -58,8 +59,8 @@ class DirMerger:
             changed = await self.journal.merge_dir(ours, theirs, content, seen)
             if changed is not None:
                 break
-        log.info("directory %s was also created on another machine as %s: merged this "
-                 "machine's %d entries into it", ours, theirs, len(content))
+        log.info("folder %s was also created on another machine: merged this machine's %d "
+                 "entries into it", entry_path(self.ns.inodes, ours), len(content))
         self._point_inode(ours, theirs)
         view = self.ns.views.get(ours)
         if view is not None:
@@ -114,8 +115,9 @@ class DirMerger:
             self.ns.invalidator.entry(node.ino, name)
 
     async def drop_manifest(self, ours: str) -> None:
-        """Delete the manifest of a directory no folder lists any more (merged away, or
-        removed); a merge's marker stays until that is done (a later run tries again)."""
+        """Delete the manifest of a directory merged away (no folder lists it, and no
+        other machine knows it); its marker stays until that is done (a later run tries
+        again)."""
         try:
             await self.store.delete(manifest_key(ours))
         except ObjectNotFound:

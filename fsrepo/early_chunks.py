@@ -155,11 +155,12 @@ class EarlyChunks:
         try:
             await trio.to_thread.run_sync(_copy_fd_range, fd, part, start, size)
             sha = await trio.to_thread.run_sync(hash_file, part)
-            if not self.remote.reuse_or_recheck(sha) \
-                    and await self.store.head(blob_key(sha)) is None:
-                if await self.store.put_file(blob_key(sha), part, sha):
-                    self.sent += 1
-            self.remote.seen_in_bucket(sha)
+            async with self.chunk_lists.sending(sha):
+                if not self.remote.reuse_or_recheck(sha) \
+                        and await self.store.head(blob_key(sha)) is None:
+                    if await self.store.put_file(blob_key(sha), part, sha):
+                        self.sent += 1
+                self.remote.seen_in_bucket(sha)
         except (ImgrepoError, OSError) as exc:  # a head start only: close() sends it
             log.debug("early upload of a chunk failed: %s", exc)
         finally:

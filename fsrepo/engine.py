@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from .announce import Invalidator
 from .blobcache import BlobCache
@@ -20,11 +21,15 @@ from .chunking import ChunkLists
 from .config import Settings
 from .errors import ImgrepoError, NoSuchBucket, StorageError
 from .files import FileManager
+from .group_commit import Disk, GroupCommitter
 from .journal import Journal
 from .namespace import EMPTY_SHA, Namespace
 from .remote_index import RemoteIndex
 from .repository import open_repository
 from .salvage import salvage_advice
+from .snapshot_diff import current_tree, difference
+from .snapshot_views import SnapshotTree
+from .snapshots import Snapshot, Snapshots
 from .state import LocalState, StateDB
 from .store.base import Store
 from .sync import Syncer
@@ -60,7 +65,8 @@ class Engine:
     """Everything a mount runs except the kernel binding."""
 
     def __init__(self, settings: Settings, store: Store,
-                 invalidator: Invalidator | None = None, host: str | None = None) -> None:
+                 invalidator: Invalidator | None = None, host: str | None = None,
+                 disk: Disk | None = None) -> None:
         self.settings = settings
         self.store = store
         self.state_dir = settings.state_dir()
@@ -76,20 +82,29 @@ class Engine:
                             refresh=settings.refresh, known_blobs=self.remote_index,
                             view_cache_entries=settings.view_cache_entries,
                             invalidator=self.invalidator)
+        self.durable = GroupCommitter(self.db, self.journal, settings.commit_interval, disk)
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 self.remote_index)
+                                 self.remote_index, self.durable)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
                                  self.remote_index, self.files, self.chunk_lists,
                                  host=self.host,
                                  parallel=settings.uploads)
         self.files.write_observer = self.uploader.early  # chunks sent while files are written
         self.syncer = Syncer(self.ns, self.cache)
+        self.snapshots = Snapshots(store, self.state_dir / "snapshots", self.host)
+        self.snapshot_tree = SnapshotTree(self.snapshots, self.cache, self.remote_index,
+                                          self.invalidator)
         self.started = time.time()
         self.online = True
 
     def load_state(self) -> None:
         """Bring back what the last run left: journal, cache index, remote index."""
         state = self.db.state
+        if self.files.staging.recover_synced(state, self.cache):
+            # What was recovered is the only copy of fsync'd content: on disk before the
+            # staging copies go (clear_leftovers, below).
+            self.durable.disk.sync_filesystem(self.state_dir)
+            self.durable.disk.sync_files(state.files())
         self.journal.load(state.pending_ops())
         missing = self.cache.load(state.cached_blobs())
         for sha in missing:
@@ -129,7 +144,36 @@ class Engine:
                 f"cached in {self.state_dir}{salvage_advice(self.settings)}")
         if known is None:
             await self.db.run(state.set_meta, "repo_id", desc.repo_id)
-        self.chunk_lists.chunk_size = desc.chunk_size  # large files go as chunks (format 3)
+        self.chunk_lists.chunk_size = desc.chunk_size  # large files go as chunks (format 4)
+
+    async def cached_manifest(self, dir_id: str, etag: str | None) -> bytes | None:
+        """This machine's copy of a directory's manifest if it is the version with `etag`
+        (a listing's: None when the listing gives none)."""
+        if etag is None:
+            return None
+        row = await self.db.run(self.db.state.load_manifest, dir_id)
+        return row[1] if row is not None and row[0] == etag else None
+
+    async def take_snapshot(self, name: str, period: str | None = None) -> Snapshot | None:
+        """Record a snapshot of the bucket (call it once this machine's changes landed).
+        An automatic one (`period`) is not taken (None) if the newest snapshot holds the
+        same tree: an idle repository costs a listing per period, not a snapshot."""
+        return await self.snapshots.record(name, self.cached_manifest, period,
+                                           skip_unchanged=period is not None)
+
+    async def snapshot_rows(self) -> list[dict[str, Any]]:
+        """Every snapshot with what differs from the current tree (None offline)."""
+        now = await current_tree(self.store) if self.store.online else None
+        rows = []
+        for info in await self.snapshots.names():
+            snap = await self.snapshots.load(info.name)
+            diff = None if now is None else await difference(
+                snap, self.snapshots, self.store, now, self.cached_manifest)
+            rows.append({"name": snap.name, "created": snap.created, "machine": snap.machine,
+                         "period": snap.period, "dirs": len(snap.dirs),
+                         "files": None if diff is None else diff.files,
+                         "bytes": None if diff is None else diff.bytes})
+        return rows
 
     async def open(self) -> None:
         """check_repository + load_state: what a mount does before it serves anything."""

@@ -1,8 +1,10 @@
 """Open files: what the kernel's file requests do, over the handle table (`handles`), the
 staging copies (`staging`), the blob reads (`reads`) and the commit pipeline (`commit`).
 
-Writes go to the inode's staging copy; on flush it is fsync'd, moved into the blob cache
-under its hash and the new entry journaled (fsync'd): only then does close() return.
+Writes go to the inode's staging copy; on flush it is moved into the blob cache under its
+hash and the new entry journaled (written, not fsync'd: the group commit makes it
+power-safe within its interval). fsync() makes the file's current content power-safe
+before it returns, without turning a file still open into a blob (commit.keep_synced).
 Reads of clean files go to the cached blob file, or to a download in progress.
 """
 
@@ -17,10 +19,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+import trio
+
 from .blobcache import BlobCache
 from .commit import Committer, RemoteBlobs
 from .errors import FsError, ImgrepoError
+from .group_commit import GroupCommitter
 from .handles import Handle, HandleTable
+from .hashing import hash_file
 from .inodes import ROOT_INO, Node
 from .manifest import DirEntry, Entry, FileEntry, SymlinkEntry
 from .namespace import EMPTY_SHA, Namespace
@@ -49,15 +55,18 @@ class AttrChange:
 
 class FileManager:
     def __init__(self, ns: Namespace, cache: BlobCache, staging_dir: Path,
-                 remote: RemoteBlobs) -> None:
+                 remote: RemoteBlobs, durable: GroupCommitter) -> None:
         self.ns = ns
         self.cache = cache
         self.staging = StagingArea(staging_dir)
         self.handles = HandleTable()
         self.reads = BlobReads(cache, ns.invalidator, ns.inodes)
-        self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote)
+        self.durable = durable
+        self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote,
+                                 durable)
         self.last_activity = 0.0  # monotonic time of the last write: uploads yield to writes
         self.write_observer: WriteObserver | None = None  # told of every write (early chunks)
+        self.remote = remote
         self.uid, self.gid = os.getuid(), os.getgid()  # who owns everything in the mount
         ns.track_edits(self)
 
@@ -157,6 +166,9 @@ class FileManager:
                 and not staged and not (writable and flags & os.O_TRUNC) \
                 and not self.cache.store.online:
             raise FsError(errno.ENETDOWN)  # its content is not cached, the storage unreachable
+        if isinstance(entry, FileEntry) and entry.sha256 in self.remote.unverified \
+                and self.cache.has(entry.sha256) and not staged:
+            await self._verify(entry.sha256)
         handle = self._new_handle(node, writable)
         try:
             if flags & os.O_TRUNC and writable:
@@ -168,16 +180,28 @@ class FileManager:
             raise
         return handle
 
+    async def _verify(self, sha: str) -> None:
+        """A blob an earlier run left pending may have been torn by a power loss: hashed
+        before anything reads it (EIO if torn; the uploader then drops its change)."""
+        actual = await trio.to_thread.run_sync(hash_file, self.cache.path(sha))
+        if sha not in self.remote.unverified:
+            return  # verified (or replaced by a close) meanwhile
+        if actual != sha:
+            log.error("blob %s in the local cache is damaged (it hashes to %s), probably by "
+                      "a power loss before it was committed: not served", sha[:12], actual[:12])
+            raise FsError(errno.EIO)
+        self.remote.unverified.discard(sha)
+
     async def create(self, parent: int, name: bytes, mode: int) -> tuple[Handle, Node]:
         entry = FileEntry(EMPTY_SHA, 0, time.time_ns(), mode & 0o7777)
-        # Not fsync'd: the file's content is promised at close, which journals durably.
-        node = await self.ns.create(parent, name, entry, durable=False)
+        # Written behind: the file's content is promised at close, which writes it too.
+        node = await self.ns.create(parent, name, entry, wait=False)
         handle = self._new_handle(node, True)
         self.reads.attach_empty(handle, EMPTY_SHA)
         st = self.staging.new(node.ino, entry)
         st.writers += 1
-        # Dirty from the start: closing a new file commits it durably even if nothing was
-        # written (its name alone was only written behind; a kill -9 could lose it).
+        # Dirty from the start: closing a new file journals it even if nothing was written
+        # (its name alone was only written behind; a kill -9 could lose it).
         st.dirty = True
         return handle, node
 
@@ -287,6 +311,22 @@ class FileManager:
     async def flush(self, fh: int) -> None:
         await self.commits.commit(self.handles.get(fh).node)
 
+    async def fsync(self, fh: int) -> None:
+        """fsync()/fdatasync(): returns once the file's current content survives a power
+        loss. A file still open stays a staging copy (a database fsyncs at every
+        transaction: a blob each time would fill the cache with versions); the one at
+        close becomes its blob, and is uploaded."""
+        node = self.handles.get(fh).node
+        await self.commits.wait(node.ino)
+        st = self.staging.staged.get(node.ino)
+        if st is not None and st.dirty:
+            self.commits.keep_synced(node, st)
+        await self.durable.commit()
+
+    async def fsyncdir(self) -> None:
+        """fsyncdir(): every change journaled so far survives a power loss."""
+        await self.durable.commit()
+
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
         if handle is None:
@@ -298,7 +338,9 @@ class FileManager:
         try:
             if st is not None and not self.handles.is_open(node):
                 await self.commits.commit(node)
-                self.staging.drop(node.ino)
+                synced = self.staging.drop(node.ino)
+                if synced is not None:  # unlinked while open, and fsync'd
+                    self.durable.retire_copy(synced)
         finally:
             self.reads.detach(handle)
             node.opens -= 1

@@ -253,7 +253,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.files.flush(fh)
+        await self.files.fsync(fh)
 
     @_translate
     async def release(self, fh: int) -> None:
@@ -261,7 +261,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None  # every namespace change is journaled durably before it is answered
+        await self.files.fsyncdir()
 
     @_translate
     async def statfs(self, ctx: Any) -> Any:

@@ -15,11 +15,15 @@ with one conditional GET per interval and read the heads only when it changed.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+
+from .manifest import is_valid_dir_id
 
 HEADS_PREFIX = "heads/"
 TOUCH_KEY = "heads-touched.json"
 RING_SIZE = 4096  # directories a head names: the changes a reader may fall behind by
+_WRITER_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")  # fullmatch (`$` would accept a "\n")
 
 
 def head_key(writer: str) -> str:
@@ -31,7 +35,7 @@ def writer_of(key: str) -> str | None:
     if not key.startswith(HEADS_PREFIX) or not key.endswith(".json"):
         return None
     writer = key[len(HEADS_PREFIX):-len(".json")]
-    return writer if writer and "/" not in writer else None
+    return writer if _WRITER_RE.fullmatch(writer) else None
 
 
 class HeadError(ValueError):
@@ -71,4 +75,6 @@ def parse_head(data: bytes, key: str) -> Head:
         raise HeadError(f"{key}: not a readable change record") from None
     if head.seq < 0 or any(s > head.seq for s, _ in changes):
         raise HeadError(f"{key}: change record with impossible sequence numbers")
+    if not _WRITER_RE.fullmatch(head.writer) or not all(is_valid_dir_id(d) for _, d in changes):
+        raise HeadError(f"{key}: change record with a malformed writer or directory id")
     return head

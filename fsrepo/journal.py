@@ -6,8 +6,10 @@ its pending ops", computed by `merge.apply_ops`, so the same function decides wh
 sees now and what the bucket will hold.
 
 Recording is synchronous (the op takes its place in order at once, so callers need no lock
-between checking a name and changing it); making it durable is a separate await, and
-concurrent callers share one SQLite transaction and one fsync (group commit).
+between checking a name and changing it); writing it is a separate await, and concurrent
+callers share one SQLite transaction. A written op survives a crash of the process (the
+WAL is in the kernel's hands); the group commit (group_commit.py) makes it survive a power
+loss, once per interval or when an fsync asks.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ class Record:
     pending: list[PendingOp]
     new_blobs: list[tuple[str, int]]
     dedup_bytes: int
-    durable: bool
     done: bool = False
     error: BaseException | None = None
     dirs: set[str] = field(default_factory=set)
@@ -62,6 +63,7 @@ class Journal:
         self._queue: list[Record] = []
         self._writer = trio.Lock()
         self.merged: dict[str, str] = {}  # directory merged away -> the one it went into
+        self.writes = 0  # transactions written so far (the group commit covers them)
 
     def load(self, rows: list[JournalOp]) -> None:
         for row in rows:
@@ -75,10 +77,9 @@ class Journal:
         self.by_seq[pending.seq] = pending
 
     def record(self, ops: list[tuple[str, Op, int | None]],
-               new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
-               durable: bool = True) -> Record:
+               new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0) -> Record:
         """Take ops (dir_id, op, requires: negative = index into this call) into the
-        journal's order now; `make_durable` then writes them."""
+        journal's order now; `write` then writes them."""
         pending: list[PendingOp] = []
         for dir_id, op, req in ops:
             dir_id = self.merged.get(dir_id, dir_id)  # a caller that still had the old id
@@ -89,27 +90,26 @@ class Journal:
             p = PendingOp(seq, dir_id, op, req, written=False)
             self._add(p)
             pending.append(p)
-        rec = Record(pending, list(new_blobs), dedup_bytes, durable,
-                     dirs={d for d, _, _ in ops})
+        rec = Record(pending, list(new_blobs), dedup_bytes, dirs={d for d, _, _ in ops})
         self._queue.append(rec)
         return rec
 
-    async def make_durable(self, rec: Record) -> None:
-        """Write the record (and whatever else is queued) in one transaction; fsync'd if
-        any of them asked for it. On failure the record's ops leave the journal again."""
+    async def write(self, rec: Record) -> None:
+        """Write the record (and whatever else is queued) in one transaction. On failure
+        the record's ops leave the journal again."""
         async with self._writer:
             if not rec.done:
                 batch, self._queue = self._queue, []
                 rows = [([(p.dir_id, p.op.name, p.op.entry, p.op.base, p.requires, p.seq)
                           for p in b.pending if p.seq in self.by_seq], b.new_blobs, b.dedup_bytes) for b in batch]
                 try:
-                    await self.db.run(self.db.state.append_many, rows,
-                                      any(b.durable for b in batch))
+                    await self.db.run(self.db.state.append_many, rows)
                 except BaseException as exc:
                     for b in batch:
                         b.done, b.error = True, exc
                         self.forget(b.pending)
                     raise
+                self.writes += 1
                 for b in batch:
                     b.done = True
                     for p in b.pending:
@@ -119,16 +119,24 @@ class Journal:
         if rec.error is not None:
             raise rec.error
 
+    async def write_queued(self) -> None:
+        """Write whatever is recorded and not written yet (new files' names)."""
+        if self._queue:
+            await self.write(self._queue[-1])
+
+    @property
+    def unwritten(self) -> bool:
+        return bool(self._queue)
+
     async def write_behind(self, interval: float = 0.1) -> None:
-        """Write records nobody waits for (new files' names) soon, even if no durable
+        """Write records nobody waits for (new files' names) soon, even if no other
         change comes along to carry them."""
         while True:
             await trio.sleep(interval)
-            if self._queue:
-                try:
-                    await self.make_durable(self._queue[-1])
-                except Exception as exc:  # noqa: BLE001 - logged; the next round retries
-                    log.error("cannot write the journal: %s", exc)
+            try:
+                await self.write_queued()
+            except Exception as exc:  # noqa: BLE001 - logged; the next round retries
+                log.error("cannot write the journal: %s", exc)
 
     def forget(self, pending: list[PendingOp]) -> None:
         for p in pending:
@@ -148,7 +156,7 @@ class Journal:
         the ops of `ours` are no longer `seen` (the seqs `content` was computed with:
         some were committed or added meanwhile): compute it again."""
         while self._queue:  # everything recorded so far is in the database first
-            await self.make_durable(self._queue[-1])
+            await self.write(self._queue[-1])
         async with self._writer:
             dropped = list(self.by_dir.get(ours, ()))
             if [p.seq for p in dropped] != seen:

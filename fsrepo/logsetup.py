@@ -65,6 +65,15 @@ def stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (device, inode)
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose every file is created 0600 (the first and each one after a
+    rotation): it names the user's files and folders."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
     root = logging.getLogger()
     root.handlers.clear()
@@ -75,8 +84,7 @@ def setup_logging(log_file: Path | None, verbose: bool, stderr: bool) -> None:
     redact = RedactingFilter()
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=10 << 20,
-                                                       backupCount=3)
+        handler = PrivateRotatingFileHandler(log_file, maxBytes=10 << 20, backupCount=3)
         handler.setFormatter(fmt)
         handler.addFilter(redact)
         handler.addFilter(token_filter)

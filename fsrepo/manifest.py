@@ -4,7 +4,9 @@ A manifest lists one directory's children. Names are bytes (FUSE hands us bytes 
 non-UTF-8 names must round-trip): UTF-8 names are JSON keys of "entries", other names are
 base64 keys of "raw_entries". Anything that could escape the tree or confuse the kernel
 ('/', NUL, '.', '..', empty or over-long names) is refused entry by entry, so a damaged
-manifest loses only its bad entries.
+manifest loses only its bad entries. A manifest over the documented limits (MAX_MANIFEST_BYTES,
+MAX_ENTRIES) is refused whole, before it can take the machine's memory: a large one is
+parsed with a count of the objects built, stopped as soon as there are too many.
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ ROOT_ID = "root"
 MAX_NAME = 255
 MAX_SYMLINK = 4095
 MAX_SIZE = 1 << 50  # 1 PiB: anything larger is a hostile or broken manifest
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_ID_RE = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+# One directory's limits (SEMANTICS.md): ~200 bytes an entry, so a full directory's
+# manifest is ~40 MiB and ~100 MiB in memory once parsed.
+MAX_ENTRIES = 200_000
+MAX_MANIFEST_BYTES = 64 << 20
+_COUNT_ABOVE = 1 << 20  # larger bodies with more "{" than allowed: objects counted as built
+# Matched whole (fullmatch): `$` would also accept a trailing newline.
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
 MIN_CHUNK = 1 << 16  # chunk sizes a chunk list may declare (hostile-input bounds)
@@ -47,7 +55,7 @@ class FileEntry:
     size: int
     mtime_ns: int
     mode: int = 0o644
-    # The chunk list of a file stored as chunks (repository format 3), None for one
+    # The chunk list of a file stored as chunks (repository format 4), None for one
     # whole-file blob. Not part of equality: it is how the content is stored, not what it is.
     chunks: Chunks | None = field(default=None, compare=False)
 
@@ -111,7 +119,7 @@ def check_name(name: bytes) -> None:
 
 
 def is_valid_dir_id(value: object) -> bool:
-    return isinstance(value, str) and bool(_ID_RE.match(value))
+    return isinstance(value, str) and bool(_ID_RE.fullmatch(value))
 
 
 def _int(raw: dict, key: str, lo: int, hi: int, default: int | None = None) -> int:
@@ -129,7 +137,7 @@ def entry_from_json(raw: object) -> Entry:
     mtime = _int(raw, "mtime_ns", -(1 << 62), 1 << 62, 0)
     if kind == "file":
         sha = raw.get("sha256")
-        if not isinstance(sha, str) or not _SHA_RE.match(sha):
+        if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
             raise ValueError("bad sha256")
         size = _int(raw, "size", 0, MAX_SIZE)
         chunks = _chunks_from_json(raw["chunks"], size) if "chunks" in raw else None
@@ -187,12 +195,45 @@ def entry_to_json(entry: Entry) -> dict:
                 "mtime_ns": entry.mtime_ns}
 
 
+class _TooManyObjects(Exception):
+    """Raised from inside json.loads: the body holds more objects than any manifest can."""
+
+
+def _too_many(dir_id: str) -> ManifestError:
+    return ManifestError(f"manifest of directory {dir_id} has more than {MAX_ENTRIES} "
+                         "entries (the limit of one directory): refused")
+
+
+def _load_json(data: bytes, dir_id: str) -> object:
+    """json.loads, bounded: a large body that may hold too many JSON objects (one per
+    entry) is parsed with a count of the objects built, stopped as soon as it exceeds what a
+    manifest within the limits holds."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest of directory {dir_id} is {len(data) >> 20} MiB, over "
+                            f"the limit of {MAX_MANIFEST_BYTES >> 20} MiB: refused")
+    budget = MAX_ENTRIES + 2 * MAX_MOVED + 8  # entries, records, the document's own objects
+    if len(data) <= _COUNT_ABOVE or data.count(b"{") <= budget:  # (an upper bound)
+        return json.loads(data)
+
+    def counted(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise _TooManyObjects
+        return dict(pairs)
+
+    try:
+        return json.loads(data, object_pairs_hook=counted)
+    except _TooManyObjects:
+        raise _too_many(dir_id) from None
+
+
 def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
     """Parse a manifest; returns it with a list of problems (refused entries).
 
-    Raises ManifestError when the object as a whole is unusable."""
+    Raises ManifestError when the object as a whole is unusable (or over the limits)."""
     try:
-        raw = json.loads(data)
+        raw = _load_json(data, dir_id)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         # RecursionError: absurdly deep nesting, which only a hostile writer produces
         raise ManifestError(f"manifest of directory {dir_id} is not valid JSON: "
@@ -209,6 +250,8 @@ def parse_manifest(data: bytes, dir_id: str) -> tuple[Manifest, list[str]]:
     plain, encoded = raw.get("entries", {}), raw.get("raw_entries", {})
     if not isinstance(plain, dict) or not isinstance(encoded, dict):
         raise ManifestError(f"manifest of directory {dir_id}: entries are not objects")
+    if len(plain) + len(encoded) > MAX_ENTRIES:
+        raise _too_many(dir_id)
     items: list[tuple[bytes | None, str, object]] = []
     for key, value in plain.items():
         try:

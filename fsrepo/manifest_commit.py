@@ -20,6 +20,7 @@ from .journal import Journal, PendingOp
 from .manifest import DirEntry, Entry, Manifest, parse_manifest, serialise_manifest
 from .merge import Op, apply_ops, coalesce, later, moved_dirs, same_content
 from .namespace import Namespace
+from .paths import entry_path
 from .remote_index import RemoteIndex
 from .repository import manifest_key
 from .retry import Backoff
@@ -51,6 +52,8 @@ class ManifestCommitter:
         # removed while their own commit was in flight: finished when it is done
         self._removed: dict[str, Removal] = {}
         self._merged_away: set[str] = set()  # merged while their commit was in flight
+        # this session's conflict copies, as paths: (the name written, the copy's name)
+        self.conflict_copies: list[tuple[str, str]] = []
 
     async def read_manifest(self, dir_id: str) -> tuple[dict[bytes, Entry], str | None]:
         manifest, etag = await self.read_full(dir_id)
@@ -122,7 +125,8 @@ class ManifestCommitter:
             if merged and await self._merge_dirs(merged):
                 continue  # the ops changed: apply them again
             gone = known.removed is not None or (etag is None and had_manifest)
-            skip = (gone and not entries) or dir_id in self.journal.merged
+            skip = (gone and not (entries and self._adds_to(dir_id, remote))) \
+                or dir_id in self.journal.merged
             if skip:
                 # removed (here or elsewhere) with nothing of ours to keep in it, or merged
                 # into another directory meanwhile (the merge carried these ops along)
@@ -153,8 +157,12 @@ class ManifestCommitter:
                 await self._retire_removed(removed_id, removal)
             return 0
         for name, where in diverted.items():
-            log.warning("conflict in directory %s: %r was changed elsewhere; this "
-                        "machine's version is kept as %r", dir_id, name, where)
+            path, copy = entry_path(self.ns.inodes, dir_id, name), \
+                entry_path(self.ns.inodes, dir_id, where)
+            if (path, copy) not in self.conflict_copies:
+                self.conflict_copies.append((path, copy))
+            log.warning("conflict: %s was changed on another machine too; this machine's "
+                        "version is kept as %s", path, copy)
         seqs = [p.seq for p in batch]
         await self.db.run(self.db.state.commit_dir, dir_id, new_etag, body, seqs)
         self.journal.retire(dir_id, seqs)
@@ -162,8 +170,18 @@ class ManifestCommitter:
         self.ns.views.set_remote(dir_id, entries, new_etag, mtime_ns)
         if gone:
             await self._keep_alive_where(dir_id, known)
-        await self._drop_removed_manifests(marked, entries)
+        await self._retire_removed_dirs(marked, entries)
         return len(diverted)
+
+    def _adds_to(self, dir_id: str, remote: dict[bytes, Entry]) -> bool:
+        """Whether this machine's pending ops, all of them (not only the batch being
+        committed), leave something in a removed directory. A batch carrying a file this
+        machine removed since (and then the directory: the removal that marked it) is no
+        addition to keep the directory alive for; once the removal has landed, those ops
+        have left the journal, and nothing is left either."""
+        entries = dict(remote)
+        apply_ops(entries, self.journal.ops_for(dir_id), self.host)
+        return bool(entries)
 
     async def _keep_alive_where(self, dir_id: str, known: Manifest) -> None:
         """We added entries to a directory being removed (its removal mark says where
@@ -181,16 +199,17 @@ class ManifestCommitter:
         if places:
             await self._keep_alive(dir_id, places[0])
             return
-        log.error("directory %s was removed on another machine while this machine added to "
+        log.error("folder %s was removed on another machine while this machine added to "
                   "it, and no folder of this machine lists it: its entries stay in the "
-                  "bucket, unlisted (see imgrepo-mount --verify)", dir_id)
+                  "bucket, unlisted (see imgrepo-mount --verify)", entry_path(self.ns.inodes,
+                                                                              dir_id))
 
     async def _keep_alive(self, dir_id: str, where: tuple[str, bytes]) -> None:
         """Another machine removed (or is removing) a directory this machine just added
         entries to: it is put back under its name, so the additions stay reachable."""
         parent, name = where
-        log.warning("directory %r was removed on another machine while this machine added "
-                    "files to it; keeping it", name)
+        log.warning("folder %s was removed on one machine while files were added to it "
+                    "on another; keeping it", entry_path(self.ns.inodes, parent, name))
         entry = DirEntry(dir_id, time.time_ns(), 0o755)
         await self.ns.settle(self.ns.record_fix(parent, Op(name, entry, None), None))
 
@@ -216,11 +235,12 @@ class ManifestCommitter:
         else:
             await self.merger.drop_manifest(dir_id)
 
-    async def _drop_removed_manifests(self, emptied: dict[str, Removal],
-                                      entries: dict[bytes, Entry]) -> None:
+    async def _retire_removed_dirs(self, emptied: dict[str, Removal],
+                                   entries: dict[bytes, Entry]) -> None:
         """Directories this commit removed (found empty and marked removed, not renamed):
-        their own pending ops are dropped, and their manifests go (see `_finish_removal`),
-        so no manifest is left that no folder lists."""
+        their own pending ops are dropped, and their manifests stay as their marks (see
+        `_finish_removal`), so no manifest is left that no folder lists but a mark; a
+        directory still listed here after all loses its mark."""
         if not emptied:
             return
         still = {e.id for e in entries.values() if isinstance(e, DirEntry)}
@@ -235,7 +255,9 @@ class ManifestCommitter:
     async def _retire_removed(self, dir_id: str, removal: Removal) -> None:
         """A directory found empty (with this machine's pending ops applied) left its
         folder: those ops need not go anywhere now, but the subdirectories they remove
-        are removed the same way (marked, then their manifests deleted)."""
+        are removed the same way (marked). A subdirectory another machine added files to
+        meanwhile is put back, and so (by its mark, when this put-back is committed) is
+        this directory: the path to those files stays, holding only what was added."""
         left = list(self.journal.by_dir.get(dir_id, ()))
         moved = {p.op.name for p in left if p.op.entry is None and p.requires is not None}
         subdirs = [(op.name, op.base) for op in coalesce([p.op for p in left])
@@ -248,11 +270,12 @@ class ManifestCommitter:
             assert isinstance(base, DirEntry)
             mark = await self._mark_removed(base.id, dir_id, name)
             if mark is None:
-                log.error("directory %r was removed here inside a removed directory, but "
-                          "another machine added files to it: they stay in the bucket, "
-                          "unlisted (see imgrepo-mount --verify)", name)
+                log.warning("folder %s was removed here with its folder, but another "
+                            "machine added files to it; keeping both",
+                            entry_path(self.ns.inodes, dir_id, name))
+                await self.ns.settle(self.ns.record_fix(dir_id, Op(name, base, None), None))
                 continue
-            await self._retire_removed(base.id, Removal(*mark, dir_id, name))
+            await self._retire_removed(base.id, Removal(mark, dir_id, name))
         if dir_id in self._in_flight:
             self._removed[dir_id] = removal
         else:
@@ -272,21 +295,19 @@ class ManifestCommitter:
             log.warning("cannot clear the removal mark of directory %s: %s", dir_id, exc)
 
     async def _finish_removal(self, dir_id: str, removal: Removal) -> None:
-        """The removal landed in the parent: delete the directory's manifest if it still
-        holds our removal mark; if another machine added entries meanwhile, put the
-        directory back (their additions keep it alive)."""
+        """The removal landed in the parent: if another machine added entries to the
+        directory meanwhile (over our mark), put it back (their additions keep it alive).
+        Otherwise the mark stays, a tombstone (`--gc` deletes old ones): deleting it
+        here could delete an addition landing between our read and the delete (S3 has
+        no conditional delete), and a machine adding to the directory later finds the
+        mark and puts the directory back itself."""
         try:
             manifest, etag = await self.read_full(dir_id)
         except (StorageError, ManifestError) as exc:
             log.warning("cannot finish removing directory %s: %s", dir_id, exc)
             return
-        if etag is None:
-            return
-        if etag == removal.etag or (manifest.removed is not None and not manifest.entries):
-            if removal.existed:
-                await self.merger.drop_manifest(dir_id)
-            # else it stays as the mark: deleting it would leave a machine adding to the
-            # directory nothing to tell a removal from a directory never written to
+        if etag is None or etag == removal.etag \
+                or (manifest.removed is not None and not manifest.entries):
             return
         await self._keep_alive(dir_id, (removal.parent, removal.entry_name))
 
@@ -314,9 +335,10 @@ class ManifestCommitter:
             entry = op.entry
             if isinstance(entry, DirEntry) and entry.id in lost and op.base is None \
                     and lost[entry.id] != (dir_id, op.name):
-                log.warning("directory %r in %s was renamed on another machine first (to "
-                            "%r): this machine's rename of it is taken back", op.name,
-                            dir_id, lost[entry.id][1])
+                log.warning("folder %s was renamed on another machine first (to %s): this "
+                            "machine's rename of it is taken back",
+                            entry_path(self.ns.inodes, dir_id, op.name),
+                            entry_path(self.ns.inodes, *lost[entry.id]))
                 continue
             out.append(op)
         for moved_id, now_at in lost.items():
@@ -332,8 +354,10 @@ class ManifestCommitter:
         for view_id, name in self._places_of(moved_id, source):
             if (view_id, name) == now_at:
                 continue
-            log.warning("directory %s was renamed on another machine first (to %r): this "
-                        "machine's move of it to %r is taken back", moved_id, now_at[1], name)
+            log.warning("folder %s was renamed on another machine first (to %s): this "
+                        "machine's move of it to %s is taken back",
+                        entry_path(self.ns.inodes, moved_id), entry_path(self.ns.inodes, *now_at),
+                        entry_path(self.ns.inodes, view_id, name))
             entry = self.ns.views.get(view_id).entries[name]  # type: ignore[union-attr]
             assert isinstance(entry, DirEntry)
             await self.ns.settle(self.ns.record_fix(view_id, Op(name, None, entry), 0))
@@ -388,22 +412,21 @@ class ManifestCommitter:
                     and not (isinstance(op.entry, DirEntry) and op.entry.id == base.id):
                 mark = await self._mark_removed(base.id, dir_id, op.name)
                 if mark is not None:
-                    emptied[base.id] = Removal(*mark, dir_id, op.name)
+                    emptied[base.id] = Removal(mark, dir_id, op.name)
                 elif op.entry is None:
-                    log.warning("directory %r was removed here but another machine added "
-                                "files to it; keeping it", op.name)
+                    log.warning("folder %s was removed here but another machine added "
+                                "files to it; keeping it", entry_path(self.ns.inodes, dir_id,
+                                                                      op.name))
                     continue
                 else:
                     op = Op(op.name, op.entry, None)
             out.append(op)
         return out, emptied
 
-    async def _mark_removed(self, dir_id: str, parent: str,
-                            name: bytes) -> tuple[str, bool] | None:
+    async def _mark_removed(self, dir_id: str, parent: str, name: bytes) -> str | None:
         """If the directory holds nothing this machine is not about to take out of it,
         write its removal mark (conditional on the version read, so an addition landing
-        meanwhile is seen) and return the mark's etag and whether a manifest was there
-        before; None if it gained entries. Its
+        meanwhile is seen) and return the mark's etag; None if it gained entries. Its
         pending ops are read before its manifest: ops that land in between are then in
         the manifest read, and applying them again changes nothing."""
         for _ in range(MERGE_PAUSE.attempts):
@@ -420,8 +443,8 @@ class ManifestCommitter:
             try:
                 if etag is None:
                     return await self.store.put(manifest_key(dir_id), body,
-                                                if_none_match=True), False
-                return await self.store.put(manifest_key(dir_id), body, if_match=etag), True
+                                                if_none_match=True)
+                return await self.store.put(manifest_key(dir_id), body, if_match=etag)
             except (PreconditionFailed, ObjectNotFound):
                 continue
         raise StorageError(f"directory {dir_id}: too many concurrent writers")
@@ -429,10 +452,8 @@ class ManifestCommitter:
 
 @dataclass(frozen=True)
 class Removal:
-    """A directory this machine marked removed: the mark's etag, whether it had a
-    manifest before, and where it was."""
+    """A directory this machine marked removed: the mark's etag, and where it was."""
 
     etag: str
-    existed: bool
     parent: str
     entry_name: bytes

@@ -8,8 +8,10 @@ import errno
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterable
@@ -20,16 +22,24 @@ import pyfuse3
 import trio
 
 from . import control, sdnotify
+from .auto_snapshots import CHECK_EVERY, AutoSnapshots
 from .config import Settings
 from .connectivity import GuardedStore
+from .endpoint_check import not_s3_reason
 from .engine import Engine
-from .errors import ImgrepoError
+from .errors import FsError, ImgrepoError, ObjectNotFound, PreconditionFailed
 from .fs import KernelInvalidator
 from .head_watcher import HeadWatcher
+from .maintenance.duplicates import duplicate_groups, files_under
 from .manifest import ROOT_ID
-from .readonly import GatedOperations
+from .paths import entry_path
+from .pending_list import pending_files
+from .snapshot_ops import SnapshotOperations
+from .snapshot_policy import AUTO_PREFIX, parse_policy
+from .snapshots import check_snapshot_name, default_name
 from .store import open_store
 from .store.base import Store
+from .upload_log import final_line, log_uploads
 from .writemode import READ_ONLY, WriteGate, WriteMode
 
 log = logging.getLogger(__name__)
@@ -62,9 +72,33 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise ImgrepoError(f"{mountpoint} is already a mount point")
     if any(mountpoint.iterdir()):
         raise ImgrepoError(f"mountpoint {mountpoint} is not empty")
-    if not os.path.exists("/dev/fuse"):
-        raise ImgrepoError("FUSE is not available on this machine (/dev/fuse is missing; "
-                           "install fuse3 and load the fuse module)")
+    check_fuse()
+
+
+def check_fuse(device: str = "/dev/fuse") -> None:
+    """FUSE must be usable before anything is created, in the bucket or locally: the
+    reason it is not is the one line the user sees."""
+    if not os.path.exists(device):
+        raise ImgrepoError(f"FUSE is not available on this machine ({device} is missing: "
+                           "install fuse3 and load the module with `modprobe fuse`; in a "
+                           "container, pass --device /dev/fuse)")
+    if os.geteuid() != 0:
+        # A user's mount goes through the setuid fusermount3, which opens the device itself.
+        helper = shutil.which("fusermount3") or shutil.which("fusermount")
+        if helper is None:
+            raise ImgrepoError("FUSE is not usable: fusermount3 is not installed (install "
+                               "the fuse3 package)")
+        if not os.stat(helper).st_mode & stat.S_ISUID:
+            raise ImgrepoError(f"FUSE is not usable: {helper} is not setuid root (reinstall "
+                               "the fuse3 package, or mount as root)")
+        return
+    try:
+        os.close(os.open(device, os.O_RDWR))
+    except OSError as exc:
+        hint = ("is a container missing --device /dev/fuse?"
+                if exc.errno in (errno.EACCES, errno.EPERM) else "check the fuse module")
+        raise ImgrepoError(f"FUSE is not usable: cannot open {device}: {exc.strerror} "
+                           f"({hint})") from None
 
 
 class Mount(Engine):
@@ -88,8 +122,11 @@ class Mount(Engine):
         self.mountpoint = mountpoint
         # The kernel refuses changes to a read-only mount itself (EROFS), as `mount` shows.
         self.fuse_options = frozenset(fuse_options) | ({"ro"} if read_only else set())
-        self.ops = GatedOperations(self.ns, self.files, str(self.state_dir),
-                                   mode.local_refusal)
+        self.ops = SnapshotOperations(self.ns, self.files, str(self.state_dir),
+                                      mode.local_refusal, self.snapshot_tree)
+        policy = parse_policy(settings.auto_snapshots)
+        self.auto_snapshots = None if policy is None else AutoSnapshots(
+            self.snapshots, self.take_snapshot, policy, lambda: mode.refusal() is None)
         self.token_refresher: Any = None  # keeps a web-identity token valid, if one is used
         if settings.storage.startswith("s3://") and os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
             from .auth import TokenRefresher
@@ -99,6 +136,7 @@ class Mount(Engine):
     async def status(self) -> dict[str, Any]:
         up = self.uploader.status
         pending = self.uploader.pending_summary()
+        copies = self.uploader.manifests.conflict_copies
         counters = await self.db.run(self.db.state.counters)
         return {
             "mountpoint": str(self.mountpoint),
@@ -110,14 +148,20 @@ class Mount(Engine):
             "uploads_in_flight": len(up.uploads_in_flight),
             "uploaded_files": up.uploaded_blobs,
             "uploaded_bytes": up.uploaded_bytes,
-            "conflicts": up.conflicts,
-            "last_error": up.last_error,
-            "last_error_at": up.last_error_at,
-            "last_success_at": up.last_success_at,
+            # (the copies are recorded where the merge makes them, whichever path it took)
+            "conflicts": max(up.conflicts, len(copies)),
+            "conflict_copies": [{"path": path, "copy": copy} for path, copy in copies],
+            **self._current_error(),
+            "last_success_at": max(up.last_success_at or 0.0,
+                                   self.guard.last_success_at or 0.0) or None,
+            "endpoint_url": self.settings.endpoint_url,
+            "region": self.settings.region,
             "login_required": up.login_required,
             "cache_used": self.cache.used,
             "cache_limit": self.cache.limit,
             "dedup_saved_bytes": counters.get("dedup_bytes", 0),
+            "disk_commits": self.durable.commits,
+            "last_disk_commit_at": self.durable.last_commit_at,
             "started": self.started,
             **self.guard.status(),
             **self.mode.status(),
@@ -125,7 +169,20 @@ class Mount(Engine):
             "syncs_running": self.syncer.running,
             "log_file": str(self.state_dir / "imgrepo.log"),
             "credentials": self._credentials(),
+            "auto_snapshots": "off" if self.auto_snapshots is None else
+            str(self.auto_snapshots.policy),
         }
+
+    def _current_error(self) -> dict[str, Any]:
+        """The uploads' last error while it is still a problem: not once a later upload
+        worked, nor an outage's error once the storage answers again."""
+        up = self.uploader.status
+        stale = (up.last_error is None
+                 or (up.last_success_at or 0.0) >= (up.last_error_at or 0.0)
+                 or (up.last_error_offline and self.guard.online))
+        if stale:
+            return {"last_error": None, "last_error_at": None}
+        return {"last_error": up.last_error, "last_error_at": up.last_error_at}
 
     def _credentials(self) -> dict[str, Any] | None:
         """The device-flow login as the running mount sees it (no secrets)."""
@@ -161,7 +218,11 @@ class Mount(Engine):
             status = await self.status()
             if req.get("repository"):
                 status.update(await self.syncer.last_totals())
+            if req.get("pending"):
+                status["pending"] = pending_files(self.journal, self.uploader)
             return status
+        if cmd == "duplicates":
+            return await self._duplicates(str(req.get("path") or ""), send)
         if cmd == "wait":
             sent, sent_at, summed_at = None, -math.inf, -math.inf
             while True:
@@ -177,15 +238,68 @@ class Mount(Engine):
                     pending, summed_at = self.uploader.pending_summary(), now
                     if pending != sent or now - sent_at >= 0.5:
                         await send({"progress": pending, "online": self.guard.online,
-                                    "last_error": self.uploader.status.last_error})
+                                    "last_error": self._current_error()["last_error"]})
                         sent, sent_at = pending, now
                 self.uploader.kick()
                 with trio.move_on_after(0.25):
                     await self.uploader.progressed.wait()
+        if cmd == "snapshot":
+            return await self._snapshot(str(req.get("name") or default_name(time.time())),
+                                        send)
+        if cmd == "snapshots":
+            return {"snapshots": await self.snapshot_rows()}
         if cmd == "sync":
             return await self.syncer.run(req.get("paths") or [], send,
                                          parallel=int(req.get("parallel", 8)))
         raise ImgrepoError(f"unknown request {cmd!r}")
+
+    async def _duplicates(self, relpath: str, send: Any) -> dict[str, Any]:
+        """Files with identical content under a folder of the mount, from the manifests."""
+        root = await self.syncer.resolve(relpath)
+        if not isinstance(root, str):
+            raise ImgrepoError(f"{relpath} is a file: give a folder")
+        last_sent, began = -math.inf, time.monotonic()
+        counts = [0, 0]
+
+        def on_folder(folders: int, files: int) -> None:
+            counts[:] = [folders, files]
+
+        async def read_dir(dir_id: str) -> dict[bytes, Any]:
+            nonlocal last_sent
+            if time.monotonic() - last_sent >= 0.5:
+                last_sent = time.monotonic()
+                await send({"phase": "walk", "folders": counts[0], "files_found": counts[1],
+                            "elapsed": last_sent - began})
+            try:
+                return dict((await self.ns.views.load(dir_id)).entries)
+            except FsError as exc:
+                log.warning("duplicates: skipping unreadable folder %s: %s",
+                            entry_path(self.ns.inodes, dir_id), exc)
+                return {}
+
+        found = await files_under(read_dir, root, "/" + relpath.strip("/"),
+                                  on_folder=on_folder)
+        groups = duplicate_groups(found)
+        return {"path": "/" + relpath.strip("/"), "files": len(found), "folders": counts[0],
+                "groups": groups, "saved": sum(g["saved"] for g in groups)}
+    async def _snapshot(self, name: str, send: Any) -> dict[str, Any]:
+        """--snapshot: this machine's pending changes land first (as --status --wait), then
+        the bucket's tree is recorded."""
+        check_snapshot_name(name)
+        if name.startswith(AUTO_PREFIX):
+            raise ImgrepoError(f"snapshot names starting with {AUTO_PREFIX} are for the "
+                               "automatic snapshots (which expire); choose another")
+        why = self.mode.local_refusal()
+        if why is not None:
+            raise ImgrepoError(f"this mount does not write to the storage ({why}): "
+                               "no snapshot taken")
+        await self.handle({"cmd": "wait"}, send)
+        try:
+            snap = await self.take_snapshot(name)
+        except PreconditionFailed:
+            raise ImgrepoError(f"a snapshot named {name} exists already") from None
+        assert snap is not None  # (only automatic ones are skipped when nothing changed)
+        return {"name": snap.name, "created": snap.created, "dirs": len(snap.dirs)}
 
     # -- running --------------------------------------------------------------------------
     async def run(self, ready: Any = None) -> None:
@@ -220,11 +334,16 @@ class Mount(Engine):
                 await nursery.start(control.serve, sock_path, self.handle)
                 nursery.start_soon(self.uploader.run)
                 nursery.start_soon(self.journal.write_behind)
+                nursery.start_soon(self.durable.run)
                 nursery.start_soon(self.watcher.run)
                 nursery.start_soon(self.ns.prefetcher.run)
                 nursery.start_soon(self._housekeeping)
+                nursery.start_soon(log_uploads, self.uploader.status,
+                                   self.uploader.pending_summary)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self.mode.run)
+                if self.auto_snapshots is not None:
+                    nursery.start_soon(self._auto_snapshots, self.auto_snapshots)
                 if self.token_refresher is not None:
                     nursery.start_soon(self.token_refresher.run)
                     nursery.start_soon(self._resume_after_login)
@@ -240,15 +359,28 @@ class Mount(Engine):
                 nursery.cancel_scope.cancel()
         finally:
             self._close_fuse()
+            with trio.move_on_after(SHUTDOWN_GRACE, shield=True):
+                try:  # whatever was closed last is on the disk before we go
+                    await self.durable.commit()
+                except OSError as exc:
+                    log.error("cannot commit to the local disk at unmount: %s", exc)
             await self.cache.flush_atimes()
             with trio.move_on_after(SHUTDOWN_GRACE, shield=True):
                 await self.mode.release()
+            session = final_line(self.uploader.status, self.uploader.pending_summary())
+            if session:
+                log.info("%s", session)
             pending = len(self.journal)
             if pending:
                 log.info("unmounted with %d operations still to upload; they continue at "
                          "the next mount", pending)
             else:
                 log.info("unmounted %s", self.mountpoint)
+
+    @staticmethod
+    async def _auto_snapshots(auto: AutoSnapshots) -> None:
+        await trio.sleep(CHECK_EVERY)  # the mount settles first (and short runs take none)
+        await auto.run()
 
     def _close_fuse(self) -> None:
         if getattr(self, "_fuse_closed", False):
@@ -312,7 +444,24 @@ def _exit_if_stuck(grace: float) -> None:
 async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None,
                     read_only: bool = False, fuse_options: Iterable[str] = ()) -> None:
     store = open_store(settings.storage, settings.endpoint_url, settings.region)
+    started = False
+
+    def now_ready() -> None:
+        nonlocal started
+        started = True
+        if ready is not None:
+            ready()
+
     try:
-        await Mount(settings, mountpoint, store, read_only, fuse_options).run(ready)
+        await Mount(settings, mountpoint, store, read_only, fuse_options).run(now_ready)
+    except ObjectNotFound as exc:
+        if started or not settings.endpoint_url or not settings.storage.startswith("s3://"):
+            raise
+        bucket = settings.storage[len("s3://"):].split("/", 1)[0]
+        reason = await trio.to_thread.run_sync(not_s3_reason, settings.endpoint_url, bucket)
+        if reason is None:
+            raise
+        raise ImgrepoError(f"the endpoint {settings.endpoint_url} does not speak S3: {reason}; "
+                           "check --endpoint-url (host and port of the S3 server)") from exc
     finally:
         await store.aclose()

@@ -21,7 +21,7 @@ from .dirviews import DirView, DirViews, KnownBlobs
 from .errors import FsError, errno_for
 from .inodes import ROOT_INO, InodeTable, Node, is_same_object
 from .journal import Journal, Record
-from .manifest import MAX_NAME, ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
+from .manifest import MAX_ENTRIES, MAX_NAME, ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
 from .merge import Op, same_object
 from .prefetch import ManifestPrefetcher
 from .state import StateDB
@@ -186,12 +186,11 @@ class Namespace:
 
     # -- changes --------------------------------------------------------------------------
     # Each change loads what it needs first (awaits), then checks and records synchronously
-    # (no await in between, so no lock is needed), then waits until the journal is durable.
+    # (no await in between, so no lock is needed), then waits until the journal has it written.
     def _record(self, ops: list[tuple[str, Op, int | None]],
-                new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0,
-                durable: bool = True) -> Record:
+                new_blobs: list[tuple[str, int]] | tuple = (), dedup_bytes: int = 0) -> Record:
         """Put ops into the journal's order and apply them to the views, now."""
-        rec = self.journal.record(ops, new_blobs, dedup_bytes, durable)
+        rec = self.journal.record(ops, new_blobs, dedup_bytes)
         for dir_id, op, _ in ops:
             self.views.apply(dir_id, op)
         return rec
@@ -205,10 +204,11 @@ class Namespace:
             self.views.names_changed(pending.dir_id, now)
 
     async def settle(self, rec: Record) -> None:
-        """Wait until recorded ops are durable; if that fails they are undone (FsError with
-        the disk's errno)."""
+        """Wait until recorded ops are written (they survive a crash of the process; the
+        group commit makes them survive a power loss); if that fails they are undone
+        (FsError with the disk's errno)."""
         try:
-            await self.journal.make_durable(rec)
+            await self.journal.write(rec)
         except (OSError, sqlite3.Error) as exc:
             log.error("cannot write the local journal: %s", exc)
             self.views.recompute(rec.dirs)
@@ -236,18 +236,20 @@ class Namespace:
             raise FsError(errno.ENOENT)  # the directory was removed
         return pnode, await self.views.load(pnode.dir_id)  # type: ignore[arg-type]
 
-    async def create(self, parent: int, name: bytes, entry: Entry, durable: bool = True) -> Node:
-        """Create a name that must not exist (create, mkdir, symlink)."""
+    async def create(self, parent: int, name: bytes, entry: Entry, wait: bool = True) -> Node:
+        """Create a name that must not exist (create, mkdir, symlink); `wait`: until the
+        journal has it written."""
         pnode, view = await self._parent_view(parent, name)
         if name in view.entries:
             raise FsError(errno.EEXIST)
-        rec = self._record([(view.dir_id, Op(name, entry, None), None)], durable=durable)
+        _room_for_one_more(view)
+        rec = self._record([(view.dir_id, Op(name, entry, None), None)])
         self._names_changed(rec)
         node = self.inodes.node_for(parent, name, entry)
         self.looked_up(node)
-        if durable:
+        if wait:
             await self.settle(rec)
-        # else: written by the next durable change (the file's close) or by write_behind
+        # else: written with the next change (the file's close) or by write_behind
         return node
 
     async def mkdir(self, parent: int, name: bytes, mode: int) -> tuple[Node, Entry]:
@@ -362,6 +364,8 @@ class Namespace:
                 raise FsError(errno.ENOTDIR)
         if isinstance(entry, DirEntry) and entry.id in self.inodes.ancestors(new_parent):
             raise FsError(errno.EINVAL)
+        if target is None and src is not dst:
+            _room_for_one_more(dst)
         put = Op(new_name, entry, target)
         delete = Op(old_name, None, entry)
         if src is dst:
@@ -379,3 +383,11 @@ class Namespace:
             self.inodes.move(node, new_parent, new_name)
         await self.settle(rec)
 
+
+def _room_for_one_more(view: DirView) -> None:
+    """ENOSPC for a new name in a directory at the entry limit: a manifest beyond it would
+    be refused by every machine that reads it (this one included)."""
+    if len(view.entries) >= MAX_ENTRIES:
+        log.error("directory %s holds %d entries, the limit of one directory: new names "
+                  "are refused", view.dir_id, len(view.entries))
+        raise FsError(errno.ENOSPC)

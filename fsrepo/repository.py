@@ -1,20 +1,25 @@
-"""The repository format in the store (format version 3): where things live, the descriptor.
+"""The repository format in the store (format version 4): where things live, the descriptor.
 
     imgrepo.json                    descriptor: format, version, hash, created, repo_id,
-                                    chunk_size (version 3)
+                                    chunk_size (version 4)
     blobs/sha256/<h[0:2]>/<h>       file contents, immutable, named by their SHA-256
     dirs/<dir-id>.json              one manifest per directory; the root's id is "root"
     heads/<writer-id>.json          each writer's record of the directories it changed
     heads-touched.json              rewritten after every head write (see heads.py)
+    snapshots/, snapshot-dirs/      snapshots and the manifest copies they name (snapshots.py)
 
 Version 2 added the heads: a mount of version 1 does not write them, so other machines would
 not see its changes; it refuses a version-2 repository ("upgrade imgrepo"). A writable mount
 of this version upgrades an older repository in place when it opens it.
 
-Version 3 added chunked files: a file larger than the descriptor's `chunk_size` is stored as
+Version 3 added snapshots: a version-2 imgrepo's --gc would delete blobs that only a
+snapshot still names, so it refuses a version-3 repository; a writable mount upgrades a
+version-2 one in place (the change is additive: nothing else moves).
+
+Version 4 added chunked files: a file larger than the descriptor's `chunk_size` is stored as
 blobs of that size, each named by its own SHA-256, listed in its manifest entry next to the
-whole file's SHA-256 (manifest.Chunks). A version-2 mount would look for a whole-file blob
-that does not exist, so it refuses version 3; whole-file blobs stay valid in version 3.
+whole file's SHA-256 (manifest.Chunks). A version-3 mount would look for a whole-file blob
+that does not exist, so it refuses version 4; whole-file blobs stay valid in version 4.
 The chunk size is the repository's, not each machine's: every machine cuts the same content
 at the same places, so chunks deduplicate across machines.
 """
@@ -39,9 +44,9 @@ log = logging.getLogger(__name__)
 
 DESCRIPTOR_KEY = "imgrepo.json"
 FORMAT_NAME = "imgrepo"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 HEADS_VERSION = 2  # the first format whose writers all write change records
-CHUNKS_VERSION = 3  # the first format whose files may be stored as chunks
+CHUNKS_VERSION = 4  # the first format whose files may be stored as chunks
 # Fixed-size chunks: a file appended to or re-saved with a new end (video, a re-exported
 # archive) re-sends only its last chunks, which is where photo and video files change; an
 # edit that shifts every byte re-encodes the whole file anyway, so content-defined cut
@@ -63,7 +68,7 @@ class Descriptor:
     repo_id: str
     version: int
     created: str
-    chunk_size: int | None = None  # where files are cut into chunks; None: never (version 2)
+    chunk_size: int | None = None  # where files are cut into chunks; None: never (before 4)
 
 
 def parse_descriptor(data: bytes, where: str) -> Descriptor:

@@ -19,6 +19,7 @@ its REQUEST retries is an error for that read (the next open or read starts agai
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,3 +85,37 @@ class RetryTracker:
 
     def __len__(self) -> int:
         return len(self._failures)
+
+
+class SharedThrottle:
+    """One store's answer to "slow down" (429, 503 SlowDown): after a throttling answer
+    every request of the store waits out the same pause before its next try, so that all
+    its threads back off together instead of each on its own schedule (what botocore's
+    adaptive mode does for boto3's requests; the direct blob path has its own). The pause
+    grows by `policy` with throttling answers in a row and shrinks with each success.
+    Thread-safe: requests run in worker threads."""
+
+    def __init__(self, policy: Backoff = REQUEST,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._strikes = 0
+        self._until = 0.0
+
+    def throttled(self) -> float:
+        """Record a throttling answer; returns the pause every request now waits out."""
+        with self._lock:
+            self._strikes += 1
+            delay = self.policy.delay(self._strikes)
+            self._until = max(self._until, self._clock() + delay)
+            return delay
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._strikes = max(0, self._strikes - 1)
+
+    def pause(self) -> float:
+        """Seconds to wait before the next request may go (0 when not throttled)."""
+        with self._lock:
+            return max(0.0, self._until - self._clock())

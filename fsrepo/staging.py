@@ -2,8 +2,12 @@
 
 One staging file per inode, shared by all its write handles. Sequential writes (the common
 case: cp, rsync, cameras) are hashed as they arrive, so closing the file costs no re-read;
-a big file's pages are handed to the disk while it arrives, so the fsync at close has
-little left to do.
+a big file's pages are handed to the disk while it arrives, so the group commit that follows
+its close has little left to do.
+
+A copy fsync'd while its file stays open (a database) is not turned into a blob: the group
+commit syncs it and journals it as the file's content (`synced`); if the run ends before
+the file is closed, `recover_synced` turns it into a blob at the next start.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from pathlib import Path
 
 import trio
 
+from .cache_index import CacheIndex
 from .errors import FsError
+from .hashing import hash_file
 from .manifest import MAX_SIZE, FileEntry
+from .state import LocalState
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,8 @@ class Staging:
     writers: int = 0
     base: FileEntry | None = None  # the version this copy started from (for the merge)
     written_back: int = 0  # bytes whose writeback to disk has been started
+    synced: bool = False  # fsync'd while open: journaled as the file's content (see above)
+    synced_as: tuple[str, bytes, int] | None = None  # (dir_id, name, mode) of that record
 
     def write(self, offset: int, data: bytes) -> int:
         """Write through to the staging file, hashing what extends the sequential run."""
@@ -148,11 +157,43 @@ class StagingArea:
         new copy from it)."""
         return self.staged.pop(ino)
 
-    def drop(self, ino: int) -> None:
+    def drop(self, ino: int) -> Path | None:
+        """Forget the inode's copy; a synced one is returned, not removed (its journal
+        record goes first: GroupCommitter.retire_copy)."""
         st = self.staged.pop(ino, None)
-        if st is not None:
-            os.close(st.fd)
-            st.path.unlink(missing_ok=True)
+        if st is None:
+            return None
+        os.close(st.fd)
+        if st.synced:
+            return st.path
+        st.path.unlink(missing_ok=True)
+        return None
+
+    def recover_synced(self, state: LocalState, cache: CacheIndex) -> int:
+        """Copies an earlier run fsync'd while their file stayed open, and never closed,
+        become the file's content: linked into the cache under their hash and journaled,
+        one transaction each (database thread, before the journal is loaded). The copies
+        go with `clear_leftovers`; the caller makes the result durable. Returns how many."""
+        count = 0
+        for copy in state.synced_copies():
+            path = self.directory / copy.path
+            try:
+                st = path.stat()
+                sha = hash_file(path)
+            except FileNotFoundError:
+                log.info("synced copy %s is gone (its file was closed): skipped", copy.path)
+                state.recover_synced_copy(copy, None)
+                continue
+            if state.journaled(copy.dir_id, copy.name, sha):
+                state.recover_synced_copy(copy, None)  # its close() was journaled
+                continue
+            cache.link_in(path, sha)
+            state.recover_synced_copy(copy, FileEntry(sha, st.st_size, st.st_mtime_ns,
+                                                      copy.mode))
+            log.info("the content of %r fsync'd before the last run ended was kept "
+                     "(%d bytes)", copy.name, st.st_size)
+            count += 1
+        return count
 
 
 def refused(what: str, size: int, exc: OSError | None = None) -> FsError:

@@ -1,8 +1,10 @@
 """Local state in SQLite (WAL): cached manifests, the upload journal, the blob index.
 
 This is the durable half of the write path: an operation is acknowledged to the user only
-after the transaction recording it has committed (WAL, fsync'd: see `append_many`). After a
-crash, whatever is in `ops` and in `blobs` with pending=1 is still owed to the bucket.
+after the transaction recording it has committed to the WAL (no fsync: the kernel keeps it
+through a crash of the process). The group commit (group_commit.py) makes it survive a power
+loss, by `mark_committed` and an fsync of `files`. After a crash, whatever is in `ops` and
+in `blobs` with pending=1 is still owed to the bucket.
 
 All methods are synchronous and must run in a worker thread (see `StateDB`), never on the
 trio loop; one connection, used by one thread at a time.
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import errno_for
-from .manifest import Entry, entry_from_json, entry_to_json
+from .manifest import Entry, FileEntry, entry_from_json, entry_to_json
 from .stateschema import migrate
 from .workers import Workers
 
@@ -41,6 +43,18 @@ class JournalOp:
     created: float
 
 
+@dataclass(frozen=True)
+class SyncedCopy:
+    """A staging copy fsync'd while its file stayed open: the file's content as promised."""
+
+    path: str  # the copy's name in the staging folder
+    dir_id: str
+    name: bytes
+    base: Entry | None  # the entry the copy was made from (for the merge)
+    mode: int
+    mtime_ns: int  # when first recorded (recovery takes the copy's own, of its last write)
+
+
 def _dump(entry: Entry | None) -> str | None:
     return None if entry is None else json.dumps(entry_to_json(entry))
 
@@ -52,6 +66,7 @@ def _load(text: str | None) -> Entry | None:
 class LocalState:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA busy_timeout=10000")
         try:
@@ -60,10 +75,15 @@ class LocalState:
             self.db.close()
             raise
         self.db.execute("PRAGMA journal_mode=WAL")
-        # Bookkeeping (uploaded marks, cache atimes, manifests) need not be fsync'd: if a
-        # crash loses it, the next run re-checks with the bucket. Only journal appends that
-        # a user was promised are, by switching to FULL for their transaction.
+        # No transaction is fsync'd by SQLite itself (but around checkpoints): a committed
+        # WAL transaction survives a crash of the process; the group commit fsyncs `files`
+        # once per interval, which makes everything written before it survive a power loss.
         self.db.execute("PRAGMA synchronous=NORMAL")
+
+    def files(self) -> list[Path]:
+        """The database's files, as the group commit fsyncs them (the database itself
+        holds what checkpoints moved out of the WAL)."""
+        return [self.path, self.path.with_name(self.path.name + "-wal")]
 
     def close(self) -> None:
         self.db.close()
@@ -168,33 +188,71 @@ class LocalState:
                         (writer, seq, etag))
 
     # -- the journal ------------------------------------------------------------------
-    def append_many(self, batch: list[tuple[Iterable, Iterable[tuple[str, int]], int]],
-                    durable: bool = True) -> None:
+    def append_many(self, batch: list[tuple[Iterable, Iterable[tuple[str, int]], int]]) -> None:
         """Several callers' ops (dir_id, name, entry, base, requires, seq) and newly cached
-        blobs that still need uploading, in one transaction: one fsync for all (group
-        commit). `durable=False` skips the fsync: the next durable commit covers it (the WAL
-        is written in order), enough for changes no user was promised yet."""
+        blobs that still need uploading, in one transaction (not fsync'd: the group commit
+        makes it power-safe; the WAL is written in order)."""
         now = time.time()
-        if durable:
-            self.db.execute("PRAGMA synchronous=FULL")
-        try:
-            with self.db:
-                self.db.execute("BEGIN IMMEDIATE")
-                for ops, new_blobs, dedup_bytes in batch:
-                    for sha, size in new_blobs:
-                        self.db.execute(
-                            "INSERT INTO blobs VALUES (?, ?, 1, ?) ON CONFLICT(sha256) DO "
-                            "UPDATE SET atime=excluded.atime, pending=1", (sha, size, now))
-                    self.db.executemany(
-                        "INSERT INTO ops (seq, dir_id, name, entry, base, requires, created) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [(seq, dir_id, name, _dump(entry), _dump(base), requires, now)
-                         for dir_id, name, entry, base, requires, seq in ops])
-                    if dedup_bytes:
-                        self.add_counter("dedup_bytes", dedup_bytes)
-        finally:
-            if durable:
-                self.db.execute("PRAGMA synchronous=NORMAL")
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            for ops, new_blobs, dedup_bytes in batch:
+                for sha, size in new_blobs:
+                    self.db.execute(
+                        "INSERT INTO blobs VALUES (?, ?, 1, ?) ON CONFLICT(sha256) DO "
+                        "UPDATE SET atime=excluded.atime, pending=1", (sha, size, now))
+                self.db.executemany(
+                    "INSERT INTO ops (seq, dir_id, name, entry, base, requires, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(seq, dir_id, name, _dump(entry), _dump(base), requires, now)
+                     for dir_id, name, entry, base, requires, seq in ops])
+                if dedup_bytes:
+                    self.add_counter("dedup_bytes", dedup_bytes)
+
+    # -- the group commit and fsync'd open files ---------------------------------------
+    def mark_committed(self, kept: list[SyncedCopy], retired: list[str]) -> None:
+        """The group commit's transaction: staging copies fsync'd while open are recorded
+        (`kept`) or forgotten (`retired`: closed or dropped since). The caller fsyncs
+        `files()` right after."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "INSERT OR REPLACE INTO synced_copies VALUES (?, ?, ?, ?, ?, ?)",
+                [(c.path, c.dir_id, c.name, _dump(c.base), c.mode, c.mtime_ns) for c in kept])
+            self.db.executemany("DELETE FROM synced_copies WHERE path=?",
+                                [(p,) for p in retired])
+
+    def synced_copies(self) -> list[SyncedCopy]:
+        return [SyncedCopy(r[0], r[1], bytes(r[2]), _load(r[3]), r[4], r[5])
+                for r in self.db.execute("SELECT path, dir_id, name, base, mode, mtime_ns "
+                                         "FROM synced_copies ORDER BY rowid")]
+
+    def recover_synced_copy(self, copy: SyncedCopy, entry: Entry | None) -> None:
+        """A synced copy of a run that ended before closing it became `entry` (None: it
+        was already journaled, or is gone): its op and blob, one transaction."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            if entry is not None:
+                assert isinstance(entry, FileEntry)
+                seq = int(self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM ops")
+                          .fetchone()[0])
+                now = time.time()
+                self.db.execute(
+                    "INSERT INTO blobs VALUES (?, ?, 1, ?) ON CONFLICT(sha256) DO "
+                    "UPDATE SET atime=excluded.atime, pending=1", (entry.sha256, entry.size, now))
+                self.db.execute(
+                    "INSERT INTO ops (seq, dir_id, name, entry, base, requires, created) "
+                    "VALUES (?, ?, ?, ?, ?, NULL, ?)",
+                    (seq, copy.dir_id, copy.name, _dump(entry), _dump(copy.base), now))
+            self.db.execute("DELETE FROM synced_copies WHERE path=?", (copy.path,))
+
+    def journaled(self, dir_id: str, name: bytes, sha: str) -> bool:
+        """Whether a pending op already puts this content under the name."""
+        for (text,) in self.db.execute("SELECT entry FROM ops WHERE dir_id=? AND name=?",
+                                       (dir_id, name)):
+            entry = _load(text)
+            if isinstance(entry, FileEntry) and entry.sha256 == sha:
+                return True
+        return False
 
     def pending_ops(self) -> list[JournalOp]:
         rows = self.db.execute(

@@ -43,6 +43,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE heads_seen ("
         " writer TEXT PRIMARY KEY, seq INTEGER NOT NULL, etag TEXT NOT NULL)",
     ),
+    # 3: staging copies of files fsync'd while still open (staging.py): the copy `path` (a
+    # name in the staging folder) is the content of `name` in `dir_id`, made from `base`.
+    (
+        "CREATE TABLE synced_copies ("
+        " path TEXT PRIMARY KEY, dir_id TEXT NOT NULL, name BLOB NOT NULL, base TEXT,"
+        " mode INTEGER NOT NULL, mtime_ns INTEGER NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

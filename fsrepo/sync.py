@@ -27,6 +27,7 @@ from .blobcache import BlobCache
 from .errors import FsError, ImgrepoError, StorageError, StorageOffline
 from .manifest import ROOT_ID, DirEntry, FileEntry
 from .namespace import Namespace
+from .paths import entry_path
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,15 @@ class Syncer:
         return self.cache.store.online
 
     async def walk(self, dir_id: str, seen: set[str] | None = None, fresh: bool = False,
-                   parallel: int = WALK_PARALLEL) -> list[FileEntry]:
+                   parallel: int = WALK_PARALLEL, counts: list[int] | None = None
+                   ) -> list[FileEntry]:
         """Every file entry under a directory (each directory read once, `parallel` of
         them at a time). With `fresh`, directories marked stale (another machine changed
         them, as the change records say) are revalidated first, so a sync sees what the
-        bucket holds now without a request per unchanged directory."""
+        bucket holds now without a request per unchanged directory. `counts`, if given, is
+        kept at [folders read, files found] (added to) for a progress report."""
         seen = set() if seen is None else seen
+        counts = [0, 0] if counts is None else counts
         out: list[FileEntry] = []
         todo = [dir_id]
         reading = 0
@@ -77,8 +81,10 @@ class Syncer:
                 for entry in entries:
                     if isinstance(entry, FileEntry):
                         out.append(entry)
+                        counts[1] += 1
                     elif isinstance(entry, DirEntry):
                         todo.append(entry.id)
+                counts[0] += 1
                 changed.set()
                 changed = trio.Event()
 
@@ -95,10 +101,12 @@ class Syncer:
                 try:
                     await self.ns.views.revalidate(dir_id)
                 except StorageError as exc:
-                    log.warning("sync: using the cached listing of %s: %s", dir_id, exc)
+                    log.warning("sync: using the cached listing of %s: %s",
+                                entry_path(self.ns.inodes, dir_id), exc)
                 view = self.ns.views.get(dir_id) or view
         except FsError as exc:
-            log.warning("sync: skipping unreadable directory %s: %s", dir_id, exc)
+            log.warning("sync: skipping unreadable folder %s: %s",
+                        entry_path(self.ns.inodes, dir_id), exc)
             return []
         return list(view.entries.values())
 
@@ -129,9 +137,12 @@ class Syncer:
 
     async def _note_totals(self, files: list[FileEntry]) -> None:
         blobs = {f.sha256: f.size for f in files}
+        local_only = {sha: size for sha, size in blobs.items() if sha in self.cache.pending}
         self._totals = {"repository_files": len(files),
                         "repository_bytes": sum(f.size for f in files),
-                        "repository_unique_bytes": sum(blobs.values()),
+                        # in the bucket: what is only in this machine's queue is not stored
+                        "repository_unique_bytes": sum(blobs.values()) - sum(local_only.values()),
+                        "repository_local_only_bytes": sum(local_only.values()),
                         "repository_counted_at": time.time()}
         await self.ns.db.run(self.ns.db.state.set_meta, TOTALS_KEY, json.dumps(self._totals))
 
@@ -146,14 +157,30 @@ class Syncer:
             self.running -= 1
 
     async def _run(self, paths: list[str], send: Send, parallel: int) -> dict[str, Any]:
+        started = time.monotonic()  # the whole run counts, the walk included
         roots = [await self.resolve(p) for p in paths] or [ROOT_ID]
         seen: set[str] = set()
         files: list[FileEntry] = []
-        for root in roots:
-            if isinstance(root, FileEntry):
-                files.append(root)
-            else:
-                files.extend(await self.walk(root, seen, fresh=True))
+        counts = [0, 0]
+
+        async def report_walk() -> None:
+            while True:
+                try:
+                    await send({"phase": "walk", "folders": counts[0],
+                                "files_found": counts[1], "elapsed": time.monotonic() - started})
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the client went away; the control channel cancels us
+                await trio.sleep(0.5)
+
+        async with trio.open_nursery() as walking:
+            walking.start_soon(report_walk)
+            for root in roots:
+                if isinstance(root, FileEntry):
+                    files.append(root)
+                    counts[1] += 1
+                else:
+                    files.extend(await self.walk(root, seen, fresh=True, counts=counts))
+            walking.cancel_scope.cancel()
         if not paths:
             await self._note_totals(files)
         wanted: dict[str, int] = {}
@@ -166,17 +193,19 @@ class Syncer:
         room = max(0, self.cache.limit - self.cache.used)
         fits = total_bytes <= room
         await send({"phase": "start", "files": len(files), "to_fetch": len(wanted),
-                    "bytes": total_bytes, "cache_room": room, "fits": fits})
+                    "bytes": total_bytes, "cache_room": room, "fits": fits,
+                    "folders": counts[0], "elapsed": time.monotonic() - started})
         done_files = done_bytes = failed = reserved = 0
         in_flight = 0
         stopped_at_limit = offline = False
-        started = time.monotonic()
+        fetch_started = time.monotonic()
         limiter = trio.Semaphore(parallel)
 
         def progress() -> dict[str, Any]:
             return {"phase": "progress", "done_files": done_files, "done_bytes": done_bytes,
                     "to_fetch": len(wanted), "bytes": total_bytes, "in_flight": in_flight,
-                    "failed": failed, "elapsed": time.monotonic() - started}
+                    "failed": failed, "elapsed": time.monotonic() - started,
+                    "fetch_elapsed": time.monotonic() - fetch_started}
 
         async def report() -> None:
             while True:

@@ -10,3 +10,8 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def plural(n: int, word: str) -> str:
+    """`1 file`, `2 files`: counts in messages read as sentences."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

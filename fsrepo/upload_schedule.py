@@ -21,15 +21,21 @@ from .namespace import EMPTY_SHA
 from .remote_index import RemoteIndex
 
 FLUSH_HOLD = 1.0  # seconds a kick() keeps the schedule in flush mode
+# A rewritten file (its name held content before) is uploaded once it has stayed unchanged
+# this long, as rclone's --vfs-write-back does: a file saved again and again (an editor, a
+# database reopened for each transaction) uploads its last version, not every one. New
+# files go at once; someone waiting (flush mode) waits for nothing.
+WRITEBACK_DELAY = 5.0
 
 
 class UploadSchedule:
     """When each journaled op was first seen, flush mode, and the rules built on them."""
 
     def __init__(self, journal: Journal, remote: RemoteIndex, *, commit_delay: float,
-                 quiet: float) -> None:
+                 quiet: float, writeback_delay: float = WRITEBACK_DELAY) -> None:
         self.journal = journal
         self.remote = remote
+        self.writeback_delay = writeback_delay
         self.commit_delay = commit_delay
         self.quiet = quiet
         self._seen: dict[int, float] = {}  # seq -> when the schedule first saw the op
@@ -85,6 +91,22 @@ class UploadSchedule:
                 if isinstance(e, FileEntry) and e.chunks is None and needs_upload(e.sha256) \
                         and (last[p.op.name] is p or ready.get(p.op.name) is p):
                     out[e.sha256] = e.size
+        return out
+
+    def settling(self, now: float) -> dict[str, float]:
+        """Blobs of rewritten files not yet unchanged for `writeback_delay`: sha -> when
+        their upload is due (nothing in flush mode)."""
+        if self.flushing or self.writeback_delay <= 0:
+            return {}
+        out: dict[str, float] = {}
+        for ops in self.journal.by_dir.values():
+            for p in {p.op.name: p for p in ops}.values():
+                e, base = p.op.entry, p.op.base
+                if isinstance(e, FileEntry) and isinstance(base, FileEntry) \
+                        and base.sha256 != EMPTY_SHA:
+                    due = self._seen.get(p.seq, now) + self.writeback_delay
+                    if due > now:
+                        out[e.sha256] = min(due, out.get(e.sha256, due))
         return out
 
     def empty_wanted(self, now: float) -> bool:

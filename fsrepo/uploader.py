@@ -20,11 +20,12 @@ from .blob_upload import BlobUploader, Outcome
 from .cache_index import CacheIndex
 from .chunking import ChunkLists
 from .early_chunks import EarlyChunks
-from .errors import ImgrepoError, StorageAccessDenied
+from .errors import ImgrepoError, StorageAccessDenied, StorageOffline
 from .head_writer import HeadWriter
 from .journal import Journal, PendingOp
 from .manifest_commit import ManifestCommitter
 from .namespace import EMPTY_SHA, Namespace
+from .paths import blob_path, entry_path
 from .remote_index import RemoteIndex
 from .retry import QUEUE, RetryTracker
 from .state import StateDB
@@ -59,6 +60,7 @@ class UploadStatus:
     conflicts: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
+    last_error_offline: bool = False  # the storage was unreachable: the outage, not a fault
     last_success_at: float | None = None
     login_required: bool = False
 
@@ -110,7 +112,12 @@ class Uploader:
         self.status.last_error = f"{what}: {exc}"
         self.status.last_error_at = time.time()
         self.status.login_required = isinstance(exc, StorageAccessDenied)
-        log.warning("%s failed (will retry): %s", what, exc)
+        self.status.last_error_offline = isinstance(exc, StorageOffline)
+        if self.status.last_error_offline:
+            # The outage is logged once by the connectivity guard, not once per item.
+            log.debug("%s failed (will retry when the storage is back): %s", what, exc)
+        else:
+            log.warning("%s failed (will retry): %s", what, exc)
 
     def _writing_now(self) -> bool:
         return time.monotonic() - self.writes.last_activity < WRITING_PAUSE
@@ -162,8 +169,12 @@ class Uploader:
         in_flight = self.status.uploads_in_flight
         ready = self.retries.ready
         schedule.observe(now)
+        settling = schedule.settling(now)
         for sha, size in schedule.pending_blobs().items():
             if sha in in_flight or not ready("blob:" + sha):
+                continue
+            if sha in settling:  # a rewritten file, not yet unchanged for long enough
+                schedule.next_due = min(schedule.next_due, settling[sha])
                 continue
             if not self.blobs.can_start(sha):
                 continue  # its close() is still storing it
@@ -197,7 +208,8 @@ class Uploader:
                 self.retries.succeeded("blob:" + sha)
                 self._succeeded()
             except (ImgrepoError, OSError) as exc:
-                self._error(f"upload of blob {sha[:12]}", exc)
+                path = blob_path(self.journal.by_dir, self.manifests.ns.inodes, sha)
+                self._error(f"upload of {path}", exc)
                 self.retries.failed("blob:" + sha)
             finally:
                 self.status.uploads_in_flight.discard(sha)
@@ -212,7 +224,7 @@ class Uploader:
             self.status.commits += 1
             self._succeeded()
         except (ImgrepoError, OSError) as exc:
-            self._error(f"update of directory {dir_id}", exc)
+            self._error(f"update of folder {entry_path(self.manifests.ns.inodes, dir_id)}", exc)
             self.retries.failed("dir:" + dir_id)
         finally:
             self._committing.discard(dir_id)

@@ -21,23 +21,27 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("format and shared vocabulary", [
         "fsrepo", "fsrepo.manifest", "fsrepo.errors", "fsrepo.retry",
         "fsrepo.hashing", "fsrepo.units", "fsrepo.config", "fsrepo.logsetup", "fsrepo.processes",
-        "fsrepo.auth.redact", "fsrepo.sdnotify"]),
+        "fsrepo.auth.redact", "fsrepo.sdnotify", "fsrepo.nodump", "fsrepo.snapshot_policy"]),
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
-        "fsrepo.connectivity", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
-        "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.chunking"]),
+        "fsrepo.connectivity", "fsrepo.endpoint_check", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
+        "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.chunking", "fsrepo.snapshots",
+        "fsrepo.snapshot_diff"]),
     ("core: files and names", [
-        "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.announce",
+        "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.paths", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",
         "fsrepo.reads", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record",
-        "fsrepo.prefetch"]),
+        "fsrepo.group_commit", "fsrepo.prefetch", "fsrepo.snapshot_views"]),
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
-        "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.early_chunks", "fsrepo.sync", "fsrepo.salvage",
-        "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge"]),
+        "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.early_chunks", "fsrepo.sync",
+        "fsrepo.salvage", "fsrepo.pending_list", "fsrepo.upload_log",
+        "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge",
+        "fsrepo.auto_snapshots"]),
     ("assembly", ["fsrepo.engine"]),
     ("FUSE and CLI", [
-        "fsrepo.fs", "fsrepo.readonly", "fsrepo.mount", "fsrepo.control", "fsrepo.cli",
+        "fsrepo.fs", "fsrepo.readonly", "fsrepo.snapshot_ops", "fsrepo.mount",
+        "fsrepo.control", "fsrepo.cli",
         "fsrepo.maintenance", "fsrepo.auth"]),
 ]
 

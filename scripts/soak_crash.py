@@ -14,6 +14,12 @@ file reached the bucket.
     python scripts/soak_crash.py                      # file:// repository, 10 rounds
     python scripts/soak_crash.py --rounds 50 --s3     # through moto's S3 server
     python scripts/soak_crash.py --seed 7 --keep      # reproducible; keep the work dir
+    python scripts/soak_crash.py --s3 --jitter 1      # manifest writes slowed at random
+
+`--jitter` puts a proxy in front of moto that holds each manifest write for a random
+0..SECONDS: commits then overlap the operations that follow them (a folder emptied and
+removed while its own commit is on its way), the orderings a loaded machine or a slow
+link produces now and then, here in every round.
 
 Exit status 0 when every round matched. The test suite runs a short version of it
 (tests/test_faults.py).
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,11 +167,15 @@ class Op:
 
 
 class Workload:
-    def __init__(self, rng: random.Random, reference: Tree) -> None:
+    def __init__(self, rng: random.Random, reference: Tree,
+                 flush: Callable[[], None] = lambda: None) -> None:
         self.rng = rng
+        self.flush = flush  # starts an upload of everything pending, without waiting
         self.ref = reference
         self.serial = 0
         self.history: list[str] = []  # completed operations, for failure reports
+        # the next steps of a multi-step operation (a scratch folder), planned when due
+        self.queued: list[Callable[[], tuple[Op, Callable[[Path], object]]]] = []
 
     def _name(self, prefix: str) -> str:
         self.serial += 1
@@ -185,9 +196,11 @@ class Workload:
 
     def plan(self) -> tuple[Op, callable]:  # type: ignore[valid-type]
         """Pick an operation; returns its description and a function doing it in `root`."""
+        if self.queued:
+            return self.queued.pop(0)()
         rng, ref = self.rng, self.ref
         files, dirs = self._files(), self._dirs()
-        choices = ["create"] * 5 + ["mkdir"]
+        choices = ["create"] * 5 + ["mkdir", "scratch"]
         if files:
             choices += ["overwrite"] * 2 + ["append", "copy", "delete"] * 1 + ["rename"] * 2
         if len(dirs) > 1:
@@ -195,17 +208,11 @@ class Workload:
         kind = rng.choice(choices)
         after = dict(ref)
 
-        def join(d: str, n: str) -> str:
-            return os.path.normpath(os.path.join(d, n))
-
         if kind in ("create", "copy"):
-            path = join(rng.choice(dirs), self._name("f"))
-            data = ref[rng.choice(files)] if kind == "copy" else self._data()
-            assert data is not None
-            after[path] = data
-            empty = dict(ref, **{path: b""})
-            return Op(f"{kind} {path} ({len(data)} bytes)", after, [empty]), \
-                lambda root: (root / path).write_bytes(data)
+            path = _join(rng.choice(dirs), self._name("f"))
+            return self._create(path, kind, ref[rng.choice(files)] if kind == "copy" else None)
+        if kind == "scratch":
+            return self._scratch(rng.choice(dirs))
         if kind == "overwrite":
             path = rng.choice(files)
             data = self._data()
@@ -222,38 +229,81 @@ class Workload:
                     fh.write(extra)
             return Op(f"append {path} (+{len(extra)})", after), append
         if kind == "delete":
-            path = rng.choice(files)
-            del after[path]
-            return Op(f"delete {path}", after), lambda root: os.unlink(root / path)
+            return self._delete(rng.choice(files))
         if kind == "rename":
             src = rng.choice(files)
             if rng.random() < 0.3 and len(files) > 1:
                 dst = rng.choice([f for f in files if f != src])  # replaces a file
             else:
-                dst = join(rng.choice(dirs), self._name("r"))
+                dst = _join(rng.choice(dirs), self._name("r"))
             after[dst] = after.pop(src)
             return Op(f"rename {src} -> {dst}", after), \
                 lambda root: os.rename(root / src, root / dst)
         if kind == "mkdir":
-            path = join(rng.choice(dirs), self._name("d"))
-            after[path] = None
-            return Op(f"mkdir {path}", after), lambda root: os.mkdir(root / path)
+            return self._mkdir(_join(rng.choice(dirs), self._name("d")))
         if kind == "rmdir":
             empty = [d for d in dirs[1:] if not any(p != d and _under(p, d) for p in ref)]
             if not empty:
                 return self.plan()
-            path = rng.choice(empty)
-            del after[path]
-            return Op(f"rmdir {path}", after), lambda root: os.rmdir(root / path)
+            return self._rmdir(rng.choice(empty))
         # movedir: a directory (with everything in it) to another parent
         src = rng.choice(dirs[1:])
         targets = [d for d in dirs if not _under(d, src)]
-        dst = join(rng.choice(targets), self._name("m"))
+        dst = _join(rng.choice(targets), self._name("m"))
         after = {}
         for p, v in ref.items():
             after[dst + p[len(src):] if _under(p, src) else p] = v
         return Op(f"move directory {src} -> {dst}", after), \
             lambda root: os.rename(root / src, root / dst)
+
+    def _create(self, path: str, kind: str = "create",
+                data: bytes | None = None) -> tuple[Op, callable]:  # type: ignore[valid-type]
+        data = self._data() if data is None else data
+        empty = dict(self.ref, **{path: b""})
+        return Op(f"{kind} {path} ({len(data)} bytes)", dict(self.ref, **{path: data}),
+                  [empty]), lambda root: (root / path).write_bytes(data)
+
+    def _delete(self, path: str) -> tuple[Op, callable]:  # type: ignore[valid-type]
+        after = dict(self.ref)
+        del after[path]
+        return Op(f"delete {path}", after), lambda root: os.unlink(root / path)
+
+    def _mkdir(self, path: str) -> tuple[Op, callable]:  # type: ignore[valid-type]
+        return Op(f"mkdir {path}", dict(self.ref, **{path: None})), \
+            lambda root: os.mkdir(root / path)
+
+    def _rmdir(self, path: str) -> tuple[Op, callable]:  # type: ignore[valid-type]
+        after = dict(self.ref)
+        del after[path]
+        return Op(f"rmdir {path}", after), lambda root: os.rmdir(root / path)
+
+    def _pause(self, seconds: float) -> tuple[Op, callable]:  # type: ignore[valid-type]
+        return Op(f"pause {seconds:.2f}s", dict(self.ref)), lambda root: time.sleep(seconds)
+
+    def _start_flush(self) -> tuple[Op, callable]:  # type: ignore[valid-type]
+        def flush(root: Path) -> None:
+            self.flush()
+        return Op("upload everything pending (not waiting)", dict(self.ref)), flush
+
+    def _scratch(self, parent: str) -> tuple[Op, callable]:  # type: ignore[valid-type]
+        """A scratch folder: made, filled, uploaded (`--status --wait` started, not waited
+        for: its commits go out at once), then at once emptied and removed, one step per
+        operation. Removing a folder while this machine's own commit into it is in
+        flight once brought it back."""
+        folder = _join(parent, self._name("s"))
+        files = [_join(folder, self._name("t")) for _ in range(self.rng.randint(1, 3))]
+        pause = self.rng.uniform(0.0, 0.3)
+        self.queued += [lambda p=p: self._create(p, data=self.rng.randbytes(100))
+                        for p in files]
+        self.queued.append(self._start_flush)
+        self.queued.append(lambda: self._pause(pause))
+        self.queued += [lambda p=p: self._delete(p) for p in files]
+        self.queued.append(lambda: self._rmdir(folder))
+        return self._mkdir(folder)
+
+
+def _join(d: str, n: str) -> str:
+    return os.path.normpath(os.path.join(d, n))
 
 
 def run_round(mount: Mount, workload: Workload, rng: random.Random, min_s: float,
@@ -299,6 +349,7 @@ def run_round(mount: Mount, workload: Workload, rng: random.Random, min_s: float
         killer.cancel()
         killer.join()
         mount.kill()
+        workload.queued.clear()  # a scratch folder cut short: what is left of it stays
 
 
 def describe(expected: Tree, actual: Tree) -> str:
@@ -334,7 +385,15 @@ def soak(storage: str, workdir: Path, *, rounds: int = 10, seed: int | None = No
     (home / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     env.setdefault("XDG_RUNTIME_DIR", str(home / "run"))
     mount = Mount(workdir / "mnt", storage, workdir / "cache", env, endpoint_url)
-    workload = Workload(rng, {})
+    flushes: list[subprocess.Popen] = []
+
+    def flush() -> None:
+        flushes.append(subprocess.Popen(
+            [sys.executable, "-m", "fsrepo.cli", "--status", str(mount.path), "--json",
+             "--wait"], env=mount.env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL))
+
+    workload = Workload(rng, {}, flush)
     total_ops = ambiguous = 0
     try:
         mount.start()
@@ -343,6 +402,9 @@ def soak(storage: str, workdir: Path, *, rounds: int = 10, seed: int | None = No
             log(f"round {n}:")
             op, done = run_round(mount, workload, rng, min_s, max_s, log)
             total_ops += done
+            for waiter in flushes:  # they end with the mount they waited for
+                waiter.wait(timeout=60)
+            flushes.clear()
             mount.start()  # replays the journal of the killed run
             # Let the replay settle first: a file whose close() never returned may show
             # for a moment (until the uploader finds its content gone and drops it).
@@ -384,12 +446,24 @@ def soak(storage: str, workdir: Path, *, rounds: int = 10, seed: int | None = No
             raise SoakFailure(f"(seed {seed}) the mount logged a traceback:\n"
                               + text[text.index("Traceback"):][:3000])
     finally:
+        for waiter in flushes:
+            if waiter.poll() is None:
+                waiter.kill()
+                waiter.wait()
         mount.stop()
     files = sum(1 for v in workload.ref.values() if v is not None)
     summary = {"seed": seed, "rounds": rounds, "ops": total_ops, "files": files,
                "dirs": len(workload.ref) - files, "in_flight_landed": ambiguous}
     log(f"soak passed: {json.dumps(summary)}")
     return summary
+
+
+def slow_manifest_writes(proxy: object, rng: random.Random, seconds: float,
+                         count: int) -> None:
+    """Each of the next `count` manifest writes through `proxy` waits a random
+    0..`seconds` first (one single-use fault each: the proxy takes them in order)."""
+    for _ in range(count):
+        proxy.inject(method="PUT", path=r"/dirs/", delay=rng.uniform(0, seconds))  # type: ignore[attr-defined]
 
 
 def main() -> int:
@@ -399,10 +473,14 @@ def main() -> int:
     p.add_argument("--s3", action="store_true", help="use moto's S3 server (started here)")
     p.add_argument("--min", type=float, default=0.3, help="shortest time before a kill (s)")
     p.add_argument("--max", type=float, default=2.5, help="longest time before a kill (s)")
+    p.add_argument("--jitter", type=float, default=0.0,
+                   help="with --s3: hold each manifest write for a random 0..SECONDS")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     args = p.parse_args()
+    if args.jitter and not args.s3:
+        p.error("--jitter needs --s3 (it is a proxy in front of the S3 server)")
     workdir = Path(tempfile.mkdtemp(prefix="imgrepo-soak-"))
-    moto = None
+    moto = proxy = None
     try:
         env = dict(os.environ)
         env.update({"HOME": str(workdir / "home"), "AWS_ACCESS_KEY_ID": "testing",
@@ -418,6 +496,14 @@ def main() -> int:
             moto.start()
             moto.create_bucket("soak")
             storage, endpoint = "s3://soak/repo", moto.url
+            if args.jitter:
+                from testservers.s3proxy import S3Proxy
+
+                proxy = S3Proxy(moto.url)
+                proxy.start()
+                slow_manifest_writes(proxy, random.Random(args.seed), args.jitter,
+                                     count=600 * args.rounds)
+                endpoint = proxy.url
         soak(storage, workdir, rounds=args.rounds, seed=args.seed, endpoint_url=endpoint,
              env=env, min_s=args.min, max_s=args.max)
         return 0
@@ -426,6 +512,8 @@ def main() -> int:
         args.keep = True
         return 1
     finally:
+        if proxy is not None:
+            proxy.stop()
         if moto is not None:
             moto.stop()
         if args.keep:

@@ -23,6 +23,7 @@ from fsrepo.config import Settings
 from fsrepo.engine import Engine, StateLock
 from fsrepo.errors import FsError
 from fsrepo.files import AttrChange
+from fsrepo.group_commit import Disk
 from fsrepo.inodes import ROOT_INO, Node
 from fsrepo.manifest import DirEntry, Entry, FileEntry
 from fsrepo.store import Store, open_store
@@ -40,16 +41,17 @@ def settings_for(storage_url: str, endpoint_url: str | None, cache_root: Path,
 async def running_engine(storage_url: str, endpoint_url: str | None, cache_root: Path, *,
                          upload: bool = True, host: str | None = None,
                          wrap_store: Callable[[Store], Store] | None = None,
-                         **extra: object) -> AsyncIterator[Engine]:
+                         disk: Disk | None = None, **extra: object) -> AsyncIterator[Engine]:
     """An opened engine with its background tasks (downloads; the uploader if `upload`).
     `wrap_store` puts a wrapper (counting, fault injection) between the engine and the
-    store; the wrapper's `aclose` closes the store."""
+    store; the wrapper's `aclose` closes the store. `disk`: how the group commit syncs
+    (tests/powerloss.py records it)."""
     settings = settings_for(storage_url, endpoint_url, cache_root, **extra)
     lock = StateLock(settings.state_dir())
     store = open_store(settings.storage, settings.endpoint_url, settings.region)
     if wrap_store is not None:
         store = wrap_store(store)
-    engine = Engine(settings, store, host=host)
+    engine = Engine(settings, store, host=host, disk=disk)
     try:
         await engine.open()
         async with trio.open_nursery() as nursery:
@@ -58,6 +60,7 @@ async def running_engine(storage_url: str, endpoint_url: str | None, cache_root:
                 nursery.start_soon(engine.uploader.run)
             if hasattr(engine.journal, "write_behind"):  # as the mount runs it
                 nursery.start_soon(engine.journal.write_behind)
+            nursery.start_soon(engine.durable.run)  # the group commit, as the mount runs it
             engine.nursery = nursery  # type: ignore[attr-defined]
             yield engine
             nursery.cancel_scope.cancel()

@@ -9,6 +9,9 @@ fails the first `put_file` made after `arm` in the way asked:
 - `PRECONDITION` raises PreconditionFailed (another writer won a conditional write),
 - `CRASH` calls `on_crash` (the test cancels the engine's scope: the process stops there)
   and never returns;
+- `HOLD` keeps the call waiting until the test calls `fault.release()`, then lets it go
+  on unharmed: a slow request, so that the test can run other steps while it is in
+  flight (`fault.held` is set once one is waiting);
 
 `when` says whether the request reached the storage first (AFTER: it took effect and only
 the answer was lost) or not (BEFORE). Calls are numbered per kind, counting only keys that
@@ -18,7 +21,7 @@ start with the fault's `prefix`, from the moment the fault is armed.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from fsrepo.store.base import NotModified, ObjectInfo, Store, StoredObject
 UNAVAILABLE = "unavailable"
 PRECONDITION = "precondition"
 CRASH = "crash"
+HOLD = "hold"
 BEFORE = "before"
 AFTER = "after"
 
@@ -48,11 +52,16 @@ class Fault:
     times: int = 1
     seen: int = 0  # matching calls so far
     fired: int = 0  # calls failed so far
+    held: trio.Event = field(default_factory=trio.Event)  # HOLD: a call waits
+    released: trio.Event = field(default_factory=trio.Event)  # HOLD: let it go on
 
     def __post_init__(self) -> None:
         assert self.kind in KINDS, self.kind
-        assert self.effect in (UNAVAILABLE, PRECONDITION, CRASH), self.effect
+        assert self.effect in (UNAVAILABLE, PRECONDITION, CRASH, HOLD), self.effect
         assert self.when in (BEFORE, AFTER), self.when
+
+    def release(self) -> None:
+        self.released.set()
 
     def matches(self, kind: str, key: str) -> bool:
         """Count this call; whether it is one to fail."""
@@ -81,6 +90,10 @@ class FaultyStore(Store):
 
     async def _fail(self, fault: Fault, kind: str, key: str) -> None:
         fault.fired += 1
+        if fault.effect == HOLD:
+            fault.held.set()
+            await fault.released.wait()
+            return
         if fault.effect == CRASH:
             assert self.on_crash is not None, "a CRASH fault needs on_crash"
             self.crashed = True
@@ -96,7 +109,7 @@ class FaultyStore(Store):
         if fault is not None and fault.when == BEFORE:
             await self._fail(fault, kind, key)
         result = await fn(*args, **kwargs)
-        if fault is not None:
+        if fault is not None and fault.when == AFTER:
             await self._fail(fault, kind, key)
         return result
 

@@ -23,7 +23,7 @@ import pytest
 from testservers.net import free_port, stop_process, wait_listening
 
 REPO = Path(__file__).resolve().parent.parent
-WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7"]
+WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"]
 RTT_MS = 20  # the round trip the relay adds in the tests of --rtt-ms
 
 

@@ -16,11 +16,17 @@ from pathlib import Path
 import pytest
 import trio
 
-from fsrepo.errors import FsError
+from fsrepo.errors import FsError, RepositoryFormatError
 from fsrepo.maintenance.gc import collect
 from fsrepo.maintenance.verify import verify
 from fsrepo.manifest import FileEntry, entry_from_json, entry_to_json
-from fsrepo.repository import blob_key, manifest_key
+from fsrepo.repository import (
+    CHUNKS_VERSION,
+    blob_key,
+    manifest_key,
+    open_repository,
+    parse_descriptor,
+)
 from fsrepo.store.base import Store, StoredObject
 from fsrepo.store.counting import PUT_FILE, PUT_FILE_CREATED, PUT_FILE_EXISTED, CountingStore
 
@@ -46,8 +52,9 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-async def put_repository(store: Store, version: int = 3, chunk_size: int = MiB) -> None:
-    """A new repository (format 3 cuts files larger than `chunk_size` into chunks)."""
+async def put_repository(store: Store, version: int = CHUNKS_VERSION,
+                          chunk_size: int = MiB) -> None:
+    """A new repository (format 4 cuts files larger than `chunk_size` into chunks)."""
     await store.put("imgrepo.json", json.dumps({
         "format": "imgrepo", "version": version, "hash": "sha256",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -344,7 +351,7 @@ def test_a_crash_mid_chunked_upload_sends_no_finished_chunk_again(
     trio.run(main)
 
 
-def test_a_format_2_repository_keeps_whole_blobs(tmp_path: Path):
+def test_a_repository_not_upgraded_keeps_whole_blobs(tmp_path: Path):
     """An older repository that cannot be upgraded now (a read-only token, say) keeps
     whole-file blobs: an older mount must still find them."""
     data = content(3 * MiB, seed=8)
@@ -636,3 +643,26 @@ def test_kill_9_during_a_chunked_upload_sends_no_finished_chunk_again(
     fresh = mounter(s3_bucket.url, endpoint_url=s3_bucket.endpoint_url,
                     cache_dir=tmp_path / "fresh")
     assert (fresh.path / "big.mov").read_bytes() == data
+
+
+def test_an_older_repository_is_upgraded_to_chunks_and_older_imgrepos_refuse_it(tmp_path: Path):
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store, version=CHUNKS_VERSION - 1)
+            raw = json.loads((await store.get("imgrepo.json")).data)
+            assert parse_descriptor(json.dumps(raw).encode(), "x").chunk_size is None
+            desc = await open_repository(store)
+            assert (desc.version, desc.chunk_size) == (CHUNKS_VERSION, MiB)  # (its own size)
+            with pytest.raises(RepositoryFormatError, match="bad chunk size"):
+                parse_descriptor(json.dumps(raw | {"version": CHUNKS_VERSION,
+                                                   "chunk_size": 10}).encode(), "x")
+            with pytest.raises(RepositoryFormatError, match="upgrade imgrepo"):
+                parse_descriptor(json.dumps(raw | {"version": CHUNKS_VERSION + 1}).encode(),
+                                 "x")
+        finally:
+            await store.aclose()
+
+    trio.run(main)

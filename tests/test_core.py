@@ -351,7 +351,7 @@ def test_two_writer_processes_writing_the_same_name_keep_both(backend, tmp_path,
     trio.run(main)
 
 
-@pytest.mark.expected_logs(r"conflict in directory root", reason="both engines edit the "
+@pytest.mark.expected_logs(r"conflict: /\S* was changed on another machine", reason="both engines edit the "
                            "same names on purpose: each conflict copy is announced")
 def test_412_merges_both_engines_changes(backend, tmp_path):
     """Two engines with separate state change one directory from the same starting point;

@@ -13,14 +13,21 @@ import errno
 import json
 import os
 import stat
+import tracemalloc
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fsrepo.errors import ManifestError
+from fsrepo import namespace
+from fsrepo.errors import ConfigError, FsError, ManifestError
+from fsrepo.heads import HeadError, parse_head, writer_of
+from fsrepo.inodes import ROOT_INO
 from fsrepo.manifest import (
+    MAX_ENTRIES,
+    MAX_MANIFEST_BYTES,
     MAX_NAME,
     MAX_SIZE,
     DirEntry,
@@ -28,11 +35,16 @@ from fsrepo.manifest import (
     Manifest,
     SymlinkEntry,
     check_name,
+    entry_from_json,
+    is_valid_dir_id,
     parse_manifest,
     serialise_manifest,
 )
+from fsrepo.store import open_store
+from fsrepo.store.base import GET_LIMIT
 
 from . import craft
+from .coreutil import list_dir, makedirs, running_engine, write_file
 
 
 def _listing(path: Path) -> list[str]:
@@ -382,3 +394,106 @@ def test_parse_pathological_json_is_a_manifest_error():
                  b"\xef\xbb\xbf{}", b"", b"\x00" * 10, "é".encode("latin-1")):
         with pytest.raises(ManifestError):
             parse_manifest(body, "d1")
+
+
+# -- limits and exact patterns -------------------------------------------------------------
+def _many_entries(dir_id: str, count: int, entry: dict) -> bytes:
+    """A manifest of `count` copies of `entry` (built as bytes: fast, and no dict of them)."""
+    one = json.dumps(entry, separators=(",", ":")).encode()
+    return (b'{"imgrepo_manifest":1,"dir_id":"' + dir_id.encode() + b'","entries":{'
+            + b",".join(b'"p%07d.jpg":' % i + one for i in range(count)) + b"}}")
+
+
+@pytest.mark.expected_logs(r"over the limit|more than 200000 entries|over the 80 MiB|"
+                           r"refused entry|cannot read directory",
+                           reason="the oversized manifests and the bad patterns are refused")
+def test_oversized_manifests_are_refused_and_the_rest_works(tmp_path: Path, mounter):
+    root = craft.new_repo(tmp_path / "repo")
+    good = craft.file_of(root, b"fine")
+    craft.put_manifest(root, "root", {
+        "crowded": craft.dir_entry("crowded1"), "bulky": craft.dir_entry("bulky1"),
+        "giant": craft.dir_entry("giant1"), "good": craft.dir_entry("good1"),
+        "top.txt": good,
+        # `$` in a pattern would take these (a trailing newline):
+        "newline sha": {**good, "sha256": good["sha256"] + "\n"},
+        "newline id": craft.dir_entry("good1\n"),
+    })
+    craft.put_manifest(root, "good1", {"a.txt": good})
+    craft.put_manifest(root, "crowded1", body=_many_entries("crowded1", MAX_ENTRIES + 1, good))
+    # Over the byte limit, and over what a `get` reads whole at all (sparse: cheap to make).
+    for dir_id, size in (("bulky1", MAX_MANIFEST_BYTES + 1), ("giant1", GET_LIMIT + 1)):
+        with open(craft.put_manifest(root, dir_id, {}), "r+b") as fh:
+            fh.truncate(size)
+
+    m = mounter(f"file://{root}")
+    assert set(os.listdir(m.path)) == {"crowded", "bulky", "giant", "good", "top.txt"}
+    for name in ("crowded", "bulky", "giant"):
+        assert _errno_of(lambda n=name: os.listdir(m.path / n)) == errno.EIO, name
+    assert (m.path / "good" / "a.txt").read_bytes() == b"fine"
+    (m.path / "good" / "b.txt").write_bytes(b"still writable")
+    m.wait_idle()
+    log = m.logtext()
+    assert f"manifest of directory crowded1 has more than {MAX_ENTRIES} entries" in log
+    assert f"over the limit of {MAX_MANIFEST_BYTES >> 20} MiB" in log
+    assert "giant1.json is 80 MiB, over the 80 MiB" in log
+    refused = [line for line in log.splitlines() if "refused entry" in line]
+    assert len(refused) == 2 and all("\\n" not in line for line in refused), refused
+    assert "Traceback" not in log
+    m.unmount()
+
+
+def test_a_manifest_over_the_entry_limit_is_refused_before_it_is_all_built():
+    good = {"type": "file", "sha256": "ab" * 32, "size": 1, "mtime_ns": 1, "mode": 0o644}
+    body = _many_entries("d1", 2 * MAX_ENTRIES, good)
+    assert len(body) < MAX_MANIFEST_BYTES  # the entry count is what refuses it
+    tracemalloc.start()
+    try:
+        with pytest.raises(ManifestError, match="more than 200000 entries"):
+            parse_manifest(body, "d1")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Building all 400,000 entries' objects takes ~280 MiB; stopped at the limit, ~160.
+    assert peak < 210 << 20, peak >> 20
+
+
+def test_hash_and_id_patterns_match_whole_strings():
+    sha = "ab" * 32
+    for bad in (sha + "\n", "\n" + sha, sha + "\x00"):
+        with pytest.raises(ValueError):
+            entry_from_json({"type": "file", "sha256": bad, "size": 1})
+    assert not is_valid_dir_id("abc\n") and is_valid_dir_id("abc")
+    assert writer_of("heads/" + "f" * 32 + ".json") == "f" * 32
+    assert writer_of("heads/abc\n.json") is None
+    with pytest.raises(HeadError):
+        parse_head(json.dumps({"writer": "w", "seq": 2, "changes": [[1, "d1\n"]]}).encode(), "k")
+    with pytest.raises(ConfigError):
+        open_store("s3://bucket\n/p")
+
+
+@pytest.mark.expected_logs(r"the limit of one directory", reason="the full directory says so")
+def test_a_directory_at_the_entry_limit_refuses_new_names(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(namespace, "MAX_ENTRIES", 3)  # the real limit, met sooner
+
+    async def main() -> None:
+        async with running_engine(f"file://{tmp_path}/repo", None, tmp_path / "cache") as eng:
+            full = await makedirs(eng, "full")
+            for name in ("a", "b", "c"):
+                await write_file(eng, f"full/{name}", name.encode())
+            await write_file(eng, "elsewhere", b"x")
+            with pytest.raises(FsError) as err:
+                await write_file(eng, "full/d", b"d")
+            assert err.value.errno == errno.ENOSPC
+            with pytest.raises(FsError) as err:
+                await eng.ns.mkdir(full.ino, b"sub", 0o755)
+            assert err.value.errno == errno.ENOSPC
+            root = eng.ns.node(ROOT_INO)
+            with pytest.raises(FsError) as err:
+                await eng.ns.rename(root.ino, b"elsewhere", full.ino, b"e")
+            assert err.value.errno == errno.ENOSPC
+            # Within the directory, and over an existing name, nothing is added: allowed.
+            await eng.ns.rename(full.ino, b"a", full.ino, b"a2")
+            await eng.ns.rename(root.ino, b"elsewhere", full.ino, b"b")
+            assert sorted(await list_dir(eng, "full")) == [b"a2", b"b", b"c"]
+
+    trio.run(main)

@@ -197,3 +197,68 @@ def test_a_folder_removed_on_one_mount_while_the_other_adds_to_it(
                   lambda m=m: tree(m.path) == tree(fresh.path), timeout=30)
     report = verify(s3_bucket, mount_env)
     assert report["problems"] == [] and unreachable(report) == 0, report
+
+
+# kill -9 of one machine at a step of a folder merge, held there by the proxy: (the side
+# killed, the request held: method, path). "alpha" copies first; beta's tree merges in.
+MERGE_KILLS = {
+    # beta's write of the root (the name "2024" meeting alpha's) never lands
+    "beta-before-its-root-write": ("beta", "PUT", r"/dirs/root\.json"),
+    # beta's merge landed; the merged-away folder's manifest is not yet deleted
+    "beta-after-the-merge-landed": ("beta", "DELETE", r"/dirs/"),
+    # alpha's own root write never lands: beta's "2024" takes the name meanwhile, and
+    # alpha's tree merges into it when alpha comes back
+    "alpha-before-its-root-write": ("alpha", "PUT", r"/dirs/root\.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MERGE_KILLS))
+def test_kill_9_during_a_folder_merge_loses_nothing(
+        s3_bucket, s3_proxy, mounter, mount_env, tmp_path: Path, case):
+    """Both machines copy a same-named three-level tree; one is killed (SIGKILL) while a
+    request of the merge is held at the proxy (answered 503 once the mount is dead), then
+    mounted again on its cache: both list the union, and so does a fresh mount."""
+    killed, method, path = MERGE_KILLS[case]
+    # A beta to be killed must not see alpha's "2024" before its own commit meets it (its
+    # `cp -r` would copy into alpha's folder, no merge): it refreshes only once an hour.
+    a, b = (mounter(s3_bucket.url, "--refresh", "3600" if (name, killed) == ("beta",) * 2
+                    else REFRESH, name=name, endpoint_url=s3_proxy.url)
+            for name in ("alpha", "beta"))
+    expected: dict[str, bytes] = {}
+    sources = {}
+    for side, m in (("a", a), ("b", b)):
+        sources[m.path.name] = tmp_path / f"src-{side}"
+        expected |= source_tree(sources[m.path.name], side, 30)
+    first, second = (a, b)
+    victim = a if killed == "alpha" else b
+    with logs_on_failure(a, b):
+        if victim is first:
+            held = s3_proxy.inject(method=method, path=path, delay=120, status=503)
+        shutil.copytree(sources["alpha"] / "2024", a.path / "2024")
+        if victim is first:
+            until("alpha's held request", lambda: held.hits == 1, timeout=60)
+            victim.kill()
+        else:
+            idle(first)
+            held = s3_proxy.inject(method=method, path=path, delay=120, status=503)
+        shutil.copytree(sources["beta"] / "2024", b.path / "2024")
+        if victim is second:
+            until("beta's held request", lambda: held.hits == 1, timeout=60)
+            victim.kill()
+        else:
+            idle(second)
+        s3_proxy.clear_faults()  # (the held request is answered 503 to a dead mount)
+        again = mounter(s3_bucket.url, "--refresh", REFRESH, name=victim.path.name + "-2",
+                        cache_dir=victim.cache_dir, endpoint_url=s3_proxy.url)
+        survivor = b if victim is a else a
+        for m in (again, survivor, again):
+            idle(m)
+        for m in (again, survivor):
+            until(f"the union on {m.path.name}",
+                  lambda m=m: tree(m.path) == expected, timeout=60)
+        fresh = mounter(s3_bucket.url, name="fresh", endpoint_url=s3_bucket.endpoint_url)
+        assert tree(fresh.path) == expected
+        # (the killed machine's tree was merged, before or after the kill)
+        assert "was also created on another machine" in victim.logtext() + again.logtext()
+    report = verify(s3_bucket, mount_env)
+    assert report["problems"] == [] and unreachable(report) == 0, report

@@ -15,10 +15,16 @@ import pytest
 import trio
 
 from fsrepo.errors import IntegrityError, StorageAccessDenied, StorageError
-from fsrepo.retry import REQUEST
+from fsrepo.retry import REQUEST, SharedThrottle
+from fsrepo.store import s3 as s3_module
+from fsrepo.store.base import ObjectTooLarge
 from fsrepo.store.s3 import S3Store
 from fsrepo.store.s3blobs import Boto3Blobs, LatchedBlobs
-from fsrepo.store.s3direct import DirectBlobs
+from fsrepo.store.s3direct import EXPECT_ABOVE, DirectBlobs
+from testservers.s3proxy import S3Proxy
+from testservers.tlsfront import TLSFront, make_certificate
+
+from .mountutil import poll
 
 ONE_TRY = replace(REQUEST, attempts=1)
 
@@ -174,3 +180,179 @@ def test_a_redirect_hands_the_store_to_boto3_for_good(s3_proxy, s3_bucket, tmp_p
     assert seen == [("PUT", 301, False), ("PUT", 200, True), ("HEAD", 200, True),
                     ("HEAD", 404, True)]
     assert caplog.text.count("go through boto3 from now on") == 1
+
+
+# -- against real-world S3 behaviour ---------------------------------------------------------
+def _direct(store: S3Store) -> DirectBlobs:
+    assert isinstance(store.blobs, LatchedBlobs) and isinstance(store.blobs.serving, DirectBlobs)
+    return store.blobs.serving
+
+
+def test_a_region_error_on_head_is_followed_and_remembered(moto_server, s3_bucket, tmp_path,
+                                                           caplog):
+    caplog.set_level(logging.INFO, logger="fsrepo")
+    path, sha = blob(tmp_path, os.urandom(4096))
+    with S3Proxy(moto_server.url, region="eu-west-1") as proxy:
+        store = S3Store(s3_bucket.bucket, "repo", endpoint_url=proxy.url, region="us-east-1")
+
+        async def main():
+            # A HEAD's region error has no body: only its x-amz-bucket-region says it.
+            assert await store.head("blobs/w") is None
+            assert await store.put_file("blobs/w", path, sha) is True
+            assert await store.head("blobs/w") == 4096
+            await store.aclose()
+
+        trio.run(main)
+        seen = [(r.method, r.status) for r in proxy.requests]
+    assert seen == [("HEAD", 400), ("HEAD", 404), ("PUT", 200), ("HEAD", 200)]
+    assert _direct(store)._region == "eu-west-1"  # remembered: one region error in all
+    assert caplog.text.count("is in region eu-west-1") == 1
+
+
+def test_idle_connections_the_server_closed_are_not_reused(moto_server, s3_bucket, caplog):
+    caplog.set_level(logging.INFO, logger="fsrepo")
+    with S3Proxy(moto_server.url, idle_timeout=0.2) as proxy:
+        store = S3Store(s3_bucket.bucket, "repo", endpoint_url=proxy.url)
+        assert trio.run(store.head, "blobs/i") is None
+        poll(lambda: proxy.idle_closed >= 1, what="the proxy to close the idle connection")
+        assert trio.run(store.head, "blobs/i") is None
+        trio.run(store.aclose)
+        assert [r.status for r in proxy.requests] == [404, 404]
+    assert "failed (attempt" not in caplog.text  # no try was lost on the dead connection
+
+
+def test_a_tls_connection_cut_without_its_close_is_a_dropped_connection(
+        s3_proxy, s3_bucket, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="fsrepo")
+    cert, key = make_certificate(tmp_path)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+    data = os.urandom(2 * 1024 * 1024)
+    path, sha = blob(tmp_path, data)
+    with TLSFront(s3_proxy.url, cert, key) as front:
+        store = S3Store(s3_bucket.bucket, "repo", endpoint_url=front.url)
+        front.cut("handshake")
+        front.cut("request", after=256 * 1024)  # mid-body
+
+        async def main():
+            assert await store.put_file("blobs/t", path, sha) is True
+            assert await store.head("blobs/t") == len(data)
+            await store.aclose()
+
+        trio.run(main)
+        assert front.cuts_made == 2
+    assert "SSLEOFError" in caplog.text and "validation failed" not in caplog.text
+    assert isinstance(_direct(store), DirectBlobs)
+
+
+@pytest.mark.expected_logs(r"S3 at .* kept failing", reason="the HEAD is throttled for good")
+def test_throttling_is_retried_with_backoff(s3_proxy, s3_bucket, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fsrepo")
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url,
+                    retries=replace(REQUEST, cap=0.2))
+    path, sha = blob(tmp_path, os.urandom(4096))
+    s3_proxy.inject(method="PUT", status=429, times=2)
+    s3_proxy.inject(method="PUT", status=503, code="SlowDown", times=1)
+    assert trio.run(store.put_file, "blobs/s", path, sha) is True
+    assert [r.status for r in s3_proxy.requests if r.method == "PUT"] == [429, 429, 503, 200]
+    assert caplog.text.count("all blob requests wait") == 3
+    s3_proxy.inject(method="HEAD", status=429, times=None)
+    with pytest.raises(StorageError, match="kept failing"):
+        trio.run(store.head, "blobs/s")
+    assert s3_proxy.count("HEAD") == REQUEST.attempts
+    trio.run(store.aclose)
+
+
+def test_the_throttle_pause_is_shared_and_shrinks_with_successes():
+    now = [100.0]
+    throttle = SharedThrottle(replace(REQUEST, jitter=0.0), clock=lambda: now[0])
+    assert throttle.pause() == 0.0
+    first = throttle.throttled()
+    second = throttle.throttled()
+    assert second == pytest.approx(2 * first)
+    assert throttle.pause() == pytest.approx(second)  # every caller waits it out
+    now[0] += second
+    assert throttle.pause() == 0.0
+    throttle.succeeded()
+    assert throttle.throttled() == pytest.approx(second)  # one success took one step back
+
+
+def test_large_puts_wait_for_100_continue(s3_proxy, s3_bucket, tmp_path):
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+    big_path, big_sha = blob(tmp_path, os.urandom(EXPECT_ABOVE + 1))
+    small = tmp_path / "small"
+    small.write_bytes(b"small")
+    small_sha = hashlib.sha256(b"small").hexdigest()
+    s3_proxy.inject(method="PUT", status=412, times=1)  # "there already", before the body
+
+    async def main():
+        assert await store.put_file("blobs/e", big_path, big_sha) is False
+        assert await store.put_file("blobs/e", big_path, big_sha) is True
+        assert await store.put_file("blobs/f", small, small_sha) is True
+        assert await store.head("blobs/e") == EXPECT_ABOVE + 1
+        await store.aclose()
+
+    trio.run(main)
+    puts = [r for r in s3_proxy.requests if r.method == "PUT"]
+    assert [(r.status, r.body_size) for r in puts] == [(412, 0), (200, EXPECT_ABOVE + 1),
+                                                      (200, 5)]
+    assert [r.headers.get("expect") for r in puts] == ["100-continue", "100-continue", None]
+
+
+def test_a_server_that_sends_no_etag_gets_a_clear_error(moto_server, s3_bucket, tmp_path):
+    path, sha = blob(tmp_path, os.urandom(4096))
+    direct = S3Store(s3_bucket.bucket, "repo", endpoint_url=moto_server.url)
+    assert trio.run(direct.put_file, "blobs/g", path, sha) is True
+    trio.run(direct.aclose)
+    with S3Proxy(moto_server.url, drop_headers=("etag",)) as proxy:
+        store = S3Store(s3_bucket.bucket, "repo", endpoint_url=proxy.url)
+        for call in (lambda: store.get("blobs/g"), lambda: store.put("k", b"x"),
+                     lambda: store.download("blobs/g", tmp_path / "got")):
+            with pytest.raises(StorageError, match="without an ETag"):
+                trio.run(call)
+        trio.run(store.aclose)
+
+
+def test_get_refuses_an_object_over_the_limit_unread(s3_proxy, s3_bucket, monkeypatch):
+    monkeypatch.setattr(s3_module, "GET_LIMIT", 1000)  # the real limit, met sooner
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+
+    async def main():
+        await store.put("dirs/small.json", b"s" * 1000)
+        await store.put("dirs/big.json", b"b" * 1001)
+        assert (await store.get("dirs/small.json")).data == b"s" * 1000
+        with pytest.raises(ObjectTooLarge, match="that imgrepo reads whole"):
+            await store.get("dirs/big.json")
+        await store.aclose()
+
+    trio.run(main)
+
+
+def test_many_blobs_meeting_a_redirect_at_once_latch_to_boto3_once(s3_proxy, s3_bucket,
+                                                                  tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fsrepo")
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+    blobs = []
+    for i in range(8):
+        data = os.urandom(1000 + i)
+        path = tmp_path / f"b{i}"
+        path.write_bytes(data)
+        blobs.append((f"blobs/c{i}", path, hashlib.sha256(data).hexdigest()))
+        s3_proxy.inject(method="PUT", path=f"/blobs/c{i}$", status=301,
+                        code="PermanentRedirect", times=1)  # each blob's first PUT
+    results: list[bool] = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for key, path, sha in blobs:
+                async def one(key=key, path=path, sha=sha):
+                    results.append(await store.put_file(key, path, sha))
+                nursery.start_soon(one)
+        for key, _path, _sha in blobs:  # every blob request from now on: boto3's
+            assert await store.head(key) is not None
+        await store.aclose()
+
+    trio.run(main)
+    assert results == [True] * 8
+    assert caplog.text.count("go through boto3 from now on") == 1
+    heads = [r for r in s3_proxy.requests if r.method == "HEAD" and "/blobs/" in r.path]
+    assert len(heads) == 8 and all("Boto3" in r.headers.get("user-agent", "") for r in heads)

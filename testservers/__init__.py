@@ -7,6 +7,7 @@ scripts.bench`).
              with two fixes that make it answer like S3 (`python -m testservers.moto PORT`)
 - `s3lite`   a small, fast in-memory S3 server (`python -m testservers.s3lite --port N`)
 - `s3proxy`  a reverse HTTP proxy that counts requests and injects faults (`S3Proxy`)
+- `tlsfront` TLS in front of one of them, cutting connections without TLS's close
 
 They live outside tests/ because the benchmark runs them too, and outside fsrepo/ because
 they are no part of the product.

@@ -10,6 +10,10 @@ Put it between the code under test and an S3 server (moto) on 127.0.0.1:
         proxy.inject(path=r"/dirs/", delay=1.5, times=None)   # slow, forever
         proxy.pause(); ...; proxy.resume()                    # outage: connections refused
         S3Proxy(moto.url, strip_conditions=True)              # a server ignoring If-Match
+        S3Proxy(moto.url, region="eu-west-1")                 # the bucket is elsewhere
+        S3Proxy(moto.url, idle_timeout=0.2)                   # idle connections closed
+        S3Proxy(moto.url, drop_headers=("etag",))             # a server without ETags
+        proxy.inject(method="PUT", status=429, times=2)       # throttled
         proxy.count("PUT"); proxy.count("PUT", path=r"/blobs/"); proxy.requests
 
 Faults are matched in the order they were added; each has a budget (`times`, None for
@@ -51,6 +55,7 @@ DEFAULT_CODES = {
     403: "AccessDenied",
     404: "NoSuchKey",
     409: "ConditionalRequestConflict",
+    429: "SlowDown",
     412: "PreconditionFailed",
     500: "InternalError",
     503: "SlowDown",
@@ -70,6 +75,7 @@ class Fault:
     code: str | None = None  # S3 error code for `status` (default from DEFAULT_CODES)
     delay: float = 0.0  # seconds to wait before doing anything else
     drop: str | None = None  # "before" forwarding, "after" forwarding, or "midway" in the body
+    headers: dict[str, str] | None = None  # extra headers of a `status` answer
     hits: int = 0  # how many requests this fault has hit so far
 
     def __post_init__(self) -> None:
@@ -97,6 +103,7 @@ class Seen:
     fault: bool = False  # whether an injected fault decided the outcome
     at: float = field(default_factory=time.monotonic)
     headers: dict[str, str] = field(default_factory=dict, compare=False)  # lower-cased
+    body_size: int = 0  # request body bytes received (0 for an answer before the body)
 
 
 class _Server(ThreadingHTTPServer):
@@ -119,7 +126,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _seen_headers(self) -> dict[str, str]:
         return {k.lower(): v for k, v in self.headers.items()}
 
+    _early: Fault | None = None  # a fault answered before the body (Expect: 100-continue)
+
     def setup(self) -> None:
+        self.timeout = self.server.proxy.idle_timeout
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stall between headers and body
         self.server.proxy._track(self.connection, True)
@@ -146,6 +156,34 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
+    def log_error(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
+        if format.startswith("Request timed out"):  # S3Proxy(idle_timeout=...) closed one
+            self.server.proxy._idle_closed()
+
+    def handle_expect_100(self) -> bool:
+        """An error answer can be given before the body is sent (as S3 does): the client
+        is told so instead of "100 Continue"."""
+        split = urlsplit(self.path)
+        fault = self.server.proxy._take_fault(self.command, split.path, split.query)
+        if fault is not None and fault.status is not None and fault.drop is None:
+            self._early = fault
+            return True
+        self._early = None
+        if fault is not None:
+            self._early = fault  # taken: applied as usual, after the body
+        return super().handle_expect_100()
+
+    def _region_error(self) -> Fault | None:
+        """With S3Proxy(region=...): a request signed for another region is answered as S3
+        answers it, with the bucket's region in x-amz-bucket-region (a HEAD has no body)."""
+        want = self.server.proxy.region
+        scope = re.search(r"Credential=[^/]+/\d{8}/([^/]+)/s3/",
+                          self.headers.get("Authorization", ""))
+        if want is None or scope is None or scope.group(1) == want:
+            return None
+        return Fault(status=400, code="AuthorizationHeaderMalformed",
+                     headers={"x-amz-bucket-region": want})
+
     def _drop(self) -> None:
         """Reset the client connection without an answer."""
         self.close_connection = True
@@ -159,8 +197,19 @@ class _Handler(BaseHTTPRequestHandler):
         proxy = self.server.proxy
         split = urlsplit(self.path)
         method, path, query = self.command, split.path, split.query
-        body = self._read_body()
-        fault = proxy._take_fault(method, path, query)
+        expecting = self.headers.get("Expect", "").lower() == "100-continue"
+        early, self._early = self._early, None
+        fault = self._region_error()
+        if fault is None and expecting:
+            fault = early
+        before_body = fault is not None and fault.status is not None and expecting
+        if before_body:  # the client waits for our answer before it sends the body
+            body = b""
+            self.close_connection = True
+        else:
+            body = self._read_body()
+        if fault is None and not expecting:
+            fault = proxy._take_fault(method, path, query)
         if fault is not None and fault.delay:
             time.sleep(fault.delay)
         if fault is not None and (fault.drop == "before" or fault.status is not None):
@@ -175,8 +224,11 @@ class _Handler(BaseHTTPRequestHandler):
                 f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message>"
                 "<RequestId>s3proxy</RequestId></Error>"
             ).encode()
-            proxy._record(Seen(method, path, query, fault.status, True, headers=self._seen_headers()))
+            proxy._record(Seen(method, path, query, fault.status, True,
+                               headers=self._seen_headers(), body_size=len(body)))
             self.send_response_only(fault.status)
+            for name, value in (fault.headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", "0" if method == "HEAD" else str(len(payload)))
             self.end_headers()
@@ -196,7 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._drop()
             return
         # Recorded before relaying: the client may act on the answer before the relay ends.
-        proxy._record(Seen(method, path, query, None if drop else resp.status, fault is not None, headers=self._seen_headers()))
+        proxy._record(Seen(method, path, query, None if drop else resp.status, fault is not None,
+                           headers=self._seen_headers(), body_size=len(body)))
         self._relay(resp, method, cut=drop == "midway")
 
     def _forward(self, method: str, body: bytes) -> http.client.HTTPResponse:
@@ -225,7 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
         length_header = resp.getheader("Content-Length")
         self.send_response_only(resp.status, resp.reason)
         for key, value in resp.getheaders():
-            if key.lower() not in HOP_BY_HOP and key.lower() != "content-length":
+            if key.lower() not in HOP_BY_HOP and key.lower() != "content-length" \
+                    and key.lower() not in self.server.proxy.drop_headers:
                 self.send_header(key, value)
         if method == "HEAD" or resp.status in (204, 304) or resp.status < 200:
             if length_header is not None:
@@ -259,7 +313,9 @@ class _Handler(BaseHTTPRequestHandler):
 class S3Proxy:
     """A counting, fault-injecting HTTP proxy on 127.0.0.1 in front of `upstream`."""
 
-    def __init__(self, upstream: str, port: int = 0, strip_conditions: bool = False) -> None:
+    def __init__(self, upstream: str, port: int = 0, strip_conditions: bool = False,
+                 region: str | None = None, idle_timeout: float | None = None,
+                 drop_headers: tuple[str, ...] = ()) -> None:
         split = urlsplit(upstream)
         if split.scheme != "http" or not split.hostname:
             raise ValueError(f"upstream must be an http:// URL: {upstream!r}")
@@ -267,6 +323,14 @@ class S3Proxy:
         self.port = port
         # Like s3rver or `rclone serve s3`: conditional writes are accepted and ignored.
         self.strip_conditions = strip_conditions
+        # Like a bucket in another region: requests signed for any other region get S3's
+        # region error (400 with x-amz-bucket-region).
+        self.region = region
+        # Like servers that close keep-alive connections idle this long (seconds).
+        self.idle_timeout = idle_timeout
+        self.idle_closed = 0
+        # Response headers left out (lower-case names), like servers that never send them.
+        self.drop_headers = frozenset(h.lower() for h in drop_headers)
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
         self._seen: list[Seen] = []
@@ -375,6 +439,10 @@ class S3Proxy:
     def _record(self, seen: Seen) -> None:
         with self._lock:
             self._seen.append(seen)
+
+    def _idle_closed(self) -> None:
+        with self._lock:
+            self.idle_closed += 1
 
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ from .status import format_duration, format_status, format_when, run_status
 from .store import StoredLogin, TokenStore
 from .tokens import login_from_token_response
 
-_ROLE_ARN_RE = re.compile(r"^arn:[\w-]+:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+_ROLE_ARN_RE = re.compile(r"arn:[\w-]+:iam::\d{12}:role/[\w+=,.@/-]{1,512}")  # fullmatch
 _CONSOLE_BROWSERS = {"www-browser", "links", "links2", "elinks", "lynx", "w3m"}
 
 
@@ -58,7 +58,7 @@ def _open_browser(url: str) -> bool:
 
 
 def _check_role_arn(role_arn: str) -> None:
-    if not _ROLE_ARN_RE.match(role_arn):
+    if not _ROLE_ARN_RE.fullmatch(role_arn):
         raise ConfigError(
             f"--role-arn {role_arn!r} is not an IAM role ARN "
             "(arn:aws:iam::123456789012:role/NAME)"

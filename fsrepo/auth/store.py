@@ -70,8 +70,13 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def ensure_private_dir(path: Path) -> None:
+    """The folder of the login (tokens, settings) made 0700: created so, or tightened if it
+    was there already (made by hand, by an older version, with a loose umask)."""
     if not path.is_dir():
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) != 0o700:
+        path.chmod(0o700)
 
 
 @dataclass(frozen=True)

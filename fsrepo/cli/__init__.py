@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 from ..errors import ImgrepoError
+from ..nodump import disable_core_dumps
 from .args import ACTIONS, PROG, parse_args, settings_from
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    disable_core_dumps()  # every command may hold credentials (the mount, --login, --verify)
     try:
         args = parse_args(argv)
         return dispatch(args, argv)
@@ -49,6 +51,9 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return run_salvage(settings, Path(args.salvage).expanduser().absolute())
     if args.verify or args.gc:
         from ..maintenance.report import run_gc, run_verify
+        if args.mountpoint:  # the mount's repository, not the default one
+            from .mounts import settings_of_mount
+            settings = settings_of_mount(settings, Path(args.mountpoint).expanduser().absolute())
         if args.verify:
             return run_verify(settings, data=args.data, as_json=args.json)
         return run_gc(settings, dry_run=args.dry_run, grace_hours=args.grace)
@@ -58,6 +63,14 @@ def dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.unmount:
         from .unmount import cmd_unmount
         return cmd_unmount(mountpoint)
+    if args.duplicates:
+        from .duplicates import cmd_duplicates
+        return cmd_duplicates(mountpoint, args.paths, args.json)
+    if args.snapshot or args.snapshots:
+        from .snapshots import cmd_snapshot, cmd_snapshots
+        if args.snapshot:
+            return cmd_snapshot(mountpoint, args.paths)
+        return cmd_snapshots(mountpoint, as_json=args.json)
     if args.sync:
         from .sync import cmd_sync
         return cmd_sync(mountpoint, args.paths)

@@ -17,7 +17,8 @@ from .mount_options import MountOptions, parse_mount_options
 PROG = "imgrepo-mount"
 
 # The action flags: at most one per command (mount when none).
-ACTIONS = ("unmount", "sync", "status", "login", "logout", "verify", "gc", "salvage")
+ACTIONS = ("unmount", "sync", "status", "login", "logout", "verify", "gc", "salvage",
+           "duplicates", "snapshot", "snapshots")
 
 STORAGE_GROUP = "storage and cache (any command)"
 MOUNT_GROUP = "mount (the default action)"
@@ -31,7 +32,11 @@ examples:
   imgrepo-mount --status ~/photos                         what the mount is doing
   imgrepo-mount --sync ~/photos 2024                      keep ~/photos/2024 offline
   imgrepo-mount --unmount ~/photos                        upload everything, then unmount
+  imgrepo-mount --snapshot ~/photos before-cleanup        record the whole tree now
+  cp -a ~/photos/.snapshots/before-cleanup/2024/x.jpg ~/photos/2024/    get a file back
   imgrepo-mount --verify --storage s3://bucket/photos     check the repository
+  imgrepo-mount --verify ~/photos                         ... the one mounted there
+  imgrepo-mount --duplicates ~/photos 2024                what ~/photos/2024 holds twice
 
 With no configuration, the repository is a local folder under
 ~/.local/share/imgrepo/repository. Settings may also live in ~/.config/imgrepo/config.toml.
@@ -71,8 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "(cache-dir=..., read-only), ro, rw, allow_other, "
                             "default_permissions, noexec, nosuid, nodev; mount(8)'s and "
                             "systemd's own (_netdev, nofail, x-systemd.*, ...) are ignored")
+    mount.add_argument("--commit-interval", type=float, metavar="SECONDS",
+                       help="closed files survive a power loss at most this long after "
+                            "close() (default 1; fsync() at once)")
     mount.add_argument("--read-only", action="store_true",
                        help="mount without ever writing (changes answer EROFS; no lease)")
+    mount.add_argument("--auto-snapshots", metavar="POLICY",
+                       help="automatic snapshots kept, e.g. hourly=24,daily=30,weekly=8,"
+                            "monthly=12,yearly=5, or off (default hourly=24,daily=30,"
+                            "monthly=12; with -o, join them with +); any running mount "
+                            "takes each one once")
     mount.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground (systemd: Type=notify)")
     mount.add_argument("--log-file", help="log here as well")
@@ -83,14 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = p.add_argument_group("status")
     status.add_argument("--status", "--whoami", dest="status", action="store_true",
-                        help="action: what the mount is doing; login state")
-    status.add_argument("--json", action="store_true", help="with --status/--verify: JSON")
+                        help="action: what the mount is doing (without MOUNTPOINT: every "
+                             "imgrepo mount here); login state")
+    status.add_argument("--json", action="store_true",
+                        help="with --status/--verify/--duplicates: JSON")
     status.add_argument("--wait", action="store_true",
                         help="with --status: block until nothing is pending")
+    status.add_argument("--pending", action="store_true",
+                        help="with --status: list the files not uploaded yet")
+    status.add_argument("--duplicates", action="store_true",
+                        help="action: files with identical content under MOUNTPOINT [PATH], "
+                             "from the manifests (nothing downloaded)")
 
     sync = p.add_argument_group("sync")
     sync.add_argument("--sync", action="store_true",
                       help="action: prefetch every file (or PATHs) into the local cache")
+
+    snaps = p.add_argument_group("snapshots (read them under MOUNTPOINT/.snapshots/NAME)")
+    snaps.add_argument("--snapshot", action="store_true",
+                       help="action: MOUNTPOINT [NAME]: once this machine's changes are in "
+                            "the bucket, record the whole tree as a snapshot (NAME: the "
+                            "UTC time)")
+    snaps.add_argument("--snapshots", action="store_true",
+                       help="action: list the snapshots (rmdir MOUNTPOINT/.snapshots/NAME "
+                            "deletes one)")
 
     maint = p.add_argument_group("maintenance")
     maint.add_argument("--verify", action="store_true",
@@ -170,6 +199,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "cache_size": args.cache_size,
         "refresh": args.refresh,
         "uploads": args.uploads,
+        "auto_snapshots": args.auto_snapshots,
+        "commit_interval": args.commit_interval,
         "issuer": args.issuer,
         "client_id": args.client_id,
         "role_arn": args.role_arn,

@@ -23,6 +23,7 @@ def cmd_mount(settings: Settings, mountpoint: Path, args: argparse.Namespace,
     from ..mount import check_fuse_options, check_mountpoint
     check_mountpoint(mountpoint)
     check_fuse_options(args.fuse_options)
+    adopt_legacy_state(settings)
     if args.foreground or args.ready_fd is not None:
         return run_foreground(settings, mountpoint, args)
     return start_detached(settings, mountpoint, argv)
@@ -31,10 +32,10 @@ def cmd_mount(settings: Settings, mountpoint: Path, args: argparse.Namespace,
 def start_detached(settings: Settings, mountpoint: Path, argv: list[str]) -> int:
     """Start the mount as a detached process and wait until it says it is ready."""
     read_fd, write_fd = os.pipe()
-    child_argv = [sys.executable, "-m", "fsrepo.cli", *argv, "--ready-fd", str(write_fd)]
+    child_argv = [*own_command(), *argv, "--ready-fd", str(write_fd)]
     log_path = settings.state_dir() / "imgrepo.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as errlog:
+    with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as errlog:
         proc = subprocess.Popen(child_argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=errlog,
                                 start_new_session=True)
@@ -43,11 +44,78 @@ def start_detached(settings: Settings, mountpoint: Path, argv: list[str]) -> int
         line = ready.readline().decode(errors="replace").strip()
     if line == "ok":
         print(f"mounted {settings.storage} at {mountpoint} (log: {log_path})")
+        offline = offline_note(mountpoint)
+        if offline:
+            print(offline)
         return 0
     proc.wait(timeout=30)
     if line.startswith("error: "):
         raise ImgrepoError(line[len("error: "):])
     raise ImgrepoError(f"the mount process exited (code {proc.returncode}); see {log_path}")
+
+
+def adopt_legacy_state(settings: Settings) -> None:
+    """A cache made before an S3 repository's key included its endpoint moves to the new
+    key (once, under its lock): its pending uploads and cached files stay usable."""
+    from ..engine import StateLock
+    old, new = settings.legacy_state_dir(), settings.state_dir()
+    if old is None or not old.is_dir() or new.exists():
+        return
+    lock = StateLock(old)  # refuses while an older mount still uses it
+    try:
+        os.rename(old, new)
+    finally:
+        lock.release()
+    print(f"moved the local cache of {settings.storage} to {new} (its key now includes the "
+          "endpoint)", file=sys.stderr)
+
+
+def own_command() -> list[str]:
+    """How to start this command again so that `ps` and `pgrep -f imgrepo-mount` show it
+    by its name: through the installed `imgrepo-mount` script next to this Python when there
+    is one, else as `python -m fsrepo.cli` (a source checkout)."""
+    script = Path(sys.executable).parent / "imgrepo-mount"
+    try:
+        with open(script, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        head = b""
+    if head.startswith(b"#!") and b"fsrepo.cli" in head:
+        return [sys.executable, str(script)]
+    return [sys.executable, "-m", "fsrepo.cli"]
+
+
+def name_this_process(name: str = "imgrepo-mount") -> None:
+    """The kernel's short name of the process (`ps -e`, `pgrep -x imgrepo-mount`, top)
+    instead of "python3"."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass  # not Linux: the name stays; nothing depends on it
+
+
+def offline_note(mountpoint: Path) -> str | None:
+    """Mounted while the storage does not answer: say so, and what waits to go up."""
+    from .. import control
+    from ..units import human, plural
+    try:
+        status: dict = {}
+        for reply in control.request(mountpoint, {"cmd": "status"}, timeout=10):
+            status = reply
+    except (ImgrepoError, OSError, ValueError):
+        return None
+    if status.get("online", True):
+        return None
+    text = (f"the storage is unreachable ({status.get('offline_reason')}): working offline "
+            "from the local cache")
+    if not status.get("pending_ops"):
+        return text + "; changes are queued and upload when it is back"
+    return (f"{text}; {plural(status.get('pending_files', 0), 'file')} "
+            f"({human(status.get('pending_bytes', 0))}) and "
+            f"{plural(status.get('pending_ops', 0), 'change')} are queued and upload when it "
+            "is back")
 
 
 class ReadyPipe:
@@ -76,6 +144,7 @@ def run_foreground(settings: Settings, mountpoint: Path, args: argparse.Namespac
     from ..mount import run_mount
 
     log_path = settings.state_dir() / "imgrepo.log"
+    name_this_process()
     setup_logging(log_path, args.verbose, stderr=args.ready_fd is None)
     if args.log_file:
         extra = logging.FileHandler(args.log_file)

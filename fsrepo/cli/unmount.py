@@ -13,7 +13,8 @@ from pathlib import Path
 from .. import control
 from ..errors import ImgrepoError
 from ..processes import pid_alive
-from ..units import human
+from ..units import human, plural
+from .mounts import is_imgrepo_mount
 from .progress import follow
 
 GIVE_UP_OFFLINE = 10.0  # seconds of unreachable storage before unmounting with a queue
@@ -27,11 +28,13 @@ def cmd_unmount(mountpoint: Path) -> int:
         pid = final.get("pid")
         if final.get("gave_up"):
             p = final["progress"]
-            print(f"the storage is unreachable: {p['blobs']} files ({human(p['bytes'])}) and "
-                  f"{p['ops']} changes stay queued locally and upload at the next mount",
+            print(f"the storage is unreachable: {plural(p['blobs'], 'file')} "
+                  f"({human(p['bytes'])}) and {plural(p['ops'], 'change')} stay queued "
+                  "locally and upload at the next mount",
                   file=sys.stderr)
             pid = mount_pid(mountpoint)
-    elif not os.path.ismount(mountpoint):
+    elif not os.path.ismount(mountpoint) and not is_imgrepo_mount(mountpoint):
+        # (a mount whose process died fails ismount's stat: the kernel table still has it)
         raise ImgrepoError(f"{mountpoint} is not mounted")
     unmount_kernel(mountpoint)
     if pid:
@@ -46,7 +49,8 @@ def unmount_kernel(mountpoint: Path) -> None:
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     cmd = [tool, "-u", str(mountpoint)] if tool else ["umount", str(mountpoint)]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0 and os.path.ismount(mountpoint):
+    if result.returncode != 0 and (os.path.ismount(mountpoint)
+                                   or is_imgrepo_mount(mountpoint)):
         msg = (result.stderr or result.stdout).strip().splitlines()
         raise ImgrepoError(f"cannot unmount {mountpoint}: {msg[-1] if msg else 'busy'}")
 

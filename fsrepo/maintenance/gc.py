@@ -20,6 +20,9 @@ Deletes blobs that no manifest references. Why it is safe while other machines w
   deleted everywhere and imported again an hour later makes its old blob referenced
   again, and the second gc run sees that. The first-seen times live in the bucket, in
   `gc/state.json`, so any machine's gc continues where another left off;
+- snapshots keep what they name: every blob named by a manifest copy a snapshot names
+  (or by a copy still within its own grace period) counts as referenced, and copies no
+  snapshot names go by the same two-sided grace rule (snapshot_marks.py);
 - just before deleting, every manifest is read again (conditional GETs: unchanged ones
   cost almost nothing) and anything referenced by then is kept.
 
@@ -50,6 +53,8 @@ from ..namespace import EMPTY_SHA
 from ..repository import blob_key, manifest_key
 from ..store.base import NOT_MODIFIED, Store, StoredObject
 from .blobtable import BlobTable
+from .snapshot_marks import CopyGrace, mark_snapshots, sweep_copies
+from .tombstones import collect_tombstones
 from .walk import PARALLEL, gather, list_blobs, list_manifests
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,8 @@ class Collection:
     kept_young: int = 0
     kept_young_bytes: int = 0
     rescued: int = 0  # referenced again between marking and sweeping
+    tombstones: int = 0  # removal marks of folders removed before the grace period
+    snapshot_copies_deleted: int = 0  # manifest copies only deleted snapshots named
     next_eligible: float | None = None
     deleted_shas: list[str] = field(default_factory=list)
 
@@ -124,10 +131,14 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     grace = max(0.0, grace_hours) * 3600
     now = time.time() if now is None else now
     c = Collection()
+    c.tombstones = await collect_tombstones(store, grace, now, dry_run)
     blobs = await list_blobs(store, [])  # first: later uploads are never candidates
     c.blobs, c.blob_bytes = len(blobs), blobs.total_bytes()
     etags: dict[str, str] = {}
     marks = await _read_marks(store, await list_manifests(store, None), etags, blobs)
+    state, state_etag = await _load_gc_state(store)
+    copy_grace = CopyGrace(state, now, grace)
+    snaps = await mark_snapshots(store, blobs, marks, copy_grace)  # what snapshots keep
     # The empty blob is referenced from every machine's index of known blobs (every new
     # file starts empty): it costs nothing to keep, so it is never collected.
     unreferenced = [i for i in range(len(blobs)) if not marks[i]
@@ -136,7 +147,6 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     c.unreferenced = len(unreferenced)
     c.unreferenced_bytes = sum(blobs.size(i) for i in unreferenced)
 
-    state, state_etag = await _load_gc_state(store)
     first_seen = {blobs.sha(i): min(state.get(blobs.sha(i), now), now) for i in unreferenced}
     deletable: list[str] = []
     for index in unreferenced:
@@ -153,6 +163,7 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     if deletable and not dry_run:
         # Anything that became referenced meanwhile (dedup on another machine) is kept.
         again = await _read_marks(store, await list_manifests(store, None), etags, blobs)
+        await mark_snapshots(store, blobs, again, copy_grace, snaps)
         rescued = [sha for sha in deletable if again[blobs.find(sha)]]
         c.rescued = len(rescued)
         deletable = [sha for sha in deletable if not again[blobs.find(sha)]]
@@ -160,6 +171,7 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
             first_seen.pop(sha, None)
 
     if dry_run:
+        c.snapshot_copies_deleted = (await sweep_copies(store, copy_grace, True))[0]
         c.deleted = len(deletable)
         c.freed_bytes = sum(blobs.size(blobs.find(s)) for s in deletable)
         c.deleted_shas = deletable
@@ -176,6 +188,8 @@ async def collect(store: Store, grace_hours: float, dry_run: bool,
     await gather(deletable, delete, PARALLEL)
     for sha in deletable:
         first_seen.pop(sha, None)
+    c.snapshot_copies_deleted, unnamed = await sweep_copies(store, copy_grace, False)
+    first_seen.update(unnamed)
     await _save_gc_state(store, first_seen, state_etag)
     c.deleted_shas.sort()
     return c

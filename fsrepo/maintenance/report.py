@@ -46,7 +46,8 @@ def run_verify(settings: Settings, data: bool, as_json: bool) -> int:
             print(f"note: {n['message']}")
         what = "checked" + (" and hashed" if data else "")
         print(f"{what} {v.directories} directories, {v.files} files ({human(v.file_bytes)}), "
-              f"{v.symlinks} symlinks, {v.blobs} blobs ({human(v.blob_bytes)}) in "
+              f"{v.symlinks} symlinks, {v.blobs} blobs ({human(v.blob_bytes)}), "
+              f"{v.snapshots} snapshots in "
               f"{settings.storage}: " +
               ("no problems found" if not v.problems else f"{len(v.problems)} problems found"))
     return 1 if v.problems else 0
@@ -86,5 +87,11 @@ def run_gc(settings: Settings, dry_run: bool, grace_hours: float) -> int:
                      "deletes them if they are still unreferenced")
     if c.rescued:
         lines.append(f"kept {c.rescued} blobs that became referenced while gc ran")
+    if c.tombstones:
+        lines.append(f"{verb} the removal marks of {c.tombstones} folders removed more "
+                     f"than {grace_hours:g} h ago")
+    if c.snapshot_copies_deleted:
+        lines.append(f"{verb} {c.snapshot_copies_deleted} folder copies that only deleted "
+                     "snapshots named")
     print("\n".join(("gc (dry run): " if dry_run else "gc: ") + line for line in lines))
     return 0

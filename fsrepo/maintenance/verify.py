@@ -31,6 +31,7 @@ from ..store.base import Store, StoredObject
 from ..units import human
 from .blobtable import BlobTable
 from .filerefs import FileRefs
+from .snapshot_check import check_snapshots
 from .walk import PARALLEL, gather, list_blobs, list_manifests
 
 DATA_PARALLEL = 4
@@ -49,6 +50,7 @@ class Verification:
     blobs: int = 0
     blob_bytes: int = 0
     blobs_hashed: int = 0
+    snapshots: int = 0
     problems: list[dict[str, Any]] = field(default_factory=list)
     notes: list[dict[str, Any]] = field(default_factory=list)
 
@@ -59,7 +61,8 @@ class Verification:
         return {"ok": not self.problems, "directories": self.directories, "files": self.files,
                 "symlinks": self.symlinks, "file_bytes": self.file_bytes,
                 "blobs": self.blobs, "blob_bytes": self.blob_bytes,
-                "blobs_hashed": self.blobs_hashed, "problems": self.problems,
+                "blobs_hashed": self.blobs_hashed, "snapshots": self.snapshots,
+                "problems": self.problems,
                 "notes": self.notes}
 
 
@@ -175,6 +178,7 @@ async def verify(store: Store, data: bool = False, progress: Any = None) -> Veri
             v.problem("size-mismatch", f"{where}: the manifest says {size} bytes but blob "
                       f"{sha} has {blobs.size(index)}", path=where, sha256=sha)
 
+    v.snapshots = await check_snapshots(store, blobs, used, v)
     unreferenced = size = 0
     for index in range(len(blobs)):
         if not used[index] and blobs.sha(index) != EMPTY_SHA:

@@ -16,8 +16,8 @@ from ..store.base import Store
 from .blobtable import BlobTable
 
 PARALLEL = 16
-_BLOB_KEY = re.compile(r"^blobs/sha256/([0-9a-f]{2})/([0-9a-f]{64})$")
-_DIR_KEY = re.compile(r"^dirs/([0-9A-Za-z_-]{1,64})\.json$")
+_BLOB_KEY = re.compile(r"blobs/sha256/([0-9a-f]{2})/([0-9a-f]{64})")  # fullmatch: no "\n"
+_DIR_KEY = re.compile(r"dirs/([0-9A-Za-z_-]{1,64})\.json")
 
 T = TypeVar("T")
 
@@ -65,10 +65,10 @@ async def list_blobs(store: Store, notes: list[dict[str, Any]]) -> BlobTable:
     """Every blob in the bucket with its size and mtime; odd keys are noted."""
     blobs = BlobTable()
     async for info in store.list("blobs/"):
-        m = _BLOB_KEY.match(info.key)
+        m = _BLOB_KEY.fullmatch(info.key)
         if m is None or m.group(1) != m.group(2)[:2]:
             notes.append({"kind": "unexpected-object", "key": info.key,
-                          "message": f"{info.key}: not a blob key (ignored)"})
+                          "message": f"{info.key!r}: not a blob key (ignored)"})
             continue
         blobs.add(m.group(2), info.size, info.mtime)
     return blobs.seal()
@@ -78,11 +78,11 @@ async def list_manifests(store: Store, notes: list[dict[str, Any]] | None) -> li
     """The directory ids of every manifest in the bucket; odd keys are noted (if `notes`)."""
     out = []
     async for info in store.list("dirs/"):
-        m = _DIR_KEY.match(info.key)
+        m = _DIR_KEY.fullmatch(info.key)
         if m is None:
             if notes is not None:
                 notes.append({"kind": "unexpected-object", "key": info.key,
-                              "message": f"{info.key}: not a manifest key (ignored)"})
+                              "message": f"{info.key!r}: not a manifest key (ignored)"})
             continue
         out.append(m.group(1))
     return out

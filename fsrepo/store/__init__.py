@@ -6,19 +6,17 @@ The S3 backend is imported only when an `s3://` URL is opened, so the `file://` 
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 from .base import NOT_MODIFIED, ObjectInfo, Store, StoredObject
+from .endpoint import check_endpoint
 
-__all__ = ["NOT_MODIFIED", "ObjectInfo", "Store", "StoredObject", "open_store"]
+__all__ = ["NOT_MODIFIED", "ObjectInfo", "Store", "StoredObject", "check_endpoint", "open_store"]
 
 # Lenient on purpose (MinIO, R2 and old us-east-1 buckets differ); S3 says the rest.
-_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")
+_BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")  # fullmatch
 
 
 def open_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> Store:
@@ -50,7 +48,7 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
             )
         if not bucket:
             raise ConfigError(f"s3:// storage URL without a bucket name: {url!r}")
-        if not _BUCKET_RE.match(bucket):
+        if not _BUCKET_RE.fullmatch(bucket):
             raise ConfigError(
                 f"{bucket!r} is not a valid bucket name (3-63 letters, digits, dots, hyphens): "
                 f"{url!r}"
@@ -65,26 +63,3 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
     raise ConfigError(
         f"unknown storage URL {url!r}: use s3://bucket/prefix or file:///absolute/path"
     )
-
-
-def check_endpoint(endpoint_url: str | None) -> None:
-    """https (certificates verified, as botocore does by default), or plain http to this
-    machine only: anywhere else the requests, signed headers and session tokens included,
-    would cross the network unencrypted. IMGREPO_ALLOW_HTTP=1 allows it on a trusted network."""
-    if not endpoint_url:
-        return
-    split = urlsplit(endpoint_url.strip())
-    if split.scheme not in ("http", "https") or not split.hostname:
-        raise ConfigError(f"the endpoint must be an https:// URL, not {endpoint_url!r}")
-    if split.scheme == "https":
-        return
-    host = split.hostname
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and os.environ.get("IMGREPO_ALLOW_HTTP") != "1":
-        raise ConfigError(
-            f"refusing plain http to {host}: requests and their credentials would cross the "
-            "network unencrypted; use an https:// endpoint (or set IMGREPO_ALLOW_HTTP=1 if "
-            "the network is trusted)")

@@ -22,7 +22,21 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import StorageOffline
+from ..errors import StorageError, StorageOffline
+
+# The most `get` reads whole: everything it reads (manifests, the descriptor, change
+# records) has a smaller documented limit, so a larger object is hostile or broken and is
+# refused before it is read into memory.
+GET_LIMIT = 80 << 20
+
+
+class ObjectTooLarge(StorageError):
+    """An object `get` was asked to read whole is over GET_LIMIT: refused, left unread."""
+
+
+def too_large(where: str, size: int) -> ObjectTooLarge:
+    return ObjectTooLarge(f"{where} is {size >> 20} MiB, over the {GET_LIMIT >> 20} MiB "
+                          "that imgrepo reads whole: refused (a damaged or hostile object)")
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,7 @@ class ObjectInfo:
     key: str
     size: int
     mtime: float  # seconds since the epoch, when the object was last written
+    etag: str | None = None  # when the listing gives it (S3 does; it is the GET's etag)
 
 
 class NotModified:
@@ -60,7 +75,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | NotModified:
-        """Read a whole (small) object. Raises ObjectNotFound."""
+        """Read a whole (small) object. Raises ObjectNotFound, or ObjectTooLarge above
+        GET_LIMIT (without reading it)."""
 
     @abc.abstractmethod
     async def get_range(self, key: str, start: int, end: int) -> bytes:

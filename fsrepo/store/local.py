@@ -38,7 +38,7 @@ from ..errors import (
     StorageAccessDenied,
     StorageError,
 )
-from .base import NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject
+from .base import GET_LIMIT, NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject, too_large
 from .threads import run_stoppable
 
 CHUNK = 1 << 20
@@ -156,9 +156,15 @@ class LocalStore(Store):
 
         def work() -> StoredObject | NotModified:
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    if size > GET_LIMIT:
+                        raise too_large(str(path), size)
+                    data = fh.read(GET_LIMIT + 1)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 raise ObjectNotFound(f"{path} does not exist") from None
+            if len(data) > GET_LIMIT:  # grew while read
+                raise too_large(str(path), len(data))
             etag = _etag(data)
             if if_none_match is not None and if_none_match == etag:
                 return NOT_MODIFIED

@@ -34,7 +34,7 @@ import trio
 
 from ..errors import ImgrepoError, IntegrityError, ObjectNotFound, PreconditionFailed
 from ..retry import REQUEST, Backoff
-from .base import NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject
+from .base import GET_LIMIT, NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject, too_large
 from .s3blobs import BlobTransport, blob_transport
 from .s3client import new_client
 from .s3errors import (
@@ -144,9 +144,9 @@ class S3Store(Store):
                     raise
                 time.sleep(self._retries.delay(tries))
 
-    def _read_body(self, body: Any) -> bytes:
+    def _read_body(self, body: Any, limit: int | None = None) -> bytes:
         try:
-            return bytes(body.read())
+            return bytes(body.read() if limit is None else body.read(limit + 1))
         except STREAM_ERRORS as exc:
             raise BrokenBody(f"the response body broke off: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -177,7 +177,14 @@ class S3Store(Store):
                 if client_error_status(exc)[0] == 304:
                     return NOT_MODIFIED
                 raise
-            return StoredObject(data=self._read_body(resp["Body"]), etag=resp["ETag"])
+            size = int(resp.get("ContentLength") or 0)
+            if size > GET_LIMIT:
+                resp["Body"].close()
+                raise too_large(self._errors.where(self._key(key)), size)
+            data = self._read_body(resp["Body"], GET_LIMIT)
+            if len(data) > GET_LIMIT:  # a server that did not say
+                raise too_large(self._errors.where(self._key(key)), len(data))
+            return StoredObject(data=data, etag=self._errors.etag_of(resp, "read", self._key(key)))
 
         return await self._call("read", key, lambda: self._retry_broken_body(key, once))
 
@@ -267,6 +274,7 @@ class S3Store(Store):
                     key=obj["Key"][strip:],
                     size=int(obj["Size"]),
                     mtime=obj["LastModified"].timestamp(),
+                    etag=obj.get("ETag"),
                 )
             if not page.get("IsTruncated"):
                 return
@@ -294,7 +302,7 @@ class S3Store(Store):
             args["IfNoneMatch"] = "*"
         resp = await self._retry_conflicts(
             key, lambda: self._call("write", key, lambda: self._client.put_object(**args)))
-        return str(resp["ETag"])
+        return self._errors.etag_of(resp, "write", self._key(key))
 
     async def put_file(self, key: str, path: Path, sha256_hex: str) -> bool:
         """Streams from disk: one PUT up to the threshold, multipart above it. Does not HEAD
@@ -349,7 +357,7 @@ class S3Store(Store):
                                 ChecksumAlgorithm="SHA256",
                                 ChecksumSHA256=digest,
                             )
-                        return str(resp["ETag"])
+                        return self._errors.etag_of(resp, "upload", full)
 
                     done[number] = (await self._call("upload", key, work), digest)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -102,7 +103,8 @@ class Boto3Blobs:
             raise self._errors.botocore(exc, "download", key) from exc
         except bx.BotoCoreError as exc:
             raise self._errors.botocore(exc, "download", key) from exc
-        return resp["ETag"], Boto3Body(resp["Body"])
+        etag = self._errors.etag_of(resp, "download", key)
+        return etag, Boto3Body(resp["Body"])
 
     def close(self) -> None:
         """The client is the store's: nothing of our own to release."""
@@ -125,13 +127,15 @@ class Boto3Body:
 
 
 class LatchedBlobs:
-    """The direct path until it meets something only botocore handles (a redirect, a region
-    error, a server that ignores ranges): from then on boto3, for every blob of this store."""
+    """The direct path until it meets something only botocore handles (a redirect without a
+    region, a server that ignores ranges or sends no etag): from then on boto3, for every
+    blob of this store, decided once (under a lock: many threads may meet it at once)."""
 
     def __init__(self, direct: DirectBlobs, fallback: Boto3Blobs) -> None:
         self._direct = direct
         self._fallback = fallback
         self._latched = False
+        self._lock = threading.Lock()  # blob requests run in many worker threads
 
     @property
     def serving(self) -> BlobTransport:
@@ -139,8 +143,9 @@ class LatchedBlobs:
         return self._fallback if self._latched else self._direct
 
     def _latch(self, why: DirectUnsupported) -> None:
-        if not self._latched:
-            self._latched = True
+        with self._lock:
+            first, self._latched = not self._latched, True
+        if first:
             log.info("S3 blob requests go through boto3 from now on: %s", why)
 
     def head(self, key: str) -> int | None:

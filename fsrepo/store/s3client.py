@@ -2,7 +2,9 @@
 
 One client is shared by all worker threads (clients are thread-safe, sessions are not); its
 connection pool is larger than the store's concurrency limit so urllib3 never throws
-connections away. botocore's own retries are the store layer's REQUEST policy.
+connections away. botocore's own retries are the store layer's REQUEST policy. The endpoint
+is settled before the client is made, whatever set it (a flag, the environment, the AWS
+config file): it must pass the endpoint rule, and the S3-compatible settings follow it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from botocore.config import Config
 
 from ..errors import ConfigError
 from ..retry import Backoff
+from .endpoint import check_endpoint, configured_endpoint
 from .s3errors import THROTTLE_CODES, note_retry
 
 
@@ -26,6 +29,14 @@ def new_client(session: boto3.session.Session, url: str, endpoint_url: str | Non
                region: str | None, *, policy: Backoff, max_concurrency: int,
                connect_timeout: float, read_timeout: float) -> Any:
     """An S3 client for `url` (named in the error if the settings cannot work)."""
+    source = "the endpoint"
+    if not endpoint_url:
+        try:
+            endpoint_url = configured_endpoint(session)
+        except (ValueError, bx.BotoCoreError) as exc:
+            raise ConfigError(f"cannot read the AWS configuration for {url}: {exc}") from exc
+        source = "the endpoint_url of the AWS configuration (AWS_ENDPOINT_URL*, ~/.aws/config)"
+    check_endpoint(endpoint_url, source)
     config = Config(
         max_pool_connections=max_concurrency + 4,
         retries={"mode": "adaptive", "total_max_attempts": policy.attempts or 1},
@@ -48,6 +59,7 @@ def new_client(session: boto3.session.Session, url: str, endpoint_url: str | Non
                                 config=config)
     except (ValueError, bx.BotoCoreError) as exc:
         raise ConfigError(f"cannot set up S3 access for {url}: {exc}") from exc
+    check_endpoint(client.meta.endpoint_url, "the endpoint boto3 chose")  # belt and braces
     client.meta.events.register("needs-retry.s3", _log_retry)
     return client
 

@@ -72,9 +72,13 @@ class BrokenBody(StorageUnavailable):
 
 
 def note_retry(operation: str, url: str, attempt: int, what: str) -> None:
-    """The one log line of a failed S3 attempt about to be retried (ours and botocore's)."""
-    log.info("S3 %s %s failed (attempt %d): %s", operation, url.split("?", 1)[0], attempt,
-             what[:300])
+    """The one log line of a failed S3 attempt about to be retried (ours and botocore's).
+    A refused connection is an outage, which the connectivity guard logs once: each of its
+    retries is only debug detail."""
+    level = logging.DEBUG if "ConnectionRefused" in what or "Could not connect" in what \
+        else logging.INFO
+    log.log(level, "S3 %s %s failed (attempt %d): %s", operation, url.split("?", 1)[0],
+            attempt, what[:300])
 
 
 class S3Errors:
@@ -107,6 +111,16 @@ class S3Errors:
         return StorageUnavailable(
             f"cannot reach S3 at {self.endpoint} ({self.where(key)}): {detail}")
 
+    def etag_of(self, resp: dict, what: str, key: str | None) -> str:
+        """The ETag of a response; a server that sends none (some S3 look-alikes) cannot
+        serve imgrepo, which pins reads and writes to etags: a clear error, not a KeyError."""
+        etag = resp.get("ETag")
+        if not etag:
+            raise StorageError(
+                f"S3 at {self.endpoint} answered a request to {what} {self.where(key)} without "
+                "an ETag: this server is not S3-compatible enough for imgrepo")
+        return str(etag)
+
     def response(self, status: int, code: str, message: str, operation: str, what: str,
                  key: str | None) -> ImgrepoError:
         """An error answer: its HTTP status, S3 error code and message."""
@@ -137,7 +151,7 @@ class S3Errors:
         if code in INTEGRITY_CODES:
             return IntegrityError(f"S3 rejected {where} ({label}): content and checksum differ")
         detail = f"{label}{': ' + message if message else ''}"
-        if status >= 500 or code in THROTTLE_CODES:
+        if status >= 500 or status == 429 or code in THROTTLE_CODES:
             return StorageUnavailable(
                 f"S3 at {self.endpoint} kept failing to {what} {where} ({detail}) "
                 f"after {self.attempts} attempts"

@@ -18,7 +18,7 @@ from typing import Any
 
 from .data import Sizes, make_data, make_ls_fixtures
 from .host import AWS_ENV, REPO, BenchError, say, tool_version
-from .metrics import SERVERLESS, TOOLS
+from .metrics import PHASES, SERVERLESS, TOOLS
 from .report import report
 from .server import Server
 from .workloads import Bench
@@ -31,6 +31,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "one local S3 server (see README.md, 'Benchmark').")
     p.add_argument("--tools", default=",".join(TOOLS),
                    help=f"comma-separated, from {','.join(TOOLS)} (default: all)")
+    p.add_argument("--workloads", default=",".join(PHASES),
+                   help=f"comma-separated, from {','.join(PHASES)} (default: all; 'reads' "
+                        "reads what w1 and w2 wrote)")
+    p.add_argument("--sqlite-commits", type=int,
+                   help="single-row commits of W8 (default 1000)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and one round: a smoke run in well under a minute")
     p.add_argument("--rounds", type=int, help="rounds per tool (default 3; medians are kept)")
@@ -94,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{','.join(TOOLS)}")
         return 2
     tools = [t for t in TOOLS if t in tools]
+    phases = {w.strip() for w in args.workloads.split(",") if w.strip()}
+    if not phases or phases - set(PHASES):
+        say(f"error: unknown workload(s) {','.join(sorted(phases - set(PHASES))) or '(none)'};"
+            f" choose from {','.join(PHASES)}")
+        return 2
+    if "reads" in phases and not {"w1", "w2"} <= phases:
+        say("error: the 'reads' workload reads what w1 and w2 wrote: select them too")
+        return 2
     q = args.quick
     sizes = Sizes(files=args.files or (40 if q else 1000),
                   file_kib=args.file_kib or (64 if q else 200),
@@ -121,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if pin:
         os.sched_setaffinity(0, set(cores[1:]))  # mounts and workloads inherit this
     bench = Bench(sizes, tools, work, keep=args.keep, profile_dir=args.profile,
-                  rclone_args=args.rclone_args, s3fs_args=args.s3fs_args)
+                  rclone_args=args.rclone_args, s3fs_args=args.s3fs_args, phases=phases,
+                  sqlite_commits=args.sqlite_commits or (100 if q else 1000))
     started = time.perf_counter()
     interrupted = False
     try:
@@ -135,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"moto {moto.__version__} server mode (objects kept in memory, "
                        "range reads without copies, versionId=null accepted)"),
             "rtt_ms": args.rtt_ms,
+            "workloads": sorted(phases),
             "pinning": (f"server and relay on core {server_core}, mounts and workloads on "
                         f"cores {','.join(map(str, cores[1:]))}") if pin else "none",
             "machine": f"{platform.machine()}, {len(cores)} cores, {platform.release()}",
@@ -157,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                                   rtt_ms=args.rtt_ms)
             bench.server.start()
         bench.data = make_data(work, sizes)
-        bench.ls_made = make_ls_fixtures(bench.server, work, tools, sizes.ls_entries)
+        if "ls" in phases:
+            bench.ls_made = make_ls_fixtures(bench.server, work, tools, sizes.ls_entries)
         for rnd in range(1, sizes.rounds + 1):
             for name in tools:
                 say(f"round {rnd}/{sizes.rounds}: {name} "

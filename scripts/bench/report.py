@@ -51,6 +51,7 @@ def evaluate_targets(med: dict[str, dict[str, float | None]], data_mib: float) -
                     "peer_value": ref[1], "needed": need, "ok": ok})
 
     target("W1 files/s until cp returns >= 2 x rclone", "w1_cp_files_s", rclones, 2)
+    target("W1 files/s until cp returns >= 90% of fusepass", "w1_cp_files_s", ["fusepass"], 0.9)
     target("W1 files/s until durable >= 2 x rclone", "w1_durable_files_s", rclones, 2)
     target("W2 MB/s until close >= rclone", "w2_close_mb_s", rclones, 1)
     target("W2 MB/s until durable >= 2 x rclone", "w2_durable_mb_s", rclones, 2)
@@ -61,6 +62,8 @@ def evaluate_targets(med: dict[str, dict[str, float | None]], data_mib: float) -
     target("W5 ls -l cold <= 1/4 of best peer", "w5_ls_cold_s", PEERS, 0.25)
     target("W5 ls -l warm <= 1/4 of best peer", "w5_ls_warm_s", PEERS, 0.25)
     target("W6 duplicate copy time <= 1/5 of best peer", "w6_durable_s", PEERS, 0.2)
+    target("W8 SQLite commits/s >= 1/3 of the local disk", "w8_sqlite_commits_s", ["local"],
+           1 / 3)
     sent = img.get("w6_sent_mib")
     if sent is not None:
         limit = max(1.0, data_mib * 0.01)

@@ -5,6 +5,7 @@ recorded per round; and the clean-up of whatever is still mounted."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import subprocess
 import time
 from contextlib import AbstractContextManager
@@ -26,6 +27,7 @@ from .host import (
     say,
     unmount_path,
 )
+from .metrics import PHASES
 from .profiling import profiled
 from .server import Server
 from .tools import FusePassTool, LocalTool, Tool, ToolSetup, new_tool
@@ -53,6 +55,8 @@ class Bench:
     # the relay's CPU seconds during each round of a tool that talks to the server
     relay_cpu: dict[str, list[float]] = field(default_factory=dict)
     page_cache: PageCache = field(default_factory=PageCache)
+    phases: set[str] = field(default_factory=lambda: set(PHASES))  # what --workloads chose
+    sqlite_commits: int = 1000
 
     def profiled(self, tool: Tool, label: str) -> AbstractContextManager[None]:
         return profiled(self.profile_dir, tool, label)
@@ -95,15 +99,19 @@ class Bench:
             data.warm()
             tool.mount(bucket, prefix, mnt, base / "cache-write")
             self._write_phase(tool, mnt)
+            if "w8" in self.phases:
+                self._sqlite_phase(tool, mnt)
             self.release(tool)
-            # ---- cold and warm reads on a fresh mount with an empty cache ----
-            tool = self.new_tool(name)
-            self.page_cache.drop()
-            tool.mount(bucket, prefix, mnt, base / "cache-read")
-            self.page_cache.drop()
-            self._read_phase(tool, mnt)
-            self.release(tool)
-            self._ls_phase(name, base)
+            if "reads" in self.phases:
+                # ---- cold and warm reads on a fresh mount with an empty cache ----
+                tool = self.new_tool(name)
+                self.page_cache.drop()
+                tool.mount(bucket, prefix, mnt, base / "cache-read")
+                self.page_cache.drop()
+                self._read_phase(tool, mnt)
+                self.release(tool)
+            if "ls" in self.phases:
+                self._ls_phase(name, base)
             if relay_cpu0 is not None and self.server is not None:
                 self.relay_cpu.setdefault(name, []).append(
                     self.server.relay_cpu_seconds() - relay_cpu0)
@@ -119,14 +127,21 @@ class Bench:
                 shutil.rmtree(base, ignore_errors=True)
 
     def _write_phase(self, tool: Tool, mnt: Path) -> None:
+        if "w1" in self.phases:
+            self._w1(tool, mnt)
+        if "w6" in self.phases:
+            self._w6(tool, mnt)
+        if "w2" in self.phases:
+            self._w2(tool, mnt)
+
+    def _w1(self, tool: Tool, mnt: Path) -> None:
+        """W1: cp -r of the small files."""
         data = self.data
         assert data is not None
         name = tool.name
         nfiles = len(data.names)
         pid = tool.pid()
         sent = self.server.sent if self.server is not None else (lambda: 0)
-
-        # W1: cp -r of the small files
         cpu0 = proc_cpu_seconds(pid) if pid else None
         bytes0 = sent()
         t0 = time.perf_counter()
@@ -141,7 +156,12 @@ class Bench:
         self.record(name, "w1_cpu_s", proc_cpu_seconds(pid) - cpu0 if pid else None)
         say(f"  {name}: W1 cp {t_cp:.2f} s, durable {t_dur:.2f} s")
 
-        # W6: the same files again under another name
+    def _w6(self, tool: Tool, mnt: Path) -> None:
+        """W6: the same files again under another name."""
+        data = self.data
+        assert data is not None
+        name = tool.name
+        sent = self.server.sent if self.server is not None else (lambda: 0)
         bytes0 = sent()
         t0 = time.perf_counter()
         with self.profiled(tool, "w6"):
@@ -151,7 +171,12 @@ class Bench:
         self.record(name, "w6_sent_mib", (sent() - bytes0) / MiB if tool.uses_s3 else None)
         say(f"  {name}: W6 durable {t6:.2f} s, sent {(sent() - bytes0) / MiB:.1f} MiB")
 
-        # W2 (+W7): one big file with dd bs=1M
+    def _w2(self, tool: Tool, mnt: Path) -> None:
+        """W2 (+W7): one big file with dd bs=1M."""
+        data = self.data
+        assert data is not None
+        name = tool.name
+        pid = tool.pid()
         if pid:
             reset_peak_rss(pid)
             cpu0 = proc_cpu_seconds(pid)
@@ -167,6 +192,26 @@ class Bench:
         self.record(name, "w7_peak_rss_mib", peak_rss_mib(pid) if pid else None)
         self.record(name, "w7_cpu_s", proc_cpu_seconds(pid) - cpu0 if pid else None)
         say(f"  {name}: W2 close {t_close:.2f} s, durable {t_dur:.2f} s")
+
+    def _sqlite_phase(self, tool: Tool, mnt: Path) -> None:
+        """W8: a database in WAL mode with synchronous=FULL (an fsync of its WAL at every
+        commit, as applications that keep their data in SQLite run), one row per commit."""
+        path = mnt / "w8.sqlite"
+        con = sqlite3.connect(path, isolation_level=None)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, body TEXT)")
+            body = "x" * 100
+            t0 = time.perf_counter()
+            with self.profiled(tool, "w8-sqlite"):
+                for n in range(self.sqlite_commits):
+                    con.execute("INSERT INTO t VALUES (?, ?)", (n, body))
+            elapsed = time.perf_counter() - t0
+        finally:
+            con.close()
+        self.record(tool.name, "w8_sqlite_commits_s", self.sqlite_commits / elapsed)
+        say(f"  {tool.name}: W8 {self.sqlite_commits} SQLite commits {elapsed:.2f} s")
 
     def _read_phase(self, tool: Tool, mnt: Path) -> None:
         assert self.data is not None

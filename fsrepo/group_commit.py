@@ -1,0 +1,186 @@
+"""The group commit: what close() and namespace changes left in the page cache is made to
+survive a power loss in one batch, once per interval or when an fsync() asks (like a
+journaling filesystem's `commit=`), never once per file.
+
+close() returns once the file's blob is named in the cache and its journal entry written to
+the WAL, without an fsync: both survive a kill -9 of the mount, since the kernel holds them.
+A commit puts them on the disk in order: the data first (the files named since the last
+commit: writeback started on all of them, then an fsync of each, which a journaling
+filesystem commits together), then the journal that names it (the transaction
+`mark_committed`, then an fsync of the database's files). Not syncfs: that would flush
+everything anyone wrote on the filesystem, once a second, and wait for it. A power loss before a commit leaves the journal naming blobs that may be
+torn, or not naming them at all: recovery hashes every pending blob of an earlier run
+before upload and drops the changes whose blob is damaged (blob_upload.py), so what was not
+committed is absent, never wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from .journal import Journal
+from .state import StateDB, SyncedCopy
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL = 1.0  # seconds: at most this long after close() until power-safe
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class Disk(Protocol):
+    """How data is forced onto the disk (tests record it to simulate a power loss)."""
+
+    def sync_filesystem(self, root: Path) -> None:
+        """Everything written on the filesystem holding `root` (syncfs)."""
+        ...
+
+    def sync_files(self, paths: Iterable[Path]) -> None:
+        """These files, data and name (fsync each; a file gone meanwhile is skipped)."""
+        ...
+
+
+class LocalDisk:
+    """The real thing: syncfs(2) and sync_file_range(2) through libc, fsync(2)."""
+
+    def sync_filesystem(self, root: Path) -> None:
+        if _syncfs is None:  # a libc without it: sync(2) covers every filesystem
+            os.sync()
+            return
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs of {root} failed: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+    def sync_files(self, paths: Iterable[Path]) -> None:
+        fds = []
+        try:
+            for path in paths:
+                try:
+                    fds.append(os.open(path, os.O_RDONLY))
+                except FileNotFoundError:
+                    continue
+                if _sync_file_range is not None:  # the writeback of all of them at once
+                    _sync_file_range(ctypes.c_int(fds[-1]), ctypes.c_longlong(0),
+                                     ctypes.c_longlong(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+            for fd in fds:
+                os.fsync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+class GroupCommitter:
+    """Collects what needs the disk (`blob_named`, `keep_copy`, `retire_copy`) and commits
+    it in batches (`commit`, `run`)."""
+
+    def __init__(self, db: StateDB, journal: Journal, interval: float = DEFAULT_INTERVAL,
+                 disk: Disk | None = None) -> None:
+        self.db = db
+        self.journal = journal
+        self.interval = interval
+        self.disk: Disk = disk or LocalDisk()
+        self._lock = trio.Lock()
+        self._noted = 0  # notes so far: each names something the next commit must cover
+        self._covered = (0, 0)  # (journal writes, notes) the last commit covered
+        self._data: dict[str, Path] = {}  # blobs named since the last commit
+        # fsync'd open files (with their record when it is new or changed)
+        self._copies: dict[str, tuple[Path, SyncedCopy | None]] = {}
+        self._retired: dict[str, Path] = {}  # synced copies closed or dropped since
+        self.commits = 0  # commits done by this run
+        self.last_commit_at: float | None = None
+
+    # -- notes ----------------------------------------------------------------------------
+    def blob_named(self, path: Path) -> None:
+        """A close() named a new blob in the cache (its data is in the page cache)."""
+        self._data[path.name] = path
+        self._noted += 1
+
+    def keep_copy(self, path: Path, copy: SyncedCopy | None) -> None:
+        """An fsync() of a file still open: its staging copy is its content from now on
+        (`copy`: its record, new or changed; None: recorded already, only its data)."""
+        if copy is not None or path.name not in self._copies:
+            self._copies[path.name] = (path, copy)
+        self._noted += 1
+
+    def retire_copy(self, path: Path) -> None:
+        """A synced copy is done with (its file closed: the blob is a hard link to it; or
+        dropped): its record goes at the next commit, the file after that."""
+        self._retired[path.name] = path
+        self._noted += 1
+
+    def _ticket(self) -> tuple[int, int]:
+        return self.journal.writes + (1 if self.journal.unwritten else 0), self._noted
+
+    @property
+    def dirty(self) -> bool:
+        """Whether anything written since the last commit is not power-safe yet."""
+        writes, noted = self._ticket()
+        return writes > self._covered[0] or noted > self._covered[1]
+
+    # -- committing -----------------------------------------------------------------------
+    async def commit(self) -> None:
+        """Return once everything written or noted before the call survives a power loss
+        (callers that arrive during a commit share the next one)."""
+        want = self._ticket()
+        async with self._lock:
+            if self._covered[0] >= want[0] and self._covered[1] >= want[1]:
+                return
+            await self.journal.write_queued()
+            covered = (self.journal.writes, self._noted)
+            journal = covered[0] > self._covered[0]
+            data, self._data = self._data, {}
+            copies, self._copies = self._copies, {}
+            retired, self._retired = self._retired, {}
+            try:
+                files = [*data.values(), *(p for p, _ in copies.values()), *retired.values()]
+                if files:
+                    await trio.to_thread.run_sync(self.disk.sync_files, files)
+                kept = [c for _, c in copies.values() if c is not None and c.path not in retired]
+                if kept or retired:
+                    await self.db.run(self.db.state.mark_committed, kept, list(retired))
+                if kept or retired or journal:
+                    # Off the database's thread: the close()s waiting for it go on meanwhile
+                    # (what they write after the fsync started goes with the next commit).
+                    await trio.to_thread.run_sync(self.disk.sync_files, self.db.state.files())
+            except BaseException:
+                self._data = data | self._data
+                for name, (path, record) in copies.items():  # a record not written yet wins
+                    if record is not None or name not in self._copies:
+                        self._copies[name] = (path, record)
+                self._retired = retired | self._retired
+                raise
+            self._covered = covered
+            self.commits += 1
+            self.last_commit_at = time.time()
+        if retired:
+            await trio.to_thread.run_sync(_unlink_all, list(retired.values()))
+
+    async def run(self) -> None:
+        """Commit once per interval while anything is waiting for it."""
+        while True:
+            await trio.sleep(self.interval)
+            if self.dirty:
+                try:
+                    await self.commit()
+                except OSError as exc:
+                    log.error("cannot commit to the local disk (trying again in %.0f s): %s",
+                              self.interval, exc)
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

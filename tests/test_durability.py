@@ -1,0 +1,304 @@
+"""The durability contract (SEMANTICS.md): close() survives a crash of the process at once
+and a power loss after the next group commit; fsync() survives a power loss before it
+returns, without turning a file still open into a blob; a power loss leaves what was not
+committed absent, never torn.
+
+A power loss is simulated at core level (tests/powerloss.py): the engine's group commit
+syncs through a disk that remembers what each sync covered, and a new engine is started on
+exactly that. The kill -9 side is tests/test_faults.py and tests/test_crash_dedup.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsrepo.errors import FsError
+from fsrepo.inodes import ROOT_INO
+from fsrepo.store.base import Store
+from fsrepo.store.counting import PUT_FILE_CREATED, CountingStore
+
+from .coreutil import (
+    list_dir,
+    overwrite_file,
+    read_file,
+    running_engine,
+    settings_for,
+    start_uploader,
+    write_file,
+)
+from .powerloss import PowerLossDisk
+
+MANUAL = 3600.0  # a commit interval that never comes round: only fsync() commits
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def url_of(tmp_path: Path) -> str:
+    return f"file://{tmp_path / 'bucket'}"
+
+
+def cached_blobs(state_dir: Path) -> set[str]:
+    return {p.name for p in (state_dir / "blobs").glob("??/*")}
+
+
+def power_loss(disk: PowerLossDisk, tmp_path: Path, name: str) -> Path:
+    """A cache root holding what `disk` had synced; returns it."""
+    root = tmp_path / name
+    disk.image(settings_for(url_of(tmp_path), None, root).state_dir())
+    return root
+
+
+def version(n: int) -> bytes:
+    """A database-like file: 64 KiB, every version different."""
+    return (b"%08d" % n) * (64 * 1024 // 8)
+
+
+def test_fsync_of_an_open_file_is_power_safe_before_it_returns_and_makes_no_blob(tmp_path):
+    cache = tmp_path / "cache"
+    state_dir = settings_for(url_of(tmp_path), None, cache).state_dir()
+    disk = PowerLossDisk(state_dir)
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
+                                  commit_interval=MANUAL) as eng:
+            handle, _ = await eng.files.create(ROOT_INO, b"db.sqlite", 0o644)
+            before = cached_blobs(state_dir)
+            for n in range(50):
+                await eng.files.write(handle.fh, 0, version(n))
+                commits = eng.durable.commits
+                await eng.files.fsync(handle.fh)
+                assert eng.durable.commits == commits + 1  # committed before fsync returned
+            # 50 fsyncs of a file still open: not one blob more in the cache
+            assert cached_blobs(state_dir) == before
+            assert disk.filesystem_syncs == 0  # only the file and the journal were synced
+            await eng.files.write(handle.fh, 0, version(50))  # not fsync'd: not promised
+            lost_at = power_loss(disk, tmp_path, "after-fsync")
+            await eng.files.flush(handle.fh)
+            await eng.files.release(handle.fh)
+            assert cached_blobs(state_dir) == before | {sha(version(50))}  # one, at close
+        # After the power loss, the file holds its last fsync'd content, as a blob.
+        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+            assert await read_file(eng, "db.sqlite") == version(49)
+            recovered = settings_for(url_of(tmp_path), None, lost_at).state_dir()
+            assert sha(version(49)) in cached_blobs(recovered)
+            assert not any((recovered / "staging").iterdir())
+
+    trio.run(main)
+
+
+def test_closed_files_survive_a_power_loss_once_committed_and_are_absent_before(tmp_path):
+    cache = tmp_path / "cache"
+    state_dir = settings_for(url_of(tmp_path), None, cache).state_dir()
+    disk = PowerLossDisk(state_dir)
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
+                                  commit_interval=MANUAL) as eng:
+            await write_file(eng, "a.jpg", b"A" * 300_000)
+            await eng.ns.mkdir(ROOT_INO, b"album", 0o755)
+            assert eng.durable.dirty  # closed: survives kill -9, not yet a power loss
+            await eng.files.fsyncdir()  # what the interval does
+            assert not eng.durable.dirty
+            assert f"blobs/{sha(b'A' * 300_000)[:2]}/{sha(b'A' * 300_000)}" in disk.synced
+            await write_file(eng, "b.jpg", b"B" * 300_000)
+            await trio.sleep(0.3)  # the new name's write-behind has run as well
+            lost_at = power_loss(disk, tmp_path, "lost")
+        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+            names = await list_dir(eng)
+            assert set(names) == {b"a.jpg", b"album"}  # b.jpg was never committed: absent
+            assert await read_file(eng, "a.jpg") == b"A" * 300_000
+
+    trio.run(main)
+
+
+def test_the_background_commit_makes_a_closed_file_power_safe(tmp_path):
+    cache = tmp_path / "cache"
+    state_dir = settings_for(url_of(tmp_path), None, cache).state_dir()
+    disk = PowerLossDisk(state_dir)
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
+                                  commit_interval=0.2) as eng:
+            await write_file(eng, "c.jpg", b"C" * 100_000)
+            commits = eng.durable.commits
+            with trio.fail_after(60):  # a bound for a stuck test, not a speed assertion
+                while eng.durable.dirty:
+                    await trio.sleep(0.05)
+            assert eng.durable.commits > commits  # done by the background committer
+            lost_at = power_loss(disk, tmp_path, "lost")
+        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+            assert await read_file(eng, "c.jpg") == b"C" * 100_000
+
+    trio.run(main)
+
+
+def torn_after_power_loss(tmp_path: Path, content: bytes) -> Path:
+    """A power loss that kept the journal naming `content` (b.jpg, closed after a commit
+    that kept a.jpg) but tore its blob: the order the group commit avoids, which a disk
+    writing back the WAL on its own can still produce. Returns the cache root after it."""
+    cache = tmp_path / "cache"
+    disk = PowerLossDisk(settings_for(url_of(tmp_path), None, cache).state_dir())
+
+    async def before() -> None:
+        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
+                                  commit_interval=MANUAL) as eng:
+            await write_file(eng, "a.jpg", b"A" * 1000)
+            await eng.files.fsyncdir()
+            await write_file(eng, "b.jpg", content)
+            await eng.db.run(disk.sync_files, eng.db.state.files())  # the journal only
+
+    trio.run(before)
+    lost_at = power_loss(disk, tmp_path, "lost")
+    torn = settings_for(url_of(tmp_path), None, lost_at).state_dir() / "blobs" / \
+        sha(content)[:2] / sha(content)
+    torn.parent.mkdir(parents=True, exist_ok=True)
+    torn.write_bytes(content[:4096])
+    return lost_at
+
+
+def bucket_blobs(tmp_path: Path) -> set[str]:
+    return {p.name for p in (tmp_path / "bucket" / "blobs").rglob("*") if p.is_file()}
+
+
+@pytest.mark.expected_logs(r"damaged \(it hashes to", r"dropping 1 pending change",
+                           reason="the power loss tore a blob the journal names")
+def test_a_blob_torn_by_a_power_loss_is_never_served_nor_uploaded(tmp_path):
+    """Recovery hashes the blob before anything reads or uploads it, and drops the change:
+    the name never holds torn content."""
+    content = os.urandom(200_000)
+    lost_at = torn_after_power_loss(tmp_path, content)
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+            with pytest.raises(FsError) as err:
+                await read_file(eng, "b.jpg")  # before the uploader got to it
+            assert err.value.errno == errno.EIO
+            start_uploader(eng)
+            with trio.fail_after(120):
+                await eng.uploader.wait_idle()
+            names = await list_dir(eng)
+            assert await read_file(eng, "a.jpg") == b"A" * 1000
+            if b"b.jpg" in names:  # its name was journaled at create: empty, never torn
+                assert await read_file(eng, "b.jpg") == b""
+        assert sha(content) not in bucket_blobs(tmp_path)
+
+    trio.run(main)
+
+
+def test_a_torn_blob_is_replaced_by_the_next_close_of_that_content(tmp_path):
+    """A file closed after the restart with the torn blob's content is not taken for a
+    duplicate of the torn copy: its good copy replaces it, and is what gets uploaded."""
+    content = os.urandom(200_000)
+    lost_at = torn_after_power_loss(tmp_path, content)
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, lost_at, upload=True) as eng:
+            await write_file(eng, "c.jpg", content)
+            with trio.fail_after(120):
+                await eng.uploader.wait_idle()
+            assert await read_file(eng, "c.jpg") == content
+            assert await read_file(eng, "b.jpg") == content  # its close had returned
+        uploaded = tmp_path / "bucket" / "blobs"
+        assert sha(content) in bucket_blobs(tmp_path)
+        assert [p.read_bytes() for p in uploaded.rglob(sha(content))] == [content]
+
+    trio.run(main)
+
+
+def test_a_file_rewritten_again_and_again_uploads_its_last_version(tmp_path):
+    """Rewrites of a file wait until it has been unchanged for the write-back delay (5 s):
+    the versions in between never reach the bucket. Someone waiting (--status --wait)
+    does not wait for the delay."""
+    counting: list[CountingStore] = []
+
+    def wrap(store: Store) -> Store:
+        counting.append(CountingStore(store))
+        return counting[0]
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, tmp_path / "cache",
+                                  wrap_store=wrap) as eng:
+            await write_file(eng, "notes.txt", version(0))  # a new file: uploaded at once
+            with trio.fail_after(120):
+                await eng.uploader.wait_idle()
+            before = counting[0].snapshot()
+            for n in range(1, 6):
+                await overwrite_file(eng, "notes.txt", version(n))
+                await trio.sleep(0.3)  # the uploader looks at the journal meanwhile
+            assert counting[0].since(before)[PUT_FILE_CREATED] == 0  # all held back
+            with trio.fail_after(120):
+                await eng.uploader.wait_idle()
+            assert counting[0].since(before)[PUT_FILE_CREATED] == 1
+        assert bucket_blobs(tmp_path) == {sha(version(0)), sha(version(5))} | (
+            bucket_blobs(tmp_path) & {sha(b"")})
+
+    trio.run(main)
+
+
+def test_an_fsynced_file_unlinked_while_open_is_not_brought_back(tmp_path):
+    """POSIX: an unlinked file's content goes with its last close, fsync'd or not."""
+    cache = tmp_path / "cache"
+    state_dir = settings_for(url_of(tmp_path), None, cache).state_dir()
+    disk = PowerLossDisk(state_dir)
+
+    async def main() -> None:
+        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
+                                  commit_interval=MANUAL) as eng:
+            handle, _ = await eng.files.create(ROOT_INO, b"tmp.db", 0o644)
+            await eng.files.write(handle.fh, 0, b"x" * 5000)
+            await eng.files.fsync(handle.fh)
+            await eng.ns.remove(ROOT_INO, b"tmp.db", is_dir=False)
+            await eng.files.release(handle.fh)
+            await eng.files.fsyncdir()
+            assert not any((state_dir / "staging").iterdir())  # the copy went after commit
+            lost_at = power_loss(disk, tmp_path, "lost")
+        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+            assert b"tmp.db" not in await list_dir(eng)
+            with pytest.raises(FsError):
+                await read_file(eng, "tmp.db")
+
+    trio.run(main)
+
+
+# -- on a real mount ---------------------------------------------------------------------------
+def test_sqlite_in_wal_mode_keeps_one_version_and_uploads_only_the_final_one(mounter, tmp_path):
+    """A database fsyncs its WAL at every transaction: each fsync is a group commit (the
+    mount's counter says so), none makes a blob; the cache and the bucket get the version
+    at close only."""
+    import sqlite3
+
+    repo = tmp_path / "repository"
+    m = mounter(f"file://{repo}", "--commit-interval", "3600")
+    commits_before = m.status()["disk_commits"]
+    con = sqlite3.connect(m.path / "app.sqlite", isolation_level=None)
+    try:
+        assert con.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        con.execute("PRAGMA synchronous=FULL")  # an fsync of the WAL at every commit
+        con.execute("CREATE TABLE t (n INTEGER, body TEXT)")
+        for n in range(200):
+            con.execute("INSERT INTO t VALUES (?, ?)", (n, f"row {n} " * 20))
+    finally:
+        con.close()
+    # Not asked while the database is open: a fork+exec closes the child's copies of open
+    # descriptors, and the kernel reports each such close as a flush (a version).
+    # Every commit was power-safe before it returned: one group commit each at least.
+    assert m.status()["disk_commits"] - commits_before >= 200
+    final = (m.path / "app.sqlite").read_bytes()
+    copy = tmp_path / "copy.sqlite"
+    copy.write_bytes(final)
+    assert sqlite3.connect(copy).execute("SELECT count(*) FROM t").fetchone()[0] == 200
+    m.wait_idle()
+    cache_blobs = list((m.cache_dir / "repos").glob("*/blobs/??/*"))
+    versions = [p for p in cache_blobs if p.read_bytes()[:16] == b"SQLite format 3\0"]
+    assert [p.name for p in versions] == [sha(final)]
+    uploaded = {p.name for p in (repo / "blobs").rglob("*") if p.is_file()}
+    empty = sha(b"")
+    assert uploaded - {empty} == {sha(final)}
