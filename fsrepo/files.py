@@ -255,14 +255,7 @@ class FileManager:
         st = self.staging.staged.get(handle.node.ino)
         if st is not None:
             return os.pread(st.fd, size, offset)
-        if handle.sha is None or handle.size == 0 or offset >= handle.size:
-            return b""
-        if handle.chunks is not None:
-            return await self.reads.read_chunks(handle, offset, size)
-        if handle.download is not None:
-            await self.reads.wait(handle, offset + size)
-        assert handle.fd is not None
-        return os.pread(handle.fd, size, offset)
+        return await self.reads.read(handle, offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         self.last_activity = time.monotonic()

@@ -63,6 +63,18 @@ class BlobReads:
         handle.download = None
         handle.chunks = None
 
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
+        """Bytes of the clean file a handle reads: chunk by chunk, from the download in
+        progress, or from the cached blob."""
+        if handle.sha is None or handle.size == 0 or offset >= handle.size:
+            return b""
+        if handle.chunks is not None:
+            return await self.read_chunks(handle, offset, size)
+        if handle.download is not None:
+            await self.wait(handle, offset + size)
+        assert handle.fd is not None
+        return os.pread(handle.fd, size, offset)
+
     async def wait(self, handle: Handle, end: int) -> None:
         """Wait until the handle's download has the bytes up to `end`."""
         dl = handle.download

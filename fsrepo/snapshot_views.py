@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from .announce import Invalidator
 from .blobcache import BlobCache
+from .chunking import known_blobs
 from .dirviews import KnownBlobs
 from .errors import FsError, ImgrepoError, ManifestError, ObjectNotFound, errno_for
 from .handles import Handle
@@ -170,8 +170,7 @@ class SnapshotTree:
             raise FsError(errno_for(exc)) from None
         for problem in problems:
             log.warning("snapshot %s: %s", node.snapshot, problem)
-        self.known_blobs.note_known({e.sha256 for e in manifest.entries.values()
-                                     if isinstance(e, FileEntry)})
+        self.known_blobs.note_known(known_blobs(manifest.entries))
         self._parsed[record.sha] = manifest.entries
         while len(self._parsed) > PARSED_KEPT:
             self._parsed.popitem(last=False)
@@ -233,12 +232,7 @@ class SnapshotTree:
         handle = self._handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
-        if handle.sha is None or handle.size == 0 or offset >= handle.size:
-            return b""
-        if handle.download is not None:
-            await self.reads.wait(handle, offset + size)
-        assert handle.fd is not None
-        return os.pread(handle.fd, size, offset)
+        return await self.reads.read(handle, offset, size)
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

@@ -666,3 +666,43 @@ def test_an_older_repository_is_upgraded_to_chunks_and_older_imgrepos_refuse_it(
             await store.aclose()
 
     trio.run(main)
+
+
+def test_a_chunked_file_in_a_snapshot_reads_back_verifies_and_survives_gc(tmp_path: Path):
+    from fsrepo.snapshot_views import TOP_INO
+
+    data = content(3 * MiB + 5, seed=18)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "a") as engine:
+            fs = EngineDriver(engine)
+            await fs.create("big.mov", data)
+            await engine.uploader.wait_idle()
+            await engine.take_snapshot("s1")
+            chunks = (await root_entry(engine.store, b"big.mov")).chunks
+            assert chunks is not None
+            await fs.unlink("big.mov")
+            await engine.uploader.wait_idle()
+            later = time.time() + 400 * 3600
+            await collect(engine.store, 0, False, now=later - 1)
+            await collect(engine.store, 0, False, now=later)
+            assert all([await engine.store.head(blob_key(c)) for c in chunks.shas])
+            v = await verify(engine.store)
+            assert v.snapshots == 1 and not v.problems
+        async with running_engine(storage.url, None, tmp_path / "b") as engine:
+            tree = engine.snapshot_tree
+            top = await tree.lookup(TOP_INO, b"s1")
+            node = await tree.lookup(top.ino, b"big.mov")
+            fh = tree.open(node.ino, False)
+            try:
+                assert await tree.read(fh, 0, 4 * MiB) == data
+            finally:
+                tree.release(fh)
+
+    trio.run(main)

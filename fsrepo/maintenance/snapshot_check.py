@@ -76,14 +76,15 @@ async def check_snapshots(store: Store, blobs: BlobTable, used: bytearray, v: Pr
                           snapshot=snap.name, dir_id=dir_id)
                 continue
             for name, entry in sorted(got.items()):
-                index = blobs.find(entry.sha256)
-                if index >= 0:
-                    used[index] = 1
-                if index < 0 or blobs.size(index) != entry.size:
-                    shown = name.decode("utf-8", "backslashreplace")
-                    what = "is missing from the bucket" if index < 0 else \
-                        f"has {blobs.size(index)} bytes, the copy says {entry.size}"
-                    v.problem("snapshot-blob", f"snapshot {snap.name}: file {shown!r} in "
-                              f"directory {dir_id}: its content (blob {entry.sha256}) {what}",
-                              snapshot=snap.name, dir_id=dir_id, sha256=entry.sha256)
+                for sha, size in entry.blobs():  # a chunked file: each of its chunks
+                    index = blobs.find(sha)
+                    if index >= 0:
+                        used[index] = 1
+                    if index < 0 or blobs.size(index) != size:
+                        shown = name.decode("utf-8", "backslashreplace")
+                        what = "is missing from the bucket" if index < 0 else \
+                            f"has {blobs.size(index)} bytes, the copy says {size}"
+                        v.problem("snapshot-blob", f"snapshot {snap.name}: file {shown!r} in "
+                                  f"directory {dir_id}: its content (blob {sha}) {what}",
+                                  snapshot=snap.name, dir_id=dir_id, sha256=sha)
     return len(snaps)
