@@ -198,6 +198,14 @@ class BlobCache(CacheIndex):
             return entry.chunks
         return self.chunk_lists.get(entry.sha256)
 
+    def has_content(self, entry: FileEntry) -> bool:
+        """Whether all of a file's content is cached: whole, or every one of its chunks
+        (a chunked file fetched by --sync reads offline)."""
+        if self.has(entry.sha256):
+            return True
+        chunks = self.chunks_of(entry)
+        return chunks is not None and all(self.has(sha) for sha in chunks.shas)
+
     async def ensure_file(self, entry: FileEntry, ahead: int = 4) -> Path:
         """The path of a file's whole content, cached and verified: a chunked file is put
         together from its verified chunks (`ahead` of them downloading at once) and checked

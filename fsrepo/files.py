@@ -162,7 +162,7 @@ class FileManager:
         if isinstance(entry, DirEntry):
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if isinstance(entry, FileEntry) and entry.size and not self.cache.has(entry.sha256) \
+        if isinstance(entry, FileEntry) and entry.size and not self.cache.has_content(entry) \
                 and not staged and not (writable and flags & os.O_TRUNC) \
                 and not self.cache.store.online:
             raise FsError(errno.ENETDOWN)  # its content is not cached, the storage unreachable

@@ -218,7 +218,7 @@ class SnapshotTree:
         if not isinstance(entry, FileEntry):
             raise FsError(errno.EINVAL)
         cache = self.reads.cache
-        if entry.size and not cache.has(entry.sha256) and not cache.store.online:
+        if entry.size and not cache.has_content(entry) and not cache.store.online:
             raise FsError(errno.ENETDOWN)
         fh = self._next_fh
         self._next_fh += 1

@@ -706,3 +706,34 @@ def test_a_chunked_file_in_a_snapshot_reads_back_verifies_and_survives_gc(tmp_pa
                 tree.release(fh)
 
     trio.run(main)
+
+
+def test_a_chunked_file_fetched_by_sync_opens_offline(tmp_path: Path):
+    from .test_snapshots import Unplugged
+
+    data = content(3 * MiB + 1, seed=19)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    plugs: list[Unplugged] = []
+
+    def wrap(inner: Store) -> Store:
+        plugs.append(Unplugged(inner))
+        return plugs[-1]
+
+    async def send(message: dict) -> None:
+        pass
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache", upload=False,
+                                  wrap_store=wrap) as engine:
+            await engine.syncer.run([], send)
+            await resolve(engine, "big.mov")
+            plugs[-1].plugged = False
+            assert await read_at(engine, "big.mov", 0, 4 * MiB) == data
+
+    trio.run(main)
