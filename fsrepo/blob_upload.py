@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import uuid
+from pathlib import Path
 
 import trio
 
 from .cache_index import CacheIndex
+from .chunking import ChunkLists, copy_range, cut
 from .errors import ImgrepoError
 from .hashing import hash_file
 from .journal import Journal
-from .manifest import FileEntry
+from .manifest import Chunks, FileEntry
 from .namespace import Namespace
 from .remote_index import RemoteIndex
 from .repository import blob_key
@@ -24,6 +28,8 @@ from .state import StateDB
 from .store.base import Store
 
 log = logging.getLogger(__name__)
+
+CHUNKS_AT_ONCE = 4  # chunks of one file in flight
 
 
 class Outcome(enum.Enum):
@@ -36,8 +42,9 @@ class BlobUploader:
     """Sends blobs from the cache to the bucket and records them as there."""
 
     def __init__(self, store: Store, db: StateDB, journal: Journal, cache: CacheIndex,
-                 namespace: Namespace, remote: RemoteIndex) -> None:
+                 namespace: Namespace, remote: RemoteIndex, chunk_lists: ChunkLists) -> None:
         self.store = store
+        self.chunk_lists = chunk_lists
         self.db = db
         self.journal = journal
         self.cache = cache
@@ -51,8 +58,11 @@ class BlobUploader:
 
     async def upload(self, sha: str) -> Outcome:
         key = blob_key(sha)
-        if await self.store.head(key) is None:
+        if await self.store.head(key) is None:  # (a whole blob of an older format: dedup)
             path = self.cache.path(sha)
+            known = self.chunk_lists.get(sha)
+            if known is not None:  # cut before: its chunks may all be there still
+                return await self._finish(sha, await self._put_chunks(sha, path, known))
             if not self.cache.has(sha):
                 if sha in self.remote.lost:
                     await self._abandon(sha)
@@ -69,10 +79,72 @@ class BlobUploader:
                     await self._abandon(sha)
                     return Outcome.ABANDONED
                 self.remote.unverified.discard(sha)
-            created = await self.store.put_file(key, path, sha)
-            outcome = Outcome.SENT if created else Outcome.ALREADY_THERE
+            if self.chunk_lists.wants_chunks(os.stat(path).st_size):
+                assert self.chunk_lists.chunk_size is not None
+                chunks = await trio.to_thread.run_sync(cut, path, self.chunk_lists.chunk_size)
+                outcome = await self._put_chunks(sha, path, chunks)
+            else:
+                created = await self.store.put_file(key, path, sha)
+                outcome = Outcome.SENT if created else Outcome.ALREADY_THERE
         else:
             outcome = Outcome.ALREADY_THERE
+        return await self._finish(sha, outcome)
+
+    async def _put_chunks(self, sha: str, path: Path, chunks: Chunks) -> Outcome:
+        """Send a file's chunks that the bucket lacks (per chunk dedup: a chunk seen there
+        lately is trusted, others cost a HEAD first; after a crash, finished chunks are
+        found there and not sent again), then keep its chunk list."""
+        sent = False
+        size = None
+        limit = trio.Semaphore(CHUNKS_AT_ONCE)
+        errors: list[BaseException] = []
+
+        async def one(index: int, chunk: str) -> None:
+            try:
+                async with limit:
+                    if not errors:
+                        await send(index, chunk)
+            except (ImgrepoError, OSError) as exc:
+                errors.append(exc)
+
+        async def send(index: int, chunk: str) -> None:
+            async with self.chunk_lists.sending(chunk):
+                await send_unless_there(index, chunk)
+
+        async def send_unless_there(index: int, chunk: str) -> None:
+            nonlocal sent
+            if self.remote.reuse_or_recheck(chunk) \
+                    or await self.store.head(blob_key(chunk)) is not None:
+                self.remote.seen_in_bucket(chunk)
+                return
+            if not self.cache.has(sha):
+                raise ImgrepoError(f"chunk {index} of blob {sha} is missing from the "
+                                   "bucket and the file from the cache")
+            assert size is not None
+            start = index * chunks.size
+            # (in partial/: what a crash leaves there is removed at the next start)
+            part = self.cache.root / "partial" / f"{chunk}.{uuid.uuid4().hex}"
+            try:
+                await trio.to_thread.run_sync(
+                    copy_range, path, part, start, min(chunks.size, size - start))
+                if await self.store.put_file(blob_key(chunk), part, chunk):
+                    sent = True
+            finally:
+                part.unlink(missing_ok=True)
+            self.remote.seen_in_bucket(chunk)
+
+        if self.cache.has(sha):
+            size = os.stat(path).st_size
+        async with trio.open_nursery() as nursery:
+            for index, chunk in enumerate(chunks.shas):
+                nursery.start_soon(one, index, chunk)
+        if errors:
+            raise errors[0]
+        await trio.to_thread.run_sync(self.chunk_lists.put, sha, chunks)
+        return Outcome.SENT if sent else Outcome.ALREADY_THERE
+
+    async def _finish(self, sha: str, outcome: Outcome) -> Outcome:
+        """Record the blob (or all of a chunked file's chunks) as in the bucket."""
         await self.db.run(self.db.state.mark_uploaded, [sha])
         self.remote.seen_in_bucket(sha)
         self.cache.uploaded(sha)

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import trio
 
 from .cache_index import CacheIndex
+from .chunking import ChunkLists
 from .errors import ImgrepoError, IntegrityError
 from .hashing import hash_file
+from .manifest import MIN_CHUNK, Chunks, FileEntry
 from .repository import blob_key
 from .state import StateDB
 from .store.base import Store
@@ -82,9 +86,11 @@ class Download:
 class BlobCache(CacheIndex):
     """The cache index, filled on demand by downloads that readers can follow."""
 
-    def __init__(self, root: Path, db: StateDB, store: Store, limit: int) -> None:
+    def __init__(self, root: Path, db: StateDB, store: Store, limit: int,
+                 chunk_lists: ChunkLists | None = None) -> None:
         super().__init__(root, db, limit)
         self.store = store
+        self.chunk_lists = chunk_lists  # of files this machine sent as chunks
         self.partial_dir = root / "partial"
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         self.downloads: dict[str, Download] = {}
@@ -184,3 +190,54 @@ class BlobCache(CacheIndex):
         if dl.error is not None:
             raise dl.error
         return self.path(sha)
+
+    def chunks_of(self, entry: FileEntry) -> Chunks | None:
+        """How a file not cached whole is stored: its entry's chunk list, or, for a file
+        this machine sent as chunks whose manifest is not written yet, the list it kept."""
+        if entry.chunks is not None or self.chunk_lists is None or entry.size <= MIN_CHUNK:
+            return entry.chunks
+        return self.chunk_lists.get(entry.sha256)
+
+    def has_content(self, entry: FileEntry) -> bool:
+        """Whether all of a file's content is cached: whole, or every one of its chunks
+        (a chunked file fetched by --sync reads offline)."""
+        if self.has(entry.sha256):
+            return True
+        chunks = self.chunks_of(entry)
+        return chunks is not None and all(self.has(sha) for sha in chunks.shas)
+
+    async def ensure_file(self, entry: FileEntry, ahead: int = 4) -> Path:
+        """The path of a file's whole content, cached and verified: a chunked file is put
+        together from its verified chunks (`ahead` of them downloading at once) and checked
+        against its whole-file hash, then cached like any blob (for a write to it)."""
+        chunks = None if self.has(entry.sha256) else self.chunks_of(entry)
+        if chunks is None:
+            return await self.ensure(entry.sha256, entry.size)
+        blobs = FileEntry(entry.sha256, entry.size, 0, 0, chunks).blobs()
+        assembling = self.partial_dir / f"{entry.sha256}.{uuid.uuid4().hex}"
+        try:
+            with open(assembling, "wb") as out:
+                for index, (sha, size) in enumerate(blobs):
+                    for later, later_size in blobs[index + 1:index + 1 + ahead]:
+                        if not self.has(later):
+                            self.start_download(later, later_size)
+                    self.acquire(sha)
+                    try:
+                        path = await self.ensure(sha, size)
+                        with open(path, "rb") as chunk:
+                            await trio.to_thread.run_sync(shutil.copyfileobj, chunk, out)
+                    finally:
+                        self.release(sha)
+            actual = await trio.to_thread.run_sync(hash_file, assembling)
+            if actual != entry.sha256:
+                raise IntegrityError(f"the chunks of blob {entry.sha256} put together hash "
+                                     f"to {actual}; not used")
+            self.adopt(assembling, entry.sha256)  # (verified bucket content: no fsync owed)
+        finally:
+            assembling.unlink(missing_ok=True)
+        self.register(entry.sha256, entry.size, pending=False)
+        try:
+            await self.db.run(self.db.state.add_cached_blob, entry.sha256, entry.size)
+        except OSError as exc:
+            log.warning("cannot record blob %s in the cache index: %s", entry.sha256, exc)
+        return self.path(entry.sha256)

@@ -29,9 +29,10 @@ from typing import Protocol
 
 import trio
 
+from .chunking import known_blobs
 from .errors import FsError, ManifestError, ObjectNotFound, StorageError, errno_for
 from .journal import Journal
-from .manifest import DirEntry, Entry, FileEntry, parse_manifest
+from .manifest import DirEntry, Entry, parse_manifest
 from .merge import Op, apply_ops
 from .repository import manifest_key
 from .state import StateDB
@@ -416,8 +417,7 @@ class DirViews:
         manifest, problems = parse_manifest(body, dir_id)
         for problem in problems:
             log.warning("%s", problem)
-        self.known_blobs.note_known({e.sha256 for e in manifest.entries.values()
-                                     if isinstance(e, FileEntry)})
+        self.known_blobs.note_known(known_blobs(manifest.entries))
         return manifest.entries, manifest.mtime_ns
 
     async def _fresher(self, view: DirView) -> DirView:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .announce import Invalidator
 from .blobcache import BlobCache
+from .chunking import ChunkLists
 from .config import Settings
 from .errors import ImgrepoError, NoSuchBucket, StorageError
 from .files import FileManager
@@ -72,7 +73,9 @@ class Engine:
         self.host = host or socket.gethostname() or "unknown"
         self.db = StateDB(LocalState(self.state_dir / "state.db"))
         self.journal = Journal(self.db)
-        self.cache = BlobCache(self.state_dir / "blobs", self.db, store, settings.cache_size)
+        self.chunk_lists = ChunkLists(self.state_dir / "chunklists")
+        self.cache = BlobCache(self.state_dir / "blobs", self.db, store, settings.cache_size,
+                               self.chunk_lists)
         self.invalidator = invalidator or Invalidator()
         self.remote_index = RemoteIndex()
         self.ns = Namespace(store, self.db, self.journal, host=self.host,
@@ -83,8 +86,10 @@ class Engine:
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
                                  self.remote_index, self.durable)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
-                                 self.remote_index, self.files, host=self.host,
+                                 self.remote_index, self.files, self.chunk_lists,
+                                 host=self.host,
                                  parallel=settings.uploads)
+        self.files.write_observer = self.uploader.early  # chunks sent while files are written
         self.syncer = Syncer(self.ns, self.cache)
         self.snapshots = Snapshots(store, self.state_dir / "snapshots", self.host)
         self.snapshot_tree = SnapshotTree(self.snapshots, self.cache, self.remote_index,
@@ -139,6 +144,7 @@ class Engine:
                 f"cached in {self.state_dir}{salvage_advice(self.settings)}")
         if known is None:
             await self.db.run(state.set_meta, "repo_id", desc.repo_id)
+        self.chunk_lists.chunk_size = desc.chunk_size  # large files go as chunks (format 4)
 
     async def cached_manifest(self, dir_id: str, etag: str | None) -> bytes | None:
         """This machine's copy of a directory's manifest if it is the version with `etag`

@@ -15,8 +15,9 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -33,6 +34,12 @@ from .reads import BlobReads
 from .staging import Staging, StagingArea
 
 log = logging.getLogger(__name__)
+
+
+class WriteObserver(Protocol):
+    """Told after each write to a staging copy (uploads that start before close)."""
+
+    def wrote(self, st: Staging) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -53,11 +60,12 @@ class FileManager:
         self.cache = cache
         self.staging = StagingArea(staging_dir)
         self.handles = HandleTable()
-        self.reads = BlobReads(cache, ns.invalidator)
+        self.reads = BlobReads(cache, ns.invalidator, ns.inodes)
         self.durable = durable
         self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote,
                                  durable)
         self.last_activity = 0.0  # monotonic time of the last write: uploads yield to writes
+        self.write_observer: WriteObserver | None = None  # told of every write (early chunks)
         self.remote = remote
         self.uid, self.gid = os.getuid(), os.getgid()  # who owns everything in the mount
         ns.track_edits(self)
@@ -111,9 +119,9 @@ class FileManager:
         if mode is not None or mtime is not None:
             if isinstance(entry, FileEntry):
                 if not self.set_attrs(node, mode, mtime):
-                    await self.ns.replace(node, FileEntry(
-                        entry.sha256, entry.size, entry.mtime_ns if mtime is None else mtime,
-                        entry.mode if mode is None else mode))
+                    await self.ns.replace(node, replace(  # (a chunked file keeps its chunks)
+                        entry, mtime_ns=entry.mtime_ns if mtime is None else mtime,
+                        mode=entry.mode if mode is None else mode))
             elif isinstance(entry, DirEntry) and node.ino != ROOT_INO:
                 shown = self.ns.dir_stat(entry)  # (a chmod keeps the mtime it shows)
                 kept = entry.mtime_ns if shown is None else shown.mtime_ns
@@ -154,7 +162,7 @@ class FileManager:
         if isinstance(entry, DirEntry):
             raise FsError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if isinstance(entry, FileEntry) and entry.size and not self.cache.has(entry.sha256) \
+        if isinstance(entry, FileEntry) and entry.size and not self.cache.has_content(entry) \
                 and not staged and not (writable and flags & os.O_TRUNC) \
                 and not self.cache.store.online:
             raise FsError(errno.ENETDOWN)  # its content is not cached, the storage unreachable
@@ -220,7 +228,7 @@ class FileManager:
         st.writers = self.handles.writers(node)
         if entry.size > 0:
             try:
-                source = await self.cache.ensure(entry.sha256, entry.size)
+                source = await self.cache.ensure_file(entry)
             except (ImgrepoError, OSError) as exc:
                 self.staging.drop(node.ino)
                 log.error("cannot modify a file whose content is not available: %s", exc)
@@ -247,12 +255,7 @@ class FileManager:
         st = self.staging.staged.get(handle.node.ino)
         if st is not None:
             return os.pread(st.fd, size, offset)
-        if handle.sha is None or handle.size == 0 or offset >= handle.size:
-            return b""
-        if handle.download is not None:
-            await self.reads.wait(handle, offset + size)
-        assert handle.fd is not None
-        return os.pread(handle.fd, size, offset)
+        return await self.reads.read(handle, offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         self.last_activity = time.monotonic()
@@ -263,7 +266,10 @@ class FileManager:
         st = self.staging.staged.get(ino)
         if st is None or ino in self.commits.committing:
             st = await self._stage(handle.node)
-        return st.write(offset, data)
+        written = st.write(offset, data)
+        if self.write_observer is not None:
+            self.write_observer.wrote(st)
+        return written
 
     async def truncate(self, node: Node, size: int, handle: Handle | None = None) -> None:
         st = self.staging.staged.get(node.ino)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .blobcache import Download
 from .errors import FsError
 from .inodes import Node
+from .manifest import Chunks
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Handle:
     size: int = 0
     fd: int | None = None
     download: Download | None = None
+    chunks: Chunks | None = None  # a chunked file read chunk by chunk (reads.read_chunks)
 
 
 class HandleTable:

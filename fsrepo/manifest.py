@@ -34,12 +34,37 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
 
+MIN_CHUNK = 1 << 16  # chunk sizes a chunk list may declare (hostile-input bounds)
+MAX_CHUNK = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class Chunks:
+    """A large file's content as consecutive blobs of `size` bytes (the last one shorter),
+    each named by its own SHA-256: every chunk is verified before a byte of it is served."""
+    size: int
+    shas: tuple[str, ...]
+
+    def length(self, index: int, file_size: int) -> int:
+        return min(self.size, file_size - index * self.size)
+
+
 @dataclass(frozen=True, slots=True)
 class FileEntry:
-    sha256: str
+    sha256: str  # of the whole content: dedup of whole files stays one lookup
     size: int
     mtime_ns: int
     mode: int = 0o644
+    # The chunk list of a file stored as chunks (repository format 4), None for one
+    # whole-file blob. Not part of equality: it is how the content is stored, not what it is.
+    chunks: Chunks | None = field(default=None, compare=False)
+
+    def blobs(self) -> list[tuple[str, int]]:
+        """The blobs holding the content, with their sizes, in order."""
+        if self.chunks is None:
+            return [(self.sha256, self.size)]
+        return [(sha, self.chunks.length(i, self.size))
+                for i, sha in enumerate(self.chunks.shas)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +171,9 @@ def entry_from_json(raw: object) -> Entry:
         sha = raw.get("sha256")
         if not isinstance(sha, str) or not _SHA_RE.fullmatch(sha):
             raise ValueError("bad sha256")
-        return FileEntry(sha, _int(raw, "size", 0, MAX_SIZE), mtime,
-                         _int(raw, "mode", 0, 0o7777, 0o644))
+        size = _int(raw, "size", 0, MAX_SIZE)
+        chunks = _chunks_from_json(raw["chunks"], size) if "chunks" in raw else None
+        return FileEntry(sha, size, mtime, _int(raw, "mode", 0, 0o7777, 0o644), chunks)
     if kind == "dir":
         if not is_valid_dir_id(raw.get("id")) or raw.get("id") == ROOT_ID:
             raise ValueError("bad directory id")
@@ -169,10 +195,25 @@ def entry_from_json(raw: object) -> Entry:
     raise ValueError(f"unknown type {kind!r}")
 
 
+def _chunks_from_json(raw: object, file_size: int) -> Chunks:
+    """A chunk list: {"size": bytes per chunk, "sha256": [one digest per chunk]}."""
+    if not isinstance(raw, dict):
+        raise ValueError("bad chunks")
+    size = _int(raw, "size", MIN_CHUNK, MAX_CHUNK)
+    shas = raw.get("sha256")
+    if not isinstance(shas, list) or len(shas) != -(-file_size // size) or not shas \
+            or not all(isinstance(s, str) and _SHA_RE.match(s) for s in shas):
+        raise ValueError("bad chunk list")
+    return Chunks(size, tuple(shas))
+
+
 def entry_to_json(entry: Entry) -> dict:
     if isinstance(entry, FileEntry):
-        return {"type": "file", "sha256": entry.sha256, "size": entry.size,
-                "mtime_ns": entry.mtime_ns, "mode": entry.mode}
+        out = {"type": "file", "sha256": entry.sha256, "size": entry.size,
+               "mtime_ns": entry.mtime_ns, "mode": entry.mode}
+        if entry.chunks is not None:
+            out["chunks"] = {"size": entry.chunks.size, "sha256": list(entry.chunks.shas)}
+        return out
     if isinstance(entry, DirEntry):
         out = {"type": "dir", "id": entry.id, "mtime_ns": entry.mtime_ns, "mode": entry.mode}
         if entry.ctime_ns is not None:

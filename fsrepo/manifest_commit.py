@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import trio
 
+from .chunking import ChunkLists, known_blobs
 from .dir_merge import DirMerger
 from .errors import ManifestError, ObjectNotFound, PreconditionFailed, StorageError
 from .journal import Journal, PendingOp
-from .manifest import DirEntry, Entry, FileEntry, Manifest, parse_manifest, serialise_manifest
+from .manifest import DirEntry, Entry, Manifest, parse_manifest, serialise_manifest
 from .merge import Op, apply_ops, coalesce, later, moved_dirs, same_content
 from .namespace import Namespace
 from .paths import entry_path
@@ -38,8 +39,9 @@ class ManifestCommitter:
     """Commits batches of ops to directory manifests, merging with other writers."""
 
     def __init__(self, store: Store, db: StateDB, journal: Journal, namespace: Namespace,
-                 remote: RemoteIndex, *, host: str) -> None:
+                 remote: RemoteIndex, chunk_lists: ChunkLists, *, host: str) -> None:
         self.store = store
+        self.chunk_lists = chunk_lists  # what this machine's large files were cut into
         self.db = db
         self.journal = journal
         self.ns = namespace
@@ -118,6 +120,8 @@ class ManifestCommitter:
             merged: dict[str, str] = {}
             diverted = apply_ops(entries, ops_now, self.host, merged=merged,
                                  moved=self._moved_anywhere())
+            entries = self.chunk_lists.with_chunks(entries, {op.name for op in ops_now}
+                                                   | set(diverted.values()))
             if merged and await self._merge_dirs(merged):
                 continue  # the ops changed: apply them again
             gone = known.removed is not None or (etag is None and had_manifest)
@@ -164,7 +168,7 @@ class ManifestCommitter:
         seqs = [p.seq for p in batch]
         await self.db.run(self.db.state.commit_dir, dir_id, new_etag, body, seqs)
         self.journal.retire(dir_id, seqs)
-        self.remote.note_known({e.sha256 for e in entries.values() if isinstance(e, FileEntry)})
+        self.remote.note_known(known_blobs(entries))
         self.ns.views.set_remote(dir_id, entries, new_etag, mtime_ns)
         if gone:
             await self._keep_alive_where(dir_id, known)

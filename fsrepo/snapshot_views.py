@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from .announce import Invalidator
 from .blobcache import BlobCache
+from .chunking import known_blobs
 from .dirviews import KnownBlobs
 from .errors import FsError, ImgrepoError, ManifestError, ObjectNotFound, errno_for
 from .handles import Handle
@@ -181,8 +181,7 @@ class SnapshotTree:
             raise FsError(errno_for(exc)) from None
         for problem in problems:
             log.warning("%s: %s", self.path(node), problem)
-        self.known_blobs.note_known({e.sha256 for e in manifest.entries.values()
-                                     if isinstance(e, FileEntry)})
+        self.known_blobs.note_known(known_blobs(manifest.entries))
         self._parsed[record.sha] = manifest.entries
         while len(self._parsed) > PARSED_KEPT:
             self._parsed.popitem(last=False)
@@ -230,7 +229,7 @@ class SnapshotTree:
         if not isinstance(entry, FileEntry):
             raise FsError(errno.EINVAL)
         cache = self.reads.cache
-        if entry.size and not cache.has(entry.sha256) and not cache.store.online:
+        if entry.size and not cache.has_content(entry) and not cache.store.online:
             raise FsError(errno.ENETDOWN)
         fh = self._next_fh
         self._next_fh += 1
@@ -244,12 +243,7 @@ class SnapshotTree:
         handle = self._handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
-        if handle.sha is None or handle.size == 0 or offset >= handle.size:
-            return b""
-        if handle.download is not None:
-            await self.reads.wait(handle, offset + size)
-        assert handle.fd is not None
-        return os.pread(handle.fd, size, offset)
+        return await self.reads.read(handle, offset, size)
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

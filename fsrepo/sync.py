@@ -151,8 +151,10 @@ class Syncer:
             await self._note_totals(files)
         wanted: dict[str, int] = {}
         for f in files:
-            if not self.cache.has(f.sha256):
-                wanted[f.sha256] = f.size
+            if not self.cache.has(f.sha256):  # else its whole content is cached
+                for sha, size in f.blobs():  # a chunked file: each chunk, verified alone
+                    if not self.cache.has(sha):
+                        wanted[sha] = size
         total_bytes = sum(wanted.values())
         room = max(0, self.cache.limit - self.cache.used)
         fits = total_bytes <= room

@@ -88,7 +88,7 @@ class UploadSchedule:
                 ready[p.op.name] = p
             for p in ops:
                 e = p.op.entry
-                if isinstance(e, FileEntry) and needs_upload(e.sha256) \
+                if isinstance(e, FileEntry) and e.chunks is None and needs_upload(e.sha256) \
                         and (last[p.op.name] is p or ready.get(p.op.name) is p):
                     out[e.sha256] = e.size
         return out
@@ -147,8 +147,11 @@ class UploadSchedule:
             out = out[:cut]
 
     def _needs_blob(self, p: PendingOp) -> bool:
+        """Whether the op's content must reach the bucket first. An entry that carries a
+        chunk list came from a manifest (a rename, a restore): its chunks are there."""
         e = p.op.entry
-        return isinstance(e, FileEntry) and self.remote.needs_upload(e.sha256)
+        return isinstance(e, FileEntry) and e.chunks is None \
+            and self.remote.needs_upload(e.sha256)
 
     def due(self, dir_id: str, count: int, uploading: set[str]) -> bool:
         """Whether the first `count` ops of a directory should be committed now

@@ -18,6 +18,8 @@ import trio
 
 from .blob_upload import BlobUploader, Outcome
 from .cache_index import CacheIndex
+from .chunking import ChunkLists
+from .early_chunks import EarlyChunks
 from .errors import ImgrepoError, StorageAccessDenied, StorageOffline
 from .head_writer import HeadWriter
 from .journal import Journal, PendingOp
@@ -68,8 +70,8 @@ class Uploader:
     and holds back what failed (QUEUE backoff)."""
 
     def __init__(self, store: Store, db: StateDB, journal: Journal, cache: CacheIndex,
-                 namespace: Namespace, remote: RemoteIndex, writes: WriteActivity, *,
-                 host: str, parallel: int = 8,
+                 namespace: Namespace, remote: RemoteIndex, writes: WriteActivity,
+                 chunk_lists: ChunkLists, *, host: str, parallel: int = 8,
                  batch_delay: float = 0.2, commit_delay: float = 2.0,
                  quiet: float = 0.5) -> None:
         self.journal = journal
@@ -77,8 +79,11 @@ class Uploader:
         self.batch_delay = batch_delay
         self.schedule = UploadSchedule(journal, remote, commit_delay=commit_delay,
                                        quiet=quiet)
-        self.blobs = BlobUploader(store, db, journal, cache, namespace, remote)
-        self.manifests = ManifestCommitter(store, db, journal, namespace, remote, host=host)
+        self.blobs = BlobUploader(store, db, journal, cache, namespace, remote, chunk_lists)
+        # completed chunks of files still being written (see early_chunks.py)
+        self.early = EarlyChunks(store, remote, chunk_lists, cache.root / "partial")
+        self.manifests = ManifestCommitter(store, db, journal, namespace, remote, chunk_lists,
+                                           host=host)
         self.heads = HeadWriter(store, db, host=host)
         self.status = UploadStatus()
         self._slots = trio.Semaphore(parallel)
@@ -133,6 +138,7 @@ class Uploader:
         self.schedule.left_by_earlier_run()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.heads.run, lambda: bool(self._committing))
+            nursery.start_soon(self.early.run)
             while True:
                 self._kick = trio.Event()
                 started = self._start_due(nursery)

@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
         "fsrepo.connectivity", "fsrepo.endpoint_check", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
-        "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.dir_listing", "fsrepo.snapshots",
+        "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.chunking", "fsrepo.dir_listing",
+        "fsrepo.snapshots",
         "fsrepo.snapshot_diff"]),
     ("core: files and names", [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.paths", "fsrepo.announce",
@@ -36,8 +37,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fsrepo.tree_walk"]),
     ("uploads, downloads and local tools", [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
-        "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.sync", "fsrepo.salvage",
-        "fsrepo.pending_list", "fsrepo.upload_log",
+        "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.early_chunks", "fsrepo.sync",
+        "fsrepo.salvage", "fsrepo.pending_list", "fsrepo.upload_log",
         "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge",
         "fsrepo.auto_snapshots"]),
     ("assembly", ["fsrepo.engine"]),

@@ -83,14 +83,15 @@ async def check_snapshots(store: Store, blobs: BlobTable, used: bytearray, v: Pr
             for name, entry in sorted(got.items()):
                 if not isinstance(entry, FileEntry):
                     continue
-                index = blobs.find(entry.sha256)
-                if index >= 0:
-                    used[index] = 1
-                if index < 0 or blobs.size(index) != entry.size:
-                    where = path_in(parents, dir_id, name)
-                    what = "is missing from the bucket" if index < 0 else \
-                        f"has {blobs.size(index)} bytes, the copy says {entry.size}"
-                    v.problem("snapshot-blob", f"snapshot {snap.name}: {where}: its content "
-                              f"(blob {entry.sha256}) {what}", snapshot=snap.name,
-                              dir_id=dir_id, path=where, sha256=entry.sha256)
+                for sha, size in entry.blobs():  # a chunked file: each of its chunks
+                    index = blobs.find(sha)
+                    if index >= 0:
+                        used[index] = 1
+                    if index < 0 or blobs.size(index) != size:
+                        where = path_in(parents, dir_id, name)
+                        what = "is missing from the bucket" if index < 0 else \
+                            f"has {blobs.size(index)} bytes, the copy says {size}"
+                        v.problem("snapshot-blob", f"snapshot {snap.name}: {where}: its content "
+                                  f"(blob {sha}) {what}", snapshot=snap.name,
+                                  dir_id=dir_id, path=where, sha256=sha)
     return len(snaps)

@@ -131,7 +131,8 @@ async def verify(store: Store, data: bool = False, progress: Any = None) -> Veri
                 elif isinstance(entry, FileEntry):
                     v.files += 1
                     v.file_bytes += entry.size
-                    refs.add(dir_id, entry.sha256, entry.size)
+                    for sha, size in entry.blobs():  # its chunks, for a chunked file
+                        refs.add(dir_id, sha, size)
                 elif isinstance(entry, SymlinkEntry):
                     v.symlinks += 1
         level = next_level
@@ -211,9 +212,11 @@ async def _names_in(store: Store, wanted: dict[str, set[str]]
             return
         shas = wanted[dir_id]
         for name, entry in sorted(manifest.entries.items()):
-            if isinstance(entry, FileEntry) and entry.sha256 in shas:
-                out.setdefault((dir_id, entry.sha256), {}).setdefault(
-                    entry.size, []).append(name)
+            if not isinstance(entry, FileEntry):
+                continue
+            for sha, size in entry.blobs():
+                if sha in shas:
+                    out.setdefault((dir_id, sha), {}).setdefault(size, []).append(name)
 
     await gather(list(wanted), read, PARALLEL)
     return out

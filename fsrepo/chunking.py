@@ -1,0 +1,128 @@
+"""Cutting a large file into chunks, and the chunk lists of the files this machine stored.
+
+A file larger than the repository's chunk size goes to the bucket as chunks (manifest.Chunks).
+Its journal entry names only the whole file's SHA-256; the uploader cuts the cached file
+into chunks when it sends it, and keeps the chunk list here (a small file per list, next to
+the cache) before it records the file as uploaded. The manifest commit then writes the list
+into the file's entry, and a later copy of the same content needs no new cut: dedup of
+whole files stays one lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from .hashing import HASH_CHUNK
+from .manifest import MIN_CHUNK, Chunks, Entry, FileEntry
+
+
+def cut(path: Path, chunk_size: int) -> Chunks:
+    """The chunk list of a file: the SHA-256 of every `chunk_size` bytes (worker thread)."""
+    shas = []
+    with open(path, "rb") as fh:
+        while True:
+            h = hashlib.sha256()
+            left = chunk_size
+            while left and (data := fh.read(min(HASH_CHUNK, left))):
+                h.update(data)
+                left -= len(data)
+            if left == chunk_size:
+                break
+            shas.append(h.hexdigest())
+            if left:
+                break
+    return Chunks(chunk_size, tuple(shas))
+
+
+def copy_range(source: Path, dest: Path, offset: int, length: int) -> None:
+    """Write bytes [offset, offset+length) of `source` into a new file `dest`."""
+    with open(source, "rb") as src, open(dest, "wb") as out:
+        copied = 0
+        while copied < length:
+            n = os.copy_file_range(src.fileno(), out.fileno(), length - copied,
+                                   offset + copied)
+            if n == 0:
+                raise OSError(f"{source} ended before byte {offset + length}")
+            copied += n
+
+
+class ChunkLists:
+    """The chunk lists of files this machine sent as chunks, by whole-file SHA-256, and the
+    repository's chunk size (None: the repository keeps whole files only)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.chunk_size: int | None = None
+        self._sending: dict[str, trio.Event] = {}  # chunks on their way to the bucket
+
+    @asynccontextmanager
+    async def sending(self, sha: str) -> AsyncIterator[None]:
+        """Hold a chunk while it is checked and sent: the early sender and the uploader
+        (after close) may both get to it, and the second must find it sent, not send it
+        again."""
+        while (busy := self._sending.get(sha)) is not None:
+            await busy.wait()
+        done = self._sending[sha] = trio.Event()
+        try:
+            yield
+        finally:
+            del self._sending[sha]
+            done.set()
+
+    def _path(self, sha: str) -> Path:
+        return self.root / sha[:2] / f"{sha}.json"
+
+    def wants_chunks(self, size: int) -> bool:
+        return self.chunk_size is not None and size > self.chunk_size
+
+    def get(self, sha: str) -> Chunks | None:
+        try:
+            raw = json.loads(self._path(sha).read_bytes())
+            return Chunks(int(raw["size"]), tuple(raw["sha256"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # never cut here, or a damaged list: cut again
+
+    def put(self, sha: str, chunks: Chunks) -> None:
+        """Keep a chunk list durably (worker thread): a manifest may name the file only
+        once its list survives a crash."""
+        path = self._path(sha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"size": chunks.size, "sha256": list(chunks.shas)}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def with_chunks(self, entries: dict[bytes, Entry],
+                    names: set[bytes]) -> dict[bytes, Entry]:
+        """The entries, those of `names` (what a batch of ops wrote) that this machine sent
+        as chunks carrying their chunk lists (whatever the chunk size is now: an offline
+        start does not know it)."""
+        out = dict(entries)
+        for name in names:
+            entry = entries.get(name)
+            if isinstance(entry, FileEntry) and entry.chunks is None \
+                    and entry.size > MIN_CHUNK:
+                chunks = self.get(entry.sha256)
+                if chunks is not None and len(chunks.shas) == -(-entry.size // chunks.size):
+                    out[name] = FileEntry(entry.sha256, entry.size, entry.mtime_ns,
+                                          entry.mode, chunks)
+        return out
+
+
+def known_blobs(entries: dict[bytes, Entry]) -> set[str]:
+    """The blobs a manifest's files say are in the bucket: a chunked file's chunks (its
+    whole-file SHA-256 names no object), a whole file's blob."""
+    out: set[str] = set()
+    for entry in entries.values():
+        if isinstance(entry, FileEntry):
+            out.update(sha for sha, _ in entry.blobs())
+    return out

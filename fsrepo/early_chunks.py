@@ -1,0 +1,178 @@
+"""Chunks of a large file sent while it is still being written.
+
+A file written sequentially (a copy, a `dd`, a camera import) has its completed chunks
+uploaded in the background, each under its own SHA-256, so that after close() only its
+last chunk is left to send. What is sent here is a head start, never a promise: the close
+path (blob_upload) still cuts the closed file and makes sure every chunk is in the bucket,
+finding these ones already there (trusted as just seen, no request). A chunk whose bytes
+were changed after it was sent is simply not referenced (--gc frees it); one not sent here
+(too many waiting, an error, a crash) is sent after close.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from .chunking import ChunkLists
+from .errors import ImgrepoError
+from .hashing import hash_file
+from .remote_index import RemoteIndex
+from .repository import blob_key
+from .store.base import Store
+
+log = logging.getLogger(__name__)
+
+EARLY_PARALLEL = 2  # chunks in flight: the writer comes first
+TRACKED = 64  # files followed at once (each holds a descriptor; the oldest are let go)
+SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
+
+
+class Written(Protocol):
+    """A staging copy being written: its file, and how far it was written in order."""
+
+    path: Path
+    fd: int
+    hashed: int  # bytes written sequentially from the start (a running hash covers them)
+
+    @property
+    def hasher(self) -> object | None: ...
+
+
+@dataclass
+class Followed:
+    """A file whose completed chunks are being sent: our own descriptor on its staging
+    copy (valid whatever happens to the copy's), how far it was written in order, and the
+    start of the next chunk to send."""
+
+    fd: int
+    written: int = 0
+    next: int = 0
+    busy: int = 0  # chunks of it in flight
+    done: bool = False  # written out of order, or let go: nothing more to send
+
+
+class EarlyChunks:
+    """Sends completed chunks of sequentially written files (`wrote` after each write)."""
+
+    def __init__(self, store: Store, remote: RemoteIndex, chunk_lists: ChunkLists,
+                 partial_dir: Path, parallel: int = EARLY_PARALLEL) -> None:
+        self.store = store
+        self.remote = remote
+        self.chunk_lists = chunk_lists
+        self.partial_dir = partial_dir
+        self.parallel = parallel
+        self.sent = 0  # chunks this process created in the bucket before their file's close
+        self._files: OrderedDict[Path, Followed] = OrderedDict()  # by staging copy
+        self._work = trio.Event()
+
+    def wrote(self, st: Written) -> None:
+        """After a write to a staging copy: note how far it is written in order (a random
+        write ends its head start: close() cuts the file)."""
+        size = self.chunk_lists.chunk_size
+        f = self._files.get(st.path)
+        if size is None or st.hasher is None:
+            if f is not None:
+                self._let_go(st.path, f)
+            return
+        if f is None:
+            if st.hashed < size:
+                return
+            f = self._files[st.path] = Followed(os.dup(st.fd))
+            while len(self._files) > TRACKED:
+                oldest = next(iter(self._files))
+                self._let_go(oldest, self._files[oldest])
+        if st.hashed < f.next:  # truncated and written again
+            f.next = 0
+        f.written = st.hashed
+        self._files.move_to_end(st.path)
+        if f.written - f.next >= size:
+            self._work.set()
+
+    def _let_go(self, path: Path, f: Followed) -> None:
+        f.done = True
+        del self._files[path]
+        if not f.busy:
+            os.close(f.fd)
+
+    def sweep(self) -> None:
+        """Let go of files closed meanwhile (their staging copy is gone: sealed into the
+        cache, or dropped), so that no descriptor keeps a dropped copy's space."""
+        for path, f in list(self._files.items()):
+            if not f.busy and not path.exists():
+                self._let_go(path, f)
+
+    def _take(self) -> tuple[Path, Followed, int, int] | None:
+        """The next chunk to send: the oldest followed file's first unsent complete one."""
+        size = self.chunk_lists.chunk_size
+        if size is None:
+            return None
+        for path, f in self._files.items():
+            if f.written - f.next >= size:
+                start, f.next = f.next, f.next + size
+                f.busy += 1
+                return path, f, start, size
+        return None
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.parallel):
+                    nursery.start_soon(self._worker)
+        finally:
+            for path, f in list(self._files.items()):
+                self._let_go(path, f)
+
+    async def _worker(self) -> None:
+        while True:
+            job = self._take()
+            if job is None:
+                self.sweep()
+                if self._work.is_set():
+                    self._work = trio.Event()
+                with trio.move_on_after(SWEEP_EVERY):
+                    await self._work.wait()
+                continue
+            path, f, start, size = job
+            try:
+                await self._send(f.fd, start, size)
+            finally:
+                f.busy -= 1
+                if f.done and not f.busy:
+                    os.close(f.fd)
+                elif not path.exists() and f.written - f.next < size:
+                    self._let_go(path, f)  # closed (sealed into the cache): all sent
+
+    async def _send(self, fd: int, start: int, size: int) -> None:
+        part = self.partial_dir / f"early.{uuid.uuid4().hex}"
+        try:
+            await trio.to_thread.run_sync(_copy_fd_range, fd, part, start, size)
+            sha = await trio.to_thread.run_sync(hash_file, part)
+            async with self.chunk_lists.sending(sha):
+                if not self.remote.reuse_or_recheck(sha) \
+                        and await self.store.head(blob_key(sha)) is None:
+                    if await self.store.put_file(blob_key(sha), part, sha):
+                        self.sent += 1
+                self.remote.seen_in_bucket(sha)
+        except (ImgrepoError, OSError) as exc:  # a head start only: close() sends it
+            log.debug("early upload of a chunk failed: %s", exc)
+        finally:
+            part.unlink(missing_ok=True)
+
+
+def _copy_fd_range(fd: int, dest: Path, offset: int, length: int) -> None:
+    """Bytes [offset, offset+length) of an open file into a new file (worker thread)."""
+    with open(dest, "wb") as out:
+        copied = 0
+        while copied < length:
+            n = os.copy_file_range(fd, out.fileno(), length - copied, offset + copied)
+            if n == 0:
+                raise OSError(f"a staging copy ended before byte {offset + length}")
+            copied += n

@@ -1,0 +1,739 @@
+"""Large files stored as chunks: every chunk verified before a byte of it is served, a
+damaged chunk failing only the reads that touch it, and the maintenance tools (--gc,
+--verify --data, --sync) following chunk lists. Repositories are built through the store
+API (file:// and S3 alike), so each test sets up exactly the damage it wants."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from fsrepo.errors import FsError, RepositoryFormatError
+from fsrepo.maintenance.gc import collect
+from fsrepo.maintenance.verify import verify
+from fsrepo.manifest import FileEntry, entry_from_json, entry_to_json
+from fsrepo.repository import (
+    CHUNKS_VERSION,
+    blob_key,
+    manifest_key,
+    open_repository,
+    parse_descriptor,
+)
+from fsrepo.store.base import Store, StoredObject
+from fsrepo.store.counting import PUT_FILE, PUT_FILE_CREATED, PUT_FILE_EXISTED, CountingStore
+
+from .coreutil import EngineDriver, resolve, running_engine, start_uploader
+from .faulty_store import AFTER, CRASH, Fault, FaultyStore
+from .targets import StorageTarget
+
+MiB = 1 << 20
+DAMAGE_LOGS = (r"chunk 2|download of blob .* failed|corrupt", )
+
+
+def content(size: int, seed: int = 1) -> bytes:
+    """Bytes that differ in every chunk (a damaged chunk cannot be mistaken for another)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest() * 1024
+        counter += 1
+    return bytes(out[:size])
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def put_repository(store: Store, version: int = CHUNKS_VERSION,
+                          chunk_size: int = MiB) -> None:
+    """A new repository (format 4 cuts files larger than `chunk_size` into chunks)."""
+    await store.put("imgrepo.json", json.dumps({
+        "format": "imgrepo", "version": version, "hash": "sha256",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "repo_id": uuid.uuid4().hex, "chunk_size": chunk_size}).encode())
+
+
+async def put_chunked(store: Store, data: bytes, chunk: int,
+                      damage: int | None = None) -> dict:
+    """Store `data` as chunks (chunk `damage` with one byte flipped under its right
+    name) and return its manifest entry."""
+    shas = []
+    for index, at in enumerate(range(0, len(data), chunk)):
+        piece = data[at:at + chunk]
+        shas.append(sha(piece))
+        if index == damage:
+            piece = piece[:100] + bytes([piece[100] ^ 1]) + piece[101:]
+        await store.put(blob_key(shas[-1]), piece)
+    return {"type": "file", "sha256": sha(data), "size": len(data), "mtime_ns": 0,
+            "mode": 0o644, "chunks": {"size": chunk, "sha256": shas}}
+
+
+async def put_root(store: Store, entries: dict[str, dict]) -> None:
+    await store.put(manifest_key("root"), json.dumps(
+        {"imgrepo_manifest": 1, "dir_id": "root", "entries": entries}).encode())
+
+
+async def read_at(engine, path: str, offset: int, size: int) -> bytes:
+    node, _ = await resolve(engine, path)
+    handle = await engine.files.open(node, os.O_RDONLY)
+    try:
+        return await engine.files.read(handle.fh, offset, size)
+    finally:
+        await engine.files.release(handle.fh)
+
+
+def test_chunk_list_round_trips_and_bad_lists_are_refused():
+    raw = {"type": "file", "sha256": "a" * 64, "size": 3 * MiB + 1, "mtime_ns": 5,
+           "mode": 0o600, "chunks": {"size": MiB, "sha256": ["b" * 64] * 4}}
+    entry = entry_from_json(raw)
+    assert isinstance(entry, FileEntry) and entry.chunks is not None
+    assert entry_to_json(entry) == raw
+    assert entry.blobs()[-1] == ("b" * 64, 1)
+    assert entry == FileEntry("a" * 64, 3 * MiB + 1, 5, 0o600)  # storage is not identity
+    for bad in ({"size": MiB, "sha256": ["b" * 64] * 3},  # too few for the size
+                {"size": 100, "sha256": ["b" * 64] * 4},  # absurd chunk size
+                {"size": MiB, "sha256": ["B" * 64] * 4},
+                ["b" * 64] * 4):
+        with pytest.raises(ValueError):
+            entry_from_json(raw | {"chunks": bad})
+
+
+@pytest.mark.expected_logs(*DAMAGE_LOGS, reason="the test damages chunk 2 in the bucket")
+def test_damaged_chunk_fails_only_reads_touching_it(storage: StorageTarget, tmp_path: Path):
+    data = content(5 * MiB)
+    bad = 2 * MiB  # chunk 2 starts here
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB, damage=2)})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
+                                  upload=False) as engine:
+            # A sequential reader: every byte it gets is right, and it stops at chunk 2.
+            node, _ = await resolve(engine, "big.mov")
+            handle = await engine.files.open(node, os.O_RDONLY)
+            got = bytearray()
+            try:
+                with pytest.raises(FsError) as failed:
+                    while True:
+                        piece = await engine.files.read(handle.fh, len(got), 128 * 1024)
+                        if not piece:
+                            break
+                        got += piece
+            finally:
+                await engine.files.release(handle.fh)
+            assert failed.value.errno == errno.EIO
+            assert len(got) == bad and bytes(got) == data[:bad]
+            # Reads touching the chunk fail; reads of the chunks after it work.
+            for offset, size in ((bad + 5, 10), (bad - 10, 20), (3 * MiB - 1, 2)):
+                with pytest.raises(FsError):
+                    await read_at(engine, "big.mov", offset, size)
+            assert await read_at(engine, "big.mov", 3 * MiB, MiB) == data[3 * MiB:4 * MiB]
+            assert await read_at(engine, "big.mov", 5 * MiB - 7, 100) == data[-7:]
+            assert await read_at(engine, "big.mov", MiB - 3, 6) == data[MiB - 3:MiB + 3]
+            # The damaged chunk never joined the cache.
+            damaged = sha(data[bad:bad + MiB])
+            assert not engine.cache.has(damaged)
+            assert engine.cache.has(sha(data[3 * MiB:4 * MiB]))
+
+    trio.run(main)
+
+
+def test_chunked_and_whole_files_read_side_by_side(storage: StorageTarget, tmp_path: Path):
+    """A repository of the old layout (one blob a file) next to chunked entries."""
+    big, small = content(3 * MiB + 12345, seed=2), b"a small photo"
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            whole = content(2 * MiB, seed=3)
+            await store.put(blob_key(sha(whole)), whole)
+            await store.put(blob_key(sha(small)), small)
+            await put_root(store, {
+                "big.mov": await put_chunked(store, big, MiB),
+                "old.mov": {"type": "file", "sha256": sha(whole), "size": len(whole),
+                            "mtime_ns": 0, "mode": 0o644},
+                "small.jpg": {"type": "file", "sha256": sha(small), "size": len(small),
+                              "mtime_ns": 0, "mode": 0o644}})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
+                                  upload=False) as engine:
+            assert await read_at(engine, "big.mov", 0, len(big) + 10) == big
+            assert await read_at(engine, "old.mov", 0, 3 * MiB) == whole
+            assert await read_at(engine, "small.jpg", 0, 100) == small
+
+    trio.run(main)
+
+
+def test_writing_into_a_chunked_file_starts_from_its_verified_chunks(tmp_path: Path):
+    data = content(3 * MiB + 5, seed=4)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache",
+                                  upload=False) as engine:
+            node, _ = await resolve(engine, "big.mov")
+            handle = await engine.files.open(node, os.O_RDWR)
+            try:
+                await engine.files.write(handle.fh, 10, b"XYZ")
+                assert await engine.files.read(handle.fh, 0, len(data) + 1) == \
+                    data[:10] + b"XYZ" + data[13:]
+            finally:
+                await engine.files.release(handle.fh)
+
+    trio.run(main)
+
+
+@pytest.mark.expected_logs(r"corrupt|missing", reason="verify reports the damage it finds")
+def test_gc_keeps_chunks_and_verify_checks_them(tmp_path: Path):
+    data = content(4 * MiB + 1, seed=5)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            entry = await put_chunked(store, data, MiB, damage=1)
+            await put_root(store, {"big.mov": entry})
+            stray = b"unreferenced"
+            await store.put(blob_key(sha(stray)), stray)
+            chunks = entry["chunks"]["sha256"]
+            later = time.time() + 400 * 3600
+            await collect(store, 0, False, now=later - 1)  # first sight: remembered
+            await collect(store, 0, False, now=later)
+            assert all([await store.head(blob_key(c)) for c in chunks])
+            assert await store.head(blob_key(sha(stray))) is None
+            result = await verify(store, data=True)
+            problems = result.as_json()["problems"]
+            assert [p["kind"] for p in problems] == ["corrupt-blob"]
+            assert problems[0]["sha256"] == chunks[1] and problems[0]["paths"] == ["/big.mov"]
+            await store.delete(blob_key(chunks[3]))
+            problems = (await verify(store)).as_json()["problems"]
+            assert [(p["kind"], p["path"]) for p in problems] == [("missing-blob", "/big.mov")]
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+async def root_entry(store: Store, name: bytes) -> FileEntry:
+    got = await store.get(manifest_key("root"))
+    assert isinstance(got, StoredObject)
+    entry = entry_from_json(json.loads(got.data)["entries"][name.decode()])
+    assert isinstance(entry, FileEntry)
+    return entry
+
+
+def chunk_sends(counting: CountingStore,
+                kinds: tuple[str, ...] = (PUT_FILE, PUT_FILE_CREATED, PUT_FILE_EXISTED)
+                ) -> dict[str, int]:
+    """put_file calls per blob key (by default also those that raised)."""
+    out: dict[str, int] = {}
+    for (kind, key), n in counting.snapshot().by_key.items():
+        if kind in kinds:
+            out[key] = out.get(key, 0) + n
+    return out
+
+
+def test_large_files_go_as_chunks_and_a_new_end_sends_only_new_chunks(
+        storage: StorageTarget, tmp_path: Path):
+    data = content(5 * MiB, seed=6)
+    counted: list[CountingStore] = []
+
+    def counting(inner: Store) -> Store:
+        counted.append(CountingStore(inner, by_key=True))
+        return counted[-1]
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
+                                  wrap_store=counting) as engine:
+            fs = EngineDriver(engine)
+            await fs.create("big.mov", data)
+            await fs.create("small.jpg", b"small")
+            await fs.drain()
+            sent = chunk_sends(counted[-1])
+            entry = await root_entry(engine.store, b"big.mov")
+            assert entry.chunks is not None and entry.sha256 == sha(data)
+            assert sorted(sent) == sorted({blob_key(c) for c in entry.chunks.shas}
+                                          | {blob_key(sha(b"small"))})
+            assert await engine.store.head(blob_key(sha(data))) is None  # no whole blob
+            # A copy of the whole file: one lookup, nothing sent, the same chunk list.
+            before = counted[-1].snapshot()
+            await fs.create("copy.mov", data)
+            await fs.drain()
+            assert counted[-1].since(before).uploads == 0
+            assert (await root_entry(engine.store, b"copy.mov")).chunks == entry.chunks
+            # Re-saved with a new end: only the chunks past the old end are sent.
+            before = counted[-1].snapshot()
+            await fs.write_at("big.mov", len(data), b"appended" * 1000)
+            await fs.drain()
+            assert counted[-1].since(before).uploads == 1
+            before = counted[-1].snapshot()
+            await fs.write_at("big.mov", 5 * MiB - 1, b"!")
+            await fs.drain()
+            assert counted[-1].since(before).uploads == 1
+        final = data[:-1] + b"!" + b"appended" * 1000
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 10 * MiB) == final
+            assert await read_at(fresh, "copy.mov", 0, 10 * MiB) == data
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("nth", [2, 4])
+def test_a_crash_mid_chunked_upload_sends_no_finished_chunk_again(
+        storage: StorageTarget, tmp_path: Path, nth: int):
+    data = content(5 * MiB + 3, seed=7)
+    runs: list[tuple[CountingStore, FaultyStore]] = []
+    scope = trio.CancelScope()
+
+    def wrap(inner: Store) -> Store:
+        counting = CountingStore(inner, by_key=True)
+        runs.append((counting, FaultyStore(counting, on_crash=scope.cancel)))
+        return runs[-1][1]
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        with scope:
+            async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
+                                      wrap_store=wrap, upload=False) as engine:
+                fs = EngineDriver(engine)
+                await fs.create("big.mov", data)
+                runs[-1][1].arm(Fault("put_file", nth=nth, effect=CRASH, when=AFTER))
+                start_uploader(engine)
+                with trio.fail_after(60):
+                    await fs.drain()
+                raise AssertionError("drained without reaching the crash")
+        assert runs[-1][1].crashed
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
+                                  wrap_store=wrap) as engine:
+            with trio.fail_after(60):
+                await EngineDriver(engine).drain()
+            entry = await root_entry(engine.store, b"big.mov")
+        landed = chunk_sends(runs[0][0], (PUT_FILE_CREATED, PUT_FILE_EXISTED))
+        again = chunk_sends(runs[1][0])
+        assert len(landed) >= nth and not set(landed) & set(again), (landed, again)
+        assert entry.chunks is not None
+        assert set(landed) | set(again) == {blob_key(c) for c in entry.chunks.shas}
+        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 6 * MiB) == data
+
+    trio.run(main)
+
+
+def test_a_repository_not_upgraded_keeps_whole_blobs(tmp_path: Path):
+    """An older repository that cannot be upgraded now (a read-only token, say) keeps
+    whole-file blobs: an older mount must still find them."""
+    data = content(3 * MiB, seed=8)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+            engine.chunk_lists.chunk_size = None  # as after a refused upgrade
+            await EngineDriver(engine).create("big.mov", data)
+            await EngineDriver(engine).drain()
+            entry = await root_entry(engine.store, b"big.mov")
+            assert entry.chunks is None
+            assert await engine.store.head(blob_key(sha(data))) == len(data)
+
+    trio.run(main)
+
+
+def test_a_file_sent_as_chunks_reads_back_before_its_manifest_is_written(tmp_path: Path):
+    """Between the upload of its chunks and the commit of its directory, a file's entry
+    names only its whole-file hash, and the cache may evict the whole file: its reads
+    then come from the chunk list this machine kept."""
+    data = content(3 * MiB + 7, seed=9)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache",
+                                  upload=False) as engine:
+            fs = EngineDriver(engine)
+            await fs.create("big.mov", data)
+            await engine.uploader.blobs.upload(sha(data))
+            engine.cache.discard(sha(data))  # evicted meanwhile
+            assert await read_at(engine, "big.mov", MiB - 5, 2 * MiB) == \
+                data[MiB - 5:3 * MiB - 5]
+            await fs.write_at("big.mov", 3, b"abc")  # a write starts from the chunks
+            start_uploader(engine)
+            await fs.drain()
+            assert (await root_entry(engine.store, b"big.mov")).chunks is not None
+        async with running_engine(storage.url, None, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 4 * MiB) == data[:3] + b"abc" + data[6:]
+
+    trio.run(main)
+
+
+def test_a_chunked_file_from_another_machine_is_renamed_without_its_content(tmp_path: Path):
+    """Its whole-file hash names no blob, and this machine has neither the file nor its
+    chunk list: the rename carries the chunk list along and needs no upload."""
+    data = content(3 * MiB, seed=10)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+            fs = EngineDriver(engine)
+            await fs.rename("big.mov", "moved.mov")
+            with trio.fail_after(60):
+                await fs.drain()
+            assert (await root_entry(engine.store, b"moved.mov")).chunks is not None
+        async with running_engine(storage.url, None, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "moved.mov", 0, 4 * MiB) == data
+
+    trio.run(main)
+
+
+def test_a_chunked_file_from_another_machine_changes_mode_and_time_without_its_content(
+        tmp_path: Path):
+    data = content(2 * MiB + 1, seed=11)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+            fs = EngineDriver(engine)
+            await fs.setattr("big.mov", mode=0o600, mtime_ns=123)
+            with trio.fail_after(60):
+                await fs.drain()
+            entry = await root_entry(engine.store, b"big.mov")
+            assert entry.chunks is not None and (entry.mode, entry.mtime_ns) == (0o600, 123)
+            assert not engine.cache.has(entry.chunks.shas[0])  # nothing was fetched
+
+    trio.run(main)
+
+
+def test_a_damaged_chunk_through_the_mount(storage: StorageTarget, tmp_path: Path, mounter):
+    """The same through the kernel (its read-ahead included): a reader gets correct bytes
+    up to the damaged chunk and then EIO; the chunks after it still read; the log names
+    the file and the byte range."""
+    data = content(5 * MiB, seed=12)
+    bad = 2 * MiB
+
+    async def build() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB, damage=2)})
+        finally:
+            await store.aclose()
+
+    trio.run(build)
+    m = mounter(storage.url, endpoint_url=storage.endpoint_url)
+    got = bytearray()
+    with open(m.path / "big.mov", "rb", buffering=0) as fh:
+        with pytest.raises(OSError) as failed:
+            while piece := fh.read(128 * 1024):
+                got += piece
+        assert failed.value.errno == errno.EIO
+        assert bytes(got) == data[:len(got)] and len(got) == bad
+        assert os.pread(fh.fileno(), MiB, 3 * MiB) == data[3 * MiB:4 * MiB]
+        with pytest.raises(OSError):
+            os.pread(fh.fileno(), 4096, bad + MiB - 100)
+    assert f"/big.mov: cannot read bytes {bad}-{bad + MiB} (chunk 2" in m.logtext()
+    assert not m.unexpected_log_lines(r"chunk 2|download of blob .* failed")
+
+
+def test_sync_fetches_a_chunked_file_chunk_by_chunk(tmp_path: Path):
+    data = content(3 * MiB + 9, seed=13)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            entry = await put_chunked(store, data, MiB)
+            await put_root(store, {"big.mov": entry})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache",
+                                  upload=False) as engine:
+            end = await engine.syncer.run([], send)
+            assert (end["to_fetch"], end["done_bytes"], end["failed"]) == (4, len(data), 0)
+            assert all(engine.cache.has(c) for c in entry["chunks"]["sha256"])
+            assert await read_at(engine, "big.mov", 0, 4 * MiB) == data
+
+    trio.run(main)
+
+
+def test_a_cold_read_fetches_the_next_chunks_ahead(tmp_path: Path):
+    data = content(6 * MiB, seed=14)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            entry = await put_chunked(store, data, MiB)
+            await put_root(store, {"big.mov": entry})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache",
+                                  upload=False) as engine:
+            assert await read_at(engine, "big.mov", 0, 4096) == data[:4096]
+            shas = entry["chunks"]["sha256"]
+            ahead = [s for s in shas[1:] if s in engine.cache.downloads or engine.cache.has(s)]
+            assert ahead == shas[1:5]  # READ_AHEAD chunks after the one read, not more
+
+    trio.run(main)
+
+
+def test_chunks_of_a_file_being_written_are_sent_before_its_close(tmp_path: Path):
+    data = content(5 * MiB + 100, seed=15)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    counted: list[CountingStore] = []
+
+    def counting(inner: Store) -> Store:
+        counted.append(CountingStore(inner, by_key=True))
+        return counted[-1]
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache",
+                                  wrap_store=counting) as engine:
+            node = engine.ns.node(1)
+            handle, _ = await engine.files.create(node.ino, b"big.mov", 0o644)
+            try:
+                for off in range(0, len(data), 128 * 1024):
+                    await engine.files.write(handle.fh, off, data[off:off + 128 * 1024])
+                full = {blob_key(sha(data[at:at + MiB])) for at in range(0, 5 * MiB, MiB)}
+                with trio.fail_after(60):  # (a hang guard, not a timing assertion)
+                    while not full <= set(chunk_sends(counted[-1])):
+                        await trio.sleep(0.01)
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            await EngineDriver(engine).drain()
+            entry = await root_entry(engine.store, b"big.mov")
+            assert entry.chunks is not None
+            keys = [blob_key(c) for c in entry.chunks.shas]
+            assert set(keys[:5]) == full
+            sends = chunk_sends(counted[-1])
+            assert {k: sends[k] for k in keys} == {k: 1 for k in keys}  # none sent twice
+            engine.uploader.early.sweep()  # (its workers do every few seconds)
+            assert not engine.uploader.early._files  # its copy is gone: nothing kept open
+        async with running_engine(storage.url, None, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 6 * MiB) == data
+
+    trio.run(main)
+
+
+def test_a_random_write_ends_the_head_start(tmp_path: Path):
+    """Chunks sent before a write went back into them are not what the file holds: the
+    closed file's own chunks are sent, and the file reads back as written."""
+    data = bytearray(content(3 * MiB, seed=16))
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+            handle, _ = await engine.files.create(1, b"big.mov", 0o644)
+            try:
+                for off in range(0, len(data), 128 * 1024):
+                    await engine.files.write(handle.fh, off, bytes(data[off:off + 128 * 1024]))
+                with trio.fail_after(60):
+                    while engine.uploader.early.sent < 3:
+                        await trio.sleep(0.01)
+                await engine.files.write(handle.fh, 10, b"changed")
+                data[10:17] = b"changed"
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            await EngineDriver(engine).drain()
+        async with running_engine(storage.url, None, tmp_path / "fresh",
+                                  upload=False) as fresh:
+            assert await read_at(fresh, "big.mov", 0, 4 * MiB) == bytes(data)
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
+def test_kill_9_during_a_chunked_upload_sends_no_finished_chunk_again(
+        s3_bucket, s3_proxy, mounter, tmp_path: Path, delay: float):
+    """A large file written through the mount (its chunks going up while it is written
+    and after its close), the mount killed `delay` seconds after close: remounted, the
+    file reaches the bucket whole, and no chunk whose PUT succeeded is PUT again."""
+    data = content(8 * MiB + 77, seed=17)
+
+    async def build() -> None:
+        store = s3_bucket.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+
+    trio.run(build)
+    m = mounter(s3_bucket.url, endpoint_url=s3_proxy.url, cache_dir=tmp_path / "cache")
+    with open(m.path / "big.mov", "wb") as fh:
+        for at in range(0, len(data), 128 * 1024):
+            fh.write(data[at:at + 128 * 1024])
+    time.sleep(delay)
+    m.kill()
+    again = mounter(s3_bucket.url, endpoint_url=s3_proxy.url, cache_dir=tmp_path / "cache")
+    assert again.wait_idle()["pending_ops"] == 0
+    again.unmount()
+    finished: set[str] = set()
+    for seen in s3_proxy.requests:
+        if seen.method == "PUT" and "/blobs/" in seen.path:
+            assert seen.path not in finished, f"{seen.path} sent again after it landed"
+            if seen.status == 200:
+                finished.add(seen.path)
+    assert len(finished) >= 9  # the file went up as its 9 chunks
+    fresh = mounter(s3_bucket.url, endpoint_url=s3_bucket.endpoint_url,
+                    cache_dir=tmp_path / "fresh")
+    assert (fresh.path / "big.mov").read_bytes() == data
+
+
+def test_an_older_repository_is_upgraded_to_chunks_and_older_imgrepos_refuse_it(tmp_path: Path):
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store, version=CHUNKS_VERSION - 1)
+            raw = json.loads((await store.get("imgrepo.json")).data)
+            assert parse_descriptor(json.dumps(raw).encode(), "x").chunk_size is None
+            desc = await open_repository(store)
+            assert (desc.version, desc.chunk_size) == (CHUNKS_VERSION, MiB)  # (its own size)
+            with pytest.raises(RepositoryFormatError, match="bad chunk size"):
+                parse_descriptor(json.dumps(raw | {"version": CHUNKS_VERSION,
+                                                   "chunk_size": 10}).encode(), "x")
+            with pytest.raises(RepositoryFormatError, match="upgrade imgrepo"):
+                parse_descriptor(json.dumps(raw | {"version": CHUNKS_VERSION + 1}).encode(),
+                                 "x")
+        finally:
+            await store.aclose()
+
+    trio.run(main)
+
+
+def test_a_chunked_file_in_a_snapshot_reads_back_verifies_and_survives_gc(tmp_path: Path):
+    from fsrepo.snapshot_views import TOP_INO
+
+    data = content(3 * MiB + 5, seed=18)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "a") as engine:
+            fs = EngineDriver(engine)
+            await fs.create("big.mov", data)
+            await engine.uploader.wait_idle()
+            await engine.take_snapshot("s1")
+            chunks = (await root_entry(engine.store, b"big.mov")).chunks
+            assert chunks is not None
+            await fs.unlink("big.mov")
+            await engine.uploader.wait_idle()
+            later = time.time() + 400 * 3600
+            await collect(engine.store, 0, False, now=later - 1)
+            await collect(engine.store, 0, False, now=later)
+            assert all([await engine.store.head(blob_key(c)) for c in chunks.shas])
+            v = await verify(engine.store)
+            assert v.snapshots == 1 and not v.problems
+        async with running_engine(storage.url, None, tmp_path / "b") as engine:
+            tree = engine.snapshot_tree
+            top = await tree.lookup(TOP_INO, b"s1")
+            node = await tree.lookup(top.ino, b"big.mov")
+            fh = tree.open(node.ino, False)
+            try:
+                assert await tree.read(fh, 0, 4 * MiB) == data
+            finally:
+                tree.release(fh)
+
+    trio.run(main)
+
+
+def test_a_chunked_file_fetched_by_sync_opens_offline(tmp_path: Path):
+    from .test_snapshots import Unplugged
+
+    data = content(3 * MiB + 1, seed=19)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    plugs: list[Unplugged] = []
+
+    def wrap(inner: Store) -> Store:
+        plugs.append(Unplugged(inner))
+        return plugs[-1]
+
+    async def send(message: dict) -> None:
+        pass
+
+    async def main() -> None:
+        store = storage.open()
+        try:
+            await put_repository(store)
+            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
+        finally:
+            await store.aclose()
+        async with running_engine(storage.url, None, tmp_path / "cache", upload=False,
+                                  wrap_store=wrap) as engine:
+            await engine.syncer.run([], send)
+            await resolve(engine, "big.mov")
+            plugs[-1].plugged = False
+            assert await read_at(engine, "big.mov", 0, 4 * MiB) == data
+
+    trio.run(main)
