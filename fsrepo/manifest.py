@@ -135,24 +135,27 @@ _MTIME_MIN, _MTIME_MAX = -(1 << 62), 1 << 62
 _new = object.__new__
 # One int object per mode (at most 4,096), not one per entry: 32 bytes less a file in memory.
 _MODES: dict[int, int] = {}
-_FILE_FIELDS = ("sha256", "size", "mtime_ns", "mode")
+_FILE_FIELDS = ("sha256", "size", "mtime_ns", "mode", "chunks")
 assert FileEntry.__slots__ == _FILE_FIELDS, "_plain_file must set every field of FileEntry"
-_set_sha, _set_size, _set_mtime, _set_mode = (FileEntry.__dict__[k].__set__ for k in _FILE_FIELDS)
+_set_sha, _set_size, _set_mtime, _set_mode, _set_chunks = (
+    FileEntry.__dict__[k].__set__ for k in _FILE_FIELDS)
 
 
 def _plain_file(raw: dict) -> FileEntry | None:
     """The common entry (a file with every field well formed), checked in one pass: a
-    remount parses every cached manifest a walk opens. None: let the full check decide."""
+    remount parses every cached manifest a walk opens (a chunked file takes the full
+    check). None: let the full check decide."""
     sha, size = raw.get("sha256"), raw.get("size")
     mtime, mode = raw.get("mtime_ns", 0), raw.get("mode", 0o644)
     if type(sha) is str and type(size) is int and type(mtime) is int and type(mode) is int \
             and 0 <= size <= MAX_SIZE and _MTIME_MIN <= mtime <= _MTIME_MAX \
-            and 0 <= mode <= 0o7777 and _SHA_RE.fullmatch(sha):
+            and 0 <= mode <= 0o7777 and "chunks" not in raw and _SHA_RE.fullmatch(sha):
         entry = _new(FileEntry)
         _set_sha(entry, sha)
         _set_size(entry, size)
         _set_mtime(entry, mtime)
         _set_mode(entry, _MODES.setdefault(mode, mode))
+        _set_chunks(entry, None)
         return entry
     return None
 
