@@ -143,16 +143,22 @@ def salvage_advice(settings: Settings) -> str:
     count = pending_count(state_dir)
     if not count:
         return "; nothing in it waits for upload, so move that directory away to start afresh"
+    endpoint = f" --endpoint-url {settings.endpoint_url}" if settings.endpoint_url else ""
     return (f"; it still holds {count} changes not yet uploaded: copy its files out with "
-            f"`imgrepo-mount --salvage DEST --storage {settings.storage} --cache-dir "
+            f"`imgrepo-mount --salvage DEST --storage {settings.storage}{endpoint} --cache-dir "
             f"{settings.cache_root}`, then move that directory away to start afresh")
 
 
 def run_salvage(settings: Settings, dest: Path) -> int:
-    """`imgrepo-mount --salvage DEST [--storage URL] [--cache-dir DIR]`."""
-    report = salvage(settings.state_dir(), dest)
+    """`imgrepo-mount --salvage DEST [--storage URL] [--cache-dir DIR]`: the cache is looked
+    for where this version keeps it, then where versions before the endpoint counted did."""
+    state_dir, legacy = settings.state_dir(), settings.legacy_state_dir()
+    if not (state_dir / "state.db").exists() and legacy is not None \
+            and (legacy / "state.db").exists():
+        state_dir = legacy
+    report = salvage(state_dir, dest)
     print(f"salvage: copied {len(report.copied)} files not yet uploaded "
-          f"({human(report.bytes)}) from {settings.state_dir()} to {dest}")
+          f"({human(report.bytes)}) from {state_dir} to {dest}")
     for rel in report.missing:
         print(f"salvage: {rel}: its content is no longer in the cache", flush=True)
     return 1 if report.missing else 0

@@ -186,14 +186,15 @@ def test_salvage_recovers_pending_files_of_a_cache_the_bucket_no_longer_matches(
 
     dest = tmp_path / "salvaged"
     before = time.time()
-    out = run_cli(["--salvage", str(dest), "--storage", s3_bucket.url, "--cache-dir",
-                   str(cache)], mount_env)
+    advised = message.split("`")[1].split()  # the command the message gives, as typed
+    assert advised[:2] == ["imgrepo-mount", "--salvage"] and "--endpoint-url" in advised
+    out = run_cli([arg.replace("DEST", str(dest)) for arg in advised[1:]], mount_env)
     assert "copied 3 files not yet uploaded" in out.stdout
     assert file_tree(dest) == {"album/new.jpg": b"new one", "album/sub/deep.raw": deep,
                                "top.txt": b"top"}
     assert os.stat(dest / "top.txt").st_mtime < before  # its own mtime, not the copy's
-    again = run_cli(["--salvage", str(dest), "--storage", s3_bucket.url, "--cache-dir",
-                     str(cache)], mount_env, check=False)
+    again = run_cli([arg.replace("DEST", str(dest)) for arg in advised[1:]], mount_env,
+                    check=False)
     assert again.returncode != 0 and "not an empty folder" in again.stderr
 
 
