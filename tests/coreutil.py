@@ -14,8 +14,9 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -27,6 +28,9 @@ from fsrepo.group_commit import Disk
 from fsrepo.inodes import ROOT_INO, Node
 from fsrepo.manifest import DirEntry, Entry, FileEntry
 from fsrepo.store import Store, open_store
+
+if TYPE_CHECKING:  # (core_worker.py imports this module as a top-level one)
+    from .targets import StorageTarget
 
 CHUNK = 128 * 1024  # the kernel's usual write size for cached writes
 
@@ -68,6 +72,13 @@ async def running_engine(storage_url: str, endpoint_url: str | None, cache_root:
         await store.aclose()
         engine.close()
         lock.release()
+
+
+def engine_on(storage: StorageTarget, cache_root: Path, *, upload: bool = True,
+              **options: Any) -> AbstractAsyncContextManager[Engine]:
+    """running_engine on a test's storage target (its URL and endpoint)."""
+    return running_engine(storage.url, storage.endpoint_url, cache_root, upload=upload,
+                          **options)
 
 
 def start_uploader(engine: Engine) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ from fsrepo.repository import (
 from fsrepo.store.base import Store, StoredObject
 from fsrepo.store.counting import PUT_FILE, PUT_FILE_CREATED, PUT_FILE_EXISTED, CountingStore
 
-from .coreutil import EngineDriver, resolve, running_engine, start_uploader
+from .coreutil import EngineDriver, engine_on, resolve, start_uploader
 from .faulty_store import AFTER, CRASH, Fault, FaultyStore
 from .targets import StorageTarget
 
@@ -90,6 +91,40 @@ async def read_at(engine, path: str, offset: int, size: int) -> bytes:
         await engine.files.release(handle.fh)
 
 
+async def new_repository(storage: StorageTarget, chunked: dict[str, bytes] | None = None,
+                         damage: int | None = None) -> dict[str, dict]:
+    """A new repository whose root holds `chunked` (name: content) stored as MiB chunks
+    (chunk `damage` of each with one byte flipped); returns their manifest entries."""
+    store = storage.open()
+    try:
+        await put_repository(store)
+        entries = {name: await put_chunked(store, data, MiB, damage=damage)
+                   for name, data in (chunked or {}).items()}
+        if entries:
+            await put_root(store, entries)
+        return entries
+    finally:
+        await store.aclose()
+
+
+async def read_fresh(storage: StorageTarget, cache: Path, path: str, size: int) -> bytes:
+    """`size` bytes of `path` as a machine that never saw it reads them (no uploads)."""
+    async with engine_on(storage, cache, upload=False) as fresh:
+        return await read_at(fresh, path, 0, size)
+
+
+def counting_stores() -> tuple[list[CountingStore], Callable[[Store], Store]]:
+    """A wrap_store for running_engine, and the CountingStore (by key) of each engine it
+    wrapped, in order."""
+    counted: list[CountingStore] = []
+
+    def counting(inner: Store) -> Store:
+        counted.append(CountingStore(inner, by_key=True))
+        return counted[-1]
+
+    return counted, counting
+
+
 def test_chunk_list_round_trips_and_bad_lists_are_refused():
     raw = {"type": "file", "sha256": "a" * 64, "size": 3 * MiB + 1, "mtime_ns": 5,
            "mode": 0o600, "chunks": {"size": MiB, "sha256": ["b" * 64] * 4}}
@@ -112,14 +147,8 @@ def test_damaged_chunk_fails_only_reads_touching_it(storage: StorageTarget, tmp_
     bad = 2 * MiB  # chunk 2 starts here
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-            await put_root(store, {"big.mov": await put_chunked(store, data, MiB, damage=2)})
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
-                                  upload=False) as engine:
+        await new_repository(storage, {"big.mov": data}, damage=2)
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             # A sequential reader: every byte it gets is right, and it stops at chunk 2.
             node, _ = await resolve(engine, "big.mov")
             handle = await engine.files.open(node, os.O_RDONLY)
@@ -169,8 +198,7 @@ def test_chunked_and_whole_files_read_side_by_side(storage: StorageTarget, tmp_p
                               "mtime_ns": 0, "mode": 0o644}})
         finally:
             await store.aclose()
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
-                                  upload=False) as engine:
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             assert await read_at(engine, "big.mov", 0, len(big) + 10) == big
             assert await read_at(engine, "old.mov", 0, 3 * MiB) == whole
             assert await read_at(engine, "small.jpg", 0, 100) == small
@@ -183,14 +211,8 @@ def test_writing_into_a_chunked_file_starts_from_its_verified_chunks(tmp_path: P
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "cache",
-                                  upload=False) as engine:
+        await new_repository(storage, {"big.mov": data})
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             node, _ = await resolve(engine, "big.mov")
             handle = await engine.files.open(node, os.O_RDWR)
             try:
@@ -257,20 +279,11 @@ def chunk_sends(counting: CountingStore,
 def test_large_files_go_as_chunks_and_a_new_end_sends_only_new_chunks(
         storage: StorageTarget, tmp_path: Path):
     data = content(5 * MiB, seed=6)
-    counted: list[CountingStore] = []
-
-    def counting(inner: Store) -> Store:
-        counted.append(CountingStore(inner, by_key=True))
-        return counted[-1]
+    counted, counting = counting_stores()
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
-                                  wrap_store=counting) as engine:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache", wrap_store=counting) as engine:
             fs = EngineDriver(engine)
             await fs.create("big.mov", data)
             await fs.create("small.jpg", b"small")
@@ -297,8 +310,7 @@ def test_large_files_go_as_chunks_and_a_new_end_sends_only_new_chunks(
             await fs.drain()
             assert counted[-1].since(before).uploads == 1
         final = data[:-1] + b"!" + b"appended" * 1000
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "fresh",
-                                  upload=False) as fresh:
+        async with engine_on(storage, tmp_path / "fresh", upload=False) as fresh:
             assert await read_at(fresh, "big.mov", 0, 10 * MiB) == final
             assert await read_at(fresh, "copy.mov", 0, 10 * MiB) == data
 
@@ -318,14 +330,10 @@ def test_a_crash_mid_chunked_upload_sends_no_finished_chunk_again(
         return runs[-1][1]
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-        finally:
-            await store.aclose()
+        await new_repository(storage)
         with scope:
-            async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
-                                      wrap_store=wrap, upload=False) as engine:
+            async with engine_on(storage, tmp_path / "cache",
+                                 wrap_store=wrap, upload=False) as engine:
                 fs = EngineDriver(engine)
                 await fs.create("big.mov", data)
                 runs[-1][1].arm(Fault("put_file", nth=nth, effect=CRASH, when=AFTER))
@@ -334,8 +342,7 @@ def test_a_crash_mid_chunked_upload_sends_no_finished_chunk_again(
                     await fs.drain()
                 raise AssertionError("drained without reaching the crash")
         assert runs[-1][1].crashed
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "cache",
-                                  wrap_store=wrap) as engine:
+        async with engine_on(storage, tmp_path / "cache", wrap_store=wrap) as engine:
             with trio.fail_after(60):
                 await EngineDriver(engine).drain()
             entry = await root_entry(engine.store, b"big.mov")
@@ -344,9 +351,7 @@ def test_a_crash_mid_chunked_upload_sends_no_finished_chunk_again(
         assert len(landed) >= nth and not set(landed) & set(again), (landed, again)
         assert entry.chunks is not None
         assert set(landed) | set(again) == {blob_key(c) for c in entry.chunks.shas}
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "fresh",
-                                  upload=False) as fresh:
-            assert await read_at(fresh, "big.mov", 0, 6 * MiB) == data
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 6 * MiB) == data
 
     trio.run(main)
 
@@ -358,7 +363,7 @@ def test_a_repository_not_upgraded_keeps_whole_blobs(tmp_path: Path):
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
 
     async def main() -> None:
-        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+        async with engine_on(storage, tmp_path / "cache") as engine:
             engine.chunk_lists.chunk_size = None  # as after a refused upgrade
             await EngineDriver(engine).create("big.mov", data)
             await EngineDriver(engine).drain()
@@ -377,13 +382,8 @@ def test_a_file_sent_as_chunks_reads_back_before_its_manifest_is_written(tmp_pat
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "cache",
-                                  upload=False) as engine:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             fs = EngineDriver(engine)
             await fs.create("big.mov", data)
             await engine.uploader.blobs.upload(sha(data))
@@ -394,9 +394,8 @@ def test_a_file_sent_as_chunks_reads_back_before_its_manifest_is_written(tmp_pat
             start_uploader(engine)
             await fs.drain()
             assert (await root_entry(engine.store, b"big.mov")).chunks is not None
-        async with running_engine(storage.url, None, tmp_path / "fresh",
-                                  upload=False) as fresh:
-            assert await read_at(fresh, "big.mov", 0, 4 * MiB) == data[:3] + b"abc" + data[6:]
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == \
+            data[:3] + b"abc" + data[6:]
 
     trio.run(main)
 
@@ -408,21 +407,14 @@ def test_a_chunked_file_from_another_machine_is_renamed_without_its_content(tmp_
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+        await new_repository(storage, {"big.mov": data})
+        async with engine_on(storage, tmp_path / "cache") as engine:
             fs = EngineDriver(engine)
             await fs.rename("big.mov", "moved.mov")
             with trio.fail_after(60):
                 await fs.drain()
             assert (await root_entry(engine.store, b"moved.mov")).chunks is not None
-        async with running_engine(storage.url, None, tmp_path / "fresh",
-                                  upload=False) as fresh:
-            assert await read_at(fresh, "moved.mov", 0, 4 * MiB) == data
+        assert await read_fresh(storage, tmp_path / "fresh", "moved.mov", 4 * MiB) == data
 
     trio.run(main)
 
@@ -433,13 +425,8 @@ def test_a_chunked_file_from_another_machine_changes_mode_and_time_without_its_c
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+        await new_repository(storage, {"big.mov": data})
+        async with engine_on(storage, tmp_path / "cache") as engine:
             fs = EngineDriver(engine)
             await fs.setattr("big.mov", mode=0o600, mtime_ns=123)
             with trio.fail_after(60):
@@ -459,12 +446,7 @@ def test_a_damaged_chunk_through_the_mount(storage: StorageTarget, tmp_path: Pat
     bad = 2 * MiB
 
     async def build() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-            await put_root(store, {"big.mov": await put_chunked(store, data, MiB, damage=2)})
-        finally:
-            await store.aclose()
+        await new_repository(storage, {"big.mov": data}, damage=2)
 
     trio.run(build)
     m = mounter(storage.url, endpoint_url=storage.endpoint_url)
@@ -491,15 +473,8 @@ def test_sync_fetches_a_chunked_file_chunk_by_chunk(tmp_path: Path):
         sent.append(message)
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-            entry = await put_chunked(store, data, MiB)
-            await put_root(store, {"big.mov": entry})
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "cache",
-                                  upload=False) as engine:
+        entry = (await new_repository(storage, {"big.mov": data}))["big.mov"]
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             end = await engine.syncer.run([], send)
             assert (end["to_fetch"], end["done_bytes"], end["failed"]) == (4, len(data), 0)
             assert all(engine.cache.has(c) for c in entry["chunks"]["sha256"])
@@ -513,15 +488,8 @@ def test_a_cold_read_fetches_the_next_chunks_ahead(tmp_path: Path):
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-            entry = await put_chunked(store, data, MiB)
-            await put_root(store, {"big.mov": entry})
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "cache",
-                                  upload=False) as engine:
+        entry = (await new_repository(storage, {"big.mov": data}))["big.mov"]
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             assert await read_at(engine, "big.mov", 0, 4096) == data[:4096]
             shas = entry["chunks"]["sha256"]
             ahead = [s for s in shas[1:] if s in engine.cache.downloads or engine.cache.has(s)]
@@ -533,20 +501,11 @@ def test_a_cold_read_fetches_the_next_chunks_ahead(tmp_path: Path):
 def test_chunks_of_a_file_being_written_are_sent_before_its_close(tmp_path: Path):
     data = content(5 * MiB + 100, seed=15)
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
-    counted: list[CountingStore] = []
-
-    def counting(inner: Store) -> Store:
-        counted.append(CountingStore(inner, by_key=True))
-        return counted[-1]
+    counted, counting = counting_stores()
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "cache",
-                                  wrap_store=counting) as engine:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache", wrap_store=counting) as engine:
             node = engine.ns.node(1)
             handle, _ = await engine.files.create(node.ino, b"big.mov", 0o644)
             try:
@@ -568,9 +527,7 @@ def test_chunks_of_a_file_being_written_are_sent_before_its_close(tmp_path: Path
             assert {k: sends[k] for k in keys} == {k: 1 for k in keys}  # none sent twice
             engine.uploader.early.sweep()  # (its workers do every few seconds)
             assert not engine.uploader.early._files  # its copy is gone: nothing kept open
-        async with running_engine(storage.url, None, tmp_path / "fresh",
-                                  upload=False) as fresh:
-            assert await read_at(fresh, "big.mov", 0, 6 * MiB) == data
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 6 * MiB) == data
 
     trio.run(main)
 
@@ -582,12 +539,8 @@ def test_a_random_write_ends_the_head_start(tmp_path: Path):
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "cache") as engine:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache") as engine:
             handle, _ = await engine.files.create(1, b"big.mov", 0o644)
             try:
                 for off in range(0, len(data), 128 * 1024):
@@ -601,9 +554,7 @@ def test_a_random_write_ends_the_head_start(tmp_path: Path):
             finally:
                 await engine.files.release(handle.fh)
             await EngineDriver(engine).drain()
-        async with running_engine(storage.url, None, tmp_path / "fresh",
-                                  upload=False) as fresh:
-            assert await read_at(fresh, "big.mov", 0, 4 * MiB) == bytes(data)
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == bytes(data)
 
     trio.run(main)
 
@@ -617,11 +568,7 @@ def test_kill_9_during_a_chunked_upload_sends_no_finished_chunk_again(
     data = content(8 * MiB + 77, seed=17)
 
     async def build() -> None:
-        store = s3_bucket.open()
-        try:
-            await put_repository(store)
-        finally:
-            await store.aclose()
+        await new_repository(s3_bucket)
 
     trio.run(build)
     m = mounter(s3_bucket.url, endpoint_url=s3_proxy.url, cache_dir=tmp_path / "cache")
@@ -675,12 +622,8 @@ def test_a_chunked_file_in_a_snapshot_reads_back_verifies_and_survives_gc(tmp_pa
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "a") as engine:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "a") as engine:
             fs = EngineDriver(engine)
             await fs.create("big.mov", data)
             await engine.uploader.wait_idle()
@@ -695,7 +638,7 @@ def test_a_chunked_file_in_a_snapshot_reads_back_verifies_and_survives_gc(tmp_pa
             assert all([await engine.store.head(blob_key(c)) for c in chunks.shas])
             v = await verify(engine.store)
             assert v.snapshots == 1 and not v.problems
-        async with running_engine(storage.url, None, tmp_path / "b") as engine:
+        async with engine_on(storage, tmp_path / "b") as engine:
             tree = engine.snapshot_tree
             top = await tree.lookup(TOP_INO, b"s1")
             node = await tree.lookup(top.ino, b"big.mov")
@@ -723,14 +666,8 @@ def test_a_chunked_file_fetched_by_sync_opens_offline(tmp_path: Path):
         pass
 
     async def main() -> None:
-        store = storage.open()
-        try:
-            await put_repository(store)
-            await put_root(store, {"big.mov": await put_chunked(store, data, MiB)})
-        finally:
-            await store.aclose()
-        async with running_engine(storage.url, None, tmp_path / "cache", upload=False,
-                                  wrap_store=wrap) as engine:
+        await new_repository(storage, {"big.mov": data})
+        async with engine_on(storage, tmp_path / "cache", upload=False, wrap_store=wrap) as engine:
             await engine.syncer.run([], send)
             await resolve(engine, "big.mov")
             plugs[-1].plugged = False
