@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from fsrepo.engine import Engine
 from fsrepo.errors import FsError, ImgrepoError, PreconditionFailed
 from fsrepo.manifest import DirEntry, SymlinkEntry
 from fsrepo.snapshot_views import TOP_INO, SnapshotTree
 from fsrepo.snapshots import (
     COPY_PREFIX,
     SNAPSHOT_PREFIX,
+    Snapshot,
     check_snapshot_name,
     default_name,
     parse_snapshot,
@@ -31,7 +33,7 @@ from fsrepo.store.counting import (
     CountingStore,
 )
 
-from .coreutil import EngineDriver, running_engine
+from .coreutil import EngineDriver, engine_on, running_engine
 from .targets import StorageTarget
 
 
@@ -61,6 +63,20 @@ async def snapshot_root(tree: SnapshotTree, name: str) -> int:
     return (await tree.lookup(TOP_INO, name.encode())).ino
 
 
+async def snapshot_of(eng: Engine, name: str, made: dict[str, bytes | None] | None = None
+                      ) -> Snapshot | None:
+    """Makes `made` (path: content, None: a folder; in order), then takes snapshot `name`
+    once this machine's changes have landed (what a snapshot records)."""
+    fs = EngineDriver(eng)
+    for path, data in (made or {}).items():
+        if data is None:
+            await fs.mkdir(path)
+        else:
+            await fs.create(path, data)
+    await eng.uploader.wait_idle()
+    return await eng.take_snapshot(name)
+
+
 def test_names() -> None:
     assert default_name(0) == "1970-01-01T000000Z"
     assert check_snapshot_name("before-cleanup_2") == "before-cleanup_2"
@@ -86,21 +102,19 @@ def test_each_earlier_state_reads_back(storage: StorageTarget, tmp_path: Path) -
     """Delete a folder, overwrite a file, rename a tree: each snapshot reads back byte for
     byte, also from a second machine with an empty cache."""
     async def main() -> None:
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
+        async with engine_on(storage, tmp_path / "a") as eng:
             fs = EngineDriver(eng)
             await fs.mkdir("2024")
             await fs.mkdir("2024/trip")
             await fs.create("2024/trip/a.jpg", b"A" * 5000)
             await fs.create("2024/b.jpg", b"B original")
             await fs.symlink("link", b"2024/b.jpg")
-            await eng.uploader.wait_idle()
-            first = await eng.take_snapshot("first")
+            first = await snapshot_of(eng, "first")
             assert set(first.dirs) >= {"root"}
             await fs.rename("2024/trip", "trip-moved")
             await fs.create("2024/b.jpg.new", b"B edited!")
             await fs.rename("2024/b.jpg.new", "2024/b.jpg")
-            await eng.uploader.wait_idle()
-            await eng.take_snapshot("second")
+            await snapshot_of(eng, "second")
             await fs.unlink("trip-moved/a.jpg")
             await fs.rmdir("trip-moved")
             await eng.uploader.wait_idle()
@@ -111,7 +125,7 @@ def test_each_earlier_state_reads_back(storage: StorageTarget, tmp_path: Path) -
         expected_second = {b"2024": None, b"trip-moved": None,
                            b"trip-moved/a.jpg": b"A" * 5000, b"2024/b.jpg": b"B edited!",
                            b"link": b"-> 2024/b.jpg"}
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "b") as eng:
+        async with engine_on(storage, tmp_path / "b") as eng:
             tree = eng.snapshot_tree
             assert [n for n, _ in await tree.listing(TOP_INO)] == [b"first", b"second"]
             assert await snap_tree(tree, await snapshot_root(tree, "first")) == expected_first
@@ -126,11 +140,8 @@ def test_each_earlier_state_reads_back(storage: StorageTarget, tmp_path: Path) -
 def test_a_snapshot_is_read_only_and_deleted_by_rmdir(storage: StorageTarget,
                                                       tmp_path: Path) -> None:
     async def main() -> None:
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
-            fs = EngineDriver(eng)
-            await fs.create("x.jpg", b"x")
-            await eng.uploader.wait_idle()
-            await eng.take_snapshot("s1")
+        async with engine_on(storage, tmp_path / "a") as eng:
+            await snapshot_of(eng, "s1", {"x.jpg": b"x"})
             tree = eng.snapshot_tree
             root = await snapshot_root(tree, "s1")
             node = await tree.lookup(root, b"x.jpg")
@@ -151,12 +162,9 @@ def test_a_snapshot_is_read_only_and_deleted_by_rmdir(storage: StorageTarget,
 
 def test_copying_a_file_back_uploads_nothing(storage: StorageTarget, tmp_path: Path) -> None:
     async def main() -> None:
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
+        async with engine_on(storage, tmp_path / "a") as eng:
             fs = EngineDriver(eng)
-            await fs.mkdir("2024")
-            await fs.create("2024/x.jpg", b"precious" * 1000)
-            await eng.uploader.wait_idle()
-            await eng.take_snapshot("s1")
+            await snapshot_of(eng, "s1", {"2024": None, "2024/x.jpg": b"precious" * 1000})
             await fs.unlink("2024/x.jpg")
             await eng.uploader.wait_idle()
         counting: list[CountingStore] = []
@@ -165,8 +173,7 @@ def test_copying_a_file_back_uploads_nothing(storage: StorageTarget, tmp_path: P
             counting.append(CountingStore(inner))
             return counting[0]
 
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "b",
-                                  wrap_store=wrap) as eng:
+        async with engine_on(storage, tmp_path / "b", wrap_store=wrap) as eng:
             tree = eng.snapshot_tree
             files = await snap_tree(tree, await snapshot_root(tree, "s1"))
             before = counting[0].snapshot()
@@ -191,8 +198,7 @@ def test_a_snapshot_after_changing_one_directory_of_many_costs_a_handful(
             counting.append(CountingStore(inner, by_key=True))
             return counting[0]
 
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a",
-                                  wrap_store=wrap) as eng:
+        async with engine_on(storage, tmp_path / "a", wrap_store=wrap) as eng:
             fs = EngineDriver(eng)
             for i in range(dirs):
                 await fs.mkdir(f"d{i:04}")
@@ -226,10 +232,8 @@ def test_a_snapshot_after_changing_one_directory_of_many_costs_a_handful(
 def test_snapshot_content_is_kept_locally_and_checked(storage: StorageTarget,
                                                       tmp_path: Path) -> None:
     async def main() -> None:
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
-            await EngineDriver(eng).create("f", b"1")
-            await eng.uploader.wait_idle()
-            snap = await eng.take_snapshot("s")
+        async with engine_on(storage, tmp_path / "a") as eng:
+            snap = await snapshot_of(eng, "s", {"f": b"1"})
             sha = snap.dirs["root"].sha
             copy = eng.snapshots.cache_dir / "dirs" / sha[:2] / sha
             assert hashlib.sha256(copy.read_bytes()).hexdigest() == snap.dirs["root"].sha
@@ -247,13 +251,10 @@ def test_gc_keeps_what_snapshots_name_and_frees_what_only_deleted_ones_held(
     sha = hashlib.sha256(gone).hexdigest()
 
     async def main() -> None:
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
+        async with engine_on(storage, tmp_path / "a") as eng:
             fs = EngineDriver(eng)
-            await fs.mkdir("2024")
-            await fs.create("2024/x.jpg", gone)
-            await fs.create("2024/kept.jpg", b"kept")
-            await eng.uploader.wait_idle()
-            snap = await eng.take_snapshot("s1")
+            snap = await snapshot_of(eng, "s1", {
+                "2024": None, "2024/x.jpg": gone, "2024/kept.jpg": b"kept"})
             await fs.unlink("2024/x.jpg")
             await eng.uploader.wait_idle()
             store = eng.store
@@ -281,11 +282,9 @@ def test_gc_keeps_a_young_copy_no_snapshot_names_yet(storage: StorageTarget,
     from fsrepo.snapshots import copy_key, snapshot_key
 
     async def main() -> None:
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
+        async with engine_on(storage, tmp_path / "a") as eng:
             fs = EngineDriver(eng)
-            await fs.create("x.jpg", b"x" * 1000)
-            await eng.uploader.wait_idle()
-            snap = await eng.take_snapshot("s1")
+            snap = await snapshot_of(eng, "s1", {"x.jpg": b"x" * 1000})
             await eng.store.delete(snapshot_key("s1"))  # as if its object were not yet written
             await fs.unlink("x.jpg")
             await eng.uploader.wait_idle()
@@ -311,12 +310,9 @@ def test_verify_checks_snapshots_and_counts_their_blobs_as_used(storage: Storage
     from fsrepo.snapshots import copy_key
 
     async def main() -> None:
-        async with running_engine(storage.url, storage.endpoint_url, tmp_path / "a") as eng:
+        async with engine_on(storage, tmp_path / "a") as eng:
             fs = EngineDriver(eng)
-            await fs.mkdir("d")
-            await fs.create("d/x.jpg", b"snapshot only")
-            await eng.uploader.wait_idle()
-            snap = await eng.take_snapshot("s1")
+            snap = await snapshot_of(eng, "s1", {"d": None, "d/x.jpg": b"snapshot only"})
             await fs.unlink("d/x.jpg")
             await eng.uploader.wait_idle()
             v = await verify(eng.store)
@@ -394,11 +390,7 @@ def test_a_snapshot_read_once_reads_again_offline(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with running_engine(url, None, tmp_path / "a") as eng:
-            fs = EngineDriver(eng)
-            await fs.mkdir("d")
-            await fs.create("d/x.jpg", b"kept offline")
-            await eng.uploader.wait_idle()
-            await eng.take_snapshot("s1")
+            await snapshot_of(eng, "s1", {"d": None, "d/x.jpg": b"kept offline"})
         plugs: list[Unplugged] = []
 
         def wrap(inner: Store) -> Store:
@@ -424,16 +416,13 @@ def test_a_name_taken_again_shows_the_new_snapshot_under_new_inodes(tmp_path: Pa
     async def main() -> None:
         async with running_engine(f"file://{tmp_path}/repo", None, tmp_path / "a") as eng:
             fs = EngineDriver(eng)
-            await fs.create("f", b"version 1")
-            await eng.uploader.wait_idle()
-            await eng.take_snapshot("s")
+            await snapshot_of(eng, "s", {"f": b"version 1"})
             tree = eng.snapshot_tree
             held = await tree.lookup(await snapshot_root(tree, "s"), b"f")  # kernel holds it
             await tree.delete(TOP_INO, b"s")
             await fs.create("f.new", b"version 2!")
             await fs.rename("f.new", "f")
-            await eng.uploader.wait_idle()
-            await eng.take_snapshot("s")
+            await snapshot_of(eng, "s")
             again = await tree.lookup(await snapshot_root(tree, "s"), b"f")
             assert again.ino != held.ino
             assert await snap_tree(tree, await snapshot_root(tree, "s")) == {b"f": b"version 2!"}
