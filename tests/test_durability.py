@@ -13,11 +13,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 import trio
 
+from fsrepo.engine import Engine
 from fsrepo.errors import FsError
 from fsrepo.inodes import ROOT_INO
 from fsrepo.store.base import Store
@@ -61,14 +63,31 @@ def version(n: int) -> bytes:
     return (b"%08d" % n) * (64 * 1024 // 8)
 
 
+def disk_for(tmp_path: Path) -> tuple[Path, PowerLossDisk]:
+    """The state folder of the cache at tmp_path/cache, and a disk that records what each
+    sync of it covered."""
+    state_dir = settings_for(url_of(tmp_path), None, tmp_path / "cache").state_dir()
+    return state_dir, PowerLossDisk(state_dir)
+
+
+def engine_before(tmp_path: Path, disk: PowerLossDisk, commit_interval: float = MANUAL
+                  ) -> AbstractAsyncContextManager[Engine]:
+    """The engine (no uploads) on tmp_path/cache whose group commits sync through `disk`."""
+    return running_engine(url_of(tmp_path), None, tmp_path / "cache", upload=False,
+                          disk=disk, commit_interval=commit_interval)
+
+
+def engine_after(tmp_path: Path, lost_at: Path) -> AbstractAsyncContextManager[Engine]:
+    """The engine (no uploads) started on the cache a power loss left at `lost_at`."""
+    return running_engine(url_of(tmp_path), None, lost_at, upload=False)
+
+
+
 def test_fsync_of_an_open_file_is_power_safe_before_it_returns_and_makes_no_blob(tmp_path):
-    cache = tmp_path / "cache"
-    state_dir = settings_for(url_of(tmp_path), None, cache).state_dir()
-    disk = PowerLossDisk(state_dir)
+    state_dir, disk = disk_for(tmp_path)
 
     async def main() -> None:
-        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
-                                  commit_interval=MANUAL) as eng:
+        async with engine_before(tmp_path, disk) as eng:
             handle, _ = await eng.files.create(ROOT_INO, b"db.sqlite", 0o644)
             before = cached_blobs(state_dir)
             for n in range(50):
@@ -85,7 +104,7 @@ def test_fsync_of_an_open_file_is_power_safe_before_it_returns_and_makes_no_blob
             await eng.files.release(handle.fh)
             assert cached_blobs(state_dir) == before | {sha(version(50))}  # one, at close
         # After the power loss, the file holds its last fsync'd content, as a blob.
-        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+        async with engine_after(tmp_path, lost_at) as eng:
             assert await read_file(eng, "db.sqlite") == version(49)
             recovered = settings_for(url_of(tmp_path), None, lost_at).state_dir()
             assert sha(version(49)) in cached_blobs(recovered)
@@ -95,13 +114,10 @@ def test_fsync_of_an_open_file_is_power_safe_before_it_returns_and_makes_no_blob
 
 
 def test_closed_files_survive_a_power_loss_once_committed_and_are_absent_before(tmp_path):
-    cache = tmp_path / "cache"
-    state_dir = settings_for(url_of(tmp_path), None, cache).state_dir()
-    disk = PowerLossDisk(state_dir)
+    _, disk = disk_for(tmp_path)
 
     async def main() -> None:
-        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
-                                  commit_interval=MANUAL) as eng:
+        async with engine_before(tmp_path, disk) as eng:
             await write_file(eng, "a.jpg", b"A" * 300_000)
             await eng.ns.mkdir(ROOT_INO, b"album", 0o755)
             assert eng.durable.dirty  # closed: survives kill -9, not yet a power loss
@@ -111,7 +127,7 @@ def test_closed_files_survive_a_power_loss_once_committed_and_are_absent_before(
             await write_file(eng, "b.jpg", b"B" * 300_000)
             await trio.sleep(0.3)  # the new name's write-behind has run as well
             lost_at = power_loss(disk, tmp_path, "lost")
-        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+        async with engine_after(tmp_path, lost_at) as eng:
             names = await list_dir(eng)
             assert set(names) == {b"a.jpg", b"album"}  # b.jpg was never committed: absent
             assert await read_file(eng, "a.jpg") == b"A" * 300_000
@@ -120,13 +136,10 @@ def test_closed_files_survive_a_power_loss_once_committed_and_are_absent_before(
 
 
 def test_the_background_commit_makes_a_closed_file_power_safe(tmp_path):
-    cache = tmp_path / "cache"
-    state_dir = settings_for(url_of(tmp_path), None, cache).state_dir()
-    disk = PowerLossDisk(state_dir)
+    _, disk = disk_for(tmp_path)
 
     async def main() -> None:
-        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
-                                  commit_interval=0.2) as eng:
+        async with engine_before(tmp_path, disk, commit_interval=0.2) as eng:
             await write_file(eng, "c.jpg", b"C" * 100_000)
             commits = eng.durable.commits
             with trio.fail_after(60):  # a bound for a stuck test, not a speed assertion
@@ -134,7 +147,7 @@ def test_the_background_commit_makes_a_closed_file_power_safe(tmp_path):
                     await trio.sleep(0.05)
             assert eng.durable.commits > commits  # done by the background committer
             lost_at = power_loss(disk, tmp_path, "lost")
-        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+        async with engine_after(tmp_path, lost_at) as eng:
             assert await read_file(eng, "c.jpg") == b"C" * 100_000
 
     trio.run(main)
@@ -144,12 +157,10 @@ def torn_after_power_loss(tmp_path: Path, content: bytes) -> Path:
     """A power loss that kept the journal naming `content` (b.jpg, closed after a commit
     that kept a.jpg) but tore its blob: the order the group commit avoids, which a disk
     writing back the WAL on its own can still produce. Returns the cache root after it."""
-    cache = tmp_path / "cache"
-    disk = PowerLossDisk(settings_for(url_of(tmp_path), None, cache).state_dir())
+    _, disk = disk_for(tmp_path)
 
     async def before() -> None:
-        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
-                                  commit_interval=MANUAL) as eng:
+        async with engine_before(tmp_path, disk) as eng:
             await write_file(eng, "a.jpg", b"A" * 1000)
             await eng.files.fsyncdir()
             await write_file(eng, "b.jpg", content)
@@ -177,7 +188,7 @@ def test_a_blob_torn_by_a_power_loss_is_never_served_nor_uploaded(tmp_path):
     lost_at = torn_after_power_loss(tmp_path, content)
 
     async def main() -> None:
-        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+        async with engine_after(tmp_path, lost_at) as eng:
             with pytest.raises(FsError) as err:
                 await read_file(eng, "b.jpg")  # before the uploader got to it
             assert err.value.errno == errno.EIO
@@ -245,13 +256,10 @@ def test_a_file_rewritten_again_and_again_uploads_its_last_version(tmp_path):
 
 def test_an_fsynced_file_unlinked_while_open_is_not_brought_back(tmp_path):
     """POSIX: an unlinked file's content goes with its last close, fsync'd or not."""
-    cache = tmp_path / "cache"
-    state_dir = settings_for(url_of(tmp_path), None, cache).state_dir()
-    disk = PowerLossDisk(state_dir)
+    state_dir, disk = disk_for(tmp_path)
 
     async def main() -> None:
-        async with running_engine(url_of(tmp_path), None, cache, upload=False, disk=disk,
-                                  commit_interval=MANUAL) as eng:
+        async with engine_before(tmp_path, disk) as eng:
             handle, _ = await eng.files.create(ROOT_INO, b"tmp.db", 0o644)
             await eng.files.write(handle.fh, 0, b"x" * 5000)
             await eng.files.fsync(handle.fh)
@@ -260,7 +268,7 @@ def test_an_fsynced_file_unlinked_while_open_is_not_brought_back(tmp_path):
             await eng.files.fsyncdir()
             assert not any((state_dir / "staging").iterdir())  # the copy went after commit
             lost_at = power_loss(disk, tmp_path, "lost")
-        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
+        async with engine_after(tmp_path, lost_at) as eng:
             assert b"tmp.db" not in await list_dir(eng)
             with pytest.raises(FsError):
                 await read_file(eng, "tmp.db")
