@@ -229,24 +229,18 @@ def test_kill_9_during_a_folder_merge_loses_nothing(
     for side, m in (("a", a), ("b", b)):
         sources[m.path.name] = tmp_path / f"src-{side}"
         expected |= source_tree(sources[m.path.name], side, 30)
-    first, second = (a, b)
     victim = a if killed == "alpha" else b
     with logs_on_failure(a, b):
-        if victim is first:
-            held = s3_proxy.inject(method=method, path=path, delay=120, status=503)
-        shutil.copytree(sources["alpha"] / "2024", a.path / "2024")
-        if victim is first:
-            until("alpha's held request", lambda: held.hits == 1, timeout=60)
-            victim.kill()
-        else:
-            idle(first)
-            held = s3_proxy.inject(method=method, path=path, delay=120, status=503)
-        shutil.copytree(sources["beta"] / "2024", b.path / "2024")
-        if victim is second:
-            until("beta's held request", lambda: held.hits == 1, timeout=60)
-            victim.kill()
-        else:
-            idle(second)
+        for m in (a, b):  # alpha copies first; the victim is killed once its request is held
+            if m is victim:
+                held = s3_proxy.inject(method=method, path=path, delay=120, status=503)
+            shutil.copytree(sources[m.path.name] / "2024", m.path / "2024")
+            if m is victim:
+                until(f"{m.path.name}'s held request", lambda held=held: held.hits == 1,
+                      timeout=60)
+                victim.kill()
+            else:
+                idle(m)
         s3_proxy.clear_faults()  # (the held request is answered 503 to a dead mount)
         again = mounter(s3_bucket.url, "--refresh", REFRESH, name=victim.path.name + "-2",
                         cache_dir=victim.cache_dir, endpoint_url=s3_proxy.url)
