@@ -113,20 +113,26 @@ class BlobUploader:
 
         async def send_unless_there(index: int, chunk: str) -> None:
             nonlocal sent
-            if self.remote.reuse_or_recheck(chunk) \
-                    or await self.store.head(blob_key(chunk)) is not None:
+            assert size is not None
+            start = index * chunks.size
+            length = min(chunks.size, size - start)
+            if self.remote.reuse_or_recheck(chunk):
+                return
+            there = await self.store.head(blob_key(chunk))
+            if there == length:
                 self.remote.seen_in_bucket(chunk)
                 return
+            if there is not None:  # a body cut short that the server kept: sent again whole
+                log.warning("chunk %d of blob %s has %d bytes in the bucket instead of %d: "
+                            "sending it again", index, sha[:12], there, length)
             if not self.cache.has(sha):
                 raise ImgrepoError(f"chunk {index} of blob {sha} is missing from the "
                                    "bucket and the file from the cache")
-            assert size is not None
-            start = index * chunks.size
             # (in partial/: what a crash leaves there is removed at the next start)
             part = self.cache.root / "partial" / f"{chunk}.{uuid.uuid4().hex}"
             try:
                 await trio.to_thread.run_sync(
-                    copy_range, path, part, start, min(chunks.size, size - start))
+                    copy_range, path, part, start, length)
                 if await self.store.put_file(blob_key(chunk), part, chunk):
                     sent = True
             finally:

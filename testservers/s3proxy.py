@@ -154,7 +154,10 @@ class _Handler(BaseHTTPRequestHandler):
                 out += self.rfile.read(size)
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:  # the client went away mid-body: S3 keeps nothing of it
+            raise ConnectionError(f"request body cut at {len(body)} of {length} bytes")
+        return body
 
     def log_error(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib name
         if format.startswith("Request timed out"):  # S3Proxy(idle_timeout=...) closed one
@@ -207,7 +210,11 @@ class _Handler(BaseHTTPRequestHandler):
             body = b""
             self.close_connection = True
         else:
-            body = self._read_body()
+            try:
+                body = self._read_body()
+            except ConnectionError:  # nothing forwarded, as a server drops a cut request
+                self.close_connection = True
+                return
         if fault is None and not expecting:
             fault = proxy._take_fault(method, path, query)
         if fault is not None and fault.delay:
