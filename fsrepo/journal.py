@@ -15,7 +15,6 @@ loss, once per interval or when an fsync asks.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import trio
@@ -67,7 +66,10 @@ class Journal:
 
     def load(self, rows: list[JournalOp]) -> None:
         for row in rows:
-            names_at = time.time_ns() if row.entry is None or row.base is None else None
+            # A name change replayed after a restart keeps the time it was recorded at (not
+            # this start's), so a later utimens of the folder still wins over it.
+            names_at = int(row.created * 1e9) if row.entry is None or row.base is None \
+                else None
             self._add(PendingOp(row.seq, row.dir_id, Op(row.name, row.entry, row.base),
                                 row.requires, names_at=names_at))
             self._next_seq = max(self._next_seq, row.seq + 1)

@@ -160,3 +160,23 @@ def test_a_manifest_without_a_time_reads_as_before(tmp_path):
             assert (stat.mtime_ns, stat.ctime_ns, stat.nlink) == (stored, stored, 2)
             assert (await shown(eng, "")).nlink == 3
     trio.run(main)
+
+
+def test_a_time_set_after_a_pending_names_change_survives_a_restart(tmp_path):
+    """Found by the stateful model: `mkdir a/a`, then `utimens a`, the mount restarted
+    before the mkdir reached the bucket. The replayed mkdir keeps the time it was made at,
+    so the folder still shows the time set after it (not the restart's time)."""
+    async def main():
+        async with running_engine(_url(tmp_path), None, tmp_path / "a", upload=False) as eng:
+            fs = EngineDriver(eng)
+            await fs.mkdir("a")
+            await fs.mkdir("a/a")
+            await trio.sleep(0.002)
+            await fs.setattr("a", mtime_ns=10**18 + 7)
+            assert (await shown(eng, "a")).mtime_ns == 10**18 + 7
+            assert eng.journal.by_dir  # still pending
+        await trio.sleep(0.01)
+        async with running_engine(_url(tmp_path), None, tmp_path / "a", upload=False) as eng:
+            assert eng.journal.by_dir  # replayed
+            assert (await shown(eng, "a")).mtime_ns == 10**18 + 7
+    trio.run(main)
