@@ -29,6 +29,21 @@ from .store.base import Store
 
 log = logging.getLogger(__name__)
 
+
+async def stored_whole(store: Store, key: str, length: int, what: str) -> bool:
+    """Whether the bucket holds `key` with `length` bytes. An object of another size under
+    the content's name (a body cut short that a server kept) is not trusted by its name:
+    it is deleted, to be sent again whole."""
+    there = await store.head(key)
+    if there is None:
+        return False
+    if there == length:
+        return True
+    log.warning("%s has %d bytes in the bucket instead of %d: sending it again",
+                what, there, length)
+    await store.delete(key)
+    return False
+
 CHUNKS_AT_ONCE = 4  # chunks of one file in flight
 
 
@@ -58,7 +73,12 @@ class BlobUploader:
 
     async def upload(self, sha: str) -> Outcome:
         key = blob_key(sha)
-        if await self.store.head(key) is None:  # (a whole blob of an older format: dedup)
+        if not self.cache.has(sha):
+            there = await self.store.head(key) is not None
+        else:  # (a whole blob of an older format: dedup)
+            there = await stored_whole(self.store, key, os.stat(self.cache.path(sha)).st_size,
+                                       f"blob {sha[:12]}")
+        if not there:
             path = self.cache.path(sha)
             known = self.chunk_lists.get(sha)
             if known is not None:  # cut before: its chunks may all be there still
@@ -116,15 +136,10 @@ class BlobUploader:
             assert size is not None
             start = index * chunks.size
             length = min(chunks.size, size - start)
-            if self.remote.reuse_or_recheck(chunk):
-                return
-            there = await self.store.head(blob_key(chunk))
-            if there == length:
+            if self.remote.reuse_or_recheck(chunk) or await stored_whole(
+                    self.store, blob_key(chunk), length, f"chunk {index} of blob {sha[:12]}"):
                 self.remote.seen_in_bucket(chunk)
                 return
-            if there is not None:  # a body cut short that the server kept: sent again whole
-                log.warning("chunk %d of blob %s has %d bytes in the bucket instead of %d: "
-                            "sending it again", index, sha[:12], there, length)
             if not self.cache.has(sha):
                 raise ImgrepoError(f"chunk {index} of blob {sha} is missing from the "
                                    "bucket and the file from the cache")

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import trio
 
+from .blob_upload import stored_whole
 from .chunking import ChunkLists
 from .errors import ImgrepoError
 from .hashing import hash_file
@@ -156,8 +157,8 @@ class EarlyChunks:
             await trio.to_thread.run_sync(_copy_fd_range, fd, part, start, size)
             sha = await trio.to_thread.run_sync(hash_file, part)
             async with self.chunk_lists.sending(sha):
-                if not self.remote.reuse_or_recheck(sha) \
-                        and await self.store.head(blob_key(sha)) is None:
+                if not self.remote.reuse_or_recheck(sha) and not await stored_whole(
+                        self.store, blob_key(sha), size, f"chunk {sha[:12]}"):
                     if await self.store.put_file(blob_key(sha), part, sha):
                         self.sent += 1
                 self.remote.seen_in_bucket(sha)

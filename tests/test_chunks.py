@@ -674,3 +674,35 @@ def test_a_chunked_file_fetched_by_sync_opens_offline(tmp_path: Path):
             assert await read_at(engine, "big.mov", 0, 4 * MiB) == data
 
     trio.run(main)
+
+
+@pytest.mark.expected_logs(r"has \d+ bytes in the bucket instead of \d+: sending it again",
+                           reason="a server kept a cut body under a chunk's and a blob's name")
+def test_a_chunk_or_blob_kept_cut_short_in_the_bucket_is_replaced_whole(
+        storage: StorageTarget, tmp_path: Path):
+    """A server that kept the part of a PUT body a killed client sent (no checksum check):
+    the object exists under the content's name with the wrong size. It is not trusted by
+    its name: the upload replaces it, and another machine reads the right bytes."""
+    data = content(3 * MiB + 5, seed=21)
+    small = content(4000, seed=22)
+    first_chunk = sha(data[:MiB])
+
+    async def main() -> None:
+        await new_repository(storage)
+        store = storage.open()
+        try:
+            await store.put(blob_key(first_chunk), data[:1000])
+            await store.put(blob_key(sha(small)), small[:10])
+        finally:
+            await store.aclose()
+        async with engine_on(storage, tmp_path / "cache") as engine:
+            fs = EngineDriver(engine)
+            await fs.create("big.mov", data)
+            await fs.create("small.jpg", small)
+            await fs.drain()
+            assert await engine.store.head(blob_key(first_chunk)) == MiB
+            assert await engine.store.head(blob_key(sha(small))) == len(small)
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == data
+        assert await read_fresh(storage, tmp_path / "fresh2", "small.jpg", MiB) == small
+
+    trio.run(main)
