@@ -90,7 +90,9 @@ class BlobUploader:
                 raise ImgrepoError(f"blob {sha} is pending upload but missing from the cache")
             if sha in self.remote.unverified:
                 actual = await trio.to_thread.run_sync(hash_file, path)
-                if actual != sha:
+                # A close of the same content may have replaced the torn copy while it was
+                # hashed: the copy now cached is then the good one, not to be discarded.
+                if actual != sha and sha in self.remote.unverified:
                     log.error("blob %s in the local cache is damaged (it hashes to %s), "
                               "probably by a power loss before its close() returned",
                               sha[:12], actual[:12])

@@ -121,9 +121,11 @@ class Committer:
                     if keep:
                         self.cache.link_in(st.path, digest, replace=suspect)
                         self.durable.blob_named(self.cache.path(digest))
+                        self.remote.unverified.discard(digest)  # the cached copy is this one
                 elif keep:
                     self.cache.adopt(st.path, digest, replace=suspect)
                     self.durable.blob_named(self.cache.path(digest))
+                    self.remote.unverified.discard(digest)  # the cached copy is this one
                 else:
                     st.path.unlink(missing_ok=True)  # a duplicate, or deleted meanwhile
             finally:

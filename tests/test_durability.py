@@ -206,13 +206,16 @@ def test_a_blob_torn_by_a_power_loss_is_never_served_nor_uploaded(tmp_path):
 
 def test_a_torn_blob_is_replaced_by_the_next_close_of_that_content(tmp_path):
     """A file closed after the restart with the torn blob's content is not taken for a
-    duplicate of the torn copy: its good copy replaces it, and is what gets uploaded."""
+    duplicate of the torn copy: its good copy replaces it, and is what gets uploaded. (The
+    uploader starts after that close: had it found the torn copy first, b.jpg's change
+    would rightly be dropped, its content never having been committed.)"""
     content = os.urandom(200_000)
     lost_at = torn_after_power_loss(tmp_path, content)
 
     async def main() -> None:
-        async with running_engine(url_of(tmp_path), None, lost_at, upload=True) as eng:
+        async with running_engine(url_of(tmp_path), None, lost_at, upload=False) as eng:
             await write_file(eng, "c.jpg", content)
+            start_uploader(eng)
             with trio.fail_after(120):
                 await eng.uploader.wait_idle()
             assert await read_file(eng, "c.jpg") == content
