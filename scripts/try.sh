@@ -3,11 +3,7 @@
 # (a local folder, no cloud account needed) on MOUNTPOINT (default ~/imgrepo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-# Put the command on PATH (root only; harmless to repeat).
-if [ "$(id -u)" = 0 ] && [ -d /usr/local/bin ] && [ -w /usr/local/bin ]; then
-    ln -sf "$PWD/.venv/bin/imgrepo-mount" /usr/local/bin/imgrepo-mount
-fi
+bash scripts/setup.sh  # as root it also links imgrepo-mount into /usr/local/bin
 mountpoint=${1:-$HOME/imgrepo}
 mkdir -p "$mountpoint"
 if mountpoint -q "$mountpoint"; then
