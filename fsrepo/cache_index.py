@@ -66,6 +66,11 @@ class CacheIndex:
     def pinned(self, sha: str) -> bool:
         return sha in self.pending or self._open.get(sha, 0) > 0
 
+    def pinned_bytes(self) -> int:
+        """What eviction may not remove: cached blobs pending upload or open."""
+        lru = self._lru
+        return sum(lru.get(sha, 0) for sha in self.pending | self._open.keys())
+
     def acquire(self, sha: str) -> None:
         self._open[sha] = self._open.get(sha, 0) + 1
 
