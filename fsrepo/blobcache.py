@@ -41,6 +41,7 @@ class Download:
         self.size = size
         self.path = path
         self.available = available  # bytes readers may read (resumed: what arrived before)
+        self.arrived = available  # bytes in the file (set by the download thread)
         self.done = False
         self.error: BaseException | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
@@ -59,6 +60,12 @@ class Download:
             else:
                 still.append((end, event))
         self._waiters = still
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a reader waits for bytes (read from the download thread: a reader that
+        starts waiting just after is woken by the next chunk's progress, or the end)."""
+        return bool(self._waiters)
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -114,7 +121,9 @@ class BlobCache(CacheIndex):
         if dl is not None and dl.error is None:
             return dl
         dl = Download(sha, size, self.partial_dir / sha, self.broken.pop(sha, 0))
-        dl.path.touch()  # readers open it at once (a resumed one keeps its bytes)
+        # Readers open it at once (a resumed one keeps its bytes); os.open, not Path.touch,
+        # which tries utime first and costs an exception per new file.
+        os.close(os.open(dl.path, os.O_WRONLY | os.O_CREAT, 0o644))
         self.downloads[sha] = dl
         assert self.nursery is not None
         self.nursery.start_soon(self._download, dl)
@@ -129,16 +138,18 @@ class BlobCache(CacheIndex):
                 await trio.to_thread.run_sync(self._seal, dl)
             except (ImgrepoError, OSError) as exc:
                 log.error("download of blob %s failed: %s", dl.sha, exc)
-                if isinstance(exc, IntegrityError) or dl.available == 0:
+                # (the last byte is always fetched again: it was never checked)
+                resume = max(dl.available, min(dl.arrived, dl.size - 1))
+                if isinstance(exc, IntegrityError) or resume == 0:
                     try:
                         dl.path.unlink()
                     except OSError:
                         pass
                 else:
-                    self.broken[dl.sha] = dl.available  # the next read resumes from here
+                    self.broken[dl.sha] = resume  # the next read resumes from here
                 dl.fail(exc)
                 return
-            self.register(dl.sha, dl.size, pending=False)
+            self.register(dl.sha, dl.size, pending=False, dense=True)
             dl.complete()  # readers go on; the cache's bookkeeping need not hold them
             try:
                 await self.db.run(self.db.state.add_cached_blob, dl.sha, dl.size)
@@ -168,10 +179,16 @@ class BlobCache(CacheIndex):
         if dl.size == 0:
             return
         # Progress is queued to the loop, not waited for: the download thread goes on
-        # receiving while the loop is busy answering the reads it unblocks.
+        # receiving while the loop is busy answering the reads it unblocks. Only while a
+        # reader waits: a download fetched ahead wakes nobody (its end always does).
         token = trio.lowlevel.current_trio_token()
-        await self.store.download(blob_key(dl.sha), dl.path, dl.available,
-                                  lambda n: token.run_sync_soon(dl.progress, n))
+
+        def progress(n: int) -> None:
+            dl.arrived = n
+            if dl.waiting:
+                token.run_sync_soon(dl.progress, n)
+
+        await self.store.download(blob_key(dl.sha), dl.path, dl.available, progress)
 
     def open_fd(self, dl: Download) -> int:
         """A read-only descriptor on a download's file, wherever it is by now."""
@@ -194,8 +211,10 @@ class BlobCache(CacheIndex):
     def chunks_of(self, entry: FileEntry) -> Chunks | None:
         """How a file not cached whole is stored: its entry's chunk list, or, for a file
         this machine sent as chunks whose manifest is not written yet, the list it kept."""
-        if entry.chunks is not None or self.chunk_lists is None or entry.size <= MIN_CHUNK:
-            return entry.chunks
+        lists = self.chunk_lists
+        if entry.chunks is not None or lists is None or entry.size <= MIN_CHUNK or (
+                lists.chunk_size is not None and entry.size <= lists.chunk_size):
+            return entry.chunks  # (a file of one chunk at most is its own blob: no list)
         return self.chunk_lists.get(entry.sha256)
 
     def has_content(self, entry: FileEntry) -> bool:

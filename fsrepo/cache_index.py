@@ -122,9 +122,11 @@ class CacheIndex:
         except FileNotFoundError:
             return None
 
-    def register(self, sha: str, size: int, pending: bool) -> None:
+    def register(self, sha: str, size: int, pending: bool, dense: bool = False) -> None:
+        """Index a blob file now in place; `dense`: written whole (a download), so its
+        size is what it uses, with no stat to ask."""
         if sha not in self._lru:
-            on_disk = self._on_disk(sha, size)
+            on_disk = None if dense else self._on_disk(sha, size)
             size = size if on_disk is None else on_disk
             self._lru[sha] = size
             self.used += size
