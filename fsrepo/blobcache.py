@@ -27,7 +27,7 @@ from .errors import ImgrepoError, IntegrityError
 from .hashing import hash_file
 from .manifest import MIN_CHUNK, Chunks, FileEntry
 from .repository import blob_key
-from .state import StateDB
+from .state import LocalState, StateDB
 from .store.base import Store
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,8 @@ class BlobCache(CacheIndex):
         # next download of the blob to resume from.
         self.broken: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None
+        self._unrecorded: dict[str, int] = {}  # downloaded, not yet in the state's table
+        self._recording = False  # a task is writing them
 
     def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
         """Index what the database says is cached (see CacheIndex.load); downloads the last
@@ -151,14 +153,30 @@ class BlobCache(CacheIndex):
                 return
             self.register(dl.sha, dl.size, pending=False, dense=True)
             dl.complete()  # readers go on; the cache's bookkeeping need not hold them
-            try:
-                await self.db.run(self.db.state.add_cached_blob, dl.sha, dl.size)
-                await self.evict()
-            except OSError as exc:
-                log.warning("cannot record blob %s in the cache index: %s", dl.sha, exc)
+            await self._record_cached(dl.sha, dl.size)
         finally:
             if self.downloads.get(dl.sha) is dl:
                 del self.downloads[dl.sha]
+
+    async def _record_cached(self, sha: str, size: int) -> None:
+        """Note a downloaded blob in the cache index's table, then evict what is over the
+        limit. Blobs that finish while one batch is written go in the next, in one call to
+        the database's thread (one hop per batch, not one per blob)."""
+        self._unrecorded[sha] = size
+        if self._recording:
+            return
+        self._recording = True
+        try:
+            while self._unrecorded:
+                rows, self._unrecorded = self._unrecorded, {}
+                try:
+                    await self.db.run(_add_cached, self.db.state, rows)
+                    await self.evict()
+                except OSError as exc:
+                    log.warning("cannot record blob %s in the cache index: %s",
+                                ", ".join(rows), exc)
+        finally:
+            self._recording = False
 
     def _seal(self, dl: Download) -> None:
         """The finished download becomes a cached blob, if it is the blob (worker thread)."""
@@ -260,3 +278,9 @@ class BlobCache(CacheIndex):
         except OSError as exc:
             log.warning("cannot record blob %s in the cache index: %s", entry.sha256, exc)
         return self.path(entry.sha256)
+
+
+def _add_cached(state: LocalState, rows: dict[str, int]) -> None:
+    """Downloaded blobs into the state's table of cached blobs (the database's thread)."""
+    for sha, size in rows.items():
+        state.add_cached_blob(sha, size)
