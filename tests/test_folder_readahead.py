@@ -288,3 +288,14 @@ def test_cat_of_a_folder_on_a_real_mount_sends_one_get_per_blob(s3_bucket, s3_pr
     assert out == b"".join(photo(i) for i in range(count))
     assert [gets(i) for i in range(count)] == [1] * count  # one GET per blob, never two
     assert s3_proxy.count("GET", path="/blobs/") == count
+
+
+def test_read_ahead_files_is_a_setting_and_bad_values_are_refused(tmp_path: Path):
+    from fsrepo.config import ConfigError, load_settings
+
+    none = tmp_path / "none.toml"
+    assert load_settings({}, none).read_ahead_files == 16
+    assert load_settings({"read_ahead_files": "0"}, none).read_ahead_files == 0
+    for bad in ("-1", "1001", "many"):
+        with pytest.raises(ConfigError, match="read-ahead-files|bad setting"):
+            load_settings({"read_ahead_files": bad}, none)
