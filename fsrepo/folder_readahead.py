@@ -33,7 +33,7 @@ READ_AHEAD_FILES = 16  # files fetched ahead of a reader going through a folder 
 READ_AHEAD_BYTES = 64 << 20  # bytes of guesses not yet opened, at most
 STREAK = 2  # cold opens in order before fetching ahead
 STEP = 4  # an open at most this many positions after the last one is still "in order"
-FOLDERS_KEPT = 16  # folders whose reading order is followed at once
+FOLDERS_KEPT = 4  # folders whose reading order is followed at once (each holds its names)
 
 
 @dataclass
