@@ -29,6 +29,7 @@ from .manifest import MIN_CHUNK, Chunks, FileEntry
 from .repository import blob_key
 from .state import LocalState, StateDB
 from .store.base import Store
+from .workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class BlobCache(CacheIndex):
         self.broken: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None
         self._unrecorded: dict[str, int] = {}  # downloaded, not yet in the state's table
+        # Threads of our own that verify finished downloads: a hop to them costs half of
+        # trio.to_thread's (docs/perf-log.md), and every downloaded blob takes one.
+        self._sealers = Workers("imgrepo-verify", 2)
         self._recording = False  # a task is writing them
 
     def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
@@ -137,7 +141,7 @@ class BlobCache(CacheIndex):
                 await self._fetch(dl)
                 # One worker call checks size and hash and moves the blob into place (the
                 # last byte stays held back from readers until then).
-                await trio.to_thread.run_sync(self._seal, dl)
+                await self._sealers.run(self._seal, dl)
             except (ImgrepoError, OSError) as exc:
                 log.error("download of blob %s failed: %s", dl.sha, exc)
                 # (the last byte is always fetched again: it was never checked)
@@ -157,6 +161,10 @@ class BlobCache(CacheIndex):
         finally:
             if self.downloads.get(dl.sha) is dl:
                 del self.downloads[dl.sha]
+
+    def close(self) -> None:
+        """Stop the verifying threads (after the trio loop has finished)."""
+        self._sealers.close()
 
     async def _record_cached(self, sha: str, size: int) -> None:
         """Note a downloaded blob in the cache index's table, then evict what is over the

@@ -182,4 +182,5 @@ class Engine:
 
     def close(self) -> None:
         """Close the local database (after the trio loop using it has finished)."""
+        self.cache.close()
         self.db.close()
