@@ -10,8 +10,10 @@ opened are let go (those in flight finish into the cache; nothing new starts).
 
 Bounds: `files` ahead of the reader's position; `max_bytes` of guesses not yet opened; and
 the cache limit: a guess starts only if it fits beside what eviction may not touch (open
-blobs, blobs pending upload, the other guesses), so a guess never makes the cache evict
-what is read or not yet in the bucket. A guess is pinned until it is opened or let go.
+blobs, blobs pending upload) and the other guesses, so a guess never makes the cache evict
+what is read or not yet in the bucket, nor (being the newest) another guess. Guesses are
+not pinned: a reader that stops leaves them to the cache's LRU like any blob read, and a
+folder not opened for `IDLE` seconds lets its guesses go from the byte bound.
 
 A reader of a file being fetched ahead joins that download (one GET per blob); every
 download is verified before its last byte is served (blobcache.py). A guess that turned out
@@ -21,8 +23,9 @@ Whole-blob files only: chunked files read ahead within themselves (reads.py).
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from .blobcache import BlobCache, Download
@@ -34,6 +37,7 @@ READ_AHEAD_BYTES = 64 << 20  # bytes of guesses not yet opened, at most
 STREAK = 2  # cold opens in order before fetching ahead
 STEP = 4  # an open at most this many positions after the last one is still "in order"
 FOLDERS_KEPT = 4  # folders whose reading order is followed at once (each holds its names)
+IDLE = 30.0  # seconds without an open after which a folder's reader is taken to be gone
 
 
 @dataclass
@@ -44,6 +48,7 @@ class _Folder:
     names: list[bytes]
     position: dict[bytes, int]
     last: int = -1  # position of the last open
+    opened_at: float = 0.0  # monotonic time of the last open
     streak: int = 0  # opens in order so far
     next_guess: int = 0  # first position not yet considered for a guess
     guesses: dict[str, Download] = field(default_factory=dict)  # sha -> not yet opened
@@ -53,8 +58,10 @@ class FolderReadAhead:
     """Follows opens per folder and starts downloads ahead of an in-order reader."""
 
     def __init__(self, cache: BlobCache, files: int = READ_AHEAD_FILES,
-                 max_bytes: int = READ_AHEAD_BYTES) -> None:
+                 max_bytes: int = READ_AHEAD_BYTES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cache = cache
+        self.clock = clock
         self.files = files
         self.max_bytes = max_bytes
         self._folders: OrderedDict[str, _Folder] = OrderedDict()
@@ -70,7 +77,12 @@ class FolderReadAhead:
         (or was here only because it was guessed)."""
         if self.files <= 0:
             return
+        now = self.clock()
+        for other in self._folders.values():
+            if other.guesses and now - other.opened_at > IDLE:
+                self._let_go(other)  # its reader went away
         folder = self._folder(folder_id, entries, name)
+        folder.opened_at = now
         pos = folder.position[name]
         if pos == folder.last:
             return  # the same file again (opened twice in a row): neither order nor not
@@ -87,7 +99,7 @@ class FolderReadAhead:
             self._guess(folder_id, folder, pos)
 
     def take(self, sha: str) -> Download | None:
-        """A reader opens a guessed blob: the guess is its own now (unpinned). Returns the
+        """A reader opens a guessed blob: the guess is its own now. Returns the
         download if it failed as damaged (the reader answers EIO from it, with no new
         request); None otherwise (running: the reader joins it; done: it is cached)."""
         folder_id = self._owner.pop(sha, None)
@@ -138,7 +150,6 @@ class FolderReadAhead:
                 if not self._room_for(entry.size):
                     return  # taken up again from here when the reader moves on
                 dl = cache.start_download(entry.sha256, entry.size)
-                cache.acquire(entry.sha256)  # not evicted before the reader gets to it
                 folder.guesses[entry.sha256] = dl
                 self._owner[entry.sha256] = folder_id
                 self.guessed_bytes += entry.size
@@ -147,22 +158,22 @@ class FolderReadAhead:
 
     def _room_for(self, size: int) -> bool:
         """Whether a guess of `size` bytes fits the bounds: bytes of guesses, and the cache
-        limit beside what eviction may not remove."""
+        limit beside what eviction may not remove and the other guesses."""
         if self.guessed_bytes + size > self.max_bytes:
             return False
         cache = self.cache
-        if cache.used + self.guessed_bytes + size <= cache.limit:
+        if cache.used + self._guessed_in_flight() + size <= cache.limit:
             return True  # fits without evicting anything
-        return cache.pinned_bytes() + self._guessed_in_flight() + size <= cache.limit
+        return cache.pinned_bytes() + self.guessed_bytes + size <= cache.limit
 
     def _guessed_in_flight(self) -> int:
-        """Guesses still downloading (the finished ones are among the pinned blobs)."""
+        """Guesses still downloading (the finished ones count in the cache's use)."""
         return sum(dl.size for f in self._folders.values() for dl in f.guesses.values()
                    if not dl.done)
 
     def _let_go(self, folder: _Folder) -> None:
-        """The reader left the order: its guesses not yet opened are unpinned (those in
-        flight still finish into the cache)."""
+        """The reader left the order (or went away): its guesses not yet opened no longer
+        count (those in flight still finish into the cache)."""
         for sha, dl in folder.guesses.items():
             self._owner.pop(sha, None)
             self._forget(dl)
@@ -170,5 +181,4 @@ class FolderReadAhead:
         folder.streak = 0
 
     def _forget(self, dl: Download) -> None:
-        self.cache.release(dl.sha)
         self.guessed_bytes -= dl.size

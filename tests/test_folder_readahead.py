@@ -220,13 +220,30 @@ def test_the_read_ahead_stops_when_the_order_breaks(tmp_path: Path):
             await settle(engine)
             assert ahead.started == count - 53  # nothing more
             assert ahead.guessed_bytes == 0  # the guesses were let go ...
-            assert not any(engine.cache.pinned(sha(photo(i))) for i in range(53, count))
             assert all_downloads(store) == len(jumps) + 2 + (count - 53) + 4
             # ... and kept: reading them later costs nothing more.
             before = all_downloads(store)
             for i in range(53, count):
                 assert await read_photo(engine, i) == photo(i)
             assert all_downloads(store) == before
+
+    trio.run(main)
+
+
+def test_a_reader_gone_idle_lets_its_guesses_go(tmp_path: Path):
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        await put_folder(storage, 40)
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
+            ahead, now = engine.files.ahead, [1000.0]
+            ahead.clock = lambda: now[0]
+            await read_photo(engine, 0)
+            await read_photo(engine, 1)
+            assert ahead.started == 16 and ahead.guessed_bytes == 16 * FILE
+            now[0] += 31  # the reader went away; whoever opens the next one starts afresh
+            assert await read_photo(engine, 2) == photo(2)
+            assert ahead.guessed_bytes == 0 and ahead.started == 16
 
     trio.run(main)
 
