@@ -66,6 +66,11 @@ class CacheIndex:
     def pinned(self, sha: str) -> bool:
         return sha in self.pending or self._open.get(sha, 0) > 0
 
+    def pinned_bytes(self) -> int:
+        """What eviction may not remove: cached blobs pending upload or open."""
+        lru = self._lru
+        return sum(lru.get(sha, 0) for sha in self.pending | self._open.keys())
+
     def acquire(self, sha: str) -> None:
         self._open[sha] = self._open.get(sha, 0) + 1
 
@@ -117,9 +122,11 @@ class CacheIndex:
         except FileNotFoundError:
             return None
 
-    def register(self, sha: str, size: int, pending: bool) -> None:
+    def register(self, sha: str, size: int, pending: bool, dense: bool = False) -> None:
+        """Index a blob file now in place; `dense`: written whole (a download), so its
+        size is what it uses, with no stat to ask."""
         if sha not in self._lru:
-            on_disk = self._on_disk(sha, size)
+            on_disk = None if dense else self._on_disk(sha, size)
             size = size if on_disk is None else on_disk
             self._lru[sha] = size
             self.used += size

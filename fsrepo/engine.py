@@ -84,7 +84,7 @@ class Engine:
                             idle_after=settings.idle_release, invalidator=self.invalidator)
         self.durable = GroupCommitter(self.db, self.journal, settings.commit_interval, disk)
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 self.remote_index, self.durable)
+                                 self.remote_index, self.durable, settings.read_ahead_files)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
                                  self.remote_index, self.files, self.chunk_lists,
                                  host=self.host,
@@ -182,4 +182,5 @@ class Engine:
 
     def close(self) -> None:
         """Close the local database (after the trio loop using it has finished)."""
+        self.cache.close()
         self.db.close()
