@@ -170,7 +170,8 @@ class Uploader:
         ready = self.retries.ready
         schedule.observe(now)
         settling = schedule.settling(now)
-        for sha, size in schedule.pending_blobs().items():
+        pending = schedule.pending_blobs()
+        for sha, size in pending.items():
             if sha in in_flight or not ready("blob:" + sha):
                 continue
             if sha in settling:  # a rewritten file, not yet unchanged for long enough
@@ -190,8 +191,9 @@ class Uploader:
             if dir_id in self._committing or not ready("dir:" + dir_id):
                 continue
             batch = schedule.committable(dir_id)
-            if batch and schedule.due(dir_id, len(batch), in_flight):
+            if batch and schedule.due(dir_id, len(batch), pending):
                 self._committing.add(dir_id)
+                schedule.commit_started(dir_id)
                 nursery.start_soon(self._commit, dir_id, batch)
                 started = True
         return started
