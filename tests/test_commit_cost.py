@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import trio
 
+from fsrepo.inodes import ROOT_INO
 from fsrepo.manifest import (
     Chunks,
     DirEntry,
@@ -31,7 +33,8 @@ from fsrepo.repository import manifest_key
 from fsrepo.store import Store
 from fsrepo.store.counting import PUT_IF_MATCH, PUT_IF_NONE_MATCH, CountingStore
 
-from .coreutil import EngineDriver, running_engine
+from .coreutil import EngineDriver, read_file, running_engine, settings_for
+from .powerloss import PowerLossDisk
 from .targets import StorageTarget
 
 SHA = "ab" * 32
@@ -201,4 +204,53 @@ def test_a_copy_into_one_folder_while_someone_waits_takes_few_manifest_writes(
             assert writes[PUT_IF_NONE_MATCH] == 1 and cost.uploads == 400, cost
             print("manifest writes:", writes.manifest_writes, writes[PUT_IF_MATCH])
             assert 1 <= writes.manifest_writes <= 8, cost
+    trio.run(main)
+
+
+class _RecordingDisk(PowerLossDisk):
+    """Records which files each group commit synced whole and which data only."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.whole: list[set[str]] = []
+        self.data_only: list[set[str]] = []
+
+    def sync_files(self, paths: Iterable[Path]) -> None:
+        paths = list(paths)
+        self.whole.append({p.name for p in paths})
+        super().sync_files(paths)
+
+    def sync_data(self, paths: Iterable[Path]) -> None:
+        paths = list(paths)
+        self.data_only.append({p.name for p in paths})
+        super().sync_data(paths)
+
+
+def test_an_open_file_fsynced_again_has_only_its_data_synced_and_survives_a_power_loss(
+        tmp_path: Path) -> None:
+    """A database's fsync at every transaction: the first syncs its staging copy whole
+    (its name and record), the next ones its data only (fdatasync, a quarter of an fsync on
+    ext4); what the last one covered survives a power loss."""
+    url = f"file://{tmp_path / 'bucket'}"
+    state_dir = settings_for(url, None, tmp_path / "cache").state_dir()
+    disk = _RecordingDisk(state_dir)
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "cache", upload=False, disk=disk,
+                                  commit_interval=3600.0) as eng:
+            handle, _ = await eng.files.create(ROOT_INO, b"db.sqlite", 0o644)
+            await eng.files.write(handle.fh, 0, b"first" * 1000)
+            await eng.files.fsync(handle.fh)
+            staged = {p.name for p in (state_dir / "staging").iterdir()}
+            assert len(staged) == 1 and not disk.data_only
+            assert sum(staged <= whole for whole in disk.whole) == 1
+            for n in range(5):
+                await eng.files.write(handle.fh, 0, b"v%04d" % n * 2000)  # grows, too
+                await eng.files.fsync(handle.fh)
+                assert disk.data_only[-1] == staged and len(disk.data_only) == n + 1
+            assert sum(staged <= whole for whole in disk.whole) == 1
+            disk.image(settings_for(url, None, tmp_path / "lost").state_dir())
+            await eng.files.release(handle.fh)
+        async with running_engine(url, None, tmp_path / "lost", upload=False) as eng:
+            assert await read_file(eng, "db.sqlite") == b"v%04d" % 4 * 2000
     trio.run(main)
