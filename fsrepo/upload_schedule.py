@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 
 from .journal import Journal, PendingOp
 from .manifest import FileEntry
@@ -43,6 +44,13 @@ class UploadSchedule:
         self.quiet = quiet
         self._seen: dict[int, float] = {}  # seq -> when the schedule first saw the op
         self._last_commit: dict[str, float] = {}  # dir_id -> when its last commit started
+        # pending_blobs() as last worked out, kept while the journal is unchanged (the
+        # uploads that finish are taken out: `uploaded`): the loop looks at it after every
+        # upload, and working it out costs what the journal holds
+        self._pending_for: object = None
+        self._pending: dict[str, int] = {}
+        self._dirs_of: dict[str, set[str]] = {}  # blob -> directories whose ops need it
+        self._waiting: Counter[str] = Counter()  # directory -> its blobs in `_pending`
         self._flush_until = 0.0  # flush mode (no batching) lasts while waiters keep kicking
         self.next_due = math.inf  # when the earliest batch held back becomes due
 
@@ -81,9 +89,24 @@ class UploadSchedule:
     # -- blobs ------------------------------------------------------------------------------
     def pending_blobs(self) -> dict[str, int]:
         """Blobs the journal needs that are not yet in the bucket: sha -> size."""
+        version = (self.journal.version, len(self.remote.unconfirmed))
+        if version != self._pending_for:
+            self._pending, self._dirs_of = self._work_out_pending()
+            self._waiting = Counter(d for dirs in self._dirs_of.values() for d in dirs)
+            self._pending_for = version
+        return dict(self._pending)
+
+    def uploaded(self, sha: str) -> None:
+        """Blob `sha` is in the bucket now (or given up): no longer pending."""
+        self._pending.pop(sha, None)
+        for dir_id in self._dirs_of.pop(sha, ()):
+            self._waiting[dir_id] -= 1
+
+    def _work_out_pending(self) -> tuple[dict[str, int], dict[str, set[str]]]:
         out: dict[str, int] = {}
+        dirs_of: dict[str, set[str]] = {}
         needs_upload = self.remote.needs_upload
-        for ops in self.journal.by_dir.values():
+        for dir_id, ops in self.journal.by_dir.items():
             last = {p.op.name: p for p in ops}
             # A superseded entry is never written, unless what supersedes it must wait for
             # another directory's commit (a rename's removal): then the ops before that
@@ -98,7 +121,8 @@ class UploadSchedule:
                 if isinstance(e, FileEntry) and e.chunks is None and needs_upload(e.sha256) \
                         and (last[p.op.name] is p or ready.get(p.op.name) is p):
                     out[e.sha256] = e.size
-        return out
+                    dirs_of.setdefault(e.sha256, set()).add(dir_id)
+        return out, dirs_of
 
     def settling(self, now: float) -> dict[str, float]:
         """Blobs of rewritten files not yet unchanged for `writeback_delay`: sha -> when
@@ -159,6 +183,16 @@ class UploadSchedule:
         e = p.op.entry
         return isinstance(e, FileEntry) and e.chunks is None \
             and self.remote.needs_upload(e.sha256)
+
+    def held_back(self, dir_id: str, now: float) -> bool:
+        """Whether the directory's next commit can wait without a look at its ops: blobs
+        it needs are still pending (after `pending_blobs`), so its batch would leave ops
+        behind, and its last commit started less than `commit_delay` ago (see `due`)."""
+        again = self._last_commit.get(dir_id, -math.inf) + self.commit_delay
+        if self._waiting[dir_id] <= 0 or now >= again:
+            return False
+        self.next_due = min(self.next_due, again)
+        return True
 
     def commit_started(self, dir_id: str) -> None:
         """A commit of the directory starts now: its next partial batch waits (`due`)."""

@@ -177,6 +177,9 @@ class Uploader:
             if sha in settling:  # a rewritten file, not yet unchanged for long enough
                 schedule.next_due = min(schedule.next_due, settling[sha])
                 continue
+            if not schedule.remote.needs_upload(sha):  # seen in a manifest meanwhile
+                schedule.uploaded(sha)
+                continue
             if not self.blobs.can_start(sha):
                 continue  # its close() is still storing it
             if sha == EMPTY_SHA and not schedule.empty_wanted(now):
@@ -188,7 +191,8 @@ class Uploader:
             nursery.start_soon(self._upload, sha, size)
             started = True
         for dir_id in list(self.journal.by_dir):
-            if dir_id in self._committing or not ready("dir:" + dir_id):
+            if dir_id in self._committing or not ready("dir:" + dir_id) \
+                    or schedule.held_back(dir_id, now):
                 continue
             batch = schedule.committable(dir_id)
             if batch and schedule.due(dir_id, len(batch), pending):
@@ -207,6 +211,7 @@ class Uploader:
                     self.status.uploaded_bytes += size
                 elif outcome is Outcome.ALREADY_THERE:
                     self.status.skipped_blobs += 1
+                self.schedule.uploaded(sha)
                 self.retries.succeeded("blob:" + sha)
                 self._succeeded()
             except (ImgrepoError, OSError) as exc:

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -253,4 +255,46 @@ def test_an_open_file_fsynced_again_has_only_its_data_synced_and_survives_a_powe
             await eng.files.release(handle.fh)
         async with running_engine(url, None, tmp_path / "lost", upload=False) as eng:
             assert await read_file(eng, "db.sqlite") == b"v%04d" % 4 * 2000
+    trio.run(main)
+
+
+def test_the_kept_pending_blobs_are_what_working_them_out_again_gives(
+        file_storage: StorageTarget, tmp_path: Path) -> None:
+    """The upload loop looks at the pending blobs after every upload: they are kept while
+    the journal is unchanged, uploads taken out as they finish. At every step they equal
+    what a fresh look at the journal finds, and a folder still waiting for blobs, committed
+    less than the commit delay ago, is held back without a look at its ops."""
+    async def main() -> None:
+        async with running_engine(file_storage.url, None, tmp_path / "a", upload=False) as eng:
+            fs = EngineDriver(eng)
+            schedule = eng.uploader.schedule
+            for d in ("a", "b"):
+                await fs.mkdir(d)
+                for i in range(15):
+                    await fs.create(f"{d}/f{i}", os.urandom(500))
+            await eng.journal.write_queued()
+
+            def fresh() -> dict[str, int]:
+                return schedule._work_out_pending()[0]
+
+            pending = schedule.pending_blobs()
+            assert pending == fresh() and len(pending) == 30
+            a_id = (await fs.node("a"))[1].id  # type: ignore[union-attr]
+            schedule.commit_started(a_id)
+            now = time.monotonic()
+            assert schedule.held_back(a_id, now)
+            for n, sha in enumerate(sorted(pending)):
+                eng.remote_index.seen_in_bucket(sha)
+                schedule.uploaded(sha)
+                assert schedule.pending_blobs() == fresh(), n
+                if n == 10:  # the journal changes: worked out again, the new file in it
+                    await fs.create("a/late", b"late" * 100)
+                    await eng.journal.write_queued()
+                    assert len(schedule.pending_blobs()) == len(pending) - n
+            assert list(schedule.pending_blobs()) == [hashlib.sha256(b"late" * 100)
+                                                      .hexdigest()]
+            eng.remote_index.seen_in_bucket(next(iter(schedule.pending_blobs())))
+            schedule.uploaded(next(iter(schedule.pending_blobs())))
+            assert schedule.pending_blobs() == {} == fresh()
+            assert not schedule.held_back(a_id, now)  # it waits for nothing now
     trio.run(main)
