@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from fsrepo.chunking import ChunkLists
 from fsrepo.inodes import ROOT_INO
 from fsrepo.manifest import (
     Chunks,
@@ -298,3 +299,21 @@ def test_the_kept_pending_blobs_are_what_working_them_out_again_gives(
             assert schedule.pending_blobs() == {} == fresh()
             assert not schedule.held_back(a_id, now)  # it waits for nothing now
     trio.run(main)
+
+
+def test_a_chunk_list_missed_once_is_found_once_kept(tmp_path: Path) -> None:
+    """A miss is remembered (every upload and commit asks for each file above 64 KiB,
+    almost none has a list), but never over the list that `put` keeps afterwards."""
+    lists = ChunkLists(tmp_path / "chunklists")
+    chunks = Chunks(1 << 16, (SHA, SHA))
+    assert lists.get(SHA) is None
+    assert SHA in lists._absent
+    lists.put(SHA, chunks)
+    assert lists.get(SHA) == chunks
+    other = "cd" * 32
+    assert lists.get(other) is None
+    (tmp_path / "chunklists" / other[:2]).mkdir()
+    (tmp_path / "chunklists" / other[:2] / f"{other}.json").write_text("{}")
+    assert lists.get(other) is None  # (remembered: only put() writes lists)
+    lists.put(other, chunks)
+    assert lists.get(other) == chunks
