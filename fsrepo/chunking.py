@@ -54,9 +54,6 @@ def copy_range(source: Path, dest: Path, offset: int, length: int) -> None:
             copied += n
 
 
-ABSENT_KEPT = 100_000  # files remembered as having no chunk list (~10 MB at most)
-
-
 class ChunkLists:
     """The chunk lists of files this machine sent as chunks, by whole-file SHA-256, and the
     repository's chunk size (None: the repository keeps whole files only)."""
@@ -65,12 +62,12 @@ class ChunkLists:
         self.root = root
         self.chunk_size: int | None = None
         self._sending: dict[str, trio.Event] = {}  # chunks on their way to the bucket
-        # Files looked for and not found: every upload and every manifest commit asks for
-        # each file above MIN_CHUNK, and almost none has a list. `put` (a worker thread)
-        # takes one out; the lock keeps a miss from landing after the put it missed.
-        self._absent: set[str] = set()
-        self._absent_lock = threading.Lock()
-        self._puts = 0
+        # The files that have a list, read from the folder at the first look: every upload
+        # and every manifest commit asks for each file above MIN_CHUNK, almost none has
+        # one, and only `put` (a worker thread; this process holds the state's lock) makes
+        # one. The lock keeps a put from landing between the folder's read and its use.
+        self._listed: set[str] | None = None
+        self._lock = threading.Lock()
 
     @asynccontextmanager
     async def sending(self, sha: str) -> AsyncIterator[None]:
@@ -93,19 +90,15 @@ class ChunkLists:
         return self.chunk_size is not None and size > self.chunk_size
 
     def get(self, sha: str) -> Chunks | None:
-        if sha in self._absent:
+        listed = self._listed
+        if listed is None:
+            with self._lock:
+                listed = self._listed = {p.stem for p in self.root.glob("*/*.json")}
+        if sha not in listed:
             return None
-        puts = self._puts
         try:
             raw = json.loads(self._path(sha).read_bytes())
             return Chunks(int(raw["size"]), tuple(raw["sha256"]))
-        except FileNotFoundError:
-            with self._absent_lock:
-                if puts == self._puts:  # (no put since the look: none of this file)
-                    if len(self._absent) >= ABSENT_KEPT:
-                        self._absent.clear()
-                    self._absent.add(sha)
-            return None
         except (OSError, ValueError, KeyError, TypeError):
             return None  # never cut here, or a damaged list: cut again
 
@@ -120,9 +113,9 @@ class ChunkLists:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        with self._absent_lock:
-            self._puts += 1
-            self._absent.discard(sha)
+        with self._lock:
+            if self._listed is not None:
+                self._listed.add(sha)
 
     def with_chunks(self, entries: dict[bytes, Entry],
                     names: set[bytes]) -> dict[bytes, Entry]:

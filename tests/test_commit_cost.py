@@ -301,19 +301,19 @@ def test_the_kept_pending_blobs_are_what_working_them_out_again_gives(
     trio.run(main)
 
 
-def test_a_chunk_list_missed_once_is_found_once_kept(tmp_path: Path) -> None:
-    """A miss is remembered (every upload and commit asks for each file above 64 KiB,
-    almost none has a list), but never over the list that `put` keeps afterwards."""
-    lists = ChunkLists(tmp_path / "chunklists")
+def test_chunk_lists_are_looked_up_in_memory_and_put_ones_are_found(tmp_path: Path) -> None:
+    """The folder of lists is read once (every upload and commit asks for each file above
+    64 KiB, almost none has a list); a list kept by `put` afterwards is found, and so is
+    one an earlier run kept."""
+    root = tmp_path / "chunklists"
     chunks = Chunks(1 << 16, (SHA, SHA))
-    assert lists.get(SHA) is None
-    assert SHA in lists._absent
-    lists.put(SHA, chunks)
-    assert lists.get(SHA) == chunks
+    earlier = ChunkLists(root)
+    earlier.put(SHA, chunks)
+    lists = ChunkLists(root)
     other = "cd" * 32
-    assert lists.get(other) is None
-    (tmp_path / "chunklists" / other[:2]).mkdir()
-    (tmp_path / "chunklists" / other[:2] / f"{other}.json").write_text("{}")
-    assert lists.get(other) is None  # (remembered: only put() writes lists)
+    assert lists.get(other) is None and lists.get(SHA) == chunks
+    (root / other[:2]).mkdir()
+    (root / other[:2] / f"{other}.json").write_text('{"size": 65536, "sha256": []}')
+    assert lists.get(other) is None  # (read once: only put() writes lists)
     lists.put(other, chunks)
     assert lists.get(other) == chunks
