@@ -32,11 +32,12 @@ from fsrepo.manifest import (
     serialise_manifest,
 )
 from fsrepo.manifest_cache import WrittenManifests
-from fsrepo.repository import manifest_key
+from fsrepo.repository import blob_key, manifest_key
 from fsrepo.store import Store
 from fsrepo.store.counting import PUT_IF_MATCH, PUT_IF_NONE_MATCH, CountingStore
 
 from .coreutil import EngineDriver, read_file, running_engine, settings_for
+from .faulty_store import HOLD, Fault, FaultyStore
 from .powerloss import PowerLossDisk
 from .targets import StorageTarget
 
@@ -317,3 +318,44 @@ def test_chunk_lists_are_looked_up_in_memory_and_put_ones_are_found(tmp_path: Pa
     assert lists.get(other) is None  # (read once: only put() writes lists)
     lists.put(other, chunks)
     assert lists.get(other) == chunks
+
+
+def test_a_partial_batch_still_goes_while_an_upload_of_its_folder_is_stuck(
+        file_storage: StorageTarget, tmp_path: Path) -> None:
+    """Spacing a folder's partial batches (one per commit delay) must not hold them back
+    for good: with b.jpg's upload stuck, a.jpg (closed before it) reaches the bucket."""
+    faulty: list[FaultyStore] = []
+
+    def wrap(inner: Store) -> Store:
+        faulty.append(FaultyStore(inner))
+        return faulty[0]
+
+    async def main() -> None:
+        async with running_engine(file_storage.url, None, tmp_path / "a",
+                                  wrap_store=wrap) as eng:
+            fs = EngineDriver(eng)
+            await fs.mkdir("photos")
+            await fs.create("photos/x.jpg", b"x" * 1000)
+            await fs.drain()  # the folder's manifest was just written: the next batch waits
+            photos = (await fs.node("photos"))[1]
+            stuck = Fault("put_file", effect=HOLD,
+                          prefix=blob_key(hashlib.sha256(b"b" * 1000).hexdigest()))
+            faulty[0].arm(stuck)
+            await fs.create("photos/a.jpg", b"a" * 1000)
+            await fs.create("photos/b.jpg", b"b" * 1000)
+            with trio.fail_after(60):  # (a bound for a hang, not a measure)
+                await stuck.held.wait()
+                while True:
+                    eng.uploader.kick()  # someone waits, as --status --wait does
+                    stored = await eng.store.get(manifest_key(photos.id))  # type: ignore
+                    names = parse_manifest(stored.data, photos.id)[0].entries  # type: ignore
+                    if b"a.jpg" in names:
+                        break
+                    await trio.sleep(0.05)
+            assert b"b.jpg" not in names and not stuck.released.is_set()
+            stuck.release()
+            await fs.drain()
+            stored = await eng.store.get(manifest_key(photos.id))  # type: ignore
+            assert {b"x.jpg", b"a.jpg", b"b.jpg"} <= parse_manifest(
+                stored.data, photos.id)[0].entries.keys()  # type: ignore
+    trio.run(main)
