@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -61,6 +62,12 @@ class ChunkLists:
         self.root = root
         self.chunk_size: int | None = None
         self._sending: dict[str, trio.Event] = {}  # chunks on their way to the bucket
+        # The files that have a list, read from the folder at the first look: every upload
+        # and every manifest commit asks for each file above MIN_CHUNK, almost none has
+        # one, and only `put` (a worker thread; this process holds the state's lock) makes
+        # one. The lock keeps a put from landing between the folder's read and its use.
+        self._listed: set[str] | None = None
+        self._lock = threading.Lock()
 
     @asynccontextmanager
     async def sending(self, sha: str) -> AsyncIterator[None]:
@@ -83,6 +90,12 @@ class ChunkLists:
         return self.chunk_size is not None and size > self.chunk_size
 
     def get(self, sha: str) -> Chunks | None:
+        listed = self._listed
+        if listed is None:
+            with self._lock:
+                listed = self._listed = {p.stem for p in self.root.glob("*/*.json")}
+        if sha not in listed:
+            return None
         try:
             raw = json.loads(self._path(sha).read_bytes())
             return Chunks(int(raw["size"]), tuple(raw["sha256"]))
@@ -100,6 +113,9 @@ class ChunkLists:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        with self._lock:
+            if self._listed is not None:
+                self._listed.add(sha)
 
     def with_chunks(self, entries: dict[bytes, Entry],
                     names: set[bytes]) -> dict[bytes, Entry]:

@@ -293,6 +293,45 @@ class DirViews:
         self._resize(view)
         self.changes.view_changed(dir_id, old, view.entries)
 
+    def committed(self, dir_id: str, remote: dict[bytes, Entry], etag: str, mtime_ns: int | None,
+                  based_on: str | None, names: set[bytes]) -> None:
+        """Our own manifest write landed: `remote` is the version `based_on` with only
+        `names` changed (nothing merged from elsewhere). The view is updated by those names
+        and the pending ops' (a batch's cost, not the folder's); a view computed from
+        another version is recomputed whole (`set_remote`)."""
+        view = self._views.get(dir_id)
+        if view is None:
+            return
+        if view.etag != based_on or view.entries is view.remote:
+            self.set_remote(dir_id, remote, etag, mtime_ns)
+            return
+        ops = self.journal.ops_for(dir_id)
+        touched = names | {op.name for op in ops}
+        now = {n: remote[n] for n in touched if n in remote}
+        merged: dict[str, str] = {}
+        if apply_ops(now, ops, self.host, merged=merged) or merged:
+            self.set_remote(dir_id, remote, etag, mtime_ns)  # conflict names: not by name
+            return
+        entries = view.entries
+        old = {n: entries[n] for n in touched if n in entries}
+        for name in touched:
+            if name in now:
+                entries[name] = now[name]
+            else:
+                entries.pop(name, None)
+        view.subdirs += sum(isinstance(e, DirEntry) for e in now.values()) \
+            - sum(isinstance(e, DirEntry) for e in old.values())
+        view.remote, view.etag, view.checked = remote, etag, time.time()
+        if mtime_ns is not None:
+            view.remote_mtime_ns = mtime_ns
+        local = self.journal.names_changed_at(dir_id)
+        view.mtime_ns = view.remote_mtime_ns if local is None else \
+            max(local, view.remote_mtime_ns or local)
+        if not ops:
+            view.entries = remote  # shared again, as `_compute` leaves it
+        self._resize(view)
+        self.changes.view_changed(dir_id, old, now)
+
     def recompute(self, dirs: set[str]) -> None:
         """The journal's ops for these directories changed (taken back): recompute their
         views and tell the listener."""

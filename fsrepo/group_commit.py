@@ -20,7 +20,7 @@ import ctypes
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -49,6 +49,11 @@ class Disk(Protocol):
         """These files, data and name (fsync each; a file gone meanwhile is skipped)."""
         ...
 
+    def sync_data(self, paths: Iterable[Path]) -> None:
+        """These files' data and size, not their names or times (fdatasync each; a file
+        gone meanwhile is skipped): files synced whole before, written again since."""
+        ...
+
 
 class LocalDisk:
     """The real thing: syncfs(2) and sync_file_range(2) through libc, fsync(2)."""
@@ -66,21 +71,30 @@ class LocalDisk:
             os.close(fd)
 
     def sync_files(self, paths: Iterable[Path]) -> None:
-        fds = []
-        try:
-            for path in paths:
-                try:
-                    fds.append(os.open(path, os.O_RDONLY))
-                except FileNotFoundError:
-                    continue
-                if _sync_file_range is not None:  # the writeback of all of them at once
-                    _sync_file_range(ctypes.c_int(fds[-1]), ctypes.c_longlong(0),
-                                     ctypes.c_longlong(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
-            for fd in fds:
-                os.fsync(fd)
-        finally:
-            for fd in fds:
-                os.close(fd)
+        _sync_each(paths, os.fsync)
+
+    def sync_data(self, paths: Iterable[Path]) -> None:
+        # A database's fsync() at every transaction rewrites its WAL in place: on ext4 an
+        # fdatasync of that costs a quarter of an fsync, which also journals the new mtime.
+        _sync_each(paths, os.fdatasync)
+
+
+def _sync_each(paths: Iterable[Path], sync: Callable[[int], None]) -> None:
+    fds = []
+    try:
+        for path in paths:
+            try:
+                fds.append(os.open(path, os.O_RDONLY))
+            except FileNotFoundError:
+                continue
+            if _sync_file_range is not None:  # the writeback of all of them at once
+                _sync_file_range(ctypes.c_int(fds[-1]), ctypes.c_longlong(0),
+                                 ctypes.c_longlong(0), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+        for fd in fds:
+            sync(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 class GroupCommitter:
@@ -146,9 +160,12 @@ class GroupCommitter:
             copies, self._copies = self._copies, {}
             retired, self._retired = self._retired, {}
             try:
-                files = [*data.values(), *(p for p, _ in copies.values()), *retired.values()]
-                if files:
-                    await trio.to_thread.run_sync(self.disk.sync_files, files)
+                # A copy recorded before (None) was synced whole then: its data is enough.
+                files = [*data.values(), *(p for p, c in copies.values() if c is not None),
+                         *retired.values()]
+                rewritten = [p for p, c in copies.values() if c is None]
+                if files or rewritten:
+                    await trio.to_thread.run_sync(self._sync, files, rewritten)
                 kept = [c for _, c in copies.values() if c is not None and c.path not in retired]
                 if kept or retired:
                     await self.db.run(self.db.state.mark_committed, kept, list(retired))
@@ -168,6 +185,13 @@ class GroupCommitter:
             self.last_commit_at = time.time()
         if retired:
             await trio.to_thread.run_sync(_unlink_all, list(retired.values()))
+
+    def _sync(self, files: list[Path], rewritten: list[Path]) -> None:
+        """(in a worker thread: one hand-off for both)"""
+        if files:
+            self.disk.sync_files(files)
+        if rewritten:
+            self.disk.sync_data(rewritten)
 
     async def run(self) -> None:
         """Commit once per interval while anything is waiting for it."""

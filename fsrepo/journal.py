@@ -130,6 +130,12 @@ class Journal:
     def unwritten(self) -> bool:
         return bool(self._queue)
 
+    @property
+    def version(self) -> tuple[int, int, int, int]:
+        """Changes whenever ops are recorded, written, retired, dropped or re-targeted by a
+        merge: what a cache of something computed from the ops compares."""
+        return self._next_seq, len(self.by_seq), self.writes, len(self.merged)
+
     async def write_behind(self, interval: float = 0.1) -> None:
         """Write records nobody waits for (new files' names) soon, even if no other
         change comes along to carry them."""

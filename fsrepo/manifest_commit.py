@@ -18,6 +18,7 @@ from .dir_merge import DirMerger
 from .errors import ManifestError, ObjectNotFound, PreconditionFailed, StorageError
 from .journal import Journal, PendingOp
 from .manifest import DirEntry, Entry, Manifest, parse_manifest, serialise_manifest
+from .manifest_cache import WrittenManifests
 from .merge import Op, apply_ops, coalesce, later, moved_dirs, same_content
 from .namespace import Namespace
 from .paths import entry_path
@@ -48,6 +49,7 @@ class ManifestCommitter:
         self.remote = remote
         self.host = host
         self.merger = DirMerger(store, db, journal, namespace, host=host)
+        self.written = WrittenManifests()  # what we last wrote, parsed: see manifest_cache
         self._in_flight: set[str] = set()  # directories being committed now
         # removed while their own commit was in flight: finished when it is done
         self._removed: dict[str, Removal] = {}
@@ -72,17 +74,21 @@ class ManifestCommitter:
             log.warning("%s", p)
         return manifest, obj.etag
 
-    async def _last_known(self, dir_id: str) -> tuple[Manifest, str | None]:
+    async def _last_known(self, dir_id: str) -> tuple[Manifest, str | None, bool]:
         """The manifest as last seen (the local state's copy, kept with every fetch and
-        write), else as the bucket has it."""
+        write), else as the bucket has it; and whether it is the one this machine wrote
+        last, kept parsed (its blobs are known already)."""
         row = await self.db.run(self.db.state.load_manifest, dir_id)
         if row is not None and (row[1] is not None or row[0] is None):
+            kept = self.written.get(dir_id, row[0], row[1])
+            if kept is not None:
+                return kept, row[0], True
             try:
                 manifest = parse_manifest(row[1], dir_id)[0] if row[1] else Manifest(dir_id)
-                return manifest, row[0]
+                return manifest, row[0], False
             except ManifestError:
                 pass
-        return await self.read_full(dir_id)
+        return (*await self.read_full(dir_id), False)
 
     async def commit(self, dir_id: str, batch: list[PendingOp]) -> int:
         """Write `batch` into the directory's manifest; returns how many conflict copies it
@@ -97,10 +103,12 @@ class ManifestCommitter:
                 await self._finish_removal(dir_id, removal)
             if dir_id in self._merged_away:
                 self._merged_away.discard(dir_id)
+                self.written.forget(dir_id)
                 await self.merger.drop_manifest(dir_id)
 
     async def _commit(self, dir_id: str, batch: list[PendingOp]) -> int:
-        known, etag = await self._last_known(dir_id)
+        known, etag, kept = await self._last_known(dir_id)
+        based_on = etag  # the version the views were computed from, unless `races`
         remote, records = known.entries, known.moved
         had_manifest = etag is not None
         await self.merger.finish_earlier()
@@ -109,6 +117,7 @@ class ManifestCommitter:
         races = 0
         names_at = max((p.names_at for p in batch if p.names_at), default=None)
         marked: dict[str, Removal] = {}  # marked removed in any round (see below)
+        merged_any = False
         while True:
             entries = dict(remote)
             ops = [p.op for p in batch]  # (a folder merge re-targets them in place)
@@ -123,6 +132,7 @@ class ManifestCommitter:
             entries = self.chunk_lists.with_chunks(entries, {op.name for op in ops_now}
                                                    | set(diverted.values()))
             if merged and await self._merge_dirs(merged):
+                merged_any = True  # (the journal changed under the views: recompute whole)
                 continue  # the ops changed: apply them again
             gone = known.removed is not None or (etag is None and had_manifest)
             skip = (gone and not (entries and self._adds_to(dir_id, remote))) \
@@ -132,8 +142,9 @@ class ManifestCommitter:
                 # into another directory meanwhile (the merge carried these ops along)
                 break
             mtime_ns = later(known.mtime_ns, names_at)
-            body = serialise_manifest(Manifest(dir_id, entries, self._moves_out(
-                dir_id, remote, entries, records, ops_now, moved), mtime_ns=mtime_ns))
+            written = Manifest(dir_id, entries, self._moves_out(
+                dir_id, remote, entries, records, ops_now, moved), mtime_ns=mtime_ns)
+            body, fragments = self.written.serialise(dir_id, written)
             try:
                 if etag is None:
                     new_etag = await self.store.put(manifest_key(dir_id), body,
@@ -144,6 +155,7 @@ class ManifestCommitter:
             except (PreconditionFailed, ObjectNotFound):
                 # Someone else wrote it: merge onto their version.
                 races += 1
+                kept = False
                 if MERGE_PAUSE.gives_up(races):
                     raise StorageError(f"directory {dir_id}: too many concurrent "
                                        "writers") from None
@@ -167,9 +179,19 @@ class ManifestCommitter:
                         "version is kept as %s", path, copy)
         seqs = [p.seq for p in batch]
         await self.db.run(self.db.state.commit_dir, dir_id, new_etag, body, seqs)
+        self.written.keep(dir_id, new_etag, body, written, fragments)
         self.journal.retire(dir_id, seqs)
-        self.remote.note_known(known_blobs(entries))
-        self.ns.views.set_remote(dir_id, entries, new_etag, mtime_ns)
+        names = {p.op.name for p in batch} | set(diverted.values())
+        if kept and not races:
+            # Only the batch's names changed since the version this machine wrote last:
+            # the blobs the rest names were noted when that version was.
+            self.remote.note_known(known_blobs({n: entries[n] for n in names if n in entries}))
+        else:
+            self.remote.note_known(known_blobs(entries))
+        if races or diverted or gone or marked or merged_any:
+            self.ns.views.set_remote(dir_id, entries, new_etag, mtime_ns)
+        else:  # only the batch's names changed since the version the view was computed on
+            self.ns.views.committed(dir_id, entries, new_etag, mtime_ns, based_on, names)
         if gone:
             await self._keep_alive_where(dir_id, known)
         await self._retire_removed_dirs(marked, entries)
@@ -235,6 +257,7 @@ class ManifestCommitter:
         if dir_id in self._in_flight:
             self._merged_away.add(dir_id)
         else:
+            self.written.forget(dir_id)
             await self.merger.drop_manifest(dir_id)
 
     async def _retire_removed_dirs(self, emptied: dict[str, Removal],
@@ -285,6 +308,7 @@ class ManifestCommitter:
 
     async def _clear_mark(self, dir_id: str, removal: Removal) -> None:
         """Take our removal mark off a directory that stays listed (if it still has it)."""
+        self.written.forget(dir_id)
         try:
             manifest, etag = await self.read_full(dir_id)
             if etag == removal.etag:
@@ -433,6 +457,7 @@ class ManifestCommitter:
         meanwhile is seen) and return the mark's etag; None if it gained entries. Its
         pending ops are read before its manifest: ops that land in between are then in
         the manifest read, and applying them again changes nothing."""
+        self.written.forget(dir_id)
         for _ in range(MERGE_PAUSE.attempts):
             own = self.journal.ops_for(dir_id)
             try:

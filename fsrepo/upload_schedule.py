@@ -2,8 +2,11 @@
 
 A directory's pending ops are committed together, in one manifest write. A commit waits
 until the directory has been quiet for `quiet` seconds or its oldest op has waited
-`commit_delay`, unless someone waits for the upload (`kick`, flush mode): a `cp -r` of
-1,000 files costs a handful of manifest writes, not one every few files.
+`commit_delay`, unless someone waits for the upload (`kick`, flush mode). A batch that
+leaves some of the directory's ops behind (their blobs still on their way) goes at most
+once per `commit_delay` per directory, waiter or not: each write carries the whole
+manifest, so a `cp -r` of 1,000 files costs a handful of manifest writes, not one per
+upload that lands; an op still waits at most `commit_delay` once its blob is there.
 
 An op is due only when the blob it references is in the bucket, and a rename's removal only
 after its addition, so the bucket never references a missing blob and never loses a name in
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 
 from .journal import Journal, PendingOp
 from .manifest import FileEntry
@@ -39,6 +43,14 @@ class UploadSchedule:
         self.commit_delay = commit_delay
         self.quiet = quiet
         self._seen: dict[int, float] = {}  # seq -> when the schedule first saw the op
+        self._last_commit: dict[str, float] = {}  # dir_id -> when its last commit started
+        # pending_blobs() as last worked out, kept while the journal is unchanged (the
+        # uploads that finish are taken out: `uploaded`): the loop looks at it after every
+        # upload, and working it out costs what the journal holds
+        self._pending_for: object = None
+        self._pending: dict[str, int] = {}
+        self._dirs_of: dict[str, set[str]] = {}  # blob -> directories whose ops need it
+        self._waiting: Counter[str] = Counter()  # directory -> its blobs in `_pending`
         self._flush_until = 0.0  # flush mode (no batching) lasts while waiters keep kicking
         self.next_due = math.inf  # when the earliest batch held back becomes due
 
@@ -70,13 +82,31 @@ class UploadSchedule:
         self.next_due = math.inf
         if len(self._seen) > 2 * len(self.journal.by_seq) + 1000:
             self._seen = {s: t for s, t in self._seen.items() if s in self.journal.by_seq}
+        if len(self._last_commit) > 2 * len(self.journal.by_dir) + 1000:
+            self._last_commit = {d: t for d, t in self._last_commit.items()
+                                 if now - t < self.commit_delay}
 
     # -- blobs ------------------------------------------------------------------------------
     def pending_blobs(self) -> dict[str, int]:
         """Blobs the journal needs that are not yet in the bucket: sha -> size."""
+        version = (self.journal.version, len(self.remote.unconfirmed))
+        if version != self._pending_for:
+            self._pending, self._dirs_of = self._work_out_pending()
+            self._waiting = Counter(d for dirs in self._dirs_of.values() for d in dirs)
+            self._pending_for = version
+        return dict(self._pending)
+
+    def uploaded(self, sha: str) -> None:
+        """Blob `sha` is in the bucket now (or given up): no longer pending."""
+        self._pending.pop(sha, None)
+        for dir_id in self._dirs_of.pop(sha, ()):
+            self._waiting[dir_id] -= 1
+
+    def _work_out_pending(self) -> tuple[dict[str, int], dict[str, set[str]]]:
         out: dict[str, int] = {}
+        dirs_of: dict[str, set[str]] = {}
         needs_upload = self.remote.needs_upload
-        for ops in self.journal.by_dir.values():
+        for dir_id, ops in self.journal.by_dir.items():
             last = {p.op.name: p for p in ops}
             # A superseded entry is never written, unless what supersedes it must wait for
             # another directory's commit (a rename's removal): then the ops before that
@@ -91,7 +121,8 @@ class UploadSchedule:
                 if isinstance(e, FileEntry) and e.chunks is None and needs_upload(e.sha256) \
                         and (last[p.op.name] is p or ready.get(p.op.name) is p):
                     out[e.sha256] = e.size
-        return out
+                    dirs_of.setdefault(e.sha256, set()).add(dir_id)
+        return out, dirs_of
 
     def settling(self, now: float) -> dict[str, float]:
         """Blobs of rewritten files not yet unchanged for `writeback_delay`: sha -> when
@@ -153,27 +184,42 @@ class UploadSchedule:
         return isinstance(e, FileEntry) and e.chunks is None \
             and self.remote.needs_upload(e.sha256)
 
-    def due(self, dir_id: str, count: int, uploading: set[str]) -> bool:
+    def held_back(self, dir_id: str, now: float) -> bool:
+        """Whether the directory's next commit can wait without a look at its ops: blobs
+        it needs are still pending (after `pending_blobs`), so its batch would leave ops
+        behind, and its last commit started less than `commit_delay` ago (see `due`)."""
+        again = self._last_commit.get(dir_id, -math.inf) + self.commit_delay
+        if self._waiting[dir_id] <= 0 or now >= again:
+            return False
+        self.next_due = min(self.next_due, again)
+        return True
+
+    def commit_started(self, dir_id: str) -> None:
+        """A commit of the directory starts now: its next partial batch waits (`due`)."""
+        self._last_commit[dir_id] = time.monotonic()
+
+    def due(self, dir_id: str, count: int, coming: set[str] | dict[str, int]) -> bool:
         """Whether the first `count` ops of a directory should be committed now
-        (`uploading`: the blobs on their way to the bucket)."""
+        (`coming`: the blobs on their way to the bucket or queued for it)."""
         now = time.monotonic()
+        ops = self.journal.by_dir[dir_id]
+        # A batch leaving ops behind goes at most once per commit_delay per directory.
+        spaced = -math.inf if count == len(ops) else \
+            self._last_commit.get(dir_id, -math.inf) + self.commit_delay
         if self.flushing:
             # Someone waits: go as soon as the whole directory is ready, or nothing it
-            # still needs is on its way, or the batch has waited long enough.
-            ops = self.journal.by_dir[dir_id]
+            # still needs is coming, or the batch has waited long enough.
             if count == len(ops):
                 return True
             waiting_for = {p.op.entry.sha256 for p in ops[count:]
                            if isinstance(p.op.entry, FileEntry)}
-            if not waiting_for & uploading:
+            if waiting_for.isdisjoint(coming):
                 return True
-            first = self._seen.get(ops[0].seq, now)
-            if now - first >= self.commit_delay:
-                return True
-            self.next_due = min(self.next_due, first + self.commit_delay)
-            return False
-        seen = [self._seen[p.seq] for p in self.journal.by_dir[dir_id]]
-        due = min(max(seen) + self.quiet, min(seen[:count]) + self.commit_delay)
+            due = max(self._seen.get(ops[0].seq, now) + self.commit_delay, spaced)
+        else:
+            seen = [self._seen[p.seq] for p in ops]
+            due = max(min(max(seen) + self.quiet, min(seen[:count]) + self.commit_delay),
+                      spaced)
         if due <= now:
             return True
         self.next_due = min(self.next_due, due)

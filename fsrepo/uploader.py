@@ -170,11 +170,15 @@ class Uploader:
         ready = self.retries.ready
         schedule.observe(now)
         settling = schedule.settling(now)
-        for sha, size in schedule.pending_blobs().items():
+        pending = schedule.pending_blobs()
+        for sha, size in pending.items():
             if sha in in_flight or not ready("blob:" + sha):
                 continue
             if sha in settling:  # a rewritten file, not yet unchanged for long enough
                 schedule.next_due = min(schedule.next_due, settling[sha])
+                continue
+            if not schedule.remote.needs_upload(sha):  # seen in a manifest meanwhile
+                schedule.uploaded(sha)
                 continue
             if not self.blobs.can_start(sha):
                 continue  # its close() is still storing it
@@ -187,11 +191,13 @@ class Uploader:
             nursery.start_soon(self._upload, sha, size)
             started = True
         for dir_id in list(self.journal.by_dir):
-            if dir_id in self._committing or not ready("dir:" + dir_id):
+            if dir_id in self._committing or not ready("dir:" + dir_id) \
+                    or schedule.held_back(dir_id, now):
                 continue
             batch = schedule.committable(dir_id)
-            if batch and schedule.due(dir_id, len(batch), in_flight):
+            if batch and schedule.due(dir_id, len(batch), pending):
                 self._committing.add(dir_id)
+                schedule.commit_started(dir_id)
                 nursery.start_soon(self._commit, dir_id, batch)
                 started = True
         return started
@@ -205,6 +211,7 @@ class Uploader:
                     self.status.uploaded_bytes += size
                 elif outcome is Outcome.ALREADY_THERE:
                     self.status.skipped_blobs += 1
+                self.schedule.uploaded(sha)
                 self.retries.succeeded("blob:" + sha)
                 self._succeeded()
             except (ImgrepoError, OSError) as exc:

@@ -38,6 +38,14 @@ class PowerLossDisk(LocalDisk):
     def sync_files(self, paths: Iterable[Path]) -> None:
         paths = list(paths)
         super().sync_files(paths)
+        self._synced(paths)
+
+    def sync_data(self, paths: Iterable[Path]) -> None:
+        paths = list(paths)
+        super().sync_data(paths)
+        self._synced(paths)
+
+    def _synced(self, paths: list[Path]) -> None:
         self.file_syncs += 1
         for path in paths:
             rel = path.relative_to(self.root).as_posix()
