@@ -307,6 +307,47 @@ class KernelThatForgets:
         pass
 
 
+def test_a_walk_over_more_files_than_the_cap_has_the_kernel_forget_the_oldest(tmp_path):
+    """A `find` over a million files would leave the kernel holding an inode for each (and
+    each pins its folder's view): past `kernel_files`, the least recently loaded folders'
+    files are asked to be forgotten while the walk goes on, never a file held open nor the
+    folders loaded last; every name still resolves afterwards."""
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", upload=False,
+                                  view_cache_entries=5 * FILES) as eng:
+            ns = eng.ns
+            ns.idle_after = 3600.0  # no idle release here: only the cap
+            ns.views.recent_kept = 2
+            kernel = ns.invalidator = KernelThatForgets(eng)
+            eng.nursery.start_soon(ns.release_when_idle)
+            kept, _ = await resolve(eng, "d00/f1")  # a file a process keeps open
+            ns.looked_up(kept)
+            kept.opens += 1
+            most = 0
+            for d in range(FOLDERS):
+                dnode, _ = await resolve(eng, f"d{d:02d}")
+                ns.looked_up(dnode)
+                for f in range(FILES):
+                    await ns.lookup(dnode.ino, f"f{f}".encode())
+                await trio.sleep(0.01)  # the shed runs in the background
+                most = max(most, len(ns.inodes.nodes))
+                needed_views_are_loaded(eng)
+            files = FOLDERS * FILES
+            assert kernel.asked, "the cap never made the kernel forget"
+            assert all(name != b"f1" or parent != kept.parent for parent, name in kernel.asked)
+            # folders (31 inodes) stay; files at most the cap, a tenth more, a folder's worth
+            assert most <= ns.kernel_files + ns.kernel_files // 10 + FOLDERS + 1 + 2 * FILES
+            assert most < files
+            for d in range(FOLDERS):
+                for f in range(FILES):
+                    assert await read_file(eng, f"d{d:02d}/f{f}") == f"{d}/{f}".encode()
+            assert ns.inodes.get(kept.ino) is kept
+    trio.run(main)
+
+
 class CountingHeap:
     def __init__(self) -> None:
         self.given_back = 0
@@ -337,6 +378,7 @@ def test_an_idle_mount_has_the_kernel_forget_and_gives_its_memory_back(tmp_path)
                                   view_cache_entries=5 * FILES) as eng:
             ns = eng.ns
             ns.idle_after, ns.idle_check, ns.forget_wait = 0.3, 0.05, 0.05
+            ns.kernel_files = 10 * FOLDERS * FILES  # the walk stays under the cap
             heap = ns.heap = CountingHeap()
             kept = await resolve(eng, "d03/f1")  # a file a process keeps open
             ns.looked_up(kept[0])
