@@ -89,6 +89,9 @@ class Namespace:
         # to be forgotten at once (`shed`), not only when the mount is idle.
         self.kernel_files = view_cache_entries
         self._shed_above = 0  # after a shed: its table size and a tenth of the cap
+        # Folders whose files the kernel was asked to forget, not used since: not asked
+        # again (its forgets arrive over seconds; asking again would only flood it).
+        self._shed_dirs: set[str] = set()
         self._over_cap = trio.Event()
 
     def track_edits(self, tracker: EditTracker) -> None:
@@ -147,8 +150,9 @@ class Namespace:
             if asked >= goal:
                 break
             dnode = self.inodes.of_dir(dir_id)
-            if dnode is None or dnode.opens > 0:
+            if dnode is None or dnode.opens > 0 or dir_id in self._shed_dirs:
                 continue
+            self._shed_dirs.add(dir_id)
             for node in self.inodes.files_in(dnode.ino):
                 if node.opens <= 0 and node.lookups > 0:
                     self.invalidator.entry(node.parent, node.name)
@@ -175,6 +179,7 @@ class Namespace:
                 evicted = self.views.trim(0)
                 self._evicted_since_release = False
                 self.inodes.compact()
+                self._shed_dirs = set()
                 self.views.compact()
                 self.prefetcher.forget_found()
                 self.heap.give_back()
@@ -217,6 +222,7 @@ class Namespace:
         if len(name) > MAX_NAME:
             raise FsError(errno.ENAMETOOLONG)
         pnode = self.inodes.dir_node(parent)
+        self._shed_dirs.discard(pnode.dir_id)  # type: ignore[arg-type]
         view = await self.views.load(pnode.dir_id)  # type: ignore[arg-type]
         node, entry = self.lookup_loaded(parent, view, name, self.inodes.ancestors(parent))
         if count:
@@ -294,7 +300,9 @@ class Namespace:
             cached = await self.db.run(self.db.state.cached_manifests, subdirs)
             self.prefetcher.want([d for d in subdirs if d not in cached],
                                  [d for d in subdirs if d in cached])
-        self.inodes.dir_node(ino).opens += 1
+        dnode = self.inodes.dir_node(ino)
+        dnode.opens += 1
+        self._shed_dirs.discard(dnode.dir_id)  # type: ignore[arg-type]
         return names
 
     def close_listing(self, ino: int) -> None:
