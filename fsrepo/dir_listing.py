@@ -18,11 +18,12 @@ _DIR_KEY = re.compile(r"dirs/([0-9A-Za-z_-]{1,64})\.json")  # fullmatch: no "\n"
 ManifestSource = Callable[[str, str | None], Awaitable[bytes | None]]
 
 
-async def listed_manifests(store: Store, odd: Callable[[str], None] | None = None
-                           ) -> dict[str, ObjectInfo]:
-    """Every manifest in the bucket by directory id; `odd` hears every other key."""
+async def listed_manifests(store: Store, odd: Callable[[str], None] | None = None, *,
+                           prefix: str = "") -> dict[str, ObjectInfo]:
+    """Every manifest in the bucket by directory id (only the ids starting with `prefix`);
+    `odd` hears every other key."""
     out: dict[str, ObjectInfo] = {}
-    async for info in store.list("dirs/"):
+    async for info in store.list("dirs/" + prefix):
         m = _DIR_KEY.fullmatch(info.key)
         if m is None:
             if odd is not None:

@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -122,9 +122,8 @@ class FileManager:
         if mode is not None or mtime is not None:
             if isinstance(entry, FileEntry):
                 if not self.set_attrs(node, mode, mtime):
-                    await self.ns.replace(node, replace(  # (a chunked file keeps its chunks)
-                        entry, mtime_ns=entry.mtime_ns if mtime is None else mtime,
-                        mode=entry.mode if mode is None else mode))
+                    await self.ns.replace(node, entry.with_attrs(  # (chunks kept)
+                        mtime_ns=mtime, mode=mode))
             elif isinstance(entry, DirEntry) and node.ino != ROOT_INO:
                 shown = self.ns.dir_stat(entry)  # (a chmod keeps the mtime it shows)
                 kept = entry.mtime_ns if shown is None else shown.mtime_ns

@@ -11,8 +11,9 @@ per writer is kept in the local state, so a remount revalidates only what change
 was away and trusts the rest of its cache without a request.
 
 A safety net for a writer that crashed between a manifest PUT and its head PUT and never
-came back: the loaded views are revalidated one at a time in the background, all of them
-within max(SWEEP_PERIOD, SWEEP_SPREAD x loaded views x refresh) seconds.
+came back: the loaded views are checked against listings of their manifests' etags in the
+background (view_sweep.py), all of them at least once a day, at ~1 request a day per 600
+loaded folders.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from .heads import HEADS_PREFIX, TOUCH_KEY, HeadError, parse_head, writer_of
 from .repository import DESCRIPTOR_KEY, HEADS_VERSION, parse_descriptor
 from .state import StateDB
 from .store.base import NOT_MODIFIED, Store, StoredObject
+from .view_sweep import ViewSweep
 
 log = logging.getLogger(__name__)
 
-SWEEP_PERIOD = 86400.0  # every loaded view revalidated at least this often...
-SWEEP_SPREAD = 4  # ...but at most one sweep request per this many intervals on average
 # A head listed with the mtime and size it had when we read it, and older than this, was not
 # rewritten since (a rewrite gets a later mtime): its GET is skipped. Heads of writers gone
 # for good (a cache deleted, a machine retired) then cost nothing but their LIST row.
@@ -55,8 +55,7 @@ class HeadWatcher:
         self.legacy = legacy
         self.polls = 0  # rounds that reached the storage
         self._wake = trio.Event()
-        self._sweep_credit = 0.0
-        self._swept: set[str] = set()
+        self.sweep = ViewSweep(store, views, refresh, self._revalidate)
         self._read_at: dict[str, tuple[float, int]] = {}  # head key -> listed (mtime, size)
 
     def wake(self) -> None:
@@ -79,7 +78,7 @@ class HeadWatcher:
         """One interval's work: poll, revalidate what is marked, sweep a little."""
         await self.poll()
         await self.revalidate_marked()
-        await self._sweep()
+        await self.sweep.step()
 
     # -- reading the change records -----------------------------------------------------
     async def poll(self) -> None:
@@ -164,21 +163,3 @@ class HeadWatcher:
             raise
         except ImgrepoError as exc:
             log.warning("revalidation of %s failed: %s", dir_id, exc)
-
-    async def _sweep(self) -> None:
-        """The safety net: a few loaded views revalidated, whatever the heads say."""
-        loaded = list(self.views)
-        if not loaded:
-            return
-        period = max(SWEEP_PERIOD, SWEEP_SPREAD * len(loaded) * self.refresh)
-        # At most 1 / SWEEP_SPREAD per interval: never a burst after a long pause.
-        self._sweep_credit = min(self._sweep_credit + len(loaded) * self.refresh / period, 1.0)
-        while self._sweep_credit >= 1:
-            todo = [d for d in loaded if d not in self._swept]
-            if not todo:
-                self._swept.clear()
-                todo = loaded
-            dir_id = todo[0]
-            self._swept.add(dir_id)
-            self._sweep_credit -= 1
-            await self._revalidate(dir_id)

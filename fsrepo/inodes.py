@@ -96,6 +96,11 @@ class InodeTable:
         ino = self._dir_ino.get(dir_id)
         return None if ino is None else self.nodes[ino]
 
+    def files_in(self, parent: int) -> list[Node]:
+        """The file and symlink inodes named in a directory."""
+        names = self._by_name.get(parent)
+        return [] if names is None else [self.nodes[ino] for ino in names.values()]
+
     def of_name(self, parent: int, name: bytes) -> Node | None:
         """The inode of a file or symlink by its name, if it has one."""
         ino = self._name_get(parent, name)

@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 
 from .errors import ManifestError
@@ -49,15 +50,77 @@ class Chunks:
         return min(self.size, file_size - index * self.size)
 
 
-@dataclass(frozen=True, slots=True)
-class FileEntry:
-    sha256: str  # of the whole content: dedup of whole files stays one lookup
-    size: int
-    mtime_ns: int
-    mode: int = 0o644
-    # The chunk list of a file stored as chunks (repository format 4), None for one
-    # whole-file blob. Not part of equality: it is how the content is stored, not what it is.
-    chunks: Chunks | None = field(default=None, compare=False)
+_PACKED = struct.Struct("<32sQqH")  # digest, size, mtime_ns, mode: 50 bytes
+_unpack_size = struct.Struct("<Q").unpack_from
+_unpack_mtime = struct.Struct("<q").unpack_from
+_unpack_mode = struct.Struct("<H").unpack_from
+_MTIME_MIN, _MTIME_MAX = -(1 << 62), 1 << 62  # what a manifest may say (others refuse more)
+
+
+class FileEntry(bytes):
+    """A file's entry, kept packed in one bytes object (digest, size, mtime_ns, mode): a
+    mount that walked a million photos holds one per file, and this is ~88 bytes where a
+    slotted object with a hex string and three ints took ~245. Immutable; fields are
+    decoded when read. Equal entries have equal fields; the chunk list is not part of
+    equality (it is how the content is stored, not what it is)."""
+
+    __slots__ = ()
+    chunks: Chunks | None = None  # a ChunkedFileEntry's own
+
+    def __new__(cls, sha256: str, size: int, mtime_ns: int, mode: int = 0o644,
+                chunks: Chunks | None = None) -> FileEntry:
+        if len(sha256) != 64:
+            raise ValueError(f"not a SHA-256 in hex: {sha256!r}")
+        mtime_ns = min(max(mtime_ns, _MTIME_MIN), _MTIME_MAX)
+        packed = _PACKED.pack(bytes.fromhex(sha256), size, mtime_ns, mode)
+        if chunks is not None:
+            entry = bytes.__new__(ChunkedFileEntry, packed)
+            entry.__dict__["chunks"] = chunks
+            return entry
+        return bytes.__new__(FileEntry, packed)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"FileEntry is immutable (setting {name})")
+
+    @property
+    def sha256(self) -> str:  # of the whole content: dedup of whole files stays one lookup
+        return self[:32].hex()
+
+    @property
+    def size(self) -> int:
+        return _unpack_size(self, 32)[0]
+
+    @property
+    def mtime_ns(self) -> int:
+        return _unpack_mtime(self, 40)[0]
+
+    @property
+    def mode(self) -> int:
+        return _unpack_mode(self, 48)[0]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FileEntry) and bytes.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = bytes.__hash__
+
+    def __repr__(self) -> str:
+        return (f"FileEntry(sha256={self.sha256!r}, size={self.size}, "
+                f"mtime_ns={self.mtime_ns}, mode={self.mode:#o}"
+                + ("" if self.chunks is None else f", chunks={self.chunks!r}") + ")")
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple:
+        return FileEntry, (self.sha256, self.size, self.mtime_ns, self.mode, self.chunks)
+
+    def with_attrs(self, mtime_ns: int | None = None, mode: int | None = None) -> FileEntry:
+        """The same content (and chunks) with another time or mode."""
+        return FileEntry(self.sha256, self.size,
+                         self.mtime_ns if mtime_ns is None else mtime_ns,
+                         self.mode if mode is None else mode, self.chunks)
 
     def blobs(self) -> list[tuple[str, int]]:
         """The blobs holding the content, with their sizes, in order."""
@@ -65,6 +128,11 @@ class FileEntry:
             return [(self.sha256, self.size)]
         return [(sha, self.chunks.length(i, self.size))
                 for i, sha in enumerate(self.chunks.shas)]
+
+
+class ChunkedFileEntry(FileEntry):
+    """A large file stored as chunks (repository format 4): the packed fields plus its chunk
+    list (rare: a __dict__ of its own is fine here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,16 +197,7 @@ def _int(raw: dict, key: str, lo: int, hi: int, default: int | None = None) -> i
     return value
 
 
-_MTIME_MIN, _MTIME_MAX = -(1 << 62), 1 << 62
-# A checked FileEntry made without the frozen dataclass's __init__ (four object.__setattr__
-# calls): half the cost of the most common object a remount creates.
-_new = object.__new__
-# One int object per mode (at most 4,096), not one per entry: 32 bytes less a file in memory.
-_MODES: dict[int, int] = {}
-_FILE_FIELDS = ("sha256", "size", "mtime_ns", "mode", "chunks")
-assert FileEntry.__slots__ == _FILE_FIELDS, "_plain_file must set every field of FileEntry"
-_set_sha, _set_size, _set_mtime, _set_mode, _set_chunks = (
-    FileEntry.__dict__[k].__set__ for k in _FILE_FIELDS)
+_bytes_new, _pack, _fromhex = bytes.__new__, _PACKED.pack, bytes.fromhex
 
 
 def _plain_file(raw: dict) -> FileEntry | None:
@@ -150,13 +209,7 @@ def _plain_file(raw: dict) -> FileEntry | None:
     if type(sha) is str and type(size) is int and type(mtime) is int and type(mode) is int \
             and 0 <= size <= MAX_SIZE and _MTIME_MIN <= mtime <= _MTIME_MAX \
             and 0 <= mode <= 0o7777 and "chunks" not in raw and _SHA_RE.fullmatch(sha):
-        entry = _new(FileEntry)
-        _set_sha(entry, sha)
-        _set_size(entry, size)
-        _set_mtime(entry, mtime)
-        _set_mode(entry, _MODES.setdefault(mode, mode))
-        _set_chunks(entry, None)
-        return entry
+        return _bytes_new(FileEntry, _pack(_fromhex(sha), size, mtime, mode))
     return None
 
 

@@ -40,6 +40,7 @@ FORGETS_PER_TRIM = 4096
 IDLE_AFTER = 30.0  # seconds without a lookup or listing: the mount is idle, memory goes back
 IDLE_CHECK = 5.0  # how often the idle release looks
 FORGET_WAIT = 5.0  # after asking the kernel to forget, how long its forgets take to arrive
+SHED_TO = 0.5  # a shed asks the kernel to forget files down to this share of the cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,15 @@ class Namespace:
         self._last_used = 0.0  # trio time of the last lookup or listing
         self._used_since_release = False  # a walk since the last idle release
         self._evicted_since_release = False  # views let go that the heap has not given back
+        # Files the kernel may keep while a walk goes on (each costs an inode and pins its
+        # folder's view): above this, the least recently loaded folders' files are asked
+        # to be forgotten at once (`shed`), not only when the mount is idle.
+        self.kernel_files = view_cache_entries
+        self._shed_above = 0  # after a shed: its table size and a tenth of the cap
+        # Folders whose files the kernel was asked to forget, not used since: not asked
+        # again (its forgets arrive over seconds; asking again would only flood it).
+        self._shed_dirs: set[str] = set()
+        self._over_cap = trio.Event()
 
     def track_edits(self, tracker: EditTracker) -> None:
         """Which file inodes are being edited (the file layer, built after us): a remote
@@ -104,14 +114,58 @@ class Namespace:
     def _used(self) -> None:
         self._last_used = trio.current_time()
         self._used_since_release = True
+        if len(self.inodes.nodes) > max(self.kernel_files, self._shed_above):
+            self._over_cap.set()
 
     async def release_when_idle(self) -> None:
         """Run by the mount: once nothing has been looked up or listed for `idle_after`
         seconds after a walk, ask the kernel to forget the files it caches (`forget_files`),
         let go of the views nothing needs any more, and give the freed heap back to the OS.
-        The next walk looks names up again, from the views or the local state."""
-        if self.idle_after <= 0:
-            return
+        The next walk looks names up again, from the views or the local state. Meanwhile,
+        whenever the kernel holds more than `kernel_files` inodes, shed the oldest."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._shed_when_over)
+            if self.idle_after > 0:
+                await self._release_when_idle()
+            else:
+                await trio.sleep_forever()
+
+    async def _shed_when_over(self) -> None:
+        while True:
+            await self._over_cap.wait()
+            self._over_cap = trio.Event()
+            await self.shed()
+
+    async def shed(self) -> int:
+        """Ask the kernel to forget the files of the least recently loaded folders, down to
+        SHED_TO of `kernel_files` inodes: a walk over a million files keeps memory for a
+        few hundred thousand, not for all. The folders being listed and the last few loaded
+        keep theirs (a walk's `ls -l` there needs no lookup again). Returns how many were
+        asked; the next shed waits until the table grows a tenth of the cap more (the
+        kernel's forgets arrive meanwhile)."""
+        goal = len(self.inodes.nodes) - int(self.kernel_files * SHED_TO)
+        asked = yielded = 0
+        order = list(self.views)
+        for dir_id in order[:max(0, len(order) - self.views.recent_kept)]:
+            if asked >= goal:
+                break
+            dnode = self.inodes.of_dir(dir_id)
+            if dnode is None or dnode.opens > 0 or dir_id in self._shed_dirs:
+                continue
+            self._shed_dirs.add(dir_id)
+            for node in self.inodes.files_in(dnode.ino):
+                if node.opens <= 0 and node.lookups > 0:
+                    self.invalidator.entry(node.parent, node.name)
+                    asked += 1
+            if asked - yielded >= 4096:
+                yielded = asked
+                await trio.sleep(0)  # let requests through
+        self._shed_above = len(self.inodes.nodes) + self.kernel_files // 10
+        log.debug("the kernel holds %d inodes: asked it to forget %d files",
+                  len(self.inodes.nodes), asked)
+        return asked
+
+    async def _release_when_idle(self) -> None:
         while True:
             await trio.sleep(self.idle_check)
             if trio.current_time() - self._last_used < self.idle_after:
@@ -125,6 +179,7 @@ class Namespace:
                 evicted = self.views.trim(0)
                 self._evicted_since_release = False
                 self.inodes.compact()
+                self._shed_dirs = set()
                 self.views.compact()
                 self.prefetcher.forget_found()
                 self.heap.give_back()
@@ -167,6 +222,7 @@ class Namespace:
         if len(name) > MAX_NAME:
             raise FsError(errno.ENAMETOOLONG)
         pnode = self.inodes.dir_node(parent)
+        self._shed_dirs.discard(pnode.dir_id)  # type: ignore[arg-type]
         view = await self.views.load(pnode.dir_id)  # type: ignore[arg-type]
         node, entry = self.lookup_loaded(parent, view, name, self.inodes.ancestors(parent))
         if count:
@@ -248,7 +304,9 @@ class Namespace:
             cached = await self.db.run(self.db.state.cached_manifests, subdirs)
             self.prefetcher.want([d for d in subdirs if d not in cached],
                                  [d for d in subdirs if d in cached])
-        self.inodes.dir_node(ino).opens += 1
+        dnode = self.inodes.dir_node(ino)
+        dnode.opens += 1
+        self._shed_dirs.discard(dnode.dir_id)  # type: ignore[arg-type]
         return names
 
     def close_listing(self, ino: int) -> None:

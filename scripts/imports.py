@@ -39,7 +39,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fsrepo.uploader", "fsrepo.upload_schedule", "fsrepo.blob_upload",
         "fsrepo.manifest_cache", "fsrepo.manifest_commit", "fsrepo.remote_index", "fsrepo.early_chunks", "fsrepo.sync",
         "fsrepo.salvage", "fsrepo.pending_list", "fsrepo.upload_log",
-        "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.dir_merge",
+        "fsrepo.heads", "fsrepo.head_writer", "fsrepo.head_watcher", "fsrepo.view_sweep",
+        "fsrepo.dir_merge",
         "fsrepo.auto_snapshots"]),
     ("assembly", ["fsrepo.engine"]),
     ("FUSE and CLI", [

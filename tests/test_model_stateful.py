@@ -41,8 +41,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from fsrepo.announce import Invalidator
 from fsrepo.engine import Engine
 from fsrepo.errors import FsError
+from fsrepo.inodes import ROOT_INO
 from fsrepo.manifest import DirEntry, FileEntry, SymlinkEntry
 from testservers.moto import MotoServer
 
@@ -176,6 +178,41 @@ async def engine_tree(eng: EngineThread, read: bool) -> Snapshot:
 
     await walk(b"")
     return out
+
+
+class ForgettingKernel(Invalidator):
+    """The kernel's side of an entry invalidation: a file nothing holds open is forgotten."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def entry(self, parent_ino: int, name: bytes) -> None:
+        ns = self.engine.ns
+        node = ns.inodes.of_name(parent_ino, name)
+        if node is not None and node.lookups > 0:
+            ns.forget(node.ino, node.lookups)
+
+
+async def shed_everything(engine: Engine) -> None:
+    """What a walk past the mount's cap of kernel inodes does (Namespace.shed), with a cap
+    of one: the kernel forgets every file of every folder but the last loaded; what stays
+    in memory is what something needs."""
+    ns = engine.ns
+    saved = ns.invalidator, ns.kernel_files
+    ns.invalidator, ns.kernel_files = ForgettingKernel(engine), 1
+    try:
+        await ns.shed()
+    finally:
+        ns.invalidator, ns.kernel_files = saved
+    views = ns.views
+    for node in list(ns.inodes.nodes.values()):
+        if node.ino != ROOT_INO and node.parent != 0:
+            parent = ns.inodes.get(node.parent)
+            assert parent is not None and parent.dir_id is not None
+            assert views.get(parent.dir_id) is not None, "evicted a view an inode needs"
+    for dir_id in list(engine.journal.by_dir):
+        if engine.journal.ops_for(dir_id):
+            assert views.get(dir_id) is not None, "evicted a view with pending ops"
 
 
 async def release_when_idle(engine: Engine) -> None:
@@ -418,6 +455,10 @@ class EngineModel(RuleBasedStateMachine):
     @rule()
     def idle_release(self) -> None:
         self.engine.call(release_when_idle, self.fs.engine)
+
+    @rule()
+    def kernel_cap_shed(self) -> None:
+        self.engine.call(shed_everything, self.fs.engine)
 
     @invariant()
     def the_engine_holds_the_model_tree(self) -> None:

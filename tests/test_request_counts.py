@@ -279,3 +279,92 @@ def test_automatic_snapshots_cost_an_idle_mount_nothing_after_its_first_check(
             now[0] += 3600
             assert (await auto.tick() or "").startswith("auto-")
     run(main)
+
+
+async def _loaded_folders(fs: EngineDriver, count: int) -> list[str]:
+    """`count` folders with a file each, uploaded, and every view loaded: their ids."""
+    for i in range(count):
+        await fs.mkdir(f"event{i:02d}")
+        await fs.create(f"event{i:02d}/img.jpg", b"photo %d" % i)
+    await fs.drain()
+    ids = []
+    for i in range(count):
+        await fs.listdir(f"event{i:02d}")
+        ids.append((await fs.node(f"event{i:02d}"))[1].id)  # type: ignore[union-attr]
+    return ids
+
+
+def test_an_idle_mount_polls_once_an_interval_and_sweeps_a_listing_per_group(
+        counted: Counted) -> None:
+    """40 loaded folders, 200 intervals of an hour each (a long --refresh makes the daily
+    safety net sweep often enough to count): the change records are polled once an
+    interval, and the sweep sends one listing per key-prefix group of folders, never a
+    conditional GET per folder (the old sweep: one GET per loaded folder per sweep, 1.25
+    requests an interval here). file:// lists no etags: it is swept a GET a folder."""
+    from fsrepo.head_watcher import HeadWatcher
+    from fsrepo.heads import TOUCH_KEY
+    from fsrepo.store.counting import GET_NOT_MODIFIED, LIST
+    from fsrepo.view_sweep import SWEEP_PERIOD, SWEEP_SPREAD
+
+    refresh, rounds = 3600.0, 200
+
+    async def main() -> None:
+        async with counted.engine("a") as eng:
+            fs = EngineDriver(eng)
+            ids = await _loaded_folders(fs, 40)
+            watcher = HeadWatcher(eng.store, eng.db, eng.ns.views, refresh, legacy=False)
+            await watcher.round()  # the first poll reads this machine's own heads listing
+            before = counted.snapshot()
+            for _ in range(rounds):
+                await watcher.round()
+            cost = counted.since(before)
+            assert cost.under(TOUCH_KEY).total(GET, GET_NOT_MODIFIED) == rounds, cost
+            manifests = cost.under("dirs/")
+            if counted.storage.url.startswith("s3://"):
+                groups = watcher.sweep.groups(ids)
+                assert groups <= 16
+                lists = manifests[LIST]
+                # the pace: `groups` listings per max(day, SPREAD x groups intervals)
+                expected = rounds * refresh * groups / max(SWEEP_PERIOD,
+                                                           SWEEP_SPREAD * groups * refresh)
+                assert expected - 2 <= lists <= expected + 1, cost
+                # nothing changed: no folder re-read
+                assert manifests.total(GET, GET_NOT_MODIFIED) == 0, cost
+                assert cost.total() <= rounds * 1.2, cost
+            else:
+                assert not watcher.sweep.lists_etags
+                assert manifests.total(GET, GET_NOT_MODIFIED) <= rounds / SWEEP_SPREAD + 1, cost
+    run(main)
+
+
+def test_the_safety_net_finds_a_manifest_changed_without_a_change_record(
+        counted: Counted) -> None:
+    """A writer that crashed between its manifest PUT and its head PUT announced nothing:
+    the sweep still finds the folder changed and re-reads it (and only it)."""
+    from fsrepo.head_watcher import HeadWatcher
+    from fsrepo.manifest import parse_manifest, serialise_manifest
+
+    async def main() -> None:
+        async with counted.engine("a") as eng:
+            fs = EngineDriver(eng)
+            ids = await _loaded_folders(fs, 24)
+            target = ids[7]
+            got = await eng.store.get(manifest_key(target))
+            manifest, _ = parse_manifest(got.data, target)  # type: ignore[union-attr]
+            manifest.entries[b"from-elsewhere.jpg"] = manifest.entries[b"img.jpg"]
+            await eng.store.put(manifest_key(target), serialise_manifest(manifest),
+                                if_match=got.etag)  # type: ignore[union-attr]
+            # A huge --refresh: the pace allows a request every SWEEP_SPREAD rounds.
+            watcher = HeadWatcher(eng.store, eng.db, eng.ns.views, 1e9, legacy=False)
+            before = counted.snapshot()
+            for _ in range(8 * len(ids)):  # a whole sweep: <= 4 steps a loaded view
+                await watcher.sweep.step()
+                if b"from-elsewhere.jpg" in await fs.listdir("event07"):
+                    break
+            else:
+                raise AssertionError("the sweep never re-read the changed folder")
+            cost = counted.since(before)
+            re_read = {key for (kind, key), n in cost.by_key.items()
+                       if kind == GET and key.startswith("dirs/") and n}
+            assert re_read == {manifest_key(target)}, cost
+    run(main)

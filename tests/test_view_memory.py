@@ -233,6 +233,64 @@ def test_the_quick_parse_of_file_entries_refuses_what_the_full_check_refuses():
     assert len(problems) == len(bad_values) + len(bad_names)
 
 
+def test_a_file_entry_is_packed_and_reads_back_every_field():
+    """A walked million files hold a million entries: each is one packed bytes object
+    (~100 bytes, not ~245), and reads back exactly what it was made of; chunk lists ride
+    along without taking part in equality; an out-of-range time is clamped to what a
+    manifest may say (other machines refuse more), not an error."""
+    import hashlib
+    import sys
+    import tracemalloc
+
+    from fsrepo.manifest import (
+        Chunks,
+        Manifest,
+        entry_from_json,
+        entry_to_json,
+        serialise_manifest,
+    )
+
+    sha = "0f" * 32
+    entry = FileEntry(sha, (1 << 50), -(1 << 62), 0o7777)
+    assert (entry.sha256, entry.size, entry.mtime_ns, entry.mode, entry.chunks) == \
+        (sha, 1 << 50, -(1 << 62), 0o7777, None)
+    assert entry_from_json(entry_to_json(entry)) == entry
+    chunks = Chunks(1 << 16, ("aa" * 32, "bb" * 32))
+    chunked = FileEntry(sha, (1 << 16) + 1, 5, 0o600, chunks)
+    assert chunked.chunks == chunks and chunked.blobs() == [("aa" * 32, 1 << 16),
+                                                           ("bb" * 32, 1)]
+    assert chunked == FileEntry(sha, (1 << 16) + 1, 5, 0o600)  # storage is not identity
+    assert hash(chunked) == hash(FileEntry(sha, (1 << 16) + 1, 5, 0o600))
+    assert entry_from_json(entry_to_json(chunked)).chunks == chunks
+    assert chunked.with_attrs(mode=0o644).chunks == chunks
+    assert chunked.with_attrs(mtime_ns=9).mtime_ns == 9
+    assert entry != FileEntry(sha, 1 << 50, -(1 << 62), 0o7776)
+    assert entry != bytes(entry) and entry != DirEntry("d1", -(1 << 62))
+    assert FileEntry(sha, 1, 1 << 63).mtime_ns == 1 << 62
+    try:
+        entry.size = 1  # type: ignore[misc]
+    except AttributeError:
+        pass
+    else:
+        raise AssertionError("a file entry must be immutable")
+    assert sys.getsizeof(entry) <= 100
+
+    files = 20_000
+    body = serialise_manifest(Manifest("d1", {
+        b"IMG_%05d.JPG" % i: FileEntry(hashlib.sha256(b"%d" % i).hexdigest(), 3_000_000 + i,
+                                       1_700_000_000_000_000_000 + i)
+        for i in range(files)}))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        manifest, _ = parse_manifest(body, "d1")
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(manifest.entries) == files
+    assert held / files < 230, held / files  # name, dict slot and entry (was ~347)
+
+
 class KernelThatForgets:
     """The kernel's side of an entry invalidation: the file's inode is forgotten."""
 
@@ -247,6 +305,47 @@ class KernelThatForgets:
 
     def inode(self, ino: int) -> None:
         pass
+
+
+def test_a_walk_over_more_files_than_the_cap_has_the_kernel_forget_the_oldest(tmp_path):
+    """A `find` over a million files would leave the kernel holding an inode for each (and
+    each pins its folder's view): past `kernel_files`, the least recently loaded folders'
+    files are asked to be forgotten while the walk goes on, never a file held open nor the
+    folders loaded last; every name still resolves afterwards."""
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "c", upload=False,
+                                  view_cache_entries=5 * FILES) as eng:
+            ns = eng.ns
+            ns.idle_after = 3600.0  # no idle release here: only the cap
+            ns.views.recent_kept = 2
+            kernel = ns.invalidator = KernelThatForgets(eng)
+            eng.nursery.start_soon(ns.release_when_idle)
+            kept, _ = await resolve(eng, "d00/f1")  # a file a process keeps open
+            ns.looked_up(kept)
+            kept.opens += 1
+            most = 0
+            for d in range(FOLDERS):
+                dnode, _ = await resolve(eng, f"d{d:02d}")
+                ns.looked_up(dnode)
+                for f in range(FILES):
+                    await ns.lookup(dnode.ino, f"f{f}".encode())
+                await trio.sleep(0.01)  # the shed runs in the background
+                most = max(most, len(ns.inodes.nodes))
+                needed_views_are_loaded(eng)
+            files = FOLDERS * FILES
+            assert kernel.asked, "the cap never made the kernel forget"
+            assert all(name != b"f1" or parent != kept.parent for parent, name in kernel.asked)
+            # folders (31 inodes) stay; files at most the cap, a tenth more, a folder's worth
+            assert most <= ns.kernel_files + ns.kernel_files // 10 + FOLDERS + 1 + 2 * FILES
+            assert most < files
+            for d in range(FOLDERS):
+                for f in range(FILES):
+                    assert await read_file(eng, f"d{d:02d}/f{f}") == f"{d}/{f}".encode()
+            assert ns.inodes.get(kept.ino) is kept
+    trio.run(main)
 
 
 class CountingHeap:
@@ -279,6 +378,7 @@ def test_an_idle_mount_has_the_kernel_forget_and_gives_its_memory_back(tmp_path)
                                   view_cache_entries=5 * FILES) as eng:
             ns = eng.ns
             ns.idle_after, ns.idle_check, ns.forget_wait = 0.3, 0.05, 0.05
+            ns.kernel_files = 10 * FOLDERS * FILES  # the walk stays under the cap
             heap = ns.heap = CountingHeap()
             kept = await resolve(eng, "d03/f1")  # a file a process keeps open
             ns.looked_up(kept[0])

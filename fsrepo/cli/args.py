@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import argparse
 
-from .. import __version__
 from ..config import Settings, load_settings
 from ..errors import ConfigError
 from .mount_options import MountOptions, parse_mount_options
 
 PROG = "imgrepo-mount"
+
+
+class VersionAction(argparse.Action):
+    """`--version`: the version is looked up only when asked (importlib.metadata is slow to
+    import, and every other command starts without it)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str = "show the version and exit"
+                 ) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from .. import __version__
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
 
 # The action flags: at most one per command (mount when none).
 ACTIONS = ("unmount", "sync", "status", "login", "logout", "verify", "gc", "salvage",
@@ -60,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the folder to mount on (or act on); given after SOURCE, SOURCE is "
                         "the storage URL (as mount(8) passes it)")
     p.add_argument("paths", nargs="*", metavar="PATH", help="with --sync: only these paths")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action=VersionAction)
 
     storage = p.add_argument_group(STORAGE_GROUP)
     storage.add_argument("--storage", help="s3://bucket/prefix or file:///path "
