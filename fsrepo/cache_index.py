@@ -82,16 +82,22 @@ class CacheIndex:
         the trio thread; the group commit makes it durable). Returns False if the blob was
         already cached (the staging file is then deleted), unless `replace` (the cached
         one may be damaged)."""
-        target = self.path(sha)
-        if not replace and target.exists():
+        if not replace and self.path(sha).exists():
             staging.unlink(missing_ok=True)
             return False
+        self.place(staging, sha)
+        return True
+
+    def place(self, staging: Path, sha: str) -> Path:
+        """Rename a file into the cache under its hash, over whatever has that name (the
+        same content, or a damaged copy of it); returns its path there."""
+        target = self.path(sha)
         try:
             os.replace(staging, target)
         except FileNotFoundError:  # the shard's first blob
             target.parent.mkdir(exist_ok=True)
             os.replace(staging, target)
-        return True
+        return target
 
     def link_in(self, staging: Path, sha: str, replace: bool = False) -> None:
         """A second name in the cache for a staging file that must stay where it is until
@@ -117,10 +123,13 @@ class CacheIndex:
         except FileNotFoundError:
             return None
 
-    def register(self, sha: str, size: int, pending: bool) -> None:
+    def register(self, sha: str, size: int, pending: bool, on_disk: int | None = None) -> None:
+        """Index a blob put in the cache; `on_disk`: the bytes it uses there if the caller
+        knows them (one stat less), else `_on_disk` looks."""
         if sha not in self._lru:
-            on_disk = self._on_disk(sha, size)
-            size = size if on_disk is None else on_disk
+            if on_disk is None:
+                on_disk = self._on_disk(sha, size)
+            size = size if on_disk is None else min(size, on_disk)
             self._lru[sha] = size
             self.used += size
         else:
