@@ -27,8 +27,9 @@ from .errors import ImgrepoError, IntegrityError
 from .hashing import hash_file
 from .manifest import MIN_CHUNK, Chunks, FileEntry
 from .repository import blob_key
-from .state import StateDB
+from .state import LocalState, StateDB
 from .store.base import Store
+from .workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Download:
         self.size = size
         self.path = path
         self.available = available  # bytes readers may read (resumed: what arrived before)
+        self.arrived = available  # bytes in the file (set by the download thread)
         self.done = False
         self.error: BaseException | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
@@ -59,6 +61,12 @@ class Download:
             else:
                 still.append((end, event))
         self._waiters = still
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a reader waits for bytes (read from the download thread: a reader that
+        starts waiting just after is woken by the next chunk's progress, or the end)."""
+        return bool(self._waiters)
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -98,6 +106,11 @@ class BlobCache(CacheIndex):
         # next download of the blob to resume from.
         self.broken: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None
+        self._unrecorded: dict[str, int] = {}  # downloaded, not yet in the state's table
+        # Threads of our own that verify finished downloads: a hop to them costs half of
+        # trio.to_thread's (docs/perf-log.md), and every downloaded blob takes one.
+        self._sealers = Workers("imgrepo-verify", 2)
+        self._recording = False  # a task is writing them
 
     def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
         """Index what the database says is cached (see CacheIndex.load); downloads the last
@@ -114,7 +127,9 @@ class BlobCache(CacheIndex):
         if dl is not None and dl.error is None:
             return dl
         dl = Download(sha, size, self.partial_dir / sha, self.broken.pop(sha, 0))
-        dl.path.touch()  # readers open it at once (a resumed one keeps its bytes)
+        # Readers open it at once (a resumed one keeps its bytes); os.open, not Path.touch,
+        # which tries utime first and costs an exception per new file.
+        os.close(os.open(dl.path, os.O_WRONLY | os.O_CREAT, 0o644))
         self.downloads[sha] = dl
         assert self.nursery is not None
         self.nursery.start_soon(self._download, dl)
@@ -126,28 +141,50 @@ class BlobCache(CacheIndex):
                 await self._fetch(dl)
                 # One worker call checks size and hash and moves the blob into place (the
                 # last byte stays held back from readers until then).
-                await trio.to_thread.run_sync(self._seal, dl)
+                await self._sealers.run(self._seal, dl)
             except (ImgrepoError, OSError) as exc:
                 log.error("download of blob %s failed: %s", dl.sha, exc)
-                if isinstance(exc, IntegrityError) or dl.available == 0:
+                # (the last byte is always fetched again: it was never checked)
+                resume = max(dl.available, min(dl.arrived, dl.size - 1))
+                if isinstance(exc, IntegrityError) or resume == 0:
                     try:
                         dl.path.unlink()
                     except OSError:
                         pass
                 else:
-                    self.broken[dl.sha] = dl.available  # the next read resumes from here
+                    self.broken[dl.sha] = resume  # the next read resumes from here
                 dl.fail(exc)
                 return
-            self.register(dl.sha, dl.size, pending=False)
+            self.register(dl.sha, dl.size, pending=False, dense=True)
             dl.complete()  # readers go on; the cache's bookkeeping need not hold them
-            try:
-                await self.db.run(self.db.state.add_cached_blob, dl.sha, dl.size)
-                await self.evict()
-            except OSError as exc:
-                log.warning("cannot record blob %s in the cache index: %s", dl.sha, exc)
+            await self._record_cached(dl.sha, dl.size)
         finally:
             if self.downloads.get(dl.sha) is dl:
                 del self.downloads[dl.sha]
+
+    def close(self) -> None:
+        """Stop the verifying threads (after the trio loop has finished)."""
+        self._sealers.close()
+
+    async def _record_cached(self, sha: str, size: int) -> None:
+        """Note a downloaded blob in the cache index's table, then evict what is over the
+        limit. Blobs that finish while one batch is written go in the next, in one call to
+        the database's thread (one hop per batch, not one per blob)."""
+        self._unrecorded[sha] = size
+        if self._recording:
+            return
+        self._recording = True
+        try:
+            while self._unrecorded:
+                rows, self._unrecorded = self._unrecorded, {}
+                try:
+                    await self.db.run(_add_cached, self.db.state, rows)
+                    await self.evict()
+                except OSError as exc:
+                    log.warning("cannot record blob %s in the cache index: %s",
+                                ", ".join(rows), exc)
+        finally:
+            self._recording = False
 
     def _seal(self, dl: Download) -> None:
         """The finished download becomes a cached blob, if it is the blob (worker thread)."""
@@ -168,10 +205,16 @@ class BlobCache(CacheIndex):
         if dl.size == 0:
             return
         # Progress is queued to the loop, not waited for: the download thread goes on
-        # receiving while the loop is busy answering the reads it unblocks.
+        # receiving while the loop is busy answering the reads it unblocks. Only while a
+        # reader waits: a download fetched ahead wakes nobody (its end always does).
         token = trio.lowlevel.current_trio_token()
-        await self.store.download(blob_key(dl.sha), dl.path, dl.available,
-                                  lambda n: token.run_sync_soon(dl.progress, n))
+
+        def progress(n: int) -> None:
+            dl.arrived = n
+            if dl.waiting:
+                token.run_sync_soon(dl.progress, n)
+
+        await self.store.download(blob_key(dl.sha), dl.path, dl.available, progress)
 
     def open_fd(self, dl: Download) -> int:
         """A read-only descriptor on a download's file, wherever it is by now."""
@@ -194,8 +237,10 @@ class BlobCache(CacheIndex):
     def chunks_of(self, entry: FileEntry) -> Chunks | None:
         """How a file not cached whole is stored: its entry's chunk list, or, for a file
         this machine sent as chunks whose manifest is not written yet, the list it kept."""
-        if entry.chunks is not None or self.chunk_lists is None or entry.size <= MIN_CHUNK:
-            return entry.chunks
+        lists = self.chunk_lists
+        if entry.chunks is not None or lists is None or entry.size <= MIN_CHUNK or (
+                lists.chunk_size is not None and entry.size <= lists.chunk_size):
+            return entry.chunks  # (a file of one chunk at most is its own blob: no list)
         return self.chunk_lists.get(entry.sha256)
 
     def has_content(self, entry: FileEntry) -> bool:
@@ -241,3 +286,9 @@ class BlobCache(CacheIndex):
         except OSError as exc:
             log.warning("cannot record blob %s in the cache index: %s", entry.sha256, exc)
         return self.path(entry.sha256)
+
+
+def _add_cached(state: LocalState, rows: dict[str, int]) -> None:
+    """Downloaded blobs into the state's table of cached blobs (the database's thread)."""
+    for sha, size in rows.items():
+        state.add_cached_blob(sha, size)

@@ -66,6 +66,11 @@ class CacheIndex:
     def pinned(self, sha: str) -> bool:
         return sha in self.pending or self._open.get(sha, 0) > 0
 
+    def pinned_bytes(self) -> int:
+        """What eviction may not remove: cached blobs pending upload or open."""
+        lru = self._lru
+        return sum(lru.get(sha, 0) for sha in self.pending | self._open.keys())
+
     def acquire(self, sha: str) -> None:
         self._open[sha] = self._open.get(sha, 0) + 1
 
@@ -123,11 +128,13 @@ class CacheIndex:
         except FileNotFoundError:
             return None
 
-    def register(self, sha: str, size: int, pending: bool, on_disk: int | None = None) -> None:
-        """Index a blob put in the cache; `on_disk`: the bytes it uses there if the caller
-        knows them (one stat less), else `_on_disk` looks."""
+    def register(self, sha: str, size: int, pending: bool, dense: bool = False,
+                 on_disk: int | None = None) -> None:
+        """Index a blob file now in place; `dense`: written whole (a download), so its
+        size is what it uses, with no stat to ask; `on_disk`: the bytes it uses there if
+        the caller knows them (a close: from the staging descriptor), else `_on_disk` looks."""
         if sha not in self._lru:
-            if on_disk is None:
+            if on_disk is None and not dense:
                 on_disk = self._on_disk(sha, size)
             size = size if on_disk is None else min(size, on_disk)
             self._lru[sha] = size

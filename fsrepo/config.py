@@ -109,6 +109,7 @@ class Settings:
     cache_size: int = DEFAULT_CACHE_SIZE
     refresh: float = DEFAULT_REFRESH
     uploads: int = 8
+    read_ahead_files: int = 16  # a folder's next files fetched ahead of a reader (0: off)
     commit_interval: float = 1.0  # seconds from close() until power-safe (group_commit.py)
     view_cache_entries: int = 200_000  # directory entries kept in memory (~0.4 KiB each)
     auto_snapshots: str = DEFAULT_POLICY  # snapshot_policy.py: kinds=counts, or "off"
@@ -262,6 +263,10 @@ def load_settings(flags: dict[str, Any] | None = None, config_file: Path | None 
             merged["idle_release"] = float(merged["idle_release"])
             if merged["idle_release"] < 0:
                 raise ConfigError("idle-release must be 0 (never) or a number of seconds")
+        if "read_ahead_files" in merged:
+            merged["read_ahead_files"] = int(merged["read_ahead_files"])
+            if not 0 <= merged["read_ahead_files"] <= 1000:
+                raise ConfigError("--read-ahead-files must be between 0 (off) and 1000")
         if "uploads" in merged:
             merged["uploads"] = int(merged["uploads"])
             if merged["uploads"] < 1:

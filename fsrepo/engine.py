@@ -84,7 +84,7 @@ class Engine:
                             idle_after=settings.idle_release, invalidator=self.invalidator)
         self.durable = GroupCommitter(self.db, self.journal, settings.commit_interval, disk)
         self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
-                                 self.remote_index, self.durable)
+                                 self.remote_index, self.durable, settings.read_ahead_files)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
                                  self.remote_index, self.files, self.chunk_lists,
                                  host=self.host,
@@ -181,7 +181,8 @@ class Engine:
         await self.db.run(self.load_state)
 
     def close(self) -> None:
-        """Close the local database and stop the staging copies' hash thread (after the
-        trio loop using them has finished)."""
+        """Close the local database and stop our threads (the downloads' checks, the
+        staging copies' hash thread), after the trio loop using them has finished."""
+        self.cache.close()
         self.files.staging.hashes.close()
         self.db.close()

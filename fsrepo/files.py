@@ -24,6 +24,7 @@ import trio
 from .blobcache import BlobCache
 from .commit import Committer, RemoteBlobs
 from .errors import FsError, ImgrepoError
+from .folder_readahead import READ_AHEAD_FILES, FolderReadAhead
 from .group_commit import GroupCommitter
 from .handles import Handle, HandleTable
 from .hashing import hash_file
@@ -55,12 +56,14 @@ class AttrChange:
 
 class FileManager:
     def __init__(self, ns: Namespace, cache: BlobCache, staging_dir: Path,
-                 remote: RemoteBlobs, durable: GroupCommitter) -> None:
+                 remote: RemoteBlobs, durable: GroupCommitter,
+                 read_ahead_files: int = READ_AHEAD_FILES) -> None:
         self.ns = ns
         self.cache = cache
         self.staging = StagingArea(staging_dir)
         self.handles = HandleTable()
-        self.reads = BlobReads(cache, ns.invalidator, ns.inodes)
+        self.ahead = FolderReadAhead(cache, read_ahead_files)
+        self.reads = BlobReads(cache, ns.invalidator, ns.inodes, self.ahead)
         self.durable = durable
         self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote,
                                  durable)
@@ -174,11 +177,20 @@ class FileManager:
             if flags & os.O_TRUNC and writable:
                 await self.truncate(node, 0, handle)  # first: no download of what goes
             if isinstance(entry, FileEntry) and node.ino not in self.staging.staged:
+                cold = not self.cache.has(entry.sha256) or self.ahead.guessed(entry.sha256)
                 self.reads.attach(handle, entry)  # (with a staging copy, reads go there)
+                if not writable:
+                    self._follow_folder(node, entry, cold)
         except BaseException:
             await self.release(handle.fh)
             raise
         return handle
+
+    def _follow_folder(self, node: Node, entry: FileEntry, cold: bool) -> None:
+        """Tell the folder read-ahead which file of its folder was opened."""
+        view = self.ns.folder_of(node)
+        if view is not None and view.entries.get(node.name) is entry:
+            self.ahead.opened(view.dir_id, view.entries, node.name, entry, cold)
 
     async def _verify(self, sha: str) -> None:
         """A blob an earlier run left pending may have been torn by a power loss: hashed

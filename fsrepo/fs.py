@@ -25,6 +25,7 @@ from .manifest import DirEntry, Entry, FileEntry
 from .namespace import Namespace
 
 log = logging.getLogger(__name__)
+DOTS = (b".", b"..")  # the first two entries of every listing, as on any Linux filesystem
 
 T = TypeVar("T")
 ATTR_TIMEOUT = 300.0  # remote changes are invalidated explicitly; local ones go through us
@@ -163,19 +164,28 @@ class Operations(pyfuse3.Operations):
     @_translate
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         listing = self._dir_handles.get(fh, [])
-        if start_id >= len(listing):
-            return
         parent = self._parent_of_listing(fh)
-        view, ancestors = await self.ns.loaded_view(parent)
         lookup, attrs, reply = self.ns.lookup_loaded, self._attrs, pyfuse3.readdir_reply
+        # "." and ".." first (offsets 0 and 1). The kernel links no dentry and counts no
+        # lookup for them (fuse_direntplus_link), so none is counted here either.
+        for dot in range(start_id, len(DOTS)):
+            node = self.ns.inodes.get(parent)
+            ino = parent if dot == 0 or node is None or not node.parent else node.parent
+            dot_node, dot_entry = await self.files.stat(ino)
+            if not reply(token, DOTS[dot], attrs(dot_node, dot_entry), dot + 1):
+                return
+        first = max(start_id - len(DOTS), 0)
+        if first >= len(listing):
+            return
+        view, ancestors = await self.ns.loaded_view(parent)
         looked_up = self.ns.looked_up
-        for index in range(start_id, len(listing)):
+        for index in range(first, len(listing)):
             name = listing[index][0]
             try:
                 node, entry = lookup(parent, view, name, ancestors)
             except FsError:
                 continue  # gone meanwhile, or refused (cycle)
-            if not reply(token, name, attrs(node, entry), index + 1):
+            if not reply(token, name, attrs(node, entry), index + 1 + len(DOTS)):
                 self.ns.inodes.drop_if_unused(node)  # the kernel did not take it
                 break
             looked_up(node)  # readdirplus: each entry the kernel took counts as a lookup

@@ -220,6 +220,10 @@ class Namespace:
         entry = view.entries.get(node.name)
         return entry if is_same_object(node, entry) else None
 
+    def folder_of(self, node: Node) -> DirView | None:
+        """The view of the folder a file is in, if in memory (reads follow its order)."""
+        return self._parent_loaded(node)
+
     def _parent_loaded(self, node: Node) -> DirView | None:
         """The view of the node's directory if it is in memory (None for an orphan)."""
         pnode = self.inodes.get(node.parent)

@@ -13,6 +13,7 @@ import time
 from .announce import Invalidator
 from .blobcache import BlobCache
 from .errors import FsError, ImgrepoError, IntegrityError, errno_for
+from .folder_readahead import FolderReadAhead
 from .handles import Handle
 from .inodes import ROOT_INO, InodeTable
 from .manifest import Chunks, FileEntry
@@ -25,10 +26,12 @@ DAMAGED_FOR = 60.0  # seconds a chunk found damaged answers EIO without a new do
 
 class BlobReads:
     def __init__(self, cache: BlobCache, invalidator: Invalidator,
-                 inodes: InodeTable | None = None) -> None:
+                 inodes: InodeTable | None = None,
+                 ahead: FolderReadAhead | None = None) -> None:
         self.cache = cache
         self.invalidator = invalidator
         self.inodes = inodes  # to name a file with a damaged chunk in the log
+        self.ahead = ahead  # blobs of a folder's next files, fetched before they are opened
         self._damaged: dict[str, float] = {}  # chunk sha -> when found damaged
 
     def attach(self, handle: Handle, entry: FileEntry) -> None:
@@ -36,9 +39,14 @@ class BlobReads:
         self.detach(handle)
         handle.sha, handle.size = entry.sha256, entry.size
         self.cache.acquire(entry.sha256)
+        # A guess of the folder read-ahead is the handle's now; one found damaged answers
+        # this reader's reads with EIO (no second GET of the same bytes).
+        damaged = self.ahead.take(entry.sha256) if self.ahead is not None else None
         if entry.size == 0:
             return
-        if self.cache.has(entry.sha256):
+        if damaged is not None:
+            handle.download = damaged  # (no descriptor: its bytes are gone)
+        elif self.cache.has(entry.sha256):
             self.cache.touch(entry.sha256)
             handle.fd = os.open(self.cache.path(entry.sha256), os.O_RDONLY)
         elif (chunks := self.cache.chunks_of(entry)) is not None:

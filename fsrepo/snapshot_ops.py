@@ -21,7 +21,7 @@ import pyfuse3
 
 from .errors import FsError
 from .files import FileManager
-from .fs import ATTR_TIMEOUT, BLKSIZE
+from .fs import ATTR_TIMEOUT, BLKSIZE, DOTS
 from .inodes import ROOT_INO
 from .manifest import DirEntry, FileEntry
 from .namespace import Namespace
@@ -148,16 +148,20 @@ class SnapshotOperations(GatedOperations):
         if not self.tree.owns(fh):
             return await super().readdir(fh, start_id, token)
         ino, listing = self._snap_dirs.get(fh, (0, []))
-        if start_id >= len(listing):
-            return None
         parent = self.tree.node(ino)
-        for index in range(start_id, len(listing)):
+        for dot in range(start_id, len(DOTS)):  # no lookup counted: as in the live tree
+            if not pyfuse3.readdir_reply(token, DOTS[dot], await self.getattr(
+                    ino if dot == 0 else parent.parent), dot + 1):
+                return None
+        first = max(start_id - len(DOTS), 0)
+        for index in range(first, len(listing)):
             name, entry = listing[index]
             try:
                 node = self.tree.child(parent, name, entry)
             except FsError:
                 continue  # refused (a cycle)
-            if not pyfuse3.readdir_reply(token, name, self._snap_attrs(node), index + 1):
+            if not pyfuse3.readdir_reply(token, name, self._snap_attrs(node),
+                                         index + 1 + len(DOTS)):
                 self.tree.forget(node.ino, 0)
                 break
             node.lookups += 1

@@ -12,7 +12,9 @@ changed folder costs one PUT for it (a GET as well when this machine's cached ma
 not that version), plus the listings and the snapshot object.
 
 Snapshot objects and manifest copies never change once written, so this machine keeps them
-in a folder of its own (`cache_dir`): a snapshot it has read reads again offline.
+in a folder of its own (`cache_dir`): a snapshot it has read reads again offline. When a
+snapshot goes (deleted here or elsewhere, or expired), the local copies no snapshot kept
+here names any more go too, so the folder follows the snapshots instead of growing for ever.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trio
+
 from .dir_listing import ManifestSource, listed_manifests, manifest_now
 from .errors import ImgrepoError, ObjectNotFound, RepositoryFormatError
 from .manifest import is_valid_dir_id
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 SNAPSHOT_PREFIX = "snapshots/"
 COPY_PREFIX = "snapshot-dirs/"
 FORMAT = 1
+COPY_PRUNE_GRACE = 600.0  # seconds: a copy this young may belong to a snapshot being recorded
 RESERVED_NAME = b".snapshots"  # the root's name for them: refused as a real name there
 _NAME_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._:+-]{0,99}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -182,8 +187,11 @@ class Snapshots:
             if is_snapshot_name(name):
                 out.append(SnapshotInfo(name, info.mtime))
         present = {s.name for s in out}
-        for gone in [n for n in self._local_names() if n not in present]:
-            self._forget_local(gone)  # deleted by another machine (or expired)
+        gone = [n for n in self._local_names() if n not in present]
+        for name in gone:
+            self._forget_local(name)  # deleted by another machine (or expired)
+        if gone:
+            await self.prune_local_copies()
         return sorted(out, key=lambda s: (s.written, s.name))
 
     def _local_names(self) -> list[str]:
@@ -308,4 +316,45 @@ class Snapshots:
             raise ObjectNotFound(f"no snapshot named {name}")
         await self.store.delete(snapshot_key(name))
         self._forget_local(name)
+        await self.prune_local_copies()
+
+    async def prune_local_copies(self) -> int:
+        """Remove the local manifest copies that no snapshot kept here names (a worker
+        thread: every kept snapshot is parsed). A copy younger than COPY_PRUNE_GRACE stays:
+        a snapshot being recorded names it only once written. Returns how many went."""
+        removed = await trio.to_thread.run_sync(self._prune_copies, time.time())
+        if removed:
+            log.info("%d local copies of snapshot folders no snapshot names any more "
+                     "were removed", removed)
+        return removed
+
+    def _prune_copies(self, now: float) -> int:
+        named: set[str] = set()
+        for name in self._local_names():
+            try:  # not _parse_local: this is a worker thread, it forgets nothing
+                snap = parse_snapshot(self._local("named", name).read_bytes(), name)
+            except (OSError, RepositoryFormatError):
+                continue
+            named.update(r.sha for r in snap.dirs.values())
+        removed = 0
+        try:
+            shards = list((self.cache_dir / "dirs").iterdir())
+        except OSError:
+            return 0
+        for shard in shards:
+            try:
+                copies = list(shard.iterdir())
+            except OSError:
+                continue
+            for copy in copies:
+                if copy.name in named:
+                    continue
+                try:
+                    if now - copy.stat().st_mtime < COPY_PRUNE_GRACE:
+                        continue
+                    copy.unlink()
+                    removed += 1
+                except OSError:
+                    continue  # gone meanwhile, or not ours to remove: stays
+        return removed
 

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("core: files and names", [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.paths", "fsrepo.announce",
         "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",
-        "fsrepo.reads", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record",
+        "fsrepo.reads", "fsrepo.folder_readahead", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record",
         "fsrepo.group_commit", "fsrepo.prefetch", "fsrepo.snapshot_views",
         "fsrepo.tree_walk"]),
     ("uploads, downloads and local tools", [

@@ -167,6 +167,12 @@ def test_verify_and_gc_refuse_a_location_without_repository(tmp_path: Path, moun
         assert res.stderr.strip().startswith("imgrepo-mount: error:")
         assert "no imgrepo repository" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "empty" / "imgrepo.json").exists()
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == []
+    for args in (["--verify"], ["--gc"]):  # a folder that is not there is not made
+        res = run_cli([*args, "--storage", f"file://{tmp_path}/missing"], mount_env,
+                      check=False)
+        assert res.returncode != 0 and "no imgrepo repository" in res.stderr
+        assert not (tmp_path / "missing").exists()
 
 
 def _store(root: Path):

@@ -1,6 +1,6 @@
 """The POSIX details a conformance suite checks, through a real FUSE mount: directory times
 and link counts, over-long names, unlinked open files, fallocate, extended attributes,
-oversized truncates and the cache figure of a sparse file. SEMANTICS.md states each one.
+oversized truncates, the cache figure of a sparse file, `.` and `..` in listings. SEMANTICS.md states each one.
 Only the directory times travel through the bucket, so only they run on both backends;
 the rest runs on file://, where it is cheapest.
 """
@@ -10,11 +10,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from .mountutil import poll
+from .mountutil import poll, run_cli
 
 MiB = 1 << 20
 FALLOC_FL_KEEP_SIZE = 1
@@ -118,6 +119,38 @@ def test_names_over_255_bytes_answer_enametoolong(tmp_path: Path, mounter):
     name = m.path / ("y" * 255)  # the longest name is fine
     name.write_bytes(b"ok")
     assert name.read_bytes() == b"ok"
+
+
+def ls_ai(path: Path) -> list[tuple[int, str]]:
+    """`ls -ai -U` (directory order, nothing filtered): (inode, name) per line."""
+    out = subprocess.run(["ls", "-a", "-i", "-U", "-1", str(path)], check=True,
+                         capture_output=True, text=True).stdout
+    return [(int(ino), name) for ino, name in (line.split(None, 1) for line in out.splitlines())]
+
+
+def test_every_listing_starts_with_dot_and_dotdot(tmp_path: Path, mounter):
+    m = mounter(repo_url(tmp_path))
+    sub = m.path / "album"
+    sub.mkdir()
+    names = {f"p{i:04}.jpg" for i in range(700)}  # several readdir buffers: offsets resume
+    for name in names:
+        (sub / name).write_bytes(b"")
+    (sub / "inner").mkdir()
+    for folder, parent in ((sub, m.path), (sub / "inner", sub)):
+        rows = ls_ai(folder)
+        assert [name for _, name in rows[:2]] == [".", ".."]
+        assert rows[0][0] == os.stat(folder).st_ino and rows[1][0] == os.stat(parent).st_ino
+        listed = [name for _, name in rows[2:]]
+        assert len(listed) == len(set(listed))
+    assert {name for _, name in ls_ai(sub)[2:]} == names | {"inner"}
+    assert [name for _, name in ls_ai(m.path)][:2] == [".", ".."]
+    assert sorted(os.listdir(sub)) == sorted(names | {"inner"})  # not names of their own
+    run_cli(["--snapshot", str(m.path), "s1"], m.env)
+    snap = m.path / ".snapshots" / "s1" / "album"
+    rows = ls_ai(snap)
+    assert [name for _, name in rows[:2]] == [".", ".."]
+    assert rows[0][0] == os.stat(snap).st_ino and rows[1][0] == os.stat(snap.parent).st_ino
+    assert {name for _, name in rows[2:]} == names | {"inner"}
 
 
 def test_an_open_unlinked_file_has_no_links(tmp_path: Path, mounter):

@@ -4,6 +4,7 @@ cost counted at the store, names, deletion, and that a copy back uploads nothing
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -237,6 +238,38 @@ def test_snapshot_content_is_kept_locally_and_checked(storage: StorageTarget,
             sha = snap.dirs["root"].sha
             copy = eng.snapshots.cache_dir / "dirs" / sha[:2] / sha
             assert hashlib.sha256(copy.read_bytes()).hexdigest() == snap.dirs["root"].sha
+
+    trio.run(main)
+
+
+def test_local_copies_go_with_the_last_snapshot_naming_them(storage: StorageTarget,
+                                                            tmp_path: Path) -> None:
+    async def main() -> None:
+        async with engine_on(storage, tmp_path / "a") as eng:
+            s1 = await snapshot_of(eng, "s1", {"f": b"1"})
+            s2 = await snapshot_of(eng, "s2", {"g": b"2"})
+            s3 = await snapshot_of(eng, "s3", {"h": b"3"})
+            copies = eng.snapshots.cache_dir / "dirs"
+
+            def local(snap: Snapshot) -> Path:
+                sha = snap.dirs["root"].sha
+                return copies / sha[:2] / sha
+
+            old = time.time() - 3600  # older than the grace a recording snapshot gets
+            for snap in (s1, s2, s3):
+                os.utime(local(snap), (old, old))
+            young = copies / "ab" / ("ab" + "0" * 62)  # as if a snapshot were being recorded
+            young.parent.mkdir(exist_ok=True)
+            young.write_bytes(b"{}")
+            await eng.snapshots.delete("s1")
+            assert not local(s1).exists() and local(s2).exists() and local(s3).exists()
+            assert young.exists()
+            # deleted by another machine: seen at the next listing, its copy goes too
+            await eng.store.delete(SNAPSHOT_PREFIX + "s2.json")
+            assert [s.name for s in await eng.snapshots.names()] == ["s3"]
+            assert not local(s2).exists() and local(s3).exists()
+            assert await snap_tree(eng.snapshot_tree, await snapshot_root(
+                eng.snapshot_tree, "s3")) == {b"f": b"1", b"g": b"2", b"h": b"3"}
 
     trio.run(main)
 

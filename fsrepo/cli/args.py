@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument("--refresh", type=float,
                          help="seconds until other machines' changes show (default 10)")
     storage.add_argument("--uploads", type=int, help="uploads in flight (default 8)")
+    storage.add_argument("--read-ahead-files", type=int, metavar="N",
+                         help="files of a folder read in order fetched before they are "
+                              "opened (default 16; 0: off)")
 
     mount = p.add_argument_group(MOUNT_GROUP)
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
@@ -211,6 +214,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "cache_size": args.cache_size,
         "refresh": args.refresh,
         "uploads": args.uploads,
+        "read_ahead_files": args.read_ahead_files,
         "auto_snapshots": args.auto_snapshots,
         "commit_interval": args.commit_interval,
         "issuer": args.issuer,

@@ -29,7 +29,8 @@ async def open_checked(settings: Settings) -> Store:
     if settings.storage.startswith("s3://"):
         from ..auth.commands import apply_login_environment
         apply_login_environment(settings)
-    store = open_store(settings.storage, settings.endpoint_url, settings.region)
+    store = open_store(settings.storage, settings.endpoint_url, settings.region,
+                       create=False)
     try:
         check = getattr(store, "check", None)
         if check is not None:

@@ -19,9 +19,11 @@ __all__ = ["NOT_MODIFIED", "ObjectInfo", "Store", "StoredObject", "check_endpoin
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]")  # fullmatch
 
 
-def open_store(url: str, endpoint_url: str | None = None, region: str | None = None) -> Store:
+def open_store(url: str, endpoint_url: str | None = None, region: str | None = None,
+               create: bool = True) -> Store:
     """`file:///abs/path` (or a bare absolute path) -> LocalStore,
-    `s3://bucket[/prefix]` -> S3Store. Anything else is a ConfigError."""
+    `s3://bucket[/prefix]` -> S3Store. Anything else is a ConfigError. `create=False`: a
+    local folder that does not exist is not made (a check must not leave one behind)."""
     text = url.strip()
     if text.startswith("file://"):
         path = text[len("file://") :]
@@ -34,11 +36,11 @@ def open_store(url: str, endpoint_url: str | None = None, region: str | None = N
             )
         from .local import LocalStore
 
-        return LocalStore(Path(path))
+        return LocalStore(Path(path), create=create)
     if text.startswith("/"):
         from .local import LocalStore
 
-        return LocalStore(Path(text))
+        return LocalStore(Path(text), create=create)
     if text.startswith("s3://"):
         bucket, _, prefix = text[len("s3://") :].partition("/")
         if "@" in bucket or ":" in bucket:

@@ -82,9 +82,11 @@ def _ensure_dir(folder: Path) -> None:
 class LocalStore(Store):
     """A repository in a local (or network-mounted) folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, create: bool = True) -> None:
         self.root = Path(root).absolute()
         self.url = "file://" + str(self.root)
+        if not create:
+            return  # read-only use: a missing folder reads as an empty repository
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / LOCK_DIR).mkdir(exist_ok=True)
@@ -142,7 +144,11 @@ class LocalStore(Store):
     def _locked(self, key: str) -> Iterator[None]:
         """Exclusive, cross-process lock of one key (released when the fd closes)."""
         name = hashlib.sha256(key.encode()).hexdigest()
-        fd = os.open(self.root / LOCK_DIR / name, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(self.root / LOCK_DIR / name, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # opened with create=False: the repository exists by now
+            (self.root / LOCK_DIR).mkdir(exist_ok=True)
+            fd = os.open(self.root / LOCK_DIR / name, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

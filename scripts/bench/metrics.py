@@ -25,10 +25,11 @@ METRICS: list[tuple[str, str, str, str, bool]] = [
     ("w7_peak_rss_mib", "W7", "W7 peak RSS of the mount during W2", "MiB", False),
     ("w7_cpu_s", "W7", "W7 CPU of the mount during W2", "s", False),
     ("w1_cpu_s", "W7", "CPU of the mount during W1", "s", False),
+    ("w3_cold_small_cpu_s", "W3", "CPU of the mount during W3's small files", "s", False),
     ("w8_sqlite_commits_s", "W8", "W8 SQLite (WAL) single-row commits", "commits/s", True),
 ]
 METRIC_INFO = {m[0]: m for m in METRICS}
 WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"]
 # What --workloads selects: the write phase's parts, the fresh mount's reads (W3, W4: they
-# read what W1 and W2 wrote), the big listing (W5) and the database (W8).
+# read what W1 wrote, and W2's file if it ran), the big listing (W5) and the database (W8).
 PHASES = ["w1", "w6", "w2", "reads", "ls", "w8"]

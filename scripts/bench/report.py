@@ -56,6 +56,7 @@ def evaluate_targets(med: dict[str, dict[str, float | None]], data_mib: float) -
     target("W2 MB/s until close >= rclone", "w2_close_mb_s", rclones, 1)
     target("W2 MB/s until durable >= 2 x rclone", "w2_durable_mb_s", rclones, 2)
     target("W2 MB/s until durable >= s3fs", "w2_durable_mb_s", ["s3fs"], 1)
+    target("W3 cold small files/s >= 1.5 x best peer", "w3_cold_small_files_s", PEERS, 1.5)
     target("W3 cold big read >= s3fs", "w3_cold_big_mb_s", ["s3fs"], 1)
     target("W4 warm big read >= 3 x s3fs", "w4_warm_big_mb_s", ["s3fs"], 3)
     target("W4 warm small files/s >= 2 x best peer", "w4_warm_small_files_s", PEERS, 2)
