@@ -87,16 +87,22 @@ class CacheIndex:
         the trio thread; the group commit makes it durable). Returns False if the blob was
         already cached (the staging file is then deleted), unless `replace` (the cached
         one may be damaged)."""
-        target = self.path(sha)
-        if not replace and target.exists():
+        if not replace and self.path(sha).exists():
             staging.unlink(missing_ok=True)
             return False
+        self.place(staging, sha)
+        return True
+
+    def place(self, staging: Path, sha: str) -> Path:
+        """Rename a file into the cache under its hash, over whatever has that name (the
+        same content, or a damaged copy of it); returns its path there."""
+        target = self.path(sha)
         try:
             os.replace(staging, target)
         except FileNotFoundError:  # the shard's first blob
             target.parent.mkdir(exist_ok=True)
             os.replace(staging, target)
-        return True
+        return target
 
     def link_in(self, staging: Path, sha: str, replace: bool = False) -> None:
         """A second name in the cache for a staging file that must stay where it is until
@@ -122,12 +128,15 @@ class CacheIndex:
         except FileNotFoundError:
             return None
 
-    def register(self, sha: str, size: int, pending: bool, dense: bool = False) -> None:
+    def register(self, sha: str, size: int, pending: bool, dense: bool = False,
+                 on_disk: int | None = None) -> None:
         """Index a blob file now in place; `dense`: written whole (a download), so its
-        size is what it uses, with no stat to ask."""
+        size is what it uses, with no stat to ask; `on_disk`: the bytes it uses there if
+        the caller knows them (a close: from the staging descriptor), else `_on_disk` looks."""
         if sha not in self._lru:
-            on_disk = None if dense else self._on_disk(sha, size)
-            size = size if on_disk is None else on_disk
+            if on_disk is None and not dense:
+                on_disk = self._on_disk(sha, size)
+            size = size if on_disk is None else min(size, on_disk)
             self._lru[sha] = size
             self.used += size
         else:

@@ -113,18 +113,22 @@ class Committer:
         rec = self.ns.record_replace(node, entry, [(digest, entry.size)] if need_upload else [],
                                      entry.size if (remote or cached) else 0, base=st.base)
         keep = rec is not None and not cached  # new content to keep
+        on_disk: int | None = None
         try:
             # On the trio thread: a rename (or link) and a close cost less than the hand-off
             # to a worker thread, and nothing here waits for the disk.
             try:
+                if keep:
+                    on_disk = os.fstat(st.fd).st_blocks * 512  # (no stat of the name later)
                 if st.synced:
                     if keep:
                         self.cache.link_in(st.path, digest, replace=suspect)
                         self.durable.blob_named(self.cache.path(digest))
                         self.remote.unverified.discard(digest)  # the cached copy is this one
                 elif keep:
-                    self.cache.adopt(st.path, digest, replace=suspect)
-                    self.durable.blob_named(self.cache.path(digest))
+                    # The index lacks it (or it is suspect): whatever file may be under the
+                    # name is replaced by this known-good copy, without a look first.
+                    self.durable.blob_named(self.cache.place(st.path, digest))
                     self.remote.unverified.discard(digest)  # the cached copy is this one
                 else:
                     st.path.unlink(missing_ok=True)  # a duplicate, or deleted meanwhile
@@ -144,5 +148,5 @@ class Committer:
         self.remote.unverified.discard(digest)
         if st.synced:  # the journal names the blob now: the copy's record may go
             self.durable.retire_copy(st.path)
-        self.cache.register(digest, entry.size, pending=need_upload)
+        self.cache.register(digest, entry.size, pending=need_upload, on_disk=on_disk)
         return entry

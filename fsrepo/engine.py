@@ -181,6 +181,8 @@ class Engine:
         await self.db.run(self.load_state)
 
     def close(self) -> None:
-        """Close the local database (after the trio loop using it has finished)."""
+        """Close the local database and stop our threads (the downloads' checks, the
+        staging copies' hash thread), after the trio loop using them has finished."""
         self.cache.close()
+        self.files.staging.hashes.close()
         self.db.close()

@@ -26,13 +26,19 @@ import trio
 
 from .cache_index import CacheIndex
 from .errors import FsError
-from .hashing import hash_file
+from .hashing import HashThread, hash_file
 from .manifest import MAX_SIZE, FileEntry
 from .state import LocalState
 
 log = logging.getLogger(__name__)
 
 WRITEBACK_CHUNK = 32 << 20
+# Hashed at once on the trio thread when nothing is queued: a write smaller than INLINE_HASH,
+# and a file's first INLINE_PREFIX bytes (a small file is closed right after its last write,
+# so the hand-off to the hash thread would cost more CPU than it moves: measured, perf-log).
+INLINE_HASH = 64 << 10
+INLINE_PREFIX = 1 << 20
+HASH_BACKLOG = 64 << 20  # bytes written and not hashed yet before writes wait (staging_area)
 FILL_CHUNK = 1 << 20
 _ZEROS = bytes(FILL_CHUNK)
 _SYNC_FILE_RANGE_WRITE = 2
@@ -50,6 +56,7 @@ class Staging:
     mode: int
     mtime_ns: int
     hasher: hashlib._Hash | None  # valid while writes were sequential from offset 0
+    hashes: HashThread  # where the running hash is computed
     hashed: int = 0
     dirty: bool = False
     writers: int = 0
@@ -71,7 +78,12 @@ class Staging:
             raise refused("write", end, exc) from None
         if self.hasher is not None:
             if offset == self.hashed:
-                self.hasher.update(data[:written])
+                part = data if written == len(data) else data[:written]
+                if self.hashes.backlog == 0 and (written < INLINE_HASH
+                                                 or self.hashed + written <= INLINE_PREFIX):
+                    self.hasher.update(part)
+                else:
+                    self.hashes.update(self.hasher, part)
                 self.hashed += written
             else:
                 self.hasher = None
@@ -109,7 +121,9 @@ class Staging:
     async def digest(self) -> str:
         """The content's SHA-256: from the running hash, or by reading the copy again."""
         if self.hasher is not None and self.hashed == self.size:
-            return self.hasher.hexdigest()
+            if self.hashes.backlog == 0:
+                return self.hasher.hexdigest()
+            return await self.hashes.hexdigest(self.hasher)
         return await trio.to_thread.run_sync(_hash_fd, self.fd)
 
 
@@ -120,6 +134,7 @@ class StagingArea:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.staged: dict[int, Staging] = {}
+        self.hashes = HashThread("staging-hash")
         self._run_id = uuid.uuid4().hex[:12]  # staging names: unique without a syscall each
         self._count = 0
 
@@ -134,7 +149,8 @@ class StagingArea:
         self._count += 1
         path = self.directory / f"{self._run_id}-{self._count}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, hashlib.sha256(), base=entry)
+        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, hashlib.sha256(), self.hashes,
+                     base=entry)
         self.staged[ino] = st
         return st
 

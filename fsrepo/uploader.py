@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 # signatures) would otherwise slow the writers down, and the queue catches up right after.
 WHILE_WRITING = 4
 WRITING_PAUSE = 0.3  # seconds without a write after which files count as no longer written
+# For the first seconds of a burst of writes (a `cp -r`, a camera's import) nothing starts:
+# on a busy machine every upload's and manifest commit's CPU is taken from the writer, and
+# they cost less once the burst is over (one manifest write for the folder, not several).
+# A longer burst uploads meanwhile (WHILE_WRITING), as does anyone waiting (flush mode).
+BURST_HOLD = 5.0
 
 
 class WriteActivity(Protocol):
@@ -92,6 +97,7 @@ class Uploader:
         self.retries = RetryTracker(QUEUE)  # keys: "blob:<sha>", "dir:<id>"
         self.progressed = trio.Event()  # set (and replaced) when an upload or commit ends
         self._kick = trio.Event()
+        self._burst_since: float | None = None  # when the writes going on now began
 
     def _progress(self) -> None:
         self._kick.set()
@@ -121,6 +127,20 @@ class Uploader:
 
     def _writing_now(self) -> bool:
         return time.monotonic() - self.writes.last_activity < WRITING_PAUSE
+
+    def _held_for_writes(self, now: float) -> bool:
+        """Whether a burst of writes that began less than BURST_HOLD ago holds everything
+        back (not while someone waits); `schedule.next_due` then says when to look again."""
+        last = self.writes.last_activity
+        if now - last >= WRITING_PAUSE:
+            self._burst_since = None
+            return False
+        if self._burst_since is None:
+            self._burst_since = now
+        if self.schedule.flushing or now - self._burst_since >= BURST_HOLD:
+            return False
+        self.schedule.next_due = min(last + WRITING_PAUSE, self._burst_since + BURST_HOLD)
+        return True
 
     def _succeeded(self) -> None:
         self.status.last_success_at = time.time()
@@ -165,6 +185,8 @@ class Uploader:
         """Start the uploads and commits that are due; whether any started."""
         started = False
         now = time.monotonic()
+        if self._held_for_writes(now):
+            return False
         schedule = self.schedule
         in_flight = self.status.uploads_in_flight
         ready = self.retries.ready
