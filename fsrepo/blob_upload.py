@@ -11,7 +11,9 @@ import enum
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
 
@@ -53,13 +55,26 @@ class Outcome(enum.Enum):
     ABANDONED = "abandoned"  # the content is gone; the ops naming it were dropped
 
 
+class Uploaded(NamedTuple):
+    """What an upload did, and the bytes it sent (a chunked file: only its new chunks)."""
+
+    outcome: Outcome
+    sent_bytes: int = 0
+
+
+# chunks of a file hashed while it was written (early_chunks): (sha, size) -> index -> sha
+HashedEarly = Callable[[str, int], dict[int, str]]
+
+
 class BlobUploader:
     """Sends blobs from the cache to the bucket and records them as there."""
 
     def __init__(self, store: Store, db: StateDB, journal: Journal, cache: CacheIndex,
-                 namespace: Namespace, remote: RemoteIndex, chunk_lists: ChunkLists) -> None:
+                 namespace: Namespace, remote: RemoteIndex, chunk_lists: ChunkLists,
+                 hashed_early: HashedEarly | None = None) -> None:
         self.store = store
         self.chunk_lists = chunk_lists
+        self.hashed_early = hashed_early
         self.db = db
         self.journal = journal
         self.cache = cache
@@ -71,7 +86,7 @@ class BlobUploader:
         it is a lost blob (its upload then finds out whether the bucket has it)."""
         return self.cache.has(sha) or sha in self.remote.lost
 
-    async def upload(self, sha: str) -> Outcome:
+    async def upload(self, sha: str) -> Uploaded:
         key = blob_key(sha)
         if not self.cache.has(sha):
             there = await self.store.head(key) is not None
@@ -86,7 +101,7 @@ class BlobUploader:
             if not self.cache.has(sha):
                 if sha in self.remote.lost:
                     await self._abandon(sha)
-                    return Outcome.ABANDONED
+                    return Uploaded(Outcome.ABANDONED)
                 raise ImgrepoError(f"blob {sha} is pending upload but missing from the cache")
             if sha in self.remote.unverified:
                 actual = await trio.to_thread.run_sync(hash_file, path)
@@ -99,24 +114,28 @@ class BlobUploader:
                     self.cache.discard(sha)
                     self.remote.lost.add(sha)
                     await self._abandon(sha)
-                    return Outcome.ABANDONED
+                    return Uploaded(Outcome.ABANDONED)
                 self.remote.unverified.discard(sha)
-            if self.chunk_lists.wants_chunks(os.stat(path).st_size):
+            size = os.stat(path).st_size
+            if self.chunk_lists.wants_chunks(size):
                 assert self.chunk_lists.chunk_size is not None
-                chunks = await trio.to_thread.run_sync(cut, path, self.chunk_lists.chunk_size)
-                outcome = await self._put_chunks(sha, path, chunks)
+                early = self.hashed_early(sha, size) if self.hashed_early else {}
+                chunks = await trio.to_thread.run_sync(
+                    cut, path, self.chunk_lists.chunk_size, early)
+                done = await self._put_chunks(sha, path, chunks)
             else:
                 created = await self.store.put_file(key, path, sha)
-                outcome = Outcome.SENT if created else Outcome.ALREADY_THERE
+                done = Uploaded(Outcome.SENT, size) if created \
+                    else Uploaded(Outcome.ALREADY_THERE)
         else:
-            outcome = Outcome.ALREADY_THERE
-        return await self._finish(sha, outcome)
+            done = Uploaded(Outcome.ALREADY_THERE)
+        return await self._finish(sha, done)
 
-    async def _put_chunks(self, sha: str, path: Path, chunks: Chunks) -> Outcome:
+    async def _put_chunks(self, sha: str, path: Path, chunks: Chunks) -> Uploaded:
         """Send a file's chunks that the bucket lacks (per chunk dedup: a chunk seen there
         lately is trusted, others cost a HEAD first; after a crash, finished chunks are
         found there and not sent again), then keep its chunk list."""
-        sent = False
+        sent = 0  # bytes
         size = None
         limit = trio.Semaphore(CHUNKS_AT_ONCE)
         errors: list[BaseException] = []
@@ -151,7 +170,7 @@ class BlobUploader:
                 await trio.to_thread.run_sync(
                     copy_range, path, part, start, length)
                 if await self.store.put_file(blob_key(chunk), part, chunk):
-                    sent = True
+                    sent += length
             finally:
                 part.unlink(missing_ok=True)
             self.remote.seen_in_bucket(chunk)
@@ -164,14 +183,14 @@ class BlobUploader:
         if errors:
             raise errors[0]
         await trio.to_thread.run_sync(self.chunk_lists.put, sha, chunks)
-        return Outcome.SENT if sent else Outcome.ALREADY_THERE
+        return Uploaded(Outcome.SENT, sent) if sent else Uploaded(Outcome.ALREADY_THERE)
 
-    async def _finish(self, sha: str, outcome: Outcome) -> Outcome:
+    async def _finish(self, sha: str, done: Uploaded) -> Uploaded:
         """Record the blob (or all of a chunked file's chunks) as in the bucket."""
         await self.db.run(self.db.state.mark_uploaded, [sha])
         self.remote.seen_in_bucket(sha)
         self.cache.uploaded(sha)
-        return outcome
+        return done
 
     async def _abandon(self, sha: str) -> None:
         """A blob the journal names was missing from the cache at startup and is not in the

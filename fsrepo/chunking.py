@@ -20,24 +20,32 @@ from pathlib import Path
 import trio
 
 from .hashing import HASH_CHUNK
-from .manifest import MIN_CHUNK, Chunks, Entry, FileEntry
+from .manifest import MAX_CHUNK, MIN_CHUNK, Chunks, Entry, FileEntry
+
+CHUNK_SIZE_FILE = "chunk_size"  # in the chunk lists' folder: the repository's chunk size
 
 
-def cut(path: Path, chunk_size: int) -> Chunks:
-    """The chunk list of a file: the SHA-256 of every `chunk_size` bytes (worker thread)."""
+def cut(path: Path, chunk_size: int, known: dict[int, str] | None = None) -> Chunks:
+    """The chunk list of a file: the SHA-256 of every `chunk_size` bytes (worker thread).
+    `known`: chunks (by index) hashed already, while the file was written; not read again."""
+    known = known or {}
+    size = os.stat(path).st_size
+    count = -(-size // chunk_size)
     shas = []
     with open(path, "rb") as fh:
-        while True:
+        for index in range(count):
+            if index in known and (index + 1) * chunk_size <= size:
+                shas.append(known[index])
+                continue
+            fh.seek(index * chunk_size)
             h = hashlib.sha256()
-            left = chunk_size
+            left = min(chunk_size, size - index * chunk_size)
             while left and (data := fh.read(min(HASH_CHUNK, left))):
                 h.update(data)
                 left -= len(data)
-            if left == chunk_size:
-                break
-            shas.append(h.hexdigest())
             if left:
-                break
+                raise OSError(f"{path} ended before byte {size}")
+            shas.append(h.hexdigest())
     return Chunks(chunk_size, tuple(shas))
 
 
@@ -59,8 +67,32 @@ class ChunkLists:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.chunk_size: int | None = None
+        # as last learnt from the bucket: a mount started offline cuts files the same way
+        self.chunk_size: int | None = self._remembered()
         self._sending: dict[str, trio.Event] = {}  # chunks on their way to the bucket
+
+    def _remembered(self) -> int | None:
+        try:
+            size = int((self.root / CHUNK_SIZE_FILE).read_text())
+        except (OSError, ValueError):
+            return None  # never learnt (a repository before format 4, or a new cache)
+        return size if MIN_CHUNK <= size <= MAX_CHUNK else None
+
+    def learn(self, chunk_size: int | None) -> None:
+        """The chunk size the repository's descriptor names, kept in the local state (a
+        mount started offline later still sends large files as chunks). A repository
+        cannot go back to whole files, so what was learnt stays true."""
+        if chunk_size == self.chunk_size and (chunk_size is None or self._remembered()):
+            return
+        self.chunk_size = chunk_size
+        path = self.root / CHUNK_SIZE_FILE
+        if chunk_size is None:
+            path.unlink(missing_ok=True)
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(chunk_size))
+        os.replace(tmp, path)
 
     @asynccontextmanager
     async def sending(self, sha: str) -> AsyncIterator[None]:
