@@ -18,7 +18,7 @@ from typing import NamedTuple
 import trio
 
 from .cache_index import CacheIndex
-from .chunking import ChunkLists, copy_range, cut
+from .chunking import ChunkLists, copy_range
 from .errors import ImgrepoError
 from .hashing import hash_file
 from .journal import Journal
@@ -97,7 +97,8 @@ class BlobUploader:
             path = self.cache.path(sha)
             known = self.chunk_lists.get(sha)
             if known is not None:  # cut before: its chunks may all be there still
-                return await self._finish(sha, await self._put_chunks(sha, path, known))
+                return await self._finish(sha, await self._put_chunks(
+                    sha, path, known.size, list(known.shas)))
             if not self.cache.has(sha):
                 if sha in self.remote.lost:
                     await self._abandon(sha)
@@ -118,11 +119,13 @@ class BlobUploader:
                 self.remote.unverified.discard(sha)
             size = os.stat(path).st_size
             if self.chunk_lists.wants_chunks(size):
-                assert self.chunk_lists.chunk_size is not None
+                chunk_size = self.chunk_lists.chunk_size
+                assert chunk_size is not None
+                # what was hashed while the file was written is not hashed again
                 early = self.hashed_early(sha, size) if self.hashed_early else {}
-                chunks = await trio.to_thread.run_sync(
-                    cut, path, self.chunk_lists.chunk_size, early)
-                done = await self._put_chunks(sha, path, chunks)
+                done = await self._put_chunks(sha, path, chunk_size, [
+                    early.get(i) if (i + 1) * chunk_size <= size else None
+                    for i in range(-(-size // chunk_size))])
             else:
                 created = await self.store.put_file(key, path, sha)
                 done = Uploaded(Outcome.SENT, size) if created \
@@ -131,57 +134,70 @@ class BlobUploader:
             done = Uploaded(Outcome.ALREADY_THERE)
         return await self._finish(sha, done)
 
-    async def _put_chunks(self, sha: str, path: Path, chunks: Chunks) -> Uploaded:
+    async def _put_chunks(self, sha: str, path: Path, chunk_size: int,
+                          shas: list[str | None]) -> Uploaded:
         """Send a file's chunks that the bucket lacks (per chunk dedup: a chunk seen there
         lately is trusted, others cost a HEAD first; after a crash, finished chunks are
-        found there and not sent again), then keep its chunk list."""
+        found there and not sent again), then keep its chunk list. A chunk whose hash is
+        not known yet (None) is copied out and hashed first, CHUNKS_AT_ONCE at a time, so
+        hashing one chunk overlaps sending another."""
         sent = 0  # bytes
-        size = None
+        size = os.stat(path).st_size if self.cache.has(sha) else None
         limit = trio.Semaphore(CHUNKS_AT_ONCE)
         errors: list[BaseException] = []
 
-        async def one(index: int, chunk: str) -> None:
+        async def one(index: int) -> None:
             try:
                 async with limit:
                     if not errors:
-                        await send(index, chunk)
+                        await send(index)
             except (ImgrepoError, OSError) as exc:
                 errors.append(exc)
 
-        async def send(index: int, chunk: str) -> None:
-            async with self.chunk_lists.sending(chunk):
-                await send_unless_there(index, chunk)
-
-        async def send_unless_there(index: int, chunk: str) -> None:
+        async def send(index: int) -> None:
             nonlocal sent
-            assert size is not None
-            start = index * chunks.size
-            length = min(chunks.size, size - start)
-            if self.remote.reuse_or_recheck(chunk) or await stored_whole(
-                    self.store, blob_key(chunk), length, f"chunk {index} of blob {sha[:12]}"):
-                self.remote.seen_in_bucket(chunk)
-                return
-            if not self.cache.has(sha):
-                raise ImgrepoError(f"chunk {index} of blob {sha} is missing from the "
-                                   "bucket and the file from the cache")
+            chunk = shas[index]
             # (in partial/: what a crash leaves there is removed at the next start)
-            part = self.cache.root / "partial" / f"{chunk}.{uuid.uuid4().hex}"
+            part = self.cache.root / "partial" / f"chunk.{uuid.uuid4().hex}"
             try:
-                await trio.to_thread.run_sync(
-                    copy_range, path, part, start, length)
-                if await self.store.put_file(blob_key(chunk), part, chunk):
-                    sent += length
+                if chunk is None:
+                    chunk = shas[index] = await copy_out(index, part)
+                async with self.chunk_lists.sending(chunk):
+                    count = await send_unless_there(index, chunk, part)
+                sent += count  # (not `sent += await ...`: that reads `sent` before the await)
             finally:
                 part.unlink(missing_ok=True)
-            self.remote.seen_in_bucket(chunk)
 
-        if self.cache.has(sha):
-            size = os.stat(path).st_size
+        async def copy_out(index: int, part: Path) -> str:
+            """Copy the chunk into `part`; its SHA-256."""
+            if size is None:
+                raise ImgrepoError(f"chunk {index} of blob {sha} is missing from the "
+                                   "bucket and the file from the cache")
+            start = index * chunk_size
+            return await trio.to_thread.run_sync(
+                copy_range, path, part, start, min(chunk_size, size - start))
+
+        async def send_unless_there(index: int, chunk: str, part: Path) -> int:
+            length = min(chunk_size, size - index * chunk_size) if size is not None \
+                else None
+            if self.remote.reuse_or_recheck(chunk) or (length is not None and await stored_whole(
+                    self.store, blob_key(chunk), length, f"chunk {index} of blob {sha[:12]}")):
+                self.remote.seen_in_bucket(chunk)
+                return 0
+            if not part.exists():
+                await copy_out(index, part)
+            assert length is not None
+            created = await self.store.put_file(blob_key(chunk), part, chunk)
+            self.remote.seen_in_bucket(chunk)
+            return length if created else 0
+
         async with trio.open_nursery() as nursery:
-            for index, chunk in enumerate(chunks.shas):
-                nursery.start_soon(one, index, chunk)
+            for index in range(len(shas)):
+                nursery.start_soon(one, index)
         if errors:
             raise errors[0]
+        chunks = Chunks(chunk_size, tuple(s for s in shas if s is not None))
+        assert len(chunks.shas) == len(shas)
         await trio.to_thread.run_sync(self.chunk_lists.put, sha, chunks)
         return Uploaded(Outcome.SENT, sent) if sent else Uploaded(Outcome.ALREADY_THERE)
 

@@ -25,40 +25,25 @@ from .manifest import MAX_CHUNK, MIN_CHUNK, Chunks, Entry, FileEntry
 CHUNK_SIZE_FILE = "chunk_size"  # in the chunk lists' folder: the repository's chunk size
 
 
-def cut(path: Path, chunk_size: int, known: dict[int, str] | None = None) -> Chunks:
-    """The chunk list of a file: the SHA-256 of every `chunk_size` bytes (worker thread).
-    `known`: chunks (by index) hashed already, while the file was written; not read again."""
-    known = known or {}
-    size = os.stat(path).st_size
-    count = -(-size // chunk_size)
-    shas = []
-    with open(path, "rb") as fh:
-        for index in range(count):
-            if index in known and (index + 1) * chunk_size <= size:
-                shas.append(known[index])
-                continue
-            fh.seek(index * chunk_size)
-            h = hashlib.sha256()
-            left = min(chunk_size, size - index * chunk_size)
-            while left and (data := fh.read(min(HASH_CHUNK, left))):
+def copy_range(source: Path | int, dest: Path, offset: int, length: int) -> str:
+    """Write bytes [offset, offset+length) of `source` (a path, or an open descriptor) into
+    a new file `dest`; their SHA-256, taken as they pass (worker thread)."""
+    fd = source if isinstance(source, int) else os.open(source, os.O_RDONLY)
+    try:
+        h = hashlib.sha256()
+        with open(dest, "wb") as out:
+            copied = 0
+            while copied < length:
+                data = os.pread(fd, min(HASH_CHUNK, length - copied), offset + copied)
+                if not data:
+                    raise OSError(f"{source} ended before byte {offset + length}")
                 h.update(data)
-                left -= len(data)
-            if left:
-                raise OSError(f"{path} ended before byte {size}")
-            shas.append(h.hexdigest())
-    return Chunks(chunk_size, tuple(shas))
-
-
-def copy_range(source: Path, dest: Path, offset: int, length: int) -> None:
-    """Write bytes [offset, offset+length) of `source` into a new file `dest`."""
-    with open(source, "rb") as src, open(dest, "wb") as out:
-        copied = 0
-        while copied < length:
-            n = os.copy_file_range(src.fileno(), out.fileno(), length - copied,
-                                   offset + copied)
-            if n == 0:
-                raise OSError(f"{source} ended before byte {offset + length}")
-            copied += n
+                out.write(data)
+                copied += len(data)
+        return h.hexdigest()
+    finally:
+        if not isinstance(source, int):
+            os.close(fd)
 
 
 class ChunkLists:

@@ -3,10 +3,12 @@
 A file written sequentially (a copy, a `dd`, a camera import) has its completed chunks
 uploaded in the background, each under its own SHA-256, so that after close() only its
 last chunk is left to send. What is sent here is a head start, never a promise: the close
-path (blob_upload) still cuts the closed file and makes sure every chunk is in the bucket,
-finding these ones already there (trusted as just seen, no request). A chunk whose bytes
-were changed after it was sent is simply not referenced (--gc frees it); one not sent here
-(too many waiting, an error, a crash) is sent after close.
+path (blob_upload) still makes sure every chunk of the closed file is in the bucket,
+finding these ones already there (trusted as just seen, no request). It takes the chunk
+hashes from here when the file's running hash proves they are the closed file's (no second
+read), and hashes the rest itself; once a file is closed, no new chunk of it starts here.
+A chunk whose bytes were changed after it was sent is simply not referenced (--gc frees
+it); one not sent here (too many waiting, an error, a crash) is sent after close.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from typing import Protocol
 import trio
 
 from .blob_upload import stored_whole
-from .chunking import ChunkLists
+from .chunking import ChunkLists, copy_range
 from .errors import ImgrepoError
-from .hashing import hash_file
 from .remote_index import RemoteIndex
 from .repository import blob_key
 from .store.base import Store
@@ -157,8 +158,10 @@ class EarlyChunks:
         size = self.chunk_lists.chunk_size
         if size is None:
             return None
-        for path, f in self._files.items():
-            if f.written - f.next >= size:
+        for path, f in list(self._files.items()):
+            if f.written - f.next >= size and not path.exists():
+                self._let_go(path, f)  # closed: the upload after close sends the rest
+            elif f.written - f.next >= size:
                 start, f.next = f.next, f.next + size
                 f.busy += 1
                 return path, f, start, size, f.run
@@ -200,8 +203,7 @@ class EarlyChunks:
         part = self.partial_dir / f"early.{uuid.uuid4().hex}"
         sha = None
         try:
-            await trio.to_thread.run_sync(_copy_fd_range, fd, part, start, size)
-            sha = await trio.to_thread.run_sync(hash_file, part)
+            sha = await trio.to_thread.run_sync(copy_range, fd, part, start, size)
             async with self.chunk_lists.sending(sha):
                 if not self.remote.reuse_or_recheck(sha) and not await stored_whole(
                         self.store, blob_key(sha), size, f"chunk {sha[:12]}"):
@@ -216,13 +218,3 @@ class EarlyChunks:
             part.unlink(missing_ok=True)
         return sha
 
-
-def _copy_fd_range(fd: int, dest: Path, offset: int, length: int) -> None:
-    """Bytes [offset, offset+length) of an open file into a new file (worker thread)."""
-    with open(dest, "wb") as out:
-        copied = 0
-        while copied < length:
-            n = os.copy_file_range(fd, out.fileno(), length - copied, offset + copied)
-            if n == 0:
-                raise OSError(f"a staging copy ended before byte {offset + length}")
-            copied += n

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fsrepo.chunking import cut
+from fsrepo.chunking import copy_range
 from fsrepo.errors import FsError, RepositoryFormatError
 from fsrepo.maintenance.gc import collect
 from fsrepo.maintenance.verify import verify
@@ -709,18 +709,14 @@ def test_a_chunk_or_blob_kept_cut_short_in_the_bucket_is_replaced_whole(
     trio.run(main)
 
 
-def test_cut_takes_chunks_hashed_before_as_they_are(tmp_path: Path):
-    """The chunks a file's writer hashed are not read again (a known hash is taken as it
-    is: this one is deliberately not the chunk's), the others are hashed here."""
+def test_a_chunk_copied_out_is_hashed_on_the_way(tmp_path: Path):
     data = content(3 * MiB + 9, seed=23)
     path = tmp_path / "big"
     path.write_bytes(data)
-    stand_in = "0" * 64
-    got = cut(path, MiB, {1: stand_in, 3: stand_in})  # 3 is the short last chunk: hashed
-    assert got.shas == (sha(data[:MiB]), stand_in, sha(data[2 * MiB:3 * MiB]),
-                        sha(data[3 * MiB:]))
-    assert cut(path, MiB).shas == tuple(sha(data[at:at + MiB])
-                                         for at in range(0, len(data), MiB))
+    assert copy_range(path, tmp_path / "part", 2 * MiB, MiB + 9) == sha(data[2 * MiB:])
+    assert (tmp_path / "part").read_bytes() == data[2 * MiB:]
+    with pytest.raises(OSError, match="ended before"):
+        copy_range(path, tmp_path / "part2", 3 * MiB, MiB)
 
 
 async def write_in_order(engine, name: bytes, data: bytes, chunks_first: int) -> None:
@@ -744,13 +740,13 @@ def test_the_upload_after_close_reuses_the_chunks_hashed_while_written(
 
     data = content(4 * MiB + 10, seed=24)
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
-    handed: list[dict[int, str]] = []
+    copied: list[tuple[int, int]] = []  # (offset, length) of what the upload copied out
 
-    def watched_cut(path: Path, chunk_size: int, known: dict[int, str] | None = None):
-        handed.append(dict(known or {}))
-        return cut(path, chunk_size, known)
+    def watched_copy(source, dest, offset: int, length: int) -> str:  # noqa: ANN001
+        copied.append((offset, length))
+        return copy_range(source, dest, offset, length)
 
-    monkeypatch.setattr(blob_upload, "cut", watched_cut)
+    monkeypatch.setattr(blob_upload, "copy_range", watched_copy)
 
     async def main() -> None:
         await new_repository(storage)
@@ -761,7 +757,7 @@ def test_the_upload_after_close_reuses_the_chunks_hashed_while_written(
             status = engine.uploader.status
             # sent: 4 chunks while written, the last 10 bytes after the close
             assert status.uploaded_bytes == len(data)
-        assert handed == [{i: sha(data[i * MiB:(i + 1) * MiB]) for i in range(4)}]
+        assert copied == [(4 * MiB, 10)]  # only the chunk the early sender had not hashed
         assert entry.chunks is not None and entry.chunks.shas == tuple(
             sha(data[at:at + MiB]) for at in range(0, len(data), MiB))
         assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 5 * MiB) == data
