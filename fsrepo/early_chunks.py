@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from .errors import ImgrepoError
 from .remote_index import RemoteIndex
 from .repository import blob_key
 from .store.base import Store
+from .workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,9 @@ EARLY_PARALLEL = 2  # chunks in flight: the writer comes first
 TRACKED = 64  # files followed at once (each holds a descriptor; the oldest are let go)
 SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
 KEPT = 64  # files let go whose chunk hashes are kept for their upload after close
+# The copying and hashing here run in threads of their own at this niceness: on a busy
+# machine the writer (whose requests the trio thread answers) gets the CPU first.
+BACKGROUND_NICE = 10
 
 
 class RunningHash(Protocol):
@@ -97,6 +102,7 @@ class EarlyChunks:
         self.on_sent = on_sent  # told the bytes of each chunk sent
         self._files: OrderedDict[Path, Followed] = OrderedDict()  # by staging copy
         self._closed: OrderedDict[int, Followed] = OrderedDict()  # let go, hashes kept
+        self._threads = Workers("imgrepo-early", parallel)
         self._work = trio.Event()
 
     def wrote(self, st: Written) -> None:
@@ -175,6 +181,7 @@ class EarlyChunks:
         finally:
             for path, f in list(self._files.items()):
                 self._let_go(path, f)
+            self._threads.close()
 
     async def _worker(self) -> None:
         while True:
@@ -203,7 +210,7 @@ class EarlyChunks:
         part = self.partial_dir / f"early.{uuid.uuid4().hex}"
         sha = None
         try:
-            sha = await trio.to_thread.run_sync(copy_range, fd, part, start, size)
+            sha = await self._threads.run(_in_background, copy_range, fd, part, start, size)
             async with self.chunk_lists.sending(sha):
                 if not self.remote.reuse_or_recheck(sha) and not await stored_whole(
                         self.store, blob_key(sha), size, f"chunk {sha[:12]}"):
@@ -218,3 +225,13 @@ class EarlyChunks:
             part.unlink(missing_ok=True)
         return sha
 
+
+def _in_background(fn: Callable[..., str], *args: object) -> str:
+    """Run `fn` in this (dedicated) thread at BACKGROUND_NICE (Linux: per thread)."""
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < BACKGROUND_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
+    except OSError:
+        pass  # (no per-thread niceness here: it runs at the writer's priority)
+    return fn(*args)
