@@ -223,9 +223,13 @@ class Bench:
         for label in ("w3_cold", "w4_warm"):
             said = []
             if "w2" in self.phases:
+                pid = tool.pid()
+                cpu0 = proc_cpu_seconds(pid) if pid else 0.0
                 with self.profiled(tool, f"{label[:2]}-big"):
                     t_big = run(read_big)
                 self.record(name, f"{label}_big_mb_s", mb / t_big)
+                if label == "w3_cold":
+                    self.record(name, "w3_cpu_s", proc_cpu_seconds(pid) - cpu0 if pid else None)
                 said.append(f"big {t_big:.2f} s")
             if "w1" in self.phases:
                 with self.profiled(tool, f"{label[:2]}-small"):
