@@ -168,25 +168,32 @@ class BlobUploader:
             finally:
                 part.unlink(missing_ok=True)
 
+        def missing(index: int) -> ImgrepoError:
+            return ImgrepoError(f"chunk {index} of blob {sha} is missing from the bucket "
+                                "and the file from the cache")
+
         async def copy_out(index: int, part: Path) -> str:
             """Copy the chunk into `part`; its SHA-256."""
             if size is None:
-                raise ImgrepoError(f"chunk {index} of blob {sha} is missing from the "
-                                   "bucket and the file from the cache")
+                raise missing(index)
             start = index * chunk_size
             return await trio.to_thread.run_sync(
                 copy_range, path, part, start, min(chunk_size, size - start))
 
         async def send_unless_there(index: int, chunk: str, part: Path) -> int:
-            length = min(chunk_size, size - index * chunk_size) if size is not None \
-                else None
-            if self.remote.reuse_or_recheck(chunk) or (length is not None and await stored_whole(
-                    self.store, blob_key(chunk), length, f"chunk {index} of blob {sha[:12]}")):
+            if size is None:  # not cached: its length is not known here, only whether it is there
+                if self.remote.reuse_or_recheck(chunk) or \
+                        await self.store.head(blob_key(chunk)) is not None:
+                    self.remote.seen_in_bucket(chunk)
+                    return 0
+                raise missing(index)
+            length = min(chunk_size, size - index * chunk_size)
+            if self.remote.reuse_or_recheck(chunk) or await stored_whole(
+                    self.store, blob_key(chunk), length, f"chunk {index} of blob {sha[:12]}"):
                 self.remote.seen_in_bucket(chunk)
                 return 0
             if not part.exists():
                 await copy_out(index, part)
-            assert length is not None
             created = await self.store.put_file(blob_key(chunk), part, chunk)
             self.remote.seen_in_bucket(chunk)
             return length if created else 0

@@ -886,3 +886,25 @@ def test_salvage_puts_a_chunked_file_together_from_its_cached_chunks(
     else:
         assert report.missing == ["moved.mov"] and not report.copied
         assert not (tmp_path / "out" / "moved.mov").exists()
+
+
+def test_a_chunked_upload_done_again_without_the_file_finds_its_chunks_there(tmp_path: Path):
+    """The chunks went up and the list was kept, then the file left the cache before the
+    upload was recorded (a crash, an eviction): the upload again finds every chunk in the
+    bucket and sends nothing."""
+    from fsrepo.blob_upload import Outcome
+
+    data = content(3 * MiB + 7, seed=30)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
+            await EngineDriver(engine).create("big.mov", data)
+            first = await engine.uploader.blobs.upload(sha(data))
+            assert first == (Outcome.SENT, len(data))
+            engine.cache.discard(sha(data))
+            again = await engine.uploader.blobs.upload(sha(data))
+            assert again == (Outcome.ALREADY_THERE, 0)
+
+    trio.run(main)
