@@ -11,12 +11,14 @@ import enum
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
 
 from .cache_index import CacheIndex
-from .chunking import ChunkLists, copy_range, cut
+from .chunking import ChunkLists, copy_range
 from .errors import ImgrepoError
 from .hashing import hash_file
 from .journal import Journal
@@ -53,13 +55,26 @@ class Outcome(enum.Enum):
     ABANDONED = "abandoned"  # the content is gone; the ops naming it were dropped
 
 
+class Uploaded(NamedTuple):
+    """What an upload did, and the bytes it sent (a chunked file: only its new chunks)."""
+
+    outcome: Outcome
+    sent_bytes: int = 0
+
+
+# chunks of a file hashed while it was written (early_chunks): (sha, size) -> index -> sha
+HashedEarly = Callable[[str, int], dict[int, str]]
+
+
 class BlobUploader:
     """Sends blobs from the cache to the bucket and records them as there."""
 
     def __init__(self, store: Store, db: StateDB, journal: Journal, cache: CacheIndex,
-                 namespace: Namespace, remote: RemoteIndex, chunk_lists: ChunkLists) -> None:
+                 namespace: Namespace, remote: RemoteIndex, chunk_lists: ChunkLists,
+                 hashed_early: HashedEarly | None = None) -> None:
         self.store = store
         self.chunk_lists = chunk_lists
+        self.hashed_early = hashed_early
         self.db = db
         self.journal = journal
         self.cache = cache
@@ -71,7 +86,7 @@ class BlobUploader:
         it is a lost blob (its upload then finds out whether the bucket has it)."""
         return self.cache.has(sha) or sha in self.remote.lost
 
-    async def upload(self, sha: str) -> Outcome:
+    async def upload(self, sha: str) -> Uploaded:
         key = blob_key(sha)
         if not self.cache.has(sha):
             there = await self.store.head(key) is not None
@@ -82,11 +97,12 @@ class BlobUploader:
             path = self.cache.path(sha)
             known = self.chunk_lists.get(sha)
             if known is not None:  # cut before: its chunks may all be there still
-                return await self._finish(sha, await self._put_chunks(sha, path, known))
+                return await self._finish(sha, await self._put_chunks(
+                    sha, path, known.size, list(known.shas)))
             if not self.cache.has(sha):
                 if sha in self.remote.lost:
                     await self._abandon(sha)
-                    return Outcome.ABANDONED
+                    return Uploaded(Outcome.ABANDONED)
                 raise ImgrepoError(f"blob {sha} is pending upload but missing from the cache")
             if sha in self.remote.unverified:
                 actual = await trio.to_thread.run_sync(hash_file, path)
@@ -99,79 +115,105 @@ class BlobUploader:
                     self.cache.discard(sha)
                     self.remote.lost.add(sha)
                     await self._abandon(sha)
-                    return Outcome.ABANDONED
+                    return Uploaded(Outcome.ABANDONED)
                 self.remote.unverified.discard(sha)
-            if self.chunk_lists.wants_chunks(os.stat(path).st_size):
-                assert self.chunk_lists.chunk_size is not None
-                chunks = await trio.to_thread.run_sync(cut, path, self.chunk_lists.chunk_size)
-                outcome = await self._put_chunks(sha, path, chunks)
+            size = os.stat(path).st_size
+            if self.chunk_lists.wants_chunks(size):
+                chunk_size = self.chunk_lists.chunk_size
+                assert chunk_size is not None
+                # what was hashed while the file was written is not hashed again
+                early = self.hashed_early(sha, size) if self.hashed_early else {}
+                done = await self._put_chunks(sha, path, chunk_size, [
+                    early.get(i) if (i + 1) * chunk_size <= size else None
+                    for i in range(-(-size // chunk_size))])
             else:
                 created = await self.store.put_file(key, path, sha)
-                outcome = Outcome.SENT if created else Outcome.ALREADY_THERE
+                done = Uploaded(Outcome.SENT, size) if created \
+                    else Uploaded(Outcome.ALREADY_THERE)
         else:
-            outcome = Outcome.ALREADY_THERE
-        return await self._finish(sha, outcome)
+            done = Uploaded(Outcome.ALREADY_THERE)
+        return await self._finish(sha, done)
 
-    async def _put_chunks(self, sha: str, path: Path, chunks: Chunks) -> Outcome:
+    async def _put_chunks(self, sha: str, path: Path, chunk_size: int,
+                          shas: list[str | None]) -> Uploaded:
         """Send a file's chunks that the bucket lacks (per chunk dedup: a chunk seen there
         lately is trusted, others cost a HEAD first; after a crash, finished chunks are
-        found there and not sent again), then keep its chunk list."""
-        sent = False
-        size = None
+        found there and not sent again), then keep its chunk list. A chunk whose hash is
+        not known yet (None) is copied out and hashed first, CHUNKS_AT_ONCE at a time, so
+        hashing one chunk overlaps sending another."""
+        sent = 0  # bytes
+        size = os.stat(path).st_size if self.cache.has(sha) else None
         limit = trio.Semaphore(CHUNKS_AT_ONCE)
         errors: list[BaseException] = []
 
-        async def one(index: int, chunk: str) -> None:
+        async def one(index: int) -> None:
             try:
                 async with limit:
                     if not errors:
-                        await send(index, chunk)
+                        await send(index)
             except (ImgrepoError, OSError) as exc:
                 errors.append(exc)
 
-        async def send(index: int, chunk: str) -> None:
-            async with self.chunk_lists.sending(chunk):
-                await send_unless_there(index, chunk)
-
-        async def send_unless_there(index: int, chunk: str) -> None:
+        async def send(index: int) -> None:
             nonlocal sent
-            assert size is not None
-            start = index * chunks.size
-            length = min(chunks.size, size - start)
+            chunk = shas[index]
+            # (in partial/: what a crash leaves there is removed at the next start)
+            part = self.cache.root / "partial" / f"chunk.{uuid.uuid4().hex}"
+            try:
+                if chunk is None:
+                    chunk = shas[index] = await copy_out(index, part)
+                async with self.chunk_lists.sending(chunk):
+                    count = await send_unless_there(index, chunk, part)
+                sent += count  # (not `sent += await ...`: that reads `sent` before the await)
+            finally:
+                part.unlink(missing_ok=True)
+
+        def missing(index: int) -> ImgrepoError:
+            return ImgrepoError(f"chunk {index} of blob {sha} is missing from the bucket "
+                                "and the file from the cache")
+
+        async def copy_out(index: int, part: Path) -> str:
+            """Copy the chunk into `part`; its SHA-256."""
+            if size is None:
+                raise missing(index)
+            start = index * chunk_size
+            return await trio.to_thread.run_sync(
+                copy_range, path, part, start, min(chunk_size, size - start))
+
+        async def send_unless_there(index: int, chunk: str, part: Path) -> int:
+            if size is None:  # not cached: its length is not known here, only whether it is there
+                if self.remote.reuse_or_recheck(chunk) or \
+                        await self.store.head(blob_key(chunk)) is not None:
+                    self.remote.seen_in_bucket(chunk)
+                    return 0
+                raise missing(index)
+            length = min(chunk_size, size - index * chunk_size)
             if self.remote.reuse_or_recheck(chunk) or await stored_whole(
                     self.store, blob_key(chunk), length, f"chunk {index} of blob {sha[:12]}"):
                 self.remote.seen_in_bucket(chunk)
-                return
-            if not self.cache.has(sha):
-                raise ImgrepoError(f"chunk {index} of blob {sha} is missing from the "
-                                   "bucket and the file from the cache")
-            # (in partial/: what a crash leaves there is removed at the next start)
-            part = self.cache.root / "partial" / f"{chunk}.{uuid.uuid4().hex}"
-            try:
-                await trio.to_thread.run_sync(
-                    copy_range, path, part, start, length)
-                if await self.store.put_file(blob_key(chunk), part, chunk):
-                    sent = True
-            finally:
-                part.unlink(missing_ok=True)
+                return 0
+            if not part.exists():
+                await copy_out(index, part)
+            created = await self.store.put_file(blob_key(chunk), part, chunk)
             self.remote.seen_in_bucket(chunk)
+            return length if created else 0
 
-        if self.cache.has(sha):
-            size = os.stat(path).st_size
         async with trio.open_nursery() as nursery:
-            for index, chunk in enumerate(chunks.shas):
-                nursery.start_soon(one, index, chunk)
+            for index in range(len(shas)):
+                nursery.start_soon(one, index)
         if errors:
             raise errors[0]
+        chunks = Chunks(chunk_size, tuple(s for s in shas if s is not None))
+        assert len(chunks.shas) == len(shas)
         await trio.to_thread.run_sync(self.chunk_lists.put, sha, chunks)
-        return Outcome.SENT if sent else Outcome.ALREADY_THERE
+        return Uploaded(Outcome.SENT, sent) if sent else Uploaded(Outcome.ALREADY_THERE)
 
-    async def _finish(self, sha: str, outcome: Outcome) -> Outcome:
+    async def _finish(self, sha: str, done: Uploaded) -> Uploaded:
         """Record the blob (or all of a chunked file's chunks) as in the bucket."""
         await self.db.run(self.db.state.mark_uploaded, [sha])
         self.remote.seen_in_bucket(sha)
         self.cache.uploaded(sha)
-        return outcome
+        return done
 
     async def _abandon(self, sha: str) -> None:
         """A blob the journal names was missing from the cache at startup and is not in the

@@ -21,37 +21,30 @@ from pathlib import Path
 import trio
 
 from .hashing import HASH_CHUNK
-from .manifest import MIN_CHUNK, Chunks, Entry, FileEntry
+from .manifest import MAX_CHUNK, MIN_CHUNK, Chunks, Entry, FileEntry
+
+CHUNK_SIZE_FILE = "chunk_size"  # in the chunk lists' folder: the repository's chunk size
 
 
-def cut(path: Path, chunk_size: int) -> Chunks:
-    """The chunk list of a file: the SHA-256 of every `chunk_size` bytes (worker thread)."""
-    shas = []
-    with open(path, "rb") as fh:
-        while True:
-            h = hashlib.sha256()
-            left = chunk_size
-            while left and (data := fh.read(min(HASH_CHUNK, left))):
+def copy_range(source: Path | int, dest: Path, offset: int, length: int) -> str:
+    """Write bytes [offset, offset+length) of `source` (a path, or an open descriptor) into
+    a new file `dest`; their SHA-256, taken as they pass (worker thread)."""
+    fd = source if isinstance(source, int) else os.open(source, os.O_RDONLY)
+    try:
+        h = hashlib.sha256()
+        with open(dest, "wb") as out:
+            copied = 0
+            while copied < length:
+                data = os.pread(fd, min(HASH_CHUNK, length - copied), offset + copied)
+                if not data:
+                    raise OSError(f"{source} ended before byte {offset + length}")
                 h.update(data)
-                left -= len(data)
-            if left == chunk_size:
-                break
-            shas.append(h.hexdigest())
-            if left:
-                break
-    return Chunks(chunk_size, tuple(shas))
-
-
-def copy_range(source: Path, dest: Path, offset: int, length: int) -> None:
-    """Write bytes [offset, offset+length) of `source` into a new file `dest`."""
-    with open(source, "rb") as src, open(dest, "wb") as out:
-        copied = 0
-        while copied < length:
-            n = os.copy_file_range(src.fileno(), out.fileno(), length - copied,
-                                   offset + copied)
-            if n == 0:
-                raise OSError(f"{source} ended before byte {offset + length}")
-            copied += n
+                out.write(data)
+                copied += len(data)
+        return h.hexdigest()
+    finally:
+        if not isinstance(source, int):
+            os.close(fd)
 
 
 class ChunkLists:
@@ -60,7 +53,8 @@ class ChunkLists:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.chunk_size: int | None = None
+        # as last learnt from the bucket: a mount started offline cuts files the same way
+        self.chunk_size: int | None = self._remembered()
         self._sending: dict[str, trio.Event] = {}  # chunks on their way to the bucket
         # The files that have a list, read from the folder at the first look: every upload
         # and every manifest commit asks for each file above MIN_CHUNK, almost none has
@@ -68,6 +62,29 @@ class ChunkLists:
         # one. The lock keeps a put from landing between the folder's read and its use.
         self._listed: set[str] | None = None
         self._lock = threading.Lock()
+
+    def _remembered(self) -> int | None:
+        try:
+            size = int((self.root / CHUNK_SIZE_FILE).read_text())
+        except (OSError, ValueError):
+            return None  # never learnt (a repository before format 4, or a new cache)
+        return size if MIN_CHUNK <= size <= MAX_CHUNK else None
+
+    def learn(self, chunk_size: int | None) -> None:
+        """The chunk size the repository's descriptor names, kept in the local state (a
+        mount started offline later still sends large files as chunks). A repository
+        cannot go back to whole files, so what was learnt stays true."""
+        if chunk_size == self.chunk_size and (chunk_size is None or self._remembered()):
+            return
+        self.chunk_size = chunk_size
+        path = self.root / CHUNK_SIZE_FILE
+        if chunk_size is None:
+            path.unlink(missing_ok=True)
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(chunk_size))
+        os.replace(tmp, path)
 
     @asynccontextmanager
     async def sending(self, sha: str) -> AsyncIterator[None]:

@@ -3,37 +3,49 @@
 A file written sequentially (a copy, a `dd`, a camera import) has its completed chunks
 uploaded in the background, each under its own SHA-256, so that after close() only its
 last chunk is left to send. What is sent here is a head start, never a promise: the close
-path (blob_upload) still cuts the closed file and makes sure every chunk is in the bucket,
-finding these ones already there (trusted as just seen, no request). A chunk whose bytes
-were changed after it was sent is simply not referenced (--gc frees it); one not sent here
-(too many waiting, an error, a crash) is sent after close.
+path (blob_upload) still makes sure every chunk of the closed file is in the bucket,
+finding these ones already there (trusted as just seen, no request). It takes the chunk
+hashes from here when the file's running hash proves they are the closed file's (no second
+read), and hashes the rest itself; once a file is closed, no new chunk of it starts here.
+A chunk whose bytes were changed after it was sent is simply not referenced (--gc frees
+it); one not sent here (too many waiting, an error, a crash) is sent after close.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
 from .blob_upload import stored_whole
-from .chunking import ChunkLists
+from .chunking import ChunkLists, copy_range
 from .errors import ImgrepoError
-from .hashing import hash_file
 from .remote_index import RemoteIndex
 from .repository import blob_key
 from .store.base import Store
+from .workers import Workers
 
 log = logging.getLogger(__name__)
 
 EARLY_PARALLEL = 2  # chunks in flight: the writer comes first
 TRACKED = 64  # files followed at once (each holds a descriptor; the oldest are let go)
 SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
+KEPT = 64  # files let go whose chunk hashes are kept for their upload after close
+# The copying and hashing here run in threads of their own at this niceness: on a busy
+# machine the writer (whose requests the trio thread answers) gets the CPU first.
+BACKGROUND_NICE = 10
+
+
+class RunningHash(Protocol):
+    def hexdigest(self) -> str: ...
 
 
 class Written(Protocol):
@@ -41,37 +53,56 @@ class Written(Protocol):
 
     path: Path
     fd: int
+    size: int
     hashed: int  # bytes written sequentially from the start (a running hash covers them)
 
     @property
-    def hasher(self) -> object | None: ...
+    def hasher(self) -> RunningHash | None: ...
 
 
 @dataclass
 class Followed:
     """A file whose completed chunks are being sent: our own descriptor on its staging
-    copy (valid whatever happens to the copy's), how far it was written in order, and the
-    start of the next chunk to send."""
+    copy (valid whatever happens to the copy's), how far it was written in order, the
+    start of the next chunk to send, and the SHA-256 of each chunk hashed so far."""
 
     fd: int
+    copy: Written
     written: int = 0
     next: int = 0
     busy: int = 0  # chunks of it in flight
     done: bool = False  # written out of order, or let go: nothing more to send
+    run: int = 0  # the sequential run (a truncation to 0 starts a new one)
+    shas: dict[int, str] = field(default_factory=dict)  # chunk index -> its SHA-256
+
+    def chunks_of(self, sha: str, size: int) -> dict[int, str] | None:
+        """The chunks hashed here, if the file they were cut from is the content `sha` of
+        `size` bytes. Its running hash proves it: still valid, it covers every byte of the
+        file written in order, once, so no hashed chunk was written again after it was
+        cut (a write back into it ends the running hash)."""
+        hasher = self.copy.hasher
+        if not self.shas or hasher is None or self.copy.hashed != size \
+                or self.copy.size != size or hasher.hexdigest() != sha:
+            return None
+        return dict(self.shas)
 
 
 class EarlyChunks:
     """Sends completed chunks of sequentially written files (`wrote` after each write)."""
 
     def __init__(self, store: Store, remote: RemoteIndex, chunk_lists: ChunkLists,
-                 partial_dir: Path, parallel: int = EARLY_PARALLEL) -> None:
+                 partial_dir: Path, parallel: int = EARLY_PARALLEL,
+                 on_sent: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.remote = remote
         self.chunk_lists = chunk_lists
         self.partial_dir = partial_dir
         self.parallel = parallel
         self.sent = 0  # chunks this process created in the bucket before their file's close
+        self.on_sent = on_sent  # told the bytes of each chunk sent
         self._files: OrderedDict[Path, Followed] = OrderedDict()  # by staging copy
+        self._closed: OrderedDict[int, Followed] = OrderedDict()  # let go, hashes kept
+        self._threads = Workers("imgrepo-early", parallel)
         self._work = trio.Event()
 
     def wrote(self, st: Written) -> None:
@@ -86,12 +117,14 @@ class EarlyChunks:
         if f is None:
             if st.hashed < size:
                 return
-            f = self._files[st.path] = Followed(os.dup(st.fd))
+            f = self._files[st.path] = Followed(os.dup(st.fd), st)
             while len(self._files) > TRACKED:
                 oldest = next(iter(self._files))
                 self._let_go(oldest, self._files[oldest])
         if st.hashed < f.next:  # truncated and written again
             f.next = 0
+            f.run += 1
+            f.shas.clear()
         f.written = st.hashed
         self._files.move_to_end(st.path)
         if f.written - f.next >= size:
@@ -102,6 +135,22 @@ class EarlyChunks:
         del self._files[path]
         if not f.busy:
             os.close(f.fd)
+        if f.copy.hasher is not None:  # (written out of order: its hashes are no use)
+            self._closed[id(f)] = f
+            while len(self._closed) > KEPT:
+                self._closed.popitem(last=False)
+
+    def chunks_of(self, sha: str, size: int) -> dict[int, str]:
+        """The chunk hashes (by index) of content `sha` of `size` bytes cut here while it
+        was written, taken: its upload after close hashes only the chunks left."""
+        for kept in (self._closed, self._files):
+            for key, f in list(kept.items()):
+                found = f.chunks_of(sha, size)
+                if found is not None:
+                    if kept is self._closed:
+                        del self._closed[key]
+                    return found
+        return {}
 
     def sweep(self) -> None:
         """Let go of files closed meanwhile (their staging copy is gone: sealed into the
@@ -110,16 +159,18 @@ class EarlyChunks:
             if not f.busy and not path.exists():
                 self._let_go(path, f)
 
-    def _take(self) -> tuple[Path, Followed, int, int] | None:
+    def _take(self) -> tuple[Path, Followed, int, int, int] | None:
         """The next chunk to send: the oldest followed file's first unsent complete one."""
         size = self.chunk_lists.chunk_size
         if size is None:
             return None
-        for path, f in self._files.items():
-            if f.written - f.next >= size:
+        for path, f in list(self._files.items()):
+            if f.written - f.next >= size and not path.exists():
+                self._let_go(path, f)  # closed: the upload after close sends the rest
+            elif f.written - f.next >= size:
                 start, f.next = f.next, f.next + size
                 f.busy += 1
-                return path, f, start, size
+                return path, f, start, size, f.run
         return None
 
     async def run(self) -> None:
@@ -130,6 +181,7 @@ class EarlyChunks:
         finally:
             for path, f in list(self._files.items()):
                 self._let_go(path, f)
+            self._threads.close()
 
     async def _worker(self) -> None:
         while True:
@@ -141,9 +193,11 @@ class EarlyChunks:
                 with trio.move_on_after(SWEEP_EVERY):
                     await self._work.wait()
                 continue
-            path, f, start, size = job
+            path, f, start, size, run = job
             try:
-                await self._send(f.fd, start, size)
+                chunk = await self._send(f.fd, start, size)
+                if chunk is not None and f.run == run:
+                    f.shas[start // size] = chunk
             finally:
                 f.busy -= 1
                 if f.done and not f.busy:
@@ -151,29 +205,33 @@ class EarlyChunks:
                 elif not path.exists() and f.written - f.next < size:
                     self._let_go(path, f)  # closed (sealed into the cache): all sent
 
-    async def _send(self, fd: int, start: int, size: int) -> None:
+    async def _send(self, fd: int, start: int, size: int) -> str | None:
+        """Send one chunk; its SHA-256 (None if it could not even be hashed)."""
         part = self.partial_dir / f"early.{uuid.uuid4().hex}"
+        sha = None
         try:
-            await trio.to_thread.run_sync(_copy_fd_range, fd, part, start, size)
-            sha = await trio.to_thread.run_sync(hash_file, part)
+            sha = await self._threads.run(_in_background, copy_range, fd, part, start, size)
             async with self.chunk_lists.sending(sha):
                 if not self.remote.reuse_or_recheck(sha) and not await stored_whole(
                         self.store, blob_key(sha), size, f"chunk {sha[:12]}"):
                     if await self.store.put_file(blob_key(sha), part, sha):
                         self.sent += 1
+                        if self.on_sent is not None:
+                            self.on_sent(size)
                 self.remote.seen_in_bucket(sha)
         except (ImgrepoError, OSError) as exc:  # a head start only: close() sends it
             log.debug("early upload of a chunk failed: %s", exc)
         finally:
             part.unlink(missing_ok=True)
+        return sha
 
 
-def _copy_fd_range(fd: int, dest: Path, offset: int, length: int) -> None:
-    """Bytes [offset, offset+length) of an open file into a new file (worker thread)."""
-    with open(dest, "wb") as out:
-        copied = 0
-        while copied < length:
-            n = os.copy_file_range(fd, out.fileno(), length - copied, offset + copied)
-            if n == 0:
-                raise OSError(f"a staging copy ended before byte {offset + length}")
-            copied += n
+def _in_background(fn: Callable[..., str], *args: object) -> str:
+    """Run `fn` in this (dedicated) thread at BACKGROUND_NICE (Linux: per thread)."""
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) < BACKGROUND_NICE:
+            os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
+    except OSError:
+        pass  # (no per-thread niceness here: it runs at the writer's priority)
+    return fn(*args)

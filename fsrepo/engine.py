@@ -144,7 +144,7 @@ class Engine:
                 f"cached in {self.state_dir}{salvage_advice(self.settings)}")
         if known is None:
             await self.db.run(state.set_meta, "repo_id", desc.repo_id)
-        self.chunk_lists.chunk_size = desc.chunk_size  # large files go as chunks (format 4)
+        self.chunk_lists.learn(desc.chunk_size)  # large files go as chunks (format 4)
 
     async def cached_manifest(self, dir_id: str, etag: str | None) -> bytes | None:
         """This machine's copy of a directory's manifest if it is the version with `etag`

@@ -5,19 +5,24 @@ repository, or was deleted), the changes still in its journal must not be lost w
 This reads only the local state (journal, cached manifests, blob cache), never the bucket:
 each directory is rebuilt as the mount showed it (last cached manifest + pending ops), and
 every file a pending op wrote is copied to DEST under its path. Files whose directory can no
-longer be reached from the root land under DEST/unreachable/<directory id>/.
+longer be reached from the root land under DEST/unreachable/<directory id>/. A large file
+kept as chunks (read chunk by chunk, or sent as chunks but not yet named in a manifest) is
+put together from its cached chunks and checked against its whole-file hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .chunking import ChunkLists
 from .config import Settings
 from .errors import ImgrepoError, ManifestError
-from .manifest import ROOT_ID, DirEntry, Entry, FileEntry, SymlinkEntry, parse_manifest
+from .hashing import HASH_CHUNK
+from .manifest import ROOT_ID, Chunks, DirEntry, Entry, FileEntry, SymlinkEntry, parse_manifest
 from .merge import Op, apply_ops
 from .state import JournalOp, LocalState
 from .units import human
@@ -92,6 +97,7 @@ def salvage(state_dir: Path, dest: Path) -> SalvageReport:
     finally:
         state.close()
     paths = _paths(views)
+    chunk_lists = ChunkLists(state_dir / "chunklists")
     pending = {(row.dir_id, row.entry) for row in ops
                if isinstance(row.entry, FileEntry | SymlinkEntry)}
     report = SalvageReport()
@@ -112,10 +118,7 @@ def salvage(state_dir: Path, dest: Path) -> SalvageReport:
                 report.copied.append(os.fsdecode(rel))
                 continue
             assert isinstance(entry, FileEntry)
-            blob = state_dir / "blobs" / entry.sha256[:2] / entry.sha256
-            try:
-                shutil.copyfile(blob, os.fsdecode(target))
-            except FileNotFoundError:
+            if not _copy_content(state_dir, entry, os.fsdecode(target), chunk_lists):
                 report.missing.append(os.fsdecode(rel))
                 continue
             os.chmod(target, entry.mode & 0o7777)
@@ -123,6 +126,41 @@ def salvage(state_dir: Path, dest: Path) -> SalvageReport:
             report.copied.append(os.fsdecode(rel))
             report.bytes += entry.size
     return report
+
+
+def _copy_content(state_dir: Path, entry: FileEntry, target: str,
+                  chunk_lists: ChunkLists) -> bool:
+    """Copy a file's content out of the cache: its whole blob, or its chunks put together
+    (False: not all of it is cached, or what is cached is not the file)."""
+    blobs = state_dir / "blobs"
+    try:
+        shutil.copyfile(blobs / entry.sha256[:2] / entry.sha256, target)
+        return True
+    except FileNotFoundError:
+        pass
+    chunks = entry.chunks or chunk_lists.get(entry.sha256)
+    if chunks is None or len(chunks.shas) != -(-entry.size // chunks.size):
+        return False
+    try:
+        whole = _join_chunks(blobs, chunks, target)
+    except FileNotFoundError:
+        whole = None
+    if whole != entry.sha256:
+        Path(target).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _join_chunks(blobs: Path, chunks: Chunks, target: str) -> str:
+    """Write the chunks one after another into `target`; the SHA-256 of what was written."""
+    whole = hashlib.sha256()
+    with open(target, "wb") as out:
+        for sha in chunks.shas:
+            with open(blobs / sha[:2] / sha, "rb") as chunk:
+                while data := chunk.read(HASH_CHUNK):
+                    whole.update(data)
+                    out.write(data)
+    return whole.hexdigest()
 
 
 def pending_count(state_dir: Path) -> int:

@@ -84,9 +84,11 @@ class Uploader:
         self.batch_delay = batch_delay
         self.schedule = UploadSchedule(journal, remote, commit_delay=commit_delay,
                                        quiet=quiet)
-        self.blobs = BlobUploader(store, db, journal, cache, namespace, remote, chunk_lists)
         # completed chunks of files still being written (see early_chunks.py)
-        self.early = EarlyChunks(store, remote, chunk_lists, cache.root / "partial")
+        self.early = EarlyChunks(store, remote, chunk_lists, cache.root / "partial",
+                                 on_sent=self._sent_early)
+        self.blobs = BlobUploader(store, db, journal, cache, namespace, remote, chunk_lists,
+                                  self.early.chunks_of)
         self.manifests = ManifestCommitter(store, db, journal, namespace, remote, chunk_lists,
                                            host=host)
         self.heads = HeadWriter(store, db, host=host)
@@ -98,6 +100,9 @@ class Uploader:
         self.progressed = trio.Event()  # set (and replaced) when an upload or commit ends
         self._kick = trio.Event()
         self._burst_since: float | None = None  # when the writes going on now began
+
+    def _sent_early(self, size: int) -> None:
+        self.status.uploaded_bytes += size
 
     def _progress(self) -> None:
         self._kick.set()
@@ -227,10 +232,10 @@ class Uploader:
     async def _upload(self, sha: str, size: int) -> None:
         async with self._slots:
             try:
-                outcome = await self.blobs.upload(sha)
+                outcome, sent_bytes = await self.blobs.upload(sha)
+                self.status.uploaded_bytes += sent_bytes
                 if outcome is Outcome.SENT:
                     self.status.uploaded_blobs += 1
-                    self.status.uploaded_bytes += size
                 elif outcome is Outcome.ALREADY_THERE:
                     self.status.skipped_blobs += 1
                 self.schedule.uploaded(sha)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from fsrepo.chunking import copy_range
 from fsrepo.errors import FsError, RepositoryFormatError
 from fsrepo.maintenance.gc import collect
 from fsrepo.maintenance.verify import verify
@@ -704,5 +705,206 @@ def test_a_chunk_or_blob_kept_cut_short_in_the_bucket_is_replaced_whole(
             assert await engine.store.head(blob_key(sha(small))) == len(small)
         assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == data
         assert await read_fresh(storage, tmp_path / "fresh2", "small.jpg", MiB) == small
+
+    trio.run(main)
+
+
+def test_a_chunk_copied_out_is_hashed_on_the_way(tmp_path: Path):
+    data = content(3 * MiB + 9, seed=23)
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    assert copy_range(path, tmp_path / "part", 2 * MiB, MiB + 9) == sha(data[2 * MiB:])
+    assert (tmp_path / "part").read_bytes() == data[2 * MiB:]
+    with pytest.raises(OSError, match="ended before"):
+        copy_range(path, tmp_path / "part2", 3 * MiB, MiB)
+
+
+async def write_in_order(engine, name: bytes, data: bytes, chunks_first: int) -> None:
+    """Create `name` and write `data` in 128 KiB requests, as cp does, waiting before the
+    close until the writer's first `chunks_first` chunks were sent."""
+    handle, _ = await engine.files.create(1, name, 0o644)
+    try:
+        for off in range(0, len(data), 128 * 1024):
+            await engine.files.write(handle.fh, off, data[off:off + 128 * 1024])
+        with trio.fail_after(60):  # (a hang guard, not a timing assertion)
+            while engine.uploader.early.sent < chunks_first:
+                await trio.sleep(0.01)
+        await engine.files.flush(handle.fh)
+    finally:
+        await engine.files.release(handle.fh)
+
+
+def test_the_upload_after_close_reuses_the_chunks_hashed_while_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from fsrepo import blob_upload
+
+    data = content(4 * MiB + 10, seed=24)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    copied: list[tuple[int, int]] = []  # (offset, length) of what the upload copied out
+
+    def watched_copy(source, dest, offset: int, length: int) -> str:  # noqa: ANN001
+        copied.append((offset, length))
+        return copy_range(source, dest, offset, length)
+
+    monkeypatch.setattr(blob_upload, "copy_range", watched_copy)
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache") as engine:
+            await write_in_order(engine, b"big.mov", data, 4)
+            await EngineDriver(engine).drain()
+            entry = await root_entry(engine.store, b"big.mov")
+            status = engine.uploader.status
+            # sent: 4 chunks while written, the last 10 bytes after the close
+            assert status.uploaded_bytes == len(data)
+        assert copied == [(4 * MiB, 10)]  # only the chunk the early sender had not hashed
+        assert entry.chunks is not None and entry.chunks.shas == tuple(
+            sha(data[at:at + MiB]) for at in range(0, len(data), MiB))
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 5 * MiB) == data
+
+    trio.run(main)
+
+
+def test_a_file_truncated_and_written_again_is_not_cut_from_its_first_run(tmp_path: Path):
+    """Chunks hashed before the file was truncated to nothing belong to bytes it no longer
+    holds: the closed file's chunk list is its own."""
+    first = content(3 * MiB, seed=25)
+    second = content(3 * MiB + 3, seed=26)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache") as engine:
+            node = engine.ns.node(1)
+            handle, _ = await engine.files.create(node.ino, b"big.mov", 0o644)
+            try:
+                for off in range(0, len(first), 128 * 1024):
+                    await engine.files.write(handle.fh, off, first[off:off + 128 * 1024])
+                with trio.fail_after(60):
+                    while engine.uploader.early.sent < 3:
+                        await trio.sleep(0.01)
+                big, _ = await resolve(engine, "big.mov")
+                await engine.files.truncate(big, 0, handle)
+                for off in range(0, len(second), 128 * 1024):
+                    await engine.files.write(handle.fh, off, second[off:off + 128 * 1024])
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            await EngineDriver(engine).drain()
+            entry = await root_entry(engine.store, b"big.mov")
+        assert entry.chunks is not None and entry.chunks.shas == tuple(
+            sha(second[at:at + MiB]) for at in range(0, len(second), MiB))
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == second
+
+    trio.run(main)
+
+
+def test_uploaded_bytes_count_the_chunks_sent_not_the_file(tmp_path: Path):
+    data = content(5 * MiB, seed=27)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache") as engine:
+            fs = EngineDriver(engine)
+            await fs.create("big.mov", data)
+            await fs.drain()
+            status = engine.uploader.status
+            assert status.uploaded_bytes == len(data)
+            await fs.write_at("big.mov", len(data), b"x" * 1000)  # one new chunk
+            await fs.drain()
+            assert status.uploaded_bytes == len(data) + 1000
+
+    trio.run(main)
+
+
+@pytest.mark.expected_logs(r"storage unreachable, starting offline",
+                           reason="the second mount starts without its bucket")
+def test_a_mount_started_offline_cuts_large_files_as_the_repository_does(tmp_path: Path):
+    """The chunk size learnt from the bucket is kept with the local state: a mount that
+    starts without the bucket sends a large file as chunks once the bucket is back."""
+    from .test_snapshots import Unplugged
+
+    data = content(3 * MiB + 1, seed=28)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    plugs: list[Unplugged] = []
+
+    def unplugged(inner: Store) -> Store:
+        plugs.append(Unplugged(inner))
+        plugs[-1].plugged = False
+        return plugs[-1]
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache") as engine:
+            await EngineDriver(engine).listdir()  # (learns the chunk size as it starts)
+        async with engine_on(storage, tmp_path / "cache", upload=False,
+                             wrap_store=unplugged) as engine:
+            assert not engine.online
+            assert engine.chunk_lists.chunk_size == MiB
+            fs = EngineDriver(engine)
+            await fs.create("big.mov", data)
+            plugs[-1].plugged = True
+            start_uploader(engine)
+            with trio.fail_after(60):
+                await fs.drain()
+            entry = await root_entry(engine.store, b"big.mov")
+            assert entry.chunks is not None and len(entry.chunks.shas) == 4
+            assert await engine.store.head(blob_key(sha(data))) is None
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == data
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("all_cached", [True, False])
+def test_salvage_puts_a_chunked_file_together_from_its_cached_chunks(
+        tmp_path: Path, all_cached: bool):
+    """A chunked file read here (its chunks cached) and renamed while the bucket is gone:
+    --salvage copies it out whole, checked; with a chunk missing it says so and leaves no
+    partial copy."""
+    from fsrepo.salvage import salvage
+
+    data = content(3 * MiB + 5, seed=29)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> Path:
+        entries = await new_repository(storage, {"big.mov": data})
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
+            fs = EngineDriver(engine)
+            assert await read_at(engine, "big.mov", 0, 4 * MiB) == data
+            assert not engine.cache.has(sha(data))  # cached as its chunks only
+            await fs.rename("big.mov", "moved.mov")
+            if not all_cached:
+                engine.cache.discard(entries["big.mov"]["chunks"]["sha256"][2])
+            return engine.state_dir
+
+    state_dir = trio.run(main)
+    report = salvage(state_dir, tmp_path / "out")
+    if all_cached:
+        assert report.copied == ["moved.mov"] and not report.missing
+        assert (tmp_path / "out" / "moved.mov").read_bytes() == data
+    else:
+        assert report.missing == ["moved.mov"] and not report.copied
+        assert not (tmp_path / "out" / "moved.mov").exists()
+
+
+def test_a_chunked_upload_done_again_without_the_file_finds_its_chunks_there(tmp_path: Path):
+    """The chunks went up and the list was kept, then the file left the cache before the
+    upload was recorded (a crash, an eviction): the upload again finds every chunk in the
+    bucket and sends nothing."""
+    from fsrepo.blob_upload import Outcome
+
+    data = content(3 * MiB + 7, seed=30)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
+            await EngineDriver(engine).create("big.mov", data)
+            first = await engine.uploader.blobs.upload(sha(data))
+            assert first == (Outcome.SENT, len(data))
+            engine.cache.discard(sha(data))
+            again = await engine.uploader.blobs.upload(sha(data))
+            assert again == (Outcome.ALREADY_THERE, 0)
 
     trio.run(main)

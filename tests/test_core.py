@@ -156,27 +156,37 @@ class Worker:
                                      stdout=subprocess.PIPE, stderr=self._err, text=True,
                                      start_new_session=True)
         self.lines: list[str] = []
+        self._pending = b""  # read from stdout, not yet a whole line
 
     def expect(self, prefix: str, timeout: float = 120) -> str:
-        """Read stdout lines until one starts with `prefix`."""
+        """Read stdout lines until one starts with `prefix`. Lines are cut here from raw
+        reads: a buffered readline() after select() may take several lines into its buffer,
+        and select() never reports the ones left there (the wait then missed lines the
+        worker had printed)."""
         import selectors
         import time
         assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + timeout
         sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        sel.register(fd, selectors.EVENT_READ)
         try:
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    raise AssertionError(f"worker: no {prefix!r} in time:\n{self.diagnose()}")
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise AssertionError(f"worker exited ({self.proc.wait()}) before "
-                                         f"{prefix!r}:\n{self.diagnose()}")
-                self.lines.append(line.rstrip("\n"))
+                while b"\n" not in self._pending:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not sel.select(left):
+                        raise AssertionError(f"worker: no {prefix!r} in time:\n"
+                                             f"{self.diagnose()}")
+                    data = os.read(fd, 65536)
+                    if not data:
+                        raise AssertionError(f"worker exited ({self.proc.wait()}) before "
+                                             f"{prefix!r}:\n{self.diagnose()}")
+                    self._pending += data
+                raw, _, self._pending = self._pending.partition(b"\n")
+                line = raw.decode()
+                self.lines.append(line)
                 if line.startswith(prefix):
-                    return line.rstrip("\n")
+                    return line
         finally:
             sel.close()
 

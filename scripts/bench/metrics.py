@@ -26,6 +26,7 @@ METRICS: list[tuple[str, str, str, str, bool]] = [
     ("w7_cpu_s", "W7", "W7 CPU of the mount during W2", "s", False),
     ("w1_cpu_s", "W7", "CPU of the mount during W1", "s", False),
     ("w3_cold_small_cpu_s", "W3", "CPU of the mount during W3's small files", "s", False),
+    ("w3_cpu_s", "W3", "CPU of the mount during W3's cold big read", "s", False),
     ("w8_sqlite_commits_s", "W8", "W8 SQLite (WAL) single-row commits", "commits/s", True),
 ]
 METRIC_INFO = {m[0]: m for m in METRICS}

@@ -223,21 +223,27 @@ class Bench:
         read_big = ["dd", f"if={mnt / 'big.bin'}", "of=/dev/null", "bs=1M", "status=none"]
         read_small = ["sh", "-c", 'cat -- "$1"/* > /dev/null', "sh", str(mnt / "w1")]
         for label in ("w3_cold", "w4_warm"):
-            t_big = None
+            said = []
             if "w2" in self.phases:
+                pid = tool.pid()
+                cpu0 = proc_cpu_seconds(pid) if pid else 0.0
                 with self.profiled(tool, f"{label[:2]}-big"):
                     t_big = run(read_big)
                 self.record(name, f"{label}_big_mb_s", mb / t_big)
-            pid = tool.pid()
-            cpu0 = proc_cpu_seconds(pid) if pid else None
-            with self.profiled(tool, f"{label[:2]}-small"):
-                t_small = run(read_small)
-            self.record(name, f"{label}_small_files_s", nfiles / t_small)
-            if label == "w3_cold":
-                self.record(name, "w3_cold_small_cpu_s",
-                            proc_cpu_seconds(pid) - cpu0 if pid and cpu0 is not None else None)
-            big = "" if t_big is None else f"big {t_big:.2f} s, "
-            say(f"  {name}: {label[:2].upper()} {big}small {t_small:.2f} s")
+                if label == "w3_cold":
+                    self.record(name, "w3_cpu_s", proc_cpu_seconds(pid) - cpu0 if pid else None)
+                said.append(f"big {t_big:.2f} s")
+            if "w1" in self.phases:
+                pid = tool.pid()
+                cpu0 = proc_cpu_seconds(pid) if pid else 0.0
+                with self.profiled(tool, f"{label[:2]}-small"):
+                    t_small = run(read_small)
+                self.record(name, f"{label}_small_files_s", nfiles / t_small)
+                if label == "w3_cold":
+                    self.record(name, "w3_cold_small_cpu_s",
+                                proc_cpu_seconds(pid) - cpu0 if pid else None)
+                said.append(f"small {t_small:.2f} s")
+            say(f"  {name}: {label[:2].upper()} {', '.join(said)}")
 
     def _ls_phase(self, name: str, base: Path) -> None:
         bucket, prefix, local_dir = self.ls_made[name]
