@@ -122,9 +122,11 @@ class BlobCache(CacheIndex):
 
     # -- downloads ------------------------------------------------------------------------
     def start_download(self, sha: str, size: int) -> Download:
-        """Join or start the download of a blob not in the cache."""
+        """Join or start the download of a blob not in the cache. A download that has
+        finished but is still listed (its bookkeeping runs) is not joined: the blob left
+        the index, so eviction took it meanwhile, and its file is gone."""
         dl = self.downloads.get(sha)
-        if dl is not None and dl.error is None:
+        if dl is not None and dl.error is None and not dl.done:
             return dl
         dl = Download(sha, size, self.partial_dir / sha, self.broken.pop(sha, 0))
         # Readers open it at once (a resumed one keeps its bytes); os.open, not Path.touch,
@@ -198,7 +200,8 @@ class BlobCache(CacheIndex):
                                  f"hashes to {actual}); not used")
         target = self.path(dl.sha)
         target.parent.mkdir(exist_ok=True)
-        os.replace(dl.path, target)
+        with self.claim_name(dl.sha):
+            os.replace(dl.path, target)
 
     async def _fetch(self, dl: Download) -> None:
         """Stream the blob into its partial file, from the bytes readers already have."""

@@ -4,12 +4,19 @@ A blob file is named by its SHA-256 and is immutable once in place, so an open f
 descriptor on it stays valid whatever happens to the name. Eviction removes the least
 recently used blobs beyond the size limit, but never one that is pending upload (it may be
 the only copy) or open.
+
+An evicted blob leaves the index at once and its file is removed by a worker thread a
+moment later; a new file under the same name meanwhile (a close or a download of the same
+content) must survive that removal. So every new name takes the blob out of `_evicting`
+before it is made, and the removal and the naming are ordered by one lock: a removal
+unlinks only a blob still marked as evicted by its own eviction.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -33,6 +40,9 @@ class CacheIndex:
         self._open: dict[str, int] = {}
         self.used = 0
         self._touched: dict[str, float] = {}
+        # evicted blobs whose file removal is on its way: sha -> the eviction's token
+        self._evicting: dict[str, object] = {}
+        self._names = threading.Lock()  # a removal against a new file under that name
 
     # -- startup ------------------------------------------------------------------------
     def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
@@ -87,21 +97,28 @@ class CacheIndex:
         the trio thread; the group commit makes it durable). Returns False if the blob was
         already cached (the staging file is then deleted), unless `replace` (the cached
         one may be damaged)."""
-        if not replace and self.path(sha).exists():
+        if not replace and sha not in self._evicting and self.path(sha).exists():
             staging.unlink(missing_ok=True)
             return False
         self.place(staging, sha)
         return True
 
+    def claim_name(self, sha: str) -> threading.Lock:
+        """A new file is about to take the blob's name: an eviction's removal on its way
+        leaves it alone. Make the name while holding the returned lock."""
+        self._evicting.pop(sha, None)
+        return self._names
+
     def place(self, staging: Path, sha: str) -> Path:
         """Rename a file into the cache under its hash, over whatever has that name (the
         same content, or a damaged copy of it); returns its path there."""
         target = self.path(sha)
-        try:
-            os.replace(staging, target)
-        except FileNotFoundError:  # the shard's first blob
-            target.parent.mkdir(exist_ok=True)
-            os.replace(staging, target)
+        with self.claim_name(sha):
+            try:
+                os.replace(staging, target)
+            except FileNotFoundError:  # the shard's first blob
+                target.parent.mkdir(exist_ok=True)
+                os.replace(staging, target)
         return target
 
     def link_in(self, staging: Path, sha: str, replace: bool = False) -> None:
@@ -109,15 +126,17 @@ class CacheIndex:
         its journal record is gone (a copy fsync'd while open: staging.py); `replace`: as
         in `adopt`."""
         target = self.path(sha)
-        if target.exists():
-            if not replace:
-                return
-            target.unlink()
-        target.parent.mkdir(exist_ok=True)
-        try:
-            os.link(staging, target)
-        except FileExistsError:
-            pass
+        doomed = sha in self._evicting
+        with self.claim_name(sha):
+            if target.exists():
+                if not (replace or doomed):
+                    return
+                target.unlink()
+            target.parent.mkdir(exist_ok=True)
+            try:
+                os.link(staging, target)
+            except FileExistsError:
+                pass
 
     def _on_disk(self, sha: str, length: int) -> int | None:
         """What a blob file counts against the limit: its length, or the blocks it uses
@@ -178,17 +197,27 @@ class CacheIndex:
         victims = self.evictable()
         if not victims:
             return 0
+        token = object()
         for sha, size in victims:
             self._lru.pop(sha, None)
             self.used -= size
+            self._evicting[sha] = token
 
         def remove() -> None:
             for sha, _ in victims:
-                try:
-                    os.unlink(self.path(sha))
-                except FileNotFoundError:
-                    pass
-        await trio.to_thread.run_sync(remove)
+                with self._names:
+                    if self._evicting.get(sha) is not token:
+                        continue  # named again since (see the module's docstring)
+                    try:
+                        os.unlink(self.path(sha))
+                    except FileNotFoundError:
+                        pass
+        try:
+            await trio.to_thread.run_sync(remove)
+        finally:
+            for sha, _ in victims:
+                if self._evicting.get(sha) is token:
+                    del self._evicting[sha]
         try:
             await self.db.run(self.db.state.remove_blobs, [s for s, _ in victims])
         except OSError as exc:  # stale rows of files that are gone are skipped at startup

@@ -150,3 +150,77 @@ def test_a_verified_download_is_served_even_if_the_cache_index_cannot_record_it(
     with caplog.at_level(logging.WARNING, logger="fsrepo"):
         trio.run(main)
     assert any("cache index" in r.getMessage() for r in caplog.records)
+
+
+def test_a_blob_evicted_as_its_download_ends_is_fetched_again_not_joined(
+        tmp_path: Path) -> None:
+    # A download fetched ahead (nobody holds it) can be evicted by the cache limit during
+    # its own bookkeeping, while it is still listed: a reader arriving then must start a
+    # new download, not join the finished one whose file is gone (it answered ENOENT).
+    data = os.urandom(3 * MiB)
+    digest = hashlib.sha256(data).hexdigest()
+    store = LocalStore(tmp_path / "repo")
+
+    async def main() -> None:
+        await store.put(blob_key(digest), data)
+        db = StateDB(LocalState(tmp_path / "state.db"))
+        cache = BlobCache(tmp_path / "blobs", db, store, MiB)  # smaller than the blob
+        try:
+            async with trio.open_nursery() as nursery:
+                cache.nursery = nursery
+                first = cache.start_download(digest, len(data))
+                await first.finished.wait()
+                while cache.has(digest) or cache.path(digest).exists():
+                    await trio.sleep(0.01)  # evicted: over the limit, and nobody holds it
+                assert cache.downloads.get(digest) in (first, None)
+                cache.downloads[digest] = first  # as during its bookkeeping
+                cache.acquire(digest)
+                again = cache.start_download(digest, len(data))
+                assert again is not first
+                await again.finished.wait()
+                assert again.error is None and cache.path(digest).read_bytes() == data
+                cache.release(digest)
+        finally:
+            db.close()
+
+    trio.run(main)
+
+
+def test_a_name_made_while_its_eviction_is_on_its_way_survives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Eviction takes a blob out of the index at once and removes its file on a worker
+    # thread; a close of the same content in between names the blob again: the removal
+    # must leave the new file alone (it may be the only copy of a closed file).
+    store = LocalStore(tmp_path / "repo")
+    data = os.urandom(2 * MiB)
+    digest = hashlib.sha256(data).hexdigest()
+    gate = trio.Event()
+    to_thread = trio.to_thread.run_sync
+
+    async def after_the_gate(fn, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        await gate.wait()
+        return await to_thread(fn, *args, **kwargs)
+
+    async def main() -> None:
+        db = StateDB(LocalState(tmp_path / "state.db"))
+        cache = BlobCache(tmp_path / "blobs", db, store, MiB)
+        try:
+            old = tmp_path / "old"
+            old.write_bytes(data)
+            cache.place(old, digest)
+            cache.register(digest, len(data), pending=False)
+            monkeypatch.setattr(trio.to_thread, "run_sync", after_the_gate)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cache.evict)
+                while cache.has(digest):
+                    await trio.sleep(0.01)
+                closed = tmp_path / "closed"  # a close of the same content, meanwhile
+                closed.write_bytes(data)
+                cache.place(closed, digest)
+                gate.set()  # the removal runs now
+            monkeypatch.undo()
+            assert cache.path(digest).read_bytes() == data
+        finally:
+            db.close()
+
+    trio.run(main)
