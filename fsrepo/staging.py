@@ -38,7 +38,7 @@ WRITEBACK_CHUNK = 32 << 20
 # so the hand-off to the hash thread would cost more CPU than it moves: measured, perf-log).
 INLINE_HASH = 64 << 10
 INLINE_PREFIX = 1 << 20
-HASH_BACKLOG = 64 << 20  # bytes written and not hashed yet before writes wait (staging_area)
+HASH_BACKLOG = 16 << 20  # bytes written and not hashed yet before writes wait (staging_area)
 FILL_CHUNK = 1 << 20
 _ZEROS = bytes(FILL_CHUNK)
 _SYNC_FILE_RANGE_WRITE = 2
