@@ -435,6 +435,14 @@ def serialise_manifest(manifest: Manifest) -> bytes:
     doc: dict = {"imgrepo_manifest": FORMAT, "dir_id": manifest.dir_id, "entries": plain}
     if encoded:
         doc["raw_entries"] = encoded
+    doc.update(manifest_tail(manifest))
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def manifest_tail(manifest: Manifest) -> dict:
+    """The keys a manifest's document has after its entries, in their order (the manifest
+    cache writes the entries itself and must produce the same bytes)."""
+    doc: dict = {}
     if manifest.moved:
         doc["moved"] = {dir_id: {"to": to, "name_b64": base64.b64encode(name).decode()}
                         for dir_id, (to, name) in list(manifest.moved.items())[-MAX_MOVED:]}
@@ -443,4 +451,4 @@ def serialise_manifest(manifest: Manifest) -> bytes:
     if manifest.removed is not None:
         doc["removed"] = {"from": manifest.removed[0],
                           "name_b64": base64.b64encode(manifest.removed[1]).decode()}
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return doc

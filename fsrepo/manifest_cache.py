@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .manifest import FORMAT, MAX_MOVED, Entry, Manifest, entry_to_json
+from .manifest import FORMAT, Entry, Manifest, entry_to_json, manifest_tail
 
 KEPT_FOLDERS = 32  # folders whose last written manifest stays in memory
 KEPT_FOR = 60.0  # seconds after its last commit a folder's manifest is dropped
@@ -88,7 +88,7 @@ class WrittenManifests:
                  ',"entries":{', ",".join(plain), "}"]
         if encoded:
             parts += [',"raw_entries":{', ",".join(encoded), "}"]
-        tail = _tail(manifest)
+        tail = manifest_tail(manifest)
         if tail:
             parts += [",", _ENCODE(tail)[1:-1]]
         parts.append("}")
@@ -119,15 +119,3 @@ def _fragment(name: bytes, entry: Entry) -> tuple[Entry, str, bool]:
         return entry, _ENCODE(base64.b64encode(name).decode()) + ":" + value, False
 
 
-def _tail(manifest: Manifest) -> dict:
-    """The keys after the entries, as `serialise_manifest` writes them."""
-    doc: dict = {}
-    if manifest.moved:
-        doc["moved"] = {dir_id: {"to": to, "name_b64": base64.b64encode(name).decode()}
-                        for dir_id, (to, name) in list(manifest.moved.items())[-MAX_MOVED:]}
-    if manifest.mtime_ns is not None:
-        doc["mtime_ns"] = manifest.mtime_ns
-    if manifest.removed is not None:
-        doc["removed"] = {"from": manifest.removed[0],
-                          "name_b64": base64.b64encode(manifest.removed[1]).decode()}
-    return doc

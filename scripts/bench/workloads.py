@@ -222,27 +222,22 @@ class Bench:
         mb = self.data.big_size / 1e6
         read_big = ["dd", f"if={mnt / 'big.bin'}", "of=/dev/null", "bs=1M", "status=none"]
         read_small = ["sh", "-c", 'cat -- "$1"/* > /dev/null', "sh", str(mnt / "w1")]
+        # (what is read, its command, the rate's unit count, the W3 CPU figure)
+        reads = [("big", read_big, mb, "w3_cpu_s")] if "w2" in self.phases else []
+        if "w1" in self.phases:
+            reads.append(("small", read_small, nfiles, "w3_cold_small_cpu_s"))
         for label in ("w3_cold", "w4_warm"):
             said = []
-            if "w2" in self.phases:
+            for what, command, units, cpu_key in reads:
                 pid = tool.pid()
                 cpu0 = proc_cpu_seconds(pid) if pid else 0.0
-                with self.profiled(tool, f"{label[:2]}-big"):
-                    t_big = run(read_big)
-                self.record(name, f"{label}_big_mb_s", mb / t_big)
+                with self.profiled(tool, f"{label[:2]}-{what}"):
+                    took = run(command)
+                rate = "mb_s" if what == "big" else "files_s"
+                self.record(name, f"{label}_{what}_{rate}", units / took)
                 if label == "w3_cold":
-                    self.record(name, "w3_cpu_s", proc_cpu_seconds(pid) - cpu0 if pid else None)
-                said.append(f"big {t_big:.2f} s")
-            if "w1" in self.phases:
-                pid = tool.pid()
-                cpu0 = proc_cpu_seconds(pid) if pid else 0.0
-                with self.profiled(tool, f"{label[:2]}-small"):
-                    t_small = run(read_small)
-                self.record(name, f"{label}_small_files_s", nfiles / t_small)
-                if label == "w3_cold":
-                    self.record(name, "w3_cold_small_cpu_s",
-                                proc_cpu_seconds(pid) - cpu0 if pid else None)
-                said.append(f"small {t_small:.2f} s")
+                    self.record(name, cpu_key, proc_cpu_seconds(pid) - cpu0 if pid else None)
+                said.append(f"{what} {took:.2f} s")
             say(f"  {name}: {label[:2].upper()} {', '.join(said)}")
 
     def _ls_phase(self, name: str, base: Path) -> None:
