@@ -68,6 +68,7 @@ class FolderReadAhead:
         self._owner: dict[str, str] = {}  # guessed sha -> folder id
         self.guessed_bytes = 0  # sizes of guesses not yet opened
         self.started = 0  # downloads started ahead (counters for tests and --status)
+        self.started_bytes = 0  # their sizes: what the guesses cost in GETs and transfer
         self.used = 0  # of those, opened by a reader
 
     # -- what a reader opens ----------------------------------------------------------------
@@ -154,6 +155,7 @@ class FolderReadAhead:
                 self._owner[entry.sha256] = folder_id
                 self.guessed_bytes += entry.size
                 self.started += 1
+                self.started_bytes += entry.size
             folder.next_guess = at + 1
 
     def _room_for(self, size: int) -> bool:

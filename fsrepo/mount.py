@@ -167,6 +167,8 @@ class Mount(Engine):
             **self.guard.status(),
             **self.mode.status(),
             "downloads_in_flight": len(self.cache.downloads),
+            "read_ahead_files": self.files.ahead.started,
+            "read_ahead_bytes": self.files.ahead.started_bytes,
             "syncs_running": self.syncer.running,
             "log_file": str(self.state_dir / "imgrepo.log"),
             "credentials": self._credentials(),

@@ -26,7 +26,7 @@ from fsrepo.store.base import Store
 from fsrepo.store.counting import DOWNLOAD, CountingStore
 
 from .coreutil import engine_on, read_file, resolve, write_file
-from .mountutil import poll
+from .mountutil import poll, run_cli
 from .targets import StorageTarget
 
 FILE = 10 * 1024
@@ -305,6 +305,15 @@ def test_cat_of_a_folder_on_a_real_mount_sends_one_get_per_blob(s3_bucket, s3_pr
     assert out == b"".join(photo(i) for i in range(count))
     assert [gets(i) for i in range(count)] == [1] * count  # one GET per blob, never two
     assert s3_proxy.count("GET", path="/blobs/") == count
+    # What the guesses cost, for the user to see: the first 16 at least (a file `cat` got
+    # to first was fetched for its reader, not ahead), each photo once.
+    status = reader.status()
+    ahead = status["read_ahead_files"]
+    assert 16 <= ahead <= count - 2
+    sizes = sorted(len(photo(i)) for i in range(2, count))
+    assert sum(sizes[:ahead]) <= status["read_ahead_bytes"] <= sum(sizes[-ahead:])
+    text = run_cli(["--status", str(reader.path)], reader.env).stdout
+    assert f"read ahead:   {ahead} files" in text and "fetched ahead of readers" in text
 
 
 def test_read_ahead_files_is_a_setting_and_bad_values_are_refused(tmp_path: Path):

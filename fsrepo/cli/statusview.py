@@ -31,6 +31,10 @@ def format_status(s: dict[str, Any]) -> str:
                      + (", a --sync is running" if s.get("syncs_running") else ""))
         lines.append(f"uploaded:     {s['uploaded_files']} files ({human(s['uploaded_bytes'])})"
                      " since mounted")
+        if s.get("read_ahead_files"):  # what the guesses cost: a GET each, opened or not
+            lines.append(f"read ahead:   {plural(s['read_ahead_files'], 'file')} "
+                         f"({human(s['read_ahead_bytes'])}) fetched ahead of readers "
+                         "since mounted")
         lines.extend(conflict_lines(s))
         if s.get("last_error"):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["last_error_at"]))
