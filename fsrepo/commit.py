@@ -1,7 +1,13 @@
 """Committing a closed file: its staging copy is hashed, named in the blob cache under its
-hash and its new entry journaled. close() returns then, without an fsync: the page cache
-and the written WAL transaction survive a crash of the process, and the group commit
-(group_commit.py) makes them survive a power loss within its interval.
+hash and its new entry journaled.
+
+close() of a file with a name does none of that on the writer's path (`close`): it appends
+"this staging copy is the file's content" to the closed-file log (closed_log.py, one
+write(), no fsync) and returns; the copy stays the file's content, read like an open
+file's, until the group commit names it (`name_closed`, before it syncs: what it covers is
+then blobs and journal entries, as before) or something needs the name first (a write, a
+rename, an unlink, someone waiting for the bucket). The page cache holds the copy and the
+log line through a crash of the process, and recovery names the copy then.
 
 The blob is named before its journal entry is written, so a commit that covers the entry
 covers the blob's data too. A copy fsync'd while open (`Staging.synced`) is hard-linked into
@@ -18,6 +24,7 @@ from typing import Protocol
 import trio
 
 from .blobcache import BlobCache
+from .closed_log import ClosedLog
 from .errors import FsError, errno_for
 from .group_commit import GroupCommitter
 from .handles import HandleTable
@@ -44,7 +51,7 @@ class RemoteBlobs(Protocol):
 class Committer:
     def __init__(self, ns: Namespace, cache: BlobCache, staging: StagingArea,
                  handles: HandleTable, reads: BlobReads, remote: RemoteBlobs,
-                 durable: GroupCommitter) -> None:
+                 durable: GroupCommitter, closed_log: ClosedLog) -> None:
         self.ns = ns
         self.cache = cache
         self.staging = staging
@@ -54,16 +61,88 @@ class Committer:
         self.durable = durable
         self.committing: dict[int, trio.Event] = {}  # ino -> set when its commit is done
         self.sealed: dict[int, Staging] = {}  # ino -> the staging copy being committed
+        self.closed_log = closed_log
+        self.closed: dict[int, Node] = {}  # ino -> a file closed, its copy not named yet
+        self.unnamed_failures = 0  # copies that could not be named: their log lines stay
 
     async def wait(self, ino: int) -> None:
         """Until no commit of the inode is in progress."""
         while ino in self.committing:
             await self.committing[ino].wait()
 
+    async def close(self, node: Node) -> None:
+        """flush, close: a file with a name, not fsync'd while open, is recorded in the
+        closed-file log and named later; any other is named now (`commit`)."""
+        await self.wait(node.ino)
+        st = self.staging.staged.get(node.ino)
+        if st is None or not st.dirty or st.closed:
+            return
+        if node.parent == 0 and self.handles.is_open(node):
+            return  # unlinked: its data lives in the staging copy while descriptors remain
+        if st.synced or not self.record_closed(node, st):
+            await self.commit(node)
+
+    def record_closed(self, node: Node, st: Staging) -> bool:
+        """Append the copy's line to the closed-file log (again after a chmod or utimens
+        of a closed copy: the last line counts). False for a file whose folder is not
+        known by id (then it is named at once)."""
+        pnode = self.ns.inodes.get(node.parent) if node.parent != 0 else None
+        if pnode is None or pnode.dir_id is None:
+            return False
+        try:
+            self.closed_log.append(SyncedCopy(st.path.name, pnode.dir_id, node.name, st.base,
+                                              st.mode, st.mtime_ns))
+        except OSError as exc:
+            log.warning("cannot append to the closed-file log (naming the file now): %s", exc)
+            return False
+        st.closed = True
+        if node.ino not in self.closed:
+            node.opens += 1  # pinned like an open file: the inode and its folder stay known
+        self.closed[node.ino] = node
+        self.durable.closed_noted()
+        return True
+
+    def is_closed(self, ino: int) -> bool:
+        """Closed and not named yet."""
+        return ino in self.closed
+
+    async def name_first(self, node: Node) -> None:
+        """A closed copy is named before its name changes or goes (a rename, an unlink: its
+        log line holds the old name) or the copy is written again."""
+        if node.ino in self.closed:
+            await self.commit(node)
+
+    async def name_closed(self) -> None:
+        """Name every closed copy (the group commit, before it syncs; a waiter for the
+        bucket), concurrently: their journal entries go in one transaction."""
+        while self.closed:
+            batch = list(self.closed.values())
+            async with trio.open_nursery() as nursery:
+                for node in batch:
+                    nursery.start_soon(self._name_one, node)
+        if not self.unnamed_failures:
+            self.closed_log.clear()  # every line's copy is named (gone from staging)
+
+    async def _name_one(self, node: Node) -> None:
+        try:
+            await self.commit(node)
+        except FsError:
+            self.unnamed_failures += 1  # (logged; the copy and its line stay for recovery)
+
     async def commit(self, node: Node) -> None:
         """Turn the node's staged content into a blob and journal it (flush, close)."""
         while node.ino in self.committing:
             await self.committing[node.ino].wait()
+        if self.closed.pop(node.ino, None) is None:
+            await self._commit(node)
+            return
+        try:
+            await self._commit(node)
+        finally:
+            node.opens -= 1  # (the pin of `record_closed`)
+            self.ns.inodes.drop_if_unused(node)
+
+    async def _commit(self, node: Node) -> None:
         st = self.staging.staged.get(node.ino)
         if st is None or not st.dirty:
             return
@@ -120,7 +199,7 @@ class Committer:
             try:
                 if keep:
                     on_disk = os.fstat(st.fd).st_blocks * 512  # (no stat of the name later)
-                if st.synced:
+                if st.synced or st.closed:  # the copy stays until the journal names the blob
                     if keep:
                         self.cache.link_in(st.path, digest, replace=suspect)
                         self.durable.blob_named(self.cache.path(digest))
@@ -142,11 +221,15 @@ class Committer:
         if rec is None:
             if st.synced:
                 self.durable.retire_copy(st.path)
+            elif st.closed:
+                st.path.unlink(missing_ok=True)
             return None  # deleted while open: POSIX says the data goes with the last close
         # A failure is logged and undone there; a synced copy then stays for the recovery.
         await self.ns.settle(rec)
         self.remote.unverified.discard(digest)
         if st.synced:  # the journal names the blob now: the copy's record may go
             self.durable.retire_copy(st.path)
+        elif st.closed:  # (its log line is dead without it)
+            st.path.unlink(missing_ok=True)
         self.cache.register(digest, entry.size, pending=need_upload, on_disk=on_disk)
         return entry

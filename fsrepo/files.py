@@ -1,9 +1,10 @@
 """Open files: what the kernel's file requests do, over the handle table (`handles`), the
 staging copies (`staging`), the blob reads (`reads`) and the commit pipeline (`commit`).
 
-Writes go to the inode's staging copy; on flush it is moved into the blob cache under its
-hash and the new entry journaled (written, not fsync'd: the group commit makes it
-power-safe within its interval). fsync() makes the file's current content power-safe
+Writes go to the inode's staging copy; on flush it is recorded in the closed-file log as the
+file's content and named later, by the group commit: moved into the blob cache under its
+hash and the new entry journaled (commit.py; the group commit makes it power-safe within
+its interval). fsync() makes the file's current content power-safe
 before it returns, without turning a file still open into a blob (commit.keep_synced).
 Reads of clean files go to the cached blob file, or to a download in progress.
 """
@@ -22,6 +23,7 @@ from typing import Protocol
 import trio
 
 from .blobcache import BlobCache
+from .closed_log import ClosedLog
 from .commit import Committer, RemoteBlobs
 from .errors import FsError, ImgrepoError
 from .folder_readahead import READ_AHEAD_FILES, FolderReadAhead
@@ -65,8 +67,11 @@ class FileManager:
         self.ahead = FolderReadAhead(cache, read_ahead_files)
         self.reads = BlobReads(cache, ns.invalidator, ns.inodes, self.ahead)
         self.durable = durable
+        self.closed_log = ClosedLog(staging_dir.parent / "closed.log")
         self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote,
-                                 durable)
+                                 durable, self.closed_log)
+        durable.name_closed = self.commits.name_closed
+        ns.before_name_change = self.name_first
         self.last_activity = 0.0  # monotonic time of the last write: uploads yield to writes
         self.write_observer: WriteObserver | None = None  # told of every write (early chunks)
         self.remote = remote
@@ -275,6 +280,9 @@ class FileManager:
             return 0  # POSIX: a write of nothing has no other result (no size, no mtime)
         ino = handle.node.ino
         st = self.staging.staged.get(ino)
+        if st is not None and st.closed:  # named first: its log line promises this content
+            await self.commits.name_first(handle.node)
+            st = None
         if st is None or ino in self.commits.committing:
             st = await self._stage(handle.node)
         written = st.write(offset, data)
@@ -285,6 +293,7 @@ class FileManager:
         return written
 
     async def truncate(self, node: Node, size: int, handle: Handle | None = None) -> None:
+        await self.commits.name_first(node)
         st = self.staging.staged.get(node.ino)
         if st is None and size == 0:
             entry = self._content_of(node)
@@ -311,11 +320,25 @@ class FileManager:
         if st is None:
             return False
         st.set_attrs(mode, mtime_ns)
+        if st.closed:
+            self.commits.record_closed(node, st)  # the log's last line of the copy counts
         return True
 
     # -- closing --------------------------------------------------------------------------
     async def flush(self, fh: int) -> None:
-        await self.commits.commit(self.handles.get(fh).node)
+        await self.commits.close(self.handles.get(fh).node)
+
+    async def name_first(self, parent: int, name: bytes) -> None:
+        """Before a rename or unlink of the name (the namespace asks): a closed copy under
+        it is named (its log line holds the name, and must not bring the content back
+        under it)."""
+        node = self.ns.inodes.of_name(parent, name)
+        if node is not None:
+            await self.commits.name_first(node)
+
+    async def name_closed(self) -> None:
+        """Every closed copy named: before someone waits for the bucket."""
+        await self.commits.name_closed()
 
     async def fsync(self, fh: int) -> None:
         """fsync()/fdatasync(): returns once the file's current content survives a power
@@ -325,7 +348,7 @@ class FileManager:
         node = self.handles.get(fh).node
         await self.commits.wait(node.ino)
         st = self.staging.staged.get(node.ino)
-        if st is not None and st.dirty:
+        if st is not None and st.dirty and not st.closed:  # (closed: the commit names it)
             self.commits.keep_synced(node, st)
         await self.durable.commit()
 
@@ -343,7 +366,9 @@ class FileManager:
             st.writers -= 1
         try:
             if st is not None and not self.handles.is_open(node):
-                await self.commits.commit(node)
+                await self.commits.close(node)
+                if st.closed and self.staging.staged.get(node.ino) is st:
+                    return  # recorded: the copy stays until it is named
                 synced = self.staging.drop(node.ino)
                 if synced is not None:  # unlinked while open, and fsync'd
                     self.durable.retire_copy(synced)

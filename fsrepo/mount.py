@@ -227,6 +227,7 @@ class Mount(Engine):
         if cmd == "duplicates":
             return await self._duplicates(str(req.get("path") or ""), send)
         if cmd == "wait":
+            await self.files.name_closed()  # closed files not named yet are pending too
             sent, sent_at, summed_at = None, -math.inf, -math.inf
             while True:
                 if not (len(self.journal) or self.uploader.status.uploads_in_flight

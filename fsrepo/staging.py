@@ -28,7 +28,7 @@ from .cache_index import CacheIndex
 from .errors import FsError
 from .hashing import HashThread, hash_file
 from .manifest import MAX_SIZE, FileEntry
-from .state import LocalState
+from .state import LocalState, SyncedCopy
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class Staging:
     written_back: int = 0  # bytes whose writeback to disk has been started
     synced: bool = False  # fsync'd while open: journaled as the file's content (see above)
     synced_as: tuple[str, bytes, int] | None = None  # (dir_id, name, mode) of that record
+    # Closed and recorded in the closed-file log, not named yet (commit.Committer.defer):
+    # read like an open file's copy; a write or a rename names it first.
+    closed: bool = False
 
     def write(self, offset: int, data: bytes) -> int:
         """Write through to the staging file, hashing what extends the sequential run."""
@@ -185,31 +188,40 @@ class StagingArea:
         st.path.unlink(missing_ok=True)
         return None
 
-    def recover_synced(self, state: LocalState, cache: CacheIndex) -> int:
-        """Copies an earlier run fsync'd while their file stayed open, and never closed,
-        become the file's content: linked into the cache under their hash and journaled,
-        one transaction each (database thread, before the journal is loaded). The copies
-        go with `clear_leftovers`; the caller makes the result durable. Returns how many."""
+    def recover_synced(self, state: LocalState, cache: CacheIndex,
+                       closed: list[SyncedCopy] | None = None) -> int:
+        """Copies an earlier run fsync'd while their file stayed open, and never closed, and
+        copies closed but not named yet (`closed`, from the closed-file log: their content
+        is the file's mtime and mode as recorded), become the file's content: linked into
+        the cache under their hash and journaled, one transaction each (database thread,
+        before the journal is loaded). The copies go with `clear_leftovers`; the caller
+        makes the result durable. Returns how many."""
         count = 0
         for copy in state.synced_copies():
-            path = self.directory / copy.path
-            try:
-                st = path.stat()
-                sha = hash_file(path)
-            except FileNotFoundError:
-                log.info("synced copy %s is gone (its file was closed): skipped", copy.path)
-                state.recover_synced_copy(copy, None)
-                continue
-            if state.journaled(copy.dir_id, copy.name, sha):
-                state.recover_synced_copy(copy, None)  # its close() was journaled
-                continue
-            cache.link_in(path, sha)
-            state.recover_synced_copy(copy, FileEntry(sha, st.st_size, st.st_mtime_ns,
-                                                      copy.mode))
-            log.info("the content of %r fsync'd before the last run ended was kept "
-                     "(%d bytes)", copy.name, st.st_size)
-            count += 1
+            count += self._recover(copy, state, cache, None)
+        for copy in closed or []:
+            count += self._recover(copy, state, cache, copy.mtime_ns)
         return count
+
+    def _recover(self, copy: SyncedCopy, state: LocalState, cache: CacheIndex,
+                 mtime_ns: int | None) -> int:
+        path = self.directory / copy.path
+        try:
+            st = path.stat()
+            sha = hash_file(path)
+        except FileNotFoundError:
+            log.info("staging copy %s is gone (its file was named): skipped", copy.path)
+            state.recover_synced_copy(copy, None)
+            return 0
+        if state.journaled(copy.dir_id, copy.name, sha):
+            state.recover_synced_copy(copy, None)  # its close() was journaled
+            return 0
+        cache.link_in(path, sha)
+        state.recover_synced_copy(copy, FileEntry(
+            sha, st.st_size, st.st_mtime_ns if mtime_ns is None else mtime_ns, copy.mode))
+        log.info("the content of %r %s before the last run ended was kept (%d bytes)",
+                 copy.name, "fsync'd" if mtime_ns is None else "closed", st.st_size)
+        return 1
 
 
 def refused(what: str, size: int, exc: OSError | None = None) -> FsError:

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fsrepo.blobset", "fsrepo.heap"]),
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
+        "fsrepo.closed_log",
         "fsrepo.connectivity", "fsrepo.endpoint_check", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
         "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.chunking", "fsrepo.dir_listing",
         "fsrepo.snapshots",

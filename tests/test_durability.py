@@ -164,6 +164,7 @@ def torn_after_power_loss(tmp_path: Path, content: bytes) -> Path:
             await write_file(eng, "a.jpg", b"A" * 1000)
             await eng.files.fsyncdir()
             await write_file(eng, "b.jpg", content)
+            await eng.files.name_closed()  # named and journaled, as a commit starts to
             await eng.db.run(disk.sync_files, eng.db.state.files())  # the journal only
 
     trio.run(before)
