@@ -13,14 +13,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import shutil
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
 import trio
 
+from fsrepo.closed_log import current_boot_id
 from fsrepo.engine import Engine
 from fsrepo.errors import FsError
+from fsrepo.files import AttrChange
 from fsrepo.inodes import ROOT_INO
 from fsrepo.store.base import Store
 from fsrepo.store.counting import PUT_FILE_CREATED, CountingStore
@@ -29,6 +32,7 @@ from .coreutil import (
     list_dir,
     overwrite_file,
     read_file,
+    resolve,
     running_engine,
     settings_for,
     start_uploader,
@@ -314,3 +318,91 @@ def test_sqlite_in_wal_mode_keeps_one_version_and_uploads_only_the_final_one(mou
     uploaded = {p.name for p in (repo / "blobs").rglob("*") if p.is_file()}
     empty = sha(b"")
     assert uploaded - {empty} == {sha(final)}
+
+
+def killed(cache_root: Path, tmp_path: Path, name: str) -> Path:
+    """What a `kill -9` of a running engine leaves: its state folder as the page cache holds
+    it now, every file as written (synced or not). Returns the cache root holding it."""
+    root = tmp_path / name
+    source = settings_for(url_of(tmp_path), None, cache_root).state_dir()
+    target = settings_for(url_of(tmp_path), None, root).state_dir()
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("lock", "state.db-shm"))
+    return root
+
+
+async def closed_not_named(eng: Engine) -> dict[str, bytes]:
+    """Files closed and left unnamed (the group commit never came round): new ones, one
+    twice the same content, one overwritten, one with its mode and mtime set after close.
+    Returns each name's content."""
+    files = {f"new{i}.jpg": os.urandom(50_000 + i) for i in range(5)}
+    files["twin.jpg"] = files["new0.jpg"]
+    files["touched.jpg"] = b"T" * 70_000
+    await write_file(eng, "old.jpg", b"old" * 1000)
+    await eng.files.fsyncdir()  # old.jpg named and committed before the rest
+    for name, data in files.items():
+        await write_file(eng, name, data)
+    await overwrite_file(eng, "old.jpg", b"new" * 2000)
+    files["old.jpg"] = b"new" * 2000
+    node, _ = await resolve(eng, "touched.jpg")
+    await eng.files.setattr(node.ino, AttrChange(mode=0o600, mtime_ns=TOUCHED_NS), None)
+    assert len(eng.files.commits.closed) == len(files)  # nothing named yet
+    for data in files.values():
+        assert not eng.cache.has(sha(data))
+    return files
+
+
+TOUCHED_NS = 1_199_261_847_000_000_007
+
+
+def test_closed_files_not_named_yet_survive_a_kill_9_whole_and_named(tmp_path):
+    """close() only logs the staging copy; a kill -9 before it is named loses nothing: the
+    next start names each copy (its blob in the cache under its hash, its entry
+    journaled), with the attributes set after close."""
+    _, disk = disk_for(tmp_path)
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            files = await closed_not_named(eng)
+            after_kill = killed(tmp_path / "cache", tmp_path, "killed")
+        async with engine_after(tmp_path, after_kill) as eng:
+            state_dir = settings_for(url_of(tmp_path), None, after_kill).state_dir()
+            for name, data in files.items():
+                assert await read_file(eng, name) == data
+                assert sha(data) in cached_blobs(state_dir)
+                assert eng.journal and any(
+                    p.op.name == name.encode() and p.op.entry.sha256 == sha(data)
+                    for p in eng.journal.by_seq.values())
+            _, entry = await resolve(eng, "touched.jpg")
+            assert (entry.mode, entry.mtime_ns) == (0o600, TOUCHED_NS)
+            assert not any((state_dir / "staging").iterdir())
+            assert not (state_dir / "closed.log").exists()
+
+    trio.run(main)
+
+
+def test_a_closed_copy_logged_under_another_boot_is_dropped(tmp_path):
+    """After a power loss (a new boot id) an unnamed copy may be torn and has no hash to be
+    checked against: its log line is not trusted, the content is absent (never torn), the
+    name committed before keeps its committed content."""
+    _, disk = disk_for(tmp_path)
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            files = await closed_not_named(eng)
+            after = killed(tmp_path / "cache", tmp_path, "rebooted")
+        state_dir = settings_for(url_of(tmp_path), None, after).state_dir()
+        log_file = state_dir / "closed.log"
+        lines = log_file.read_text().splitlines()
+        assert len(lines) == len(files) + 1  # (touched.jpg twice: closed, then its attrs)
+        boot = current_boot_id()
+        log_file.write_text("".join(line.replace(boot, "another-boot") + "\n"
+                                    for line in lines))
+        async with engine_after(tmp_path, after) as eng:
+            assert await read_file(eng, "old.jpg") == b"old" * 1000  # as last committed
+            for name, data in files.items():
+                if name != "old.jpg" and name.encode() in await list_dir(eng):
+                    assert await read_file(eng, name) == b""  # its name alone, empty
+                assert sha(data) not in cached_blobs(state_dir)
+            assert not any((state_dir / "staging").iterdir())
+
+    trio.run(main)
