@@ -108,7 +108,9 @@ class Committer:
 
     async def name_first(self, node: Node) -> None:
         """A closed copy is named before its name changes or goes (a rename, an unlink: its
-        log line holds the old name) or the copy is written again."""
+        log line holds the old name) or the copy is written again (a copy being named
+        meanwhile is waited for)."""
+        await self.wait(node.ino)
         if node.ino in self.closed:
             await self.commit(node)
 

@@ -112,6 +112,7 @@ class FileManager:
         """Change attributes: ownership cannot change (EPERM: everything belongs to the
         mount's owner), the root's mode and time are not kept, a file being written keeps
         them with its staging copy. Returns the inode and its entry afterwards."""
+        await self.commits.wait(ino)  # a closed copy being named: its entry first
         node, entry = self.current(ino)
         if change.uid is not None and change.uid not in (self.uid, -1, 0xFFFFFFFF):
             raise FsError(errno.EPERM)
