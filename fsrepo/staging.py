@@ -1,7 +1,8 @@
 """Staging copies: the working copy of each file being written, hashed as it is written.
 
 One staging file per inode, shared by all its write handles. Sequential writes (the common
-case: cp, rsync, cameras) are hashed as they arrive, so closing the file costs no re-read;
+case: cp, rsync, cameras) are hashed as they arrive past a file's first MiB, which is read
+back and hashed when the file is named after close (from the page cache);
 a big file's pages are handed to the disk while it arrives, so the group commit that follows
 its close has little left to do.
 
@@ -33,9 +34,10 @@ from .state import LocalState, SyncedCopy
 log = logging.getLogger(__name__)
 
 WRITEBACK_CHUNK = 32 << 20
-# Hashed at once on the trio thread when nothing is queued: a write smaller than INLINE_HASH,
-# and a file's first INLINE_PREFIX bytes (a small file is closed right after its last write,
-# so the hand-off to the hash thread would cost more CPU than it moves: measured, perf-log).
+# A file's first INLINE_PREFIX bytes are hashed when it is named, after close (read back
+# from the page cache: a small file's hash is off the writer's path); past them, a write
+# smaller than INLINE_HASH is hashed at once on the trio thread when nothing is queued (the
+# hand-off to the hash thread would cost more CPU than it moves: measured, perf-log).
 INLINE_HASH = 64 << 10
 INLINE_PREFIX = 1 << 20
 HASH_BACKLOG = 16 << 20  # bytes written and not hashed yet before writes wait (staging_area)
@@ -57,7 +59,10 @@ class Staging:
     mtime_ns: int
     hasher: hashlib._Hash | None  # valid while writes were sequential from offset 0
     hashes: HashThread  # where the running hash is computed
-    hashed: int = 0
+    hashed: int = 0  # the end of the sequential run written from offset 0
+    # Of that run, the bytes from 0 not fed to the hasher yet: a file's first INLINE_PREFIX
+    # bytes are hashed when it is named (`digest`, after close), not while it is written.
+    unhashed: int = 0
     dirty: bool = False
     writers: int = 0
     base: FileEntry | None = None  # the version this copy started from (for the merge)
@@ -81,15 +86,18 @@ class Staging:
             raise refused("write", end, exc) from None
         if self.hasher is not None:
             if offset == self.hashed:
-                part = data if written == len(data) else data[:written]
-                if self.hashes.backlog == 0 and (written < INLINE_HASH
-                                                 or self.hashed + written <= INLINE_PREFIX):
-                    self.hasher.update(part)
+                if self.unhashed == self.hashed and self.hashed + written <= INLINE_PREFIX:
+                    self.unhashed += written  # hashed after close, off the writer's path
                 else:
-                    self.hashes.update(self.hasher, part)
+                    self._catch_up()
+                    part = data if written == len(data) else data[:written]
+                    if self.hashes.backlog == 0 and written < INLINE_HASH:
+                        self.hasher.update(part)
+                    else:
+                        self.hashes.update(self.hasher, part)
                 self.hashed += written
             else:
-                self.hasher = None
+                self.hasher, self.unhashed = None, 0
         self.size = max(self.size, offset + written)
         self.mtime_ns = time.time_ns()
         self.dirty = True
@@ -109,7 +117,7 @@ class Staging:
             raise refused("truncate", size, exc) from None
         if size < self.hashed or size > self.size:
             self.hasher = None if size != 0 else hashlib.sha256()
-            self.hashed = 0
+            self.hashed = self.unhashed = 0
         self.size = size
         self.mtime_ns = time.time_ns()
         self.dirty = True
@@ -121,9 +129,21 @@ class Staging:
             self.mtime_ns = mtime_ns
         self.dirty = True
 
+    def _catch_up(self) -> None:
+        """Feed the hasher the run's first bytes, read back from the copy (page cache)."""
+        if self.unhashed and self.hasher is not None:
+            prefix = os.pread(self.fd, self.unhashed, 0)
+            if self.hashes.backlog == 0 and len(prefix) <= INLINE_PREFIX:
+                self.hasher.update(prefix)
+            else:
+                self.hashes.update(self.hasher, prefix)
+        self.unhashed = 0
+
     async def digest(self) -> str:
         """The content's SHA-256: from the running hash, or by reading the copy again."""
         if self.hasher is not None and self.hashed == self.size:
+            if self.unhashed:  # (a small file: nothing went to the hash thread)
+                self._catch_up()
             if self.hashes.backlog == 0:
                 return self.hasher.hexdigest()
             return await self.hashes.hexdigest(self.hasher)
@@ -169,7 +189,7 @@ class StagingArea:
                 os.ftruncate(st.fd, offset)
         await trio.to_thread.run_sync(copy)
         st.size = size
-        st.hasher = None
+        st.hasher, st.unhashed = None, 0
 
     def seal(self, ino: int) -> Staging:
         """Take the copy out of the area: it is becoming a blob (a later write starts a

@@ -387,6 +387,7 @@ def test_a_file_sent_as_chunks_reads_back_before_its_manifest_is_written(tmp_pat
         async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             fs = EngineDriver(engine)
             await fs.create("big.mov", data)
+            await engine.files.name_closed()  # as the uploader does before it looks for work
             await engine.uploader.blobs.upload(sha(data))
             engine.cache.discard(sha(data))  # evicted meanwhile
             assert await read_at(engine, "big.mov", MiB - 5, 2 * MiB) == \
@@ -901,6 +902,7 @@ def test_a_chunked_upload_done_again_without_the_file_finds_its_chunks_there(tmp
         await new_repository(storage)
         async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             await EngineDriver(engine).create("big.mov", data)
+            await engine.files.name_closed()  # as the uploader does before it looks for work
             first = await engine.uploader.blobs.upload(sha(data))
             assert first == (Outcome.SENT, len(data))
             engine.cache.discard(sha(data))
