@@ -130,6 +130,8 @@ class Committer:
             await self.commit(node)
         except FsError:
             self.unnamed_failures += 1  # (logged; the copy and its line stay for recovery)
+        finally:
+            self.ns.inodes.drop_if_unused(node)  # unpinned: forgotten if nothing refers to it
 
     async def commit(self, node: Node) -> None:
         """Turn the node's staged content into a blob and journal it (flush, close)."""
@@ -141,8 +143,7 @@ class Committer:
         try:
             await self._commit(node)
         finally:
-            node.opens -= 1  # (the pin of `record_closed`)
-            self.ns.inodes.drop_if_unused(node)
+            node.opens -= 1  # (the pin of `record_closed`; a caller may hold the node still)
 
     async def _commit(self, node: Node) -> None:
         st = self.staging.staged.get(node.ino)

@@ -406,3 +406,21 @@ def test_a_closed_copy_logged_under_another_boot_is_dropped(tmp_path):
             assert not any((state_dir / "staging").iterdir())
 
     trio.run(main)
+
+
+def test_a_closed_file_truncated_by_path_keeps_its_content(tmp_path):
+    """Found by the model: a truncate by path names the closed copy first, and the file
+    it then truncates is the same inode (not one forgotten by the naming)."""
+    _, disk = disk_for(tmp_path)
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            await write_file(eng, "a", b"123456789")
+            node, _ = await resolve(eng, "a")
+            assert eng.files.commits.is_closed(node.ino)
+            eng.ns.inodes.forget(node.ino, node.lookups)  # the kernel forgot it (a walk)
+            assert eng.ns.inodes.get(node.ino) is node  # kept: its closed copy pins it
+            await eng.files.truncate(node, 4)
+            assert await read_file(eng, "a") == b"1234"
+
+    trio.run(main)

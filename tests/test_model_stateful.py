@@ -169,8 +169,16 @@ async def engine_tree(eng: EngineThread, read: bool) -> Snapshot:
                 out[full] = ("dir", entry.mode, None, shown.mtime_ns)
                 await walk(full)
             elif isinstance(entry, FileEntry):
-                content = hashlib.sha256(await driver.read(full)).hexdigest() if read \
-                    else entry.sha256
+                unnamed = False
+                if driver.engine.files.commits.closed:  # closed, not named yet: as stat shows
+                    node, _ = await driver.node(full)
+                    unnamed = driver.engine.files.commits.is_closed(node.ino)
+                    if unnamed:
+                        shown = driver.engine.files.overlay(node, entry)
+                        assert isinstance(shown, FileEntry)
+                        entry = shown
+                content = hashlib.sha256(await driver.read(full)).hexdigest() \
+                    if read or unnamed else entry.sha256
                 out[full] = ("file", entry.mode, (content, entry.size), entry.mtime_ns)
             else:
                 assert isinstance(entry, SymlinkEntry)
