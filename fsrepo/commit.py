@@ -64,6 +64,7 @@ class Committer:
         self.closed_log = closed_log
         self.closed: dict[int, Node] = {}  # ino -> a file closed, its copy not named yet
         self.unnamed_failures = 0  # copies that could not be named: their log lines stay
+        self._naming = 0  # closed copies being named now (their log lines still count)
 
     async def wait(self, ino: int) -> None:
         """Until no commit of the inode is in progress."""
@@ -117,7 +118,11 @@ class Committer:
     async def name_closed(self) -> None:
         """Name every closed copy (the group commit, before it syncs; a waiter for the
         bucket), concurrently: their journal entries go in one transaction."""
-        while self.closed:
+        while self.closed or self._naming:
+            if not self.closed:  # (named by someone else meanwhile: done when they are)
+                for done in list(self.committing.values()):
+                    await done.wait()
+                continue
             batch = list(self.closed.values())
             async with trio.open_nursery() as nursery:
                 for node in batch:
@@ -140,9 +145,11 @@ class Committer:
         if self.closed.pop(node.ino, None) is None:
             await self._commit(node)
             return
+        self._naming += 1
         try:
             await self._commit(node)
         finally:
+            self._naming -= 1
             node.opens -= 1  # (the pin of `record_closed`; a caller may hold the node still)
 
     async def _commit(self, node: Node) -> None:
