@@ -29,6 +29,7 @@ from .errors import FsError, errno_for
 from .group_commit import GroupCommitter
 from .handles import HandleTable
 from .inodes import Node
+from .journal import Record
 from .manifest import FileEntry
 from .namespace import Namespace
 from .reads import BlobReads
@@ -65,6 +66,9 @@ class Committer:
         self.closed: dict[int, Node] = {}  # ino -> a file closed, its copy not named yet
         self.unnamed_failures = 0  # copies that could not be named: their log lines stay
         self._naming = 0  # closed copies being named now (their log lines still count)
+        # content being stored by a commit in progress -> how many: closed copies are named
+        # concurrently, and a duplicate among them counts as one (dedup) like a later close
+        self._storing: dict[str, int] = {}
 
     async def wait(self, ino: int) -> None:
         """Until no commit of the inode is in progress."""
@@ -199,8 +203,23 @@ class Committer:
         suspect = digest in self.remote.unverified
         cached = self.cache.has(digest) and not suspect
         need_upload = not remote
+        twin = digest in self._storing  # stored meanwhile by a concurrent commit
         rec = self.ns.record_replace(node, entry, [(digest, entry.size)] if need_upload else [],
-                                     entry.size if (remote or cached) else 0, base=st.base)
+                                     entry.size if (remote or cached or twin) else 0,
+                                     base=st.base)
+        self._storing[digest] = self._storing.get(digest, 0) + 1
+        try:
+            return await self._keep(node, st, digest, entry, rec, remote, suspect, cached,
+                                    need_upload)
+        finally:
+            left = self._storing.pop(digest) - 1
+            if left:
+                self._storing[digest] = left
+
+    async def _keep(self, node: Node, st: Staging, digest: str, entry: FileEntry,
+                    rec: Record | None, remote: bool, suspect: bool, cached: bool,
+                    need_upload: bool) -> FileEntry | None:
+        """The blob named in the cache and the entry settled in the journal."""
         keep = rec is not None and not cached  # new content to keep
         on_disk: int | None = None
         try:
