@@ -274,6 +274,7 @@ def test_the_kept_pending_blobs_are_what_working_them_out_again_gives(
                 await fs.mkdir(d)
                 for i in range(15):
                     await fs.create(f"{d}/f{i}", os.urandom(500))
+            await eng.files.name_closed()  # their content journaled, as after a burst
             await eng.journal.write_queued()
 
             def fresh() -> dict[str, int]:
@@ -291,6 +292,7 @@ def test_the_kept_pending_blobs_are_what_working_them_out_again_gives(
                 assert schedule.pending_blobs() == fresh(), n
                 if n == 10:  # the journal changes: worked out again, the new file in it
                     await fs.create("a/late", b"late" * 100)
+                    await eng.files.name_closed()
                     await eng.journal.write_queued()
                     assert len(schedule.pending_blobs()) == len(pending) - n
             assert list(schedule.pending_blobs()) == [hashlib.sha256(b"late" * 100)
