@@ -64,6 +64,7 @@ class Committer:
         self.sealed: dict[int, Staging] = {}  # ino -> the staging copy being committed
         self.closed_log = closed_log
         self.closed: dict[int, Node] = {}  # ino -> a file closed, its copy not named yet
+        self._folders: dict[int, list[Node]] = {}  # ino -> its folders' inodes, pinned
         self.unnamed_failures = 0  # copies that could not be named: their log lines stay
         self._naming = 0  # closed copies being named now (their log lines still count)
         # content being stored by a commit in progress -> how many: closed copies are named
@@ -102,7 +103,17 @@ class Committer:
             return False
         st.closed = True
         if node.ino not in self.closed:
-            node.opens += 1  # pinned like an open file: the inode and its folder stay known
+            # Pinned like an open file (whose folder the kernel pins): the inode and its
+            # folder's stay known, whatever the kernel forgets, until it is named.
+            node.opens += 1
+            chain = []
+            folder: Node | None = pnode
+            while folder is not None:
+                folder.opens += 1
+                chain.append(folder)
+                up = folder.parent
+                folder = self.ns.inodes.get(up) if up not in (0, folder.ino) else None
+            self._folders[node.ino] = chain
         self.closed[node.ino] = node
         self.durable.closed_noted()
         return True
@@ -135,12 +146,17 @@ class Committer:
             self.closed_log.clear()  # every line's copy is named (gone from staging)
 
     async def _name_one(self, node: Node) -> None:
+        chain = self._folders.get(node.ino, [])
         try:
             await self.commit(node)
         except FsError:
             self.unnamed_failures += 1  # (logged; the copy and its line stay for recovery)
-        finally:
-            self.ns.inodes.drop_if_unused(node)  # unpinned: forgotten if nothing refers to it
+        finally:  # unpinned: forgotten if nothing refers to them (children first)
+            self.ns.inodes.drop_if_unused(node)
+            for folder in chain:
+                if self.ns.inodes.has_children(folder.ino):
+                    break
+                self.ns.inodes.drop_if_unused(folder)
 
     async def commit(self, node: Node) -> None:
         """Turn the node's staged content into a blob and journal it (flush, close)."""
@@ -149,12 +165,15 @@ class Committer:
         if self.closed.pop(node.ino, None) is None:
             await self._commit(node)
             return
+        chain = self._folders.pop(node.ino)
         self._naming += 1
         try:
             await self._commit(node)
         finally:
             self._naming -= 1
-            node.opens -= 1  # (the pin of `record_closed`; a caller may hold the node still)
+            node.opens -= 1  # (the pins of `record_closed`; a caller may hold the node still)
+            for folder in chain:
+                folder.opens -= 1
 
     async def _commit(self, node: Node) -> None:
         st = self.staging.staged.get(node.ino)
