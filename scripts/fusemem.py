@@ -2,12 +2,14 @@
 """fusemem: a pyfuse3 filesystem with nothing behind it (files are bytearrays in memory,
 fsync returns at once), for measuring the floor of a pyfuse3 filesystem on this machine.
 
-    python -m scripts.fusemem MOUNTPOINT      (foreground; unmount to stop)
+    python -m scripts.fusemem [--writeback-cache] MOUNTPOINT    (foreground; unmount to stop)
 
 It runs with imgrepo's mount options, attribute timeouts, keep_cache and trio task limits,
 as scripts/fusepass.py does, but without a single system call per request: what a workload
 costs on it is what the kernel, libfuse and pyfuse3 cost, and no filesystem can go below it
 through this binding. One folder level is enough for the benchmark's database (W8).
+`--writeback-cache` asks the kernel to cache writes (FUSE_CAP_WRITEBACK_CACHE, pyfuse3's
+`enable_writeback_cache`): what a database's commit would cost with it.
 """
 
 from __future__ import annotations
@@ -168,12 +170,16 @@ class MemOps(pyfuse3.Operations):
 
 
 def main(argv: list[str]) -> int:
+    writeback = argv[:1] == ["--writeback-cache"]
+    argv = argv[1:] if writeback else argv
     if len(argv) != 1:
-        print("usage: fusemem.py MOUNTPOINT", file=sys.stderr)
+        print("usage: fusemem.py [--writeback-cache] MOUNTPOINT", file=sys.stderr)
         return 2
     options = set(pyfuse3.default_options)  # as imgrepo mounts
     options |= {"fsname=fusemem", "subtype=fusemem", "noatime"}
-    pyfuse3.init(MemOps(), argv[0], options)
+    ops = MemOps()
+    ops.enable_writeback_cache = writeback
+    pyfuse3.init(ops, argv[0], options)
     try:
         trio.run(pyfuse3.main, 4, 64)  # imgrepo's min_tasks / max_tasks
     finally:
