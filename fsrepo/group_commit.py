@@ -160,7 +160,13 @@ class GroupCommitter:
         """Return once everything written or noted before the call survives a power loss
         (callers that arrive during a commit share the next one)."""
         want = self._ticket()
-        async with self._lock:
+        # Not `async with`: its checkpoint passes through the scheduler even when the lock
+        # is free, ~8 us of a database's ~40 us of work per commit on this machine.
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
             if self._covered[0] >= want[0] and self._covered[1] >= want[1]:
                 return
             await self.journal.write_queued()
@@ -198,6 +204,8 @@ class GroupCommitter:
             self._covered = covered
             self.commits += 1
             self.last_commit_at = time.time()
+        finally:
+            self._lock.release()
         if retired:
             await trio.to_thread.run_sync(_unlink_all, list(retired.values()))
 
