@@ -134,4 +134,12 @@ def test_a_listing_again_reuses_unchanged_entries_and_shows_every_change(
             assert root_again[b"photos"] is not root[b"photos"]
             assert _shown(root_again[b"photos"])[3] > _shown(root[b"photos"])[3]
 
+            # The kernel forgetting the folder forgets what was kept for it: its files, and
+            # the renamed file's old name (kept until then, within the bound). Folders keep
+            # nothing: the root's listing added nothing.
+            assert len(ops._listed) == len(closed) + 1
+            ops.forget([(folder.ino, eng.ns.inodes.node(folder.ino).lookups)])
+            assert eng.ns.inodes.get(folder.ino) is None
+            assert len(ops._listed) == 0
+
     trio.run(main)
