@@ -188,8 +188,20 @@ class Operations(pyfuse3.Operations):
         looked_up, overlay, fill = self.ns.looked_up, self.files.overlay, self._fill
         listed = self._listed
         kept, keep = listed.folder(parent), listed.put
+        entries, of_name = view.entries, self.ns.inodes.of_name
         for index in range(first, len(listing)):
             name = listing[index][0]
+            item = kept.get(name)
+            if item is not None:  # listed before: still the same entry on the same inode?
+                node = of_name(parent, name)
+                entry = item[0]
+                if node is not None and node.ino == item[1] and entries.get(name) is entry \
+                        and overlay(node, entry) is entry:
+                    if not reply(token, name, item[2], index + 1 + len(DOTS)):
+                        self.ns.inodes.drop_if_unused(node)
+                        break
+                    looked_up(node)
+                    continue
             try:
                 node, entry = lookup(parent, view, name, ancestors)
             except FsError:
@@ -198,10 +210,8 @@ class Operations(pyfuse3.Operations):
             if shown is not entry or isinstance(entry, DirEntry):
                 a = fill(node, shown)  # open for writing, or a folder: its stat changes
             else:
-                a = listed.get(kept, name, entry, node.ino)
-                if a is None:
-                    a = fill(node, entry)
-                    keep(parent, kept, name, entry, node.ino, a)
+                a = fill(node, entry)
+                keep(parent, kept, name, entry, node.ino, a)
             if not reply(token, name, a, index + 1 + len(DOTS)):
                 self.ns.inodes.drop_if_unused(node)  # the kernel did not take it
                 break

@@ -28,22 +28,14 @@ class ListedAttrs:
         self._count = 0
 
     def folder(self, ino: int) -> dict[bytes, tuple[Entry, int, Any]]:
-        """The folder's items (to read with `get`), now the most recently listed."""
+        """The folder's items, now the most recently listed. An item is valid while the
+        view holds that entry object for the name and the inode table that inode."""
         items = self._folders.get(ino)
         if items is None:
             items = self._folders[ino] = {}
         else:
             self._folders.move_to_end(ino)
         return items
-
-    @staticmethod
-    def get(items: dict[bytes, tuple[Entry, int, Any]], name: bytes, entry: Entry,
-            ino: int) -> Any:
-        """The attributes kept for this entry on this inode, or None."""
-        item = items.get(name)
-        if item is None or item[0] is not entry or item[1] != ino:
-            return None
-        return item[2]
 
     def put(self, folder_ino: int, items: dict[bytes, tuple[Entry, int, Any]], name: bytes,
             entry: Entry, ino: int, attrs: Any) -> None:
