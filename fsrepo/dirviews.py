@@ -32,7 +32,7 @@ import trio
 from .chunking import known_blobs
 from .errors import FsError, ManifestError, ObjectNotFound, StorageError, errno_for
 from .journal import Journal
-from .manifest import DirEntry, Entry, parse_manifest
+from .manifest import DirEntry, Entry, manifest_subdirs, parse_manifest
 from .merge import Op, apply_ops
 from .repository import manifest_key
 from .state import StateDB
@@ -74,6 +74,7 @@ class _NoneNeeded:
 
 
 RECENT_KEPT = 16  # the views loaded last stay: a change awaiting a second load holds them
+MAX_NOTED = 200_000  # manifest versions remembered as noted (~70 bytes each); then anew
 
 
 class ViewChanges(Protocol):
@@ -109,6 +110,9 @@ class DirViews:
         self._loading: dict[str, trio.Event] = {}
         self._marked_while_loading: set[str] = set()
         self._marks = 0
+        # Hashes of the manifest bodies whose blobs the known-blob index was given: a view
+        # evicted and loaded again (a walk bigger than the cache) does not give them again.
+        self._noted: set[int] = set()
 
     # -- reading --------------------------------------------------------------------------
     def get(self, dir_id: str) -> DirView | None:
@@ -219,8 +223,7 @@ class DirViews:
             changed, obj = await self._fetch(dir_id, None)
             body = obj.data if obj else None
             if body is not None:
-                manifest = parse_manifest(body, dir_id)[0]  # raises ManifestError: not kept
-                subdirs = [e.id for e in manifest.entries.values() if isinstance(e, DirEntry)]
+                subdirs = manifest_subdirs(body, dir_id)  # raises ManifestError: not kept
             await self.db.run(self.db.state.save_manifest, dir_id, obj.etag if obj else None,
                               body, time.time())
             if not checked:
@@ -456,7 +459,12 @@ class DirViews:
         manifest, problems = parse_manifest(body, dir_id)
         for problem in problems:
             log.warning("%s", problem)
-        self.known_blobs.note_known(known_blobs(manifest.entries))
+        noted = hash(body)  # a collision only leaves blobs unnoted: a HEAD, not a loss
+        if noted not in self._noted:
+            if len(self._noted) >= MAX_NOTED:
+                self._noted.clear()
+            self._noted.add(noted)
+            self.known_blobs.note_known(known_blobs(manifest.entries))
         return manifest.entries, manifest.mtime_ns
 
     async def _fresher(self, view: DirView) -> DirView:
