@@ -9,8 +9,9 @@ file, a few at once). Unreachable manifests and unreferenced blobs are harmless
 leftovers and only noted. Exit status 1 when anything is wrong.
 
 Memory stays small at millions of files: each file found is held as its blob's digest,
-size and directory (`FileRefs`), the bucket's blobs as a `BlobTable`; the few files with
-a problem are named by reading their directories again.
+size and directory (`FileRefs`), the bucket's blobs as a `BlobTable`; a level of the tree
+is read BATCH manifests at a time, each dropped once checked; the few files with a
+problem are named by reading their directories again.
 """
 
 from __future__ import annotations
