@@ -33,7 +33,6 @@ from .head_watcher import HeadWatcher
 from .maintenance.duplicates import duplicate_groups
 from .manifest import ROOT_ID
 from .pending_list import pending_files
-from .repository import HEADS_VERSION
 from .snapshot_ops import SnapshotOperations
 from .snapshot_policy import AUTO_PREFIX, parse_policy
 from .snapshots import check_snapshot_name, default_name
@@ -392,7 +391,7 @@ class Mount(Engine):
         was away (the rest of the cache is trusted without a request). Offline, the
         watcher polls as soon as the storage answers."""
         if self.format_version is not None:  # read already: not asked again
-            self.watcher.legacy = self.format_version < HEADS_VERSION
+            self.watcher.know_format(self.format_version)
         try:
             await self.watcher.poll()
         except (ImgrepoError, OSError) as exc:
