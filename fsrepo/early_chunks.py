@@ -204,8 +204,9 @@ class EarlyChunks:
                     f.shas[start // size] = chunk
             finally:
                 f.busy -= 1
-                if f.done and not f.busy:
-                    os.close(f.fd)
+                if f.done:  # let go meanwhile (by another worker, or a sweep)
+                    if not f.busy:
+                        os.close(f.fd)
                 elif not path.exists() and f.written - f.next < size:
                     self._let_go(path, f)  # closed (sealed into the cache): all sent
 

@@ -626,6 +626,57 @@ def test_a_chunk_written_again_while_it_is_sent_early_is_not_left_in_the_bucket(
     trio.run(main)
 
 
+class HoldingServer(CountingStore):
+    """Holds every chunk the early sender streams from a file until `release` is set."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.held = 0
+        self.release = trio.Event()
+
+    async def put_file(self, key: str, path: BlobSource, sha256_hex: str) -> bool:
+        if isinstance(path, FileRange) and not self.release.is_set():
+            self.held += 1
+            await self.release.wait()
+        return await super().put_file(key, path, sha256_hex)
+
+
+def test_a_file_let_go_while_its_chunks_are_in_flight_is_let_go_once(tmp_path: Path):
+    """A random write ends the head start while both early workers send chunks of the
+    file, and the file is closed before they finish: each worker finds it let go (the
+    second used to let it go again, and the KeyError stopped the mount's uploads)."""
+    data = bytearray(content(2 * MiB + 5, seed=32))
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    servers: list[HoldingServer] = []
+
+    def holding(inner: Store) -> Store:
+        servers.append(HoldingServer(inner))
+        return servers[-1]
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache", wrap_store=holding) as engine:
+            handle, _ = await engine.files.create(1, b"big.mov", 0o644)
+            try:
+                for off in range(0, len(data), 128 * 1024):
+                    await engine.files.write(handle.fh, off, bytes(data[off:off + 128 * 1024]))
+                with trio.fail_after(60):  # (a hang guard, not a timing assertion)
+                    while servers[-1].held < 2:
+                        await trio.sleep(0.01)
+                await engine.files.write(handle.fh, 10, b"changed")
+                data[10:17] = b"changed"
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            servers[-1].release.set()
+            await EngineDriver(engine).drain()
+            engine.uploader.early.sweep()
+            assert not engine.uploader.early._files
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == bytes(data)
+
+    trio.run(main)
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
 def test_kill_9_during_a_chunked_upload_sends_no_finished_chunk_again(
         s3_bucket, s3_proxy, mounter, tmp_path: Path, delay: float):
