@@ -40,13 +40,13 @@ from .workers import Workers
 
 log = logging.getLogger(__name__)
 
-EARLY_PARALLEL = 2  # chunks in flight: the writer comes first
+EARLY_PARALLEL = 4  # chunks in flight (each streamed from the staging copy: no memory)
 TRACKED = 64  # files followed at once (each holds a descriptor; the oldest are let go)
 SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
 KEPT = 64  # files let go whose chunk hashes are kept for their upload after close
 # The copying and hashing here run in threads of their own at this niceness: on a busy
 # machine the writer (whose requests the trio thread answers) gets the CPU first.
-BACKGROUND_NICE = 10
+BACKGROUND_NICE = 5
 
 
 class RunningHash(Protocol):
