@@ -46,7 +46,7 @@ SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
 KEPT = 64  # files let go whose chunk hashes are kept for their upload after close
 # The copying and hashing here run in threads of their own at this niceness: on a busy
 # machine the writer (whose requests the trio thread answers) gets the CPU first.
-BACKGROUND_NICE = 5
+BACKGROUND_NICE = 10
 
 
 class RunningHash(Protocol):
