@@ -44,8 +44,8 @@ EARLY_PARALLEL = 4  # chunks in flight (each streamed from the staging copy: no 
 TRACKED = 64  # files followed at once (each holds a descriptor; the oldest are let go)
 SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
 KEPT = 64  # files let go whose chunk hashes are kept for their upload after close
-# The copying and hashing here run in threads of their own at this niceness: on a busy
-# machine the writer (whose requests the trio thread answers) gets the CPU first.
+# The hashing here runs in threads of their own at this niceness: on a busy machine the
+# writer (whose requests the trio thread answers) gets the CPU first.
 BACKGROUND_NICE = 10
 
 
