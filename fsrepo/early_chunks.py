@@ -232,7 +232,7 @@ class EarlyChunks:
                     created = await self.store.put_file(key, FileRange(f.fd, start, size), sha)
                     if not unchanged():
                         if created:
-                            await self.store.delete(key)
+                            await self._take_back(key)
                         return None
                     if created:
                         self.sent += 1
@@ -242,6 +242,16 @@ class EarlyChunks:
         except (ImgrepoError, OSError) as exc:  # a head start only: close() sends it
             log.debug("early upload of a chunk failed: %s", exc)
         return sha
+
+    async def _take_back(self, key: str) -> None:
+        """Delete a chunk sent while its bytes were written again (what went up may not be
+        what its name says); one that cannot be deleted is named loudly (--verify --data
+        finds it, --gc frees it once nothing references it)."""
+        try:
+            await self.store.delete(key)
+        except (ImgrepoError, OSError) as exc:
+            log.warning("cannot delete %s, sent while its file was written again (its "
+                        "content may not match its name): %s", key, exc)
 
 
 def _in_background(fn: Callable[..., str], *args: object) -> str:
