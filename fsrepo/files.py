@@ -258,7 +258,7 @@ class FileManager:
         return entry
 
     # -- data -----------------------------------------------------------------------------
-    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles.get(fh)
         committing = self.commits.committing
         while handle.node.ino in committing:  # its handles then read the new blob

@@ -250,7 +250,7 @@ class Operations(pyfuse3.Operations):
                 self._attrs(*self.files.current(node.ino)))
 
     @_translate
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.files.read(fh, off, size)
 
     @_translate

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import time
-from collections import OrderedDict
 
 from .announce import Invalidator
 from .blobcache import BlobCache
@@ -24,38 +22,6 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 4  # chunks fetched ahead of a reader, besides the one it waits for
 DAMAGED_FOR = 60.0  # seconds a chunk found damaged answers EIO without a new download
-MAPPED = 2  # verified chunks kept mapped (a sequential reader reads one, then the next)
-
-
-class MappedChunks:
-    """The verified chunks read last, mapped into memory: a read answers with a slice of
-    the page cache, which pyfuse3 copies into its reply (no copy into a bytes object
-    first). A cached chunk is never written again (named by its content), and a mapping
-    is only made of the bytes its file holds, so no access can fall beyond its end."""
-
-    def __init__(self, keep: int = MAPPED) -> None:
-        self.keep = keep
-        self._maps: OrderedDict[str, mmap.mmap] = OrderedDict()
-
-    def slice(self, sha: str, path: os.PathLike[str] | str, lo: int, hi: int) -> memoryview:
-        mapped = self._maps.get(sha)
-        if mapped is None:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                size = os.fstat(fd).st_size
-                if size < hi:
-                    raise IntegrityError(f"cached chunk {sha[:12]} has {size} bytes, "
-                                         f"fewer than {hi}")
-                mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-            finally:
-                os.close(fd)
-            self._maps[sha] = mapped
-            while len(self._maps) > self.keep:
-                # (not closed: a reply may still hold a slice; unmapped once it is done)
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(sha)
-        return memoryview(mapped)[lo:hi]
 
 
 class BlobReads:
@@ -67,7 +33,6 @@ class BlobReads:
         self.inodes = inodes  # to name a file with a damaged chunk in the log
         self.ahead = ahead  # blobs of a folder's next files, fetched before they are opened
         self._damaged: dict[str, float] = {}  # chunk sha -> when found damaged
-        self._mapped = MappedChunks()
 
     def attach(self, handle: Handle, entry: FileEntry) -> None:
         """Point a handle at the blob of `entry` (cached, or downloading)."""
@@ -106,7 +71,7 @@ class BlobReads:
         handle.download = None
         handle.chunks = None
 
-    async def read(self, handle: Handle, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         """Bytes of the clean file a handle reads: chunk by chunk, from the download in
         progress, or from the cached blob."""
         if handle.sha is None or handle.size == 0 or offset >= handle.size:
@@ -133,8 +98,7 @@ class BlobReads:
             handle.download = None
 
     # -- chunked files --------------------------------------------------------------------
-    async def read_chunks(self, handle: Handle, offset: int, size: int
-                          ) -> bytes | memoryview:
+    async def read_chunks(self, handle: Handle, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of a chunked file, each chunk verified whole first."""
         chunks = handle.chunks
         assert chunks is not None
@@ -149,7 +113,7 @@ class BlobReads:
             lo = max(offset, start) - start
             hi = min(end, start + chunks.length(index, handle.size)) - start
             parts.append(await self._chunk_bytes(handle, chunks, index, lo, hi))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return b"".join(parts)
 
     def _fetch_ahead(self, chunks: Chunks, file_size: int, index: int) -> None:
         """Start the downloads of the chunks a sequential reader wants next."""
@@ -166,14 +130,18 @@ class BlobReads:
         return found is not None
 
     async def _chunk_bytes(self, handle: Handle, chunks: Chunks, index: int,
-                           lo: int, hi: int) -> memoryview:
+                           lo: int, hi: int) -> bytes:
         sha = chunks.shas[index]
         if self._known_damaged(sha):
             raise FsError(errno.EIO)
         self.cache.acquire(sha)  # not evicted between its download and our read
         try:
             path = await self.cache.ensure(sha, chunks.length(index, handle.size))
-            return self._mapped.slice(sha, path, lo, hi)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return os.pread(fd, hi - lo, lo)
+            finally:
+                os.close(fd)
         except (ImgrepoError, OSError) as exc:
             start = index * chunks.size
             log.error("%s: cannot read bytes %d-%d (chunk %d, blob %s): %s",

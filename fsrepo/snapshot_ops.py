@@ -257,7 +257,7 @@ class SnapshotOperations(GatedOperations):
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         return await super().open(inode, flags, ctx)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         if self.tree.owns(fh):
             return await _errno(self.tree.read)(fh, off, size)
         return await super().read(fh, off, size)

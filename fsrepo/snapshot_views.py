@@ -239,7 +239,7 @@ class SnapshotTree:
         node.opens += 1
         return fh
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self._handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)
