@@ -34,7 +34,17 @@ import trio
 
 from ..errors import ImgrepoError, IntegrityError, ObjectNotFound, PreconditionFailed
 from ..retry import REQUEST, Backoff
-from .base import GET_LIMIT, NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject, too_large
+from .base import (
+    GET_LIMIT,
+    NOT_MODIFIED,
+    BlobSource,
+    NotModified,
+    ObjectInfo,
+    Store,
+    StoredObject,
+    source_size,
+    too_large,
+)
 from .s3blobs import BlobTransport, blob_transport
 from .s3client import new_client
 from .s3errors import (
@@ -304,22 +314,22 @@ class S3Store(Store):
             key, lambda: self._call("write", key, lambda: self._client.put_object(**args)))
         return self._errors.etag_of(resp, "write", self._key(key))
 
-    async def put_file(self, key: str, path: Path, sha256_hex: str) -> bool:
+    async def put_file(self, key: str, path: BlobSource, sha256_hex: str) -> bool:
         """Streams from disk: one PUT up to the threshold, multipart above it. Does not HEAD
         first (the caller knows whether that is worth a request)."""
         checksum = _b64(sha256_hex)
-        size = await trio.to_thread.run_sync(lambda: os.stat(path).st_size)
+        size = await trio.to_thread.run_sync(source_size, path)
         if size <= self._threshold:
             return await self._put_single(key, path, size, checksum, sha256_hex.lower())
         return await self._put_multipart(key, path, size, sha256_hex.lower())
 
-    async def _put_single(self, key: str, path: Path, size: int, checksum: str,
+    async def _put_single(self, key: str, path: BlobSource, size: int, checksum: str,
                           sha256_hex: str) -> bool:
         full = self._key(key)
         return await self._retry_conflicts(key, lambda: trio.to_thread.run_sync(
             self.blobs.put_new, full, path, size, sha256_hex, checksum, limiter=self._limiter))
 
-    async def _put_multipart(self, key: str, path: Path, size: int, expected: str) -> bool:
+    async def _put_multipart(self, key: str, path: BlobSource, size: int, expected: str) -> bool:
         full = self._key(key)
         part_size = max(self._part_size, -(-size // MAX_PARTS))
         ranges = [

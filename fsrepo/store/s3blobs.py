@@ -14,12 +14,12 @@ import logging
 import os
 import re
 import threading
-from pathlib import Path
 from typing import Any, Protocol
 
 import botocore.exceptions as bx
 
 from ..retry import Backoff
+from .base import BlobSource, FileSlice
 from .s3direct import DirectBlobs, DirectUnsupported
 from .s3errors import STREAM_ERRORS, BrokenBody, S3Errors, client_error_status
 
@@ -42,7 +42,7 @@ class BlobTransport(Protocol):
     def head(self, key: str) -> int | None:
         """The object's size, or None if it does not exist."""
 
-    def put_new(self, key: str, path: Path, size: int, sha256_hex: str,
+    def put_new(self, key: str, path: BlobSource, size: int, sha256_hex: str,
                 checksum_b64: str) -> bool:
         """PUT the file at `path` unless the key exists: True if this request created it,
         False if it was there already."""
@@ -75,9 +75,9 @@ class Boto3Blobs:
             raise self._errors.botocore(exc, "stat", key) from exc
         return int(resp["ContentLength"])
 
-    def put_new(self, key: str, path: Path, size: int, sha256_hex: str,
+    def put_new(self, key: str, path: BlobSource, size: int, sha256_hex: str,
                 checksum_b64: str) -> bool:
-        with open(path, "rb") as body:
+        with FileSlice.whole(path) as body:
             try:
                 self._client.put_object(Bucket=self._bucket, Key=key, Body=body,
                                         ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum_b64,
@@ -156,7 +156,7 @@ class LatchedBlobs:
                 self._latch(why)
         return self._fallback.head(key)
 
-    def put_new(self, key: str, path: Path, size: int, sha256_hex: str,
+    def put_new(self, key: str, path: BlobSource, size: int, sha256_hex: str,
                 checksum_b64: str) -> bool:
         if not self._latched:
             try:

@@ -38,7 +38,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,6 +46,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 
 from ..retry import Backoff, SharedThrottle
+from .base import BlobSource, FileSlice
 from .s3errors import THROTTLE_CODES, BrokenBody, S3Errors, note_retry
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ class DirectBlobs:
             return None
         raise self._failed(status, body, "GetObject", "download", key)
 
-    def put_new(self, key: str, path: Path, size: int, sha256_hex: str,
+    def put_new(self, key: str, path: BlobSource, size: int, sha256_hex: str,
                 checksum_b64: str) -> bool:
         """PUT the file at `path` (`size` bytes, SHA-256 `sha256_hex`) unless the key
         exists: True if this request created it, False if it was there already (412)."""
@@ -358,7 +358,7 @@ class DirectBlobs:
                    "x-amz-sdk-checksum-algorithm": "SHA256",
                    "Content-Type": "application/octet-stream"}
         status, _headers, data = self._request(
-            "PUT", key, sha256_hex, headers, body=lambda: open(path, "rb"),
+            "PUT", key, sha256_hex, headers, body=lambda: FileSlice.whole(path),
             operation="PutObject")
         if status == 200:
             return True
