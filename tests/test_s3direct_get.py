@@ -115,6 +115,21 @@ def test_a_redirect_on_get_hands_the_store_to_boto3_for_good(s3_proxy, s3_bucket
     assert caplog.text.count("go through boto3 from now on") == 1
 
 
+def test_a_key_that_needs_escaping_is_read_by_boto3_without_latching(s3_proxy, s3_bucket):
+    store = S3Store(s3_bucket.bucket, "repo", endpoint_url=s3_proxy.url)
+
+    async def main():
+        await store.put("snapshots/2026-12-06T05:30:00+00:00.json", b"snap")
+        await store.put("dirs/f.json", b"f")
+        assert (await store.get("snapshots/2026-12-06T05:30:00+00:00.json")).data == b"snap"
+        assert (await store.get("dirs/f.json")).data == b"f"
+        await store.aclose()
+
+    trio.run(main)
+    assert isinstance(store.blobs, LatchedBlobs) and isinstance(store.blobs.serving, DirectBlobs)
+    assert _gets(s3_proxy) == [(200, True), (200, False)]
+
+
 def test_gets_do_not_queue_behind_blob_transfers(s3_proxy, s3_bucket):
     """Every slot of the transfers' limiter taken (16 downloads under way): a walk's GETs
     and HEADs still run, under their own limiter."""

@@ -21,7 +21,7 @@ import botocore.exceptions as bx
 
 from ..retry import Backoff
 from .base import BlobSource, FileSlice, too_large
-from .s3direct import DirectBlobs, DirectUnsupported
+from .s3direct import SAFE_KEY, DirectBlobs, DirectUnsupported
 from .s3errors import STREAM_ERRORS, BrokenBody, S3Errors, client_error_status
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,9 @@ class LatchedBlobs:
 
     def get_small(self, key: str, if_none_match: str | None, limit: int
                   ) -> tuple[str, bytes] | None:
-        if not self._latched:
+        # A key that needs escaping (a snapshot's name may hold ":" or "+") is the key's
+        # trait, not the server's: that one goes to boto3, the store stays on the direct path.
+        if not self._latched and SAFE_KEY.fullmatch(key):
             try:
                 return self._direct.get_small(key, if_none_match, limit)
             except DirectUnsupported as why:
