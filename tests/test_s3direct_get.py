@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import socketserver
+import threading
 from dataclasses import replace
 
 import pytest
@@ -74,6 +77,36 @@ def test_a_body_cut_short_is_read_again_and_a_damaged_one_fails_clearly(s3_proxy
     s3_proxy.clear_faults()
     assert trio.run(lambda: once.get("dirs/b.json")).data == data  # the pool was not poisoned
     trio.run(once.aclose)
+
+
+class _ShortBodies(socketserver.StreamRequestHandler):
+    """Answers every request with a body shorter than its Content-Length, then closes the
+    connection cleanly (FIN, not a reset): http.client alone would return the bytes it got."""
+
+    def handle(self) -> None:
+        while self.rfile.readline() not in (b"\r\n", b""):
+            pass
+        self.wfile.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: "e"\r\n\r\n'
+                         + b"x" * 50)
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_WR)
+
+
+def test_a_body_that_ends_early_without_a_reset_is_not_taken_for_the_object():
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ShortBodies)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        store = S3Store("short", "repo", endpoint_url=f"http://127.0.0.1:{server.server_address[1]}",
+                        region="us-east-1", retries=ONE_TRY)
+        with pytest.raises(StorageUnavailable, match="broke off 50 bytes early"):
+            trio.run(lambda: store.get("dirs/g.json"))
+        trio.run(store.aclose)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def test_get_failures_are_retried_and_worded_like_boto3s(s3_proxy, s3_bucket, caplog):
