@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import logging
 import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -18,7 +17,7 @@ from typing import NamedTuple
 import trio
 
 from .cache_index import CacheIndex
-from .chunking import ChunkLists, copy_range
+from .chunking import ChunkLists, hash_range
 from .errors import ImgrepoError
 from .hashing import hash_file
 from .journal import Journal
@@ -27,7 +26,7 @@ from .namespace import Namespace
 from .remote_index import RemoteIndex
 from .repository import blob_key
 from .state import StateDB
-from .store.base import Store
+from .store.base import FileRange, Store
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +138,12 @@ class BlobUploader:
         """Send a file's chunks that the bucket lacks (per chunk dedup: a chunk seen there
         lately is trusted, others cost a HEAD first; after a crash, finished chunks are
         found there and not sent again), then keep its chunk list. A chunk whose hash is
-        not known yet (None) is copied out and hashed first, CHUNKS_AT_ONCE at a time, so
-        hashing one chunk overlaps sending another."""
+        not known yet (None) is hashed first, CHUNKS_AT_ONCE at a time, so hashing one
+        chunk overlaps sending another; each PUT streams its byte range of the cached
+        file (immutable: named by its content), with no copy of its own."""
         sent = 0  # bytes
-        size = os.stat(path).st_size if self.cache.has(sha) else None
+        fd = os.open(path, os.O_RDONLY) if self.cache.has(sha) else None
+        size = os.fstat(fd).st_size if fd is not None else None
         limit = trio.Semaphore(CHUNKS_AT_ONCE)
         errors: list[BaseException] = []
 
@@ -157,50 +158,47 @@ class BlobUploader:
         async def send(index: int) -> None:
             nonlocal sent
             chunk = shas[index]
-            # (in partial/: what a crash leaves there is removed at the next start)
-            part = self.cache.root / "partial" / f"chunk.{uuid.uuid4().hex}"
-            try:
-                if chunk is None:
-                    chunk = shas[index] = await copy_out(index, part)
-                async with self.chunk_lists.sending(chunk):
-                    count = await send_unless_there(index, chunk, part)
-                sent += count  # (not `sent += await ...`: that reads `sent` before the await)
-            finally:
-                part.unlink(missing_ok=True)
+            if chunk is None:
+                chunk = shas[index] = await trio.to_thread.run_sync(
+                    hash_range, *where(index))
+            async with self.chunk_lists.sending(chunk):
+                count = await send_unless_there(index, chunk)
+            sent += count  # (not `sent += await ...`: that reads `sent` before the await)
 
         def missing(index: int) -> ImgrepoError:
             return ImgrepoError(f"chunk {index} of blob {sha} is missing from the bucket "
                                 "and the file from the cache")
 
-        async def copy_out(index: int, part: Path) -> str:
-            """Copy the chunk into `part`; its SHA-256."""
-            if size is None:
+        def where(index: int) -> tuple[int, int, int]:
+            """The chunk's descriptor, offset and length in the cached file."""
+            if fd is None or size is None:
                 raise missing(index)
             start = index * chunk_size
-            return await trio.to_thread.run_sync(
-                copy_range, path, part, start, min(chunk_size, size - start))
+            return fd, start, min(chunk_size, size - start)
 
-        async def send_unless_there(index: int, chunk: str, part: Path) -> int:
+        async def send_unless_there(index: int, chunk: str) -> int:
             if size is None:  # not cached: its length is not known here, only whether it is there
                 if self.remote.reuse_or_recheck(chunk) or \
                         await self.store.head(blob_key(chunk)) is not None:
                     self.remote.seen_in_bucket(chunk)
                     return 0
                 raise missing(index)
-            length = min(chunk_size, size - index * chunk_size)
+            _, start, length = where(index)
             if self.remote.reuse_or_recheck(chunk) or await stored_whole(
                     self.store, blob_key(chunk), length, f"chunk {index} of blob {sha[:12]}"):
                 self.remote.seen_in_bucket(chunk)
                 return 0
-            if not part.exists():
-                await copy_out(index, part)
-            created = await self.store.put_file(blob_key(chunk), part, chunk)
+            created = await self.store.put_file(blob_key(chunk), FileRange(*where(index)), chunk)
             self.remote.seen_in_bucket(chunk)
             return length if created else 0
 
-        async with trio.open_nursery() as nursery:
-            for index in range(len(shas)):
-                nursery.start_soon(one, index)
+        try:
+            async with trio.open_nursery() as nursery:
+                for index in range(len(shas)):
+                    nursery.start_soon(one, index)
+        finally:
+            if fd is not None:
+                os.close(fd)
         if errors:
             raise errors[0]
         chunks = Chunks(chunk_size, tuple(s for s in shas if s is not None))

@@ -5,6 +5,10 @@ stream into `partial/<sha>`; readers wait only until their byte range has arrive
 finished file is verified against its name before it joins the cache; a mismatch fails the
 download (readers get EIO) and the bytes are discarded.
 
+The hash is taken as the bytes land (the download's thread reads back each piece it
+just wrote, still in the CPU's cache), so a chunk is verified as its last byte arrives,
+not read a second time after it.
+
 A download has no retry loop of its own (the store retries each request: retry.py). One
 that breaks beyond those retries fails its readers, but keeps what arrived: the next read
 of the blob starts a download that resumes from there, and the whole file is still
@@ -13,6 +17,7 @@ verified at the end.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -24,7 +29,7 @@ import trio
 from .cache_index import CacheIndex
 from .chunking import ChunkLists
 from .errors import ImgrepoError, IntegrityError
-from .hashing import hash_file
+from .hashing import HASH_CHUNK, hash_file
 from .manifest import MIN_CHUNK, Chunks, FileEntry
 from .repository import blob_key
 from .state import LocalState, StateDB
@@ -47,6 +52,19 @@ class Download:
         self.error: BaseException | None = None
         self._waiters: list[tuple[int, trio.Event]] = []
         self.finished = trio.Event()
+        # The SHA-256 of the file's bytes [0, hashed), taken by the download's thread as
+        # they arrive (a resumed download's first call hashes what the last one left).
+        self.hasher = hashlib.sha256()
+        self.hashed = 0
+
+    def hash_arrived(self, fd: int, end: int) -> None:
+        """Hash the partial file's bytes up to `end` not hashed yet (download thread)."""
+        while self.hashed < end:
+            piece = os.pread(fd, min(HASH_CHUNK, end - self.hashed), self.hashed)
+            if not piece:
+                return
+            self.hasher.update(piece)
+            self.hashed += len(piece)
 
     def progress(self, available: int) -> None:
         if not self.done:
@@ -194,7 +212,12 @@ class BlobCache(CacheIndex):
         if size != dl.size:
             raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
                                  f"the manifest says {dl.size}")
-        actual = hash_file(dl.path)
+        fd = os.open(dl.path, os.O_RDONLY)  # (the rest, if the store reported none of it)
+        try:
+            dl.hash_arrived(fd, size)
+        finally:
+            os.close(fd)
+        actual = dl.hasher.hexdigest()
         if actual != dl.sha:
             raise IntegrityError(f"blob {dl.sha} from the bucket is corrupt (its content "
                                  f"hashes to {actual}); not used")
@@ -211,13 +234,18 @@ class BlobCache(CacheIndex):
         # receiving while the loop is busy answering the reads it unblocks. Only while a
         # reader waits: a download fetched ahead wakes nobody (its end always does).
         token = trio.lowlevel.current_trio_token()
+        fd = os.open(dl.path, os.O_RDONLY)
 
         def progress(n: int) -> None:
+            dl.hash_arrived(fd, n)
             dl.arrived = n
             if dl.waiting:
                 token.run_sync_soon(dl.progress, n)
 
-        await self.store.download(blob_key(dl.sha), dl.path, dl.available, progress)
+        try:
+            await self.store.download(blob_key(dl.sha), dl.path, dl.available, progress)
+        finally:
+            os.close(fd)
 
     def open_fd(self, dl: Download) -> int:
         """A read-only descriptor on a download's file, wherever it is by now."""

@@ -1,9 +1,13 @@
 """A set of SHA-256 blob ids kept as 32-byte digests, about 40 bytes each: a mount that
 has seen a million blobs holds them in ~40 MB instead of ~140 MB of hex strings.
 
-The digests are spread over 65,536 buckets by their first two bytes (SHA-256 spreads
-them evenly: a million ids make ~15 a bucket); a bucket is one `bytearray` of digests,
-searched in C (`find`), appended to in place. No per-id object, no rebuilding pass.
+The digests are spread over 4,096 buckets by their first 12 bits (SHA-256 spreads them
+evenly: a million ids make ~250 a bucket, 8 KB); a bucket is one `bytearray` of digests,
+searched in C (`find`), appended to in place. No per-id object, no rebuilding pass. Few
+and large on purpose: the set grows while a walk allocates and frees millions of small
+objects, and 65,536 small buckets (the first version) ended up in every pymalloc arena
+the walk used, so none could be given back once the walk's objects were freed; buffers
+past 512 bytes come from the C heap, which gives back free pages one by one.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 from collections.abc import Iterable
 
 DIGEST = 32
-BUCKETS = 1 << 16
+BUCKETS = 1 << 12
 
 
 class BlobSet:
@@ -35,7 +39,7 @@ class BlobSet:
             return False
         if len(digest) != DIGEST:
             return False
-        bucket = self._buckets[digest[0] << 8 | digest[1]]
+        bucket = self._buckets[digest[0] << 4 | digest[1] >> 4]
         return bucket is not None and _holds(bucket, digest)
 
     def add(self, sha: str) -> None:
@@ -55,7 +59,7 @@ class BlobSet:
         added = 0
         for at in range(0, len(data), DIGEST):
             digest = data[at:at + DIGEST]
-            p = digest[0] << 8 | digest[1]
+            p = digest[0] << 4 | digest[1] >> 4
             bucket = buckets[p]
             if bucket is None:
                 buckets[p] = bytearray(digest)

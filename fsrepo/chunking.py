@@ -26,25 +26,20 @@ from .manifest import MAX_CHUNK, MIN_CHUNK, Chunks, Entry, FileEntry
 CHUNK_SIZE_FILE = "chunk_size"  # in the chunk lists' folder: the repository's chunk size
 
 
-def copy_range(source: Path | int, dest: Path, offset: int, length: int) -> str:
-    """Write bytes [offset, offset+length) of `source` (a path, or an open descriptor) into
-    a new file `dest`; their SHA-256, taken as they pass (worker thread)."""
-    fd = source if isinstance(source, int) else os.open(source, os.O_RDONLY)
-    try:
-        h = hashlib.sha256()
-        with open(dest, "wb") as out:
-            copied = 0
-            while copied < length:
-                data = os.pread(fd, min(HASH_CHUNK, length - copied), offset + copied)
-                if not data:
-                    raise OSError(f"{source} ended before byte {offset + length}")
-                h.update(data)
-                out.write(data)
-                copied += len(data)
-        return h.hexdigest()
-    finally:
-        if not isinstance(source, int):
-            os.close(fd)
+def hash_range(fd: int, offset: int, length: int) -> str:
+    """The SHA-256 of bytes [offset, offset+length) of an open file, read into one reused
+    buffer (no copy of the chunk is kept: its PUT streams the same range; worker thread)."""
+    h = hashlib.sha256()
+    buf = bytearray(min(HASH_CHUNK, length))
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[:min(len(buf), length - done)]], offset + done)
+        if n == 0:
+            raise OSError(f"the file ended before byte {offset + length}")
+        h.update(view[:n])
+        done += n
+    return h.hexdigest()
 
 
 class ChunkLists:

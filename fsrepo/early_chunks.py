@@ -9,6 +9,12 @@ hashes from here when the file's running hash proves they are the closed file's 
 read), and hashes the rest itself; once a file is closed, no new chunk of it starts here.
 A chunk whose bytes were changed after it was sent is simply not referenced (--gc frees
 it); one not sent here (too many waiting, an error, a crash) is sent after close.
+
+A chunk is hashed and then sent straight from the staging copy (a byte range of it: no
+copy of its own, the bytes still in the page cache). A write behind the sequential run
+while that happens changes the copy's running hash; the chunk is then not sent, or, if it
+was, deleted again: the bytes that went may not be the ones its name says (the server
+also refuses a body that does not match the checksum sent with it).
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,21 +31,21 @@ from typing import Protocol
 import trio
 
 from .blob_upload import stored_whole
-from .chunking import ChunkLists, copy_range
+from .chunking import ChunkLists, hash_range
 from .errors import ImgrepoError
 from .remote_index import RemoteIndex
 from .repository import blob_key
-from .store.base import Store
+from .store.base import FileRange, Store
 from .workers import Workers
 
 log = logging.getLogger(__name__)
 
-EARLY_PARALLEL = 2  # chunks in flight: the writer comes first
+EARLY_PARALLEL = 4  # chunks in flight (each streamed from the staging copy: no memory)
 TRACKED = 64  # files followed at once (each holds a descriptor; the oldest are let go)
 SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
 KEPT = 64  # files let go whose chunk hashes are kept for their upload after close
-# The copying and hashing here run in threads of their own at this niceness: on a busy
-# machine the writer (whose requests the trio thread answers) gets the CPU first.
+# The hashing here runs in threads of their own at this niceness: on a busy machine the
+# writer (whose requests the trio thread answers) gets the CPU first.
 BACKGROUND_NICE = 10
 
 
@@ -91,12 +96,11 @@ class EarlyChunks:
     """Sends completed chunks of sequentially written files (`wrote` after each write)."""
 
     def __init__(self, store: Store, remote: RemoteIndex, chunk_lists: ChunkLists,
-                 partial_dir: Path, parallel: int = EARLY_PARALLEL,
+                 parallel: int = EARLY_PARALLEL,
                  on_sent: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.remote = remote
         self.chunk_lists = chunk_lists
-        self.partial_dir = partial_dir
         self.parallel = parallel
         self.sent = 0  # chunks this process created in the bucket before their file's close
         self.on_sent = on_sent  # told the bytes of each chunk sent
@@ -159,7 +163,7 @@ class EarlyChunks:
             if not f.busy and not path.exists():
                 self._let_go(path, f)
 
-    def _take(self) -> tuple[Path, Followed, int, int, int] | None:
+    def _take(self) -> tuple[Path, Followed, int, int, int, RunningHash | None] | None:
         """The next chunk to send: the oldest followed file's first unsent complete one."""
         size = self.chunk_lists.chunk_size
         if size is None:
@@ -170,7 +174,7 @@ class EarlyChunks:
             elif f.written - f.next >= size:
                 start, f.next = f.next, f.next + size
                 f.busy += 1
-                return path, f, start, size, f.run
+                return path, f, start, size, f.run, f.copy.hasher
         return None
 
     async def run(self) -> None:
@@ -193,37 +197,61 @@ class EarlyChunks:
                 with trio.move_on_after(SWEEP_EVERY):
                     await self._work.wait()
                 continue
-            path, f, start, size, run = job
+            path, f, start, size, run, hasher = job
             try:
-                chunk = await self._send(f.fd, start, size)
+                chunk = await self._send(f, start, size, run, hasher)
                 if chunk is not None and f.run == run:
                     f.shas[start // size] = chunk
             finally:
                 f.busy -= 1
-                if f.done and not f.busy:
-                    os.close(f.fd)
+                if f.done:  # let go meanwhile (by another worker, or a sweep)
+                    if not f.busy:
+                        os.close(f.fd)
                 elif not path.exists() and f.written - f.next < size:
                     self._let_go(path, f)  # closed (sealed into the cache): all sent
 
-    async def _send(self, fd: int, start: int, size: int) -> str | None:
-        """Send one chunk; its SHA-256 (None if it could not even be hashed)."""
-        part = self.partial_dir / f"early.{uuid.uuid4().hex}"
+    async def _send(self, f: Followed, start: int, size: int, run: int,
+                    hasher: RunningHash | None) -> str | None:
+        """Send one chunk; its SHA-256 (None if it could not even be hashed, or its bytes
+        were written again meanwhile)."""
+
+        def unchanged() -> bool:
+            """No write behind the sequential run since the chunk was taken (its bytes
+            are still the ones hashed)."""
+            return f.run == run and hasher is not None and f.copy.hasher is hasher
+
         sha = None
         try:
-            sha = await self._threads.run(_in_background, copy_range, fd, part, start, size)
+            sha = await self._threads.run(_in_background, hash_range, f.fd, start, size)
+            key = blob_key(sha)
             async with self.chunk_lists.sending(sha):
                 if not self.remote.reuse_or_recheck(sha) and not await stored_whole(
-                        self.store, blob_key(sha), size, f"chunk {sha[:12]}"):
-                    if await self.store.put_file(blob_key(sha), part, sha):
+                        self.store, key, size, f"chunk {sha[:12]}"):
+                    if not unchanged():
+                        return None
+                    created = await self.store.put_file(key, FileRange(f.fd, start, size), sha)
+                    if not unchanged():
+                        if created:
+                            await self._take_back(key)
+                        return None
+                    if created:
                         self.sent += 1
                         if self.on_sent is not None:
                             self.on_sent(size)
                 self.remote.seen_in_bucket(sha)
         except (ImgrepoError, OSError) as exc:  # a head start only: close() sends it
             log.debug("early upload of a chunk failed: %s", exc)
-        finally:
-            part.unlink(missing_ok=True)
         return sha
+
+    async def _take_back(self, key: str) -> None:
+        """Delete a chunk sent while its bytes were written again (what went up may not be
+        what its name says); one that cannot be deleted is named loudly (--verify --data
+        finds it, --gc frees it once nothing references it)."""
+        try:
+            await self.store.delete(key)
+        except (ImgrepoError, OSError) as exc:
+            log.warning("cannot delete %s, sent while its file was written again (its "
+                        "content may not match its name): %s", key, exc)
 
 
 def _in_background(fn: Callable[..., str], *args: object) -> str:

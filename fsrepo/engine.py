@@ -96,6 +96,7 @@ class Engine:
                                           self.invalidator)
         self.started = time.time()
         self.online = True
+        self.format_version: int | None = None  # the descriptor's, once read
 
     def load_state(self) -> None:
         """Bring back what the last run left: journal, cache index, remote index."""
@@ -147,6 +148,7 @@ class Engine:
         if known is None:
             await self.db.run(state.set_meta, "repo_id", desc.repo_id)
         self.chunk_lists.learn(desc.chunk_size)  # large files go as chunks (format 4)
+        self.format_version = desc.version
 
     async def cached_manifest(self, dir_id: str, etag: str | None) -> bytes | None:
         """This machine's copy of a directory's manifest if it is the version with `etag`

@@ -21,6 +21,7 @@ from .announce import Invalidator
 from .errors import FsError, errno_for
 from .files import AttrChange, FileManager
 from .inodes import Node
+from .listed_attrs import ListedAttrs
 from .manifest import DirEntry, Entry, FileEntry
 from .namespace import Namespace
 
@@ -90,10 +91,14 @@ class Operations(pyfuse3.Operations):
         self._dir_handles: dict[int, list[tuple[bytes, Entry]]] = {}
         self._dir_owner: dict[int, int] = {}
         self._next_dh = 1
+        self._listed = ListedAttrs()  # readdirplus's attributes of the folders listed last
 
     # -- attributes -----------------------------------------------------------------------
     def _attrs(self, node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
-        entry = self.files.overlay(node, entry)
+        return self._fill(node, self.files.overlay(node, entry))
+
+    def _fill(self, node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
+        """The attributes of the entry as shown (`overlay` applied)."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
         a.generation = 0
@@ -130,6 +135,8 @@ class Operations(pyfuse3.Operations):
     def forget(self, inode_list: Any) -> None:
         for ino, count in inode_list:
             self.ns.forget(ino, count)
+            if self.ns.inodes.get(ino) is None:
+                self._listed.drop(ino)
 
     @_translate
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
@@ -178,14 +185,34 @@ class Operations(pyfuse3.Operations):
         if first >= len(listing):
             return
         view, ancestors = await self.ns.loaded_view(parent)
-        looked_up = self.ns.looked_up
+        looked_up, overlay, fill = self.ns.looked_up, self.files.overlay, self._fill
+        listed = self._listed
+        kept, keep = listed.folder(parent), listed.put
+        entries, of_name = view.entries, self.ns.inodes.of_name
         for index in range(first, len(listing)):
             name = listing[index][0]
+            item = kept.get(name)
+            if item is not None:  # listed before: still the same entry on the same inode?
+                node = of_name(parent, name)
+                entry = item[0]
+                if node is not None and node.ino == item[1] and entries.get(name) is entry \
+                        and overlay(node, entry) is entry:
+                    if not reply(token, name, item[2], index + 1 + len(DOTS)):
+                        self.ns.inodes.drop_if_unused(node)
+                        break
+                    looked_up(node)
+                    continue
             try:
                 node, entry = lookup(parent, view, name, ancestors)
             except FsError:
                 continue  # gone meanwhile, or refused (cycle)
-            if not reply(token, name, attrs(node, entry), index + 1 + len(DOTS)):
+            shown = overlay(node, entry)
+            if shown is not entry or isinstance(entry, DirEntry):
+                a = fill(node, shown)  # open for writing, or a folder: its stat changes
+            else:
+                a = fill(node, entry)
+                keep(parent, kept, name, entry, node.ino, a)
+            if not reply(token, name, a, index + 1 + len(DOTS)):
                 self.ns.inodes.drop_if_unused(node)  # the kernel did not take it
                 break
             looked_up(node)  # readdirplus: each entry the kernel took counts as a lookup

@@ -58,6 +58,15 @@ class HeadWatcher:
         self.sweep = ViewSweep(store, views, refresh, self._revalidate)
         self._read_at: dict[str, tuple[float, int]] = {}  # head key -> listed (mtime, size)
 
+    def know_format(self, version: int) -> None:
+        """The repository's format version (the mount read the descriptor when it opened
+        the repository: the first poll does not ask for it again)."""
+        self.legacy = version < HEADS_VERSION
+        if self.legacy:
+            log.warning("this repository is still in format 1 (not upgraded: read-only "
+                        "mount?): every loaded folder is revalidated every %g s",
+                        self.refresh)
+
     def wake(self) -> None:
         """The storage answers again: poll now, not at the end of the interval."""
         self._wake.set()
@@ -86,11 +95,7 @@ class HeadWatcher:
         if self.legacy is None:
             obj = await self.store.get(DESCRIPTOR_KEY)
             assert isinstance(obj, StoredObject)
-            self.legacy = parse_descriptor(obj.data, self.store.url).version < HEADS_VERSION
-            if self.legacy:
-                log.warning("this repository is still in format 1 (not upgraded: read-only "
-                            "mount?): every loaded folder is revalidated every %g s",
-                            self.refresh)
+            self.know_format(parse_descriptor(obj.data, self.store.url).version)
         if self.legacy:
             await self.views.mark_stale(None)
             self.polls += 1

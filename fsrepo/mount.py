@@ -394,6 +394,8 @@ class Mount(Engine):
         """Before anything is served: mark what other machines changed while this mount
         was away (the rest of the cache is trusted without a request). Offline, the
         watcher polls as soon as the storage answers."""
+        if self.format_version is not None:  # read already: not asked again
+            self.watcher.know_format(self.format_version)
         try:
             await self.watcher.poll()
         except (ImgrepoError, OSError) as exc:

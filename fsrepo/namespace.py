@@ -41,7 +41,8 @@ FORGETS_PER_TRIM = 4096
 IDLE_AFTER = 30.0  # seconds without a lookup or listing: the mount is idle, memory goes back
 IDLE_CHECK = 5.0  # how often the idle release looks
 FORGET_WAIT = 5.0  # after asking the kernel to forget, how long its forgets take to arrive
-SHED_TO = 0.5  # a shed asks the kernel to forget files down to this share of the cap
+SHED_TO = 0.4  # a shed asks the kernel to forget files down to this share of the cap
+SHED_AGAIN = 0.05  # the next shed once the table grew this share of the cap past the last
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +90,7 @@ class Namespace:
         # folder's view): above this, the least recently loaded folders' files are asked
         # to be forgotten at once (`shed`), not only when the mount is idle.
         self.kernel_files = view_cache_entries
-        self._shed_above = 0  # after a shed: its table size and a tenth of the cap
+        self._shed_above = 0  # after a shed: its table size and SHED_AGAIN of the cap
         # Folders whose files the kernel was asked to forget, not used since: not asked
         # again (its forgets arrive over seconds; asking again would only flood it).
         self._shed_dirs: set[str] = set()
@@ -149,8 +150,8 @@ class Namespace:
         SHED_TO of `kernel_files` inodes: a walk over a million files keeps memory for a
         few hundred thousand, not for all. The folders being listed and the last few loaded
         keep theirs (a walk's `ls -l` there needs no lookup again). Returns how many were
-        asked; the next shed waits until the table grows a tenth of the cap more (the
-        kernel's forgets arrive meanwhile)."""
+        asked; the next shed waits until the table grows SHED_AGAIN of the cap more (the
+        kernel's forgets arrive meanwhile: at 1M files a tenth let the peak pass 200 MiB)."""
         goal = len(self.inodes.nodes) - int(self.kernel_files * SHED_TO)
         asked = yielded = 0
         order = list(self.views)
@@ -168,7 +169,7 @@ class Namespace:
             if asked - yielded >= 4096:
                 yielded = asked
                 await trio.sleep(0)  # let requests through
-        self._shed_above = len(self.inodes.nodes) + self.kernel_files // 10
+        self._shed_above = len(self.inodes.nodes) + int(self.kernel_files * SHED_AGAIN)
         log.debug("the kernel holds %d inodes: asked it to forget %d files",
                   len(self.inodes.nodes), asked)
         return asked

@@ -24,7 +24,7 @@ import trio
 
 log = logging.getLogger(__name__)
 
-PREFETCH_PARALLEL = 16  # manifests fetched at once (the S3 store runs 16 requests at once)
+PREFETCH_PARALLEL = 48  # manifests fetched at once (the S3 store runs 48 small requests at once)
 PREFETCH_QUEUE = 10_000  # directories waiting at most
 PREFETCH_DEPTH = 1  # levels below an opened directory's children fetched ahead as well
 FOUND_KEPT = 4096  # fetched directories whose subdirectories are remembered for later

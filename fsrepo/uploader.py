@@ -89,8 +89,7 @@ class Uploader:
         self.schedule = UploadSchedule(journal, remote, commit_delay=commit_delay,
                                        quiet=quiet)
         # completed chunks of files still being written (see early_chunks.py)
-        self.early = EarlyChunks(store, remote, chunk_lists, cache.root / "partial",
-                                 on_sent=self._sent_early)
+        self.early = EarlyChunks(store, remote, chunk_lists, on_sent=self._sent_early)
         self.blobs = BlobUploader(store, db, journal, cache, namespace, remote, chunk_lists,
                                   self.early.chunks_of)
         self.manifests = ManifestCommitter(store, db, journal, namespace, remote, chunk_lists,

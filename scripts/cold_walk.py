@@ -6,10 +6,11 @@ walk and after the kernel forgot every inode (the idle release: views trimmed, t
 given back).
 
     python -m scripts.cold_walk [FOLDERS] [FILES_PER_FOLDER] [RTT_MS] [--no-prefetch]
-                                [--no-known-blobs]
+                                [--no-known-blobs] [--trace]
 
 --no-known-blobs keeps the blob ids a manifest names out of the remote index, to see what
-that index costs.
+that index costs. --trace lists what the walk left in the Python heap once forgotten
+(tracemalloc: slower, and its own bookkeeping counts in the RSS).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import trio
@@ -90,6 +92,10 @@ async def walk(folders: int, per_folder: int, rtt: float, prefetch: bool, known:
         async with trio.open_nursery() as nursery:
             if prefetch:
                 nursery.start_soon(ns.prefetcher.run)
+            tracing = "--trace" in sys.argv
+            if tracing:
+                tracemalloc.start()
+                before = tracemalloc.take_snapshot()
             start_rss, started = rss_mib(), time.monotonic()
             held: list[int] = []
 
@@ -124,6 +130,11 @@ async def walk(folders: int, per_folder: int, rtt: float, prefetch: bool, known:
                   f"{walked_views} views), {rss_mib():.0f} MiB once forgotten "
                   f"({len(ns.inodes.nodes)} inodes, {len(ns.views)} views)")
             held.clear()
+            if tracing:
+                after = tracemalloc.take_snapshot()
+                print("what the walk left in the Python heap, by where it was allocated:")
+                for stat in after.compare_to(before, "lineno")[:15]:
+                    print(f"  {stat}")
             print(f"then {rss_mib():.0f} MiB with the walk's own list gone; the remote index "
                   f"holds {len(engine.remote_index.remote)} blob ids")
             nursery.cancel_scope.cancel()

@@ -32,6 +32,9 @@ class PassOps(pyfuse3.Operations):
         super().__init__()
         self.root_ino = os.lstat(root).st_ino
         self.paths: dict[int, str] = {pyfuse3.ROOT_INODE: str(root)}
+        # Open folders: (path, names sorted once at opendir, as imgrepo lists a handle).
+        self.listings: dict[int, tuple[str, list[str]]] = {}
+        self.next_dh = 1
 
     # -- inodes: the backing file's st_ino, the root's mapped to ROOT_INODE ---------------
     def _ino(self, st: os.stat_result) -> int:
@@ -145,15 +148,14 @@ class PassOps(pyfuse3.Operations):
 
     # -- directories ------------------------------------------------------------------------
     async def opendir(self, inode: int, ctx: Any) -> int:
-        self._path(inode)
-        return inode
+        base = self._path(inode)
+        names = sorted(self._call(os.listdir, base))
+        dh, self.next_dh = self.next_dh, self.next_dh + 1
+        self.listings[dh] = (base, names)
+        return dh
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        base = self._path(fh)
-        try:
-            names = sorted(os.listdir(base))
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        base, names = self.listings[fh]
         for i in range(start_id, len(names)):
             path = os.path.join(base, names[i])
             try:
@@ -164,7 +166,7 @@ class PassOps(pyfuse3.Operations):
                 break
 
     async def releasedir(self, fh: int) -> None:
-        pass
+        self.listings.pop(fh, None)
 
     async def statfs(self, ctx: Any) -> Any:
         sv = os.statvfs(self.paths[pyfuse3.ROOT_INODE])

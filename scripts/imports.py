@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fsrepo.auto_snapshots"]),
     ("assembly", ["fsrepo.engine"]),
     ("FUSE and CLI", [
-        "fsrepo.fs", "fsrepo.readonly", "fsrepo.snapshot_ops", "fsrepo.mount",
+        "fsrepo.listed_attrs", "fsrepo.fs", "fsrepo.readonly", "fsrepo.snapshot_ops", "fsrepo.mount",
         "fsrepo.control", "fsrepo.cli",
         "fsrepo.maintenance", "fsrepo.auth"]),
 ]

@@ -11,13 +11,13 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from fsrepo.chunking import copy_range
+from fsrepo.chunking import hash_range
 from fsrepo.errors import FsError, RepositoryFormatError
 from fsrepo.maintenance.gc import collect
 from fsrepo.maintenance.verify import verify
@@ -29,7 +29,7 @@ from fsrepo.repository import (
     open_repository,
     parse_descriptor,
 )
-from fsrepo.store.base import Store, StoredObject
+from fsrepo.store.base import BlobSource, FileRange, FileSlice, Store, StoredObject
 from fsrepo.store.counting import PUT_FILE, PUT_FILE_CREATED, PUT_FILE_EXISTED, CountingStore
 
 from .coreutil import EngineDriver, engine_on, resolve, start_uploader
@@ -561,6 +561,123 @@ def test_a_random_write_ends_the_head_start(tmp_path: Path):
     trio.run(main)
 
 
+class TrustingServer(CountingStore):
+    """A server that stores whatever body comes under the name it is given (moto checks no
+    checksum either), and runs `during_put` while the first chunk sent from a byte range
+    of a file (early_chunks) is on its way, before its bytes are read."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.during_put: Callable[[], Awaitable[None]] | None = None
+
+    async def put_file(self, key: str, path: BlobSource, sha256_hex: str) -> bool:
+        if self.during_put is not None and isinstance(path, FileRange):
+            hook, self.during_put = self.during_put, None
+            await hook()
+        with FileSlice.whole(path) as body:
+            data = body.read()
+        if await self.inner.head(key) is not None:
+            return False
+        await self.inner.put(key, data)
+        return True
+
+
+def test_a_chunk_written_again_while_it_is_sent_early_is_not_left_in_the_bucket(
+        tmp_path: Path):
+    """The early sender streams a chunk from the staging copy: a write back into the chunk
+    while it goes up changes the bytes sent under the chunk's name. A server that does not
+    check the checksum stores them; the sender sees the write and deletes the object, so
+    every chunk in the bucket is what its name says, and the file reads back as written."""
+    data = bytearray(content(3 * MiB + 5, seed=31))
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    servers: list[TrustingServer] = []
+
+    def trusting(inner: Store) -> Store:
+        servers.append(TrustingServer(inner))
+        return servers[-1]
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache", wrap_store=trusting) as engine:
+            handle, _ = await engine.files.create(1, b"big.mov", 0o644)
+            written_back = trio.Event()
+
+            async def write_back() -> None:
+                await engine.files.write(handle.fh, 10, b"changed")
+                written_back.set()
+
+            servers[-1].during_put = write_back
+            try:
+                for off in range(0, len(data), 128 * 1024):
+                    await engine.files.write(handle.fh, off, bytes(data[off:off + 128 * 1024]))
+                with trio.fail_after(60):  # (a hang guard, not a timing assertion)
+                    await written_back.wait()
+                data[10:17] = b"changed"
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            await EngineDriver(engine).drain()
+            stored = [info.key async for info in engine.store.list("blobs/")]
+            for key in stored:
+                body = (await engine.store.get(key)).data
+                assert key == blob_key(sha(body)), "an object is not what its name says"
+            assert blob_key(sha(bytes(data[:MiB]))) in stored
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == bytes(data)
+
+    trio.run(main)
+
+
+class HoldingServer(CountingStore):
+    """Holds every chunk the early sender streams from a file until `release` is set."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.held = 0
+        self.release = trio.Event()
+
+    async def put_file(self, key: str, path: BlobSource, sha256_hex: str) -> bool:
+        if isinstance(path, FileRange) and not self.release.is_set():
+            self.held += 1
+            await self.release.wait()
+        return await super().put_file(key, path, sha256_hex)
+
+
+def test_a_file_let_go_while_its_chunks_are_in_flight_is_let_go_once(tmp_path: Path):
+    """A random write ends the head start while both early workers send chunks of the
+    file, and the file is closed before they finish: each worker finds it let go (the
+    second used to let it go again, and the KeyError stopped the mount's uploads)."""
+    data = bytearray(content(2 * MiB + 5, seed=32))
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+    servers: list[HoldingServer] = []
+
+    def holding(inner: Store) -> Store:
+        servers.append(HoldingServer(inner))
+        return servers[-1]
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache", wrap_store=holding) as engine:
+            handle, _ = await engine.files.create(1, b"big.mov", 0o644)
+            try:
+                for off in range(0, len(data), 128 * 1024):
+                    await engine.files.write(handle.fh, off, bytes(data[off:off + 128 * 1024]))
+                with trio.fail_after(60):  # (a hang guard, not a timing assertion)
+                    while servers[-1].held < 2:
+                        await trio.sleep(0.01)
+                await engine.files.write(handle.fh, 10, b"changed")
+                data[10:17] = b"changed"
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            servers[-1].release.set()
+            await EngineDriver(engine).drain()
+            engine.uploader.early.sweep()
+            assert not engine.uploader.early._files
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == bytes(data)
+
+    trio.run(main)
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
 def test_kill_9_during_a_chunked_upload_sends_no_finished_chunk_again(
         s3_bucket, s3_proxy, mounter, tmp_path: Path, delay: float):
@@ -710,14 +827,18 @@ def test_a_chunk_or_blob_kept_cut_short_in_the_bucket_is_replaced_whole(
     trio.run(main)
 
 
-def test_a_chunk_copied_out_is_hashed_on_the_way(tmp_path: Path):
+def test_a_chunk_is_hashed_from_its_range_of_the_file(tmp_path: Path):
     data = content(3 * MiB + 9, seed=23)
     path = tmp_path / "big"
     path.write_bytes(data)
-    assert copy_range(path, tmp_path / "part", 2 * MiB, MiB + 9) == sha(data[2 * MiB:])
-    assert (tmp_path / "part").read_bytes() == data[2 * MiB:]
-    with pytest.raises(OSError, match="ended before"):
-        copy_range(path, tmp_path / "part2", 3 * MiB, MiB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert hash_range(fd, 2 * MiB, MiB + 9) == sha(data[2 * MiB:])
+        assert hash_range(fd, 5, 10) == sha(data[5:15])
+        with pytest.raises(OSError, match="ended before"):
+            hash_range(fd, 3 * MiB, MiB)
+    finally:
+        os.close(fd)
 
 
 async def write_in_order(engine, name: bytes, data: bytes, chunks_first: int) -> None:
@@ -741,13 +862,13 @@ def test_the_upload_after_close_reuses_the_chunks_hashed_while_written(
 
     data = content(4 * MiB + 10, seed=24)
     storage = StorageTarget(url=f"file://{tmp_path}/repository")
-    copied: list[tuple[int, int]] = []  # (offset, length) of what the upload copied out
+    copied: list[tuple[int, int]] = []  # (offset, length) of what the upload hashed
 
-    def watched_copy(source, dest, offset: int, length: int) -> str:  # noqa: ANN001
+    def watched_hash(fd: int, offset: int, length: int) -> str:
         copied.append((offset, length))
-        return copy_range(source, dest, offset, length)
+        return hash_range(fd, offset, length)
 
-    monkeypatch.setattr(blob_upload, "copy_range", watched_copy)
+    monkeypatch.setattr(blob_upload, "hash_range", watched_hash)
 
     async def main() -> None:
         await new_repository(storage)

@@ -246,4 +246,14 @@ def test_a_format_1_repository_is_watched_the_old_way(tmp_path, store):
         await b.watcher.poll()
         assert b.watcher.legacy is True and b.views.marks == [None, None]
         b.close()
+        # A mount read the descriptor when it opened the repository: told, not asked again
+        c = Machine(tmp_path / "c", store)
+        c.watcher.legacy = None
+        c.watcher.know_format(1)
+        gets = []
+        get = c.watcher.store.get
+        c.watcher.store.get = lambda key, *a, **kw: (gets.append(key), get(key, *a, **kw))[1]
+        await c.watcher.poll()
+        assert c.watcher.legacy is True and c.views.marks == [None] and gets == []
+        c.close()
     trio.run(main)

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from fsrepo.errors import ObjectNotFound
+from fsrepo.manifest import ROOT_ID, DirEntry
 from fsrepo.repository import manifest_key
 from fsrepo.store import Store
 from fsrepo.store.counting import (
@@ -367,4 +368,50 @@ def test_the_safety_net_finds_a_manifest_changed_without_a_change_record(
             re_read = {key for (kind, key), n in cost.by_key.items()
                        if kind == GET and key.startswith("dirs/") and n}
             assert re_read == {manifest_key(target)}, cost
+    run(main)
+
+
+def test_a_remount_walks_its_unchanged_cache_with_one_request(counted: Counted) -> None:
+    """A remount with its cache, the repository unchanged since its last poll: the first
+    poll of the change records is the one request (the descriptor's format is known from
+    opening the repository, not asked again); walking every folder (the prefetcher
+    running, as in the mount) reads no manifest again. What the scale bench counts during a
+    long remount `find` beyond this are the running mount's --refresh polls."""
+    from fsrepo.head_watcher import HeadWatcher
+    from fsrepo.heads import TOUCH_KEY
+    from fsrepo.repository import HEADS_VERSION
+    from fsrepo.store.counting import GET_NOT_MODIFIED
+
+    async def walk(fs: EngineDriver, path: bytes = b"") -> int:
+        seen = 0
+        for name, entry in (await fs.listdir(path)).items():
+            seen += 1
+            if isinstance(entry, DirEntry):
+                seen += await walk(fs, path + b"/" + name if path else name)
+        return seen
+
+    async def main() -> None:
+        async with counted.engine("laptop") as eng:
+            fs = EngineDriver(eng)
+            for y in range(3):
+                await fs.mkdir(f"y{y}")
+                for e in range(4):
+                    await fs.mkdir(f"y{y}/e{e}")
+                    await fs.create(f"y{y}/e{e}/img.jpg", b"%d %d" % (y, e))
+            await fs.drain()
+            entries = await walk(fs)
+            await HeadWatcher(eng.store, eng.db, eng.ns.views, 10).poll()  # its last poll
+        async with counted.engine("laptop") as eng:
+            eng.nursery.start_soon(eng.ns.prefetcher.run)  # type: ignore[attr-defined]
+            assert eng.format_version is not None and eng.format_version >= HEADS_VERSION
+            opened = counted.snapshot()  # the repository is open (the descriptor read)
+            watcher = HeadWatcher(eng.store, eng.db, eng.ns.views, 10,
+                                  legacy=eng.format_version < HEADS_VERSION)
+            await watcher.poll()  # as Mount._first_poll, before serving
+            await eng.ns.views.fetch_ahead(ROOT_ID)  # as the mount does before serving
+            assert await walk(EngineDriver(eng)) == entries
+            await trio.sleep(0.2)  # whatever the prefetcher would still send
+            cost = counted.since(opened)
+            assert cost.total() == 1, cost.by_key
+            assert cost.under(TOUCH_KEY).total(GET, GET_NOT_MODIFIED) == 1, cost
     run(main)

@@ -22,8 +22,8 @@ ROWS = ["idle_requests_per_interval", "rss_at_mount_mib", "rss_after_find_mib",
         "hwm_after_find_mib", "rss_after_idle_mib", "status_fresh_s", "status_fresh_requests",
         "status_json_fresh_s", "status_json_fresh_requests", "status_after_find_s",
         "status_after_find_requests", "warm_find_s", "warm_find_requests", "remount_find_s",
-        "remount_find_requests", "cold_find_s", "cold_find_requests", "verify_peak_rss_mib",
-        "gc_peak_rss_mib"]
+        "remount_find_requests", "remount_find_other_requests", "cold_find_s",
+        "cold_find_requests", "verify_peak_rss_mib", "gc_peak_rss_mib"]
 
 
 def env_for(tmp: Path) -> dict[str, str]:

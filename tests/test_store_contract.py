@@ -30,6 +30,7 @@ from fsrepo.errors import (
 )
 from fsrepo.retry import REQUEST
 from fsrepo.store import NOT_MODIFIED, Store, StoredObject, open_store
+from fsrepo.store.base import FileRange
 from fsrepo.store.local import LOCK_DIR, TMP_PREFIX, LocalStore
 from fsrepo.store.s3 import S3Store
 from testservers.moto import MotoServer
@@ -249,6 +250,34 @@ def test_put_file_creates_once(store: Store, tmp_path: Path) -> None:
         assert await store.put_file(key, src, sha256(data)) is False
         assert await store.head(key) == len(data)
         assert (await read(store, key)).data == data
+
+    trio.run(main)
+
+
+def test_put_file_sends_a_range_of_an_open_file(store: Store, tmp_path: Path) -> None:
+    """A chunk goes up straight from its byte range of the file holding it (no copy of
+    its own); file:// refuses a range that does not hash to its name (S3 does too, by the
+    checksum sent with it; moto, the test server, does not check it)."""
+    data = os.urandom(300_000)
+    src = tmp_path / "video.mov"
+    src.write_bytes(data)
+    piece = data[100_000:250_000]
+    key = f"blobs/sha256/{sha256(piece)[:2]}/{sha256(piece)}"
+
+    async def main() -> None:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            assert await store.put_file(key, FileRange(fd, 100_000, 150_000),
+                                        sha256(piece)) is True
+            assert await store.head(key) == len(piece)
+            assert (await read(store, key)).data == piece
+            if isinstance(store, LocalStore):
+                with pytest.raises(IntegrityError):
+                    await store.put_file("blobs/other", FileRange(fd, 0, 150_000),
+                                         sha256(piece))
+                assert await store.head("blobs/other") is None
+        finally:
+            os.close(fd)
 
     trio.run(main)
 

@@ -18,6 +18,7 @@ Semantics every backend guarantees:
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,84 @@ class ObjectTooLarge(StorageError):
 def too_large(where: str, size: int) -> ObjectTooLarge:
     return ObjectTooLarge(f"{where} is {size >> 20} MiB, over the {GET_LIMIT >> 20} MiB "
                           "that imgrepo reads whole: refused (a damaged or hostile object)")
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes [offset, offset + length) of an open file, sent by `put_file` as one object
+    without a copy of their own (a chunk of a cached or staged file). The store reads them
+    through its own duplicate of `fd`; the caller keeps `fd` open until put_file returns."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+BlobSource = Path | FileRange  # what put_file sends: a whole file, or a range of one
+
+
+def source_size(source: BlobSource) -> int:
+    return source.length if isinstance(source, FileRange) else os.stat(source).st_size
+
+
+class FileSlice:
+    """A seekable, read-only view of `length` bytes of a file (a path, or a FileRange)
+    from `offset`: a body streamed from disk, rewindable for signing and retries."""
+
+    def __init__(self, source: BlobSource, offset: int, length: int) -> None:
+        if isinstance(source, FileRange):
+            self._fd, self._offset = os.dup(source.fd), source.offset + offset
+        else:
+            self._fd, self._offset = os.open(source, os.O_RDONLY), offset
+        self._length = length
+        self._pos = 0
+
+    @classmethod
+    def whole(cls, source: BlobSource) -> FileSlice:
+        return cls(source, 0, source_size(source))
+
+    def read(self, size: int | None = -1) -> bytes:
+        remaining = self._length - self._pos
+        if size is None or size < 0 or size > remaining:
+            size = remaining
+        parts: list[bytes] = []
+        while size > 0:
+            chunk = os.pread(self._fd, size, self._offset + self._pos)
+            if not chunk:
+                raise OSError(f"file shrank while being uploaded (at {self._offset})")
+            parts.append(chunk)
+            self._pos += len(chunk)
+            size -= len(chunk)
+        return b"".join(parts)
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        view = memoryview(buf)[:self._length - self._pos]
+        if not view:
+            return 0
+        n = os.preadv(self._fd, [view], self._offset + self._pos)
+        if n == 0:
+            raise OSError(f"file shrank while being uploaded (at {self._offset})")
+        self._pos += n
+        return n
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
+        self._pos = max(0, min(self._length, base + pos))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> FileSlice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)
@@ -102,10 +181,11 @@ class Store(abc.ABC):
         """Write a small object (manifests, descriptor); returns its new etag."""
 
     @abc.abstractmethod
-    async def put_file(self, key: str, path: Path, sha256_hex: str) -> bool:
-        """Upload a file as an immutable object, if-none-match, with its SHA-256 checksum
-        sent to the server (multipart above a threshold). Returns True if this call created
-        the object, False if it already existed."""
+    async def put_file(self, key: str, path: BlobSource, sha256_hex: str) -> bool:
+        """Upload a file (or a FileRange of one) as an immutable object, if-none-match,
+        with its SHA-256 checksum sent to the server (multipart above a threshold), which
+        refuses a body that does not match it. Returns True if this call created the
+        object, False if it already existed."""
 
     @abc.abstractmethod
     async def head(self, key: str) -> int | None:

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from .base import NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject
+from .base import (
+    NOT_MODIFIED,
+    BlobSource,
+    NotModified,
+    ObjectInfo,
+    Store,
+    StoredObject,
+    source_size,
+)
 
 K = TypeVar("K")
 
@@ -191,8 +199,8 @@ class CountingStore(Store):
         self._count(kind, key, sent=len(data))
         return etag
 
-    async def put_file(self, key: str, path: Path, sha256_hex: str) -> bool:
-        size = path.stat().st_size
+    async def put_file(self, key: str, path: BlobSource, sha256_hex: str) -> bool:
+        size = source_size(path)
         try:
             created = await self.inner.put_file(key, path, sha256_hex)
         except BaseException:

@@ -38,7 +38,17 @@ from ..errors import (
     StorageAccessDenied,
     StorageError,
 )
-from .base import GET_LIMIT, NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject, too_large
+from .base import (
+    GET_LIMIT,
+    NOT_MODIFIED,
+    BlobSource,
+    FileSlice,
+    NotModified,
+    ObjectInfo,
+    Store,
+    StoredObject,
+    too_large,
+)
 from .threads import run_stoppable
 
 CHUNK = 1 << 20
@@ -355,7 +365,7 @@ class LocalStore(Store):
 
         return await self._run("write", key, work)
 
-    async def put_file(self, key: str, path: Path, sha256_hex: str) -> bool:
+    async def put_file(self, key: str, path: BlobSource, sha256_hex: str) -> bool:
         """Copies in chunks (never the whole file in memory), checking the SHA-256 on the way."""
         final = self._path(key)
         expected = sha256_hex.lower()
@@ -364,7 +374,7 @@ class LocalStore(Store):
             if final.exists():
                 return False
             try:
-                src = open(path, "rb")
+                src = FileSlice.whole(path)
             except OSError as exc:  # the caller's file, not the storage
                 raise _CallerFileError(exc) from exc
             with src:

@@ -1,10 +1,14 @@
 """`s3://` backend: a repository under a prefix of an S3 bucket, with S3's own conditional
 writes.
 
-Blocking requests run in worker threads (`trio.to_thread.run_sync`) under one
-`CapacityLimiter`. The blob requests (HEAD, PUT if new, streaming GET) go through the
-`BlobTransport` chosen at construction (`s3blobs`); everything else through the boto3 client
-(`s3client`). This is the one place that retries a single request, by the REQUEST policy of
+Blocking requests run in worker threads (`trio.to_thread.run_sync`) under two
+`CapacityLimiter`s: one for the small requests a walk or an upload's check makes many of
+(whole-object GETs of manifests, HEADs: `small_concurrency`, 48, since at 20 ms of RTT a
+cold walk wants many in flight and must not queue behind big transfers), one for everything
+else (`max_concurrency`, 16). The blob requests (HEAD, PUT if new, streaming GET) and the
+whole-object GET go through the `BlobTransport` chosen at construction (`s3blobs`: plain
+keep-alive connections where it can, ~half of boto3's CPU per request); everything else
+through the boto3 client (`s3client`). This is the one place that retries a single request, by the REQUEST policy of
 `fsrepo.retry`: botocore's own retries (throttling, 5xx, dropped connections), and here
 
 - `409 ConditionalRequestConflict` (real S3 answers it to racing conditional writes;
@@ -34,7 +38,16 @@ import trio
 
 from ..errors import ImgrepoError, IntegrityError, ObjectNotFound, PreconditionFailed
 from ..retry import REQUEST, Backoff
-from .base import GET_LIMIT, NOT_MODIFIED, NotModified, ObjectInfo, Store, StoredObject, too_large
+from .base import (
+    GET_LIMIT,
+    NOT_MODIFIED,
+    BlobSource,
+    NotModified,
+    ObjectInfo,
+    Store,
+    StoredObject,
+    source_size,
+)
 from .s3blobs import BlobTransport, blob_transport
 from .s3client import new_client
 from .s3errors import (
@@ -69,6 +82,7 @@ class S3Store(Store):
         region: str | None = None,
         max_concurrency: int = 16,
         *,
+        small_concurrency: int = 48,
         multipart_threshold: int = 64 * MiB,
         part_size: int = 16 * MiB,
         part_concurrency: int = 4,
@@ -88,15 +102,18 @@ class S3Store(Store):
         self._page_size = list_page_size
         self._retries = retries
         self._limiter = trio.CapacityLimiter(max_concurrency)
+        self._small = trio.CapacityLimiter(max(1, small_concurrency))  # GETs whole, HEADs
+        in_flight = max_concurrency + max(1, small_concurrency)
         session = session or boto3.session.Session()
         self._client = new_client(session, self.url, endpoint_url, region, policy=retries,
-                                  max_concurrency=max_concurrency,
+                                  max_concurrency=in_flight,
                                   connect_timeout=connect_timeout, read_timeout=read_timeout)
         self.endpoint: str = self._client.meta.endpoint_url
         self._errors = S3Errors(bucket, self.url, self.endpoint, retries.attempts or 1)
         self.blobs: BlobTransport = blob_transport(
             self._client, session, bucket, self._root, self._errors,
-            policy=retries, connect_timeout=connect_timeout, read_timeout=read_timeout)
+            policy=retries, connect_timeout=connect_timeout, read_timeout=read_timeout,
+            pool_size=in_flight)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint!r})"
@@ -144,9 +161,9 @@ class S3Store(Store):
                     raise
                 time.sleep(self._retries.delay(tries))
 
-    def _read_body(self, body: Any, limit: int | None = None) -> bytes:
+    def _read_body(self, body: Any) -> bytes:
         try:
-            return bytes(body.read() if limit is None else body.read(limit + 1))
+            return bytes(body.read())
         except STREAM_ERRORS as exc:
             raise BrokenBody(f"the response body broke off: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -166,27 +183,17 @@ class S3Store(Store):
             raise self._errors.no_such_bucket() from None
 
     async def get(self, key: str, if_none_match: str | None = None) -> StoredObject | NotModified:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
-        if if_none_match is not None:
-            args["IfNoneMatch"] = if_none_match
+        """Through the blob transport (the direct path where it serves), under the limiter of
+        small requests: a walk makes one per folder."""
+        full = self._key(key)
+        limit = GET_LIMIT
 
         def once() -> StoredObject | NotModified:
-            try:
-                resp = self._client.get_object(**args)
-            except bx.ClientError as exc:
-                if client_error_status(exc)[0] == 304:
-                    return NOT_MODIFIED
-                raise
-            size = int(resp.get("ContentLength") or 0)
-            if size > GET_LIMIT:
-                resp["Body"].close()
-                raise too_large(self._errors.where(self._key(key)), size)
-            data = self._read_body(resp["Body"], GET_LIMIT)
-            if len(data) > GET_LIMIT:  # a server that did not say
-                raise too_large(self._errors.where(self._key(key)), len(data))
-            return StoredObject(data=data, etag=self._errors.etag_of(resp, "read", self._key(key)))
+            got = self.blobs.get_small(full, if_none_match, limit)
+            return NOT_MODIFIED if got is None else StoredObject(data=got[1], etag=got[0])
 
-        return await self._call("read", key, lambda: self._retry_broken_body(key, once))
+        return await trio.to_thread.run_sync(lambda: self._retry_broken_body(key, once),
+                                             limiter=self._small)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         if start < 0 or end <= start:
@@ -256,7 +263,7 @@ class S3Store(Store):
 
     async def head(self, key: str) -> int | None:
         return await trio.to_thread.run_sync(self.blobs.head, self._key(key),
-                                             limiter=self._limiter)
+                                             limiter=self._small)
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         args: dict[str, Any] = {
@@ -304,22 +311,22 @@ class S3Store(Store):
             key, lambda: self._call("write", key, lambda: self._client.put_object(**args)))
         return self._errors.etag_of(resp, "write", self._key(key))
 
-    async def put_file(self, key: str, path: Path, sha256_hex: str) -> bool:
+    async def put_file(self, key: str, path: BlobSource, sha256_hex: str) -> bool:
         """Streams from disk: one PUT up to the threshold, multipart above it. Does not HEAD
         first (the caller knows whether that is worth a request)."""
         checksum = _b64(sha256_hex)
-        size = await trio.to_thread.run_sync(lambda: os.stat(path).st_size)
+        size = await trio.to_thread.run_sync(source_size, path)
         if size <= self._threshold:
             return await self._put_single(key, path, size, checksum, sha256_hex.lower())
         return await self._put_multipart(key, path, size, sha256_hex.lower())
 
-    async def _put_single(self, key: str, path: Path, size: int, checksum: str,
+    async def _put_single(self, key: str, path: BlobSource, size: int, checksum: str,
                           sha256_hex: str) -> bool:
         full = self._key(key)
         return await self._retry_conflicts(key, lambda: trio.to_thread.run_sync(
             self.blobs.put_new, full, path, size, sha256_hex, checksum, limiter=self._limiter))
 
-    async def _put_multipart(self, key: str, path: Path, size: int, expected: str) -> bool:
+    async def _put_multipart(self, key: str, path: BlobSource, size: int, expected: str) -> bool:
         full = self._key(key)
         part_size = max(self._part_size, -(-size // MAX_PARTS))
         ranges = [

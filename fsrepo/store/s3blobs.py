@@ -1,4 +1,5 @@
-"""The requests every blob needs (HEAD, PUT if new, streaming GET), behind one interface.
+"""The requests every blob needs (HEAD, PUT if new, streaming GET), and the whole-object
+GET of a manifest (many per walk, small), behind one interface.
 
 Two transports implement `BlobTransport`: `Boto3Blobs` (boto3's full request pipeline) and
 `s3direct.DirectBlobs` (plain keep-alive http.client, half the CPU per request). The store
@@ -14,13 +15,13 @@ import logging
 import os
 import re
 import threading
-from pathlib import Path
 from typing import Any, Protocol
 
 import botocore.exceptions as bx
 
 from ..retry import Backoff
-from .s3direct import DirectBlobs, DirectUnsupported
+from .base import BlobSource, FileSlice, too_large
+from .s3direct import SAFE_KEY, DirectBlobs, DirectUnsupported
 from .s3errors import STREAM_ERRORS, BrokenBody, S3Errors, client_error_status
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,12 @@ class BlobTransport(Protocol):
     def head(self, key: str) -> int | None:
         """The object's size, or None if it does not exist."""
 
-    def put_new(self, key: str, path: Path, size: int, sha256_hex: str,
+    def get_small(self, key: str, if_none_match: str | None, limit: int
+                  ) -> tuple[str, bytes] | None:
+        """The whole object and its etag; None while it still has the etag `if_none_match`.
+        Over `limit` bytes: ObjectTooLarge, left unread."""
+
+    def put_new(self, key: str, path: BlobSource, size: int, sha256_hex: str,
                 checksum_b64: str) -> bool:
         """PUT the file at `path` unless the key exists: True if this request created it,
         False if it was there already."""
@@ -75,9 +81,34 @@ class Boto3Blobs:
             raise self._errors.botocore(exc, "stat", key) from exc
         return int(resp["ContentLength"])
 
-    def put_new(self, key: str, path: Path, size: int, sha256_hex: str,
+    def get_small(self, key: str, if_none_match: str | None, limit: int
+                  ) -> tuple[str, bytes] | None:
+        args = {"Bucket": self._bucket, "Key": key}
+        if if_none_match is not None:
+            args["IfNoneMatch"] = if_none_match
+        try:
+            resp = self._client.get_object(**args)
+        except bx.ClientError as exc:
+            if client_error_status(exc)[0] == 304:
+                return None
+            raise self._errors.botocore(exc, "read", key) from exc
+        except bx.BotoCoreError as exc:
+            raise self._errors.botocore(exc, "read", key) from exc
+        body = Boto3Body(resp["Body"])
+        try:
+            size = int(resp.get("ContentLength") or 0)
+            if size > limit:
+                raise too_large(self._errors.where(key), size)
+            data = body.read(limit + 1)
+        finally:
+            body.close()
+        if len(data) > limit:  # a server that did not say
+            raise too_large(self._errors.where(key), len(data))
+        return self._errors.etag_of(resp, "read", key), data
+
+    def put_new(self, key: str, path: BlobSource, size: int, sha256_hex: str,
                 checksum_b64: str) -> bool:
-        with open(path, "rb") as body:
+        with FileSlice.whole(path) as body:
             try:
                 self._client.put_object(Bucket=self._bucket, Key=key, Body=body,
                                         ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum_b64,
@@ -156,7 +187,18 @@ class LatchedBlobs:
                 self._latch(why)
         return self._fallback.head(key)
 
-    def put_new(self, key: str, path: Path, size: int, sha256_hex: str,
+    def get_small(self, key: str, if_none_match: str | None, limit: int
+                  ) -> tuple[str, bytes] | None:
+        # A key that needs escaping (a snapshot's name may hold ":" or "+") is the key's
+        # trait, not the server's: that one goes to boto3, the store stays on the direct path.
+        if not self._latched and SAFE_KEY.fullmatch(key):
+            try:
+                return self._direct.get_small(key, if_none_match, limit)
+            except DirectUnsupported as why:
+                self._latch(why)
+        return self._fallback.get_small(key, if_none_match, limit)
+
+    def put_new(self, key: str, path: BlobSource, size: int, sha256_hex: str,
                 checksum_b64: str) -> bool:
         if not self._latched:
             try:
@@ -180,8 +222,8 @@ class LatchedBlobs:
 
 
 def blob_transport(client: Any, session: Any, bucket: str, prefix: str, errors: S3Errors, *,
-                   policy: Backoff, connect_timeout: float, read_timeout: float
-                   ) -> BlobTransport:
+                   policy: Backoff, connect_timeout: float, read_timeout: float,
+                   pool_size: int = 32) -> BlobTransport:
     """The direct path where it can serve this store (no proxy, no client certificate, a
     region to sign for, a prefix that needs no escaping), else boto3."""
     boto3_blobs = Boto3Blobs(client, bucket, errors)
@@ -191,5 +233,6 @@ def blob_transport(client: Any, session: Any, bucket: str, prefix: str, errors: 
             or not client.meta.region_name or not SAFE_PREFIX.fullmatch(prefix)):
         return boto3_blobs
     direct = DirectBlobs(client, session, bucket, errors, policy=policy,
-                         connect_timeout=connect_timeout, read_timeout=read_timeout)
+                         connect_timeout=connect_timeout, read_timeout=read_timeout,
+                         pool_size=pool_size)
     return LatchedBlobs(direct, boto3_blobs)
