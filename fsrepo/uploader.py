@@ -230,7 +230,7 @@ class Uploader:
                     or schedule.held_back(dir_id, now):
                 continue
             batch = schedule.committable(dir_id)
-            if batch and schedule.due(dir_id, len(batch), pending):
+            if batch and schedule.due(dir_id, batch, pending):
                 self._committing.add(dir_id)
                 schedule.commit_started(dir_id)
                 nursery.start_soon(self._commit, dir_id, batch)
