@@ -26,6 +26,7 @@ import trio
 from .blobcache import BlobCache
 from .closed_log import ClosedLog
 from .errors import FsError, errno_for
+from .fdlimit import unnamed_copies_cap
 from .group_commit import GroupCommitter
 from .handles import HandleTable
 from .inodes import Node
@@ -52,7 +53,8 @@ class RemoteBlobs(Protocol):
 class Committer:
     def __init__(self, ns: Namespace, cache: BlobCache, staging: StagingArea,
                  handles: HandleTable, reads: BlobReads, remote: RemoteBlobs,
-                 durable: GroupCommitter, closed_log: ClosedLog) -> None:
+                 durable: GroupCommitter, closed_log: ClosedLog,
+                 max_unnamed: int | None = None) -> None:
         self.ns = ns
         self.cache = cache
         self.staging = staging
@@ -64,6 +66,8 @@ class Committer:
         self.sealed: dict[int, Staging] = {}  # ino -> the staging copy being committed
         self.closed_log = closed_log
         self.closed: dict[int, Node] = {}  # ino -> a file closed, its copy not named yet
+        # Each keeps its copy's descriptor open: past this many, close() names at once.
+        self.max_unnamed = unnamed_copies_cap() if max_unnamed is None else max_unnamed
         self._folders: dict[int, list[Node]] = {}  # ino -> its folders' inodes, pinned
         self.unnamed_failures = 0  # copies that could not be named: their log lines stay
         self._naming = 0  # closed copies being named now (their log lines still count)
@@ -85,7 +89,8 @@ class Committer:
             return
         if node.parent == 0 and self.handles.is_open(node):
             return  # unlinked: its data lives in the staging copy while descriptors remain
-        if st.synced or not self.record_closed(node, st):
+        if st.synced or len(self.closed) >= self.max_unnamed \
+                or not self.record_closed(node, st):
             await self.commit(node)
 
     def record_closed(self, node: Node, st: Staging) -> bool:

@@ -28,6 +28,7 @@ from .connectivity import GuardedStore
 from .endpoint_check import not_s3_reason
 from .engine import Engine
 from .errors import ImgrepoError, ObjectNotFound, PreconditionFailed
+from .fdlimit import raise_open_files_limit
 from .fs import KernelInvalidator
 from .head_watcher import HeadWatcher
 from .maintenance.duplicates import duplicate_groups
@@ -437,6 +438,7 @@ def _exit_if_stuck(grace: float) -> None:
 
 async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None,
                     read_only: bool = False, fuse_options: Iterable[str] = ()) -> None:
+    raise_open_files_limit()  # (closed copies keep descriptors until named: fdlimit.py)
     store = open_store(settings.storage, settings.endpoint_url, settings.region)
     started = False
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import resource
 import shutil
+import subprocess
+import sys
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import trio
 from fsrepo.closed_log import current_boot_id
 from fsrepo.engine import Engine
 from fsrepo.errors import FsError
+from fsrepo.fdlimit import MAX_UNNAMED_COPIES, unnamed_copies_cap
 from fsrepo.files import AttrChange
 from fsrepo.inodes import ROOT_INO
 from fsrepo.store.base import Store
@@ -424,3 +428,58 @@ def test_a_closed_file_truncated_by_path_keeps_its_content(tmp_path):
             assert await read_file(eng, "a") == b"1234"
 
     trio.run(main)
+
+
+def staging_descriptors(state_dir: Path) -> int:
+    """This process's open descriptors on staging copies."""
+    staging = str(state_dir / "staging")
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith(staging + "/")
+        except OSError:
+            continue  # (closed meanwhile)
+    return count
+
+
+def test_past_the_cap_close_names_at_once_and_keeps_no_descriptor(tmp_path):
+    """A closed copy keeps its descriptor until named: past `max_unnamed` of them, close()
+    names the file at once (its blob in the cache, no descriptor kept), so a burst of
+    closes cannot run the mount out of descriptors; every file survives a kill -9 either
+    way."""
+    state_dir, disk = disk_for(tmp_path)
+    files = {f"f{i}.jpg": os.urandom(20_000 + i) for i in range(8)}
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            eng.files.commits.max_unnamed = 3
+            for name, data in files.items():
+                await write_file(eng, name, data)
+            assert len(eng.files.commits.closed) == 3
+            assert staging_descriptors(state_dir) == 3
+            named = [name for name, data in files.items() if eng.cache.has(sha(data))]
+            assert named == [f"f{i}.jpg" for i in range(3, 8)]  # those past the cap
+            after_kill = killed(tmp_path / "cache", tmp_path, "killed")
+        async with engine_after(tmp_path, after_kill) as eng:
+            for name, data in files.items():
+                assert await read_file(eng, name) == data
+
+    trio.run(main)
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_one_and_sets_the_cap() -> None:
+    """A mount started under the usual soft limit (here 256) raises it to the hard limit;
+    closed copies may hold a quarter of the soft limit, at most MAX_UNNAMED_COPIES."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    out = subprocess.run(
+        [sys.executable, "-c", "import resource; from fsrepo.fdlimit import "
+         "raise_open_files_limit as r; print(r(), resource.getrlimit(resource.RLIMIT_NOFILE))"],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    soft, limits = out.stdout.split(" ", 1)
+    assert int(soft) > 256 and limits.strip() == f"({soft}, {hard})"
+    assert unnamed_copies_cap(1024) == 256 and unnamed_copies_cap(100) == 25
+    assert unnamed_copies_cap(1 << 20) == unnamed_copies_cap(resource.RLIM_INFINITY) \
+        == MAX_UNNAMED_COPIES
