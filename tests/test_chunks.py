@@ -511,8 +511,7 @@ def test_chunks_of_a_file_being_written_are_sent_before_its_close(tmp_path: Path
             node = engine.ns.node(1)
             handle, _ = await engine.files.create(node.ino, b"big.mov", 0o644)
             try:
-                for off in range(0, len(data), 128 * 1024):
-                    await engine.files.write(handle.fh, off, data[off:off + 128 * 1024])
+                await write_pieces(engine, handle.fh, data)
                 full = {blob_key(sha(data[at:at + MiB])) for at in range(0, 5 * MiB, MiB)}
                 with trio.fail_after(60):  # (a hang guard, not a timing assertion)
                     while not full <= set(chunk_sends(counted[-1])):
@@ -545,8 +544,7 @@ def test_a_random_write_ends_the_head_start(tmp_path: Path):
         async with engine_on(storage, tmp_path / "cache") as engine:
             handle, _ = await engine.files.create(1, b"big.mov", 0o644)
             try:
-                for off in range(0, len(data), 128 * 1024):
-                    await engine.files.write(handle.fh, off, bytes(data[off:off + 128 * 1024]))
+                await write_pieces(engine, handle.fh, data)
                 with trio.fail_after(60):
                     while engine.uploader.early.sent < 3:
                         await trio.sleep(0.01)
@@ -608,8 +606,7 @@ def test_a_chunk_written_again_while_it_is_sent_early_is_not_left_in_the_bucket(
 
             servers[-1].during_put = write_back
             try:
-                for off in range(0, len(data), 128 * 1024):
-                    await engine.files.write(handle.fh, off, bytes(data[off:off + 128 * 1024]))
+                await write_pieces(engine, handle.fh, data)
                 with trio.fail_after(60):  # (a hang guard, not a timing assertion)
                     await written_back.wait()
                 data[10:17] = b"changed"
@@ -659,8 +656,7 @@ def test_a_file_let_go_while_its_chunks_are_in_flight_is_let_go_once(tmp_path: P
         async with engine_on(storage, tmp_path / "cache", wrap_store=holding) as engine:
             handle, _ = await engine.files.create(1, b"big.mov", 0o644)
             try:
-                for off in range(0, len(data), 128 * 1024):
-                    await engine.files.write(handle.fh, off, bytes(data[off:off + 128 * 1024]))
+                await write_pieces(engine, handle.fh, data)
                 with trio.fail_after(60):  # (a hang guard, not a timing assertion)
                     while servers[-1].held < 2:
                         await trio.sleep(0.01)
@@ -841,13 +837,18 @@ def test_a_chunk_is_hashed_from_its_range_of_the_file(tmp_path: Path):
         os.close(fd)
 
 
+async def write_pieces(engine, fh: int, data: bytes | bytearray) -> None:
+    """Write `data` from offset 0 in 128 KiB requests, as cp does."""
+    for off in range(0, len(data), 128 * 1024):
+        await engine.files.write(fh, off, bytes(data[off:off + 128 * 1024]))
+
+
 async def write_in_order(engine, name: bytes, data: bytes, chunks_first: int) -> None:
     """Create `name` and write `data` in 128 KiB requests, as cp does, waiting before the
     close until the writer's first `chunks_first` chunks were sent."""
     handle, _ = await engine.files.create(1, name, 0o644)
     try:
-        for off in range(0, len(data), 128 * 1024):
-            await engine.files.write(handle.fh, off, data[off:off + 128 * 1024])
+        await write_pieces(engine, handle.fh, data)
         with trio.fail_after(60):  # (a hang guard, not a timing assertion)
             while engine.uploader.early.sent < chunks_first:
                 await trio.sleep(0.01)
