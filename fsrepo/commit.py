@@ -155,7 +155,9 @@ class Committer:
         try:
             await self.commit(node)
         except FsError:
-            self.unnamed_failures += 1  # (logged; the copy and its line stay for recovery)
+            pass  # (logged and counted: the copy and its line stay for the recovery)
+        except OSError as exc:  # (reading the copy back to hash it)
+            log.error("cannot name a closed file (it stays for the next start): %s", exc)
         finally:  # unpinned: forgotten if nothing refers to them (children first)
             self.ns.inodes.drop_if_unused(node)
             for folder in chain:
@@ -173,7 +175,14 @@ class Committer:
         chain = self._folders.pop(node.ino)
         self._naming += 1
         try:
-            await self._commit(node)
+            # Begun, a naming is finished (local work: a hash, a link, a journal write): one
+            # cut short by a cancellation (an unmount, a stopping uploader) would leave a
+            # copy no longer closed and not named, whose log line the next emptying drops.
+            with trio.CancelScope(shield=True):
+                await self._commit(node)
+        except BaseException:
+            self.unnamed_failures += 1  # its copy and log line stay for the recovery
+            raise
         finally:
             self._naming -= 1
             node.opens -= 1  # (the pins of `record_closed`; a caller may hold the node still)

@@ -177,8 +177,11 @@ class GroupCommitter:
                 return
             if self.name_closed is not None:
                 await self.name_closed()
+            # What this commit covers of the notes: a close() recorded after the naming
+            # (while the journal is written, below) is not named by it, and stays due.
+            noted = self._noted
             await self.journal.write_queued()
-            covered = (self.journal.writes, self._noted)
+            covered = (self.journal.writes, noted)
             journal = covered[0] > self._covered[0]
             data, self._data = self._data, {}
             copies, self._copies = self._copies, {}

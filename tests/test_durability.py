@@ -430,6 +430,64 @@ def test_a_closed_file_truncated_by_path_keeps_its_content(tmp_path):
     trio.run(main)
 
 
+def test_a_close_during_a_group_commit_is_named_by_the_next_one(tmp_path):
+    """A close() recorded while a group commit writes the journal, after that commit named
+    the closed files, is not covered by it: the next commit (the interval's, an fsync's)
+    names it and makes it power-safe instead of finding nothing to do."""
+    _, disk = disk_for(tmp_path)
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            await write_file(eng, "a.jpg", b"A" * 1000)
+            await write_file(eng, "b.jpg", b"B" * 1000)
+            await eng.durable.commit()
+            write_queued = eng.journal.write_queued
+
+            async def close_meanwhile() -> None:
+                eng.journal.write_queued = write_queued  # (once)
+                await overwrite_file(eng, "b.jpg", b"b" * 2000)  # no new name: only logged
+                await write_queued()
+
+            eng.journal.write_queued = close_meanwhile  # type: ignore[method-assign]
+            await write_file(eng, "c.jpg", b"C" * 1000)
+            await eng.durable.commit()
+            node, _ = await resolve(eng, "b.jpg")
+            assert eng.files.commits.is_closed(node.ino)  # closed after that commit's naming
+            await eng.durable.commit()
+            assert not eng.files.commits.is_closed(node.ino)
+            lost_at = power_loss(disk, tmp_path, "lost")
+        async with engine_after(tmp_path, lost_at) as eng:
+            assert await read_file(eng, "b.jpg") == b"b" * 2000
+            assert await read_file(eng, "c.jpg") == b"C" * 1000
+
+    trio.run(main)
+
+
+def test_a_naming_cut_short_by_a_cancellation_is_finished_and_its_file_kept(tmp_path):
+    """An unmount cancels the uploader, which may be naming closed files: the naming, once
+    begun, is finished, so the unmount's commit neither drops the file's log line nor
+    leaves it out; after a power loss (a reboot after the unmount) the file is there."""
+    _, disk = disk_for(tmp_path)
+    data = os.urandom(300_000)
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            handle, _ = await eng.files.create(ROOT_INO, b"edited.jpg", 0o644)
+            await eng.files.write(handle.fh, 0, b"x" * 1000)
+            await eng.files.write(handle.fh, 0, data)  # not sequential: hashed by a thread
+            await eng.files.flush(handle.fh)
+            await eng.files.release(handle.fh)
+            with trio.CancelScope() as scope:
+                scope.cancel()  # (the uploader's naming, cancelled at its first await)
+                await eng.files.name_closed()
+            await eng.durable.commit()  # the unmount's
+            lost_at = power_loss(disk, tmp_path, "lost")
+        async with engine_after(tmp_path, lost_at) as eng:
+            assert await read_file(eng, "edited.jpg") == data
+
+    trio.run(main)
+
+
 def staging_descriptors(state_dir: Path) -> int:
     """This process's open descriptors on staging copies."""
     staging = str(state_dir / "staging")
