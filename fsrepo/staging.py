@@ -233,8 +233,12 @@ class StagingArea:
             log.info("staging copy %s is gone (its file was named): skipped", copy.path)
             state.recover_synced_copy(copy, None)
             return 0
-        if state.journaled(copy.dir_id, copy.name, sha):
-            state.recover_synced_copy(copy, None)  # its close() was journaled
+        # A synced copy's close() journaled it (later ops may have renamed or removed the
+        # name since); a closed copy is gone once named, so only a naming cut short by
+        # the crash leaves it with its op, the name's last (an earlier op of the name
+        # with this content says nothing: X, Y, then X again).
+        if state.journaled(copy.dir_id, copy.name, sha, last=mtime_ns is not None):
+            state.recover_synced_copy(copy, None)
             return 0
         cache.link_in(path, sha)
         state.recover_synced_copy(copy, FileEntry(

@@ -256,10 +256,12 @@ class LocalState:
                     (seq, copy.dir_id, copy.name, _dump(entry), _dump(copy.base), now))
             self.db.execute("DELETE FROM synced_copies WHERE path=?", (copy.path,))
 
-    def journaled(self, dir_id: str, name: bytes, sha: str) -> bool:
-        """Whether a pending op already puts this content under the name."""
-        for (text,) in self.db.execute("SELECT entry FROM ops WHERE dir_id=? AND name=?",
-                                       (dir_id, name)):
+    def journaled(self, dir_id: str, name: bytes, sha: str, last: bool = False) -> bool:
+        """Whether a pending op already puts this content under the name (`last`: the
+        name's last pending op)."""
+        for (text,) in self.db.execute("SELECT entry FROM ops WHERE dir_id=? AND name=? "
+                                       "ORDER BY seq DESC LIMIT ?",
+                                       (dir_id, name, 1 if last else -1)):
             entry = _load(text)
             if isinstance(entry, FileEntry) and entry.sha256 == sha:
                 return True

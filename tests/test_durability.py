@@ -384,6 +384,28 @@ def test_closed_files_not_named_yet_survive_a_kill_9_whole_and_named(tmp_path):
     trio.run(main)
 
 
+def test_a_closed_copy_back_at_an_earlier_content_survives_a_kill_9(tmp_path):
+    """X, then Y, then X again under one name, the last close not named when the mount is
+    killed: the next start keeps X, the last content, though an earlier pending op of the
+    name put X there too (only the name's last op says whether this copy was named)."""
+    _, disk = disk_for(tmp_path)
+    x, y = b"X" * 32_000, b"Y" * 32_000
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            await write_file(eng, "a.jpg", x)
+            await eng.files.name_closed()
+            await overwrite_file(eng, "a.jpg", y)
+            await overwrite_file(eng, "a.jpg", x)  # (names y first: its copy is rewritten)
+            node, _ = await resolve(eng, "a.jpg")
+            assert eng.files.commits.is_closed(node.ino)
+            after_kill = killed(tmp_path / "cache", tmp_path, "killed")
+        async with engine_after(tmp_path, after_kill) as eng:
+            assert await read_file(eng, "a.jpg") == x
+
+    trio.run(main)
+
+
 def test_a_closed_copy_logged_under_another_boot_is_dropped(tmp_path):
     """After a power loss (a new boot id) an unnamed copy may be torn and has no hash to be
     checked against: its log line is not trusted, the content is absent (never torn), the
