@@ -157,16 +157,38 @@ class UploadSchedule:
         manifest write applies each name's ops in their order and touches no other name),
         so a name held back (its blob still on its way, a rename's removal waiting for its
         addition) holds back no other name: files closed together, one of them stuck, do
-        not wait for it. An op whose blob is not in the bucket yet can go only with a later
+        not wait for it; only a removal after an op held back waits too (it may be the
+        other half of a rename: `_removal_after_a_gap`). An op whose blob is not in the bucket yet can go only with a later
         op on its name that replaces it (a file created empty, then written: its empty
         version is never uploaded)."""
         ops = self.journal.by_dir.get(dir_id, [])
-        chosen: set[int] = set()
-        for run in self._runs(ops).values():
-            while run and self._needs_blob(run[-1]):  # the batch writes a name's last op
-                run.pop()
-            chosen.update(p.seq for p in run)
-        return [p for p in ops if p.seq in chosen]
+        runs = self._runs(ops)
+        while True:
+            chosen: set[int] = set()
+            for run in runs.values():
+                while run and self._needs_blob(run[-1]):  # the batch writes a name's last op
+                    run.pop()
+                chosen.update(p.seq for p in run)
+            cut = self._removal_after_a_gap(ops, chosen)
+            if cut is None:
+                return [p for p in ops if p.seq in chosen]
+            run = runs[cut.op.name]
+            del run[run.index(cut):]
+
+    @staticmethod
+    def _removal_after_a_gap(ops: list[PendingOp], chosen: set[int]) -> PendingOp | None:
+        """The first chosen removal that comes after an op left out. A rename within a
+        folder is two ops with nothing tying them (put the new name, remove the old): a
+        removal after a gap may be the second half of one whose first half waits, and
+        goes only with it (with its name's later ops), so the bucket never loses the
+        file in between."""
+        gap = False
+        for p in ops:
+            if p.seq not in chosen:
+                gap = True
+            elif gap and p.op.entry is None:
+                return p
+        return None
 
     def _runs(self, ops: list[PendingOp]) -> dict[bytes, list[PendingOp]]:
         """Each name's ops that nothing holds back: up to its first op that waits for

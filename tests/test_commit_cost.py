@@ -378,7 +378,7 @@ class _Ops:
 
     def add(self, dir_id: str, name: bytes, entry: FileEntry | None, base: FileEntry | None = None,
             requires: int | None = None) -> PendingOp:
-        p = PendingOp(len(self.by_seq) + 1, dir_id, Op(name, entry, base), requires)
+        p = PendingOp(self.version + 1, dir_id, Op(name, entry, base), requires)
         self.by_dir.setdefault(dir_id, []).append(p)
         self.by_seq[p.seq] = p
         self.version += 1
@@ -394,8 +394,10 @@ class _Ops:
 def test_a_name_held_back_holds_back_no_other_name_of_its_folder() -> None:
     """Files closed together are named together: their creates come before their contents
     (create a, create b, put b, put a). With b's blob stuck, a's create and content go; b's
-    create does not (its empty version is never uploaded), nor does a rename's removal
-    whose addition waits for its blob, nor a later op on that removed name."""
+    create does not (its empty version is never uploaded), nor does the removal of a
+    rename within the folder whose addition waits for its blob (nothing ties the two ops
+    but their order), nor a later op on that removed name; a rename to another folder
+    (`requires`) waits for its addition's commit."""
     def blob(data: bytes) -> FileEntry:
         return FileEntry(hashlib.sha256(data).hexdigest(), len(data), 1, 0o644)
     ops = _Ops()
@@ -407,17 +409,20 @@ def test_a_name_held_back_holds_back_no_other_name_of_its_folder() -> None:
     create_a, create_b = ops.add("d", b"a.jpg", empty), ops.add("d", b"b.jpg", empty)
     put_b, put_a = ops.add("d", b"b.jpg", b, empty), ops.add("d", b"a.jpg", a, empty)
     moved_to = ops.add("d", b"new.jpg", b)  # old.jpg -> new.jpg in one folder, b's content
-    moved_from = ops.add("d", b"old.jpg", None, c, requires=moved_to.seq)
+    moved_from = ops.add("d", b"old.jpg", None, c)  # (as namespace.rename records it)
     again = ops.add("d", b"old.jpg", a)  # a new old.jpg: after the removal, not before
     assert set(schedule.pending_blobs()) == {a.sha256, b.sha256}
     bucket.seen_in_bucket(a.sha256)
     batch = schedule.committable("d")
-    assert batch == [old, create_a, put_a]
+    assert batch == [old, create_a, put_a]  # old.jpg's removal waits for new.jpg's put
     ops.retire(batch)
     assert schedule.committable("d") == []  # b's blob is still on its way
+    away = ops.add("e", b"gone.jpg", None, a, requires=ops.add("f", b"gone.jpg", a).seq)
+    assert schedule.committable("e") == []  # moved to f: after f's commit
     bucket.seen_in_bucket(b.sha256)
     batch = schedule.committable("d")
-    assert batch == [create_b, put_b, moved_to]  # the removal waits for its addition
+    assert batch == [create_b, put_b, moved_to, moved_from, again]  # the rename together
     ops.retire(batch)
-    assert schedule.committable("d") == [moved_from, again]
+    ops.retire(schedule.committable("f"))
+    assert schedule.committable("e") == [away]
     assert schedule.pending_blobs() == {}
