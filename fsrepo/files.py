@@ -368,8 +368,11 @@ class FileManager:
         try:
             if st is not None and not self.handles.is_open(node):
                 await self.commits.close(node)
-                if st.closed and self.staging.staged.get(node.ino) is st:
-                    return  # recorded: the copy stays until it is named
+                if st.closed or self.staging.staged.get(node.ino) is not st \
+                        or self.handles.is_open(node):
+                    # Recorded (the copy stays until it is named), or named; or opened
+                    # again meanwhile, perhaps with a copy of its own: not ours to drop.
+                    return
                 synced = self.staging.drop(node.ino)
                 if synced is not None:  # unlinked while open, and fsync'd
                     self.durable.retire_copy(synced)

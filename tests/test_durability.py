@@ -28,7 +28,7 @@ from fsrepo.engine import Engine
 from fsrepo.errors import FsError
 from fsrepo.fdlimit import MAX_UNNAMED_COPIES, unnamed_copies_cap
 from fsrepo.files import AttrChange
-from fsrepo.inodes import ROOT_INO
+from fsrepo.inodes import ROOT_INO, Node
 from fsrepo.store.base import Store
 from fsrepo.store.counting import PUT_FILE_CREATED, CountingStore
 
@@ -506,6 +506,39 @@ def test_a_naming_cut_short_by_a_cancellation_is_finished_and_its_file_kept(tmp_
             lost_at = power_loss(disk, tmp_path, "lost")
         async with engine_after(tmp_path, lost_at) as eng:
             assert await read_file(eng, "edited.jpg") == data
+
+    trio.run(main)
+
+
+def test_a_release_leaves_alone_the_copy_of_a_handle_opened_meanwhile(tmp_path):
+    """FUSE sends RELEASE after close() returned: the file may be open again, and written,
+    while the release waits for its copy being named. The release leaves the new handle's
+    copy alone (dropping it lost what was written through that handle)."""
+    _, disk = disk_for(tmp_path)
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            await write_file(eng, "a.jpg", b"A" * 1000)
+            node, _ = await resolve(eng, "a.jpg")
+            first = await eng.files.open(node, os.O_WRONLY)
+            await eng.files.write(first.fh, 0, b"B" * 1000)
+            await eng.files.flush(first.fh)
+            assert eng.files.commits.is_closed(node.ino)
+            close = eng.files.commits.close
+            handles = []
+
+            async def reopened_meanwhile(closing: Node) -> None:
+                await close(closing)
+                await eng.files.name_closed()  # (the uploader, which the release waited for)
+                handles.append(await eng.files.open(node, os.O_WRONLY))
+                await eng.files.write(handles[0].fh, 1000, b"C" * 1000)
+
+            eng.files.commits.close = reopened_meanwhile  # type: ignore[method-assign]
+            await eng.files.release(first.fh)
+            eng.files.commits.close = close  # type: ignore[method-assign]
+            await eng.files.flush(handles[0].fh)
+            await eng.files.release(handles[0].fh)
+            assert await read_file(eng, "a.jpg") == b"B" * 1000 + b"C" * 1000
 
     trio.run(main)
 
