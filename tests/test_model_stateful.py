@@ -170,9 +170,11 @@ async def engine_tree(eng: EngineThread, read: bool) -> Snapshot:
                 await walk(full)
             elif isinstance(entry, FileEntry):
                 unnamed = False
-                if driver.engine.files.commits.closed:  # closed, not named yet: as stat shows
+                commits = driver.engine.files.commits
+                if commits.closed or commits.sealed:  # closed, not named yet: as stat shows
                     node, _ = await driver.node(full)
-                    unnamed = driver.engine.files.commits.is_closed(node.ino)
+                    # (or being named in the background: its entry is not recorded yet)
+                    unnamed = commits.is_closed(node.ino) or node.ino in commits.sealed
                     if unnamed:
                         shown = driver.engine.files.overlay(node, entry)
                         assert isinstance(shown, FileEntry)
