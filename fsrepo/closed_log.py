@@ -14,6 +14,7 @@ the contract says of what a power loss catches uncommitted.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ class ClosedLog:
         self.boot_id = boot_id or current_boot_id()
         self._fd: int | None = None
         self.appended = 0  # lines written since the log was last emptied
+        self._torn = False  # a write fell short: the next line starts on a line of its own
 
     def append(self, copy: SyncedCopy) -> None:
         """Record a closed copy: one write(), no fsync."""
@@ -60,8 +62,12 @@ class ClosedLog:
                            copy.mode, copy.mtime_ns], separators=(",", ":")) + "\n"
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.write(self._fd, line.encode())
+        data = (b"\n" if self._torn else b"") + line.encode()
         self.appended += 1
+        if os.write(self._fd, data) < len(data):  # (a full disk): the caller names it now
+            self._torn = True
+            raise OSError(errno.ENOSPC, "short write to the closed-file log")
+        self._torn = False
 
     def clear(self) -> None:
         """Every copy recorded is named (or gone): the log starts again, empty."""
@@ -69,6 +75,7 @@ class ClosedLog:
             if self._fd is not None:
                 os.ftruncate(self._fd, 0)
             self.appended = 0
+            self._torn = False
 
     def close(self) -> None:
         if self._fd is not None:
@@ -84,6 +91,8 @@ class ClosedLog:
             return []
         found: dict[str, ClosedCopy] = {}
         for line in text.splitlines():
+            if not line:
+                continue  # (after a torn line: see `append`)
             try:
                 boot, path, dir_id, name, base, mode, mtime = json.loads(line)
                 copy = SyncedCopy(str(path), str(dir_id), bytes.fromhex(name),

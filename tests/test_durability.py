@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from fsrepo.closed_log import current_boot_id
+from fsrepo.closed_log import ClosedLog, current_boot_id
 from fsrepo.engine import Engine
 from fsrepo.errors import FsError
 from fsrepo.fdlimit import MAX_UNNAMED_COPIES, unnamed_copies_cap
 from fsrepo.files import AttrChange
 from fsrepo.inodes import ROOT_INO, Node
+from fsrepo.state import SyncedCopy
 from fsrepo.store.base import Store
 from fsrepo.store.counting import PUT_FILE_CREATED, CountingStore
 
@@ -541,6 +542,25 @@ def test_a_release_leaves_alone_the_copy_of_a_handle_opened_meanwhile(tmp_path):
             assert await read_file(eng, "a.jpg") == b"B" * 1000 + b"C" * 1000
 
     trio.run(main)
+
+
+def test_a_log_line_cut_short_by_a_full_disk_is_refused_and_spoils_no_other(tmp_path,
+                                                                            monkeypatch):
+    """A short write to the closed-file log (a full disk) fails the append, so close()
+    names the file at once; the torn line does not swallow the next one."""
+    log = ClosedLog(tmp_path / "closed.log", boot_id="this-boot")
+
+    def copy(n: int) -> SyncedCopy:
+        return SyncedCopy(f"copy{n}", "dir", b"f%d.jpg" % n, None, 0o644, n)
+
+    log.append(copy(1))
+    write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: write(fd, data[:20]))
+    with pytest.raises(OSError):
+        log.append(copy(2))
+    monkeypatch.setattr(os, "write", write)
+    log.append(copy(3))
+    assert [c.path for c in log.trusted()] == ["copy1", "copy3"]
 
 
 def staging_descriptors(state_dir: Path) -> int:
