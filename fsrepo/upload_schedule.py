@@ -21,7 +21,7 @@ import time
 from collections import Counter
 
 from .journal import Journal, PendingOp
-from .manifest import FileEntry
+from .manifest import FileEntry, SymlinkEntry
 from .namespace import EMPTY_SHA
 from .remote_index import RemoteIndex
 
@@ -155,12 +155,12 @@ class UploadSchedule:
         """The directory's ops that can go now, in journal order: of each name, the longest
         run of its ops from its first that can go. Ops on different names commute (a
         manifest write applies each name's ops in their order and touches no other name),
-        so a name held back (its blob still on its way, a rename's removal waiting for its
-        addition) holds back no other name: files closed together, one of them stuck, do
-        not wait for it; only a removal after an op held back waits too (it may be the
-        other half of a rename: `_removal_after_a_gap`). An op whose blob is not in the bucket yet can go only with a later
-        op on its name that replaces it (a file created empty, then written: its empty
-        version is never uploaded)."""
+        so a file held back (its blob still on its way, a rename's removal waiting for its
+        addition) holds back no other file: files closed together, one of them stuck, do
+        not wait for it. Only a file's or symlink's put goes past an op held back, though
+        (`_held_after_a_gap`). An op whose blob is not in the bucket yet can go only with
+        a later op on its name that replaces it (a file created empty, then written: its
+        empty version is never uploaded)."""
         ops = self.journal.by_dir.get(dir_id, [])
         runs = self._runs(ops)
         while True:
@@ -169,24 +169,25 @@ class UploadSchedule:
                 while run and self._needs_blob(run[-1]):  # the batch writes a name's last op
                     run.pop()
                 chosen.update(p.seq for p in run)
-            cut = self._removal_after_a_gap(ops, chosen)
+            cut = self._held_after_a_gap(ops, chosen)
             if cut is None:
                 return [p for p in ops if p.seq in chosen]
             run = runs[cut.op.name]
             del run[run.index(cut):]
 
     @staticmethod
-    def _removal_after_a_gap(ops: list[PendingOp], chosen: set[int]) -> PendingOp | None:
-        """The first chosen removal that comes after an op left out. A rename within a
-        folder is two ops with nothing tying them (put the new name, remove the old): a
-        removal after a gap may be the second half of one whose first half waits, and
-        goes only with it (with its name's later ops), so the bucket never loses the
-        file in between."""
+    def _held_after_a_gap(ops: list[PendingOp], chosen: set[int]) -> PendingOp | None:
+        """The first chosen op after an op left out that is not a file's or a symlink's
+        put: it waits too, with its name's later ops. A rename within a folder is two ops
+        that nothing but their order ties (put the new name, remove the old): a removal
+        after a gap may be the second half of one whose first half waits, and must not
+        go first (the bucket would lose the file in between); a folder's put may be the
+        first half of one whose removal waits (the folder listed twice meanwhile)."""
         gap = False
         for p in ops:
             if p.seq not in chosen:
                 gap = True
-            elif gap and p.op.entry is None:
+            elif gap and not isinstance(p.op.entry, FileEntry | SymlinkEntry):
                 return p
         return None
 

@@ -376,7 +376,7 @@ class _Ops:
         self.by_seq: dict[int, PendingOp] = {}
         self.version = 0
 
-    def add(self, dir_id: str, name: bytes, entry: FileEntry | None, base: FileEntry | None = None,
+    def add(self, dir_id: str, name: bytes, entry: FileEntry | DirEntry | None, base: FileEntry | None = None,
             requires: int | None = None) -> PendingOp:
         p = PendingOp(self.version + 1, dir_id, Op(name, entry, base), requires)
         self.by_dir.setdefault(dir_id, []).append(p)
@@ -411,6 +411,7 @@ def test_a_name_held_back_holds_back_no_other_name_of_its_folder() -> None:
     moved_to = ops.add("d", b"new.jpg", b)  # old.jpg -> new.jpg in one folder, b's content
     moved_from = ops.add("d", b"old.jpg", None, c)  # (as namespace.rename records it)
     again = ops.add("d", b"old.jpg", a)  # a new old.jpg: after the removal, not before
+    folder = ops.add("d", b"album", DirEntry("album-id", 1))  # (a folder's put waits too)
     assert set(schedule.pending_blobs()) == {a.sha256, b.sha256}
     bucket.seen_in_bucket(a.sha256)
     batch = schedule.committable("d")
@@ -421,7 +422,7 @@ def test_a_name_held_back_holds_back_no_other_name_of_its_folder() -> None:
     assert schedule.committable("e") == []  # moved to f: after f's commit
     bucket.seen_in_bucket(b.sha256)
     batch = schedule.committable("d")
-    assert batch == [create_b, put_b, moved_to, moved_from, again]  # the rename together
+    assert batch == [create_b, put_b, moved_to, moved_from, again, folder]  # together
     ops.retire(batch)
     ops.retire(schedule.committable("f"))
     assert schedule.committable("e") == [away]
