@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,27 +56,37 @@ class ClosedLog:
         self.appended = 0  # lines written since the log was last emptied
         self._torn = False  # a write fell short: the next line starts on a line of its own
 
+    def _line(self, copy: SyncedCopy) -> bytes:
+        return (json.dumps([self.boot_id, copy.path, copy.dir_id, copy.name.hex(),
+                            None if copy.base is None else entry_to_json(copy.base),
+                            copy.mode, copy.mtime_ns], separators=(",", ":")) + "\n").encode()
+
     def append(self, copy: SyncedCopy) -> None:
         """Record a closed copy: one write(), no fsync."""
-        line = json.dumps([self.boot_id, copy.path, copy.dir_id, copy.name.hex(),
-                           None if copy.base is None else entry_to_json(copy.base),
-                           copy.mode, copy.mtime_ns], separators=(",", ":")) + "\n"
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        data = (b"\n" if self._torn else b"") + line.encode()
+        data = (b"\n" if self._torn else b"") + self._line(copy)
         self.appended += 1
         if os.write(self._fd, data) < len(data):  # (a full disk): the caller names it now
             self._torn = True
             raise OSError(errno.ENOSPC, "short write to the closed-file log")
         self._torn = False
 
-    def clear(self) -> None:
-        """Every copy recorded is named (or gone): the log starts again, empty."""
-        if self.appended:
-            if self._fd is not None:
-                os.ftruncate(self._fd, 0)
-            self.appended = 0
-            self._torn = False
+    def clear(self, keep: Collection[SyncedCopy] = ()) -> None:
+        """Every copy recorded is named (or gone) but those in `keep`: the log starts
+        again, with only their lines (written beside it and renamed over it, so that a
+        failure leaves the log as it was)."""
+        if self.appended <= len(keep):
+            return  # (nothing but their lines since the last time)
+        if keep:
+            fresh = self.path.with_name(self.path.name + ".new")
+            fresh.write_bytes(b"".join(self._line(copy) for copy in keep))
+            os.replace(fresh, self.path)
+            self.close()  # (the next line goes to the new file)
+        elif self._fd is not None:
+            os.ftruncate(self._fd, 0)
+        self.appended = len(keep)
+        self._torn = False
 
     def close(self) -> None:
         if self._fd is not None:

@@ -70,6 +70,10 @@ class Committer:
         self.max_unnamed = unnamed_copies_cap() if max_unnamed is None else max_unnamed
         self._folders: dict[int, list[Node]] = {}  # ino -> its folders' inodes, pinned
         self.unnamed_failures = 0  # copies that could not be named: their log lines stay
+        self._lines: dict[int, SyncedCopy] = {}  # ino -> the last log line of its closed copy
+        # Lines of copies whose naming failed, kept through each emptying of the log, so a
+        # restart still finds their content (and the log does not grow after one failure).
+        self._unnamed: dict[str, SyncedCopy] = {}
         self._naming = 0  # closed copies being named now (their log lines still count)
         # content being stored by a commit in progress -> how many: closed copies are named
         # concurrently, and a duplicate among them counts as one (dedup) like a later close
@@ -100,9 +104,9 @@ class Committer:
         pnode = self.ns.inodes.get(node.parent) if node.parent != 0 else None
         if pnode is None or pnode.dir_id is None:
             return False
+        line = SyncedCopy(st.path.name, pnode.dir_id, node.name, st.base, st.mode, st.mtime_ns)
         try:
-            self.closed_log.append(SyncedCopy(st.path.name, pnode.dir_id, node.name, st.base,
-                                              st.mode, st.mtime_ns))
+            self.closed_log.append(line)
         except OSError as exc:
             log.warning("cannot append to the closed-file log (naming the file now): %s", exc)
             return False
@@ -120,6 +124,7 @@ class Committer:
                 folder = self.ns.inodes.get(up) if up not in (0, folder.ino) else None
             self._folders[node.ino] = chain
         self.closed[node.ino] = node
+        self._lines[node.ino] = line
         self.durable.closed_noted()
         return True
 
@@ -147,8 +152,8 @@ class Committer:
             async with trio.open_nursery() as nursery:
                 for node in batch:
                     nursery.start_soon(self._name_one, node)
-        if not self.unnamed_failures:
-            self.closed_log.clear()  # every line's copy is named (gone from staging)
+        # Every line's copy is named (gone from staging) but those that failed.
+        self.closed_log.clear(keep=list(self._unnamed.values()))
 
     async def _name_one(self, node: Node) -> None:
         chain = self._folders.get(node.ino, [])
@@ -173,6 +178,7 @@ class Committer:
             await self._commit(node)
             return
         chain = self._folders.pop(node.ino)
+        line = self._lines.pop(node.ino)
         self._naming += 1
         try:
             # Begun, a naming is finished (local work: a hash, a link, a journal write): one
@@ -182,6 +188,7 @@ class Committer:
                 await self._commit(node)
         except BaseException:
             self.unnamed_failures += 1  # its copy and log line stay for the recovery
+            self._unnamed[line.path] = line
             raise
         finally:
             self._naming -= 1

@@ -563,6 +563,37 @@ def test_a_log_line_cut_short_by_a_full_disk_is_refused_and_spoils_no_other(tmp_
     assert [c.path for c in log.trusted()] == ["copy1", "copy3"]
 
 
+@pytest.mark.expected_logs(r"cannot store a closed file locally",
+                           reason="the test fails the disk under one naming")
+def test_a_copy_that_could_not_be_named_keeps_its_line_alone_and_comes_back(tmp_path):
+    """A naming that fails (the cache's disk refuses the link) leaves the copy and its log
+    line; the log is still emptied of every named copy's line, and the next start names
+    the copy that failed."""
+    state_dir, disk = disk_for(tmp_path)
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            await write_file(eng, "failed.jpg", b"F" * 5000)
+            link_in = eng.cache.link_in
+
+            def refused(*args: object, **kw: object) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            eng.cache.link_in = refused  # type: ignore[method-assign]
+            await eng.files.name_closed()
+            eng.cache.link_in = link_in  # type: ignore[method-assign]
+            for n in range(3):
+                await write_file(eng, f"named{n}.jpg", b"%d" % n * 5000)
+            await eng.files.name_closed()
+            assert len((state_dir / "closed.log").read_text().splitlines()) == 1
+            after_kill = killed(tmp_path / "cache", tmp_path, "killed")
+        async with engine_after(tmp_path, after_kill) as eng:
+            assert await read_file(eng, "failed.jpg") == b"F" * 5000
+            assert await read_file(eng, "named2.jpg") == b"2" * 5000
+
+    trio.run(main)
+
+
 def staging_descriptors(state_dir: Path) -> int:
     """This process's open descriptors on staging copies."""
     staging = str(state_dir / "staging")
