@@ -293,6 +293,9 @@ class Committer:
             elif st.closed:
                 st.path.unlink(missing_ok=True)
             return None  # deleted while open: POSIX says the data goes with the last close
+        if keep:  # indexed with its entry, not after its write: a reader of the folder
+            # meanwhile (the read-ahead) finds it here and never asks the bucket for it
+            self.cache.register(digest, entry.size, pending=need_upload, on_disk=on_disk)
         # A failure is logged and undone there; a synced copy then stays for the recovery.
         await self.ns.settle(rec)
         self.remote.unverified.discard(digest)

@@ -594,6 +594,31 @@ def test_a_copy_that_could_not_be_named_keeps_its_line_alone_and_comes_back(tmp_
     trio.run(main)
 
 
+def test_a_named_blob_is_in_the_cache_index_as_soon_as_its_entry_is_seen(tmp_path):
+    """A naming records the entry (the folder's view shows the new content), then waits for
+    the journal write: the blob is indexed in the cache before that wait, so a reader of
+    the folder meanwhile (the read-ahead's guesses) does not fetch it from the bucket
+    (where it is not yet: the fetch failed, logged as an error)."""
+    _, disk = disk_for(tmp_path)
+    data = b"R" * 40_000
+
+    async def main() -> None:
+        async with engine_before(tmp_path, disk) as eng:
+            await write_file(eng, "r.jpg", data)
+            settle = eng.ns.settle
+            seen: list[bool] = []
+
+            async def indexed_first(rec):  # type: ignore[no-untyped-def]
+                seen.append(eng.cache.has(sha(data)))
+                await settle(rec)
+
+            eng.ns.settle = indexed_first  # type: ignore[method-assign]
+            await eng.files.name_closed()
+            assert seen == [True]
+
+    trio.run(main)
+
+
 def staging_descriptors(state_dir: Path) -> int:
     """This process's open descriptors on staging copies."""
     staging = str(state_dir / "staging")
