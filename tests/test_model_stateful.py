@@ -478,11 +478,20 @@ class EngineModel(RuleBasedStateMachine):
 
     @rule()
     def idle_release(self) -> None:
-        self.engine.call(release_when_idle, self.fs.engine)
+        self.trail.append("idle_release")
+        self._with_steps(release_when_idle)
 
     @rule()
     def kernel_cap_shed(self) -> None:
-        self.engine.call(shed_everything, self.fs.engine)
+        self.trail.append("kernel_cap_shed")
+        self._with_steps(shed_everything)
+
+    def _with_steps(self, check: Callable[[Engine], Awaitable[None]]) -> None:
+        """Run a memory check; its failure shows the example's steps (as `_check`'s)."""
+        try:
+            self.engine.call(check, self.fs.engine)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nsteps:\n" + "\n".join(self.trail)) from None
 
     @invariant()
     def the_engine_holds_the_model_tree(self) -> None:
