@@ -32,11 +32,13 @@ from .errors import ImgrepoError, IntegrityError
 from .hashing import HASH_CHUNK, hash_file
 from .manifest import MIN_CHUNK, Chunks, FileEntry
 from .repository import blob_key
-from .state import LocalState, StateDB
+from .state import StateDB
 from .store.base import Store
 from .workers import Workers
 
 log = logging.getLogger(__name__)
+
+RECORD_AFTER = 0.05  # seconds a downloaded blob's cache-index row waits for others
 
 
 class Download:
@@ -140,9 +142,9 @@ class BlobCache(CacheIndex):
 
     # -- downloads ------------------------------------------------------------------------
     def start_download(self, sha: str, size: int) -> Download:
-        """Join or start the download of a blob not in the cache. A download that has
-        finished but is still listed (its bookkeeping runs) is not joined: the blob left
-        the index, so eviction took it meanwhile, and its file is gone."""
+        """Join or start the download of a blob not in the cache (a download is listed
+        only while in flight: once done, the blob is in the index, or eviction took it
+        since and a new download starts)."""
         dl = self.downloads.get(sha)
         if dl is not None and dl.error is None and not dl.done:
             return dl
@@ -159,9 +161,9 @@ class BlobCache(CacheIndex):
         try:
             try:
                 await self._fetch(dl)
-                # One worker call checks size and hash and moves the blob into place (the
-                # last byte stays held back from readers until then).
-                await self._sealers.run(self._seal, dl)
+                if dl.hashed < dl.size:  # the store did not report all of it as it landed
+                    await self._sealers.run(self._hash_rest, dl)
+                self._seal(dl)  # (the last byte stays held back from readers until then)
             except (ImgrepoError, OSError) as exc:
                 log.error("download of blob %s failed: %s", dl.sha, exc)
                 # (the last byte is always fetched again: it was never checked)
@@ -177,10 +179,10 @@ class BlobCache(CacheIndex):
                 return
             self.register(dl.sha, dl.size, pending=False, dense=True)
             dl.complete()  # readers go on; the cache's bookkeeping need not hold them
-            await self._record_cached(dl.sha, dl.size)
         finally:
             if self.downloads.get(dl.sha) is dl:
                 del self.downloads[dl.sha]
+        await self._record_cached(dl.sha, dl.size)
 
     def close(self) -> None:
         """Stop the verifying threads (after the trio loop has finished)."""
@@ -188,43 +190,59 @@ class BlobCache(CacheIndex):
 
     async def _record_cached(self, sha: str, size: int) -> None:
         """Note a downloaded blob in the cache index's table, then evict what is over the
-        limit. Blobs that finish while one batch is written go in the next, in one call to
-        the database's thread (one hop per batch, not one per blob)."""
+        limit. The first row waits `RECORD_AFTER` for the downloads finishing meanwhile;
+        they go in the same call to the database's thread and one transaction (a hop and
+        a WAL write per batch of blobs, not per blob). Rows still waiting when the mount
+        stops are written then. A crash loses at most that moment's rows: their blobs are
+        downloaded again when read, over the files they left."""
         self._unrecorded[sha] = size
         if self._recording:
             return
         self._recording = True
         try:
-            while self._unrecorded:
-                rows, self._unrecorded = self._unrecorded, {}
-                try:
-                    await self.db.run(_add_cached, self.db.state, rows)
-                    await self.evict()
-                except OSError as exc:
-                    log.warning("cannot record blob %s in the cache index: %s",
-                                ", ".join(rows), exc)
+            try:
+                await trio.sleep(RECORD_AFTER)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._record_waiting()
         finally:
             self._recording = False
 
-    def _seal(self, dl: Download) -> None:
-        """The finished download becomes a cached blob, if it is the blob (worker thread)."""
+    async def _record_waiting(self) -> None:
+        while self._unrecorded:
+            rows, self._unrecorded = self._unrecorded, {}
+            try:
+                await self.db.run(self.db.state.add_cached_blobs, rows)
+                await self.evict()
+            except OSError as exc:
+                log.warning("cannot record blob %s in the cache index: %s",
+                            ", ".join(rows), exc)
+
+    def _hash_rest(self, dl: Download) -> None:
+        """Hash what the download's progress did not (a verifying thread)."""
         size = os.path.getsize(dl.path)
         if size != dl.size:
             raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
                                  f"the manifest says {dl.size}")
-        fd = os.open(dl.path, os.O_RDONLY)  # (the rest, if the store reported none of it)
+        fd = os.open(dl.path, os.O_RDONLY)
         try:
             dl.hash_arrived(fd, size)
         finally:
             os.close(fd)
+
+    def _seal(self, dl: Download) -> None:
+        """The finished download becomes a cached blob, if it is the blob. On the loop: its
+        bytes were hashed as they landed, so what is left is a stat, a digest and a rename,
+        cheaper than a hop to a thread and back (every blob read from the bucket takes it)."""
+        size = os.stat(dl.path).st_size
+        if size != dl.size or dl.hashed != size:
+            raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
+                                 f"the manifest says {dl.size}")
         actual = dl.hasher.hexdigest()
         if actual != dl.sha:
             raise IntegrityError(f"blob {dl.sha} from the bucket is corrupt (its content "
                                  f"hashes to {actual}); not used")
-        target = self.path(dl.sha)
-        target.parent.mkdir(exist_ok=True)
-        with self.claim_name(dl.sha):
-            os.replace(dl.path, target)
+        self.place(dl.path, dl.sha)
 
     async def _fetch(self, dl: Download) -> None:
         """Stream the blob into its partial file, from the bytes readers already have."""
@@ -239,7 +257,7 @@ class BlobCache(CacheIndex):
         def progress(n: int) -> None:
             dl.hash_arrived(fd, n)
             dl.arrived = n
-            if dl.waiting:
+            if dl.waiting and n < dl.size:  # (all of it: the seal, next, wakes the readers)
                 token.run_sync_soon(dl.progress, n)
 
         try:
@@ -317,9 +335,3 @@ class BlobCache(CacheIndex):
         except OSError as exc:
             log.warning("cannot record blob %s in the cache index: %s", entry.sha256, exc)
         return self.path(entry.sha256)
-
-
-def _add_cached(state: LocalState, rows: dict[str, int]) -> None:
-    """Downloaded blobs into the state's table of cached blobs (the database's thread)."""
-    for sha, size in rows.items():
-        state.add_cached_blob(sha, size)

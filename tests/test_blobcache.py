@@ -132,7 +132,7 @@ def test_a_verified_download_is_served_even_if_the_cache_index_cannot_record_it(
     store = LocalStore(tmp_path / "repo")
 
     class FullDisk(LocalState):
-        def add_cached_blob(self, sha: str, size: int) -> None:
+        def add_cached_blobs(self, rows: dict[str, int]) -> None:
             raise OSError(28, "No space left on device")
 
     async def main() -> None:
