@@ -7,7 +7,11 @@ download (readers get EIO) and the bytes are discarded.
 
 The hash is taken as the bytes land (the download's thread reads back each piece it
 just wrote, still in the CPU's cache), so a chunk is verified as its last byte arrives,
-not read a second time after it.
+not read a second time after it; what is left at the end (a digest, a stat, a rename) is
+done on the loop, without a hop to a thread and back. A cold read of many small files is
+CPU-bound on this per-blob bookkeeping (docs/perf-log.md), so the loop's share of a
+download is kept to starting it, one wake-up when it ends, and its cache-index row
+written with those of the other blobs that finished in the same moment.
 
 A download has no retry loop of its own (the store retries each request: retry.py). One
 that breaks beyond those retries fails its readers, but keeps what arrived: the next read
@@ -127,10 +131,11 @@ class BlobCache(CacheIndex):
         self.broken: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None
         self._unrecorded: dict[str, int] = {}  # downloaded, not yet in the state's table
-        # Threads of our own that verify finished downloads: a hop to them costs half of
-        # trio.to_thread's (docs/perf-log.md), and every downloaded blob takes one.
+        # Threads of our own that read back and hash what a store did not report as it
+        # landed (the S3 and local stores report every chunk: their blobs need no hop).
         self._sealers = Workers("imgrepo-verify", 2)
         self._recording = False  # a task is writing them
+        self.record_after = RECORD_AFTER
 
     def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
         """Index what the database says is cached (see CacheIndex.load); downloads the last
@@ -190,9 +195,9 @@ class BlobCache(CacheIndex):
 
     async def _record_cached(self, sha: str, size: int) -> None:
         """Note a downloaded blob in the cache index's table, then evict what is over the
-        limit. The first row waits `RECORD_AFTER` for the downloads finishing meanwhile;
-        they go in the same call to the database's thread and one transaction (a hop and
-        a WAL write per batch of blobs, not per blob). Rows still waiting when the mount
+        limit. The first row waits `record_after` seconds for the downloads finishing
+        meanwhile; they go in the same call to the database's thread and one transaction
+        (a hop and a WAL write per batch of blobs, not per blob). Rows still waiting when the mount
         stops are written then. A crash loses at most that moment's rows: their blobs are
         downloaded again when read, over the files they left."""
         self._unrecorded[sha] = size
@@ -201,7 +206,7 @@ class BlobCache(CacheIndex):
         self._recording = True
         try:
             try:
-                await trio.sleep(RECORD_AFTER)
+                await trio.sleep(self.record_after)
             finally:
                 with trio.CancelScope(shield=True):
                     await self._record_waiting()
