@@ -153,10 +153,8 @@ class BlobCache(CacheIndex):
         dl = self.downloads.get(sha)
         if dl is not None and dl.error is None and not dl.done:
             return dl
+        # (the store makes the partial file; readers open it once bytes are there)
         dl = Download(sha, size, self.partial_dir / sha, self.broken.pop(sha, 0))
-        # Readers open it at once (a resumed one keeps its bytes); os.open, not Path.touch,
-        # which tries utime first and costs an exception per new file.
-        os.close(os.open(dl.path, os.O_WRONLY | os.O_CREAT, 0o644))
         self.downloads[sha] = dl
         assert self.nursery is not None
         self.nursery.start_soon(self._download, dl)
@@ -225,7 +223,10 @@ class BlobCache(CacheIndex):
 
     def _hash_rest(self, dl: Download) -> None:
         """Hash what the download's progress did not (a verifying thread)."""
-        size = os.path.getsize(dl.path)
+        try:
+            size = os.path.getsize(dl.path)
+        except FileNotFoundError:
+            size = 0  # (a store that wrote nothing made no file)
         if size != dl.size:
             raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
                                  f"the manifest says {dl.size}")
@@ -252,26 +253,32 @@ class BlobCache(CacheIndex):
     async def _fetch(self, dl: Download) -> None:
         """Stream the blob into its partial file, from the bytes readers already have."""
         if dl.size == 0:
+            os.close(os.open(dl.path, os.O_WRONLY | os.O_CREAT, 0o644))
             return
         # Progress is queued to the loop, not waited for: the download thread goes on
         # receiving while the loop is busy answering the reads it unblocks. Only while a
-        # reader waits: a download fetched ahead wakes nobody (its end always does).
+        # reader waits: a download fetched ahead wakes nobody (its end always does). The
+        # file is opened for hashing on the download's thread too: no syscall of a
+        # download's own runs on the loop but the seal's.
         token = trio.lowlevel.current_trio_token()
-        fd = os.open(dl.path, os.O_RDONLY)
 
         def progress(n: int) -> None:
-            dl.hash_arrived(fd, n)
+            fd = os.open(dl.path, os.O_RDONLY)
+            try:
+                dl.hash_arrived(fd, n)
+            finally:
+                os.close(fd)
             dl.arrived = n
             if dl.waiting and n < dl.size:  # (all of it: the seal, next, wakes the readers)
                 token.run_sync_soon(dl.progress, n)
 
-        try:
-            await self.store.download(blob_key(dl.sha), dl.path, dl.available, progress)
-        finally:
-            os.close(fd)
+        await self.store.download(blob_key(dl.sha), dl.path, dl.available, progress)
 
     def open_fd(self, dl: Download) -> int:
-        """A read-only descriptor on a download's file, wherever it is by now."""
+        """A read-only descriptor on a download's file, wherever it is by now (call it
+        once bytes have arrived: before, the store may not have made the file yet)."""
+        if dl.done:
+            return os.open(self.path(dl.sha), os.O_RDONLY)
         try:
             return os.open(dl.path, os.O_RDONLY)
         except FileNotFoundError:
