@@ -5,9 +5,9 @@ stream into `partial/<sha>`; readers wait only until their byte range has arrive
 finished file is verified against its name before it joins the cache; a mismatch fails the
 download (readers get EIO) and the bytes are discarded.
 
-The hash is taken as the bytes land (the download's thread reads back each piece it
-just wrote, still in the CPU's cache), so a chunk is verified as its last byte arrives,
-not read a second time after it; what is left at the end (a digest, a stat, a rename) is
+The hash is taken as the bytes land (the download's thread hashes each piece from the
+store's buffer as it writes it), so a chunk is verified as its last byte arrives, not read
+a second time after it; what is left at the end (a digest, a stat, a rename) is
 done on the loop, without a hop to a thread and back. A cold read of many small files is
 CPU-bound on this per-blob bookkeeping (docs/perf-log.md), so the loop's share of a
 download is kept to starting it, one wake-up when it ends, and its cache-index row
@@ -37,7 +37,7 @@ from .hashing import HASH_CHUNK, hash_file
 from .manifest import MIN_CHUNK, Chunks, FileEntry
 from .repository import blob_key
 from .state import StateDB
-from .store.base import Store
+from .store.base import ChunkSink, Store
 from .workers import Workers
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,37 @@ class Download:
         if self.error is not None and (self.available < end
                                        or isinstance(self.error, IntegrityError)):
             raise self.error  # a corrupt blob serves nothing more, not even what arrived
+
+
+class _Progress(ChunkSink):
+    """What a download's thread does as bytes land: hash them (from the store's buffer,
+    or read back from the file where the store handed none, e.g. a resumed download's
+    earlier bytes), then tell the loop how far the blob is. The news is queued, not
+    waited for: the download thread goes on receiving while the loop is busy answering
+    the reads it unblocks; and only while a reader waits (a download fetched ahead wakes
+    nobody: its end always does)."""
+
+    def __init__(self, dl: Download, token: trio.lowlevel.TrioToken) -> None:
+        self.dl = dl
+        self.token = token
+
+    def landed(self, data: bytes | memoryview, at: int) -> None:
+        dl = self.dl
+        if at == dl.hashed:
+            dl.hasher.update(data)
+            dl.hashed += len(data)
+
+    def __call__(self, end: int) -> None:
+        dl = self.dl
+        if dl.hashed < end:
+            fd = os.open(dl.path, os.O_RDONLY)
+            try:
+                dl.hash_arrived(fd, end)
+            finally:
+                os.close(fd)
+        dl.arrived = end
+        if dl.waiting and end < dl.size:  # (all of it: the seal, next, wakes the readers)
+            self.token.run_sync_soon(dl.progress, end)
 
 
 class BlobCache(CacheIndex):
@@ -255,24 +286,8 @@ class BlobCache(CacheIndex):
         if dl.size == 0:
             os.close(os.open(dl.path, os.O_WRONLY | os.O_CREAT, 0o644))
             return
-        # Progress is queued to the loop, not waited for: the download thread goes on
-        # receiving while the loop is busy answering the reads it unblocks. Only while a
-        # reader waits: a download fetched ahead wakes nobody (its end always does). The
-        # file is opened for hashing on the download's thread too: no syscall of a
-        # download's own runs on the loop but the seal's.
-        token = trio.lowlevel.current_trio_token()
-
-        def progress(n: int) -> None:
-            fd = os.open(dl.path, os.O_RDONLY)
-            try:
-                dl.hash_arrived(fd, n)
-            finally:
-                os.close(fd)
-            dl.arrived = n
-            if dl.waiting and n < dl.size:  # (all of it: the seal, next, wakes the readers)
-                token.run_sync_soon(dl.progress, n)
-
-        await self.store.download(blob_key(dl.sha), dl.path, dl.available, progress)
+        await self.store.download(blob_key(dl.sha), dl.path, dl.available,
+                                  _Progress(dl, trio.lowlevel.current_trio_token()))
 
     def open_fd(self, dl: Download) -> int:
         """A read-only descriptor on a download's file, wherever it is by now (call it

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fsrepo.blobcache import BlobCache
+from fsrepo.blobcache import BlobCache, Download
 from fsrepo.errors import IntegrityError, StorageError
 from fsrepo.repository import blob_key
 from fsrepo.state import LocalState, StateDB
@@ -251,15 +251,20 @@ def _blobs(count: int, size: int) -> list[tuple[str, bytes]]:
             for data in (os.urandom(size) for _ in range(count))]
 
 
-def test_downloads_cost_no_verify_hop_and_share_one_index_write(tmp_path: Path) -> None:
-    # The per-blob bookkeeping on the loop is what a cold read of small files spends its
-    # CPU on (docs/perf-log.md): a blob hashed as it landed is sealed without a hop to the
-    # verifying threads, and blobs downloaded one after another within the recording's
-    # wait are written to the cache index in one call to the database's thread; a mount
-    # stopping before the wait is over (its nursery cancelled) still writes them.
+def test_downloads_cost_no_verify_hop_and_share_one_index_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-blob bookkeeping is what a cold read of small files spends its CPU on
+    # (docs/perf-log.md): a blob is hashed from the store's buffer as it lands (never read
+    # back from its file) and sealed without a hop to the verifying threads, and blobs
+    # downloaded one after another within the recording's wait are written to the cache
+    # index in one call to the database's thread; a mount stopping before the wait is
+    # over (its nursery cancelled) still writes them.
     blobs = _blobs(20, 64 * 1024)
     store = LocalStore(tmp_path / "repo")
     state = RecordingCalls(tmp_path / "state.db")
+    read_back: list[int] = []
+    monkeypatch.setattr(Download, "hash_arrived",
+                        lambda self, fd, end: read_back.append(end))
 
     async def main() -> None:
         for digest, data in blobs:
@@ -279,6 +284,7 @@ def test_downloads_cost_no_verify_hop_and_share_one_index_write(tmp_path: Path) 
             db.close()
 
     trio.run(main)
+    assert read_back == []
     assert state.batches == [len(blobs)]
     rows = {sha: size for sha, size, _, _ in LocalState(tmp_path / "state.db").cached_blobs()}
     assert rows == {digest: len(data) for digest, data in blobs}
