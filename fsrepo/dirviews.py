@@ -110,6 +110,10 @@ class DirViews:
         self._trim_above = max_entries  # no eviction pass below this many entries
         self._loading: dict[str, trio.Event] = {}
         self._marked_while_loading: set[str] = set()
+        # Folders this machine committed (a manifest written, the ops it carried retired)
+        # while their view was being read: what was read may predate the commit and the
+        # journal no longer has its ops, so the view is read again (`_written_meanwhile`).
+        self._written_while_loading: set[str] = set()
         self._marks = 0
         # The manifest bodies whose blobs the known-blob index was given, one bit each by
         # their hash: a view evicted and loaded again (a walk bigger than the cache) does not
@@ -173,26 +177,12 @@ class DirViews:
                 return self._views[dir_id]
         done = self._loading[dir_id] = trio.Event()
         try:
-            cached = await self.db.run(self.db.state.load_manifest, dir_id)
-            if cached is not None:
-                etag, body, stale = cached
-                view = DirView(dir_id, {}, etag, time.time())
-                view.remote, view.remote_mtime_ns = self._parse(dir_id, body)
-                if stale:
-                    view = await self._fresher(view)
-            elif cached_only:
-                raise FsError(errno.ENOENT)
-            else:
-                try:
-                    changed, obj = await self._fetch(dir_id, None)
-                except StorageError as exc:
-                    log.error("cannot read directory %s: %s", dir_id, exc)
-                    raise FsError(errno_for(exc), f"cannot read directory {dir_id}") from None
-                body = obj.data if obj else None
-                view = DirView(dir_id, {}, obj.etag if obj else None, time.time())
-                view.remote, view.remote_mtime_ns = self._parse(dir_id, body)
-                await self.db.run(self.db.state.save_manifest, dir_id, view.etag, body,
-                                  view.checked)
+            while True:
+                self._written_while_loading.discard(dir_id)
+                read = await self._read(dir_id, cached_only)
+                if read is not None:
+                    view = read
+                    break
             self._compute(view)
             if dir_id in self._marked_while_loading:
                 # Marked while it was read: what we read may predate the change.
@@ -207,7 +197,42 @@ class DirViews:
         finally:
             del self._loading[dir_id]
             self._marked_while_loading.discard(dir_id)
+            self._written_while_loading.discard(dir_id)
             done.set()
+
+    async def _read(self, dir_id: str, cached_only: bool) -> DirView | None:
+        """The directory's manifest as a view without the journal's ops (`load`); None if
+        this machine committed the directory meanwhile (read again: the ops that commit
+        retired are in its manifest only, and an older manifest is not saved over it)."""
+        cached = await self.db.run(self.db.state.load_manifest, dir_id)
+        if cached is not None:
+            etag, body, stale = cached
+            view = DirView(dir_id, {}, etag, time.time())
+            view.remote, view.remote_mtime_ns = self._parse(dir_id, body)
+            if stale:
+                view = await self._fresher(view)
+        elif cached_only:
+            raise FsError(errno.ENOENT)
+        else:
+            try:
+                changed, obj = await self._fetch(dir_id, None)
+            except StorageError as exc:
+                log.error("cannot read directory %s: %s", dir_id, exc)
+                raise FsError(errno_for(exc), f"cannot read directory {dir_id}") from None
+            body = obj.data if obj else None
+            view = DirView(dir_id, {}, obj.etag if obj else None, time.time())
+            view.remote, view.remote_mtime_ns = self._parse(dir_id, body)
+            if dir_id in self._written_while_loading:
+                return None
+            await self.db.run(self.db.state.save_manifest, dir_id, view.etag, body,
+                              view.checked)
+        return None if dir_id in self._written_while_loading else view
+
+    def _written_meanwhile(self, dir_id: str) -> None:
+        """Our manifest write of a directory whose view is not in memory landed: a load
+        of it under way reads it again (see `_read`)."""
+        if dir_id in self._loading:
+            self._written_while_loading.add(dir_id)
 
     async def fetch_ahead(self, dir_id: str, checked: bool = True) -> list[str]:
         """Bring a manifest the mount will probably need soon (a listed directory's
@@ -228,12 +253,15 @@ class DirViews:
             body = obj.data if obj else None
             if body is not None:
                 subdirs = manifest_subdirs(body, dir_id)  # raises ManifestError: not kept
+            if dir_id in self._written_while_loading:
+                return []  # (committed by us meanwhile: what was fetched may be older)
             await self.db.run(self.db.state.save_manifest, dir_id, obj.etag if obj else None,
                               body, time.time())
             if not checked:
                 await self.db.run(self.db.state.mark_stale, {dir_id})
         finally:
             del self._loading[dir_id]
+            self._written_while_loading.discard(dir_id)
             done.set()
         return subdirs
 
@@ -291,6 +319,7 @@ class DirViews:
         listener about it. `mtime_ns`: the manifest's, if it has one (else unchanged)."""
         view = self._views.get(dir_id)
         if view is None:
+            self._written_meanwhile(dir_id)
             return
         old = view.entries
         view.remote, view.etag, view.checked = remote, etag, time.time()
@@ -308,6 +337,7 @@ class DirViews:
         another version is recomputed whole (`set_remote`)."""
         view = self._views.get(dir_id)
         if view is None:
+            self._written_meanwhile(dir_id)
             return
         if view.etag != based_on or view.entries is view.remote:
             self.set_remote(dir_id, remote, etag, mtime_ns)
@@ -496,6 +526,8 @@ class DirViews:
         except ManifestError as exc:
             log.error("%s; keeping the last good version", exc)
             return view
+        if view.dir_id in self._written_while_loading:
+            return view  # (`_read` reads again: what was fetched may predate our commit)
         await self.db.run(self.db.state.save_manifest, view.dir_id, fresh.etag, body,
                           fresh.checked)
         return fresh
