@@ -168,6 +168,13 @@ class BlobCache(CacheIndex):
         self._recording = False  # a task is writing them
         self.record_after = RECORD_AFTER
 
+    @property
+    def settling(self) -> bool:
+        """Downloads in flight, or finished ones whose index rows and eviction have not run
+        yet (they wait `record_after` for each other): until then the cache may hold more
+        than its limit."""
+        return bool(self.downloads) or self._recording
+
     def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
         """Index what the database says is cached (see CacheIndex.load); downloads the last
         run left unfinished start afresh."""
