@@ -5,9 +5,13 @@ stream into `partial/<sha>`; readers wait only until their byte range has arrive
 finished file is verified against its name before it joins the cache; a mismatch fails the
 download (readers get EIO) and the bytes are discarded.
 
-The hash is taken as the bytes land (the download's thread reads back each piece it
-just wrote, still in the CPU's cache), so a chunk is verified as its last byte arrives,
-not read a second time after it.
+The hash is taken as the bytes land (the download's thread hashes each piece from the
+store's buffer as it writes it), so a chunk is verified as its last byte arrives, not read
+a second time after it; what is left at the end (a digest, a stat, a rename) is
+done on the loop, without a hop to a thread and back. A cold read of many small files is
+CPU-bound on this per-blob bookkeeping (docs/perf-log.md), so the loop's share of a
+download is kept to starting it, one wake-up when it ends, and its cache-index row
+written with those of the other blobs that finished in the same moment.
 
 A download has no retry loop of its own (the store retries each request: retry.py). One
 that breaks beyond those retries fails its readers, but keeps what arrived: the next read
@@ -32,11 +36,13 @@ from .errors import ImgrepoError, IntegrityError
 from .hashing import HASH_CHUNK, hash_file
 from .manifest import MIN_CHUNK, Chunks, FileEntry
 from .repository import blob_key
-from .state import LocalState, StateDB
-from .store.base import Store
+from .state import StateDB
+from .store.base import ChunkSink, Store
 from .workers import Workers
 
 log = logging.getLogger(__name__)
+
+RECORD_AFTER = 0.05  # seconds a downloaded blob's cache-index row waits for others
 
 
 class Download:
@@ -109,6 +115,37 @@ class Download:
             raise self.error  # a corrupt blob serves nothing more, not even what arrived
 
 
+class _Progress(ChunkSink):
+    """What a download's thread does as bytes land: hash them (from the store's buffer,
+    or read back from the file where the store handed none, e.g. a resumed download's
+    earlier bytes), then tell the loop how far the blob is. The news is queued, not
+    waited for: the download thread goes on receiving while the loop is busy answering
+    the reads it unblocks; and only while a reader waits (a download fetched ahead wakes
+    nobody: its end always does)."""
+
+    def __init__(self, dl: Download, token: trio.lowlevel.TrioToken) -> None:
+        self.dl = dl
+        self.token = token
+
+    def landed(self, data: bytes | memoryview, at: int) -> None:
+        dl = self.dl
+        if at == dl.hashed:
+            dl.hasher.update(data)
+            dl.hashed += len(data)
+
+    def __call__(self, end: int) -> None:
+        dl = self.dl
+        if dl.hashed < end:
+            fd = os.open(dl.path, os.O_RDONLY)
+            try:
+                dl.hash_arrived(fd, end)
+            finally:
+                os.close(fd)
+        dl.arrived = end
+        if dl.waiting and end < dl.size:  # (all of it: the seal, next, wakes the readers)
+            self.token.run_sync_soon(dl.progress, end)
+
+
 class BlobCache(CacheIndex):
     """The cache index, filled on demand by downloads that readers can follow."""
 
@@ -125,10 +162,18 @@ class BlobCache(CacheIndex):
         self.broken: dict[str, int] = {}
         self.nursery: trio.Nursery | None = None
         self._unrecorded: dict[str, int] = {}  # downloaded, not yet in the state's table
-        # Threads of our own that verify finished downloads: a hop to them costs half of
-        # trio.to_thread's (docs/perf-log.md), and every downloaded blob takes one.
+        # Threads of our own that read back and hash what a store did not report as it
+        # landed (the S3 and local stores report every chunk: their blobs need no hop).
         self._sealers = Workers("imgrepo-verify", 2)
         self._recording = False  # a task is writing them
+        self.record_after = RECORD_AFTER
+
+    @property
+    def settling(self) -> bool:
+        """Downloads in flight, or finished ones whose index rows and eviction have not run
+        yet (they wait `record_after` for each other): until then the cache may hold more
+        than its limit."""
+        return bool(self.downloads) or self._recording
 
     def load(self, rows: list[tuple[str, int, bool, float]]) -> list[str]:
         """Index what the database says is cached (see CacheIndex.load); downloads the last
@@ -140,16 +185,14 @@ class BlobCache(CacheIndex):
 
     # -- downloads ------------------------------------------------------------------------
     def start_download(self, sha: str, size: int) -> Download:
-        """Join or start the download of a blob not in the cache. A download that has
-        finished but is still listed (its bookkeeping runs) is not joined: the blob left
-        the index, so eviction took it meanwhile, and its file is gone."""
+        """Join or start the download of a blob not in the cache (a download is listed
+        only while in flight: once done, the blob is in the index, or eviction took it
+        since and a new download starts)."""
         dl = self.downloads.get(sha)
         if dl is not None and dl.error is None and not dl.done:
             return dl
+        # (the store makes the partial file; readers open it once bytes are there)
         dl = Download(sha, size, self.partial_dir / sha, self.broken.pop(sha, 0))
-        # Readers open it at once (a resumed one keeps its bytes); os.open, not Path.touch,
-        # which tries utime first and costs an exception per new file.
-        os.close(os.open(dl.path, os.O_WRONLY | os.O_CREAT, 0o644))
         self.downloads[sha] = dl
         assert self.nursery is not None
         self.nursery.start_soon(self._download, dl)
@@ -159,9 +202,9 @@ class BlobCache(CacheIndex):
         try:
             try:
                 await self._fetch(dl)
-                # One worker call checks size and hash and moves the blob into place (the
-                # last byte stays held back from readers until then).
-                await self._sealers.run(self._seal, dl)
+                if dl.hashed < dl.size:  # the store did not report all of it as it landed
+                    await self._sealers.run(self._hash_rest, dl)
+                self._seal(dl)  # (the last byte stays held back from readers until then)
             except (ImgrepoError, OSError) as exc:
                 log.error("download of blob %s failed: %s", dl.sha, exc)
                 # (the last byte is always fetched again: it was never checked)
@@ -177,10 +220,10 @@ class BlobCache(CacheIndex):
                 return
             self.register(dl.sha, dl.size, pending=False, dense=True)
             dl.complete()  # readers go on; the cache's bookkeeping need not hold them
-            await self._record_cached(dl.sha, dl.size)
         finally:
             if self.downloads.get(dl.sha) is dl:
                 del self.downloads[dl.sha]
+        await self._record_cached(dl.sha, dl.size)
 
     def close(self) -> None:
         """Stop the verifying threads (after the trio loop has finished)."""
@@ -188,67 +231,76 @@ class BlobCache(CacheIndex):
 
     async def _record_cached(self, sha: str, size: int) -> None:
         """Note a downloaded blob in the cache index's table, then evict what is over the
-        limit. Blobs that finish while one batch is written go in the next, in one call to
-        the database's thread (one hop per batch, not one per blob)."""
+        limit. The first row waits `record_after` seconds for the downloads finishing
+        meanwhile; they go in the same call to the database's thread and one transaction
+        (a hop and a WAL write per batch of blobs, not per blob). Rows still waiting when the mount
+        stops are written then. A crash loses at most that moment's rows: their blobs are
+        downloaded again when read, over the files they left."""
         self._unrecorded[sha] = size
         if self._recording:
             return
         self._recording = True
         try:
-            while self._unrecorded:
-                rows, self._unrecorded = self._unrecorded, {}
-                try:
-                    await self.db.run(_add_cached, self.db.state, rows)
-                    await self.evict()
-                except OSError as exc:
-                    log.warning("cannot record blob %s in the cache index: %s",
-                                ", ".join(rows), exc)
+            try:
+                await trio.sleep(self.record_after)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._record_waiting()
         finally:
             self._recording = False
 
-    def _seal(self, dl: Download) -> None:
-        """The finished download becomes a cached blob, if it is the blob (worker thread)."""
-        size = os.path.getsize(dl.path)
+    async def _record_waiting(self) -> None:
+        while self._unrecorded:
+            rows, self._unrecorded = self._unrecorded, {}
+            try:
+                await self.db.run(self.db.state.add_cached_blobs, rows)
+                await self.evict()
+            except OSError as exc:
+                log.warning("cannot record blob %s in the cache index: %s",
+                            ", ".join(rows), exc)
+
+    def _hash_rest(self, dl: Download) -> None:
+        """Hash what the download's progress did not (a verifying thread)."""
+        try:
+            size = os.path.getsize(dl.path)
+        except FileNotFoundError:
+            size = 0  # (a store that wrote nothing made no file)
         if size != dl.size:
             raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
                                  f"the manifest says {dl.size}")
-        fd = os.open(dl.path, os.O_RDONLY)  # (the rest, if the store reported none of it)
+        fd = os.open(dl.path, os.O_RDONLY)
         try:
             dl.hash_arrived(fd, size)
         finally:
             os.close(fd)
+
+    def _seal(self, dl: Download) -> None:
+        """The finished download becomes a cached blob, if it is the blob. On the loop: its
+        bytes were hashed as they landed, so what is left is a stat, a digest and a rename,
+        cheaper than a hop to a thread and back (every blob read from the bucket takes it)."""
+        size = os.stat(dl.path).st_size
+        if size != dl.size or dl.hashed != size:
+            raise IntegrityError(f"blob {dl.sha} has {size} bytes in the bucket, "
+                                 f"the manifest says {dl.size}")
         actual = dl.hasher.hexdigest()
         if actual != dl.sha:
             raise IntegrityError(f"blob {dl.sha} from the bucket is corrupt (its content "
                                  f"hashes to {actual}); not used")
-        target = self.path(dl.sha)
-        target.parent.mkdir(exist_ok=True)
-        with self.claim_name(dl.sha):
-            os.replace(dl.path, target)
+        self.place(dl.path, dl.sha)
 
     async def _fetch(self, dl: Download) -> None:
         """Stream the blob into its partial file, from the bytes readers already have."""
         if dl.size == 0:
+            os.close(os.open(dl.path, os.O_WRONLY | os.O_CREAT, 0o644))
             return
-        # Progress is queued to the loop, not waited for: the download thread goes on
-        # receiving while the loop is busy answering the reads it unblocks. Only while a
-        # reader waits: a download fetched ahead wakes nobody (its end always does).
-        token = trio.lowlevel.current_trio_token()
-        fd = os.open(dl.path, os.O_RDONLY)
-
-        def progress(n: int) -> None:
-            dl.hash_arrived(fd, n)
-            dl.arrived = n
-            if dl.waiting:
-                token.run_sync_soon(dl.progress, n)
-
-        try:
-            await self.store.download(blob_key(dl.sha), dl.path, dl.available, progress)
-        finally:
-            os.close(fd)
+        await self.store.download(blob_key(dl.sha), dl.path, dl.available,
+                                  _Progress(dl, trio.lowlevel.current_trio_token()))
 
     def open_fd(self, dl: Download) -> int:
-        """A read-only descriptor on a download's file, wherever it is by now."""
+        """A read-only descriptor on a download's file, wherever it is by now (call it
+        once bytes have arrived: before, the store may not have made the file yet)."""
+        if dl.done:
+            return os.open(self.path(dl.sha), os.O_RDONLY)
         try:
             return os.open(dl.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -317,9 +369,3 @@ class BlobCache(CacheIndex):
         except OSError as exc:
             log.warning("cannot record blob %s in the cache index: %s", entry.sha256, exc)
         return self.path(entry.sha256)
-
-
-def _add_cached(state: LocalState, rows: dict[str, int]) -> None:
-    """Downloaded blobs into the state's table of cached blobs (the database's thread)."""
-    for sha, size in rows.items():
-        state.add_cached_blob(sha, size)

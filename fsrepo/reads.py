@@ -52,9 +52,8 @@ class BlobReads:
         elif (chunks := self.cache.chunks_of(entry)) is not None:
             handle.chunks = chunks  # fetched as reads ask for them (read_chunks)
         else:
-            dl = self.cache.start_download(entry.sha256, entry.size)
-            handle.download = dl
-            handle.fd = self.cache.open_fd(dl)
+            # (its descriptor is opened by the first read, once bytes are there)
+            handle.download = self.cache.start_download(entry.sha256, entry.size)
 
     def attach_empty(self, handle: Handle, sha: str) -> None:
         """A new file's handle reads the empty blob."""
@@ -89,6 +88,8 @@ class BlobReads:
         assert dl is not None
         try:
             await dl.wait_for(end)
+            if handle.fd is None:
+                handle.fd = self.cache.open_fd(dl)
         except (ImgrepoError, OSError) as exc:
             log.error("read failed: %s", exc)
             if isinstance(exc, IntegrityError):  # drop pages the kernel kept of it

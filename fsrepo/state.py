@@ -297,6 +297,16 @@ class LocalState:
         self.db.execute("INSERT INTO blobs VALUES (?, ?, 0, ?) ON CONFLICT(sha256) DO UPDATE "
                         "SET atime=excluded.atime", (sha, size, time.time()))
 
+    def add_cached_blobs(self, rows: dict[str, int]) -> None:
+        """Downloaded blobs (sha -> size), in one transaction: a batch of downloads costs
+        one WAL write, not one per blob."""
+        now = time.time()
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT INTO blobs VALUES (?, ?, 0, ?) ON CONFLICT(sha256) "
+                                "DO UPDATE SET atime=excluded.atime",
+                                [(sha, size, now) for sha, size in rows.items()])
+
     def touch_blobs(self, items: list[tuple[str, float]]) -> None:
         with self.db:
             self.db.executemany("UPDATE blobs SET atime=? WHERE sha256=?",

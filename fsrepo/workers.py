@@ -3,9 +3,10 @@
 trio.to_thread hands each call to a pooled thread through a limiter and reports back with
 a blocking round trip into the loop; a queue to threads that are always there costs much
 less per call (figures: docs/perf-log.md). The journal (`StateDB`) uses it, since
-every close() waits for its transaction, and so does the verification of each finished
-download (blobcache.py), one per blob read from the bucket. The staging file's fsync showed no gain on this
-path, so it stays on trio.to_thread. Calls cannot be cancelled once queued (to_thread's
+every close() waits for its transaction, and so does the read-back hashing of a download
+its store did not report as it landed (blobcache.py; the S3 and local stores report every
+chunk, so their blobs are sealed on the loop with no hop at all). The staging file's fsync
+showed no gain on this path, so it stays on trio.to_thread. Calls cannot be cancelled once queued (to_thread's
 default too): a started transaction runs to its end and the caller learns how it went.
 """
 

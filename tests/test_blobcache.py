@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from fsrepo.blobcache import BlobCache
+from fsrepo.blobcache import BlobCache, Download
 from fsrepo.errors import IntegrityError, StorageError
 from fsrepo.repository import blob_key
 from fsrepo.state import LocalState, StateDB
@@ -132,7 +132,7 @@ def test_a_verified_download_is_served_even_if_the_cache_index_cannot_record_it(
     store = LocalStore(tmp_path / "repo")
 
     class FullDisk(LocalState):
-        def add_cached_blob(self, sha: str, size: int) -> None:
+        def add_cached_blobs(self, rows: dict[str, int]) -> None:
             raise OSError(28, "No space left on device")
 
     async def main() -> None:
@@ -221,6 +221,100 @@ def test_a_name_made_while_its_eviction_is_on_its_way_survives(
             monkeypatch.undo()
             assert cache.path(digest).read_bytes() == data
         finally:
+            db.close()
+
+    trio.run(main)
+
+
+class RecordingCalls(LocalState):
+    """Counts the batches of downloaded blobs written to the cache index's table."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.batches: list[int] = []
+
+    def add_cached_blobs(self, rows: dict[str, int]) -> None:
+        self.batches.append(len(rows))
+        super().add_cached_blobs(rows)
+
+
+class Silent(LocalStore):
+    """Streams like any store but never reports progress (on_chunk is not called)."""
+
+    async def download(self, key: str, dest: Path, start: int = 0,
+                       on_chunk: Callable[[int], None] | None = None) -> None:
+        await super().download(key, dest, start, None)
+
+
+def _blobs(count: int, size: int) -> list[tuple[str, bytes]]:
+    return [(hashlib.sha256(data).hexdigest(), data)
+            for data in (os.urandom(size) for _ in range(count))]
+
+
+def test_downloads_cost_no_verify_hop_and_share_one_index_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The per-blob bookkeeping is what a cold read of small files spends its CPU on
+    # (docs/perf-log.md): a blob is hashed from the store's buffer as it lands (never read
+    # back from its file) and sealed without a hop to the verifying threads, and blobs
+    # downloaded one after another within the recording's wait are written to the cache
+    # index in one call to the database's thread; a mount stopping before the wait is
+    # over (its nursery cancelled) still writes them.
+    blobs = _blobs(20, 64 * 1024)
+    store = LocalStore(tmp_path / "repo")
+    state = RecordingCalls(tmp_path / "state.db")
+    read_back: list[int] = []
+    monkeypatch.setattr(Download, "hash_arrived",
+                        lambda self, fd, end: read_back.append(end))
+
+    async def main() -> None:
+        for digest, data in blobs:
+            await store.put(blob_key(digest), data)
+        db = StateDB(state)
+        cache = BlobCache(tmp_path / "blobs", db, store, 1 << 30)
+        cache.record_after = 3600.0  # (the stop, not the wait, ends this one)
+        try:
+            async with trio.open_nursery() as nursery:
+                cache.nursery = nursery
+                for digest, data in blobs:
+                    assert (await cache.ensure(digest, len(data))).read_bytes() == data
+                assert not cache.downloads and state.batches == []
+                nursery.cancel_scope.cancel()
+            assert not cache._sealers._threads  # no verifying thread was ever needed
+        finally:
+            db.close()
+
+    trio.run(main)
+    assert read_back == []
+    assert state.batches == [len(blobs)]
+    rows = {sha: size for sha, size, _, _ in LocalState(tmp_path / "state.db").cached_blobs()}
+    assert rows == {digest: len(data) for digest, data in blobs}
+
+
+@pytest.mark.expected_logs(r"download of blob \w+ failed", reason="the blob is corrupt "
+                           "in the bucket on purpose")
+def test_a_store_that_reports_no_progress_still_has_each_blob_verified(
+        tmp_path: Path) -> None:
+    # Without progress calls nothing was hashed as it landed: a verifying thread reads the
+    # file back; a good blob is served, a corrupt one is refused and leaves no file.
+    (good, data), (bad, other) = _blobs(2, 300_000)
+    store = Silent(tmp_path / "repo")
+
+    async def main() -> None:
+        await store.put(blob_key(good), data)
+        await store.put(blob_key(bad), other[:-1] + bytes([other[-1] ^ 1]))
+        db = StateDB(LocalState(tmp_path / "state.db"))
+        cache = BlobCache(tmp_path / "blobs", db, store, 1 << 30)
+        try:
+            async with trio.open_nursery() as nursery:
+                cache.nursery = nursery
+                assert (await cache.ensure(good, len(data))).read_bytes() == data
+                with pytest.raises(IntegrityError, match="corrupt"):
+                    await cache.ensure(bad, len(other))
+            assert cache._sealers._threads  # the read-back ran on a verifying thread
+            assert not cache.has(bad) and not cache.path(bad).exists()
+            assert not (cache.partial_dir / bad).exists()
+        finally:
+            cache.close()
             db.close()
 
     trio.run(main)

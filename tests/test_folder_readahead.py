@@ -106,8 +106,9 @@ def all_downloads(store: CountingStore) -> int:
 
 
 async def settle(engine: Engine) -> None:
-    """Wait until no download is in flight."""
-    while engine.cache.downloads:
+    """Wait until no download is in flight and the finished ones' bookkeeping (index rows,
+    eviction) has run."""
+    while engine.cache.settling:
         await trio.sleep(0.01)
 
 

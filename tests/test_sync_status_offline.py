@@ -146,8 +146,9 @@ def test_interrupted_sync_resumes_and_downloads_nothing_twice(s3_bucket, s3_prox
     seed_repository(mounter, s3_bucket.url, s3_bucket.endpoint_url, tree)
     m = mounter(s3_bucket.url, endpoint_url=s3_proxy.url)
     s3_proxy.reset_counts()
-    # Slow downloads, so that Ctrl-C lands half way.
-    s3_proxy.inject(method="GET", path=r"/blobs/", delay=0.5, times=None)
+    # Slow downloads, so that Ctrl-C lands half way (at 0.5 s a GET the whole sync took ~3 s,
+    # and a loaded machine once delivered the Ctrl-C after its end).
+    s3_proxy.inject(method="GET", path=r"/blobs/", delay=1.5, times=None)
 
     # Ctrl-C from a terminal: the client shows a progress bar there.
     master, slave = pty.openpty()

@@ -147,6 +147,21 @@ class NotModified:
 NOT_MODIFIED = NotModified()
 
 
+class ChunkSink(abc.ABC):
+    """An `on_chunk` for `Store.download` that also takes the bytes: the store hands it each
+    piece it wrote (`landed`), then calls it with the new end as any `on_chunk`. A caller
+    that hashes what arrives (the blob cache) need not read it back from the file. Stores
+    that do not know it call it with the end alone; wrappers pass it on as it is."""
+
+    @abc.abstractmethod
+    def landed(self, data: bytes | memoryview, at: int) -> None:
+        """The bytes just written at offset `at` of the file (the download's thread)."""
+
+    @abc.abstractmethod
+    def __call__(self, end: int) -> None:
+        """The file holds the object's bytes up to `end` (the download's thread)."""
+
+
 class Store(abc.ABC):
     """Async access to one repository's key space (bucket + prefix, or a folder)."""
 
@@ -167,7 +182,8 @@ class Store(abc.ABC):
     ) -> None:
         """Stream an object from byte `start` into the file `dest` (written at offset
         `start`, created if missing), calling `on_chunk(bytes_so_far_in_file)` as data lands,
-        from a worker thread. Raises ObjectNotFound."""
+        from a worker thread (a `ChunkSink` is handed each piece's bytes first). Raises
+        ObjectNotFound."""
 
     @abc.abstractmethod
     async def put(

@@ -42,6 +42,7 @@ from .base import (
     GET_LIMIT,
     NOT_MODIFIED,
     BlobSource,
+    ChunkSink,
     FileSlice,
     NotModified,
     ObjectInfo,
@@ -217,6 +218,7 @@ class LocalStore(Store):
         self, key: str, dest: Path, start: int = 0, on_chunk: Callable[[int], None] | None = None
     ) -> None:
         path = self._path(key)
+        sink = on_chunk if isinstance(on_chunk, ChunkSink) else None
 
         def work(stop: threading.Event) -> None:
             try:
@@ -242,6 +244,8 @@ class LocalStore(Store):
                                 done += os.pwrite(out, view[done:n], pos + done)
                             except OSError as exc:
                                 raise _CallerFileError(exc) from exc
+                        if sink is not None:
+                            sink.landed(view[:n], pos)
                         pos += n
                         if on_chunk is not None:
                             on_chunk(pos)

@@ -42,6 +42,7 @@ from .base import (
     GET_LIMIT,
     NOT_MODIFIED,
     BlobSource,
+    ChunkSink,
     NotModified,
     ObjectInfo,
     Store,
@@ -217,6 +218,7 @@ class S3Store(Store):
         """One streaming GET from `start`; if the stream breaks, resume from the last byte
         written (pinned to the first response's etag with If-Match)."""
         full = self._key(key)
+        sink = on_chunk if isinstance(on_chunk, ChunkSink) else None
 
         def work(stop: threading.Event) -> None:
             pos = start
@@ -251,6 +253,8 @@ class S3Store(Store):
                                 written = os.pwrite(fd, view, pos)
                                 pos += written
                                 view = view[written:]
+                            if sink is not None:
+                                sink.landed(chunk, pos - len(chunk))
                             if on_chunk is not None:
                                 on_chunk(pos)
                     finally:
