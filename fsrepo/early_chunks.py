@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import trio
 from .blob_upload import stored_whole
 from .chunking import ChunkLists, hash_range
 from .errors import ImgrepoError
+from .hashing import RunningHash, set_background_priority
 from .remote_index import RemoteIndex
 from .repository import blob_key
 from .store.base import FileRange, Store
@@ -44,13 +44,6 @@ EARLY_PARALLEL = 4  # chunks in flight (each streamed from the staging copy: no 
 TRACKED = 64  # files followed at once (each holds a descriptor; the oldest are let go)
 SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
 KEPT = 64  # files let go whose chunk hashes are kept for their upload after close
-# The hashing here runs in threads of their own at this niceness: on a busy machine the
-# writer (whose requests the trio thread answers) gets the CPU first.
-BACKGROUND_NICE = 10
-
-
-class RunningHash(Protocol):
-    def hexdigest(self) -> str: ...
 
 
 class Written(Protocol):
@@ -255,11 +248,8 @@ class EarlyChunks:
 
 
 def _in_background(fn: Callable[..., str], *args: object) -> str:
-    """Run `fn` in this (dedicated) thread at BACKGROUND_NICE (Linux: per thread)."""
-    tid = threading.get_native_id()
-    try:
-        if os.getpriority(os.PRIO_PROCESS, tid) < BACKGROUND_NICE:
-            os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
-    except OSError:
-        pass  # (no per-thread niceness here: it runs at the writer's priority)
+    """Run `fn` in this (dedicated) thread at hashing.BACKGROUND_NICE: the writer, whose
+    requests the trio thread answers, gets a shared core first; nothing waits for these
+    threads (the upload after close hashes what they have not reached)."""
+    set_background_priority()  # (where it cannot, at the writer's priority)
     return fn(*args)

@@ -26,7 +26,7 @@ import trio
 
 from .cache_index import CacheIndex
 from .errors import FsError
-from .hashing import HashThread, hash_file
+from .hashing import HashThread, RunningHash, hash_file
 from .manifest import MAX_SIZE, FileEntry
 from .state import LocalState
 
@@ -38,7 +38,6 @@ WRITEBACK_CHUNK = 32 << 20
 # so the hand-off to the hash thread would cost more CPU than it moves: measured, perf-log).
 INLINE_HASH = 64 << 10
 INLINE_PREFIX = 1 << 20
-HASH_BACKLOG = 16 << 20  # bytes written and not hashed yet before writes wait (staging_area)
 FILL_CHUNK = 1 << 20
 _ZEROS = bytes(FILL_CHUNK)
 _SYNC_FILE_RANGE_WRITE = 2
@@ -55,7 +54,7 @@ class Staging:
     size: int
     mode: int
     mtime_ns: int
-    hasher: hashlib._Hash | None  # valid while writes were sequential from offset 0
+    hasher: RunningHash | None  # valid while writes were sequential from offset 0
     hashes: HashThread  # where the running hash is computed
     hashed: int = 0
     dirty: bool = False
@@ -82,8 +81,8 @@ class Staging:
                 if self.hashes.backlog == 0 and (written < INLINE_HASH
                                                  or self.hashed + written <= INLINE_PREFIX):
                     self.hasher.update(part)
-                else:
-                    self.hashes.update(self.hasher, part)
+                else:  # (read back from the copy, where they are now: nothing held)
+                    self.hashes.update_range(self.hasher, self.fd, offset, written)
                 self.hashed += written
             else:
                 self.hasher = None
@@ -105,7 +104,7 @@ class Staging:
                 raise
             raise refused("truncate", size, exc) from None
         if size < self.hashed or size > self.size:
-            self.hasher = None if size != 0 else hashlib.sha256()
+            self.hasher = None if size != 0 else RunningHash()
             self.hashed = 0
         self.size = size
         self.mtime_ns = time.time_ns()
@@ -149,7 +148,7 @@ class StagingArea:
         self._count += 1
         path = self.directory / f"{self._run_id}-{self._count}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, hashlib.sha256(), self.hashes,
+        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, RunningHash(), self.hashes,
                      base=entry)
         self.staged[ino] = st
         return st
