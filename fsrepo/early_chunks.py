@@ -32,7 +32,7 @@ import trio
 from .blob_upload import stored_whole
 from .chunking import ChunkLists, hash_range
 from .errors import ImgrepoError
-from .hashing import RunningHash, set_background_priority
+from .hashing import BURST_GAP, RunningHash, WriterFirst, set_background_priority
 from .remote_index import RemoteIndex
 from .repository import blob_key
 from .store.base import FileRange, Store
@@ -101,12 +101,14 @@ class EarlyChunks:
         self._closed: OrderedDict[int, Followed] = OrderedDict()  # let go, hashes kept
         self._threads = Workers("imgrepo-early", parallel)
         self._work = trio.Event()
+        self.writer_first = WriterFirst()
 
     def wrote(self, st: Written) -> None:
         """After a write to a staging copy: note how far it is written in order (a random
         write ends its head start: close() cuts the file)."""
         size = self.chunk_lists.chunk_size
         f = self._files.get(st.path)
+        self.writer_first.wrote()
         if size is None or st.hasher is None:
             if f is not None:
                 self._let_go(st.path, f)
@@ -215,8 +217,12 @@ class EarlyChunks:
 
         sha = None
         try:
+            await self._writer_first(f)
             sha = await self._threads.run(_in_background, hash_range, f.fd, start, size)
             key = blob_key(sha)
+            await self._writer_first(f)
+            if not unchanged():
+                return None
             async with self.chunk_lists.sending(sha):
                 if not self.remote.reuse_or_recheck(sha) and not await stored_whole(
                         self.store, key, size, f"chunk {sha[:12]}"):
@@ -235,6 +241,13 @@ class EarlyChunks:
         except (ImgrepoError, OSError) as exc:  # a head start only: close() sends it
             log.debug("early upload of a chunk failed: %s", exc)
         return sha
+
+    async def _writer_first(self, f: Followed) -> None:
+        """Hold a chunk back while the writer needs the core (WriterFirst): its hash would
+        take the gaps the writer leaves, and its PUT's system calls (and, on a loopback,
+        the server's side) run at the writer's priority."""
+        while self.writer_first.holds() and not f.done:
+            await trio.sleep(BURST_GAP)
 
     async def _take_back(self, key: str) -> None:
         """Delete a chunk sent while its bytes were written again (what went up may not be

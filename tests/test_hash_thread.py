@@ -19,10 +19,13 @@ import trio
 
 from fsrepo.hashing import (
     BACKGROUND_NICE,
+    BURST_GAP,
     HASH_CHUNK,
     HELD_LIMIT,
+    WINDOW,
     HashThread,
     RunningHash,
+    WriterFirst,
     set_background_priority,
 )
 from fsrepo.manifest import FileEntry
@@ -300,3 +303,79 @@ def test_buffers_held_past_the_limit_hold_the_writer_back() -> None:
     assert hashes.held == 0
     assert hasher.hexdigest() == hashlib.sha256(b"".join(data)).hexdigest()
     assert log.lanes[0] == "foreground"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_writer_comes_first_only_in_a_burst_on_a_core_it_waits_for() -> None:
+    clock, waited = _Clock(), [0.0]
+    writer = WriterFirst(clock, lambda tid: f"123 {int(waited[0] * 1e9)} 7\n")
+    assert not writer.holds()  # no write yet
+    writer.wrote()
+    assert not writer.holds()  # (the first look only starts the window)
+    clock.now += 2 * WINDOW
+    waited[0] += WINDOW  # (half the time)
+    writer.wrote()
+    assert writer.holds()
+    clock.now += 2 * WINDOW
+    waited[0] += WINDOW / 25  # the core is free again
+    writer.wrote()
+    assert not writer.holds()
+    clock.now += 1.5 * WINDOW  # (less than BURST_GAP after the last write: still on)
+    waited[0] += 1.5 * WINDOW
+    assert writer.holds()
+    clock.now += BURST_GAP
+    assert not writer.holds()  # the writes paused
+    unreadable = WriterFirst(clock, lambda tid: "")
+    unreadable.wrote()
+    assert not unreadable.holds()
+
+
+class _Holding:
+    """A WriterFirst stand-in that holds until told, and counts the looks."""
+
+    def __init__(self) -> None:
+        self.hold = True
+        self.looks = 0
+
+    def wrote(self) -> None:
+        pass
+
+    def holds(self) -> bool:
+        self.looks += 1
+        return self.hold
+
+
+def test_the_background_lane_yields_to_the_writer_and_a_waiter_does_not(
+        tmp_path: Path) -> None:
+    data = os.urandom(4 * HASH_CHUNK)
+    fd = _file_with(tmp_path, data)
+    hasher, log = _recording()
+    hashes = HashThread("test-hash-yield")
+    writer = _Holding()
+    hashes.writer = writer  # type: ignore[assignment]
+
+    async def main() -> str:
+        hashes.update_range(hasher, fd, 0, 2 * HASH_CHUNK)
+        looks = writer.looks
+        while writer.looks < looks + 2:  # it looked (again) and went on waiting
+            await trio.sleep(0.001)
+        assert log.lanes == [] and hashes.backlog == 2 * HASH_CHUNK
+        value = await hashes.hexdigest(hasher)  # served all the same
+        writer.hold = False
+        hashes.update_range(hasher, fd, 2 * HASH_CHUNK, 2 * HASH_CHUNK)
+        while hashes.backlog:
+            await trio.sleep(0.001)
+        return value
+
+    assert trio.run(main) == hashlib.sha256(data[:2 * HASH_CHUNK]).hexdigest()
+    assert log.lanes == ["foreground"] * 2 + ["background"] * 2
+    assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+    hashes.close()
+    os.close(fd)
