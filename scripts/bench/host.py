@@ -49,16 +49,16 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds of each live thread of a process, by thread id."""
-    out: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
+def thread_cpu_seconds(pid: int) -> dict[int, tuple[float, float]]:
+    """Of each live thread of a process, by thread id: seconds on a CPU, and seconds
+    runnable but waiting for one (schedstat: what the others on its core cost it)."""
+    out: dict[int, tuple[float, float]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            ran, waited, _ = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):
             continue  # (ended meanwhile)
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+        out[int(task.name)] = (int(ran) / 1e9, int(waited) / 1e9)
     return out
 
 

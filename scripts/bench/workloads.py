@@ -5,6 +5,7 @@ recorded per round; and the clean-up of whatever is still mounted."""
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -188,6 +189,7 @@ class Bench:
             threads0 = thread_cpu_seconds(pid)
         cores = os.sched_getaffinity(0)
         busy0, children0, everyone0 = cores_busy_seconds(cores), os.times(), all_threads_cpu()
+        preempted0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nivcsw
         t0 = time.perf_counter()
         with self.profiled(tool, "w2-close"):
             t_close = run(["dd", f"if={data.big}", f"of={mnt / 'big.bin'}", "bs=1M",
@@ -204,11 +206,14 @@ class Bench:
             f"{comm}[{owner}] {cpu:.2f} s" for cpu, comm, owner in others[:6] if cpu >= 0.01))
         if pid:  # where the mount's CPU went until close, by thread
             names = python_thread_names(pid)
-            spent = {tid: cpu - threads0.get(tid, 0.0)
-                     for tid, cpu in thread_cpu_seconds(pid).items()}
-            say(f"  {name}: W2 CPU until close by thread: " + ", ".join(
-                f"{names.get(tid, tid)} {cpu:.2f} s" for tid, cpu in
-                sorted(spent.items(), key=lambda kv: -kv[1]) if cpu >= 0.01))
+            spent = {tid: (ran - threads0.get(tid, (0.0, 0.0))[0],
+                           waited - threads0.get(tid, (0.0, 0.0))[1])
+                     for tid, (ran, waited) in thread_cpu_seconds(pid).items()}
+            say(f"  {name}: W2 CPU until close by thread (ran/waited for a CPU): " + ", ".join(
+                f"{names.get(tid, tid)} {ran:.2f}/{waited:.2f} s" for tid, (ran, waited) in
+                sorted(spent.items(), key=lambda kv: -kv[1][0]) if ran >= 0.01))
+        preempted = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nivcsw - preempted0
+        say(f"  {name}: W2 until close: dd was preempted {preempted} times")
         with self.profiled(tool, "w2-durable"):
             t_dur = tool.wait_durable({"big.bin": data.big_size}, t0)
         mb = data.big_size / 1e6
