@@ -136,7 +136,8 @@ class _Source:
 
     fd: int
     hasher: RunningHash
-    jobs: int = 0
+    jobs: int = 0  # queued ranges of it
+    readers: int = 0  # lanes reading it now (one taken over may still be)
 
 
 @dataclass
@@ -363,9 +364,16 @@ class HashThread:
                     self._yielding = False
                     continue
                 state = piece.job.hasher.state.copy()
+                source = piece.job.source
+                if source is not None:
+                    source.readers += 1
             result = self._run(piece, state, buf)  # (no lock held)
             with self._lock:
+                if source is not None:
+                    source.readers -= 1
                 if piece.taken_over:
+                    if source is not None:
+                        self._release(source)
                     continue  # (the foreground lane hashed it again and keeps its result)
                 self._piece = None
                 if piece.job.task is None:
@@ -436,10 +444,16 @@ class HashThread:
             source = job.source
             if piece.last and source is not None:
                 source.jobs -= 1
-                if not source.jobs:
-                    os.close(source.fd)
-                    if self._sources.get(id(source.hasher)) is source:
-                        del self._sources[id(source.hasher)]
+                self._release(source)
+
+    def _release(self, source: _Source) -> None:
+        """Close a source no queued range and no lane needs any more (once)."""
+        if source.jobs or source.readers or source.fd < 0:
+            return
+        os.close(source.fd)
+        source.fd = -1
+        if self._sources.get(id(source.hasher)) is source:
+            del self._sources[id(source.hasher)]
 
     @staticmethod
     def _tell(token: trio.lowlevel.TrioToken, fn: Callable[..., object],

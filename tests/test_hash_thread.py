@@ -200,6 +200,7 @@ def test_a_waiter_never_waits_for_the_background_lane(tmp_path: Path) -> None:
     foreground lane, which takes that piece over; the background lane's late result is
     dropped, and work queued once nobody waits is the background lane's again."""
     data = os.urandom(8 * HASH_CHUNK)
+    before = _open_fds()
     fd = _file_with(tmp_path, data)
     hold = threading.Event()
     hasher, log = _recording(hold)
@@ -232,6 +233,7 @@ def test_a_waiter_never_waits_for_the_background_lane(tmp_path: Path) -> None:
                                             (ours[0], BACKGROUND_NICE))
     hashes.close()
     os.close(fd)
+    assert _open_fds() == before  # (the copy's descriptor outlived the held read, no more)
 
 
 def test_the_background_priority_is_the_calling_threads_alone() -> None:
