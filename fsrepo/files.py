@@ -34,7 +34,7 @@ from .inodes import ROOT_INO, Node
 from .manifest import DirEntry, Entry, FileEntry, SymlinkEntry
 from .namespace import EMPTY_SHA, Namespace
 from .reads import BlobReads
-from .staging import HASH_BACKLOG, Staging, StagingArea
+from .staging import Staging, StagingArea
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +289,8 @@ class FileManager:
         written = st.write(offset, data)
         if self.write_observer is not None:
             self.write_observer.wrote(st)
-        if st.hashes.backlog > HASH_BACKLOG:  # the hash thread is far behind: let it catch up
-            await st.hashes.drained(HASH_BACKLOG // 2)
+        if st.hashes.too_far_behind:  # the hash threads are far behind: let them catch up
+            await st.hashes.catch_up()
         return written
 
     async def truncate(self, node: Node, size: int, handle: Handle | None = None) -> None:

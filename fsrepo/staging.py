@@ -27,7 +27,7 @@ import trio
 
 from .cache_index import CacheIndex
 from .errors import FsError
-from .hashing import HashThread, hash_file
+from .hashing import HashThread, RunningHash, hash_file
 from .manifest import MAX_SIZE, FileEntry
 from .state import LocalState, SyncedCopy
 
@@ -40,7 +40,6 @@ WRITEBACK_CHUNK = 32 << 20
 # hand-off to the hash thread would cost more CPU than it moves: measured, perf-log).
 INLINE_HASH = 64 << 10
 INLINE_PREFIX = 1 << 20
-HASH_BACKLOG = 16 << 20  # bytes written and not hashed yet before writes wait (staging_area)
 FILL_CHUNK = 1 << 20
 _ZEROS = bytes(FILL_CHUNK)
 _SYNC_FILE_RANGE_WRITE = 2
@@ -57,7 +56,7 @@ class Staging:
     size: int
     mode: int
     mtime_ns: int
-    hasher: hashlib._Hash | None  # valid while writes were sequential from offset 0
+    hasher: RunningHash | None  # valid while writes were sequential from offset 0
     hashes: HashThread  # where the running hash is computed
     hashed: int = 0  # the end of the sequential run written from offset 0
     # Of that run, the bytes from 0 not fed to the hasher yet: a file's first INLINE_PREFIX
@@ -90,11 +89,10 @@ class Staging:
                     self.unhashed += written  # hashed after close, off the writer's path
                 else:
                     self._catch_up()
-                    part = data if written == len(data) else data[:written]
                     if self.hashes.backlog == 0 and written < INLINE_HASH:
-                        self.hasher.update(part)
-                    else:
-                        self.hashes.update(self.hasher, part)
+                        self.hasher.update(data if written == len(data) else data[:written])
+                    else:  # (read back from the copy, where they are now: nothing held)
+                        self.hashes.update_range(self.hasher, self.fd, offset, written)
                 self.hashed += written
             else:
                 self.hasher, self.unhashed = None, 0
@@ -116,7 +114,7 @@ class Staging:
                 raise
             raise refused("truncate", size, exc) from None
         if size < self.hashed or size > self.size:
-            self.hasher = None if size != 0 else hashlib.sha256()
+            self.hasher = None if size != 0 else RunningHash()
             self.hashed = self.unhashed = 0
         self.size = size
         self.mtime_ns = time.time_ns()
@@ -132,11 +130,10 @@ class Staging:
     def _catch_up(self) -> None:
         """Feed the hasher the run's first bytes, read back from the copy (page cache)."""
         if self.unhashed and self.hasher is not None:
-            prefix = os.pread(self.fd, self.unhashed, 0)
-            if self.hashes.backlog == 0 and len(prefix) <= INLINE_PREFIX:
-                self.hasher.update(prefix)
+            if self.hashes.backlog == 0:  # (at most INLINE_PREFIX bytes)
+                self.hasher.update(os.pread(self.fd, self.unhashed, 0))
             else:
-                self.hashes.update(self.hasher, prefix)
+                self.hashes.update_range(self.hasher, self.fd, 0, self.unhashed)
         self.unhashed = 0
 
     async def digest(self) -> str:
@@ -172,7 +169,7 @@ class StagingArea:
         self._count += 1
         path = self.directory / f"{self._run_id}-{self._count}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, hashlib.sha256(), self.hashes,
+        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, RunningHash(), self.hashes,
                      base=entry)
         self.staged[ino] = st
         return st

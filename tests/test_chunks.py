@@ -559,6 +559,51 @@ def test_a_random_write_ends_the_head_start(tmp_path: Path):
     trio.run(main)
 
 
+class _WriterNeedsTheCore:
+    """Stands in for early_chunks' WriterFirst: holds until told, counts the looks."""
+
+    def __init__(self) -> None:
+        self.hold = True
+        self.looks = 0
+
+    def wrote(self) -> None:
+        pass
+
+    def holds(self) -> bool:
+        self.looks += 1
+        return self.hold
+
+
+def test_chunks_wait_while_the_writer_needs_the_core(tmp_path: Path):
+    """While the writer needs the core (a burst on a core its trio thread waits for), the
+    early sender hashes and sends nothing; once it does not, the chunks go."""
+    data = content(3 * MiB, seed=17)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache") as engine:
+            writer = engine.uploader.early.writer_first = _WriterNeedsTheCore()
+            handle, _ = await engine.files.create(1, b"big.mov", 0o644)
+            try:
+                await write_pieces(engine, handle.fh, data)
+                with trio.fail_after(60):
+                    while writer.looks < 6:  # each worker looked, and looks again
+                        await trio.sleep(0.01)
+                assert engine.uploader.early.sent == 0
+                writer.hold = False
+                with trio.fail_after(60):
+                    while engine.uploader.early.sent < 3:
+                        await trio.sleep(0.01)
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            await EngineDriver(engine).drain()
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == data
+
+    trio.run(main)
+
+
 class TrustingServer(CountingStore):
     """A server that stores whatever body comes under the name it is given (moto checks no
     checksum either), and runs `during_put` while the first chunk sent from a byte range
