@@ -28,6 +28,7 @@ from .state import SyncedCopy
 log = logging.getLogger(__name__)
 
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+LOG_NAME = "closed.log"  # in the repository's state folder, beside the staging folder
 
 
 def current_boot_id() -> str:

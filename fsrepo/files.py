@@ -23,7 +23,7 @@ from typing import Protocol
 import trio
 
 from .blobcache import BlobCache
-from .closed_log import ClosedLog
+from .closed_log import LOG_NAME, ClosedLog
 from .commit import Committer, RemoteBlobs
 from .errors import FsError, ImgrepoError
 from .folder_readahead import READ_AHEAD_FILES, FolderReadAhead
@@ -67,7 +67,7 @@ class FileManager:
         self.ahead = FolderReadAhead(cache, read_ahead_files)
         self.reads = BlobReads(cache, ns.invalidator, ns.inodes, self.ahead)
         self.durable = durable
-        self.closed_log = ClosedLog(staging_dir.parent / "closed.log")
+        self.closed_log = ClosedLog(staging_dir.parent / LOG_NAME)
         self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote,
                                  durable, self.closed_log)
         durable.name_closed = self.commits.name_closed

@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from fsrepo.closed_log import ClosedLog, current_boot_id
+from fsrepo.closed_log import LOG_NAME, ClosedLog, current_boot_id
 from fsrepo.engine import Engine
 from fsrepo.errors import FsError
 from fsrepo.fdlimit import MAX_UNNAMED_COPIES, unnamed_copies_cap
 from fsrepo.files import AttrChange
 from fsrepo.inodes import ROOT_INO, Node
+from fsrepo.salvage import pending_count, salvage
 from fsrepo.state import SyncedCopy
 from fsrepo.store.base import Store
 from fsrepo.store.counting import PUT_FILE_CREATED, CountingStore
@@ -672,3 +673,51 @@ def test_the_open_files_limit_is_raised_to_the_hard_one_and_sets_the_cap() -> No
     assert unnamed_copies_cap(1024) == 256 and unnamed_copies_cap(100) == 25
     assert unnamed_copies_cap(1 << 20) == unnamed_copies_cap(resource.RLIM_INFINITY) \
         == MAX_UNNAMED_COPIES
+
+
+def test_salvage_copies_the_files_closed_or_fsyncd_and_not_named_yet(tmp_path):
+    """A cache a mount left by a `kill -9` before its closed copies were named, and with a
+    file fsync'd while still open: `--salvage` (which reads the cache and changes nothing
+    in it) copies each of them out with its content and attributes, and the advice to
+    salvage counts them; a copy logged under an earlier boot is absent, as for the mount."""
+    _, disk = disk_for(tmp_path)
+
+    async def main() -> tuple[dict[str, bytes], Path]:
+        async with engine_before(tmp_path, disk) as eng:
+            handle, _ = await eng.files.create(ROOT_INO, b"open.db", 0o640)
+            await eng.files.write(handle.fh, 0, version(1))
+            await eng.files.fsync(handle.fh)  # (its copy recorded: kept as it is now)
+            files = await closed_not_named(eng)  # (after it: an fsync names closed copies)
+            files["open.db"] = version(1)
+            killed_at = killed(tmp_path / "cache", tmp_path, "killed")
+            await eng.files.flush(handle.fh)
+            await eng.files.release(handle.fh)
+        return files, killed_at
+
+    files, killed_at = trio.run(main)
+    state_dir = settings_for(url_of(tmp_path), None, killed_at).state_dir()
+    def files_kept() -> dict[Path, bytes]:  # (the database: SQLite checkpoints on close)
+        return {p: p.read_bytes() for p in state_dir.rglob("*")
+                if p.is_file() and not p.name.startswith("state.db")}
+
+    before = files_kept()
+    pending = pending_count(state_dir)
+    assert pending >= len(files)  # (what the journal holds and the staged copies)
+    report = salvage(state_dir, tmp_path / "out")
+    assert sorted(report.copied) == sorted(files) and not report.missing
+    for name, data in files.items():
+        assert (tmp_path / "out" / name).read_bytes() == data, name
+    touched = os.stat(tmp_path / "out" / "touched.jpg")
+    assert (touched.st_mode & 0o7777, touched.st_mtime_ns) == (0o600, TOUCHED_NS)
+    assert files_kept() == before
+    assert pending_count(state_dir) == pending  # (no op journaled, no copy named)
+
+    log_file = state_dir / LOG_NAME  # the same lines, written under another boot
+    boot = current_boot_id()
+    log_file.write_text(log_file.read_text().replace(boot, "another-boot"))
+    out = tmp_path / "out-rebooted"
+    report = salvage(state_dir, out)
+    assert (out / "open.db").read_bytes() == version(1)  # (its fsync made it a promise)
+    assert (out / "old.jpg").read_bytes() == b"old" * 1000  # as last committed (not uploaded)
+    for name in files.keys() - {"open.db", "old.jpg"}:  # the names alone, empty
+        assert name not in report.copied or (out / name).read_bytes() == b"", name
