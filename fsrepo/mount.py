@@ -229,6 +229,7 @@ class Mount(Engine):
                 status["pending"] = pending_files(self.journal, self.uploader)
             return status
         if cmd == "duplicates":
+            await self.files.name_closed()  # (their hashes are what the groups compare)
             return await self._duplicates(str(req.get("path") or ""), send)
         if cmd == "wait":
             await self.files.name_closed()  # closed files not named yet are pending too
