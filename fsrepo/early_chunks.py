@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import trio
 from .blob_upload import stored_whole
 from .chunking import ChunkLists, hash_range
 from .errors import ImgrepoError
+from .hashing import BURST_GAP, RunningHash, WriterFirst, set_background_priority
 from .remote_index import RemoteIndex
 from .repository import blob_key
 from .store.base import FileRange, Store
@@ -44,13 +44,6 @@ EARLY_PARALLEL = 4  # chunks in flight (each streamed from the staging copy: no 
 TRACKED = 64  # files followed at once (each holds a descriptor; the oldest are let go)
 SWEEP_EVERY = 5.0  # seconds between looks for files closed meanwhile
 KEPT = 64  # files let go whose chunk hashes are kept for their upload after close
-# The hashing here runs in threads of their own at this niceness: on a busy machine the
-# writer (whose requests the trio thread answers) gets the CPU first.
-BACKGROUND_NICE = 10
-
-
-class RunningHash(Protocol):
-    def hexdigest(self) -> str: ...
 
 
 class Written(Protocol):
@@ -108,12 +101,14 @@ class EarlyChunks:
         self._closed: OrderedDict[int, Followed] = OrderedDict()  # let go, hashes kept
         self._threads = Workers("imgrepo-early", parallel)
         self._work = trio.Event()
+        self.writer_first = WriterFirst()
 
     def wrote(self, st: Written) -> None:
         """After a write to a staging copy: note how far it is written in order (a random
         write ends its head start: close() cuts the file)."""
         size = self.chunk_lists.chunk_size
         f = self._files.get(st.path)
+        self.writer_first.wrote()
         if size is None or st.hasher is None:
             if f is not None:
                 self._let_go(st.path, f)
@@ -222,8 +217,12 @@ class EarlyChunks:
 
         sha = None
         try:
+            await self._writer_first(f)
             sha = await self._threads.run(_in_background, hash_range, f.fd, start, size)
             key = blob_key(sha)
+            await self._writer_first(f)
+            if not unchanged():
+                return None
             async with self.chunk_lists.sending(sha):
                 if not self.remote.reuse_or_recheck(sha) and not await stored_whole(
                         self.store, key, size, f"chunk {sha[:12]}"):
@@ -243,6 +242,13 @@ class EarlyChunks:
             log.debug("early upload of a chunk failed: %s", exc)
         return sha
 
+    async def _writer_first(self, f: Followed) -> None:
+        """Hold a chunk back while the writer needs the core (WriterFirst): its hash would
+        take the gaps the writer leaves, and its PUT's system calls (and, on a loopback,
+        the server's side) run at the writer's priority."""
+        while self.writer_first.holds() and not f.done:
+            await trio.sleep(BURST_GAP)
+
     async def _take_back(self, key: str) -> None:
         """Delete a chunk sent while its bytes were written again (what went up may not be
         what its name says); one that cannot be deleted is named loudly (--verify --data
@@ -255,11 +261,8 @@ class EarlyChunks:
 
 
 def _in_background(fn: Callable[..., str], *args: object) -> str:
-    """Run `fn` in this (dedicated) thread at BACKGROUND_NICE (Linux: per thread)."""
-    tid = threading.get_native_id()
-    try:
-        if os.getpriority(os.PRIO_PROCESS, tid) < BACKGROUND_NICE:
-            os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICE)
-    except OSError:
-        pass  # (no per-thread niceness here: it runs at the writer's priority)
+    """Run `fn` in this (dedicated) thread at hashing.BACKGROUND_NICE: the writer, whose
+    requests the trio thread answers, gets a shared core first; nothing waits for these
+    threads (the upload after close hashes what they have not reached)."""
+    set_background_priority()  # (where it cannot, at the writer's priority)
     return fn(*args)

@@ -101,11 +101,13 @@ class Engine:
     def load_state(self) -> None:
         """Bring back what the last run left: journal, cache index, remote index."""
         state = self.db.state
-        if self.files.staging.recover_synced(state, self.cache):
+        closed = self.files.closed_log.trusted()  # (those of an earlier boot: absent)
+        if self.files.staging.recover_synced(state, self.cache, closed):
             # What was recovered is the only copy of fsync'd content: on disk before the
             # staging copies go (clear_leftovers, below).
             self.durable.disk.sync_filesystem(self.state_dir)
             self.durable.disk.sync_files(state.files())
+        self.files.closed_log.remove()  # (its copies are named now, or absent)
         self.journal.load(state.pending_ops())
         missing = self.cache.load(state.cached_blobs())
         for sha in missing:
@@ -187,4 +189,5 @@ class Engine:
         staging copies' hash thread), after the trio loop using them has finished."""
         self.cache.close()
         self.files.staging.hashes.close()
+        self.files.closed_log.close()
         self.db.close()

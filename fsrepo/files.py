@@ -1,9 +1,10 @@
 """Open files: what the kernel's file requests do, over the handle table (`handles`), the
 staging copies (`staging`), the blob reads (`reads`) and the commit pipeline (`commit`).
 
-Writes go to the inode's staging copy; on flush it is moved into the blob cache under its
-hash and the new entry journaled (written, not fsync'd: the group commit makes it
-power-safe within its interval). fsync() makes the file's current content power-safe
+Writes go to the inode's staging copy; on flush it is recorded in the closed-file log as the
+file's content and named later, by the group commit: moved into the blob cache under its
+hash and the new entry journaled (commit.py; the group commit makes it power-safe within
+its interval). fsync() makes the file's current content power-safe
 before it returns, without turning a file still open into a blob (commit.keep_synced).
 Reads of clean files go to the cached blob file, or to a download in progress.
 """
@@ -22,6 +23,7 @@ from typing import Protocol
 import trio
 
 from .blobcache import BlobCache
+from .closed_log import LOG_NAME, ClosedLog
 from .commit import Committer, RemoteBlobs
 from .errors import FsError, ImgrepoError
 from .folder_readahead import READ_AHEAD_FILES, FolderReadAhead
@@ -32,7 +34,7 @@ from .inodes import ROOT_INO, Node
 from .manifest import DirEntry, Entry, FileEntry, SymlinkEntry
 from .namespace import EMPTY_SHA, Namespace
 from .reads import BlobReads
-from .staging import HASH_BACKLOG, Staging, StagingArea
+from .staging import Staging, StagingArea
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,11 @@ class FileManager:
         self.ahead = FolderReadAhead(cache, read_ahead_files)
         self.reads = BlobReads(cache, ns.invalidator, ns.inodes, self.ahead)
         self.durable = durable
+        self.closed_log = ClosedLog(staging_dir.parent / LOG_NAME)
         self.commits = Committer(ns, cache, self.staging, self.handles, self.reads, remote,
-                                 durable)
+                                 durable, self.closed_log)
+        durable.name_closed = self.commits.name_closed
+        ns.before_name_change = self.name_first
         self.last_activity = 0.0  # monotonic time of the last write: uploads yield to writes
         self.write_observer: WriteObserver | None = None  # told of every write (early chunks)
         self.remote = remote
@@ -107,6 +112,7 @@ class FileManager:
         """Change attributes: ownership cannot change (EPERM: everything belongs to the
         mount's owner), the root's mode and time are not kept, a file being written keeps
         them with its staging copy. Returns the inode and its entry afterwards."""
+        await self.commits.wait(ino)  # a closed copy being named: its entry first
         node, entry = self.current(ino)
         if change.uid is not None and change.uid not in (self.uid, -1, 0xFFFFFFFF):
             raise FsError(errno.EPERM)
@@ -275,16 +281,20 @@ class FileManager:
             return 0  # POSIX: a write of nothing has no other result (no size, no mtime)
         ino = handle.node.ino
         st = self.staging.staged.get(ino)
+        if st is not None and st.closed:  # named first: its log line promises this content
+            await self.commits.name_first(handle.node)
+            st = None
         if st is None or ino in self.commits.committing:
             st = await self._stage(handle.node)
         written = st.write(offset, data)
         if self.write_observer is not None:
             self.write_observer.wrote(st)
-        if st.hashes.backlog > HASH_BACKLOG:  # the hash thread is far behind: let it catch up
-            await st.hashes.drained(HASH_BACKLOG // 2)
+        if st.hashes.too_far_behind:  # the hash threads are far behind: let them catch up
+            await st.hashes.catch_up()
         return written
 
     async def truncate(self, node: Node, size: int, handle: Handle | None = None) -> None:
+        await self.commits.name_first(node)
         st = self.staging.staged.get(node.ino)
         if st is None and size == 0:
             entry = self._content_of(node)
@@ -311,11 +321,25 @@ class FileManager:
         if st is None:
             return False
         st.set_attrs(mode, mtime_ns)
+        if st.closed:
+            self.commits.record_closed(node, st)  # the log's last line of the copy counts
         return True
 
     # -- closing --------------------------------------------------------------------------
     async def flush(self, fh: int) -> None:
-        await self.commits.commit(self.handles.get(fh).node)
+        await self.commits.close(self.handles.get(fh).node)
+
+    async def name_first(self, parent: int, name: bytes) -> None:
+        """Before a rename or unlink of the name (the namespace asks): a closed copy under
+        it is named (its log line holds the name, and must not bring the content back
+        under it)."""
+        node = self.ns.inodes.of_name(parent, name)
+        if node is not None:
+            await self.commits.name_first(node)
+
+    async def name_closed(self) -> None:
+        """Every closed copy named: before someone waits for the bucket."""
+        await self.commits.name_closed()
 
     async def fsync(self, fh: int) -> None:
         """fsync()/fdatasync(): returns once the file's current content survives a power
@@ -325,7 +349,7 @@ class FileManager:
         node = self.handles.get(fh).node
         await self.commits.wait(node.ino)
         st = self.staging.staged.get(node.ino)
-        if st is not None and st.dirty:
+        if st is not None and st.dirty and not st.closed:  # (closed: the commit names it)
             self.commits.keep_synced(node, st)
         await self.durable.commit()
 
@@ -343,7 +367,12 @@ class FileManager:
             st.writers -= 1
         try:
             if st is not None and not self.handles.is_open(node):
-                await self.commits.commit(node)
+                await self.commits.close(node)
+                if st.closed or self.staging.staged.get(node.ino) is not st \
+                        or self.handles.is_open(node):
+                    # Recorded (the copy stays until it is named), or named; or opened
+                    # again meanwhile, perhaps with a copy of its own: not ours to drop.
+                    return
                 synced = self.staging.drop(node.ino)
                 if synced is not None:  # unlinked while open, and fsync'd
                     self.durable.retire_copy(synced)

@@ -20,7 +20,7 @@ import ctypes
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -124,6 +124,8 @@ class GroupCommitter:
         self._copies: dict[str, tuple[Path, SyncedCopy | None]] = {}
         self._retired: dict[str, Path] = {}  # synced copies closed or dropped since
         self.commits = 0  # commits done by this run
+        # Names the files closed since (commit.Committer.name_closed): first in a commit.
+        self.name_closed: Callable[[], Awaitable[None]] | None = None
         self.last_commit_at: float | None = None
         self._inline_sync = True  # whether the last data-only sync was fast (see above)
 
@@ -131,6 +133,10 @@ class GroupCommitter:
     def blob_named(self, path: Path) -> None:
         """A close() named a new blob in the cache (its data is in the page cache)."""
         self._data[path.name] = path
+        self._noted += 1
+
+    def closed_noted(self) -> None:
+        """A close() recorded a copy in the closed-file log: the next commit names it."""
         self._noted += 1
 
     def keep_copy(self, path: Path, copy: SyncedCopy | None) -> None:
@@ -169,8 +175,13 @@ class GroupCommitter:
         try:
             if self._covered[0] >= want[0] and self._covered[1] >= want[1]:
                 return
+            if self.name_closed is not None:
+                await self.name_closed()
+            # What this commit covers of the notes: a close() recorded after the naming
+            # (while the journal is written, below) is not named by it, and stays due.
+            noted = self._noted
             await self.journal.write_queued()
-            covered = (self.journal.writes, self._noted)
+            covered = (self.journal.writes, noted)
             journal = covered[0] > self._covered[0]
             data, self._data = self._data, {}
             copies, self._copies = self._copies, {}

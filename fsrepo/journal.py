@@ -15,6 +15,7 @@ loss, once per interval or when an fsync asks.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import trio
@@ -35,9 +36,12 @@ class PendingOp:
     requires: int | None
     written: bool = True  # in the database (the uploader carries only those)
     # When it created, removed or renamed a name (the directory's new mtime); None for a
-    # change of an entry's content or attributes. Kept in memory only: after a restart a
-    # pending creation or removal counts from when it was loaded.
+    # change of an entry's content or attributes. Kept in memory; after a restart a pending
+    # creation or removal counts from `recorded`.
     names_at: int | None = None
+    # When it was recorded (time.time()), written with it: not when the write happened,
+    # which may come after a later utimens of the folder (whose time must still win).
+    recorded: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -71,7 +75,7 @@ class Journal:
             names_at = int(row.created * 1e9) if row.entry is None or row.base is None \
                 else None
             self._add(PendingOp(row.seq, row.dir_id, Op(row.name, row.entry, row.base),
-                                row.requires, names_at=names_at))
+                                row.requires, names_at=names_at, recorded=row.created))
             self._next_seq = max(self._next_seq, row.seq + 1)
 
     def _add(self, pending: PendingOp) -> None:
@@ -102,7 +106,8 @@ class Journal:
         async with self._writer:
             if not rec.done:
                 batch, self._queue = self._queue, []
-                rows = [([(p.dir_id, p.op.name, p.op.entry, p.op.base, p.requires, p.seq)
+                rows = [([(p.dir_id, p.op.name, p.op.entry, p.op.base, p.requires, p.seq,
+                           p.recorded)
                           for p in b.pending if p.seq in self.by_seq], b.new_blobs, b.dedup_bytes) for b in batch]
                 try:
                     await self.db.run(self.db.state.append_many, rows)

@@ -28,6 +28,7 @@ from .connectivity import GuardedStore
 from .endpoint_check import not_s3_reason
 from .engine import Engine
 from .errors import ImgrepoError, ObjectNotFound, PreconditionFailed
+from .fdlimit import raise_open_files_limit
 from .fs import KernelInvalidator
 from .head_watcher import HeadWatcher
 from .maintenance.duplicates import duplicate_groups
@@ -218,6 +219,9 @@ class Mount(Engine):
         if cmd == "ping":
             return {"pid": os.getpid()}
         if cmd == "status":
+            # Files closed in the last interval are named first (exact pending figures,
+            # duplicates found): at most one interval's closes, work due anyway.
+            await self.files.name_closed()
             status = await self.status()
             if req.get("repository"):
                 status.update(await self.syncer.last_totals())
@@ -225,8 +229,10 @@ class Mount(Engine):
                 status["pending"] = pending_files(self.journal, self.uploader)
             return status
         if cmd == "duplicates":
+            await self.files.name_closed()  # (their hashes are what the groups compare)
             return await self._duplicates(str(req.get("path") or ""), send)
         if cmd == "wait":
+            await self.files.name_closed()  # closed files not named yet are pending too
             sent, sent_at, summed_at = None, -math.inf, -math.inf
             while True:
                 if not (len(self.journal) or self.uploader.status.uploads_in_flight
@@ -433,6 +439,7 @@ def _exit_if_stuck(grace: float) -> None:
 
 async def run_mount(settings: Settings, mountpoint: Path, ready: Any = None,
                     read_only: bool = False, fuse_options: Iterable[str] = ()) -> None:
+    raise_open_files_limit()  # (closed copies keep descriptors until named: fdlimit.py)
     store = open_store(settings.storage, settings.endpoint_url, settings.region)
     started = False
 

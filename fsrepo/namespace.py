@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -94,6 +95,13 @@ class Namespace:
         # again (its forgets arrive over seconds; asking again would only flood it).
         self._shed_dirs: set[str] = set()
         self._over_cap = trio.Event()
+        # The file layer's: a file closed and not named yet is named before its name is
+        # removed or renamed (the closed-file log holds the name: commit.py).
+        self.before_name_change: Callable[[int, bytes], Awaitable[None]] | None = None
+
+    async def _before_name_change(self, parent: int, name: bytes) -> None:
+        if self.before_name_change is not None:
+            await self.before_name_change(parent, name)
 
     def track_edits(self, tracker: EditTracker) -> None:
         """Which file inodes are being edited (the file layer, built after us): a remote
@@ -430,6 +438,7 @@ class Namespace:
         return True
 
     async def remove(self, parent: int, name: bytes, is_dir: bool) -> Node | None:
+        await self._before_name_change(parent, name)
         pnode, view = await self._parent_view(parent, name)
         entry = view.entries.get(name)
         if isinstance(entry, DirEntry) and is_dir:
@@ -473,6 +482,8 @@ class Namespace:
 
     async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                      noreplace: bool = False) -> None:
+        await self._before_name_change(old_parent, old_name)
+        await self._before_name_change(new_parent, new_name)
         _, src = await self._parent_view(old_parent, old_name)
         _, dst = await self._parent_view(new_parent, new_name)
         target = dst.entries.get(new_name)

@@ -4,7 +4,10 @@ When a cache directory cannot be used with its bucket any more (the bucket now h
 repository, or was deleted), the changes still in its journal must not be lost with it.
 This reads only the local state (journal, cached manifests, blob cache), never the bucket:
 each directory is rebuilt as the mount showed it (last cached manifest + pending ops), and
-every file a pending op wrote is copied to DEST under its path. Files whose directory can no
+every file a pending op wrote is copied to DEST under its path, and so is every file the
+last run closed (or fsync'd while open) that is still a staging copy, not yet named: what the
+next mount's recovery would journal (`Staging.recover_synced`), taken here without changing
+the cache. Files whose directory can no
 longer be reached from the root land under DEST/unreachable/<directory id>/. A large file
 kept as chunks (read chunk by chunk, or sent as chunks but not yet named in a manifest) is
 put together from its cached chunks and checked against its whole-file hash.
@@ -19,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .chunking import ChunkLists
+from .closed_log import LOG_NAME, ClosedLog
 from .config import Settings
 from .errors import ImgrepoError, ManifestError
-from .hashing import HASH_CHUNK
+from .hashing import HASH_CHUNK, hash_file
 from .manifest import ROOT_ID, Chunks, DirEntry, Entry, FileEntry, SymlinkEntry, parse_manifest
 from .merge import Op, apply_ops
-from .state import JournalOp, LocalState
+from .state import JournalOp, LocalState, SyncedCopy
 from .units import human
 
 
@@ -33,6 +37,41 @@ class SalvageReport:
     copied: list[str] = field(default_factory=list)  # paths relative to DEST
     bytes: int = 0
     missing: list[str] = field(default_factory=list)  # pending, but its cache file is gone
+
+
+STAGING = "staging"  # (the state folder's staging copies, as the mount names it)
+
+
+def _staged_copies(state_dir: Path, state: LocalState) -> list[tuple[SyncedCopy, bool]]:
+    """The staging copies the last run left as a file's content, each with whether it was
+    closed: fsync'd while open, or closed and not named yet (the closed-file log's lines of
+    this boot; an earlier boot's are absent, as for the mount), whose copy is still there."""
+    copies = [(copy, False) for copy in state.synced_copies()]
+    copies += [(copy, True) for copy in ClosedLog(state_dir / LOG_NAME).trusted()]
+    return [(copy, closed) for copy, closed in copies
+            if (state_dir / STAGING / copy.path).is_file()]
+
+
+def _unnamed_ops(state_dir: Path, state: LocalState) -> tuple[list[JournalOp], dict[str, Path]]:
+    """The ops the next start's recovery would journal for the staged copies (a copy
+    whose content the name's pending op already holds is left out, as recovery does),
+    and the copy each new content is read from, by its hash."""
+    ops: list[JournalOp] = []
+    sources: dict[str, Path] = {}
+    for copy, closed in _staged_copies(state_dir, state):
+        path = state_dir / STAGING / copy.path
+        try:
+            st = path.stat()
+            sha = hash_file(path)
+        except FileNotFoundError:
+            continue
+        if state.journaled(copy.dir_id, copy.name, sha, last=closed):
+            continue
+        mtime_ns = copy.mtime_ns if closed else st.st_mtime_ns
+        ops.append(JournalOp(0, copy.dir_id, copy.name,
+                             FileEntry(sha, st.st_size, mtime_ns, copy.mode), copy.base, None, 0))
+        sources[sha] = path
+    return ops, sources
 
 
 def _views(state: LocalState, ops: list[JournalOp]) -> dict[str, dict[bytes, Entry]]:
@@ -92,7 +131,8 @@ def salvage(state_dir: Path, dest: Path) -> SalvageReport:
         raise ImgrepoError(f"{dest} exists and is not an empty folder")
     state = LocalState(db_path)
     try:
-        ops = state.pending_ops()
+        unnamed, sources = _unnamed_ops(state_dir, state)
+        ops = state.pending_ops() + unnamed
         views = _views(state, ops)
     finally:
         state.close()
@@ -118,7 +158,8 @@ def salvage(state_dir: Path, dest: Path) -> SalvageReport:
                 report.copied.append(os.fsdecode(rel))
                 continue
             assert isinstance(entry, FileEntry)
-            if not _copy_content(state_dir, entry, os.fsdecode(target), chunk_lists):
+            if not _copy_content(state_dir, entry, os.fsdecode(target), chunk_lists,
+                                 sources.get(entry.sha256)):
                 report.missing.append(os.fsdecode(rel))
                 continue
             os.chmod(target, entry.mode & 0o7777)
@@ -129,9 +170,16 @@ def salvage(state_dir: Path, dest: Path) -> SalvageReport:
 
 
 def _copy_content(state_dir: Path, entry: FileEntry, target: str,
-                  chunk_lists: ChunkLists) -> bool:
-    """Copy a file's content out of the cache: its whole blob, or its chunks put together
-    (False: not all of it is cached, or what is cached is not the file)."""
+                  chunk_lists: ChunkLists, staged: Path | None = None) -> bool:
+    """Copy a file's content out of the cache: its staging copy (`staged`: not named
+    yet), its whole blob, or its chunks put together (False: not all of it is cached, or
+    what is cached is not the file)."""
+    if staged is not None:
+        try:
+            shutil.copyfile(staged, target)
+            return True
+        except FileNotFoundError:
+            pass
     blobs = state_dir / "blobs"
     try:
         shutil.copyfile(blobs / entry.sha256[:2] / entry.sha256, target)
@@ -164,13 +212,14 @@ def _join_chunks(blobs: Path, chunks: Chunks, target: str) -> str:
 
 
 def pending_count(state_dir: Path) -> int:
-    """How many journaled changes a cache still owes its bucket (0 if it has no state)."""
+    """How many changes a cache still owes its bucket (0 if it has no state): journaled
+    ones, and staging copies closed or fsync'd and not named yet."""
     db_path = state_dir / "state.db"
     if not db_path.exists():
         return 0
     state = LocalState(db_path)
     try:
-        return len(state.pending_ops())
+        return len(state.pending_ops()) + len(_staged_copies(state_dir, state))
     finally:
         state.close()
 

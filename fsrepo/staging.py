@@ -1,7 +1,8 @@
 """Staging copies: the working copy of each file being written, hashed as it is written.
 
 One staging file per inode, shared by all its write handles. Sequential writes (the common
-case: cp, rsync, cameras) are hashed as they arrive, so closing the file costs no re-read;
+case: cp, rsync, cameras) are hashed as they arrive past a file's first MiB, which is read
+back and hashed when the file is named after close (from the page cache);
 a big file's pages are handed to the disk while it arrives, so the group commit that follows
 its close has little left to do.
 
@@ -26,19 +27,19 @@ import trio
 
 from .cache_index import CacheIndex
 from .errors import FsError
-from .hashing import HashThread, hash_file
+from .hashing import HashThread, RunningHash, hash_file
 from .manifest import MAX_SIZE, FileEntry
-from .state import LocalState
+from .state import LocalState, SyncedCopy
 
 log = logging.getLogger(__name__)
 
 WRITEBACK_CHUNK = 32 << 20
-# Hashed at once on the trio thread when nothing is queued: a write smaller than INLINE_HASH,
-# and a file's first INLINE_PREFIX bytes (a small file is closed right after its last write,
-# so the hand-off to the hash thread would cost more CPU than it moves: measured, perf-log).
+# A file's first INLINE_PREFIX bytes are hashed when it is named, after close (read back
+# from the page cache: a small file's hash is off the writer's path); past them, a write
+# smaller than INLINE_HASH is hashed at once on the trio thread when nothing is queued (the
+# hand-off to the hash thread would cost more CPU than it moves: measured, perf-log).
 INLINE_HASH = 64 << 10
 INLINE_PREFIX = 1 << 20
-HASH_BACKLOG = 16 << 20  # bytes written and not hashed yet before writes wait (staging_area)
 FILL_CHUNK = 1 << 20
 _ZEROS = bytes(FILL_CHUNK)
 _SYNC_FILE_RANGE_WRITE = 2
@@ -55,15 +56,21 @@ class Staging:
     size: int
     mode: int
     mtime_ns: int
-    hasher: hashlib._Hash | None  # valid while writes were sequential from offset 0
+    hasher: RunningHash | None  # valid while writes were sequential from offset 0
     hashes: HashThread  # where the running hash is computed
-    hashed: int = 0
+    hashed: int = 0  # the end of the sequential run written from offset 0
+    # Of that run, the bytes from 0 not fed to the hasher yet: a file's first INLINE_PREFIX
+    # bytes are hashed when it is named (`digest`, after close), not while it is written.
+    unhashed: int = 0
     dirty: bool = False
     writers: int = 0
     base: FileEntry | None = None  # the version this copy started from (for the merge)
     written_back: int = 0  # bytes whose writeback to disk has been started
     synced: bool = False  # fsync'd while open: journaled as the file's content (see above)
     synced_as: tuple[str, bytes, int] | None = None  # (dir_id, name, mode) of that record
+    # Closed and recorded in the closed-file log, not named yet (commit.Committer.defer):
+    # read like an open file's copy; a write or a rename names it first.
+    closed: bool = False
 
     def write(self, offset: int, data: bytes) -> int:
         """Write through to the staging file, hashing what extends the sequential run."""
@@ -78,15 +85,17 @@ class Staging:
             raise refused("write", end, exc) from None
         if self.hasher is not None:
             if offset == self.hashed:
-                part = data if written == len(data) else data[:written]
-                if self.hashes.backlog == 0 and (written < INLINE_HASH
-                                                 or self.hashed + written <= INLINE_PREFIX):
-                    self.hasher.update(part)
+                if self.unhashed == self.hashed and self.hashed + written <= INLINE_PREFIX:
+                    self.unhashed += written  # hashed after close, off the writer's path
                 else:
-                    self.hashes.update(self.hasher, part)
+                    self._catch_up()
+                    if self.hashes.backlog == 0 and written < INLINE_HASH:
+                        self.hasher.update(data if written == len(data) else data[:written])
+                    else:  # (read back from the copy, where they are now: nothing held)
+                        self.hashes.update_range(self.hasher, self.fd, offset, written)
                 self.hashed += written
             else:
-                self.hasher = None
+                self.hasher, self.unhashed = None, 0
         self.size = max(self.size, offset + written)
         self.mtime_ns = time.time_ns()
         self.dirty = True
@@ -105,8 +114,8 @@ class Staging:
                 raise
             raise refused("truncate", size, exc) from None
         if size < self.hashed or size > self.size:
-            self.hasher = None if size != 0 else hashlib.sha256()
-            self.hashed = 0
+            self.hasher = None if size != 0 else RunningHash()
+            self.hashed = self.unhashed = 0
         self.size = size
         self.mtime_ns = time.time_ns()
         self.dirty = True
@@ -118,9 +127,20 @@ class Staging:
             self.mtime_ns = mtime_ns
         self.dirty = True
 
+    def _catch_up(self) -> None:
+        """Feed the hasher the run's first bytes, read back from the copy (page cache)."""
+        if self.unhashed and self.hasher is not None:
+            if self.hashes.backlog == 0:  # (at most INLINE_PREFIX bytes)
+                self.hasher.update(os.pread(self.fd, self.unhashed, 0))
+            else:
+                self.hashes.update_range(self.hasher, self.fd, 0, self.unhashed)
+        self.unhashed = 0
+
     async def digest(self) -> str:
         """The content's SHA-256: from the running hash, or by reading the copy again."""
         if self.hasher is not None and self.hashed == self.size:
+            if self.unhashed:  # (a small file: nothing went to the hash thread)
+                self._catch_up()
             if self.hashes.backlog == 0:
                 return self.hasher.hexdigest()
             return await self.hashes.hexdigest(self.hasher)
@@ -149,7 +169,7 @@ class StagingArea:
         self._count += 1
         path = self.directory / f"{self._run_id}-{self._count}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, hashlib.sha256(), self.hashes,
+        st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, RunningHash(), self.hashes,
                      base=entry)
         self.staged[ino] = st
         return st
@@ -166,7 +186,7 @@ class StagingArea:
                 os.ftruncate(st.fd, offset)
         await trio.to_thread.run_sync(copy)
         st.size = size
-        st.hasher = None
+        st.hasher, st.unhashed = None, 0
 
     def seal(self, ino: int) -> Staging:
         """Take the copy out of the area: it is becoming a blob (a later write starts a
@@ -185,31 +205,44 @@ class StagingArea:
         st.path.unlink(missing_ok=True)
         return None
 
-    def recover_synced(self, state: LocalState, cache: CacheIndex) -> int:
-        """Copies an earlier run fsync'd while their file stayed open, and never closed,
-        become the file's content: linked into the cache under their hash and journaled,
-        one transaction each (database thread, before the journal is loaded). The copies
-        go with `clear_leftovers`; the caller makes the result durable. Returns how many."""
+    def recover_synced(self, state: LocalState, cache: CacheIndex,
+                       closed: list[SyncedCopy] | None = None) -> int:
+        """Copies an earlier run fsync'd while their file stayed open, and never closed, and
+        copies closed but not named yet (`closed`, from the closed-file log: their content
+        is the file's mtime and mode as recorded), become the file's content: linked into
+        the cache under their hash and journaled, one transaction each (database thread,
+        before the journal is loaded). The copies go with `clear_leftovers`; the caller
+        makes the result durable. Returns how many."""
         count = 0
         for copy in state.synced_copies():
-            path = self.directory / copy.path
-            try:
-                st = path.stat()
-                sha = hash_file(path)
-            except FileNotFoundError:
-                log.info("synced copy %s is gone (its file was closed): skipped", copy.path)
-                state.recover_synced_copy(copy, None)
-                continue
-            if state.journaled(copy.dir_id, copy.name, sha):
-                state.recover_synced_copy(copy, None)  # its close() was journaled
-                continue
-            cache.link_in(path, sha)
-            state.recover_synced_copy(copy, FileEntry(sha, st.st_size, st.st_mtime_ns,
-                                                      copy.mode))
-            log.info("the content of %r fsync'd before the last run ended was kept "
-                     "(%d bytes)", copy.name, st.st_size)
-            count += 1
+            count += self._recover(copy, state, cache, None)
+        for copy in closed or []:
+            count += self._recover(copy, state, cache, copy.mtime_ns)
         return count
+
+    def _recover(self, copy: SyncedCopy, state: LocalState, cache: CacheIndex,
+                 mtime_ns: int | None) -> int:
+        path = self.directory / copy.path
+        try:
+            st = path.stat()
+            sha = hash_file(path)
+        except FileNotFoundError:
+            log.info("staging copy %s is gone (its file was named): skipped", copy.path)
+            state.recover_synced_copy(copy, None)
+            return 0
+        # A synced copy's close() journaled it (later ops may have renamed or removed the
+        # name since); a closed copy is gone once named, so only a naming cut short by
+        # the crash leaves it with its op, the name's last (an earlier op of the name
+        # with this content says nothing: X, Y, then X again).
+        if state.journaled(copy.dir_id, copy.name, sha, last=mtime_ns is not None):
+            state.recover_synced_copy(copy, None)
+            return 0
+        cache.link_in(path, sha)
+        state.recover_synced_copy(copy, FileEntry(
+            sha, st.st_size, st.st_mtime_ns if mtime_ns is None else mtime_ns, copy.mode))
+        log.info("the content of %r %s before the last run ended was kept (%d bytes)",
+                 copy.name, "fsync'd" if mtime_ns is None else "closed", st.st_size)
+        return 1
 
 
 def refused(what: str, size: int, exc: OSError | None = None) -> FsError:

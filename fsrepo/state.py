@@ -200,9 +200,9 @@ class LocalState:
 
     # -- the journal ------------------------------------------------------------------
     def append_many(self, batch: list[tuple[Iterable, Iterable[tuple[str, int]], int]]) -> None:
-        """Several callers' ops (dir_id, name, entry, base, requires, seq) and newly cached
-        blobs that still need uploading, in one transaction (not fsync'd: the group commit
-        makes it power-safe; the WAL is written in order)."""
+        """Several callers' ops (dir_id, name, entry, base, requires, seq, when recorded)
+        and newly cached blobs that still need uploading, in one transaction (not fsync'd:
+        the group commit makes it power-safe; the WAL is written in order)."""
         now = time.time()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
@@ -214,8 +214,8 @@ class LocalState:
                 self.db.executemany(
                     "INSERT INTO ops (seq, dir_id, name, entry, base, requires, created) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(seq, dir_id, name, _dump(entry), _dump(base), requires, now)
-                     for dir_id, name, entry, base, requires, seq in ops])
+                    [(seq, dir_id, name, _dump(entry), _dump(base), requires, recorded)
+                     for dir_id, name, entry, base, requires, seq, recorded in ops])
                 if dedup_bytes:
                     self.add_counter("dedup_bytes", dedup_bytes)
 
@@ -256,10 +256,12 @@ class LocalState:
                     (seq, copy.dir_id, copy.name, _dump(entry), _dump(copy.base), now))
             self.db.execute("DELETE FROM synced_copies WHERE path=?", (copy.path,))
 
-    def journaled(self, dir_id: str, name: bytes, sha: str) -> bool:
-        """Whether a pending op already puts this content under the name."""
-        for (text,) in self.db.execute("SELECT entry FROM ops WHERE dir_id=? AND name=?",
-                                       (dir_id, name)):
+    def journaled(self, dir_id: str, name: bytes, sha: str, last: bool = False) -> bool:
+        """Whether a pending op already puts this content under the name (`last`: the
+        name's last pending op)."""
+        for (text,) in self.db.execute("SELECT entry FROM ops WHERE dir_id=? AND name=? "
+                                       "ORDER BY seq DESC LIMIT ?",
+                                       (dir_id, name, 1 if last else -1)):
             entry = _load(text)
             if isinstance(entry, FileEntry) and entry.sha256 == sha:
                 return True

@@ -10,7 +10,8 @@ upload that lands; an op still waits at most `commit_delay` once its blob is the
 
 An op is due only when the blob it references is in the bucket, and a rename's removal only
 after its addition, so the bucket never references a missing blob and never loses a name in
-between.
+between. Each name's ops go in their order; a name held back holds back no other name
+(`committable`: ops on different names commute).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections import Counter
 
 from .journal import Journal, PendingOp
-from .manifest import FileEntry
+from .manifest import FileEntry, SymlinkEntry
 from .namespace import EMPTY_SHA
 from .remote_index import RemoteIndex
 
@@ -109,13 +110,9 @@ class UploadSchedule:
         for dir_id, ops in self.journal.by_dir.items():
             last = {p.op.name: p for p in ops}
             # A superseded entry is never written, unless what supersedes it must wait for
-            # another directory's commit (a rename's removal): then the ops before that
-            # wait are committed first, and they write their own last entry of the name.
-            ready: dict[bytes, PendingOp] = {}
-            for p in ops:
-                if not p.written or (p.requires is not None and p.requires in self.journal.by_seq):
-                    break
-                ready[p.op.name] = p
+            # another commit (a rename's removal): then the name's ops before that wait
+            # are committed first, and they write their own last entry of the name.
+            ready = {name: run[-1] for name, run in self._runs(ops).items() if run}
             for p in ops:
                 e = p.op.entry
                 if isinstance(e, FileEntry) and e.chunks is None and needs_upload(e.sha256) \
@@ -155,27 +152,62 @@ class UploadSchedule:
 
     # -- commits ----------------------------------------------------------------------------
     def committable(self, dir_id: str) -> list[PendingOp]:
-        """The longest prefix of the directory's ops that can go now. An op whose blob is
-        not in the bucket yet can go only with a later op on its name that replaces it (a
-        file created empty, then written: its empty version is never uploaded)."""
+        """The directory's ops that can go now, in journal order: of each name, the longest
+        run of its ops from its first that can go. Ops on different names commute (a
+        manifest write applies each name's ops in their order and touches no other name),
+        so a file held back (its blob still on its way, a rename's removal waiting for its
+        addition) holds back no other file: files closed together, one of them stuck, do
+        not wait for it. Only a file's or symlink's put goes past an op held back, though
+        (`_held_after_a_gap`). An op whose blob is not in the bucket yet can go only with
+        a later op on its name that replaces it (a file created empty, then written: its
+        empty version is never uploaded)."""
         ops = self.journal.by_dir.get(dir_id, [])
-        last = {p.op.name: p for p in ops}
-        out = []
-        for p in ops:
-            if not p.written:  # not yet in the local database: not ours to send
-                break
-            if self._needs_blob(p) and last[p.op.name] is p:
-                break
-            if p.requires is not None and p.requires in self.journal.by_seq:
-                break
-            out.append(p)
-        while True:  # what the batch writes for each name is its last op there
-            final = {p.op.name: p for p in out}
-            cut = next((i for i, p in enumerate(out)
-                        if final[p.op.name] is p and self._needs_blob(p)), None)
+        runs = self._runs(ops)
+        while True:
+            chosen: set[int] = set()
+            for run in runs.values():
+                while run and self._needs_blob(run[-1]):  # the batch writes a name's last op
+                    run.pop()
+                chosen.update(p.seq for p in run)
+            cut = self._held_after_a_gap(ops, chosen)
             if cut is None:
-                return out
-            out = out[:cut]
+                return [p for p in ops if p.seq in chosen]
+            run = runs[cut.op.name]
+            del run[run.index(cut):]
+
+    @staticmethod
+    def _held_after_a_gap(ops: list[PendingOp], chosen: set[int]) -> PendingOp | None:
+        """The first chosen op after an op left out that is not a file's or a symlink's
+        put: it waits too, with its name's later ops. A rename within a folder is two ops
+        that nothing but their order ties (put the new name, remove the old): a removal
+        after a gap may be the second half of one whose first half waits, and must not
+        go first (the bucket would lose the file in between); a folder's put may be the
+        first half of one whose removal waits (the folder listed twice meanwhile)."""
+        gap = False
+        for p in ops:
+            if p.seq not in chosen:
+                gap = True
+            elif gap and not isinstance(p.op.entry, FileEntry | SymlinkEntry):
+                return p
+        return None
+
+    def _runs(self, ops: list[PendingOp]) -> dict[bytes, list[PendingOp]]:
+        """Each name's ops that nothing holds back: up to its first op that waits for
+        another (`requires`, until that one is committed). An op not written to the local
+        database yet, and every later one, is not ours to send."""
+        runs: dict[bytes, list[PendingOp]] = {}
+        held: set[bytes] = set()
+        for p in ops:
+            if not p.written:
+                break
+            name = p.op.name
+            if name in held:
+                continue
+            if p.requires is not None and p.requires in self.journal.by_seq:
+                held.add(name)
+                continue
+            runs.setdefault(name, []).append(p)
+        return runs
 
     def _needs_blob(self, p: PendingOp) -> bool:
         """Whether the op's content must reach the bucket first. An entry that carries a
@@ -198,28 +230,30 @@ class UploadSchedule:
         """A commit of the directory starts now: its next partial batch waits (`due`)."""
         self._last_commit[dir_id] = time.monotonic()
 
-    def due(self, dir_id: str, count: int, coming: set[str] | dict[str, int]) -> bool:
-        """Whether the first `count` ops of a directory should be committed now
+    def due(self, dir_id: str, batch: list[PendingOp], coming: set[str] | dict[str, int]) -> bool:
+        """Whether `batch` (`committable`) of a directory's ops should be committed now
         (`coming`: the blobs on their way to the bucket or queued for it)."""
         now = time.monotonic()
         ops = self.journal.by_dir[dir_id]
+        whole = len(batch) == len(ops)
         # A batch leaving ops behind goes at most once per commit_delay per directory.
-        spaced = -math.inf if count == len(ops) else \
+        spaced = -math.inf if whole else \
             self._last_commit.get(dir_id, -math.inf) + self.commit_delay
         if self.flushing:
             # Someone waits: go as soon as the whole directory is ready, or nothing it
             # still needs is coming, or the batch has waited long enough.
-            if count == len(ops):
+            if whole:
                 return True
-            waiting_for = {p.op.entry.sha256 for p in ops[count:]
-                           if isinstance(p.op.entry, FileEntry)}
+            chosen = {p.seq for p in batch}
+            waiting_for = {p.op.entry.sha256 for p in ops
+                           if p.seq not in chosen and isinstance(p.op.entry, FileEntry)}
             if waiting_for.isdisjoint(coming):
                 return True
             due = max(self._seen.get(ops[0].seq, now) + self.commit_delay, spaced)
         else:
             seen = [self._seen[p.seq] for p in ops]
-            due = max(min(max(seen) + self.quiet, min(seen[:count]) + self.commit_delay),
-                      spaced)
+            oldest = min(self._seen[p.seq] for p in batch)
+            due = max(min(max(seen) + self.quiet, oldest + self.commit_delay), spaced)
         if due <= now:
             return True
         self.next_due = min(self.next_due, due)

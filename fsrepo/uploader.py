@@ -53,6 +53,10 @@ class WriteActivity(Protocol):
         """time.monotonic() of the last write."""
         ...
 
+    async def name_closed(self) -> None:
+        """Name the files closed and not named yet (their content is pending then)."""
+        ...
+
 
 @dataclass
 class UploadStatus:
@@ -165,6 +169,11 @@ class Uploader:
             nursery.start_soon(self.early.run)
             while True:
                 self._kick = trio.Event()
+                if not self._held_for_writes(time.monotonic()):
+                    # Files closed since are named first (not while a burst of writes goes
+                    # on): a folder is never committed with a new file's name but not its
+                    # content, and no closed file waits longer than the writes.
+                    await self.writes.name_closed()
                 started = self._start_due(nursery)
                 if not self.journal.by_seq and not self.status.uploads_in_flight \
                         and not self._committing:
@@ -221,7 +230,7 @@ class Uploader:
                     or schedule.held_back(dir_id, now):
                 continue
             batch = schedule.committable(dir_id)
-            if batch and schedule.due(dir_id, len(batch), pending):
+            if batch and schedule.due(dir_id, batch, pending):
                 self._committing.add(dir_id)
                 schedule.commit_started(dir_id)
                 nursery.start_soon(self._commit, dir_id, batch)
@@ -273,6 +282,7 @@ class Uploader:
         return {"ops": len(self.journal), "blobs": len(blobs), "bytes": sum(blobs.values())}
 
     async def wait_idle(self) -> None:
+        await self.writes.name_closed()
         while self.journal.by_seq or self.status.uploads_in_flight or self._committing \
                 or self.heads.busy:
             self.kick()

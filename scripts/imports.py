@@ -21,10 +21,12 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("format and shared vocabulary", [
         "fsrepo", "fsrepo.manifest", "fsrepo.errors", "fsrepo.retry",
         "fsrepo.hashing", "fsrepo.units", "fsrepo.config", "fsrepo.logsetup", "fsrepo.processes",
-        "fsrepo.auth.redact", "fsrepo.sdnotify", "fsrepo.nodump", "fsrepo.snapshot_policy",
+        "fsrepo.auth.redact", "fsrepo.sdnotify", "fsrepo.nodump", "fsrepo.fdlimit",
+        "fsrepo.snapshot_policy",
         "fsrepo.blobset", "fsrepo.heap"]),
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
+        "fsrepo.closed_log",
         "fsrepo.connectivity", "fsrepo.endpoint_check", "fsrepo.writemode", "fsrepo.lease", "fsrepo.serverprobe",
         "fsrepo.blobcache", "fsrepo.cache_index", "fsrepo.chunking", "fsrepo.dir_listing",
         "fsrepo.snapshots",

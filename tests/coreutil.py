@@ -67,6 +67,7 @@ async def running_engine(storage_url: str, endpoint_url: str | None, cache_root:
             nursery.start_soon(engine.durable.run)  # the group commit, as the mount runs it
             engine.nursery = nursery  # type: ignore[attr-defined]
             yield engine
+            await engine.durable.commit()  # as the mount's unmount does (names closed files)
             nursery.cancel_scope.cancel()
     finally:
         await store.aclose()

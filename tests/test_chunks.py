@@ -387,6 +387,7 @@ def test_a_file_sent_as_chunks_reads_back_before_its_manifest_is_written(tmp_pat
         async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             fs = EngineDriver(engine)
             await fs.create("big.mov", data)
+            await engine.files.name_closed()  # as the uploader does before it looks for work
             await engine.uploader.blobs.upload(sha(data))
             engine.cache.discard(sha(data))  # evicted meanwhile
             assert await read_at(engine, "big.mov", MiB - 5, 2 * MiB) == \
@@ -554,6 +555,51 @@ def test_a_random_write_ends_the_head_start(tmp_path: Path):
                 await engine.files.release(handle.fh)
             await EngineDriver(engine).drain()
         assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == bytes(data)
+
+    trio.run(main)
+
+
+class _WriterNeedsTheCore:
+    """Stands in for early_chunks' WriterFirst: holds until told, counts the looks."""
+
+    def __init__(self) -> None:
+        self.hold = True
+        self.looks = 0
+
+    def wrote(self) -> None:
+        pass
+
+    def holds(self) -> bool:
+        self.looks += 1
+        return self.hold
+
+
+def test_chunks_wait_while_the_writer_needs_the_core(tmp_path: Path):
+    """While the writer needs the core (a burst on a core its trio thread waits for), the
+    early sender hashes and sends nothing; once it does not, the chunks go."""
+    data = content(3 * MiB, seed=17)
+    storage = StorageTarget(url=f"file://{tmp_path}/repository")
+
+    async def main() -> None:
+        await new_repository(storage)
+        async with engine_on(storage, tmp_path / "cache") as engine:
+            writer = engine.uploader.early.writer_first = _WriterNeedsTheCore()
+            handle, _ = await engine.files.create(1, b"big.mov", 0o644)
+            try:
+                await write_pieces(engine, handle.fh, data)
+                with trio.fail_after(60):
+                    while writer.looks < 6:  # each worker looked, and looks again
+                        await trio.sleep(0.01)
+                assert engine.uploader.early.sent == 0
+                writer.hold = False
+                with trio.fail_after(60):
+                    while engine.uploader.early.sent < 3:
+                        await trio.sleep(0.01)
+                await engine.files.flush(handle.fh)
+            finally:
+                await engine.files.release(handle.fh)
+            await EngineDriver(engine).drain()
+        assert await read_fresh(storage, tmp_path / "fresh", "big.mov", 4 * MiB) == data
 
     trio.run(main)
 
@@ -1023,6 +1069,7 @@ def test_a_chunked_upload_done_again_without_the_file_finds_its_chunks_there(tmp
         await new_repository(storage)
         async with engine_on(storage, tmp_path / "cache", upload=False) as engine:
             await EngineDriver(engine).create("big.mov", data)
+            await engine.files.name_closed()  # as the uploader does before it looks for work
             first = await engine.uploader.blobs.upload(sha(data))
             assert first == (Outcome.SENT, len(data))
             engine.cache.discard(sha(data))

@@ -22,6 +22,7 @@ import trio
 
 from fsrepo.chunking import ChunkLists
 from fsrepo.inodes import ROOT_INO
+from fsrepo.journal import PendingOp
 from fsrepo.manifest import (
     Chunks,
     DirEntry,
@@ -32,9 +33,13 @@ from fsrepo.manifest import (
     serialise_manifest,
 )
 from fsrepo.manifest_cache import WrittenManifests
+from fsrepo.merge import Op
+from fsrepo.namespace import EMPTY_SHA
+from fsrepo.remote_index import RemoteIndex
 from fsrepo.repository import blob_key, manifest_key
 from fsrepo.store import Store
 from fsrepo.store.counting import PUT_IF_MATCH, PUT_IF_NONE_MATCH, CountingStore
+from fsrepo.upload_schedule import UploadSchedule
 
 from .coreutil import EngineDriver, read_file, running_engine, settings_for
 from .faulty_store import HOLD, Fault, FaultyStore
@@ -274,6 +279,7 @@ def test_the_kept_pending_blobs_are_what_working_them_out_again_gives(
                 await fs.mkdir(d)
                 for i in range(15):
                     await fs.create(f"{d}/f{i}", os.urandom(500))
+            await eng.files.name_closed()  # their content journaled, as after a burst
             await eng.journal.write_queued()
 
             def fresh() -> dict[str, int]:
@@ -291,6 +297,7 @@ def test_the_kept_pending_blobs_are_what_working_them_out_again_gives(
                 assert schedule.pending_blobs() == fresh(), n
                 if n == 10:  # the journal changes: worked out again, the new file in it
                     await fs.create("a/late", b"late" * 100)
+                    await eng.files.name_closed()
                     await eng.journal.write_queued()
                     assert len(schedule.pending_blobs()) == len(pending) - n
             assert list(schedule.pending_blobs()) == [hashlib.sha256(b"late" * 100)
@@ -359,3 +366,64 @@ def test_a_partial_batch_still_goes_while_an_upload_of_its_folder_is_stuck(
             assert {b"x.jpg", b"a.jpg", b"b.jpg"} <= parse_manifest(
                 stored.data, photos.id)[0].entries.keys()  # type: ignore
     trio.run(main)
+
+
+class _Ops:
+    """A folder's pending ops, as the journal holds them (what the schedule reads)."""
+
+    def __init__(self) -> None:
+        self.by_dir: dict[str, list[PendingOp]] = {}
+        self.by_seq: dict[int, PendingOp] = {}
+        self.version = 0
+
+    def add(self, dir_id: str, name: bytes, entry: FileEntry | DirEntry | None, base: FileEntry | None = None,
+            requires: int | None = None) -> PendingOp:
+        p = PendingOp(self.version + 1, dir_id, Op(name, entry, base), requires)
+        self.by_dir.setdefault(dir_id, []).append(p)
+        self.by_seq[p.seq] = p
+        self.version += 1
+        return p
+
+    def retire(self, batch: list[PendingOp]) -> None:
+        for p in batch:
+            del self.by_seq[p.seq]
+            self.by_dir[p.dir_id].remove(p)
+        self.version += 1
+
+
+def test_a_name_held_back_holds_back_no_other_name_of_its_folder() -> None:
+    """Files closed together are named together: their creates come before their contents
+    (create a, create b, put b, put a). With b's blob stuck, a's create and content go; b's
+    create does not (its empty version is never uploaded), nor does the removal of a
+    rename within the folder whose addition waits for its blob (nothing ties the two ops
+    but their order), nor a later op on that removed name; a rename to another folder
+    (`requires`) waits for its addition's commit."""
+    def blob(data: bytes) -> FileEntry:
+        return FileEntry(hashlib.sha256(data).hexdigest(), len(data), 1, 0o644)
+    ops = _Ops()
+    bucket = RemoteIndex()
+    schedule = UploadSchedule(ops, bucket, commit_delay=1.0, quiet=0.5)  # type: ignore[arg-type]
+    empty, a, b, c = FileEntry(EMPTY_SHA, 0, 1, 0o644), blob(b"a"), blob(b"b"), blob(b"c")
+    bucket.seen_in_bucket(c.sha256)
+    old = ops.add("d", b"old.jpg", c)  # (an earlier file, in the bucket: goes)
+    create_a, create_b = ops.add("d", b"a.jpg", empty), ops.add("d", b"b.jpg", empty)
+    put_b, put_a = ops.add("d", b"b.jpg", b, empty), ops.add("d", b"a.jpg", a, empty)
+    moved_to = ops.add("d", b"new.jpg", b)  # old.jpg -> new.jpg in one folder, b's content
+    moved_from = ops.add("d", b"old.jpg", None, c)  # (as namespace.rename records it)
+    again = ops.add("d", b"old.jpg", a)  # a new old.jpg: after the removal, not before
+    folder = ops.add("d", b"album", DirEntry("album-id", 1))  # (a folder's put waits too)
+    assert set(schedule.pending_blobs()) == {a.sha256, b.sha256}
+    bucket.seen_in_bucket(a.sha256)
+    batch = schedule.committable("d")
+    assert batch == [old, create_a, put_a]  # old.jpg's removal waits for new.jpg's put
+    ops.retire(batch)
+    assert schedule.committable("d") == []  # b's blob is still on its way
+    away = ops.add("e", b"gone.jpg", None, a, requires=ops.add("f", b"gone.jpg", a).seq)
+    assert schedule.committable("e") == []  # moved to f: after f's commit
+    bucket.seen_in_bucket(b.sha256)
+    batch = schedule.committable("d")
+    assert batch == [create_b, put_b, moved_to, moved_from, again, folder]  # together
+    ops.retire(batch)
+    ops.retire(schedule.committable("f"))
+    assert schedule.committable("e") == [away]
+    assert schedule.pending_blobs() == {}

@@ -174,6 +174,7 @@ def test_the_read_ahead_is_bounded_in_files_bytes_and_by_the_cache_limit(tmp_pat
             mine = os.urandom(6 * FILE)
             if cache == "full":  # a file written here, not in the bucket yet: must stay
                 await write_file(engine, "mine.bin", mine)
+                await engine.files.name_closed()  # (a blob in the cache from now on)
             await read_photo(engine, 0)
             await read_photo(engine, 1)
             started = engine.files.ahead.started

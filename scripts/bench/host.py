@@ -49,6 +49,68 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, tuple[float, float]]:
+    """Of each live thread of a process, by thread id: seconds on a CPU, and seconds
+    runnable but waiting for one (schedstat: what the others on its core cost it)."""
+    out: dict[int, tuple[float, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ran, waited, _ = (task / "schedstat").read_text().split()
+        except (OSError, ValueError):
+            continue  # (ended meanwhile)
+        out[int(task.name)] = (int(ran) / 1e9, int(waited) / 1e9)
+    return out
+
+
+def cores_busy_seconds(cores: set[int]) -> dict[int, float]:
+    """CPU seconds each core spent busy (anything but idle and iowait), from /proc/stat:
+    how much of the mounts' core a phase found taken, by anyone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    with open("/proc/stat") as fh:
+        for line in fh:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+                ticks = [int(f) for f in fields]
+                out[int(name[3:])] = (sum(ticks[:8]) - ticks[3] - ticks[4]) / tick
+    return out
+
+
+def all_threads_cpu() -> dict[tuple[int, int], tuple[str, float]]:
+    """CPU seconds of every thread on the machine by (pid, tid), with its command name:
+    who else took the mounts' core during a phase."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[tuple[int, int], tuple[str, float]] = {}
+    for task in Path("/proc").glob("[0-9]*/task/[0-9]*"):
+        try:
+            raw = (task / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = raw.split("(", 1)[1].rsplit(")", 1)
+        fields = rest.split()
+        out[(int(task.parent.parent.name), int(task.name))] = (
+            comm, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def python_thread_names(pid: int) -> dict[int, str]:
+    """The Python names of a process's threads by thread id (py-spy; Python 3.11 does not
+    name the OS threads), empty where py-spy cannot tell."""
+    try:
+        dump = subprocess.run([str(REPO / ".venv" / "bin" / "py-spy"), "dump", "--pid",
+                               str(pid), "--nonblocking"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names: dict[int, str] = {}
+    for line in dump.splitlines():
+        if line.startswith("Thread ") and '"' in line:
+            tid, name = line.split()[1], line.split('"')[1]
+            if tid.isdigit():
+                names[int(tid)] = name
+    return names
+
+
 def reset_peak_rss(pid: int) -> None:
     with open(f"/proc/{pid}/clear_refs", "w") as fh:
         fh.write("5")

@@ -4,6 +4,8 @@ recorded per round; and the clean-up of whatever is still mounted."""
 
 from __future__ import annotations
 
+import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -20,11 +22,15 @@ from .host import (
     BenchError,
     MiB,
     PageCache,
+    all_threads_cpu,
+    cores_busy_seconds,
     peak_rss_mib,
     proc_cpu_seconds,
+    python_thread_names,
     reset_peak_rss,
     run,
     say,
+    thread_cpu_seconds,
     unmount_path,
 )
 from .metrics import PHASES
@@ -180,10 +186,34 @@ class Bench:
         if pid:
             reset_peak_rss(pid)
             cpu0 = proc_cpu_seconds(pid)
+            threads0 = thread_cpu_seconds(pid)
+        cores = os.sched_getaffinity(0)
+        busy0, children0, everyone0 = cores_busy_seconds(cores), os.times(), all_threads_cpu()
+        preempted0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nivcsw
         t0 = time.perf_counter()
         with self.profiled(tool, "w2-close"):
             t_close = run(["dd", f"if={data.big}", f"of={mnt / 'big.bin'}", "bs=1M",
                            "status=none"])
+        busy, children = cores_busy_seconds(cores), os.times()
+        say(f"  {name}: W2 until close: dd's CPU "
+            f"{children.children_user + children.children_system - children0.children_user - children0.children_system:.2f} s, "
+            f"busy cores (ours: {sorted(cores)}) " + ", ".join(
+                f"{core} {busy[core] - busy0[core]:.2f} s" for core in sorted(busy)))
+        others = sorted(((cpu - everyone0.get(key, ("", 0.0))[1], comm, key[0])
+                         for key, (comm, cpu) in all_threads_cpu().items()
+                         if key[0] not in (pid, os.getpid())), reverse=True)
+        say(f"  {name}: W2 until close, other threads: " + ", ".join(
+            f"{comm}[{owner}] {cpu:.2f} s" for cpu, comm, owner in others[:6] if cpu >= 0.01))
+        if pid:  # where the mount's CPU went until close, by thread
+            names = python_thread_names(pid)
+            spent = {tid: (ran - threads0.get(tid, (0.0, 0.0))[0],
+                           waited - threads0.get(tid, (0.0, 0.0))[1])
+                     for tid, (ran, waited) in thread_cpu_seconds(pid).items()}
+            say(f"  {name}: W2 CPU until close by thread (ran/waited for a CPU): " + ", ".join(
+                f"{names.get(tid, tid)} {ran:.2f}/{waited:.2f} s" for tid, (ran, waited) in
+                sorted(spent.items(), key=lambda kv: -kv[1][0]) if ran >= 0.01))
+        preempted = resource.getrusage(resource.RUSAGE_CHILDREN).ru_nivcsw - preempted0
+        say(f"  {name}: W2 until close: dd was preempted {preempted} times")
         with self.profiled(tool, "w2-durable"):
             t_dur = tool.wait_durable({"big.bin": data.big_size}, t0)
         mb = data.big_size / 1e6
