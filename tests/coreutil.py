@@ -283,3 +283,19 @@ class EngineDriver:
 
     def journal_length(self) -> int:
         return len(self.engine.journal)
+
+
+class HeldWriter:
+    """Stands in for hashing.WriterFirst: holds the background work until told (`hold`),
+    and counts the looks."""
+
+    def __init__(self) -> None:
+        self.hold = True
+        self.looks = 0
+
+    def wrote(self) -> None:
+        pass
+
+    def holds(self) -> bool:
+        self.looks += 1
+        return self.hold

@@ -32,7 +32,7 @@ from fsrepo.repository import (
 from fsrepo.store.base import BlobSource, FileRange, FileSlice, Store, StoredObject
 from fsrepo.store.counting import PUT_FILE, PUT_FILE_CREATED, PUT_FILE_EXISTED, CountingStore
 
-from .coreutil import EngineDriver, engine_on, resolve, start_uploader
+from .coreutil import EngineDriver, HeldWriter, engine_on, resolve, start_uploader
 from .faulty_store import AFTER, CRASH, Fault, FaultyStore
 from .targets import StorageTarget
 
@@ -559,21 +559,6 @@ def test_a_random_write_ends_the_head_start(tmp_path: Path):
     trio.run(main)
 
 
-class _WriterNeedsTheCore:
-    """Stands in for early_chunks' WriterFirst: holds until told, counts the looks."""
-
-    def __init__(self) -> None:
-        self.hold = True
-        self.looks = 0
-
-    def wrote(self) -> None:
-        pass
-
-    def holds(self) -> bool:
-        self.looks += 1
-        return self.hold
-
-
 def test_chunks_wait_while_the_writer_needs_the_core(tmp_path: Path):
     """While the writer needs the core (a burst on a core its trio thread waits for), the
     early sender hashes and sends nothing; once it does not, the chunks go."""
@@ -583,7 +568,7 @@ def test_chunks_wait_while_the_writer_needs_the_core(tmp_path: Path):
     async def main() -> None:
         await new_repository(storage)
         async with engine_on(storage, tmp_path / "cache") as engine:
-            writer = engine.uploader.early.writer_first = _WriterNeedsTheCore()
+            writer = engine.uploader.early.writer_first = HeldWriter()
             handle, _ = await engine.files.create(1, b"big.mov", 0o644)
             try:
                 await write_pieces(engine, handle.fh, data)

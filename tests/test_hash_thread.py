@@ -31,6 +31,8 @@ from fsrepo.hashing import (
 from fsrepo.manifest import FileEntry
 from fsrepo.staging import INLINE_HASH, StagingArea
 
+from .coreutil import HeldWriter
+
 
 def _chunks(rnd: random.Random, total: int) -> list[bytes]:
     """Write sizes on both sides of INLINE_HASH, so both paths are taken in one file."""
@@ -339,28 +341,13 @@ def test_the_writer_comes_first_only_in_a_burst_on_a_core_it_waits_for() -> None
     assert not unreadable.holds()
 
 
-class _Holding:
-    """A WriterFirst stand-in that holds until told, and counts the looks."""
-
-    def __init__(self) -> None:
-        self.hold = True
-        self.looks = 0
-
-    def wrote(self) -> None:
-        pass
-
-    def holds(self) -> bool:
-        self.looks += 1
-        return self.hold
-
-
 def test_the_background_lane_yields_to_the_writer_and_a_waiter_does_not(
         tmp_path: Path) -> None:
     data = os.urandom(4 * HASH_CHUNK)
     fd = _file_with(tmp_path, data)
     hasher, log = _recording()
     hashes = HashThread("test-hash-yield")
-    writer = _Holding()
+    writer = HeldWriter()
     hashes.writer = writer  # type: ignore[assignment]
 
     async def main() -> str:
