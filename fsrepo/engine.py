@@ -189,5 +189,6 @@ class Engine:
         staging copies' hash thread), after the trio loop using them has finished."""
         self.cache.close()
         self.files.staging.hashes.close()
+        self.files.staging.blanks.close()
         self.files.closed_log.close()
         self.db.close()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import trio
 
+from .blank_files import BlankFiles
 from .cache_index import CacheIndex
 from .errors import FsError
 from .hashing import HashThread, RunningHash, hash_file
@@ -157,6 +158,7 @@ class StagingArea:
         self.hashes = HashThread("staging-hash")
         self._run_id = uuid.uuid4().hex[:12]  # staging names: unique without a syscall each
         self._count = 0
+        self.blanks = BlankFiles(directory, self._run_id)  # made ahead, off the trio thread
 
     def clear_leftovers(self) -> None:
         """Staging files of a crashed run: their content was never closed, so never
@@ -164,11 +166,19 @@ class StagingArea:
         for path in self.directory.iterdir():
             path.unlink(missing_ok=True)
 
+    def copies_on_disk(self) -> set[str]:
+        """The staging files holding a copy (those made ahead and not taken left out)."""
+        return {path.name for path in self.directory.iterdir()} - self.blanks.waiting()
+
     def new(self, ino: int, entry: FileEntry) -> Staging:
         """An empty staging copy for the inode, with `entry`'s attributes as its base."""
-        self._count += 1
-        path = self.directory / f"{self._run_id}-{self._count}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        blank = self.blanks.take()
+        if blank is None:
+            self._count += 1
+            path = self.directory / f"{self._run_id}-{self._count}"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        else:
+            path, fd = blank
         st = Staging(path, fd, 0, entry.mode, entry.mtime_ns, RunningHash(), self.hashes,
                      base=entry)
         self.staged[ino] = st

@@ -33,7 +33,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fsrepo.snapshot_diff"]),
     ("core: files and names", [
         "fsrepo.merge", "fsrepo.journal", "fsrepo.inodes", "fsrepo.paths", "fsrepo.announce",
-        "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.staging", "fsrepo.handles",
+        "fsrepo.dirviews", "fsrepo.namespace", "fsrepo.blank_files", "fsrepo.staging",
+        "fsrepo.handles",
         "fsrepo.reads", "fsrepo.folder_readahead", "fsrepo.commit", "fsrepo.files", "fsrepo.merge_record",
         "fsrepo.group_commit", "fsrepo.prefetch", "fsrepo.snapshot_views",
         "fsrepo.tree_walk"]),

@@ -250,7 +250,7 @@ def test_an_open_file_fsynced_again_has_only_its_data_synced_and_survives_a_powe
             handle, _ = await eng.files.create(ROOT_INO, b"db.sqlite", 0o644)
             await eng.files.write(handle.fh, 0, b"first" * 1000)
             await eng.files.fsync(handle.fh)
-            staged = {p.name for p in (state_dir / "staging").iterdir()}
+            staged = eng.files.staging.copies_on_disk()
             assert len(staged) == 1 and not disk.data_only
             assert sum(staged <= whole for whole in disk.whole) == 1
             for n in range(5):

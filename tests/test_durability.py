@@ -118,7 +118,7 @@ def test_fsync_of_an_open_file_is_power_safe_before_it_returns_and_makes_no_blob
             assert await read_file(eng, "db.sqlite") == version(49)
             recovered = settings_for(url_of(tmp_path), None, lost_at).state_dir()
             assert sha(version(49)) in cached_blobs(recovered)
-            assert not any((recovered / "staging").iterdir())
+            assert not eng.files.staging.copies_on_disk()
 
     trio.run(main)
 
@@ -280,7 +280,7 @@ def test_an_fsynced_file_unlinked_while_open_is_not_brought_back(tmp_path):
             await eng.ns.remove(ROOT_INO, b"tmp.db", is_dir=False)
             await eng.files.release(handle.fh)
             await eng.files.fsyncdir()
-            assert not any((state_dir / "staging").iterdir())  # the copy went after commit
+            assert not eng.files.staging.copies_on_disk()  # the copy went after commit
             lost_at = power_loss(disk, tmp_path, "lost")
         async with engine_after(tmp_path, lost_at) as eng:
             assert b"tmp.db" not in await list_dir(eng)
@@ -380,7 +380,7 @@ def test_closed_files_not_named_yet_survive_a_kill_9_whole_and_named(tmp_path):
                     for p in eng.journal.by_seq.values())
             _, entry = await resolve(eng, "touched.jpg")
             assert (entry.mode, entry.mtime_ns) == (0o600, TOUCHED_NS)
-            assert not any((state_dir / "staging").iterdir())
+            assert not eng.files.staging.copies_on_disk()
             assert not (state_dir / "closed.log").exists()
 
     trio.run(main)
@@ -431,7 +431,7 @@ def test_a_closed_copy_logged_under_another_boot_is_dropped(tmp_path):
                 if name != "old.jpg" and name.encode() in await list_dir(eng):
                     assert await read_file(eng, name) == b""  # its name alone, empty
                 assert sha(data) not in cached_blobs(state_dir)
-            assert not any((state_dir / "staging").iterdir())
+            assert not eng.files.staging.copies_on_disk()
 
     trio.run(main)
 
@@ -620,15 +620,17 @@ def test_a_named_blob_is_in_the_cache_index_as_soon_as_its_entry_is_seen(tmp_pat
     trio.run(main)
 
 
-def staging_descriptors(state_dir: Path) -> int:
-    """This process's open descriptors on staging copies."""
-    staging = str(state_dir / "staging")
+def staging_descriptors(eng: Engine) -> int:
+    """This process's open descriptors on staging copies (not on those made ahead)."""
+    staging = str(eng.files.staging.directory)
+    blanks = eng.files.staging.blanks.waiting()
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
-            count += os.readlink(f"/proc/self/fd/{fd}").startswith(staging + "/")
+            path = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue  # (closed meanwhile)
+        count += path.startswith(staging + "/") and os.path.basename(path) not in blanks
     return count
 
 
@@ -646,7 +648,7 @@ def test_past_the_cap_close_names_at_once_and_keeps_no_descriptor(tmp_path):
             for name, data in files.items():
                 await write_file(eng, name, data)
             assert len(eng.files.commits.closed) == 3
-            assert staging_descriptors(state_dir) == 3
+            assert staging_descriptors(eng) == 3
             named = [name for name, data in files.items() if eng.cache.has(sha(data))]
             assert named == [f"f{i}.jpg" for i in range(3, 8)]  # those past the cap
             after_kill = killed(tmp_path / "cache", tmp_path, "killed")
