@@ -92,6 +92,7 @@ class Operations(pyfuse3.Operations):
         self._dir_owner: dict[int, int] = {}
         self._next_dh = 1
         self._listed = ListedAttrs()  # readdirplus's attributes of the folders listed last
+        ns.on_idle_release.append(self._listed.clear)
 
     # -- attributes -----------------------------------------------------------------------
     def _attrs(self, node: Node, entry: Entry) -> pyfuse3.EntryAttributes:

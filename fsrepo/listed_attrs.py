@@ -56,5 +56,10 @@ class ListedAttrs:
         if items is not None:
             self._count -= len(items)
 
+    def clear(self) -> None:
+        """Forget every folder's items (the mount is idle: the next listing builds them)."""
+        self._folders.clear()
+        self._count = 0
+
     def __len__(self) -> int:
         return self._count

@@ -10,6 +10,7 @@ revalidation brings other machines' changes in. This module knows nothing about 
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import sqlite3
 import time
@@ -98,6 +99,9 @@ class Namespace:
         # The file layer's: a file closed and not named yet is named before its name is
         # removed or renamed (the closed-file log holds the name: commit.py).
         self.before_name_change: Callable[[int, bytes], Awaitable[None]] | None = None
+        # The layers above's caches of what a walk saw (readdirplus's kept attributes),
+        # emptied at the idle release with the views and inodes.
+        self.on_idle_release: list[Callable[[], None]] = []
 
     async def _before_name_change(self, parent: int, name: bytes) -> None:
         if self.before_name_change is not None:
@@ -191,6 +195,9 @@ class Namespace:
                 self._shed_dirs = set()
                 self.views.compact()
                 self.prefetcher.forget_found()
+                for release in self.on_idle_release:
+                    release()
+                gc.collect()  # (a full collection empties CPython's free lists too)
                 self.heap.give_back()
                 log.debug("idle release: the kernel was asked to forget %d files, %d views "
                           "went; %d inodes and %d views (%d entries) left", asked, evicted,

@@ -154,3 +154,35 @@ def test_a_listing_again_reuses_unchanged_entries_and_shows_every_change(
             assert len(ops._listed) == 0
 
     trio.run(main)
+
+
+def test_the_idle_release_lets_go_of_the_kept_attributes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What readdirplus kept for a walk's folders goes with the views and inodes when the
+    mount is idle; the next listing builds it again, the same."""
+    captured = Captured()
+    monkeypatch.setattr(pyfuse3, "readdir_reply", captured.reply)
+
+    async def main() -> None:
+        async with running_engine(f"file://{tmp_path / 'repo'}", None, tmp_path / "cache",
+                                  upload=False) as eng:
+            ops = Operations(eng.ns, eng.files, str(tmp_path))
+            drive = EngineDriver(eng)
+            await drive.mkdir("photos")
+            for i in range(20):
+                await drive.create(f"photos/{i}.jpg", b"x" * i)
+            await eng.files.name_closed()
+            folder, _ = await drive.node("photos")
+            first = await _listed(ops, captured, folder.ino)
+            assert len(ops._listed) == 20
+            ns = eng.ns
+            ns.idle_after, ns.idle_check, ns.forget_wait = 0.2, 0.05, 0.05
+            eng.nursery.start_soon(ns.release_when_idle)
+            with trio.fail_after(10):
+                while len(ops._listed):
+                    await trio.sleep(0.05)
+            again = await _listed(ops, captured, folder.ino)
+            assert {name: _shown(a)[1:] for name, a in again.items()} == \
+                {name: _shown(a)[1:] for name, a in first.items()}
+
+    trio.run(main)
