@@ -5,6 +5,8 @@ core, through fs.Operations with pyfuse3's readdir_reply captured (no FUSE)."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pyfuse3
 import pytest
 import trio
 
+from fsrepo.engine import Engine
 from fsrepo.fs import Operations
 from fsrepo.inodes import ROOT_INO
 from fsrepo.listed_attrs import ListedAttrs
@@ -78,17 +81,24 @@ def _shown(attrs: Any) -> tuple[int, int, int, int]:
     return attrs.st_ino, attrs.st_size, attrs.st_mode, attrs.st_mtime_ns
 
 
+@asynccontextmanager
+async def photos_folder(tmp_path: Path) -> AsyncIterator[tuple[Engine, Operations,
+                                                               EngineDriver]]:
+    """An engine (no uploads) with a folder "photos", and the FUSE operations over it."""
+    async with running_engine(f"file://{tmp_path / 'repo'}", None, tmp_path / "cache",
+                              upload=False) as eng:
+        drive = EngineDriver(eng)
+        await drive.mkdir("photos")
+        yield eng, Operations(eng.ns, eng.files, str(tmp_path)), drive
+
+
 def test_a_listing_again_reuses_unchanged_entries_and_shows_every_change(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     captured = Captured()
     monkeypatch.setattr(pyfuse3, "readdir_reply", captured.reply)
 
     async def main() -> None:
-        async with running_engine(f"file://{tmp_path / 'repo'}", None, tmp_path / "cache",
-                                  upload=False) as eng:
-            ops = Operations(eng.ns, eng.files, str(tmp_path))
-            drive = EngineDriver(eng)
-            await drive.mkdir("photos")
+        async with photos_folder(tmp_path) as (eng, ops, drive):
             for name in ("same", "rewritten", "chmodded", "open", "renamed"):
                 await drive.create(f"photos/{name}", b"12345")
             await drive.symlink("photos/link", b"same")
@@ -164,11 +174,7 @@ def test_the_idle_release_lets_go_of_the_kept_attributes(
     monkeypatch.setattr(pyfuse3, "readdir_reply", captured.reply)
 
     async def main() -> None:
-        async with running_engine(f"file://{tmp_path / 'repo'}", None, tmp_path / "cache",
-                                  upload=False) as eng:
-            ops = Operations(eng.ns, eng.files, str(tmp_path))
-            drive = EngineDriver(eng)
-            await drive.mkdir("photos")
+        async with photos_folder(tmp_path) as (eng, ops, drive):
             for i in range(20):
                 await drive.create(f"photos/{i}.jpg", b"x" * i)
             await eng.files.name_closed()
