@@ -30,6 +30,7 @@ from .salvage import salvage_advice
 from .snapshot_diff import current_tree, difference
 from .snapshot_views import SnapshotTree
 from .snapshots import Snapshot, Snapshots
+from .staging import STAGING_DIR
 from .state import LocalState, StateDB
 from .store.base import Store
 from .sync import Syncer
@@ -83,7 +84,7 @@ class Engine:
                             view_cache_entries=settings.view_cache_entries,
                             idle_after=settings.idle_release, invalidator=self.invalidator)
         self.durable = GroupCommitter(self.db, self.journal, settings.commit_interval, disk)
-        self.files = FileManager(self.ns, self.cache, self.state_dir / "staging",
+        self.files = FileManager(self.ns, self.cache, self.state_dir / STAGING_DIR,
                                  self.remote_index, self.durable, settings.read_ahead_files)
         self.uploader = Uploader(store, self.db, self.journal, self.cache, self.ns,
                                  self.remote_index, self.files, self.chunk_lists,

@@ -25,9 +25,10 @@ from .chunking import ChunkLists
 from .closed_log import LOG_NAME, ClosedLog
 from .config import Settings
 from .errors import ImgrepoError, ManifestError
-from .hashing import HASH_CHUNK, hash_file
+from .hashing import HASH_CHUNK
 from .manifest import ROOT_ID, Chunks, DirEntry, Entry, FileEntry, SymlinkEntry, parse_manifest
 from .merge import Op, apply_ops
+from .staging import STAGING_DIR, recovered_entry
 from .state import JournalOp, LocalState, SyncedCopy
 from .units import human
 
@@ -39,9 +40,6 @@ class SalvageReport:
     missing: list[str] = field(default_factory=list)  # pending, but its cache file is gone
 
 
-STAGING = "staging"  # (the state folder's staging copies, as the mount names it)
-
-
 def _staged_copies(state_dir: Path, state: LocalState) -> list[tuple[SyncedCopy, bool]]:
     """The staging copies the last run left as a file's content, each with whether it was
     closed: fsync'd while open, or closed and not named yet (the closed-file log's lines of
@@ -49,7 +47,7 @@ def _staged_copies(state_dir: Path, state: LocalState) -> list[tuple[SyncedCopy,
     copies = [(copy, False) for copy in state.synced_copies()]
     copies += [(copy, True) for copy in ClosedLog(state_dir / LOG_NAME).trusted()]
     return [(copy, closed) for copy, closed in copies
-            if (state_dir / STAGING / copy.path).is_file()]
+            if (state_dir / STAGING_DIR / copy.path).is_file()]
 
 
 def _unnamed_ops(state_dir: Path, state: LocalState) -> tuple[list[JournalOp], dict[str, Path]]:
@@ -59,18 +57,11 @@ def _unnamed_ops(state_dir: Path, state: LocalState) -> tuple[list[JournalOp], d
     ops: list[JournalOp] = []
     sources: dict[str, Path] = {}
     for copy, closed in _staged_copies(state_dir, state):
-        path = state_dir / STAGING / copy.path
-        try:
-            st = path.stat()
-            sha = hash_file(path)
-        except FileNotFoundError:
-            continue
-        if state.journaled(copy.dir_id, copy.name, sha, last=closed):
-            continue
-        mtime_ns = copy.mtime_ns if closed else st.st_mtime_ns
-        ops.append(JournalOp(0, copy.dir_id, copy.name,
-                             FileEntry(sha, st.st_size, mtime_ns, copy.mode), copy.base, None, 0))
-        sources[sha] = path
+        path = state_dir / STAGING_DIR / copy.path
+        entry = recovered_entry(path, copy, state, closed)
+        if entry is not None:
+            ops.append(JournalOp(0, copy.dir_id, copy.name, entry, copy.base, None, 0))
+            sources[entry.sha256] = path
     return ops, sources
 
 

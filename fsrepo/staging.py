@@ -34,6 +34,7 @@ from .state import LocalState, SyncedCopy
 
 log = logging.getLogger(__name__)
 
+STAGING_DIR = "staging"  # the staging folder's name in a repository's state folder
 WRITEBACK_CHUNK = 32 << 20
 # A file's first INLINE_PREFIX bytes are hashed when it is named, after close (read back
 # from the page cache: a small file's hash is off the writer's path); past them, a write
@@ -225,34 +226,44 @@ class StagingArea:
         makes the result durable. Returns how many."""
         count = 0
         for copy in state.synced_copies():
-            count += self._recover(copy, state, cache, None)
+            count += self._recover(copy, state, cache, closed=False)
         for copy in closed or []:
-            count += self._recover(copy, state, cache, copy.mtime_ns)
+            count += self._recover(copy, state, cache, closed=True)
         return count
 
     def _recover(self, copy: SyncedCopy, state: LocalState, cache: CacheIndex,
-                 mtime_ns: int | None) -> int:
+                 closed: bool) -> int:
         path = self.directory / copy.path
-        try:
-            st = path.stat()
-            sha = hash_file(path)
-        except FileNotFoundError:
-            log.info("staging copy %s is gone (its file was named): skipped", copy.path)
-            state.recover_synced_copy(copy, None)
+        entry = recovered_entry(path, copy, state, closed)
+        if entry is not None:
+            cache.link_in(path, entry.sha256)
+        state.recover_synced_copy(copy, entry)
+        if entry is None:
             return 0
-        # A synced copy's close() journaled it (later ops may have renamed or removed the
-        # name since); a closed copy is gone once named, so only a naming cut short by
-        # the crash leaves it with its op, the name's last (an earlier op of the name
-        # with this content says nothing: X, Y, then X again).
-        if state.journaled(copy.dir_id, copy.name, sha, last=mtime_ns is not None):
-            state.recover_synced_copy(copy, None)
-            return 0
-        cache.link_in(path, sha)
-        state.recover_synced_copy(copy, FileEntry(
-            sha, st.st_size, st.st_mtime_ns if mtime_ns is None else mtime_ns, copy.mode))
         log.info("the content of %r %s before the last run ended was kept (%d bytes)",
-                 copy.name, "fsync'd" if mtime_ns is None else "closed", st.st_size)
+                 copy.name, "closed" if closed else "fsync'd", entry.size)
         return 1
+
+
+def recovered_entry(path: Path, copy: SyncedCopy, state: LocalState,
+                    closed: bool) -> FileEntry | None:
+    """What a staging copy an earlier run left (fsync'd while open, or `closed` and not
+    named yet) becomes at the next start: the file's entry, or None if there is nothing to
+    recover. Recovery journals it; --salvage copies it out."""
+    try:
+        st = path.stat()
+        sha = hash_file(path)
+    except FileNotFoundError:
+        log.info("staging copy %s is gone (its file was named): skipped", copy.path)
+        return None
+    # A synced copy's close() journaled it (later ops may have renamed or removed the name
+    # since); a closed copy is gone once named, so only a naming cut short by the crash
+    # leaves it with its op, the name's last (an earlier op of the name with this content
+    # says nothing: X, Y, then X again).
+    if state.journaled(copy.dir_id, copy.name, sha, last=closed):
+        return None
+    # (a closed copy's time is the file's at close, or a later utimens, as logged)
+    return FileEntry(sha, st.st_size, copy.mtime_ns if closed else st.st_mtime_ns, copy.mode)
 
 
 def refused(what: str, size: int, exc: OSError | None = None) -> FsError:
