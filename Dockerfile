@@ -38,9 +38,10 @@ RUN python3 -m venv /opt/imgrepo/.venv \
 FROM debian:12-slim
 
 # fuse3 brings libfuse3 (which pyfuse3 links) and fusermount3; the same python3 as the build
-# stage, so the copied venv runs as it is.
+# stage, so the copied venv runs as it is; libjemalloc2 is the mount's allocator (it gives a
+# walk's memory back once idle: fsrepo/allocator.py).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends fuse3 python3 ca-certificates \
+    && apt-get install -y --no-install-recommends fuse3 python3 ca-certificates libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*
 
 COPY --from=build /opt/imgrepo/.venv /opt/imgrepo/.venv

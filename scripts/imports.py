@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "fsrepo.hashing", "fsrepo.units", "fsrepo.config", "fsrepo.logsetup", "fsrepo.processes",
         "fsrepo.auth.redact", "fsrepo.sdnotify", "fsrepo.nodump", "fsrepo.fdlimit",
         "fsrepo.snapshot_policy",
-        "fsrepo.blobset", "fsrepo.heap"]),
+        "fsrepo.blobset", "fsrepo.heap", "fsrepo.allocator"]),
     ("local state and storage", [
         "fsrepo.store", "fsrepo.repository", "fsrepo.state", "fsrepo.stateschema", "fsrepo.workers",
         "fsrepo.closed_log",

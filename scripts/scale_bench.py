@@ -140,7 +140,8 @@ def table(config: dict[str, Any], results: dict[str, float]) -> str:
     lines = [f"Scale: {config['files']:,} files in {config['folders']:,} event folders "
              f"({config['directories']:,} directories), --refresh {config['refresh']:g} s, "
              f"{config['server']} on loopback"
-             + (f", {config['rtt_ms']:g} ms RTT added" if config.get("rtt_ms") else "")]
+             + (f", {config['rtt_ms']:g} ms RTT added" if config.get("rtt_ms") else "")
+             + f"; the mount runs on {config.get('allocator', '?')}"]
     for i, r in enumerate(rows):
         lines.append("  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]),
                                 r[2].ljust(widths[2]), r[3].ljust(widths[3]), r[4]]).rstrip())
@@ -174,6 +175,12 @@ def is_mounted(path: Path) -> bool:
     with open("/proc/self/mountinfo", "rb") as fh:
         return any(len(f) > 4 and f[4].replace(b"\\040", b" ") == target
                    for f in (line.split() for line in fh))
+
+
+def allocator_of(pid: int) -> str:
+    """Which allocator a mount process runs on (fsrepo/allocator.py)."""
+    with open(f"/proc/{pid}/maps") as fh:
+        return "jemalloc" if "libjemalloc" in fh.read() else "pymalloc"
 
 
 def memory_mib(pid: int) -> tuple[float, float]:
@@ -390,7 +397,7 @@ def generate(location: str, args: argparse.Namespace, env: dict[str, str], log: 
 
 
 def measure_mounts(args: argparse.Namespace, work: Path, servers: Servers,
-                   env: dict[str, str], entries: int, out: dict[str, float],
+                   env: dict[str, str], entries: int, out: dict[str, Any],
                    mounts: list[Mount]) -> None:
     storage = f"s3://{BUCKET}/photos"
     endpoint = servers.proxy.url
@@ -405,6 +412,7 @@ def measure_mounts(args: argparse.Namespace, work: Path, servers: Servers,
     say("mount 1 (empty cache): cold find, warm find, idling, --status")
     first = new_mount("mnt1", "cache1")
     out["rss_at_mount_mib"], _ = memory_mib(first.pid)
+    out["allocator"] = allocator_of(first.pid)
     with counted(servers, out, "cold_find_requests"):
         out["cold_find_s"] = timed_find(first.mnt, entries, args.timeout)
     out["rss_after_find_mib"], out["hwm_after_find_mib"] = memory_mib(first.pid)
@@ -453,11 +461,12 @@ def measure_maintenance(args: argparse.Namespace, work: Path, env: dict[str, str
 
 def environment(work: Path, runtime: Path) -> dict[str, str]:
     """The children's (and our control client's) environment: everything under `work`, but
-    the control sockets in `runtime` (a short path: AF_UNIX paths end at 108 bytes)."""
+    the control sockets in `runtime` (a short path: AF_UNIX paths end at 108 bytes). Of
+    imgrepo's own variables only the allocator's choice passes (to compare the two)."""
     home = work / "home"
     home.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AWS_") and not k.startswith("IMGREPO_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")
+           and (not k.startswith("IMGREPO_") or k == "IMGREPO_ALLOCATOR")}
     env.update(AWS_ENV)
     env.update({"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
                 "XDG_CACHE_HOME": str(home / ".cache"),
@@ -489,6 +498,7 @@ def run(args: argparse.Namespace, work: Path,
         config["directories"] = directories
         config["generate_s"] = round(time.perf_counter() - t0, 2)
         measure_mounts(args, work, servers, env, args.files + directories, out, mounts)
+        config["allocator"] = out.pop("allocator", "?")
     finally:
         for m in mounts:
             m.stop()

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything imgrepo and its tests need on a Debian/Ubuntu machine (run as root):
-# the FUSE 3 library and tools, a Python virtual environment in .venv with the project,
+# the FUSE 3 library and tools, jemalloc (the mount's allocator: fsrepo/allocator.py), a
+# Python virtual environment in .venv with the project,
 # the node packages of the test OpenID Connect provider, and imgrepo-mount on root's PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 need_apt=()
-packages=(fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc)
+packages=(fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc libjemalloc2)
 if [ "${1:-}" = "--tests" ]; then
     packages+=(rsync openssl)  # the tests drive a mount with rsync, and make a TLS certificate
 fi

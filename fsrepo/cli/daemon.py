@@ -14,23 +14,44 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import allocator
 from ..config import Settings
 from ..errors import ImgrepoError
 
 
 def cmd_mount(settings: Settings, mountpoint: Path, args: argparse.Namespace,
               argv: list[str]) -> int:
+    foreground = args.foreground or args.ready_fd is not None
+    env = allocator.mount_environment(os.environ, allocator.jemalloc_library())
+    if foreground and env is not None and allocator.ADDED_VAR not in os.environ:
+        restart_with(env, argv)  # before the mount's imports; returns only if it could not
     from ..mount import check_fuse_options, check_mountpoint
     check_mountpoint(mountpoint)
     check_fuse_options(args.fuse_options)
     adopt_legacy_state(settings)
-    if args.foreground or args.ready_fd is not None:
+    if foreground:
         return run_foreground(settings, mountpoint, args)
-    return start_detached(settings, mountpoint, argv)
+    return start_detached(settings, mountpoint, argv, env)
 
 
-def start_detached(settings: Settings, mountpoint: Path, argv: list[str]) -> int:
-    """Start the mount as a detached process and wait until it says it is ready."""
+def restart_with(env: dict[str, str], argv: list[str]) -> None:
+    """Run this mount again in this process (same pid, terminal and descriptors) with the
+    environment that preloads the allocator (`allocator.py`); only if exec fails does it
+    return, and the mount runs as it is."""
+    command = [*own_command(), *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(command[0], command, env)
+    except OSError as exc:
+        logging.getLogger("fsrepo").warning(
+            "could not restart on jemalloc (%s): running on Python's own allocator", exc)
+
+
+def start_detached(settings: Settings, mountpoint: Path, argv: list[str],
+                   env: dict[str, str] | None) -> int:
+    """Start the mount as a detached process (with `env`, else this environment) and wait
+    until it says it is ready."""
     read_fd, write_fd = os.pipe()
     child_argv = [*own_command(), *argv, "--ready-fd", str(write_fd)]
     log_path = settings.state_dir() / "imgrepo.log"
@@ -38,7 +59,7 @@ def start_detached(settings: Settings, mountpoint: Path, argv: list[str]) -> int
     with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as errlog:
         proc = subprocess.Popen(child_argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=errlog,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as ready:
         line = ready.readline().decode(errors="replace").strip()
@@ -139,6 +160,7 @@ def run_foreground(settings: Settings, mountpoint: Path, args: argparse.Namespac
     from ..mount import run_mount
 
     log_path = settings.state_dir() / "imgrepo.log"
+    allocator.forget_preload(os.environ)
     name_this_process()
     setup_logging(log_path, args.verbose, stderr=args.ready_fd is None)
     if args.log_file:
