@@ -116,7 +116,10 @@ class Engine:
                         "bucket has it, the changes that need it will be dropped", sha)
         self.remote_index.lost |= set(missing)
         self.remote_index.unverified |= self.cache.pending - {EMPTY_SHA}
-        self.remote_index.remote |= state.remote_blobs()
+        # What this machine uploaded in earlier runs, as far as it matters now: the blobs
+        # the pending ops need (not every blob it ever sent: new content that re-uses an
+        # older one is checked with a HEAD anyway, see remote_index).
+        self.remote_index.remote |= state.remote_blobs(self.journal.blobs_needed() | {EMPTY_SHA})
         self.files.clear_leftovers()
         empty = self.cache.path(EMPTY_SHA)
         if not empty.exists():

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .manifest import DirEntry, Entry
+from .manifest import DirEntry, Entry, FileEntry
 from .merge import Op
 from .merge_record import OpRow, write_dir_merge
 from .state import JournalOp, StateDB
@@ -225,6 +225,11 @@ class Journal:
 
     def ops_for(self, dir_id: str) -> list[Op]:
         return [p.op for p in self.by_dir.get(dir_id, ())]
+
+    def blobs_needed(self) -> set[str]:
+        """The blobs the pending ops' file entries name."""
+        return {p.op.entry.sha256 for p in self.by_seq.values()
+                if isinstance(p.op.entry, FileEntry)}
 
     def names_changed_at(self, dir_id: str) -> int | None:
         """When pending ops last created, removed or renamed a name in the directory."""

@@ -5,12 +5,18 @@ index of known blobs outlives a `--gc` that deleted some of them (after they had
 unreferenced for its grace period), so a blob is trusted without a look only for
 TRUST_REMOTE seconds after this process last saw it there; otherwise it is checked again
 (one HEAD) before a manifest references it.
+
+What this process holds stays bounded by what it did, not by what it read: the blobs that
+manifests name (a million after a walk of a big library, ~40 MB) are kept apart and let go
+at the idle release, and a blob's time of confirmation once it is too old to matter.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
+from collections.abc import Callable
 
 from .blobset import BlobSet
 from .namespace import EMPTY_SHA
@@ -21,13 +27,21 @@ TRUST_REMOTE = 600.0  # seconds; far below any sensible gc grace period (hours)
 class RemoteIndex:
     """The blobs known to be in the bucket, and how far each may be trusted."""
 
-    def __init__(self) -> None:
-        # blobs known to be in the bucket: a million take ~40 MB as digests, ~140 MB as str
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        # blobs this machine uploaded or saw in the bucket (earlier runs' too: the state's
+        # remote_blobs): a million take ~40 MB as digests, ~140 MB as str
         self.remote = BlobSet()
-        # When this process last saw each blob in the bucket (uploaded or HEAD), and the
-        # known blobs that new content re-uses and that must be seen there again first: a
-        # gc may have deleted a blob the index still lists (see `reuse_or_recheck`).
+        # blobs named by the manifests read since the last idle release: in the bucket as
+        # far as another machine's commit tells (a walk of a big library reads a million)
+        self.noted = BlobSet()
+        self.noted_forgotten = 0  # times `noted` was let go of (needs_upload may say yes again)
+        self._clock = clock
+        # When this process last saw each blob in the bucket (uploaded or HEAD), within
+        # TRUST_REMOTE (oldest first in `_seen`, to let go of), and the known blobs that new
+        # content re-uses and that must be seen there again first: a gc may have deleted a
+        # blob the index still lists (see `reuse_or_recheck`).
         self.confirmed: dict[str, float] = {}
+        self._seen: deque[tuple[float, str]] = deque()
         self.unconfirmed: set[str] = set()
         self.lost: set[str] = set()  # pending blobs whose cache file was gone at startup
         # Pending blobs left by an earlier run: a power loss may have torn their file, so
@@ -36,16 +50,20 @@ class RemoteIndex:
 
     def note_known(self, shas: set[str]) -> None:
         """Blobs seen referenced by a manifest in the bucket: known to exist there."""
-        self.remote.update(shas)
+        self.noted.update(shas)
+
+    def known(self, sha: str) -> bool:
+        """Whether the blob is known to be in the bucket (uploaded, seen, or named)."""
+        return sha in self.remote or sha in self.noted
 
     def reuse_or_recheck(self, sha: str) -> bool:
         """Whether a closed file whose content is blob `sha` may skip its upload (dedup).
         Only if this process saw the blob in the bucket within TRUST_REMOTE seconds;
         otherwise the blob is marked for a check (one HEAD, no upload if it is there)
         before any manifest references it, and uploaded again if it is not."""
-        if sha not in self.remote:
+        if not self.known(sha):
             return False
-        if sha == EMPTY_SHA or time.monotonic() - self.confirmed.get(sha, -math.inf) \
+        if sha == EMPTY_SHA or self._clock() - self.confirmed.get(sha, -math.inf) \
                 < TRUST_REMOTE:
             return True
         self.unconfirmed.add(sha)
@@ -54,10 +72,31 @@ class RemoteIndex:
     def needs_upload(self, sha: str) -> bool:
         """Whether blob `sha` must be uploaded (or seen in the bucket) before a manifest
         may name it."""
-        return sha not in self.remote or sha in self.unconfirmed
+        return not self.known(sha) or sha in self.unconfirmed
 
     def seen_in_bucket(self, sha: str) -> None:
         """This process just uploaded blob `sha`, or saw it in the bucket."""
+        now = self._clock()
         self.remote.add(sha)
-        self.confirmed[sha] = time.monotonic()
+        self.confirmed[sha] = now
+        self._seen.append((now, sha))
+        self._forget_old_confirmations(now)
         self.unconfirmed.discard(sha)
+
+    def forget_noted(self) -> None:
+        """The idle release: let go of the blobs only manifests named (reading those
+        manifests again names them again; meanwhile a blob among them that new content
+        re-uses costs one HEAD, as an unconfirmed one does anyway)."""
+        self.noted = BlobSet()
+        self.noted_forgotten += 1
+        self._forget_old_confirmations(self._clock())
+        self.confirmed = dict(self.confirmed)  # (a dict keeps the room it once needed)
+
+    def _forget_old_confirmations(self, now: float) -> None:
+        """Confirmations past TRUST_REMOTE decide nothing any more: each blob's goes once
+        its newest is that old (a million uploads would otherwise keep ~200 MB)."""
+        seen = self._seen
+        while seen and now - seen[0][0] >= TRUST_REMOTE:
+            when, sha = seen.popleft()
+            if self.confirmed.get(sha) == when:
+                del self.confirmed[sha]

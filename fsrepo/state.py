@@ -324,8 +324,17 @@ class LocalState:
             self.db.executemany("INSERT OR IGNORE INTO remote_blobs VALUES (?)",
                                 [(s,) for s in shas])
 
-    def remote_blobs(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT sha256 FROM remote_blobs")}
+    def remote_blobs(self, among: Iterable[str]) -> set[str]:
+        """Which of these blobs this machine uploaded (a few hundred asked at a time: the
+        table holds every blob it ever sent, a million for a big library)."""
+        wanted = list(among)
+        found: set[str] = set()
+        for i in range(0, len(wanted), 500):
+            part = wanted[i:i + 500]
+            found.update(r[0] for r in self.db.execute(
+                f"SELECT sha256 FROM remote_blobs WHERE sha256 IN ({','.join('?' * len(part))})",
+                part))
+        return found
 
 
 class StateDB:

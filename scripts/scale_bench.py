@@ -141,6 +141,7 @@ def table(config: dict[str, Any], results: dict[str, float]) -> str:
              f"({config['directories']:,} directories), --refresh {config['refresh']:g} s, "
              f"{config['server']} on loopback"
              + (f", {config['rtt_ms']:g} ms RTT added" if config.get("rtt_ms") else "")
+             + (", a blob per file" if config.get("distinct_blobs") else "")
              + f"; the mount runs on {config.get('allocator', '?')}"]
     for i, r in enumerate(rows):
         lines.append("  ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]),
@@ -488,13 +489,13 @@ def run(args: argparse.Namespace, work: Path,
                               "refresh": args.refresh, "intervals": args.intervals,
                               "auto_snapshots": args.auto_snapshots,
                               "server": "testservers/s3lite.py behind testservers/s3proxy.py",
-                              "rtt_ms": args.rtt_ms}
+                              "rtt_ms": args.rtt_ms, "distinct_blobs": args.distinct_blobs}
     try:
         servers.start()
         t0 = time.perf_counter()
         say(f"generating {args.files:,} files in {args.folders:,} folders")
         directories = generate(f"s3://{BUCKET}/photos", args, env, work / "synth.log",
-                               servers.url, distinct=False)
+                               servers.url, distinct=args.distinct_blobs)
         config["directories"] = directories
         config["generate_s"] = round(time.perf_counter() - t0, 2)
         measure_mounts(args, work, servers, env, args.files + directories, out, mounts)
@@ -522,6 +523,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--auto-snapshots", default="off", metavar="POLICY",
                    help="the mount's automatic snapshots (default off: the first one copies "
                         "every manifest, a one-time cost counted with the idle mount's)")
+    p.add_argument("--distinct-blobs", action="store_true",
+                   help="every file of the mounted repository has its own blob, as in a real "
+                        "photo library (a walk then names a million blobs); default: a few "
+                        "shared blobs, a faster generation")
     p.add_argument("--no-maintenance", action="store_true",
                    help="skip --verify and --gc (their repository of distinct blobs)")
     p.add_argument("--timeout", type=float, default=3600,
