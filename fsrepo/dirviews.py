@@ -60,8 +60,6 @@ class KnownBlobs(Protocol):
 
     def note_known(self, shas: set[str]) -> None: ...
 
-    def forget_noted(self) -> None: ...
-
 
 class NeededViews(Protocol):
     """Says whether a view must stay in memory: an inode named in it is known to the kernel
@@ -457,14 +455,6 @@ class DirViews:
         # Whatever stays pinned, the next pass waits for a tenth of the bound more.
         self._trim_above = max(self.max_entries, self._total + self.max_entries // 10)
         return evicted
-
-    def forget_noted(self) -> None:
-        """The idle release: the known-blob index lets go of what manifests named (a walk
-        of a big library: a million ids), and the next read of any manifest names its
-        blobs again."""
-        self.known_blobs.forget_noted()
-        self._noted[:] = bytes(len(self._noted))
-        self._noted_count = 0
 
     def compact(self) -> None:
         """Re-size the cache's dicts to the views left (after a large eviction)."""

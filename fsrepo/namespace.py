@@ -194,7 +194,6 @@ class Namespace:
                 self.inodes.compact()
                 self._shed_dirs = set()
                 self.views.compact()
-                self.views.forget_noted()
                 self.prefetcher.forget_found()
                 for release in self.on_idle_release:
                     release()

@@ -6,9 +6,11 @@ unreferenced for its grace period), so a blob is trusted without a look only for
 TRUST_REMOTE seconds after this process last saw it there; otherwise it is checked again
 (one HEAD) before a manifest references it.
 
-What this process holds stays bounded by what it did, not by what it read: the blobs that
-manifests name (a million after a walk of a big library, ~40 MB) are kept apart and let go
-at the idle release, and a blob's time of confirmation once it is too old to matter.
+A blob named by an entry a loaded view shows stays known for as long as the process runs
+(a rename within a folder carries the manifest's entry: were its blob unknown, the commit
+would wait for an upload that cannot start, the content being only in the bucket). What
+else it holds is bounded by what it did: a blob's time of confirmation goes once too old to
+matter, and a start loads, of the blobs earlier runs uploaded, those pending changes name.
 """
 
 from __future__ import annotations
@@ -28,13 +30,9 @@ class RemoteIndex:
     """The blobs known to be in the bucket, and how far each may be trusted."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        # blobs this machine uploaded or saw in the bucket (earlier runs' too: the state's
-        # remote_blobs): a million take ~40 MB as digests, ~140 MB as str
+        # blobs known to be in the bucket (uploaded, seen, or named by a manifest read): a
+        # million take ~40 MB as digests, ~140 MB as str
         self.remote = BlobSet()
-        # blobs named by the manifests read since the last idle release: in the bucket as
-        # far as another machine's commit tells (a walk of a big library reads a million)
-        self.noted = BlobSet()
-        self.noted_forgotten = 0  # times `noted` was let go of (needs_upload may say yes again)
         self._clock = clock
         # When this process last saw each blob in the bucket (uploaded or HEAD), within
         # TRUST_REMOTE (oldest first in `_seen`, to let go of), and the known blobs that new
@@ -50,11 +48,11 @@ class RemoteIndex:
 
     def note_known(self, shas: set[str]) -> None:
         """Blobs seen referenced by a manifest in the bucket: known to exist there."""
-        self.noted.update(shas)
+        self.remote.update(shas)
 
     def known(self, sha: str) -> bool:
         """Whether the blob is known to be in the bucket (uploaded, seen, or named)."""
-        return sha in self.remote or sha in self.noted
+        return sha in self.remote
 
     def reuse_or_recheck(self, sha: str) -> bool:
         """Whether a closed file whose content is blob `sha` may skip its upload (dedup).
@@ -82,15 +80,6 @@ class RemoteIndex:
         self._seen.append((now, sha))
         self._forget_old_confirmations(now)
         self.unconfirmed.discard(sha)
-
-    def forget_noted(self) -> None:
-        """The idle release: let go of the blobs only manifests named (reading those
-        manifests again names them again; meanwhile a blob among them that new content
-        re-uses costs one HEAD, as an unconfirmed one does anyway)."""
-        self.noted = BlobSet()
-        self.noted_forgotten += 1
-        self._forget_old_confirmations(self._clock())
-        self.confirmed = dict(self.confirmed)  # (a dict keeps the room it once needed)
 
     def _forget_old_confirmations(self, now: float) -> None:
         """Confirmations past TRUST_REMOTE decide nothing any more: each blob's goes once

@@ -90,10 +90,7 @@ class UploadSchedule:
     # -- blobs ------------------------------------------------------------------------------
     def pending_blobs(self) -> dict[str, int]:
         """Blobs the journal needs that are not yet in the bucket: sha -> size."""
-        # (what needs_upload answers changes with these; a blob only a manifest named, let
-        # go of at the idle release, is pending again: one HEAD finds it there)
-        version = (self.journal.version, len(self.remote.unconfirmed),
-                   self.remote.noted_forgotten)
+        version = (self.journal.version, len(self.remote.unconfirmed))
         if version != self._pending_for:
             self._pending, self._dirs_of = self._work_out_pending()
             self._waiting = Counter(d for dirs in self._dirs_of.values() for d in dirs)

@@ -171,7 +171,8 @@ def writes(plan: Plan, args: argparse.Namespace, rng: random.Random,
             for k, name in enumerate(file_names(event.files, rng)):
                 if args.distinct_blobs:
                     b = distinct_blob(args.seed, number)
-                    yield blob(b)
+                    if not args.no_blobs:
+                        yield blob(b)
                 else:
                     b = pool[rng.randrange(len(pool))]
                 number += 1
@@ -232,6 +233,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="event folders holding the files (default 100)")
     p.add_argument("--distinct-blobs", action="store_true",
                    help="one tiny distinct blob per file, instead of a few shared ones")
+    p.add_argument("--no-blobs", action="store_true",
+                   help="with --distinct-blobs: write the manifests only (their entries name "
+                        "blobs that are not written: the tree walks, its files do not read), "
+                        "for measures of walks where a million blob writes would take longer "
+                        "than the measure")
     p.add_argument("--shared-blobs", type=int, default=16,
                    help="distinct blobs the files share (default 16)")
     p.add_argument("--blob-kib", type=int, default=64,

@@ -427,21 +427,3 @@ def test_a_name_held_back_holds_back_no_other_name_of_its_folder() -> None:
     ops.retire(schedule.committable("f"))
     assert schedule.committable("e") == [away]
     assert schedule.pending_blobs() == {}
-
-
-def test_a_blob_only_a_manifest_named_is_pending_again_once_the_index_lets_go() -> None:
-    """A pending file's content another machine's manifest named needs no upload; once the
-    idle release lets go of what manifests named, the schedule lists it again (one HEAD
-    finds it there), rather than keep a commit waiting for a blob nobody will send."""
-    data = b"the same photo, stored elsewhere"
-    e = FileEntry(hashlib.sha256(data).hexdigest(), len(data), 1, 0o644)
-    ops = _Ops()
-    index = RemoteIndex()
-    schedule = UploadSchedule(ops, index, commit_delay=1.0, quiet=0.5)  # type: ignore[arg-type]
-    ops.add("d", b"a.jpg", e)
-    assert set(schedule.pending_blobs()) == {e.sha256}
-    index.note_known({e.sha256})
-    ops.version += 1  # (the journal changed: a commit read the other machine's manifest)
-    assert schedule.pending_blobs() == {}
-    index.forget_noted()
-    assert set(schedule.pending_blobs()) == {e.sha256}

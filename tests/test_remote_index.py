@@ -1,5 +1,6 @@
-"""The dedup trust index holds what this process did, not what it read: blobs manifests
-named go at the idle release, and a confirmation once it is too old to decide anything."""
+"""The dedup trust index: a confirmation goes once too old to decide anything, a start
+loads only the uploaded blobs its pending changes need, and a blob a loaded view shows stays
+known (a rename's commit needs it)."""
 
 from __future__ import annotations
 
@@ -36,19 +37,6 @@ def test_confirmations_older_than_the_trust_period_are_let_go():
     assert index.known(sha(7))  # uploaded by this machine: still known to be there
 
 
-def test_blobs_named_by_manifests_are_forgotten_at_the_idle_release():
-    clock = Clock()
-    index = RemoteIndex(clock)
-    index.note_known({sha(1), sha(2)})
-    index.seen_in_bucket(sha(3))
-    assert index.known(sha(1)) and not index.needs_upload(sha(1))
-    index.forget_noted()
-    assert not index.known(sha(1)) and index.needs_upload(sha(1))  # it costs a HEAD
-    assert index.known(sha(3)) and index.reuse_or_recheck(sha(3))  # what it did stays
-    index.note_known({sha(1)})
-    assert index.known(sha(1))
-
-
 def test_a_start_loads_only_the_uploaded_blobs_pending_changes_need(tmp_path):
     """A machine that sent a million photos does not load a million ids at every start:
     of what it uploaded in earlier runs, only what its pending changes name is known."""
@@ -74,4 +62,40 @@ def test_a_start_loads_only_the_uploaded_blobs_pending_changes_need(tmp_path):
             assert index.needs_upload(sha_b)
             assert not index.known(old)  # re-used content is checked with a HEAD anyway
             assert set(eng.uploader.schedule.pending_blobs()) == {sha_b}
+    trio.run(main)
+
+
+def test_a_rename_of_a_file_only_the_bucket_has_commits_after_an_idle_release(tmp_path):
+    """A name moved within a folder carries the manifest's entry: its blob must stay known
+    for as long as a view shows it, or the commit would wait for an upload that cannot
+    start (the content is not in this machine's cache). The idle release keeps the views
+    loaded last: their blobs stay known through it."""
+    import trio
+
+    from .coreutil import list_dir, resolve, running_engine, write_file
+    from .test_view_memory import CountingHeap
+
+    url = "file://" + str(tmp_path / "repo")
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "a") as eng:
+            await write_file(eng, "d/f.jpg", b"taken on the other machine")
+            await eng.uploader.wait_idle()
+        async with running_engine(url, None, tmp_path / "b") as eng:
+            ns = eng.ns
+            ns.idle_after, ns.idle_check, ns.forget_wait = 0.2, 0.05, 0.05
+            heap = ns.heap = CountingHeap()
+            dnode, _ = await resolve(eng, "d")
+            node, _ = await ns.lookup(dnode.ino, b"f.jpg")
+            eng.nursery.start_soon(ns.release_when_idle)
+            with trio.fail_after(5):
+                while not heap.given_back:
+                    await trio.sleep(0.05)
+            assert ns.views.get(dnode.dir_id) is not None  # kept: loaded last
+            await ns.rename(dnode.ino, b"f.jpg", dnode.ino, b"g.jpg")
+            with trio.fail_after(10):
+                await eng.uploader.wait_idle()
+            assert not eng.journal.by_seq
+        async with running_engine(url, None, tmp_path / "c") as eng:
+            assert set(await list_dir(eng, "d")) == {b"g.jpg"}
     trio.run(main)
