@@ -620,17 +620,22 @@ def test_a_named_blob_is_in_the_cache_index_as_soon_as_its_entry_is_seen(tmp_pat
     trio.run(main)
 
 
-def staging_descriptors(eng: Engine) -> int:
-    """This process's open descriptors on staging copies (not on those made ahead)."""
+async def staging_descriptors(eng: Engine) -> int:
+    """This process's open descriptors on staging copies (not on those made ahead: once
+    the thread that makes them is done, as it opens each before it queues it)."""
+    blanks = eng.files.staging.blanks
+    with trio.fail_after(10):
+        while blanks._refilling:
+            await trio.sleep(0.01)
     staging = str(eng.files.staging.directory)
-    blanks = eng.files.staging.blanks.waiting()
+    waiting = blanks.waiting()
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
             path = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue  # (closed meanwhile)
-        count += path.startswith(staging + "/") and os.path.basename(path) not in blanks
+        count += path.startswith(staging + "/") and os.path.basename(path) not in waiting
     return count
 
 
@@ -648,7 +653,7 @@ def test_past_the_cap_close_names_at_once_and_keeps_no_descriptor(tmp_path):
             for name, data in files.items():
                 await write_file(eng, name, data)
             assert len(eng.files.commits.closed) == 3
-            assert staging_descriptors(eng) == 3
+            assert await staging_descriptors(eng) == 3
             named = [name for name, data in files.items() if eng.cache.has(sha(data))]
             assert named == [f"f{i}.jpg" for i in range(3, 8)]  # those past the cap
             after_kill = killed(tmp_path / "cache", tmp_path, "killed")
