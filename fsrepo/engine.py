@@ -119,7 +119,15 @@ class Engine:
         # What this machine uploaded in earlier runs, as far as it matters now: the blobs
         # the pending ops need (not every blob it ever sent: new content that re-uses an
         # older one is checked with a HEAD anyway, see remote_index).
-        self.remote_index.remote |= state.remote_blobs(self.journal.blobs_needed() | {EMPTY_SHA})
+        needed = self.journal.blobs_needed()
+        self.remote_index.remote |= state.remote_blobs(needed | {EMPTY_SHA})
+        # A pending op whose content is neither here nor known to be uploaded: a name moved
+        # (a rename's entry, from a manifest) of a file only the bucket has. The uploader
+        # asks the bucket for it (one HEAD), as for a cache file gone missing, instead of
+        # holding the op for a close that will never store it.
+        self.remote_index.lost |= {sha for sha in needed - {EMPTY_SHA}
+                                   if sha not in self.remote_index.remote
+                                   and not self.cache.has(sha)}
         self.files.clear_leftovers()
         empty = self.cache.path(EMPTY_SHA)
         if not empty.exists():

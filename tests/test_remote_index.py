@@ -99,3 +99,30 @@ def test_a_rename_of_a_file_only_the_bucket_has_commits_after_an_idle_release(tm
         async with running_engine(url, None, tmp_path / "c") as eng:
             assert set(await list_dir(eng, "d")) == {b"g.jpg"}
     trio.run(main)
+
+
+def test_a_rename_recorded_before_a_crash_commits_after_the_restart(tmp_path):
+    """A rename of a file only the bucket has, recorded but not committed when the mount
+    stopped: after the start its content is neither in the cache nor among the blobs this
+    machine uploaded. The uploader asks the bucket (one HEAD) and the rename commits,
+    without anyone listing the folder first (main held it for ever)."""
+    import trio
+
+    from .coreutil import list_dir, resolve, running_engine, write_file
+
+    url = "file://" + str(tmp_path / "repo")
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "a") as eng:
+            await write_file(eng, "d/f.jpg", b"taken on the other machine")
+            await eng.uploader.wait_idle()
+        async with running_engine(url, None, tmp_path / "b", upload=False) as eng:
+            dnode, _ = await resolve(eng, "d")
+            await eng.ns.rename(dnode.ino, b"f.jpg", dnode.ino, b"g.jpg")
+        async with running_engine(url, None, tmp_path / "b") as eng:
+            with trio.fail_after(10):
+                await eng.uploader.wait_idle()
+            assert not eng.journal.by_seq
+        async with running_engine(url, None, tmp_path / "c") as eng:
+            assert set(await list_dir(eng, "d")) == {b"g.jpg"}
+    trio.run(main)
