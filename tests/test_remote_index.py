@@ -4,7 +4,16 @@ known (a rename's commit needs it)."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
+import trio
+
+from fsrepo.engine import Engine
 from fsrepo.remote_index import TRUST_REMOTE, RemoteIndex
+
+from .coreutil import list_dir, resolve, running_engine, write_file
+from .test_view_memory import CountingHeap
 
 
 class Clock:
@@ -40,12 +49,6 @@ def test_confirmations_older_than_the_trust_period_are_let_go():
 def test_a_start_loads_only_the_uploaded_blobs_pending_changes_need(tmp_path):
     """A machine that sent a million photos does not load a million ids at every start:
     of what it uploaded in earlier runs, only what its pending changes name is known."""
-    import hashlib
-
-    import trio
-
-    from .coreutil import running_engine, write_file
-
     url = "file://" + str(tmp_path / "repo")
     a, b = b"uploaded before the restart", b"not uploaded yet"
     old = hashlib.sha256(b"sent long ago").hexdigest()
@@ -65,39 +68,47 @@ def test_a_start_loads_only_the_uploaded_blobs_pending_changes_need(tmp_path):
     trio.run(main)
 
 
+async def a_file_from_another_machine(url: str, cache: Path) -> None:
+    """d/f.jpg, written and committed by another machine: only the bucket has it."""
+    async with running_engine(url, None, cache) as eng:
+        await write_file(eng, "d/f.jpg", b"taken on the other machine")
+        await eng.uploader.wait_idle()
+
+
+async def commits_within(eng: Engine, seconds: float) -> None:
+    with trio.fail_after(seconds):
+        await eng.uploader.wait_idle()
+    assert not eng.journal.by_seq
+
+
+async def another_machine_sees_the_rename(url: str, cache: Path) -> None:
+    async with running_engine(url, None, cache) as eng:
+        assert set(await list_dir(eng, "d")) == {b"g.jpg"}
+
+
 def test_a_rename_of_a_file_only_the_bucket_has_commits_after_an_idle_release(tmp_path):
     """A name moved within a folder carries the manifest's entry: its blob must stay known
     for as long as a view shows it, or the commit would wait for an upload that cannot
     start (the content is not in this machine's cache). The idle release keeps the views
     loaded last: their blobs stay known through it."""
-    import trio
-
-    from .coreutil import list_dir, resolve, running_engine, write_file
-    from .test_view_memory import CountingHeap
-
     url = "file://" + str(tmp_path / "repo")
 
     async def main() -> None:
-        async with running_engine(url, None, tmp_path / "a") as eng:
-            await write_file(eng, "d/f.jpg", b"taken on the other machine")
-            await eng.uploader.wait_idle()
+        await a_file_from_another_machine(url, tmp_path / "a")
         async with running_engine(url, None, tmp_path / "b") as eng:
             ns = eng.ns
             ns.idle_after, ns.idle_check, ns.forget_wait = 0.2, 0.05, 0.05
             heap = ns.heap = CountingHeap()
             dnode, _ = await resolve(eng, "d")
-            node, _ = await ns.lookup(dnode.ino, b"f.jpg")
+            await ns.lookup(dnode.ino, b"f.jpg")
             eng.nursery.start_soon(ns.release_when_idle)
             with trio.fail_after(5):
                 while not heap.given_back:
                     await trio.sleep(0.05)
             assert ns.views.get(dnode.dir_id) is not None  # kept: loaded last
             await ns.rename(dnode.ino, b"f.jpg", dnode.ino, b"g.jpg")
-            with trio.fail_after(10):
-                await eng.uploader.wait_idle()
-            assert not eng.journal.by_seq
-        async with running_engine(url, None, tmp_path / "c") as eng:
-            assert set(await list_dir(eng, "d")) == {b"g.jpg"}
+            await commits_within(eng, 10)
+        await another_machine_sees_the_rename(url, tmp_path / "c")
     trio.run(main)
 
 
@@ -105,24 +116,15 @@ def test_a_rename_recorded_before_a_crash_commits_after_the_restart(tmp_path):
     """A rename of a file only the bucket has, recorded but not committed when the mount
     stopped: after the start its content is neither in the cache nor among the blobs this
     machine uploaded. The uploader asks the bucket (one HEAD) and the rename commits,
-    without anyone listing the folder first (main held it for ever)."""
-    import trio
-
-    from .coreutil import list_dir, resolve, running_engine, write_file
-
+    without anyone listing the folder first (on main it waited until something did)."""
     url = "file://" + str(tmp_path / "repo")
 
     async def main() -> None:
-        async with running_engine(url, None, tmp_path / "a") as eng:
-            await write_file(eng, "d/f.jpg", b"taken on the other machine")
-            await eng.uploader.wait_idle()
+        await a_file_from_another_machine(url, tmp_path / "a")
         async with running_engine(url, None, tmp_path / "b", upload=False) as eng:
             dnode, _ = await resolve(eng, "d")
             await eng.ns.rename(dnode.ino, b"f.jpg", dnode.ino, b"g.jpg")
         async with running_engine(url, None, tmp_path / "b") as eng:
-            with trio.fail_after(10):
-                await eng.uploader.wait_idle()
-            assert not eng.journal.by_seq
-        async with running_engine(url, None, tmp_path / "c") as eng:
-            assert set(await list_dir(eng, "d")) == {b"g.jpg"}
+            await commits_within(eng, 10)
+        await another_machine_sees_the_rename(url, tmp_path / "c")
     trio.run(main)
