@@ -5,9 +5,9 @@ only when every object in it is gone. A walk over a million files spreads its vi
 inodes over a hundred and more arenas, and the few objects made meanwhile that outlive it (a
 task's state, a poll's result, a lock) stay scattered across them: after the idle release
 dropped the walk's views and inodes, a mount that started at 63 MiB still held 185-207
-(jemalloc: 109 from 70). No order of freeing fixes that from Python. jemalloc keeps small objects in slabs of a few
-pages and returns free pages itself (its background thread, after `dirty_decay_ms`), so what
-outlives a walk pins pages, not megabytes. It is the allocator Redis and Firefox ship, and
+(jemalloc: 109-113 from 68-70). No order of freeing fixes that from Python. jemalloc keeps
+small objects in slabs of a few pages and returns free pages itself (its background thread,
+after `dirty_decay_ms`), so what outlives a walk pins pages, not megabytes. It is the allocator Redis and Firefox ship, and
 a package on every distribution (Debian and Ubuntu: libjemalloc2).
 
 So the mount process is started with CPython's allocator set to the C one
