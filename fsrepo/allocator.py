@@ -20,7 +20,6 @@ short-lived.
 
 from __future__ import annotations
 
-import ctypes
 import ctypes.util
 import os
 from collections.abc import Mapping
@@ -39,14 +38,6 @@ MALLOC_CONF = "background_thread:true,narenas:1,dirty_decay_ms:1000,muzzy_decay_
 def jemalloc_library() -> str | None:
     """The jemalloc shared library's name as the dynamic loader finds it, if installed."""
     return ctypes.util.find_library("jemalloc")
-
-
-def on_jemalloc() -> bool:
-    """Whether this process's malloc is jemalloc (preloaded: its control call resolves)."""
-    try:
-        return hasattr(ctypes.CDLL(None), "mallctl")
-    except OSError:
-        return False
 
 
 def mount_environment(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:

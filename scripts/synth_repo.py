@@ -15,7 +15,8 @@ Blob content: by default a few distinct blobs (`--shared-blobs`, sizes up to `--
 that every file shares, so generating a million files costs a few thousand manifest writes;
 with `--distinct-blobs` every file gets its own tiny blob (what `--verify` and `--gc` must
 hold in memory with a real library). Every manifest entry names a blob that exists with
-exactly its size. The location must be empty. The same `--seed` gives the same repository.
+exactly its size, unless `--no-blobs` leaves the distinct blobs unwritten (a tree to walk,
+not to read). The location must be empty. The same `--seed` gives the same repository.
 """
 
 from __future__ import annotations
@@ -247,6 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.folders < 1 or args.files < 0 or args.shared_blobs < 1 or args.in_flight < 1:
         p.error("--folders, --shared-blobs and --in-flight must be at least 1, --files >= 0")
+    if args.no_blobs and not args.distinct_blobs:
+        p.error("--no-blobs goes with --distinct-blobs (the shared blobs are few and written)")
     return args
 
 
