@@ -19,7 +19,7 @@ import logging
 
 from .errors import ManifestError, ObjectNotFound, StorageError
 from .journal import Journal
-from .manifest import Entry, parse_manifest
+from .manifest import Entry, FileEntry, parse_manifest
 from .merge import apply_ops
 from .merge_record import drop_marker, merge_markers
 from .namespace import Namespace
@@ -93,6 +93,11 @@ class DirMerger:
                 entries = await self._from_bucket(ours)
         elif row is None:
             entries = await self._from_bucket(ours)
+        # The ops the merge makes carry these entries into theirs: their blobs are in the
+        # bucket (this manifest was there), and the commits need them known, or they would
+        # wait for uploads that cannot start (a file the cache let go, in a new process).
+        self.ns.views.known_blobs.note_known(
+            {sha for e in entries.values() if isinstance(e, FileEntry) for sha, _ in e.blobs()})
         apply_ops(entries, ops, self.host)
         return entries
 

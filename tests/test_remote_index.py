@@ -7,12 +7,17 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
 import trio
 
 from fsrepo.engine import Engine
+from fsrepo.errors import StorageError
+from fsrepo.manifest import ROOT_ID
 from fsrepo.remote_index import TRUST_REMOTE, RemoteIndex
+from fsrepo.repository import manifest_key
+from fsrepo.store.counting import CountingStore
 
-from .coreutil import list_dir, resolve, running_engine, write_file
+from .coreutil import list_dir, read_file, resolve, running_engine, write_file
 from .test_view_memory import CountingHeap
 
 
@@ -127,4 +132,49 @@ def test_a_rename_recorded_before_a_crash_commits_after_the_restart(tmp_path):
         async with running_engine(url, None, tmp_path / "b") as eng:
             await commits_within(eng, 10)
         await another_machine_sees_the_rename(url, tmp_path / "c")
+    trio.run(main)
+
+
+class RootHeldBack(CountingStore):
+    """Refuses writes of the root's manifest while `held`: a folder's own commit lands, the
+    root's put of its name does not (yet)."""
+
+    held = True
+
+    async def put(self, key: str, data: bytes, *, if_match: str | None = None,
+                  if_none_match: bool = False) -> str:
+        if self.held and key == manifest_key(ROOT_ID):
+            raise StorageError("the root's manifest is held back by the test")
+        return await super().put(key, data, if_match=if_match, if_none_match=if_none_match)
+
+
+@pytest.mark.expected_logs(r"update of folder / failed \(will retry\): the root's manifest is held",
+                           r"folder x was also created on another machine",
+                           reason="the root's commit is held back, then merges the folder")
+def test_a_folder_merged_after_a_restart_commits_files_only_the_bucket_has(tmp_path):
+    """A folder this machine made, whose own manifest landed but whose name did not before
+    the mount stopped, while another machine made a folder of the same name: the merge
+    carries its files into theirs. Their content may be only in the bucket by then (the
+    cache let it go) and unknown to the new process: the merge notes it from the folder's
+    manifest, or the commit would wait for an upload that cannot start."""
+    url = "file://" + str(tmp_path / "repo")
+    ours = b"made on this machine"
+
+    async def main() -> None:
+        async with running_engine(url, None, tmp_path / "a",
+                                  wrap_store=lambda s: RootHeldBack(s)) as eng:
+            await write_file(eng, "x/f.jpg", ours)
+            with trio.fail_after(10):
+                while any(p.dir_id != ROOT_ID for p in eng.journal.by_seq.values()):
+                    await trio.sleep(0.05)  # all but the root's op committed
+        async with running_engine(url, None, tmp_path / "b") as eng:
+            await write_file(eng, "x/g.jpg", b"made on the other machine")
+            await eng.uploader.wait_idle()
+        async with running_engine(url, None, tmp_path / "a", upload=False) as eng:
+            eng.cache.discard(hashlib.sha256(ours).hexdigest())  # the cache let it go
+        async with running_engine(url, None, tmp_path / "a") as eng:
+            await commits_within(eng, 10)
+        async with running_engine(url, None, tmp_path / "c") as eng:
+            assert set(await list_dir(eng, "x")) == {b"f.jpg", b"g.jpg"}
+            assert await read_file(eng, "x/f.jpg") == ours
     trio.run(main)
