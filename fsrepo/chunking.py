@@ -144,13 +144,3 @@ class ChunkLists:
                     out[name] = FileEntry(entry.sha256, entry.size, entry.mtime_ns,
                                           entry.mode, chunks)
         return out
-
-
-def known_blobs(entries: dict[bytes, Entry]) -> set[str]:
-    """The blobs a manifest's files say are in the bucket: a chunked file's chunks (its
-    whole-file SHA-256 names no object), a whole file's blob."""
-    out: set[str] = set()
-    for entry in entries.values():
-        if isinstance(entry, FileEntry):
-            out.update(sha for sha, _ in entry.blobs())
-    return out

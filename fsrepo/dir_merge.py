@@ -95,8 +95,9 @@ class DirMerger:
             entries = await self._from_bucket(ours)
         # The ops the merge makes carry these entries into theirs: their blobs are in the
         # bucket (this manifest was there), and the commits need them known, or they would
-        # wait for uploads that cannot start (a file the cache let go, in a new process).
-        self.ns.views.known_blobs.note_known(
+        # wait for uploads that cannot start (a file the cache let go, in a new process;
+        # see Namespace._carried).
+        self.ns.known_blobs.note_known(
             {sha for e in entries.values() if isinstance(e, FileEntry) for sha, _ in e.blobs()})
         apply_ops(entries, ops, self.host)
         return entries

@@ -29,7 +29,6 @@ from typing import Protocol
 
 import trio
 
-from .chunking import known_blobs
 from .errors import FsError, ManifestError, ObjectNotFound, StorageError, errno_for
 from .journal import Journal
 from .manifest import DirEntry, Entry, manifest_subdirs, parse_manifest
@@ -54,13 +53,6 @@ class DirView:
     subdirs: int = 0  # directories among `entries` (its st_nlink is 2 + this)
 
 
-class KnownBlobs(Protocol):
-    """Told about the blobs a manifest read from the bucket names (they are in the bucket:
-    a file with the same content need not be uploaded)."""
-
-    def note_known(self, shas: set[str]) -> None: ...
-
-
 class NeededViews(Protocol):
     """Says whether a view must stay in memory: an inode named in it is known to the kernel
     or open, or its directory is being listed."""
@@ -74,8 +66,6 @@ class _NoneNeeded:
 
 
 RECENT_KEPT = 16  # the views loaded last stay: a change awaiting a second load holds them
-NOTED_BITS = 1 << 22  # 512 KiB: the manifests whose blobs were noted (a bit each, by hash)
-MAX_NOTED = NOTED_BITS // 32  # then anew, before collisions pass ~3 %
 
 
 class ViewChanges(Protocol):
@@ -90,14 +80,12 @@ class ViewChanges(Protocol):
 
 class DirViews:
     def __init__(self, store: Store, db: StateDB, journal: Journal, *, host: str,
-                 refresh: float, known_blobs: KnownBlobs, changes: ViewChanges,
-                 max_entries: int) -> None:
+                 refresh: float, changes: ViewChanges, max_entries: int) -> None:
         self.store = store
         self.db = db
         self.journal = journal
         self.host = host
         self.refresh = refresh
-        self.known_blobs = known_blobs
         self.changes = changes
         self.offline_until = 0.0  # no revalidation before this (the storage was down)
         self.max_entries = max_entries
@@ -115,12 +103,6 @@ class DirViews:
         # journal no longer has its ops, so the view is read again (`_written_meanwhile`).
         self._written_while_loading: set[str] = set()
         self._marks = 0
-        # The manifest bodies whose blobs the known-blob index was given, one bit each by
-        # their hash: a view evicted and loaded again (a walk bigger than the cache) does not
-        # give them again. A bit array, not a set of ints: a walk's objects that outlive it,
-        # scattered over its heap, would keep the heap from being given back.
-        self._noted = bytearray(NOTED_BITS // 8)
-        self._noted_count = 0
 
     # -- reading --------------------------------------------------------------------------
     def get(self, dir_id: str) -> DirView | None:
@@ -493,17 +475,6 @@ class DirViews:
         manifest, problems = parse_manifest(body, dir_id)
         for problem in problems:
             log.warning("%s", problem)
-        # A collision (~0.5 % at 20,000 manifests) only leaves blobs unnoted: a HEAD before
-        # the dedup trusts them, never a loss.
-        bit = hash(body) % NOTED_BITS
-        byte, mask = bit >> 3, 1 << (bit & 7)
-        if not self._noted[byte] & mask:
-            if self._noted_count >= MAX_NOTED:
-                self._noted[:] = bytes(len(self._noted))
-                self._noted_count = 0
-            self._noted[byte] |= mask
-            self._noted_count += 1
-            self.known_blobs.note_known(known_blobs(manifest.entries))
         return manifest.entries, manifest.mtime_ns
 
     async def _fresher(self, view: DirView) -> DirView:

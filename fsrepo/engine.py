@@ -93,8 +93,7 @@ class Engine:
         self.files.write_observer = self.uploader.early  # chunks sent while files are written
         self.syncer = Syncer(self.ns, self.cache)
         self.snapshots = Snapshots(store, self.state_dir / "snapshots", self.host)
-        self.snapshot_tree = SnapshotTree(self.snapshots, self.cache, self.remote_index,
-                                          self.invalidator)
+        self.snapshot_tree = SnapshotTree(self.snapshots, self.cache, self.invalidator)
         self.started = time.time()
         self.online = True
         self.format_version: int | None = None  # the descriptor's, once read

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .chunking import ChunkLists, known_blobs
+from .chunking import ChunkLists
 from .dir_merge import DirMerger
 from .errors import ManifestError, ObjectNotFound, PreconditionFailed, StorageError
 from .journal import Journal, PendingOp
@@ -22,7 +22,6 @@ from .manifest_cache import WrittenManifests
 from .merge import Op, apply_ops, coalesce, later, moved_dirs, same_content
 from .namespace import Namespace
 from .paths import entry_path
-from .remote_index import RemoteIndex
 from .repository import manifest_key
 from .retry import Backoff
 from .state import StateDB
@@ -40,13 +39,12 @@ class ManifestCommitter:
     """Commits batches of ops to directory manifests, merging with other writers."""
 
     def __init__(self, store: Store, db: StateDB, journal: Journal, namespace: Namespace,
-                 remote: RemoteIndex, chunk_lists: ChunkLists, *, host: str) -> None:
+                 chunk_lists: ChunkLists, *, host: str) -> None:
         self.store = store
         self.chunk_lists = chunk_lists  # what this machine's large files were cut into
         self.db = db
         self.journal = journal
         self.ns = namespace
-        self.remote = remote
         self.host = host
         self.merger = DirMerger(store, db, journal, namespace, host=host)
         self.written = WrittenManifests()  # what we last wrote, parsed: see manifest_cache
@@ -74,21 +72,20 @@ class ManifestCommitter:
             log.warning("%s", p)
         return manifest, obj.etag
 
-    async def _last_known(self, dir_id: str) -> tuple[Manifest, str | None, bool]:
+    async def _last_known(self, dir_id: str) -> tuple[Manifest, str | None]:
         """The manifest as last seen (the local state's copy, kept with every fetch and
-        write), else as the bucket has it; and whether it is the one this machine wrote
-        last, kept parsed (its blobs are known already)."""
+        write; the one this machine wrote last is kept parsed), else as the bucket has it."""
         row = await self.db.run(self.db.state.load_manifest, dir_id)
         if row is not None and (row[1] is not None or row[0] is None):
             kept = self.written.get(dir_id, row[0], row[1])
             if kept is not None:
-                return kept, row[0], True
+                return kept, row[0]
             try:
                 manifest = parse_manifest(row[1], dir_id)[0] if row[1] else Manifest(dir_id)
-                return manifest, row[0], False
+                return manifest, row[0]
             except ManifestError:
                 pass
-        return (*await self.read_full(dir_id), False)
+        return await self.read_full(dir_id)
 
     async def commit(self, dir_id: str, batch: list[PendingOp]) -> int:
         """Write `batch` into the directory's manifest; returns how many conflict copies it
@@ -107,7 +104,7 @@ class ManifestCommitter:
                 await self.merger.drop_manifest(dir_id)
 
     async def _commit(self, dir_id: str, batch: list[PendingOp]) -> int:
-        known, etag, kept = await self._last_known(dir_id)
+        known, etag = await self._last_known(dir_id)
         based_on = etag  # the version the views were computed from, unless `races`
         remote, records = known.entries, known.moved
         had_manifest = etag is not None
@@ -155,7 +152,6 @@ class ManifestCommitter:
             except (PreconditionFailed, ObjectNotFound):
                 # Someone else wrote it: merge onto their version.
                 races += 1
-                kept = False
                 if MERGE_PAUSE.gives_up(races):
                     raise StorageError(f"directory {dir_id}: too many concurrent "
                                        "writers") from None
@@ -182,12 +178,6 @@ class ManifestCommitter:
         self.written.keep(dir_id, new_etag, body, written, fragments)
         self.journal.retire(dir_id, seqs)
         names = {p.op.name for p in batch} | set(diverted.values())
-        if kept and not races:
-            # Only the batch's names changed since the version this machine wrote last:
-            # the blobs the rest names were noted when that version was.
-            self.remote.note_known(known_blobs({n: entries[n] for n in names if n in entries}))
-        else:
-            self.remote.note_known(known_blobs(entries))
         if races or diverted or gone or marked or merged_any:
             self.ns.views.set_remote(dir_id, entries, new_etag, mtime_ns)
         else:  # only the batch's names changed since the version the view was computed on

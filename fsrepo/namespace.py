@@ -17,16 +17,26 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
 from .announce import Announcer, EditTracker, Invalidator
-from .dirviews import DirView, DirViews, KnownBlobs
+from .dirviews import DirView, DirViews
 from .errors import FsError, errno_for
 from .heap import Heap
 from .inodes import ROOT_INO, InodeTable, Node, is_same_object
 from .journal import Journal, Record
-from .manifest import MAX_ENTRIES, MAX_NAME, ROOT_ID, DirEntry, Entry, SymlinkEntry, check_name
+from .manifest import (
+    MAX_ENTRIES,
+    MAX_NAME,
+    ROOT_ID,
+    DirEntry,
+    Entry,
+    FileEntry,
+    SymlinkEntry,
+    check_name,
+)
 from .merge import Op, same_object
 from .paths import entry_path
 from .prefetch import ManifestPrefetcher
@@ -44,6 +54,12 @@ IDLE_CHECK = 5.0  # how often the idle release looks
 FORGET_WAIT = 5.0  # after asking the kernel to forget, how long its forgets take to arrive
 SHED_TO = 0.4  # a shed asks the kernel to forget files down to this share of the cap
 SHED_AGAIN = 0.05  # the next shed once the table grew this share of the cap past the last
+
+
+class KnownBlobs(Protocol):
+    """Told of blobs an op carries from a manifest read from the bucket: they are there."""
+
+    def note_known(self, shas: set[str]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +90,9 @@ class Namespace:
         self.invalidator = invalidator or Invalidator()
         self.inodes = InodeTable()
         self._announcer = Announcer(self.inodes, self.invalidator)
+        self.known_blobs = known_blobs
         self.views = DirViews(store, db, journal, host=host, refresh=refresh,
-                              known_blobs=known_blobs, changes=self._announcer,
-                              max_entries=view_cache_entries)
+                              changes=self._announcer, max_entries=view_cache_entries)
         self.views.needed = self
         self.prefetcher = ManifestPrefetcher(self.views.fetch_ahead)  # run by the mount
         self._forgotten = 0  # inodes forgotten since the views were last trimmed
@@ -342,6 +358,17 @@ class Namespace:
             self.views.apply(dir_id, op)
         return rec
 
+    def _carried(self, view: DirView, name: bytes, entry: Entry) -> None:
+        """An op carries the entry of a file the view's manifest names (a rename, a chmod
+        of a file another machine wrote): its blob is in the bucket, and the commit must
+        know it, or it would wait for an upload that cannot start (the content may be only
+        in the bucket). Noted here, per op, not for every manifest read: a walk over a
+        million photos, a blob each, adds nothing to the index (it held ~40 MB of ids)."""
+        there = view.remote.get(name)
+        if isinstance(entry, FileEntry) and isinstance(there, FileEntry) \
+                and there.sha256 == entry.sha256:
+            self.known_blobs.note_known({sha for sha, _ in there.blobs()})
+
     def _names_changed(self, rec: Record) -> None:
         """The recorded ops created, removed or renamed names: their directories' mtime is
         now (and travels with the ops into the manifests: `PendingOp.names_at`)."""
@@ -430,6 +457,8 @@ class Namespace:
         current = view.entries.get(node.name)
         if base is None and current is not None and not same_object(current, entry):
             return None
+        if not new_blobs:  # the same content, or content the bucket was seen to have
+            self._carried(view, node.name, entry)
         return self._record([(view.dir_id, Op(node.name, entry, base or current), None)],
                             new_blobs, dedup_bytes)
 
@@ -516,6 +545,7 @@ class Namespace:
             raise FsError(errno.EINVAL)
         if target is None and src is not dst:
             _room_for_one_more(dst)
+        self._carried(src, old_name, entry)
         put = Op(new_name, entry, target)
         delete = Op(old_name, None, entry)
         if src is dst:

@@ -6,11 +6,13 @@ unreferenced for its grace period), so a blob is trusted without a look only for
 TRUST_REMOTE seconds after this process last saw it there; otherwise it is checked again
 (one HEAD) before a manifest references it.
 
-A blob named by an entry a loaded view shows stays known for as long as the process runs
-(a rename within a folder carries the manifest's entry: were its blob unknown, the commit
-would wait for an upload that cannot start, the content being only in the bucket). What
-else it holds is bounded by what it did: a blob's time of confirmation goes once too old to
-matter, and a start loads, of the blobs earlier runs uploaded, those pending changes name.
+What it holds follows what this process did, not what it read: a walk over a million
+photos (a blob each) adds nothing. It holds the blobs this process uploaded or saw with a
+HEAD, and those its ops carried from a manifest (a rename, a chmod of a file another machine
+wrote, a folder merge: `Namespace._carried`; were such a blob unknown, the commit would
+wait for an upload that cannot start, the content being only in the bucket). A blob's time
+of confirmation goes once too old to matter, and a start loads, of the blobs earlier runs
+uploaded, those pending changes name (the others such changes name get one HEAD).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class RemoteIndex:
     """The blobs known to be in the bucket, and how far each may be trusted."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        # blobs known to be in the bucket (uploaded, seen, or named by a manifest read): a
-        # million take ~40 MB as digests, ~140 MB as str
+        # blobs known to be in the bucket (uploaded, seen, or carried by an op from a
+        # manifest): a million take ~40 MB as digests, ~140 MB as str
         self.remote = BlobSet()
         self._clock = clock
         # When this process last saw each blob in the bucket (uploaded or HEAD), within
@@ -47,11 +49,11 @@ class RemoteIndex:
         self.unverified: set[str] = set()
 
     def note_known(self, shas: set[str]) -> None:
-        """Blobs seen referenced by a manifest in the bucket: known to exist there."""
+        """Blobs a manifest read from the bucket names, that an op carries: known there."""
         self.remote.update(shas)
 
     def known(self, sha: str) -> bool:
-        """Whether the blob is known to be in the bucket (uploaded, seen, or named)."""
+        """Whether the blob is known to be in the bucket (uploaded, seen, or carried)."""
         return sha in self.remote
 
     def reuse_or_recheck(self, sha: str) -> bool:

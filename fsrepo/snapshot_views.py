@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 from .announce import Invalidator
 from .blobcache import BlobCache
-from .chunking import known_blobs
-from .dirviews import KnownBlobs
 from .errors import FsError, ImgrepoError, ManifestError, ObjectNotFound, errno_for
 from .handles import Handle
 from .inodes import ROOT_INO, Node
@@ -54,10 +52,9 @@ def is_reserved(parent: int, name: bytes) -> bool:
 
 
 class SnapshotTree:
-    def __init__(self, snapshots: Snapshots, cache: BlobCache, known_blobs: KnownBlobs,
+    def __init__(self, snapshots: Snapshots, cache: BlobCache,
                  invalidator: Invalidator) -> None:
         self.snapshots = snapshots
-        self.known_blobs = known_blobs
         self.reads = BlobReads(cache, invalidator)
         top = SnapNode(TOP_INO, ROOT_INO, RESERVED_NAME, "",
                        DirEntry(TOP_ID, time.time_ns(), 0o555))
@@ -181,7 +178,6 @@ class SnapshotTree:
             raise FsError(errno_for(exc)) from None
         for problem in problems:
             log.warning("%s: %s", self.path(node), problem)
-        self.known_blobs.note_known(known_blobs(manifest.entries))
         self._parsed[record.sha] = manifest.entries
         while len(self._parsed) > PARSED_KEPT:
             self._parsed.popitem(last=False)

@@ -92,7 +92,7 @@ class Uploader:
         self.early = EarlyChunks(store, remote, chunk_lists, on_sent=self._sent_early)
         self.blobs = BlobUploader(store, db, journal, cache, namespace, remote, chunk_lists,
                                   self.early.chunks_of)
-        self.manifests = ManifestCommitter(store, db, journal, namespace, remote, chunk_lists,
+        self.manifests = ManifestCommitter(store, db, journal, namespace, chunk_lists,
                                            host=host)
         self.heads = HeadWriter(store, db, host=host)
         self.status = UploadStatus()
@@ -212,7 +212,7 @@ class Uploader:
             if sha in settling:  # a rewritten file, not yet unchanged for long enough
                 schedule.next_due = min(schedule.next_due, settling[sha])
                 continue
-            if not schedule.remote.needs_upload(sha):  # seen in a manifest meanwhile
+            if not schedule.remote.needs_upload(sha):  # known there meanwhile (the same content)
                 schedule.uploaded(sha)
                 continue
             if not self.blobs.can_start(sha):

@@ -6,10 +6,9 @@ walk and after the kernel forgot every inode (the idle release: views trimmed, t
 given back).
 
     python -m scripts.cold_walk [FOLDERS] [FILES_PER_FOLDER] [RTT_MS] [--no-prefetch]
-                                [--no-known-blobs] [--trace]
+                                [--trace]
 
---no-known-blobs keeps the blob ids a manifest names out of the remote index, to see what
-that index costs. --trace lists what the walk left in the Python heap once forgotten
+--trace lists what the walk left in the Python heap once forgotten
 (tracemalloc: slower, and its own bookkeeping counts in the RSS).
 """
 
@@ -66,8 +65,7 @@ def write_library(root: Path, folders: int, per_folder: int) -> None:
         put(dir_id, entries)
 
 
-async def walk(folders: int, per_folder: int, rtt: float, prefetch: bool, known: bool,
-               tmp: Path) -> None:
+async def walk(folders: int, per_folder: int, rtt: float, prefetch: bool, tmp: Path) -> None:
     settings = Settings(storage=f"file://{tmp / 'repo'}", cache_root=tmp / "cache")
     store = open_store(settings.storage, None, None)
     await open_repository(store, create=True)
@@ -85,8 +83,6 @@ async def walk(folders: int, per_folder: int, rtt: float, prefetch: bool, known:
 
     store.get = slow_get  # type: ignore[method-assign]
     ns = engine.ns
-    if not known:
-        engine.remote_index.note_known = lambda shas: None  # type: ignore[method-assign]
     try:
         await engine.open()
         async with trio.open_nursery() as nursery:
@@ -150,8 +146,7 @@ def main() -> None:
     per_folder = int(args[1]) if len(args) > 1 else 100
     rtt = (float(args[2]) if len(args) > 2 else 20.0) / 1000
     with tempfile.TemporaryDirectory(prefix="imgrepo-cold-walk-") as tmp:
-        trio.run(walk, folders, per_folder, rtt, "--no-prefetch" not in sys.argv,
-                 "--no-known-blobs" not in sys.argv, Path(tmp))
+        trio.run(walk, folders, per_folder, rtt, "--no-prefetch" not in sys.argv, Path(tmp))
 
 
 if __name__ == "__main__":

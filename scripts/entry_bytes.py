@@ -1,6 +1,6 @@
 """Bytes of Python heap per directory entry held by a mount: a parsed manifest's entries
-in a directory view, the inode the kernel is handed for each, and each distinct blob in the
-remote index (tracemalloc).
+in a directory view, the inode the kernel is handed for each, and each blob id the remote
+index holds (one per file this mount uploaded or moved; tracemalloc).
 
     python -m scripts.entry_bytes [FILES]
 """

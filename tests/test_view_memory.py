@@ -214,40 +214,6 @@ def test_random_changes_with_a_tiny_view_cache_never_lose_a_needed_view(tmp_path
     trio.run(main)
 
 
-def test_a_view_loaded_again_does_not_give_its_blobs_to_the_index_again(tmp_path):
-    """A walk bigger than the view cache loads most folders again: their blobs are known
-    from the first load (the index never forgets), so the reload skips noting them; a
-    changed manifest (another body) is noted."""
-    url = "file://" + str(tmp_path / "repo")
-    seed(url, tmp_path / "seed")
-
-    async def main() -> None:
-        async with running_engine(url, None, tmp_path / "c",
-                                  view_cache_entries=5 * FILES) as eng:
-            views, index = eng.ns.views, eng.remote_index
-            noted: list[int] = []
-            note = index.note_known
-            index.note_known = lambda shas: (noted.append(len(shas)), note(shas))[1]
-            for d in range(FOLDERS):
-                await list_dir(eng, f"d{d:02d}")
-            first = len(noted)
-            assert first >= FOLDERS and len(index.remote) >= FOLDERS * FILES
-            evicted = [d for d in range(FOLDERS)
-                       if views.get((await resolve(eng, f"d{d:02d}"))[0].dir_id) is None]
-            assert len(evicted) > FOLDERS // 2
-            for d in evicted:
-                await list_dir(eng, f"d{d:02d}")
-            assert len(noted) == first, "a reloaded view's blobs were noted again"
-            # Another version of a folder (changed elsewhere): its blobs are noted.
-            from fsrepo.manifest import Manifest, serialise_manifest
-            dir_id = (await resolve(eng, "d01"))[0].dir_id
-            other = FileEntry("ab" * 32, 3, 0)
-            body = serialise_manifest(Manifest(dir_id, {b"other.jpg": other}))
-            views._parse(dir_id, body)
-            assert len(noted) == first + 1 and other.sha256 in index.remote
-    trio.run(main)
-
-
 def test_the_subdirectories_fetched_ahead_are_those_the_full_parse_finds():
     """Fetching ahead reads a manifest's subdirectories without building its file entries:
     the same ids as the full parse, the same refusal of a document that is unusable."""
