@@ -48,6 +48,7 @@ class ManifestPrefetcher:
         # directory: wished for when a walk opens the directory's parent (oldest go first)
         self._found: dict[str, list[str]] = {}
         self._wake = trio.Event()
+        self._fetching = 0  # fetches under way (a wish taken off the queue, not done yet)
 
     def want(self, dir_ids: Iterable[str], cached: Iterable[str] = ()) -> None:
         """Fetch these directories' manifests soon, the first given first, before anything
@@ -89,6 +90,11 @@ class ManifestPrefetcher:
         """Directories waiting to be fetched."""
         return len(self._queued)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waits and no fetch is under way (a fetch that ends may wish for more)."""
+        return not self._queued and not self._fetching
+
     async def run(self) -> None:
         self.running = True
         try:
@@ -109,11 +115,14 @@ class ManifestPrefetcher:
             if self._queued.get(dir_id) != ticket:
                 continue  # moved to the front since, and taken from there
             del self._queued[dir_id]
+            self._fetching += 1
             try:
                 subdirs = await self._fetch_ahead(dir_id)
             except Exception as exc:  # a wish: the directory's own load reports errors
                 log.debug("prefetch of directory %s failed: %s", dir_id, exc)
                 continue
+            finally:
+                self._fetching -= 1
             if depth > 0 and subdirs:
                 self._later(subdirs, depth - 1)
             elif subdirs:

@@ -61,7 +61,7 @@ def test_opening_a_directory_fetches_its_subdirectories_ahead(tmp_path):
             names = await eng.ns.open_listing(ROOT_INO)
             assert len(names) == FOLDERS
             with trio.fail_after(10):
-                while len(eng.ns.prefetcher) or gets.in_flight:
+                while not eng.ns.prefetcher.idle:
                     await trio.sleep(0.01)
             assert 2 <= gets.most <= PREFETCH_PARALLEL, gets.most
             fetched = len(gets.keys)
@@ -82,7 +82,7 @@ def test_a_walk_finds_the_next_level_fetched_and_nothing_fetched_twice(tmp_path)
 
     async def settled(eng, gets: SlowGets) -> None:
         with trio.fail_after(10):
-            while len(eng.ns.prefetcher) or gets.in_flight:
+            while not eng.ns.prefetcher.idle:
                 await trio.sleep(0.01)
 
     async def main() -> None:
