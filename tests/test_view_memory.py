@@ -9,12 +9,16 @@ import os
 import random
 import re
 from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
 
+from fsrepo.engine import Engine
 from fsrepo.inodes import ROOT_INO
 from fsrepo.manifest import DirEntry, FileEntry, parse_manifest
+from fsrepo.namespace import Namespace
 from fsrepo.store.base import Store
 
 from .coreutil import (
@@ -336,6 +340,38 @@ class KernelThatForgets:
         pass
 
 
+@asynccontextmanager
+async def engine_with_a_cap(url: str, tmp_path: Path) -> AsyncIterator[Engine]:
+    """An engine on the seeded folders whose kernel may keep five folders' files: only the
+    cap sheds (no idle release here), and the last two folders loaded keep theirs."""
+    async with running_engine(url, None, tmp_path / "c", upload=False,
+                              view_cache_entries=5 * FILES) as eng:
+        eng.ns.idle_after = 3600.0
+        eng.ns.views.recent_kept = 2
+        eng.nursery.start_soon(eng.ns.release_when_idle)
+        yield eng
+
+
+async def walk_every_file(eng: Engine, after_folder: Callable[[], None] = lambda: None) -> int:
+    """Every folder's files looked up, as a `find` leaves the kernel; returns the most
+    inodes the table held after a folder (the shed runs in the background)."""
+    ns, most = eng.ns, 0
+    for d in range(FOLDERS):
+        dnode, _ = await resolve(eng, f"d{d:02d}")
+        ns.looked_up(dnode)
+        for f in range(FILES):
+            await ns.lookup(dnode.ino, f"f{f}".encode())
+        await trio.sleep(0.01)
+        most = max(most, len(ns.inodes.nodes))
+        after_folder()
+    return most
+
+
+def at_most_the_cap(ns: Namespace) -> int:
+    """Folders (31 inodes) stay; files at most the cap, a tenth more, a folder's worth."""
+    return ns.kernel_files + ns.kernel_files // 10 + FOLDERS + 1 + 2 * FILES
+
+
 def test_a_walk_over_more_files_than_the_cap_has_the_kernel_forget_the_oldest(tmp_path):
     """A `find` over a million files would leave the kernel holding an inode for each (and
     each pins its folder's view): past `kernel_files`, the least recently loaded folders'
@@ -345,31 +381,17 @@ def test_a_walk_over_more_files_than_the_cap_has_the_kernel_forget_the_oldest(tm
     seed(url, tmp_path / "seed")
 
     async def main() -> None:
-        async with running_engine(url, None, tmp_path / "c", upload=False,
-                                  view_cache_entries=5 * FILES) as eng:
+        async with engine_with_a_cap(url, tmp_path) as eng:
             ns = eng.ns
-            ns.idle_after = 3600.0  # no idle release here: only the cap
-            ns.views.recent_kept = 2
             kernel = ns.invalidator = KernelThatForgets(eng)
-            eng.nursery.start_soon(ns.release_when_idle)
             kept, _ = await resolve(eng, "d00/f1")  # a file a process keeps open
             ns.looked_up(kept)
             kept.opens += 1
-            most = 0
-            for d in range(FOLDERS):
-                dnode, _ = await resolve(eng, f"d{d:02d}")
-                ns.looked_up(dnode)
-                for f in range(FILES):
-                    await ns.lookup(dnode.ino, f"f{f}".encode())
-                await trio.sleep(0.01)  # the shed runs in the background
-                most = max(most, len(ns.inodes.nodes))
-                needed_views_are_loaded(eng)
-            files = FOLDERS * FILES
+            most = await walk_every_file(eng, lambda: needed_views_are_loaded(eng))
             assert kernel.asked, "the cap never made the kernel forget"
             assert all(name != b"f1" or parent != kept.parent for parent, name in kernel.asked)
-            # folders (31 inodes) stay; files at most the cap, a tenth more, a folder's worth
-            assert most <= ns.kernel_files + ns.kernel_files // 10 + FOLDERS + 1 + 2 * FILES
-            assert most < files
+            assert most <= at_most_the_cap(ns)
+            assert most < FOLDERS * FILES
             for d in range(FOLDERS):
                 for f in range(FILES):
                     assert await read_file(eng, f"d{d:02d}/f{f}") == f"{d}/{f}".encode()
@@ -407,24 +429,13 @@ def test_a_walk_past_the_cap_waits_for_the_forgets_it_asked_for(tmp_path):
     seed(url, tmp_path / "seed")
 
     async def main() -> None:
-        async with running_engine(url, None, tmp_path / "c", upload=False,
-                                  view_cache_entries=5 * FILES) as eng:
+        async with engine_with_a_cap(url, tmp_path) as eng:
             ns = eng.ns
-            ns.idle_after = 3600.0
-            ns.views.recent_kept = 2
             kernel = ns.invalidator = KernelStarvedOfTheGil(eng)
             ns.pause = kernel.pause
-            eng.nursery.start_soon(ns.release_when_idle)
-            most = 0
-            for d in range(FOLDERS):
-                dnode, _ = await resolve(eng, f"d{d:02d}")
-                ns.looked_up(dnode)
-                for f in range(FILES):
-                    await ns.lookup(dnode.ino, f"f{f}".encode())
-                    most = max(most, len(ns.inodes.nodes))
-                await trio.sleep(0.01)  # the shed runs in the background
+            most = await walk_every_file(eng)
             assert kernel.pauses > 0
-            assert most <= ns.kernel_files + ns.kernel_files // 10 + FOLDERS + 1 + 2 * FILES
+            assert most <= at_most_the_cap(ns)
             paused = kernel.pauses
             kernel.queued.clear()
             while len(ns.inodes.nodes) > ns.kernel_files:  # under the cap: no pause
