@@ -114,7 +114,7 @@ class Namespace:
         # to be forgotten at once (`shed`), not only when the mount is idle.
         self.kernel_files = view_cache_entries
         self._shed_above = 0  # after a shed: its table size and SHED_AGAIN of the cap
-        self._forgets_due = 0  # the last shed asked for these (0: none, or idle released)
+        self._last_shed_asked = 0  # forgets the last shed asked for (0 after an idle release)
         self.pause: Callable[[float], None] = time.sleep  # (blocking: releases the GIL)
         # Folders whose files the kernel was asked to forget, not used since: not asked
         # again (its forgets arrive over seconds; asking again would only flood it).
@@ -149,7 +149,7 @@ class Namespace:
                 self._evicted_since_release = True
 
     def _used(self) -> None:
-        if self._forgets_due and len(self.inodes.nodes) > self.kernel_files:
+        if self._last_shed_asked and len(self.inodes.nodes) > self.kernel_files:
             self.pause(CROWDED_PAUSE)  # the shed's invalidations go meanwhile: see above
         self._last_used = trio.current_time()
         self._used_since_release = True
@@ -200,7 +200,7 @@ class Namespace:
                 yielded = asked
                 await trio.sleep(0)  # let requests through
         self._shed_above = len(self.inodes.nodes) + int(self.kernel_files * SHED_AGAIN)
-        self._forgets_due = asked
+        self._last_shed_asked = asked
         log.debug("the kernel holds %d inodes: asked it to forget %d files",
                   len(self.inodes.nodes), asked)
         return asked
@@ -220,7 +220,7 @@ class Namespace:
                 self._evicted_since_release = False
                 self.inodes.compact()
                 self._shed_dirs = set()
-                self._forgets_due = 0
+                self._last_shed_asked = 0
                 self.views.compact()
                 self.prefetcher.forget_found()
                 for release in self.on_idle_release:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from fsrepo.engine import Engine
@@ -340,6 +341,14 @@ class KernelThatForgets:
         pass
 
 
+@pytest.fixture
+def seeded(tmp_path: Path) -> str:
+    """The URL of a repository holding the seeded folders."""
+    url = "file://" + str(tmp_path / "repo")
+    seed(url, tmp_path / "seed")
+    return url
+
+
 @asynccontextmanager
 async def engine_with_a_cap(url: str, tmp_path: Path) -> AsyncIterator[Engine]:
     """An engine on the seeded folders whose kernel may keep five folders' files: only the
@@ -372,16 +381,13 @@ def at_most_the_cap(ns: Namespace) -> int:
     return ns.kernel_files + ns.kernel_files // 10 + FOLDERS + 1 + 2 * FILES
 
 
-def test_a_walk_over_more_files_than_the_cap_has_the_kernel_forget_the_oldest(tmp_path):
+def test_a_walk_over_more_files_than_the_cap_has_the_kernel_forget_the_oldest(seeded, tmp_path):
     """A `find` over a million files would leave the kernel holding an inode for each (and
     each pins its folder's view): past `kernel_files`, the least recently loaded folders'
     files are asked to be forgotten while the walk goes on, never a file held open nor the
     folders loaded last; every name still resolves afterwards."""
-    url = "file://" + str(tmp_path / "repo")
-    seed(url, tmp_path / "seed")
-
     async def main() -> None:
-        async with engine_with_a_cap(url, tmp_path) as eng:
+        async with engine_with_a_cap(seeded, tmp_path) as eng:
             ns = eng.ns
             kernel = ns.invalidator = KernelThatForgets(eng)
             kept, _ = await resolve(eng, "d00/f1")  # a file a process keeps open
@@ -420,16 +426,13 @@ class KernelStarvedOfTheGil:
                 self.ns.forget(node.ino, node.lookups)
 
 
-def test_a_walk_past_the_cap_waits_for_the_forgets_it_asked_for(tmp_path):
+def test_a_walk_past_the_cap_waits_for_the_forgets_it_asked_for(seeded, tmp_path):
     """A walk that keeps the loop busy starves the thread that sends the shed's
     invalidations: at 1M files the kernel held 420k inodes after one warm `find`, 890k
     after the third, with a cap of 100k. Past the cap, with forgets asked for, each lookup
     first gives the GIL up for a moment; the table stays near the cap."""
-    url = "file://" + str(tmp_path / "repo")
-    seed(url, tmp_path / "seed")
-
     async def main() -> None:
-        async with engine_with_a_cap(url, tmp_path) as eng:
+        async with engine_with_a_cap(seeded, tmp_path) as eng:
             ns = eng.ns
             kernel = ns.invalidator = KernelStarvedOfTheGil(eng)
             ns.pause = kernel.pause
