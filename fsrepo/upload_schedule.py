@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from .journal import Journal, PendingOp
 from .manifest import FileEntry, SymlinkEntry
@@ -110,9 +111,13 @@ class UploadSchedule:
         for dir_id, ops in self.journal.by_dir.items():
             last = {p.op.name: p for p in ops}
             # A superseded entry is never written, unless what supersedes it must wait for
-            # another commit (a rename's removal): then the name's ops before that wait
-            # are committed first, and they write their own last entry of the name.
-            ready = {name: run[-1] for name, run in self._runs(ops).items() if run}
+            # another commit (a rename's removal, or an op after one: `_held_after_a_gap`):
+            # then the name's ops before that wait are committed first, and they write their
+            # own last entry of the name. Worked out as `committable` does, every blob taken
+            # to be there: a blob left out here is never sent, and a batch needing it would
+            # wait for ever (a file written, then removed after a folder's move that waits
+            # for another folder's commit, which waits for this one).
+            ready = {p.op.name: p for p in self._batch(ops, lambda p: False)}
             for p in ops:
                 e = p.op.entry
                 if isinstance(e, FileEntry) and e.chunks is None and needs_upload(e.sha256) \
@@ -161,12 +166,16 @@ class UploadSchedule:
         (`_held_after_a_gap`). An op whose blob is not in the bucket yet can go only with
         a later op on its name that replaces it (a file created empty, then written: its
         empty version is never uploaded)."""
-        ops = self.journal.by_dir.get(dir_id, [])
+        return self._batch(self.journal.by_dir.get(dir_id, []), self._needs_blob)
+
+    def _batch(self, ops: list[PendingOp],
+               needs_blob: Callable[[PendingOp], bool]) -> list[PendingOp]:
+        """`committable` of these ops, `needs_blob` saying which still wait for theirs."""
         runs = self._runs(ops)
         while True:
             chosen: set[int] = set()
             for run in runs.values():
-                while run and self._needs_blob(run[-1]):  # the batch writes a name's last op
+                while run and needs_blob(run[-1]):  # the batch writes a name's last op
                     run.pop()
                 chosen.update(p.seq for p in run)
             cut = self._held_after_a_gap(ops, chosen)

@@ -391,6 +391,30 @@ class _Ops:
         self.version += 1
 
 
+def test_content_a_batch_writes_before_a_held_removal_is_sent() -> None:
+    """A file written, a folder moved out to another folder (its removal waits for that
+    folder's commit), then the file removed: the removal waits too (`_held_after_a_gap`),
+    so the batch writes the file's content, which must be sent. The schedule sent only
+    the blob of each name's last op (here a removal: none), and the folder never committed;
+    when the other folder's commit waited for this one, nothing moved (a kill -9 soak round
+    stalled so in CI)."""
+    def blob(data: bytes) -> FileEntry:
+        return FileEntry(hashlib.sha256(data).hexdigest(), len(data), 1, 0o644)
+    ops = _Ops()
+    bucket = RemoteIndex()
+    schedule = UploadSchedule(ops, bucket, commit_delay=1.0, quiet=0.5)  # type: ignore[arg-type]
+    bucket.seen_in_bucket(EMPTY_SHA)
+    empty, content = FileEntry(EMPTY_SHA, 0, 1, 0o644), blob(b"a photo")
+    album = DirEntry("album-id", 1)
+    create, put = ops.add("root", b"f.jpg", empty), ops.add("root", b"f.jpg", content, empty)
+    moved_in = ops.add("other", b"album", album)
+    ops.add("root", b"album", None, requires=moved_in.seq)  # (as namespace.rename records it)
+    ops.add("root", b"f.jpg", None, content)
+    assert set(schedule.pending_blobs()) == {content.sha256}
+    bucket.seen_in_bucket(content.sha256)
+    assert schedule.committable("root") == [create, put]
+
+
 def test_a_name_held_back_holds_back_no_other_name_of_its_folder() -> None:
     """Files closed together are named together: their creates come before their contents
     (create a, create b, put b, put a). With b's blob stuck, a's create and content go; b's
